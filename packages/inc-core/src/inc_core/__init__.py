@@ -1,0 +1,48 @@
+"""inc: post-training quantization, QAT, pruning, distillation and accuracy-driven tuning, one API for every framework.
+
+``import inc_core as inc`` gives the whole public surface; framework plugins register backends
+under the ``inc_core.backends`` entry-point group and are loaded only when a model needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from inc_core import errors
+from inc_core._api import describe, load, quantize, save
+from inc_core._dataset import Dataset
+from inc_core._distill_config import DistillConfig
+from inc_core._layer_filter import LayerFilter
+from inc_core._prune_config import PruneConfig
+from inc_core._quant_config import QATConfig, QuantConfig
+from inc_core._registry import get_backend, installed_backends, register_backend, resolve_backend
+from inc_core._tuning_config import TuningConfig
+from inc_core.backend import Backend, Op, TuningSpace
+
+__version__ = "0.1.0"
+
+# Library use is quiet by default; the CLI attaches a handler.
+logging.getLogger("inc").addHandler(logging.NullHandler())
+
+__all__ = [
+    "Backend",
+    "Dataset",
+    "DistillConfig",
+    "LayerFilter",
+    "Op",
+    "PruneConfig",
+    "QATConfig",
+    "QuantConfig",
+    "TuningConfig",
+    "TuningSpace",
+    "__version__",
+    "describe",
+    "errors",
+    "get_backend",
+    "installed_backends",
+    "load",
+    "quantize",
+    "register_backend",
+    "resolve_backend",
+    "save",
+]

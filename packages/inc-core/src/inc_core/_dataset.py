@@ -1,0 +1,180 @@
+"""Dataset: calibration and evaluation samples, as batches of model inputs with optional labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from inc_core.errors import DatasetError
+
+__all__ = ["Dataset", "Batch"]
+
+# One batch of model inputs: an array (single-input model), a tuple of arrays (positional inputs)
+# or a mapping input name -> array. Plugins convert it to their framework's tensors.
+Batch = np.ndarray | tuple[Any, ...] | Mapping[str, Any]
+
+
+def _batch_size(inputs: Any) -> int:
+    if isinstance(inputs, Mapping):
+        first = next(iter(inputs.values()), None)
+        return _batch_size(first) if first is not None else 0
+    if isinstance(inputs, (tuple, list)):
+        return _batch_size(inputs[0]) if inputs else 0
+    shape = getattr(inputs, "shape", None)
+    return int(shape[0]) if shape else 1
+
+
+class Dataset:
+    """Samples for calibration or evaluation.
+
+    Args:
+        source: one of
+            - a numpy array: the samples along axis 0 (a single-input model);
+            - a mapping ``input name -> array`` with the samples along axis 0 (named inputs);
+            - a path to an ``.npz`` file (input name -> array, like the mapping);
+            - an iterable of ready-made batches, or a zero-argument callable returning a fresh
+              iterable (so the data can be read more than once). A batch is an array, a tuple of
+              arrays or a mapping; an item ``(batch, label)`` carries a label when ``labels=True``.
+        labels: for array/mapping/npz sources, an array of labels aligned with axis 0; for an
+            iterable source, ``True`` when each item is a ``(batch, label)`` pair.
+        batch_size: samples per batch for array/mapping/npz sources.
+        transform: applied to each batch of inputs before it is yielded.
+
+    Iterating yields ``(inputs, label)`` pairs (``label`` is ``None`` without labels).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        labels: Any = None,
+        batch_size: int = 1,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DatasetError(f"Dataset: batch_size must be an int >= 1, got {batch_size!r}.")
+        if transform is not None and not callable(transform):
+            raise DatasetError(f"Dataset: transform must be callable, got {type(transform).__name__}.")
+        self.batch_size = batch_size
+        self.transform = transform
+        self._arrays: np.ndarray | dict[str, np.ndarray] | None = None
+        self._iterable: Any = None
+        self._labels: np.ndarray | None = None
+        self._paired = False
+        if isinstance(source, Dataset):
+            raise DatasetError("Dataset: source is already a Dataset; pass it directly instead of wrapping it.")
+        if isinstance(source, (str, Path)):
+            source = self._read_npz(Path(source))
+        if isinstance(source, np.ndarray):
+            self._arrays = source
+        elif isinstance(source, Mapping):
+            self._arrays = {str(k): np.asarray(v) for k, v in source.items()}
+            if not self._arrays:
+                raise DatasetError("Dataset: the input mapping is empty; give at least one input name -> array.")
+            sizes = {k: v.shape[0] if v.ndim else None for k, v in self._arrays.items()}
+            if None in sizes.values() or len(set(sizes.values())) != 1:
+                raise DatasetError(
+                    f"Dataset: every input needs the same number of samples along axis 0, got {sizes}."
+                )
+        elif callable(source) or isinstance(source, Iterable):
+            self._iterable = source
+            if labels not in (None, True, False):
+                raise DatasetError("Dataset: for an iterable source, labels must be True (items are (batch, label)) or None.")
+            self._paired = bool(labels)
+            labels = None
+        else:
+            raise DatasetError(
+                f"Dataset: cannot read samples from a {type(source).__name__}; give a numpy array, a mapping "
+                "input name -> array, an .npz path, or an iterable of batches."
+            )
+        if labels is not None:
+            self._labels = np.asarray(labels)
+            if self._labels.shape[:1] != (self.num_samples,):
+                raise DatasetError(
+                    f"Dataset: {self._labels.shape[0] if self._labels.ndim else 0} labels for "
+                    f"{self.num_samples} samples; give one label per sample."
+                )
+        if self._arrays is not None and self.num_samples == 0:
+            raise DatasetError("Dataset: the source holds no samples; calibration and evaluation need at least one.")
+
+    @staticmethod
+    def _read_npz(path: Path) -> dict[str, np.ndarray]:
+        if not path.is_file():
+            raise DatasetError(f"Dataset: no file at {str(path)!r}; give an .npz file of input name -> array.")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except Exception as exc:  # numpy raises several types for a bad archive
+            raise DatasetError(f"Dataset: {str(path)!r} is not a readable .npz archive ({exc}).") from exc
+
+    @property
+    def num_samples(self) -> int | None:
+        """Number of samples, when known without iterating (array/mapping sources)."""
+        if isinstance(self._arrays, np.ndarray):
+            return int(self._arrays.shape[0]) if self._arrays.ndim else 0
+        if isinstance(self._arrays, dict):
+            return int(next(iter(self._arrays.values())).shape[0])
+        return None
+
+    @property
+    def has_labels(self) -> bool:
+        return self._labels is not None or self._paired
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        if self._arrays is not None:
+            yield from self._iter_arrays()
+            return
+        items = self._iterable() if callable(self._iterable) else self._iterable
+        for item in items:
+            if self._paired:
+                if not isinstance(item, (tuple, list)) or len(item) != 2:
+                    raise DatasetError(f"Dataset: labels=True expects (batch, label) items, got {type(item).__name__}.")
+                inputs, label = item
+            else:
+                inputs, label = item, None
+            yield (self.transform(inputs) if self.transform else inputs), label
+
+    def _iter_arrays(self) -> Iterator[tuple[Any, Any]]:
+        n = self.num_samples or 0
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            if isinstance(self._arrays, dict):
+                inputs: Any = {k: v[start:stop] for k, v in self._arrays.items()}
+            else:
+                inputs = cast(np.ndarray, self._arrays)[start:stop]
+            label = self._labels[start:stop] if self._labels is not None else None
+            yield (self.transform(inputs) if self.transform else inputs), label
+
+    def inputs(self, limit: int | None = None) -> Iterator[Any]:
+        """The input batches alone, stopping once ``limit`` samples have been yielded.
+
+        Raises:
+            DatasetError: when the dataset yields no batch at all.
+        """
+        seen = 0
+        for inputs, _ in self:
+            if limit is not None and seen >= limit:
+                break
+            size = _batch_size(inputs)
+            if limit is not None and seen + size > limit:
+                inputs = _truncate(inputs, limit - seen)
+                size = limit - seen
+            seen += size
+            yield inputs
+        if seen == 0:
+            raise DatasetError("Dataset: no samples were produced; calibration needs at least one batch.")
+
+    def __repr__(self) -> str:
+        size = self.num_samples
+        return f"Dataset(samples={size if size is not None else '?'}, batch_size={self.batch_size}, labels={self.has_labels})"
+
+
+def _truncate(inputs: Any, n: int) -> Any:
+    if isinstance(inputs, Mapping):
+        return {k: v[:n] for k, v in inputs.items()}
+    if isinstance(inputs, tuple):
+        return tuple(v[:n] for v in inputs)
+    return inputs[:n]

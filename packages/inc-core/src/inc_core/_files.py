@@ -1,0 +1,62 @@
+"""Atomic file writes: an error never leaves a partial output behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from inc_core.errors import SaveError
+
+__all__ = ["atomic_path", "atomic_write_text", "check_output_path"]
+
+
+def check_output_path(path: str | os.PathLike[str], *, what: str = "output") -> Path:
+    """Validate that ``path``'s directory exists and is writable before any work is done."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise SaveError(
+            f"Cannot write the {what} to {str(target)!r}: directory {str(parent)!r} does not exist. "
+            "Create it first or choose another path."
+        )
+    if target.is_dir():
+        raise SaveError(f"Cannot write the {what} to {str(target)!r}: it is a directory; give a file path.")
+    if not os.access(parent, os.W_OK):
+        raise SaveError(f"Cannot write the {what} to {str(target)!r}: directory {str(parent)!r} is not writable.")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, what: str = "output") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error remove it.
+
+    Works for files and for directories (a SavedModel): whatever the body creates at the
+    temporary path is moved into place in one rename.
+    """
+    target = check_output_path(path, what=what)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = tmp_dir / target.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise SaveError(f"Writing the {what} produced no file at {str(target)!r}.")
+        if target.is_dir() and tmp.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, what: str = "output") -> None:
+    with atomic_path(path, what=what) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, what: str = "output") -> None:
+    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically."""
+    with atomic_path(path, what=what) as tmp:
+        write(tmp)

@@ -1,0 +1,96 @@
+"""TuningConfig: the search (strategy, space, criterion, budget) around a base QuantConfig."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inc_core._checks import check_choice, check_float, check_int
+from inc_core._quant_config import OVERRIDABLE, QuantConfig
+from inc_core._serde import SerializableConfig
+from inc_core.errors import ConfigError
+
+__all__ = ["TuningConfig", "STRATEGIES", "LOSS_TYPES"]
+
+STRATEGIES = ("basic", "mse", "bayesian", "random", "exhaustive", "conservative")
+LOSS_TYPES = ("relative", "absolute")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuningConfig(SerializableConfig):
+    """Accuracy-driven search for a quantization config.
+
+    Args:
+        base: the first config tried; every trial is this config with some settings changed.
+        strategy: ``"basic"``, ``"mse"``, ``"bayesian"``, ``"random"``, ``"exhaustive"`` or ``"conservative"``.
+        tolerable_loss: how much worse than the FP32 baseline a trial may score and still pass.
+        loss_type: ``"relative"`` (fraction of the baseline) or ``"absolute"`` (score units).
+        higher_is_better: whether a larger ``eval_fn`` result is better (accuracy) or worse (loss).
+        max_trials: stop after this many evaluated trials (resumed trials count).
+        timeout_s: stop after this many seconds of tuning (``None``: no limit).
+        history: JSON file every trial is written to as it finishes; given again, tuning resumes
+            without re-evaluating finished trials. ``None``: keep trials in memory only.
+        seed: seed for the randomized strategies.
+        keep_searching: go on after the first passing trial and return the best one.
+        search_space: per overridable setting, the choices a strategy may try per op type, e.g.
+            ``{"calibration": ("minmax", "kl")}``; ``None``: every choice the backend supports.
+    """
+
+    base: QuantConfig = field(default_factory=QuantConfig)
+    strategy: str = "basic"
+    tolerable_loss: float = 0.01
+    loss_type: str = "relative"
+    higher_is_better: bool = True
+    max_trials: int = 100
+    timeout_s: float | None = None
+    history: str | None = None
+    seed: int = 0
+    keep_searching: bool = False
+    search_space: Mapping[str, tuple[str, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        owner = "TuningConfig"
+        if not isinstance(self.base, QuantConfig):
+            raise ConfigError(f"{owner}: base must be an inc.QuantConfig, got {type(self.base).__name__}.")
+        check_choice(owner, "strategy", self.strategy, STRATEGIES)
+        check_float(owner, "tolerable_loss", self.tolerable_loss, minimum=0.0)
+        check_choice(owner, "loss_type", self.loss_type, LOSS_TYPES)
+        if not isinstance(self.higher_is_better, bool):
+            raise ConfigError(f"{owner}: higher_is_better must be a bool, got {self.higher_is_better!r}.")
+        check_int(owner, "max_trials", self.max_trials, minimum=1)
+        check_float(owner, "timeout_s", self.timeout_s, minimum=0.0, exclusive_min=True, allow_none=True)
+        if isinstance(self.history, Path):
+            object.__setattr__(self, "history", str(self.history))
+        if self.history is not None and (not isinstance(self.history, str) or not self.history):
+            raise ConfigError(f"{owner}: history must be a file path or None, got {self.history!r}.")
+        check_int(owner, "seed", self.seed)
+        if not isinstance(self.keep_searching, bool):
+            raise ConfigError(f"{owner}: keep_searching must be a bool, got {self.keep_searching!r}.")
+        if self.search_space is not None:
+            object.__setattr__(self, "search_space", self._clean_space(self.search_space))
+
+    @staticmethod
+    def _clean_space(space: Any) -> dict[str, tuple[str, ...]]:
+        owner = "TuningConfig"
+        if not isinstance(space, Mapping):
+            raise ConfigError(f"{owner}: search_space must be a mapping of setting -> choices, got {space!r}.")
+        out: dict[str, tuple[str, ...]] = {}
+        for key, choices in space.items():
+            if key not in OVERRIDABLE:
+                raise ConfigError(
+                    f"{owner}: search_space key {key!r} is not a tunable setting; choose from {list(OVERRIDABLE)}."
+                )
+            if isinstance(choices, str) or not isinstance(choices, (list, tuple)) or not choices:
+                raise ConfigError(f"{owner}: search_space[{key!r}] must be a non-empty tuple of choices.")
+            for choice in choices:
+                check_choice(owner, f"search_space[{key!r}]", choice, OVERRIDABLE[key])
+            out[key] = tuple(choices)
+        return out
+
+    @classmethod
+    def _decode_field(cls, name: str, value: Any) -> Any:
+        if name == "base" and isinstance(value, Mapping):
+            return QuantConfig.from_dict(value)
+        return value

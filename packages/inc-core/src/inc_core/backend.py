@@ -1,0 +1,150 @@
+"""The backend SPI: what a framework plugin implements so the core can quantize, tune and benchmark its models.
+
+A plugin subclasses :class:`Backend` and registers it under the ``inc_core.backends`` entry-point
+group. The entry-point *name* is the key the core looks the backend up by:
+
+- the top-level package of the model's type (``torch`` for an ``nn.Module``, ``onnx`` for a
+  ``ModelProto``, ``keras``/``tensorflow`` ...),
+- a model file's suffix without the dot (``onnx`` for ``model.onnx``),
+- or the name a user passes as ``backend=`` (``ipex``).
+
+One backend may be registered under several names. The core loads only the entry point whose
+name matches, so installing every plugin never imports every framework.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from inc_core._dataset import Dataset
+from inc_core._quant_config import OVERRIDABLE, QuantConfig
+from inc_core.errors import ConfigError
+
+__all__ = ["Backend", "Op", "TuningSpace"]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One quantizable op (or layer) of a model, as the backend names it."""
+
+    name: str
+    op_type: str
+
+
+@dataclass(frozen=True)
+class TuningSpace:
+    """The framework-neutral view of a model that the tuning strategies search over.
+
+    Attributes:
+        ops: the quantizable ops, in execution order.
+        options: per op type, per overridable setting (``calibration``, ``granularity``, ``scheme``,
+            ``activation_dtype``), the choices the backend supports for that op type. A setting missing
+            for an op type is not tunable there.
+    """
+
+    ops: tuple[Op, ...]
+    options: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for op_type, settings in self.options.items():
+            for key in settings:
+                if key not in OVERRIDABLE:
+                    raise ConfigError(f"TuningSpace: op type {op_type!r} lists unknown setting {key!r}.")
+
+    @property
+    def op_types(self) -> tuple[str, ...]:
+        """Distinct op types in first-seen order."""
+        return tuple(dict.fromkeys(op.op_type for op in self.ops))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(op.name for op in self.ops)
+
+    def restricted(self, search_space: Mapping[str, Sequence[str]] | None) -> TuningSpace:
+        """The same space with each setting's choices cut down to those in ``search_space``."""
+        if search_space is None:
+            return self
+        options = {
+            op_type: {k: tuple(c for c in v if k not in search_space or c in search_space[k]) for k, v in settings.items()}
+            for op_type, settings in self.options.items()
+        }
+        return TuningSpace(self.ops, {t: {k: v for k, v in s.items() if v} for t, s in options.items()})
+
+
+class Backend(abc.ABC):
+    """Base class of framework backends.
+
+    Class attributes:
+        name: the backend's canonical name (``"onnx"``).
+        package: the pip distribution that provides it (``"inc-onnx"``).
+        formats: output formats ``QuantConfig.format`` may name; the first is what ``"default"`` means.
+    """
+
+    name: ClassVar[str]
+    package: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]] = ("default",)
+
+    # --- model handling -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def accepts(self, model: Any) -> bool:
+        """True when this backend can quantize ``model`` (checked before any other call)."""
+
+    @abc.abstractmethod
+    def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
+        """The quantizable ops of ``model`` under ``config.approach`` and the options per op type."""
+
+    # --- quantization ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> Any:
+        """Collect activation statistics once (streaming, bounded memory).
+
+        The returned object is opaque to the core and is reused across tuning trials: it must be able to
+        answer ranges for every calibration method in :data:`inc_core.CALIBRATIONS`, so a trial that changes
+        only the method or the fallback set never re-runs the model over the data. At most
+        ``config.calib_samples`` samples are read. Called only for ``approach="static"``.
+        """
+
+    @abc.abstractmethod
+    def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> Any:
+        """Return the INT8 model for ``config``; ``model`` is left unchanged unless ``inplace``."""
+
+    def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
+        """Per-op output error (e.g. MSE of each op's output, quantized vs FP32) for the ``mse`` strategy.
+
+        Backends that cannot measure it leave this unimplemented; the ``mse`` strategy then raises
+        :class:`~inc_core.errors.TuningError`.
+        """
+        raise NotImplementedError(f"backend {self.name!r} does not report per-op errors")
+
+    # --- files ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def save(self, model: Any, path: Path) -> None:
+        """Write ``model`` to ``path`` in the framework's native format (the core makes it atomic)."""
+
+    @abc.abstractmethod
+    def load(self, path: Path) -> Any:
+        """Read a model written by :meth:`save`."""
+
+    # --- running --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Callable[[], Any]:
+        """A zero-argument callable that runs one inference of ``model`` on ``inputs`` (for benchmarks)."""
+
+    def version(self) -> str:
+        """Version string shown by ``inc backends`` (the plugin and its framework)."""
+        return "unknown"
+
+    def check_format(self, config_format: str) -> str:
+        """Resolve ``QuantConfig.format`` to a concrete format of this backend, or raise ConfigError."""
+        if config_format == "default":
+            return self.formats[0]
+        if config_format not in self.formats:
+            raise ConfigError(
+                f"QuantConfig: format={config_format!r} is not supported by the {self.name} backend; "
+                f"choose one of {', '.join(map(repr, ('default', *self.formats)))}."
+            )
+        return config_format
