@@ -102,32 +102,32 @@ def resolve_backend(model: Any, backend: str | Backend | None = None) -> Backend
     Raises:
         BackendNotFoundError: nothing installed handles the model; says which package to install.
     """
-    if isinstance(backend, Backend):
-        chosen = backend
-    elif backend is not None:
-        chosen = get_backend(backend)
-    else:
-        available = set(_LOCAL) | set(_entry_points())
-        chosen = None
-        for key in _candidate_keys(model):
-            if key in available:
-                candidate = _instance(key)
-                if candidate.accepts(model):
-                    chosen = candidate
-                    break
-        if chosen is None:
-            keys = _candidate_keys(model)
-            hint = next((_INSTALL_HINTS[k] for k in keys if k in _INSTALL_HINTS), None)
-            what = f"a model file {str(model)!r}" if isinstance(model, (str, Path)) else f"a {type(model).__module__}.{type(model).__qualname__}"
-            fix = f"`pip install {hint}`" if hint else "the inc plugin for its framework (inc-torch, inc-onnx, inc-tf, inc-mxnet)"
-            raise BackendNotFoundError(
-                f"No installed inc backend handles {what}. Install {fix}, or pass backend=<name>. "
-                f"Installed backends: {sorted(installed_backends()) or 'none'}."
-            )
-        return chosen
+    if backend is None:
+        return _find_for_model(model)
+    chosen = backend if isinstance(backend, Backend) else get_backend(backend)
     if not chosen.accepts(model):
         raise BackendNotFoundError(
             f"The {chosen.name!r} backend does not accept a {type(model).__qualname__}; "
             f"installed backends: {sorted(installed_backends()) or 'none'}."
         )
     return chosen
+
+
+def _find_for_model(model: Any) -> Backend:
+    available = set(_LOCAL) | set(_entry_points())
+    keys = _candidate_keys(model)
+    for key in keys:
+        if key in available:
+            candidate = _instance(key)
+            if candidate.accepts(model):
+                return candidate
+    hint = next((_INSTALL_HINTS[k] for k in keys if k in _INSTALL_HINTS), None)
+    if isinstance(model, (str, Path)):
+        what = f"a model file {str(model)!r}"
+    else:
+        what = f"a {type(model).__module__}.{type(model).__qualname__}"
+    fix = f"`pip install {hint}`" if hint else "the inc plugin for its framework (inc-torch, inc-onnx, inc-tf, inc-mxnet)"
+    raise BackendNotFoundError(
+        f"No installed inc backend handles {what}. Install {fix}, or pass backend=<name>. "
+        f"Installed backends: {sorted(installed_backends()) or 'none'}."
+    )

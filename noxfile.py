@@ -1,0 +1,62 @@
+"""Test, lint, benchmark and demo sessions: one virtualenv per package/framework.
+
+`nox` runs every test session plus lint; `nox -s demo` runs the main job.
+Framework pins live in constraints/<framework>.txt so each venv is reproducible.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "core", "onnx"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+PYTHON = "3.11"
+CORE = "packages/inc-core"
+CORE_TEST_DEPS = ["pytest", "scipy", "scikit-learn"]
+
+
+def _install_core(session: nox.Session, *extras: str) -> None:
+    spec = f"{CORE}[{','.join(extras)}]" if extras else CORE
+    session.install("-e", spec)
+
+
+@nox.session(python=PYTHON)
+def core(session: nox.Session) -> None:
+    """inc-core alone: no framework installed, so an accidental framework import fails here."""
+    _install_core(session, "bayesian", "plot")
+    session.install(*CORE_TEST_DEPS)
+    session.run(
+        "python",
+        "-c",
+        "import sys, inc_core, inc_core.cli, inc_core.tuning, inc_core.calibration, inc_core.metrics, "
+        "inc_core.sparsity; bad = sorted({'torch', 'tensorflow', 'keras', 'onnx', 'onnxruntime', 'mxnet'} "
+        "& set(sys.modules)); print('framework modules imported by inc_core:', bad or 'none'); "
+        "sys.exit(1 if bad else 0)",
+    )
+    session.run("pytest", "-q", "tests/core", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def onnx(session: nox.Session) -> None:
+    """inc-onnx with onnx + onnxruntime; the core tests run here too."""
+    _install_core(session, "bayesian", "plot")
+    session.install("-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[test]")
+    session.run("pytest", "-q", "tests/core", "tests/onnx", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff everywhere (with the no-framework-import rule for inc-core) and mypy on inc-core."""
+    session.install("ruff", "mypy", "numpy", "tqdm", "pytest")
+    session.run("ruff", "check", ".")
+    session.run("mypy", f"{CORE}/src")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The main job: train a digits classifier, export to ONNX, autotune to INT8, print the accuracy/speed row."""
+    _install_core(session, "plot")
+    session.install("-c", "constraints/onnx.txt", "-e", "packages/inc-onnx", "scikit-learn")
+    session.run("python", "examples/onnx_digits.py", *session.posargs)
