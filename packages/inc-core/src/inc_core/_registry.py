@@ -126,7 +126,11 @@ def _find_for_model(model: Any) -> Backend:
         what = f"a model file {str(model)!r}"
     else:
         what = f"a {type(model).__module__}.{type(model).__qualname__}"
-    fix = f"`pip install {hint}`" if hint else "the inc plugin for its framework (inc-torch, inc-onnx, inc-tf, inc-mxnet)"
+    fix = (
+        f"`pip install {hint}`"
+        if hint
+        else "the plugin for its framework with `pip install inc-<framework>` (inc-torch, inc-onnx, inc-tf, inc-mxnet)"
+    )
     raise BackendNotFoundError(
         f"No installed inc backend handles {what}. Install {fix}, or pass backend=<name>. "
         f"Installed backends: {sorted(installed_backends()) or 'none'}."
