@@ -1,0 +1,371 @@
+"""autotune: the accuracy-driven tuning loop around a backend, a strategy and the user's eval_fn."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from inc_core._api import as_dataset
+from inc_core._dataset import Dataset
+from inc_core._quant_config import QuantConfig
+from inc_core._registry import resolve_backend
+from inc_core._tuning_config import TuningConfig
+from inc_core.backend import Backend, TuningSpace
+from inc_core.errors import ConfigError, DatasetError, TuningError
+from inc_core.tuning._criterion import Criterion, evaluate
+from inc_core.tuning._executor import Executor, SequentialExecutor
+from inc_core.tuning._history import History
+from inc_core.tuning._result import TuningResult
+from inc_core.tuning._space import SearchSpace, config_delta, describe_delta
+from inc_core.tuning._trial import Trial
+from inc_core.tuning.strategies import REGISTRY, Strategy, StrategyContext
+from inc_core.tuning.strategies._mse import no_op_errors
+
+__all__ = ["autotune"]
+
+log = logging.getLogger("inc")
+
+
+def autotune(
+    model: Any,
+    config: TuningConfig | None = None,
+    *,
+    eval_fn: Callable[[Any], float],
+    dataset: Any = None,
+    backend: str | Backend | None = None,
+    executor: Executor | None = None,
+) -> TuningResult:
+    """Search for a quantization config whose model scores within the tolerable loss of the FP32 model.
+
+    The FP32 model is evaluated once for the baseline; calibration runs once (static quantization)
+    and every trial reuses it. The strategy proposes configs derived from ``config.base``, the
+    executor quantizes and evaluates them, and the search stops at the first config that meets the
+    goal (or, with ``keep_searching``, returns the best passing one), at ``max_trials``, at
+    ``timeout_s``, or when the strategy has nothing left to try. Every trial is written to
+    ``config.history`` as it finishes; given the same file again, tuning resumes without
+    re-evaluating finished trials (delete the file when the model or ``eval_fn`` changes).
+
+    Args:
+        model: the FP32 model (never modified).
+        config: the search; ``TuningConfig()`` when omitted.
+        eval_fn: ``eval_fn(model) -> float``, the user's evaluation (accuracy, loss, ...), called for
+            the FP32 model and for each trial's quantized model.
+        dataset: calibration samples (an ``inc.Dataset`` or what it accepts); required for static
+            quantization and for the ``mse`` strategy.
+        backend: a backend name or instance instead of the one found from the model's type.
+        executor: runs trials (default: :class:`SequentialExecutor`, in this process, one at a time).
+
+    Returns:
+        A :class:`TuningResult`; when no trial meets the goal, the best-scoring one with ``met=False``.
+
+    Raises:
+        ConfigError: a bad config, ``eval_fn`` not callable, exclude names that match no op.
+        DatasetError: no dataset where one is needed.
+        EvaluationError: ``eval_fn`` raised or returned a non-finite or non-numeric value.
+        TuningError: an unusable history file, or a strategy the backend cannot serve.
+        SaveError: the history file's directory does not exist.
+    """
+    started = time.monotonic()
+    config = TuningConfig() if config is None else config
+    if not isinstance(config, TuningConfig):
+        raise ConfigError(f"autotune: config must be an inc.TuningConfig, got {type(config).__name__}.")
+    if not callable(eval_fn):
+        raise ConfigError(f"autotune: eval_fn must be a callable model -> float, got {type(eval_fn).__name__}.")
+    executor = SequentialExecutor() if executor is None else executor
+    if not isinstance(executor, Executor):
+        raise ConfigError(f"autotune: executor must have a map(fn, candidates) method, got {type(executor).__name__}.")
+    impl = resolve_backend(model, backend)
+    base = config.base
+    impl.check_format(base.format)
+    described = impl.describe(model, base)
+    base.exclude.select(described.ops)  # a typo in exclude names fails here, before any work
+    if not described.ops:
+        raise TuningError(
+            f"autotune: the {impl.name} backend found no quantizable op in the model (approach={base.approach!r}); "
+            "there is nothing to tune. Check the model, or try the other approach."
+        )
+    space = SearchSpace(base, described.restricted(config.search_space))
+    if not space.quantized:
+        raise ConfigError(
+            f"autotune: config.base.exclude keeps every op of the model in FP32 ({list(described.names)}); "
+            "there is nothing to quantize. Exclude fewer ops."
+        )
+    data = _dataset_for(config, dataset)
+    calibration = _Calibration(impl, model, data, base)
+    strategy_cls = REGISTRY.get(config.strategy)
+    if strategy_cls is None:
+        raise ConfigError(f"autotune: no strategy named {config.strategy!r}; choose one of {sorted(REGISTRY)}.")
+    strategy = strategy_cls(
+        StrategyContext(
+            space=space,
+            config=config,
+            backend=impl,
+            op_errors=lambda cfg: _op_errors(impl, model, cfg, calibration, data),
+        )
+    )
+    history = History(config.history, fingerprint=_fingerprint(impl, described), backend=impl.name, strategy=config.strategy)
+    run = _Run(model, config, eval_fn, impl, space, strategy, history, executor, calibration, started)
+    try:
+        return run.run()
+    finally:
+        strategy.close()
+
+
+def _dataset_for(config: TuningConfig, dataset: Any) -> Dataset | None:
+    if config.base.approach == "static":
+        return as_dataset(dataset, what="autotune(dataset=...)")
+    if config.strategy == "mse" and dataset is None:
+        raise DatasetError(
+            "autotune: strategy='mse' needs dataset= to measure per-op errors; pass inc.Dataset(samples) "
+            "or choose strategy='basic'."
+        )
+    return as_dataset(dataset) if dataset is not None else None
+
+
+def _fingerprint(impl: Backend, space: TuningSpace) -> str:
+    """Identifies a model by its backend and its ops, so a history file is not applied to another model."""
+    payload = json.dumps([impl.name, [[op.name, op.op_type] for op in space.ops]])
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+class _Calibration:
+    """Runs ``Backend.calibrate`` at most once, when a static trial first needs it."""
+
+    def __init__(self, impl: Backend, model: Any, data: Dataset | None, base: QuantConfig) -> None:
+        self._impl, self._model, self._data, self._base = impl, model, data, base
+        self._result: Any = None
+        self._done = False
+
+    def get(self) -> Any:
+        if self._base.approach != "static":
+            return None
+        if not self._done:
+            assert self._data is not None  # _dataset_for requires it for static
+            log.info("calibrating %s on up to %d samples (once for all trials)", self._impl.name, self._base.calib_samples)
+            self._result = self._impl.calibrate(self._model, self._data, self._base)
+            self._done = True
+        return self._result
+
+
+def _op_errors(impl: Backend, model: Any, cfg: QuantConfig, calibration: _Calibration, data: Dataset | None) -> Mapping[str, float]:
+    if data is None:
+        raise DatasetError("autotune: per-op errors need dataset=; pass inc.Dataset(samples).")
+    try:
+        errors = impl.op_errors(model, cfg, calibration=calibration.get(), dataset=data)
+    except NotImplementedError as exc:
+        raise no_op_errors(impl) from exc
+    if not isinstance(errors, Mapping) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in errors.values()
+    ):
+        raise TuningError(
+            f"the {impl.name} backend's op_errors returned {type(errors).__name__}; expected a mapping op name -> "
+            "error (a number). This is a bug in the backend plugin."
+        )
+    return {str(k): float(v) for k, v in errors.items()}
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    score: float
+    model: Any
+    time_s: float
+
+
+class _TrialFn:
+    """Quantize one config with the shared calibration and evaluate it (what an executor runs)."""
+
+    def __init__(self, impl: Backend, model: Any, eval_fn: Callable[[Any], Any], calibration: Any, base: QuantConfig) -> None:
+        self.impl, self.model, self.eval_fn, self.calibration, self.base = impl, model, eval_fn, calibration, base
+
+    def __call__(self, candidate: tuple[int, QuantConfig]) -> _Outcome:
+        trial_id, config = candidate
+        start = time.perf_counter()
+        quantized = self.impl.quantize(self.model, config, calibration=self.calibration)
+        change = describe_delta(config_delta(self.base, config))
+        score = evaluate(self.eval_fn, quantized, f"trial {trial_id} ({change})")
+        return _Outcome(score, quantized, time.perf_counter() - start)
+
+
+class _Run:
+    """One tuning run: baseline, the propose/evaluate loop, and the final choice."""
+
+    def __init__(
+        self,
+        model: Any,
+        config: TuningConfig,
+        eval_fn: Callable[[Any], Any],
+        impl: Backend,
+        space: SearchSpace,
+        strategy: Strategy,
+        history: History,
+        executor: Executor,
+        calibration: _Calibration,
+        started: float,
+    ) -> None:
+        self.model, self.config, self.eval_fn, self.impl = model, config, eval_fn, impl
+        self.space, self.strategy, self.history, self.executor = space, strategy, history, executor
+        self.calibration, self.started = calibration, started
+        self.criterion: Criterion | None = None
+        self.kept: tuple[int, Any] | None = None  # (trial id, model): only the current choice's model is held
+
+    def run(self) -> TuningResult:
+        config = self.config
+        if self.history.baseline is not None:
+            baseline = self.history.baseline
+            log.info("baseline %.6g read from %s", baseline, config.history)
+        else:
+            baseline = evaluate(self.eval_fn, self.model, "the FP32 baseline model")
+            log.info("baseline (FP32) score: %.6g", baseline)
+        self.criterion = Criterion(
+            baseline=baseline,
+            tolerable_loss=config.tolerable_loss,
+            loss_type=config.loss_type,
+            higher_is_better=config.higher_is_better,
+        )
+        self.history.start(baseline, self.criterion)
+        quiet = not log.isEnabledFor(logging.INFO)
+        with tqdm(total=config.max_trials, desc="tuning", unit="trial", disable=True if quiet else None) as bar:
+            reason = None
+            while reason is None:
+                reason = self._step(bar)
+        return self._finish(reason)
+
+    def _stop_reason(self) -> str | None:
+        trials = self.history.trials
+        if len(trials) >= self.config.max_trials:
+            return "max_trials"
+        if trials and self.config.timeout_s is not None and time.monotonic() - self.started >= self.config.timeout_s:
+            return "timeout"  # checked only after a first trial, so there is always a result
+        return None
+
+    def _step(self, bar: Any) -> str | None:
+        """Propose and evaluate one batch; the reason to stop, or None to go on."""
+        if (reason := self._stop_reason()) is not None:
+            return reason
+        batch = self.strategy.propose(self.history)
+        if not batch:
+            return "exhausted"
+        budget = self.config.max_trials - len(self.history.trials)
+        todo: dict[str, QuantConfig] = {}
+        for candidate in batch:
+            key = candidate.to_json()
+            if self.history.get(candidate) is None and key not in todo:  # a config is tried once per run
+                todo[key] = candidate
+        first_id = len(self.history.trials) + 1
+        planned = [(first_id + i, c) for i, c in enumerate(list(todo.values())[:budget])]
+        fresh = [(i, c) for i, c in planned if self.history.stored(c) is None]
+        trial_fn = _TrialFn(self.impl, self.model, self.eval_fn, self.calibration.get() if fresh else None, self.space.base)
+        results: Iterator[_Outcome] = iter(self.executor.map(trial_fn, fresh))
+        try:
+            for trial_id, candidate in planned:
+                trial, quantized = self._trial(trial_id, candidate, results)
+                self._record(trial, quantized, bar)
+                if trial.met and self.strategy.stops_at_first_met and not self.config.keep_searching:
+                    return "met"
+                if (reason := self._stop_reason()) is not None:
+                    return reason
+        finally:
+            close = getattr(results, "close", None)
+            if callable(close):
+                close()
+        return None
+
+    def _trial(self, trial_id: int, config: QuantConfig, results: Iterator[_Outcome]) -> tuple[Trial, Any]:
+        assert self.criterion is not None
+        stored = self.history.stored(config)
+        if stored is not None:
+            score, time_s, quantized, status = stored.score, stored.time_s, None, "resumed"
+        else:
+            try:
+                outcome = next(results)
+            except StopIteration:
+                raise TuningError(
+                    f"the executor {type(self.executor).__name__} returned fewer results than candidates; "
+                    "Executor.map must yield one result per candidate, in order."
+                ) from None
+            score, time_s, quantized, status = outcome.score, outcome.time_s, outcome.model, "evaluated"
+        trial = Trial(
+            id=trial_id,
+            config=config.to_dict(),
+            delta=config_delta(self.space.base, config),
+            score=score,
+            met=self.criterion.met(score),
+            time_s=time_s,
+            status=status,
+        )
+        return trial, quantized
+
+    def _choice(self) -> Trial:
+        assert self.criterion is not None
+        trials = self.history.trials
+        passing = [t for t in trials if t.met]
+        if passing:
+            return self.strategy.pick(passing)
+        return self.criterion.best(trials, lambda t: t.score)
+
+    def _record(self, trial: Trial, quantized: Any, bar: Any) -> None:
+        assert self.criterion is not None
+        self.history.add(trial)
+        chosen = self._choice()
+        if chosen.id == trial.id:
+            self.kept = (trial.id, quantized)  # the previous choice's model is released here
+        elif self.kept is not None and self.kept[0] != chosen.id:
+            self.kept = None
+        log.info(
+            "trial %d/%d: score %.6g (%s; baseline %.6g, goal %s %.6g) %s [%.3g s%s]",
+            trial.id,
+            self.config.max_trials,
+            trial.score,
+            "meets the goal" if trial.met else "below the goal",
+            self.criterion.baseline,
+            ">=" if self.criterion.higher_is_better else "<=",
+            self.criterion.threshold,
+            trial.change,
+            trial.time_s,
+            ", from history" if trial.status == "resumed" else "",
+        )
+        best = self.criterion.best(self.history.trials, lambda t: t.score)
+        bar.set_postfix_str(f"best={best.score:.4g}", refresh=False)
+        bar.update(1)
+
+    def _finish(self, reason: str) -> TuningResult:
+        assert self.criterion is not None
+        chosen = self._choice()
+        config = chosen.quant_config
+        if self.kept is not None and self.kept[0] == chosen.id and self.kept[1] is not None:
+            model = self.kept[1]
+        else:  # the chosen trial came from the history file: quantize it again
+            model = self.impl.quantize(self.model, config, calibration=self.calibration.get())
+        if chosen.met:
+            log.info("tuning done (%s): trial %d, score %.6g meets the goal", reason, chosen.id, chosen.score)
+        else:
+            log.warning(
+                "tuning done (%s): no config met the goal (score %s %.6g); returning the best trial %d, score %.6g",
+                reason,
+                ">=" if self.criterion.higher_is_better else "<=",
+                self.criterion.threshold,
+                chosen.id,
+                chosen.score,
+            )
+        return TuningResult(
+            model=model,
+            config=config,
+            baseline=self.criterion.baseline,
+            score=chosen.score,
+            met=chosen.met,
+            trials=self.history.trials,
+            trial_id=chosen.id,
+            threshold=self.criterion.threshold,
+            tuning=self.config,
+            stop_reason=reason,
+            elapsed_s=time.monotonic() - self.started,
+            backend=self.impl,
+        )

@@ -1,0 +1,99 @@
+"""Trial: the plain-JSON record of one evaluated config."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from inc_core._quant_config import QuantConfig
+from inc_core.tuning._space import describe_delta
+
+__all__ = ["Trial", "TRIAL_STATUSES"]
+
+# "evaluated": quantized and scored in this run; "resumed": score read back from the history file.
+TRIAL_STATUSES = ("evaluated", "resumed")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trial:
+    """One tuning trial, as written to the history file and the report.
+
+    Attributes:
+        id: 1-based position in the run.
+        config: the full QuantConfig as JSON (``QuantConfig.to_dict()``); ``quant_config`` rebuilds it.
+        delta: only what differs from the base config (see :attr:`change`).
+        score: what ``eval_fn`` returned for the quantized model.
+        met: whether ``score`` meets the accuracy goal.
+        time_s: seconds spent quantizing and evaluating this config.
+        status: ``"evaluated"`` in this run, or ``"resumed"`` from the history file.
+    """
+
+    id: int
+    config: dict[str, Any]
+    delta: dict[str, Any]
+    score: float
+    met: bool
+    time_s: float
+    status: str = "evaluated"
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        """The trial's config as a :class:`~inc_core.QuantConfig`."""
+        return QuantConfig.from_dict(self.config)
+
+    @property
+    def key(self) -> str:
+        """Canonical JSON of the config: equal configs, equal keys."""
+        return json.dumps(self.config, sort_keys=True)
+
+    @property
+    def change(self) -> str:
+        """The delta as one readable line (``"base"`` for the base config)."""
+        return describe_delta(self.delta)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "config": self.config,
+            "delta": self.delta,
+            "score": self.score,
+            "met": self.met,
+            "time_s": self.time_s,
+            "status": self.status,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Trial:
+        """Rebuild a trial from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: a field is missing or of the wrong type (the history loader reports it).
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a trial must be a JSON object, got {type(data).__name__}")
+        missing = [k for k in ("id", "config", "score") if k not in data]
+        if missing:
+            raise ValueError(f"trial {data.get('id', '?')} lacks {missing}")
+        score = data["score"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValueError(f"trial {data['id']} has score {score!r}; expected a finite number")
+        if not isinstance(data["config"], Mapping):
+            raise ValueError(f"trial {data['id']} config must be a JSON object")
+        config = QuantConfig.from_dict(data["config"]).to_dict()  # re-validates; ConfigError is a ValueError
+        delta = data.get("delta", {})
+        time_s = data.get("time_s", 0.0)
+        if not isinstance(delta, Mapping) or isinstance(time_s, bool) or not isinstance(time_s, (int, float)):
+            raise ValueError(f"trial {data['id']} has a malformed delta or time_s")
+        status = data.get("status", "evaluated")
+        return cls(
+            id=int(data["id"]),
+            config=config,
+            delta=dict(delta),
+            score=float(score),
+            met=bool(data.get("met", False)),
+            time_s=float(time_s),
+            status=status if status in TRIAL_STATUSES else "evaluated",
+        )
