@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,9 +88,3 @@ class PruneConfig(SerializableConfig):
             raise ConfigError(f"{owner}: include_types must be a tuple of type names, got {self.include_types!r}.")
         if not isinstance(self.exclude, LayerFilter):
             raise ConfigError(f"{owner}: exclude must be an inc.LayerFilter, got {type(self.exclude).__name__}.")
-
-    @classmethod
-    def _decode_field(cls, name: str, value: Any) -> Any:
-        if name == "exclude" and isinstance(value, Mapping):
-            return LayerFilter.from_dict(value)
-        return value

@@ -50,6 +50,18 @@ def _frozen_overrides(owner: str, value: Any) -> dict[str, dict[str, str]]:
     return out
 
 
+def _check_int8_recipe(owner: str, config: Any) -> None:
+    """The fields QuantConfig and QATConfig share: weight/activation formats, exclude, format."""
+    check_choice(owner, "granularity", config.granularity, GRANULARITIES)
+    check_choice(owner, "scheme", config.scheme, SCHEMES)
+    check_choice(owner, "activation_dtype", config.activation_dtype, DTYPES)
+    check_choice(owner, "weight_dtype", config.weight_dtype, WEIGHT_DTYPES)
+    if not isinstance(config.exclude, LayerFilter):
+        raise ConfigError(f"{owner}: exclude must be an inc.LayerFilter, got {type(config.exclude).__name__}.")
+    if not isinstance(config.format, str) or not config.format:
+        raise ConfigError(f"{owner}: format must be a non-empty string, got {config.format!r}.")
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantConfig(SerializableConfig):
     """One post-training quantization recipe.
@@ -89,26 +101,13 @@ class QuantConfig(SerializableConfig):
         owner = "QuantConfig"
         check_choice(owner, "approach", self.approach, APPROACHES)
         check_choice(owner, "calibration", self.calibration, CALIBRATIONS)
-        check_choice(owner, "granularity", self.granularity, GRANULARITIES)
-        check_choice(owner, "scheme", self.scheme, SCHEMES)
-        check_choice(owner, "activation_dtype", self.activation_dtype, DTYPES)
-        check_choice(owner, "weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
+        _check_int8_recipe(owner, self)
         check_int(owner, "calib_samples", self.calib_samples, minimum=1)
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not (
             50.0 < float(self.percentile) <= 100.0
         ):
             raise ConfigError(f"{owner}: percentile must be in (50, 100], got {self.percentile!r}.")
-        if not isinstance(self.exclude, LayerFilter):
-            raise ConfigError(f"{owner}: exclude must be an inc.LayerFilter, got {type(self.exclude).__name__}.")
         object.__setattr__(self, "overrides", _frozen_overrides(owner, self.overrides))
-        if not isinstance(self.format, str) or not self.format:
-            raise ConfigError(f"{owner}: format must be a non-empty string, got {self.format!r}.")
-
-    @classmethod
-    def _decode_field(cls, name: str, value: Any) -> Any:
-        if name == "exclude" and isinstance(value, Mapping):
-            return LayerFilter.from_dict(value)
-        return value
 
     def setting(self, op_name: str, op_type: str, key: str) -> str:
         """The effective value of an overridable setting for one op (name override > type override > global)."""
@@ -153,19 +152,6 @@ class QATConfig(SerializableConfig):
 
     def __post_init__(self) -> None:
         owner = "QATConfig"
-        check_choice(owner, "granularity", self.granularity, GRANULARITIES)
-        check_choice(owner, "scheme", self.scheme, SCHEMES)
-        check_choice(owner, "activation_dtype", self.activation_dtype, DTYPES)
-        check_choice(owner, "weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
+        _check_int8_recipe(owner, self)
         check_int(owner, "freeze_observer_step", self.freeze_observer_step, minimum=0, allow_none=True)
         check_int(owner, "freeze_bn_step", self.freeze_bn_step, minimum=0, allow_none=True)
-        if not isinstance(self.exclude, LayerFilter):
-            raise ConfigError(f"{owner}: exclude must be an inc.LayerFilter, got {type(self.exclude).__name__}.")
-        if not isinstance(self.format, str) or not self.format:
-            raise ConfigError(f"{owner}: format must be a non-empty string, got {self.format!r}.")
-
-    @classmethod
-    def _decode_field(cls, name: str, value: Any) -> Any:
-        if name == "exclude" and isinstance(value, Mapping):
-            return LayerFilter.from_dict(value)
-        return value

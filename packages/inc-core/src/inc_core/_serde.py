@@ -72,7 +72,9 @@ class SerializableConfig:
 
     @classmethod
     def _decode_field(cls, name: str, value: Any) -> Any:
-        """Hook for nested configs; subclasses override for their nested fields."""
+        """Nested configs come back from their type tag; subclasses override for other field types."""
+        if isinstance(value, Mapping) and value.get("type") in _REGISTRY:
+            return _REGISTRY[value["type"]].from_dict(value)
         return value
 
     def to_json(self) -> str:

@@ -88,9 +88,3 @@ class TuningConfig(SerializableConfig):
                 check_choice(owner, f"search_space[{key!r}]", choice, OVERRIDABLE[key])
             out[key] = tuple(choices)
         return out
-
-    @classmethod
-    def _decode_field(cls, name: str, value: Any) -> Any:
-        if name == "base" and isinstance(value, Mapping):
-            return QuantConfig.from_dict(value)
-        return value
