@@ -106,6 +106,7 @@ def _render_plot(result: TuningResult) -> bytes | None:
         # Through importlib so that type checking does not need matplotlib installed.
         agg = importlib.import_module("matplotlib.backends.backend_agg")
         figure = importlib.import_module("matplotlib.figure")
+        ticker = importlib.import_module("matplotlib.ticker")
     except ImportError:
         return None
     fig = figure.Figure(figsize=(7.0, 4.0), dpi=100)
@@ -121,6 +122,7 @@ def _render_plot(result: TuningResult) -> bytes | None:
     ax.axhline(result.baseline, linestyle="--", color="tab:blue", label="baseline (FP32)")
     ax.axhline(result.threshold, linestyle=":", color="tab:orange", label="tolerance")
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel("score")
     ax.set_title(f"{result.tuning.strategy} strategy: score per trial")
     ax.legend(loc="best", fontsize="small")
