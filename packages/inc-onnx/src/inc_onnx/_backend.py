@@ -1,0 +1,95 @@
+"""OnnxBackend: the inc backend SPI for ONNX models on ONNX Runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import onnx
+import onnxruntime as ort
+
+from inc_core import Dataset, QuantConfig
+from inc_core.backend import Backend, TuningSpace
+from inc_core.errors import CalibrationError, ModelLoadError
+from inc_onnx._collect import OnnxCalibration, collect, tensors_to_observe
+from inc_onnx._describe import describe_prepared, op_types_for
+from inc_onnx._feeds import to_feeds
+from inc_onnx._model_io import as_model_proto, is_onnx_model, save_model
+from inc_onnx._op_errors import op_output_errors
+from inc_onnx._preprocess import _input_specs, prepare
+from inc_onnx._quantize import quantize_prepared
+from inc_onnx._session import create_session, session_options
+
+__all__ = ["OnnxBackend"]
+
+
+class OnnxBackend(Backend):
+    """Quantizes ``onnx.ModelProto`` models and ``.onnx`` files with ONNX Runtime.
+
+    Formats: ``"qdq"`` (the default; QuantizeLinear/DequantizeLinear pairs that ORT fuses into int8
+    kernels) and ``"qoperator"`` (QLinearConv, QLinearMatMul, ...). ``approach="dynamic"`` gives
+    MatMulInteger/ConvInteger with DynamicQuantizeLinear whatever the format. Quantized models are
+    returned as ``onnx.ModelProto``.
+    """
+
+    name: ClassVar[str] = "onnx"
+    package: ClassVar[str] = "inc-onnx"
+    formats: ClassVar[tuple[str, ...]] = ("qdq", "qoperator")
+
+    def accepts(self, model: Any) -> bool:
+        return is_onnx_model(model)
+
+    def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
+        return describe_prepared(prepare(model).model, config, self.check_format(config.format))
+
+    def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> OnnxCalibration:
+        prepared = prepare(model)
+        # Observe what either static format quantizes, so one calibration serves both.
+        tensors = tensors_to_observe(prepared, {*op_types_for("static", "qdq"), *op_types_for("static", "qoperator")})
+        return collect(prepared, dataset, tensors, samples=config.calib_samples)
+
+    def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> Any:
+        if calibration is not None and not isinstance(calibration, OnnxCalibration):
+            raise CalibrationError(
+                f"The onnx backend got calibration of type {type(calibration).__name__}; pass the object "
+                "OnnxBackend.calibrate returned."
+            )
+        result = quantize_prepared(prepare(model), config, self.check_format(config.format), calibration)
+        if inplace and isinstance(model, onnx.ModelProto):
+            model.CopyFrom(result)
+            return model
+        return result
+
+    def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
+        prepared = prepare(model)
+        if config.approach == "static" and calibration is None:
+            calibration = self.calibrate(model, dataset, config)
+        return op_output_errors(prepared, config, self.check_format(config.format), calibration, dataset)
+
+    def save(self, model: Any, path: Path) -> None:
+        save_model(model, path)
+
+    def load(self, path: Path) -> onnx.ModelProto:
+        proto = as_model_proto(path)
+        _check_loads(proto, path)
+        return proto
+
+    def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Callable[[], Any]:
+        session = create_session(model, session_options(threads=threads))
+        proto = model if isinstance(model, onnx.ModelProto) else as_model_proto(model)
+        feeds = to_feeds(inputs, _input_specs(proto), where="benchmark inputs")
+        names = [o.name for o in session.get_outputs()]
+        return lambda: session.run(names, feeds)
+
+    def version(self) -> str:
+        from inc_onnx import __version__
+
+        return f"inc-onnx {__version__} (onnx {onnx.__version__}, onnxruntime {ort.__version__})"
+
+
+def _check_loads(proto: onnx.ModelProto, path: Path) -> None:
+    try:
+        create_session(proto, session_options(threads=1))
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{str(path)!r}: {exc}") from exc

@@ -1,0 +1,114 @@
+"""Per-op output error of a quantization config, for the ``mse`` tuning strategy.
+
+Static configs are measured on their QDQ form: it has the same scales and zero points as the
+QOperator form, and keeps every original node, so each op's output can be read in both graphs (in the
+INT8 graph after its QuantizeLinear/DequantizeLinear pair, i.e. as the next op sees it). The error of an op is the mean squared difference of
+its output, INT8 graph vs FP32 graph, divided by the mean square of the FP32 output: comparable
+across ops of very different scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from inc_core import Dataset, QuantConfig
+from inc_core.errors import DatasetError
+from inc_onnx._collect import OnnxCalibration
+from inc_onnx._describe import describe_prepared
+from inc_onnx._feeds import to_feeds
+from inc_onnx._preprocess import Prepared
+from inc_onnx._quantize import quantize_prepared
+
+__all__ = ["op_output_errors"]
+
+
+def op_output_errors(
+    prepared: Prepared, config: QuantConfig, fmt: str, calibration: OnnxCalibration | None, dataset: Dataset
+) -> dict[str, float]:
+    """Relative output MSE per quantizable op (ops whose output cannot be matched are left out)."""
+    if config.approach == "static":
+        fmt = "qdq"
+        config = dataclasses.replace(config, format="qdq")
+    space = describe_prepared(prepared.model, config, fmt)
+    quantized = quantize_prepared(prepared, config, fmt, calibration)
+    nodes = {node.name: node for node in prepared.model.graph.node}
+    produced = {o for node in quantized.graph.node for o in node.output}
+    watched: dict[str, str] = {}
+    for op in space.ops:
+        tensor = _comparable_output(prepared.model, nodes[op.name], produced)
+        if tensor is not None and tensor in prepared.float_tensors:
+            watched[op.name] = tensor
+    if not watched:
+        return {}
+    tensors = list(dict.fromkeys(watched.values()))
+    seen_as = _dequantized_names(quantized)
+    quantized_tensors = [seen_as.get(t, t) for t in tensors]
+    reference = _session(prepared.model, tensors)
+    candidate = _session(quantized, quantized_tensors)
+    sq_err = dict.fromkeys(tensors, 0.0)
+    sq_ref = dict.fromkeys(tensors, 0.0)
+    count = 0
+    for index, batch in enumerate(dataset.inputs(limit=config.calib_samples)):
+        feeds = to_feeds(batch, prepared.inputs, where=f"op-error batch {index}")
+        try:
+            ref_out = reference.run(tensors, feeds)
+            q_out = candidate.run(quantized_tensors, feeds)
+        except Exception as exc:  # ORT's pybind errors carry the reason in their text only
+            raise DatasetError(f"op-error batch {index}: ONNX Runtime could not run the model on it: {exc}") from exc
+        for name, ref, got in zip(tensors, ref_out, q_out):
+            ref64 = np.asarray(ref, dtype=np.float64)
+            sq_err[name] += float(np.sum((np.asarray(got, dtype=np.float64) - ref64) ** 2))
+            sq_ref[name] += float(np.sum(ref64**2))
+        count += 1
+    if count == 0:
+        raise DatasetError("op errors: the dataset produced no batch; give at least one sample.")
+    return {op: sq_err[t] / max(sq_ref[t], 1e-30) for op, t in watched.items()}
+
+
+def _dequantized_names(model: onnx.ModelProto) -> dict[str, str]:
+    """Float tensor -> the output of its QuantizeLinear -> DequantizeLinear pair: the value the next op reads.
+
+    Where ORT folded a Relu into its producer, the producer's raw output is clamped only by that pair,
+    so the pair's output is what matches the FP32 activation.
+    """
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            dq = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
+            if dq:
+                out[node.input[0]] = dq[0].output[0]
+    return out
+
+
+def _comparable_output(model: onnx.ModelProto, node: onnx.NodeProto, produced: set[str]) -> str | None:
+    """The op's output, or, where ORT folded a following Relu/Clip into the op, that activation's output."""
+    if not node.output:
+        return None
+    tensor = node.output[0]
+    while tensor not in produced:
+        readers = [n for n in model.graph.node if tensor in n.input]
+        if len(readers) != 1 or readers[0].op_type not in ("Relu", "Clip"):
+            return None
+        tensor = readers[0].output[0]
+    return tensor
+
+
+def _session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    present = {o.name for o in augmented.graph.output}
+    for name in outputs:
+        if name not in present:
+            augmented.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,180 @@
+"""Graph preparation before quantization: unique node names, ORT's pre-processing, shape inference.
+
+The prepared graph is what :func:`describe` reports and what every trial quantizes, so it is made
+once per model content and cached: op names stay stable across calls, and a tuning run does not
+re-optimize the model for every trial.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization.quant_utils import add_infer_metadata
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from inc_onnx._model_io import as_model_proto, check_runtime_loads, digest
+
+__all__ = ["InputSpec", "Prepared", "prepare"]
+
+log = logging.getLogger("inc")
+
+_CACHE_SIZE = 2
+_cache: collections.OrderedDict[str, Prepared] = collections.OrderedDict()
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """One graph input the data must feed: its name, numpy dtype and shape (``None`` or a name for free dims)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+        return f"{self.name}: {self.dtype} {dims}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prepared:
+    """A model ready for calibration and quantization.
+
+    Attributes:
+        model: the prepared graph (never handed out without copying: quantizers edit in place).
+        digest: content hash of the user's model, to match calibrations to models.
+        inputs: the graph inputs data must provide, in graph order.
+        float_tensors: names of every float32 activation with known type (calibration candidates).
+    """
+
+    model: onnx.ModelProto
+    digest: str
+    inputs: tuple[InputSpec, ...]
+    float_tensors: frozenset[str]
+
+    def copy(self) -> onnx.ModelProto:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.model)
+        return proto
+
+
+def prepare(model: Any) -> Prepared:
+    """Load (if a path), validate and prepare ``model``; cached by model content.
+
+    Raises:
+        ModelLoadError: the model cannot be read, is invalid, or ONNX Runtime cannot load it.
+    """
+    proto = as_model_proto(model)
+    key = digest(proto)
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    where = repr(str(model)) if not isinstance(model, onnx.ModelProto) else "the given ModelProto"
+    check_runtime_loads(proto, where=where)
+    prepared_proto = _prepare_graph(proto)
+    prepared = Prepared(
+        model=prepared_proto,
+        digest=key,
+        inputs=_input_specs(prepared_proto),
+        float_tensors=frozenset(_float_tensors(prepared_proto)),
+    )
+    with _lock:
+        _cache[key] = prepared
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return prepared
+
+
+def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
+    _name_nodes(proto)
+    try:
+        prepared = _ort_pre_process(proto, symbolic=True)
+    except Exception as exc:  # symbolic inference fails on some graphs; the rest of the pipeline still helps
+        log.info("symbolic shape inference failed (%s); preparing with ONNX shape inference only", exc)
+        try:
+            prepared = _ort_pre_process(proto, symbolic=False)
+        except Exception as exc2:
+            log.info("ONNX Runtime pre-processing failed (%s); quantizing the graph as given", exc2)
+            prepared = onnx.shape_inference.infer_shapes(proto)
+    _restore_fused_names(prepared)
+    # ORT's optimizer may add nodes without names; the quantizer and fallback need every node named.
+    _name_nodes(prepared)
+    add_infer_metadata(prepared)
+    return prepared
+
+
+def _ort_pre_process(proto: onnx.ModelProto, *, symbolic: bool) -> onnx.ModelProto:
+    """ORT's own preparation: symbolic shape inference, basic graph optimization (BN folding, constant
+    folding), ONNX shape inference. Run on a copy; ORT writes its result to a file."""
+    quant_logger = logging.getLogger("onnxruntime.quantization.shape_inference")
+    previous = quant_logger.level
+    # ORT logs a failed optimization at ERROR and carries on; we report the outcome ourselves.
+    quant_logger.setLevel(logging.CRITICAL)
+    try:
+        with tempfile.TemporaryDirectory(prefix="inc-onnx-prep-") as tmp:
+            out = Path(tmp) / "prepared.onnx"
+            quant_pre_process(proto, out, skip_symbolic_shape=not symbolic)
+            return onnx.load_model(str(out))
+    finally:
+        quant_logger.setLevel(previous)
+
+
+def _name_nodes(proto: onnx.ModelProto) -> None:
+    """Give every unnamed or duplicate-named node a unique, deterministic name."""
+    seen: set[str] = set()
+    for index, node in enumerate(proto.graph.node):
+        name = node.name
+        if not name or name in seen:
+            base = f"{node.op_type}_{index}"
+            name, k = base, 1
+            while name in seen:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+        seen.add(name)
+
+
+def _restore_fused_names(proto: onnx.ModelProto) -> None:
+    """Give a fused node (``fc1/MatMulAddFusion``) back its first node's name, so the names users see in
+    ``inc.describe`` and pass to ``exclude=`` are the ones in their model, where that name is free."""
+    names = {node.name for node in proto.graph.node}
+    for node in proto.graph.node:
+        base, sep, suffix = node.name.partition("/")
+        if sep and base and suffix.endswith("Fusion") and base not in names:
+            names.discard(node.name)
+            node.name = base
+            names.add(base)
+
+
+def _input_specs(proto: onnx.ModelProto) -> tuple[InputSpec, ...]:
+    initializers = {init.name for init in proto.graph.initializer}
+    specs = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue  # old exporters list weights as inputs; they have defaults
+        tensor_type = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)) if tensor_type.elem_type else None
+        shape: tuple[int | str | None, ...] | None = None
+        if tensor_type.HasField("shape"):
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+            )
+        specs.append(InputSpec(name=value.name, dtype=dtype if dtype is not None else np.dtype(np.float32), shape=shape))
+    return tuple(specs)
+
+
+def _float_tensors(proto: onnx.ModelProto) -> set[str]:
+    initializers = {init.name for init in proto.graph.initializer}
+    names = set()
+    for value in (*proto.graph.input, *proto.graph.value_info, *proto.graph.output):
+        if value.name not in initializers and value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            names.add(value.name)
+    return names

@@ -1,0 +1,238 @@
+"""Build the INT8 graph with ONNX Runtime's quantizers, fed with ranges from inc's observers.
+
+ORT's ``QDQQuantizer`` (QDQ format), ``ONNXQuantizer`` in QLinearOps mode (QOperator format) and in
+IntegerOps mode (dynamic) do the graph rewriting. What they are given is ours: the activation ranges
+(from :class:`~inc_onnx._collect.OnnxCalibration`, per tensor, with the calibration method, scheme
+and dtype chosen per op), the nodes kept in FP32 and per-tensor overrides for mixed settings.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+from onnxruntime.quantization.quant_utils import QuantizationMode, QuantType, update_opset_version
+
+from inc_core import QuantConfig
+from inc_core.backend import Op, TuningSpace
+from inc_core.calibration import QParams, compute_qparams
+from inc_core.errors import CalibrationError, ConfigError
+from inc_onnx._collect import OnnxCalibration
+from inc_onnx._describe import WEIGHTED_OPS, describe_prepared, op_types_for, weight_axis
+from inc_onnx._preprocess import Prepared
+
+__all__ = ["METADATA_KEY", "quantize_prepared"]
+
+log = logging.getLogger("inc")
+
+METADATA_KEY = "inc.quant_config"
+_QTYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+
+
+def quantize_prepared(
+    prepared: Prepared, config: QuantConfig, fmt: str, calibration: OnnxCalibration | None
+) -> onnx.ModelProto:
+    """The INT8 model for ``config`` (a new ModelProto; ``prepared`` is not touched).
+
+    Raises:
+        ConfigError: an exclude/override names no op, or an override is not supported in this mode.
+        CalibrationError: static quantization without statistics, or statistics of another model.
+    """
+    space = describe_prepared(prepared.model, config, fmt)
+    excluded = set(config.exclude.select(space.ops))
+    _check_overrides(config, space, fmt)
+    model = prepared.copy()
+    op_types = list(op_types_for(config.approach, fmt))
+    if config.approach == "dynamic":
+        quantizer: Any = _dynamic_quantizer(model, config, excluded, op_types)
+    else:
+        if calibration is None:
+            raise CalibrationError(
+                "Static quantization needs calibration statistics; pass dataset= to inc.quantize/inc.autotune "
+                "(or use QuantConfig(approach='dynamic'))."
+            )
+        if calibration.digest != prepared.digest:
+            raise CalibrationError(
+                "The calibration statistics were collected on a different model than the one being quantized; "
+                "calibrate this model (backend.calibrate(model, ...)) and pass that result."
+            )
+        quantized = [op for op in space.ops if op.name not in excluded]
+        ranges, tensor_overrides = _static_ranges(model, config, fmt, calibration, quantized)
+        activation = _QTYPES[config.activation_dtype]
+        extra: dict[str, Any] = {"TensorQuantOverrides": tensor_overrides}
+        if _any_symmetric(config):
+            # ORT folds Relu/Clip into their producer only for asymmetric activations, whose zero point at
+            # the range's low end does the clamping; a symmetric tensor keeps its Relu.
+            extra["ActivationSymmetric"] = True
+        model = update_opset_version(model, QuantType.QInt8, activation, tensor_quant_overrides=extra.get("TensorQuantOverrides"))
+        tensors_range = TensorsData(CalibrationMethod.MinMax, ranges)
+        per_channel = config.granularity == "per_channel"
+        if fmt == "qdq":
+            quantizer = QDQQuantizer(
+                model, per_channel, False, QuantType.QInt8, activation, tensors_range, [], sorted(excluded), op_types, extra
+            )
+        else:
+            quantizer = ONNXQuantizer(
+                model, per_channel, False, QuantizationMode.QLinearOps, True, QuantType.QInt8, activation,
+                tensors_range, [], sorted(excluded), op_types, extra,
+            )
+    quantizer.quantize_model()
+    # ORT's quantizers append new nodes out of order; ONNX requires topological order.
+    quantizer.model.topological_sort()
+    result: onnx.ModelProto = quantizer.model.model
+    _stamp(result, config, fmt)
+    return result
+
+
+def _any_symmetric(config: QuantConfig) -> bool:
+    return config.scheme == "sym" or any(s.get("scheme") == "sym" for s in config.overrides.values())
+
+
+def _dynamic_quantizer(model: onnx.ModelProto, config: QuantConfig, excluded: set[str], op_types: list[str]) -> Any:
+    if config.activation_dtype != "uint8" or config.scheme != "asym":
+        raise ConfigError(
+            "QuantConfig: approach='dynamic' in ONNX Runtime computes activation parameters at run time as uint8 "
+            f"asymmetric; got activation_dtype={config.activation_dtype!r}, scheme={config.scheme!r}. Use the "
+            "defaults (activation_dtype='uint8', scheme='asym') or approach='static'."
+        )
+    model = update_opset_version(model, QuantType.QInt8)
+    # A Gemm reaches the quantizer as "<name>_MatMul" + "<name>_Add"; keep the MatMul of an excluded one in float.
+    excluded = excluded | {f"{name}_MatMul" for name in excluded}
+    # Only MatMuls with a constant weight: activation x activation products (attention scores) stay
+    # in float, as quantize_dynamic does by default.
+    extra = {"MatMulConstBOnly": True}
+    return ONNXQuantizer(
+        model, config.granularity == "per_channel", False, QuantizationMode.IntegerOps, False, QuantType.QInt8,
+        QuantType.QUInt8, None, [], sorted(excluded), op_types, extra,
+    )
+
+
+def _check_overrides(config: QuantConfig, space: TuningSpace, fmt: str) -> None:
+    by_name = {op.name: op.op_type for op in space.ops}
+    types = set(by_name.values())
+    for key, settings in config.overrides.items():
+        op_type = by_name.get(key, key if key in types else None)
+        if op_type is None:
+            close = difflib.get_close_matches(key, [*by_name, *types], n=3)
+            raise ConfigError(
+                f"QuantConfig: overrides key {key!r} is neither an op name nor an op type of the model "
+                f"(close: {close or 'none'}). Op types: {sorted(types)}; names come from inc.describe(model)."
+            )
+        allowed = space.options.get(op_type, {})
+        for setting, choice in settings.items():
+            if setting == "calibration" and config.approach == "dynamic":
+                continue  # nothing is calibrated in dynamic mode; the setting is harmless
+            if choice not in allowed.get(setting, ()):
+                how = (
+                    "dynamic quantization tunes only which ops fall back (exclude=)"
+                    if config.approach == "dynamic"
+                    else f"per-op {setting} needs format='qdq'"
+                    if fmt == "qoperator"
+                    else f"{op_type} supports {dict(allowed)}"
+                )
+                raise ConfigError(
+                    f"QuantConfig: overrides[{key!r}] sets {setting}={choice!r}, which the onnx backend cannot apply "
+                    f"to a {op_type} op in {config.approach} {fmt} mode; {how}."
+                )
+
+
+def _static_ranges(
+    model: onnx.ModelProto, config: QuantConfig, fmt: str, calibration: OnnxCalibration, quantized: list[Op]
+) -> tuple[dict[str, TensorData], dict[str, list[dict[str, Any]]]]:
+    """Per observed tensor: its range, and its scale/zero point as ORT tensor overrides.
+
+    The scale and zero point come from :func:`inc_core.calibration.compute_qparams`, the one definition
+    of that math, so ORT only places them in the graph. ORT ties the output of data-movement ops
+    (MaxPool, Reshape, Flatten, Transpose, ...) to their input's parameters, so an op's settings reach
+    its input only where the producer is not such an op.
+    """
+    quantized_names = {op.name for op in quantized}
+    nodes = {node.name: node for node in model.graph.node}
+    # A tensor's settings come from the first quantized node that reads it (that node's input
+    # quantization is what the setting is about), else from the quantized node that writes it.
+    deciding: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+        if node.name in quantized_names:
+            for name in node.input:
+                deciding.setdefault(name, node)
+    for node in model.graph.node:
+        if node.name in quantized_names:
+            for name in node.output:
+                deciding.setdefault(name, node)
+    params: dict[str, tuple[float, float, QParams]] = {}
+    for tensor in calibration.observers:
+        node = deciding.get(tensor)
+        name, op_type = (node.name, node.op_type) if node is not None else ("", "")
+        dtype = config.setting(name, op_type, "activation_dtype")
+        scheme = config.setting(name, op_type, "scheme")
+        method = config.setting(name, op_type, "calibration")
+        low, high = calibration.range(tensor, method, percentile=config.percentile, dtype=dtype, scheme=scheme)
+        params[tensor] = (low, high, compute_qparams(low, high, dtype=dtype, scheme=scheme))
+    # A Relu/Clip that ORT folds into its producer leaves the producer writing the activation's output
+    # directly, so the input must carry the output's parameters (what ORT's own range adjustment does).
+    for node in model.graph.node:
+        if (
+            node.name in quantized_names
+            and node.op_type in ("Relu", "Clip")
+            and consumers.get(node.input[0]) == 1
+            and node.input[0] in params
+            and node.output[0] in params
+        ):
+            params[node.input[0]] = params[node.output[0]]
+    ranges: dict[str, TensorData] = {}
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for tensor, (low, high, qp) in params.items():
+        ranges[tensor] = TensorData(lowest=np.float32(min(low, 0.0)), highest=np.float32(max(high, 0.0)))
+        overrides[tensor] = [
+            {
+                "quant_type": _QTYPES[qp.dtype],
+                "scale": np.asarray(qp.scale, dtype=np.float32),
+                "zero_point": np.asarray(qp.zero_point, dtype=qp.np_dtype),
+            }
+        ]
+    if fmt == "qdq":
+        overrides.update(_weight_overrides(model, config, quantized, nodes))
+    return ranges, overrides
+
+
+def _weight_overrides(
+    model: onnx.ModelProto, config: QuantConfig, quantized: list[Op], nodes: Mapping[str, onnx.NodeProto]
+) -> dict[str, list[dict[str, Any]]]:
+    """Per-weight granularity where an op's setting differs from the global one."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for op in quantized:
+        if op.op_type not in WEIGHTED_OPS:
+            continue
+        granularity = config.setting(op.name, op.op_type, "granularity")
+        node = nodes[op.name]
+        if granularity == config.granularity or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        weight = node.input[1]
+        if granularity == "per_tensor":
+            out.setdefault(weight, [{"quant_type": QuantType.QInt8, "symmetric": True}])
+        else:
+            axis = weight_axis(node) % max(len(initializers[weight].dims), 1)
+            out.setdefault(weight, [{"quant_type": QuantType.QInt8, "symmetric": True, "axis": axis}])
+    return out
+
+
+def _stamp(model: onnx.ModelProto, config: QuantConfig, fmt: str) -> None:
+    """Record the recipe in the model's metadata, so a saved INT8 model says how it was made."""
+    record = dict(config.to_dict())
+    record["format"] = fmt if config.approach == "static" else "dynamic"
+    for prop in list(model.metadata_props):
+        if prop.key == METADATA_KEY:
+            model.metadata_props.remove(prop)
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(record, sort_keys=True))

@@ -1,0 +1,99 @@
+"""ONNX Runtime sessions set up for INT8 inference on CPU."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import onnxruntime as ort
+
+from inc_core.errors import ConfigError, ModelLoadError
+from inc_onnx._model_io import as_model_proto
+
+__all__ = ["create_session", "session_options"]
+
+_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+
+def session_options(
+    *,
+    threads: int | None = None,
+    optimization: str = "all",
+    spinning: bool = True,
+    denormal_as_zero: bool = True,
+    log_severity: int = 3,
+) -> ort.SessionOptions:
+    """``SessionOptions`` suited to running an INT8 model on CPU.
+
+    What it sets, and why:
+
+    - graph optimization ``ORT_ENABLE_ALL`` (``optimization="all"``): the QDQ node groups are fused into
+      int8 kernels (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, ...) only at the extended levels,
+      and layout transforms (NCHWc) come with "all";
+    - ``session.enable_quant_qdq_cleanup``: drops QuantizeLinear/DequantizeLinear pairs that cancel out
+      between fused int8 kernels, so activations stay int8 from one kernel to the next;
+    - ``session.qdqisint8allowed`` left to ORT: on x86 ORT rewrites int8 activations to uint8, the operand
+      type the VNNI dot-product instructions take;
+    - ``session.set_denormal_as_zero``: float ops around the int8 kernels never hit slow denormal paths;
+    - sequential execution with ``threads`` intra-op threads (default: all CPUs this process may use)
+      and one inter-op thread, spinning worker threads for low latency.
+
+    Args:
+        threads: intra-op threads; ``None`` uses every CPU in this process's affinity mask.
+        optimization: ``"all"``, ``"extended"``, ``"basic"`` or ``"disabled"``.
+        spinning: let idle worker threads spin (lower latency, more CPU use while idle).
+        denormal_as_zero: flush denormal floats to zero.
+        log_severity: ORT's log level (0 verbose ... 4 fatal).
+
+    Raises:
+        ConfigError: an argument is out of range.
+    """
+    if optimization not in _LEVELS:
+        raise ConfigError(f"session_options: optimization={optimization!r} is not one of {sorted(_LEVELS)}.")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"session_options: threads must be an int >= 1 or None, got {threads!r}.")
+    if isinstance(log_severity, bool) or not isinstance(log_severity, int) or not 0 <= log_severity <= 4:
+        raise ConfigError(f"session_options: log_severity must be an int in 0..4, got {log_severity!r}.")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization]
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads if threads is not None else _cpus()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = log_severity
+    options.add_session_config_entry("session.enable_quant_qdq_cleanup", "1")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.set_denormal_as_zero", "1" if denormal_as_zero else "0")
+    return options
+
+
+def create_session(model: Any, options: ort.SessionOptions | None = None, **kwargs: Any) -> ort.InferenceSession:
+    """An ``InferenceSession`` on the CPU provider for a ModelProto or .onnx path.
+
+    Args:
+        model: an ``onnx.ModelProto`` or the path of an ``.onnx`` file.
+        options: session options; default :func:`session_options` with ``kwargs``.
+        **kwargs: passed to :func:`session_options` when ``options`` is not given.
+
+    Raises:
+        ModelLoadError: the model cannot be read or ONNX Runtime cannot load it.
+    """
+    if options is not None and kwargs:
+        raise ConfigError("create_session: pass either options= or session_options keyword arguments, not both.")
+    proto = as_model_proto(model)
+    if options is None:
+        options = session_options(**kwargs)
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's pybind exception types carry the reason in their text
+        raise ModelLoadError(f"ONNX Runtime {ort.__version__} cannot create a session for the model: {exc}") from exc
+
+
+def _cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1

@@ -1,0 +1,128 @@
+"""Small real ONNX models for the tests, trained on scikit-learn's digits and written with onnx.helper."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+
+OPSET = 17
+
+
+@functools.cache
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, x_test, y_train, y_test): 8x8 digit images scaled to [0, 1], float32, flat."""
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    x_train, x_test, y_train, y_test = train_test_split(x, data.target, test_size=0.3, random_state=0, stratify=data.target)
+    return x_train, x_test, y_train, y_test
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name)
+
+
+def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], inp: onnx.ValueInfoProto, out: onnx.ValueInfoProto) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "digits", [inp], [out], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inc-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@functools.cache
+def _mlp_bytes() -> bytes:
+    x_train, _, y_train, _ = digits()
+    clf = MLPClassifier(hidden_layer_sizes=(96, 48), max_iter=400, random_state=0, alpha=1e-3)
+    clf.fit(x_train, y_train)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    current = "pixels"
+    layers = len(clf.coefs_)
+    for i, (w, b) in enumerate(zip(clf.coefs_, clf.intercepts_)):
+        inits += [_init(f"fc{i}.weight", w), _init(f"fc{i}.bias", b)]
+        nodes.append(helper.make_node("MatMul", [current, f"fc{i}.weight"], [f"fc{i}.mm"], name=f"fc{i}"))
+        last = i == layers - 1
+        add_out = "logits" if last else f"fc{i}.out"
+        nodes.append(helper.make_node("Add", [f"fc{i}.mm", f"fc{i}.bias"], [add_out], name=f"fc{i}.add"))
+        if not last:
+            nodes.append(helper.make_node("Relu", [add_out], [f"relu{i}"], name=f"relu{i}"))
+            current = f"relu{i}"
+    inp = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 64])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    return _model(nodes, inits, inp, out).SerializeToString()
+
+
+def mlp() -> onnx.ModelProto:
+    """A 64-96-48-10 MLP (MatMul + Add + Relu) trained on digits; input ``pixels`` [batch, 64]."""
+    return onnx.load_from_string(_mlp_bytes())
+
+
+def _conv_features(channels: int, rng: np.random.Generator) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Conv-Relu-Conv-Relu-MaxPool-Flatten on a [batch, 1, 8, 8] image, He-initialized filters."""
+    w1 = rng.normal(0, np.sqrt(2 / 9), size=(channels, 1, 3, 3))
+    w2 = rng.normal(0, np.sqrt(2 / (9 * channels)), size=(channels, channels, 3, 3))
+    inits = [
+        _init("conv1.weight", w1), _init("conv1.bias", rng.normal(0, 0.05, channels)),
+        _init("conv2.weight", w2), _init("conv2.bias", rng.normal(0, 0.05, channels)),
+        numpy_helper.from_array(np.array([-1, 1, 8, 8], dtype=np.int64), "image_shape"),
+    ]
+    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Reshape", ["pixels", "image_shape"], ["image"], name="to_image"),
+        helper.make_node("Conv", ["image", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", **conv),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "conv2.weight", "conv2.bias"], ["c2"], name="conv2", **conv),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("MaxPool", ["r2"], ["p2"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p2"], ["features"], name="flatten"),
+    ]
+    return nodes, inits
+
+
+@functools.cache
+def _cnn_bytes() -> bytes:
+    channels = 16
+    nodes, inits = _conv_features(channels, np.random.default_rng(0))
+    inp = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 64])
+    feat = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", channels * 16])
+    extractor = _model(nodes, inits, inp, feat)
+    x_train, _, y_train, _ = digits()
+    session = ort.InferenceSession(extractor.SerializeToString(), providers=["CPUExecutionProvider"])
+    features = session.run(None, {"pixels": x_train})[0]
+    clf = LogisticRegression(max_iter=2000, C=0.5).fit(features, y_train)
+    inits += [_init("fc.weight", clf.coef_), _init("fc.bias", clf.intercept_)]
+    nodes.append(helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    return _model(nodes, inits, inp, out).SerializeToString()
+
+
+def cnn() -> onnx.ModelProto:
+    """Conv feature extractor + logistic-regression head (Gemm) trained on digits; input ``pixels`` [batch, 64]."""
+    return onnx.load_from_string(_cnn_bytes())
+
+
+def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"pixels": x})[0]
+    return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"pixels": np.asarray(x, dtype=np.float32)})[0]
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+def int8_initializers(model: onnx.ModelProto) -> list[str]:
+    return [i.name for i in model.graph.initializer if i.data_type in (TensorProto.INT8, TensorProto.UINT8)]
