@@ -71,22 +71,24 @@ def session_options(
     return options
 
 
-def create_session(model: Any, options: ort.SessionOptions | None = None, **kwargs: Any) -> ort.InferenceSession:
+def create_session(
+    model: Any, options: ort.SessionOptions | None = None, *, threads: int | None = None
+) -> ort.InferenceSession:
     """An ``InferenceSession`` on the CPU provider for a ModelProto or .onnx path.
 
     Args:
         model: an ``onnx.ModelProto`` or the path of an ``.onnx`` file.
-        options: session options; default :func:`session_options` with ``kwargs``.
-        **kwargs: passed to :func:`session_options` when ``options`` is not given.
+        options: session options; default :func:`session_options` with ``threads``.
+        threads: intra-op threads for the default options (``None``: every CPU this process may use).
 
     Raises:
         ModelLoadError: the model cannot be read or ONNX Runtime cannot load it.
     """
-    if options is not None and kwargs:
-        raise ConfigError("create_session: pass either options= or session_options keyword arguments, not both.")
+    if options is not None and threads is not None:
+        raise ConfigError("create_session: pass either options= or threads=, not both (set threads in session_options).")
     proto = as_model_proto(model)
     if options is None:
-        options = session_options(**kwargs)
+        options = session_options(threads=threads)
     try:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT's pybind exception types carry the reason in their text
