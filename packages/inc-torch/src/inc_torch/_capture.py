@@ -1,0 +1,123 @@
+"""Turning an eager module into a graph: torch.export for PT2E, symbolic tracing for FX.
+
+Failures are sorted into what the user can act on: inputs the model cannot take (DatasetError) and
+models the chosen tracer cannot capture (UnsupportedModelError, naming the path that may work).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from inc_core.errors import DatasetError, UnsupportedModelError
+from inc_torch._compat import quiet
+from inc_torch._inputs import Inputs, describe_inputs, widened
+
+__all__ = ["eval_copy", "check_runs", "export_graph", "positional", "fx_prepare"]
+
+
+def eval_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode: calibration must not update the user's batch-norm statistics."""
+    return copy.deepcopy(model).eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def check_runs(model: nn.Module, inputs: Inputs, what: str) -> None:
+    """Run ``model`` once on ``inputs``.
+
+    Raises:
+        DatasetError: the forward raised, so the inputs do not fit the model (shape, dtype, names).
+    """
+    args, kwargs = inputs
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:
+        raise DatasetError(
+            f"The model cannot run on {what} ({describe_inputs(inputs)}): {_first_line(exc)}. "
+            "Give inputs shaped and typed as the model's forward expects (batch dimension first)."
+        ) from exc
+
+
+def _batch_dynamic_shapes(model: nn.Module, inputs: Inputs) -> Any:
+    args, kwargs = inputs
+    collection = torch.export.ShapesCollection()
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            collection[value] = {0: torch.export.Dim.AUTO}
+    return collection.dynamic_shapes(model, args, kwargs)
+
+
+def export_graph(model: nn.Module, inputs: Inputs, *, train: bool = False) -> torch.fx.GraphModule:
+    """``torch.export`` the model with a dynamic batch dimension and return its graph module.
+
+    Raises:
+        UnsupportedModelError: export failed (data-dependent control flow, unsupported Python); the
+            message points at the FX path and at dynamic quantization, which need no export.
+    """
+    failure: Exception | None = None
+    # Strict (dynamo) export records one source partition per call site, which the x86 quantizer
+    # needs when a module such as a shared nn.ReLU is called several times; non-strict export
+    # captures more Python. A batch of two with a dynamic batch dimension comes first; a model that
+    # fixes its batch size may still export at the size it was given.
+    attempts = [(widened(inputs), True, True), (widened(inputs), True, False), (inputs, False, False)]
+    for example, dynamic, strict in attempts:
+        args, kwargs = example
+        try:
+            shapes = _batch_dynamic_shapes(model, example) if dynamic else None
+            with quiet():
+                exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=strict)
+            return exported.module()
+        except Exception as exc:  # export raises many types; each means "cannot capture as is"
+            failure = failure or exc
+    mode = "training" if train else "inference"
+    raise UnsupportedModelError(
+        f"torch.export could not capture {type(model).__name__} for {mode} ({_first_line(failure) if failure else 'no attempt'}). "
+        "Data-dependent control flow (an `if` on tensor values) and unsupported Python cannot be exported. "
+        "Use the FX path with format='fx', quantize with approach='dynamic' (no graph capture), or rewrite "
+        "the branch with torch.cond."
+    ) from failure
+
+
+def positional(model: nn.Module, inputs: Inputs) -> tuple[Any, ...]:
+    """The inputs as positional arguments in the order of ``model.forward``'s parameters (FX takes no kwargs)."""
+    args, kwargs = inputs
+    if not kwargs:
+        return args
+    params = list(inspect.signature(model.forward).parameters.values())
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    out: list[Any] = []
+    last = max(i for i, p in enumerate(params) if p.name in bound)
+    for param in params[: last + 1]:
+        if param.name in bound:
+            out.append(bound[param.name])
+        elif param.default is not inspect.Parameter.empty:
+            out.append(param.default)
+        else:
+            raise DatasetError(f"Inputs name {sorted(kwargs)} but not {param.name!r}, which forward requires.")
+    return tuple(out)
+
+
+def fx_prepare(model: nn.Module, qconfig_mapping: Any, example: tuple[Any, ...], *, qat: bool = False) -> torch.fx.GraphModule:
+    """``prepare_fx``/``prepare_qat_fx`` with tracing failures reported as UnsupportedModelError."""
+    from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
+
+    try:
+        with quiet():
+            prepare = prepare_qat_fx if qat else prepare_fx
+            return prepare(model, qconfig_mapping, example)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"torch.fx could not trace {type(model).__name__} ({_first_line(exc)}). Symbolic tracing cannot follow "
+            "control flow on tensor values or calls into untraceable code. Use the PT2E path with format='pt2e' "
+            "(torch.export), quantize with approach='dynamic' (no tracing), or move the untraceable part into a "
+            "submodule listed in exclude=."
+        ) from exc

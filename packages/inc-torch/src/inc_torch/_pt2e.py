@@ -1,0 +1,77 @@
+"""Static INT8 through PT2E: torchao's X86InductorQuantizer, prepare_pt2e, convert_pt2e, then inductor."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+import torch
+
+from inc_core._quant_config import QuantConfig
+from inc_core.backend import Op
+from inc_torch._calibration import TorchCalibration, load_statistics
+from inc_torch._compat import quiet, torchao_pt2e
+from inc_torch._compiled import CompiledQuantizedModule
+from inc_torch._observers import pt2e_observer_classes
+from inc_torch._settings import OpSettings, plan
+
+__all__ = ["quantization_config", "build_quantizer", "quantize_pt2e"]
+
+
+@functools.cache
+def quantization_config(settings: OpSettings) -> Any:
+    """The torchao QuantizationConfig for one op's settings (cached: the quantizer compares them by identity)."""
+    ao = torchao_pt2e()
+    activation_cls: Any
+    weight_cls: Any
+    activation_cls, weight_cls = pt2e_observer_classes()
+    activation = ao.QuantizationSpec(
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=255,
+        qscheme=torch.per_tensor_affine,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=activation_cls.with_args(
+            method=settings.calibration, percentile=settings.percentile, scheme=settings.scheme
+        ),
+    )
+    per_channel = settings.granularity == "per_channel"
+    weight = ao.QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+        ch_axis=0,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=weight_cls.with_args(per_channel=per_channel),
+    )
+    return ao.QuantizationConfig(activation, activation, weight, None, False)
+
+
+def build_quantizer(config: QuantConfig, ops: tuple[Op, ...]) -> Any:
+    """An X86InductorQuantizer with the global settings, per-op overrides and FP32 fallbacks."""
+    ao = torchao_pt2e()
+    default, per_op = plan(config, ops)
+    quantizer = ao.X86InductorQuantizer()
+    quantizer.set_global(quantization_config(default))
+    for name, settings in per_op.items():
+        quantizer.set_module_name_qconfig(name, None if settings is None else quantization_config(settings))
+    return quantizer
+
+
+def quantize_pt2e(config: QuantConfig, ops: tuple[Op, ...], calibration: TorchCalibration) -> CompiledQuantizedModule:
+    """Prepare a copy of the exported graph, fill its observers from ``calibration``, convert, wrap for inductor."""
+    ao = torchao_pt2e()
+    if calibration.exported is None:
+        raise ValueError("PT2E calibration holds no exported graph")
+    with quiet():
+        graph = copy.deepcopy(calibration.exported)
+        prepared = ao.prepare_pt2e(graph, build_quantizer(config, ops))
+        load_statistics(prepared, calibration)
+        # Weight observers see their weight on the first forward; activation observers are frozen.
+        args, kwargs = calibration.example
+        with torch.no_grad():
+            prepared(*args, **kwargs)
+        converted = ao.convert_pt2e(prepared)
+    return CompiledQuantizedModule(converted, calibration.example)

@@ -1,0 +1,122 @@
+"""backend="ipex": intel-extension-for-pytorch static INT8 (traced, frozen, oneDNN Graph fusions) and dynamic INT8."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch_helpers import accuracy, calib_data, relative_loss, same_state, split, state, trained_cnn, trained_mlp
+
+import inc_core as inc
+import inc_torch
+from inc_core.calibration import HistogramObserver, compute_qparams
+
+
+def _batch() -> torch.Tensor:
+    return torch.from_numpy(split()[0][:4])
+
+
+def _int8_kernels(model: torch.jit.ScriptModule) -> list[str]:
+    """The weighted ops IPEX runs in INT8: convolutions/linears inside oneDNN Graph fusion groups fed by dequantize."""
+    with torch.no_grad():
+        graph = model.graph_for(_batch())
+    found = []
+    for node in graph.nodes():
+        if node.kind() == "ipex::LlgaFusionGroup":
+            body = str(node.g("Subgraph"))
+            if "aten::dequantize" in body:
+                found += re.findall(r"aten::(_convolution|linear)\(", body)
+    return found
+
+
+def _fp32_kernels(model: torch.jit.ScriptModule) -> list[str]:
+    with torch.no_grad():
+        graph = model.graph_for(_batch())
+    return [n.kind() for n in graph.nodes() if n.kind() in ("aten::conv2d", "aten::linear") or n.kind().startswith("ipex_prepack::")]
+
+
+@pytest.fixture(scope="module")
+def cnn() -> torch.nn.Module:
+    return trained_cnn()
+
+
+def test_static_int8_on_digits(cnn: torch.nn.Module) -> None:
+    before = state(cnn)
+    quantized = inc.quantize(cnn, inc.QuantConfig(), dataset=calib_data(), backend="ipex")
+    assert isinstance(quantized, torch.jit.ScriptModule)
+    assert sorted(_int8_kernels(quantized)) == ["_convolution", "_convolution", "linear", "linear"]
+    assert same_state(state(cnn), before)
+    fp32, int8 = accuracy(cnn), accuracy(quantized)
+    assert relative_loss(fp32, int8) <= 0.01, (fp32, int8)
+
+
+def test_excluded_conv_runs_fp32(cnn: torch.nn.Module) -> None:
+    config = inc.QuantConfig(exclude=inc.LayerFilter(names=("conv2",)))
+    quantized = inc.quantize(cnn, config, dataset=calib_data(), backend="ipex")
+    assert sorted(_int8_kernels(quantized)) == ["_convolution", "linear", "linear"]
+    assert _fp32_kernels(quantized) == ["ipex_prepack::convolution_relu_run"]
+
+
+@pytest.mark.parametrize("method", ["minmax", "kl", "percentile", "mse"])
+def test_trial_scales_come_from_inc_core(cnn: torch.nn.Module, method: str) -> None:
+    backend = inc.get_backend("ipex")
+    calibration = backend.calibrate(cnn, calib_data(), inc.QuantConfig())
+    config = inc.QuantConfig(calibration=method, scheme="sym")
+    summary = backend._trial_summary(config, calibration, inc.describe(cnn, backend="ipex").ops)
+    first = summary[" "]["q_op_infos"]["0"]
+    assert first["fqn"] == "conv1"
+    x = split()[0]
+    histogram = HistogramObserver(2048)
+    for start in range(0, 100, 32):
+        histogram.update(x[start : min(start + 32, 100)])
+    lo, hi = histogram.range(method, dtype="uint8", scheme="sym")
+    expected = compute_qparams(lo, hi, dtype="uint8", scheme="sym")
+    assert first["input_tensor_infos"][0]["scale"] == [pytest.approx(float(expected.scale), rel=1e-6)]
+    assert first["input_tensor_infos"][0]["zero_point"] == [128]
+
+
+def test_autotune_calibrates_once(cnn: torch.nn.Module) -> None:
+    from inc_core.tuning import autotune
+
+    backend = inc.get_backend("ipex")
+    calls = {"n": 0}
+    original = backend.calibrate
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    backend.calibrate = counting  # type: ignore[method-assign]
+    try:
+        tuning = inc.TuningConfig(base=inc.QuantConfig(calib_samples=64), max_trials=3, keep_searching=True)
+        result = autotune(cnn, tuning, eval_fn=accuracy, dataset=calib_data(64), backend="ipex")
+    finally:
+        del backend.calibrate
+    assert calls["n"] == 1 and len(result.trials) >= 2
+    assert result.met
+
+
+def test_dynamic_int8() -> None:
+    model = trained_mlp()
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"), backend="ipex")
+    assert inc_torch.quantized_ops(quantized) == ["fc1", "fc2", "fc3"]
+    assert relative_loss(accuracy(model), accuracy(quantized)) <= 0.01
+
+
+def test_save_load_round_trip(cnn: torch.nn.Module, tmp_path: Path) -> None:
+    quantized = inc.quantize(cnn, inc.QuantConfig(calib_samples=32), dataset=calib_data(32), backend="ipex")
+    path = inc.save(quantized, tmp_path / "digits.pt", backend="ipex")
+    loaded = inc.load(path)
+    with torch.no_grad():
+        for _ in range(2):  # fusion passes run on the first calls
+            loaded(_batch())
+        np.testing.assert_allclose(loaded(_batch()).numpy(), quantized(_batch()).numpy(), atol=1e-5)
+    assert sorted(_int8_kernels(loaded)) == ["_convolution", "_convolution", "linear", "linear"]
+
+
+def test_ipex_rejects_the_pt2e_format(cnn: torch.nn.Module) -> None:
+    with pytest.raises(inc.errors.ConfigError, match="torchscript"):
+        inc.quantize(cnn, inc.QuantConfig(format="pt2e"), dataset=calib_data(8), backend="ipex")

@@ -1,0 +1,42 @@
+"""The torch backend passes the shared backend conformance checks (PT2E, the default format)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch_helpers import calib_data, split, state, trained_cnn
+
+import inc_core as inc
+import inc_torch
+from inc_core.testing import BackendConformance
+
+
+class TestTorchConformance(BackendConformance):
+    backend_name = "torch"
+    model_suffix = ".pt2"
+    min_cosine = 0.99
+
+    def make_model(self) -> Any:
+        return trained_cnn()
+
+    def make_dataset(self) -> inc.Dataset:
+        return calib_data(64, 16)
+
+    def make_wrong_shape_dataset(self) -> inc.Dataset:
+        x, _, _, _ = split()
+        return inc.Dataset(x[:8].reshape(8, 1, 4, 16)[:, :, :, :5], batch_size=4)
+
+    def fingerprint(self, model: Any) -> Any:
+        return {k: v.numpy().tobytes() for k, v in state(model).items()}, model.training
+
+    def run(self, model: Any, inputs: Any) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(np.asarray(inputs, dtype=np.float32))).numpy()
+
+    def int8_ops(self, quantized: Any) -> list[str]:
+        return inc_torch.quantized_ops(quantized)
+
+    def is_quantized(self, quantized: Any, op_name: str) -> bool:
+        return op_name in inc_torch.quantized_ops(quantized)

@@ -1,0 +1,82 @@
+"""Dynamic INT8 of Linear and LSTM layers (BERT-style and RNN-T-style models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch_helpers import accuracy, relative_loss, same_state, state, trained_mlp
+
+import inc_core as inc
+import inc_torch
+from inc_core.testing import cosine
+
+
+class Transducer(nn.Module):
+    """An RNN-T-shaped encoder: LSTM over features, then a Linear joint projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.LSTM(16, 32, num_layers=2, batch_first=True)
+        self.joint = nn.Linear(32, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.joint(self.encoder(x)[0])
+
+
+def test_mlp_accuracy_within_one_percent() -> None:
+    model = trained_mlp()
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    assert inc_torch.quantized_ops(quantized) == ["fc1", "fc2", "fc3"]
+    for name in ("fc1", "fc2", "fc3"):
+        layer = quantized.get_submodule(name)
+        assert isinstance(layer, torch.ao.nn.quantized.dynamic.Linear)
+        assert layer.weight().dtype == torch.qint8
+    fp32, int8 = accuracy(model), accuracy(quantized)
+    assert fp32 > 0.85
+    assert relative_loss(fp32, int8) <= 0.01, (fp32, int8)
+
+
+def test_lstm_and_linear_are_swapped_and_track_fp32() -> None:
+    torch.manual_seed(0)
+    model = Transducer().eval()
+    before = state(model)
+    space = inc.describe(model, inc.QuantConfig(approach="dynamic"))
+    assert [(op.name, op.op_type) for op in space.ops] == [("encoder", "LSTM"), ("joint", "Linear")]
+    assert space.options["LSTM"]["granularity"] == ("per_tensor",)
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    assert isinstance(quantized.encoder, torch.ao.nn.quantized.dynamic.LSTM)
+    assert isinstance(quantized.joint, torch.ao.nn.quantized.dynamic.Linear)
+    assert same_state(state(model), before)
+    x = torch.randn(4, 20, 16)
+    with torch.no_grad():
+        assert cosine(model(x).numpy(), quantized(x).numpy()) >= 0.99
+
+
+@pytest.mark.parametrize(("granularity", "qscheme"), [("per_channel", torch.per_channel_affine), ("per_tensor", torch.per_tensor_affine)])
+def test_linear_granularity(granularity: str, qscheme: torch.qscheme) -> None:
+    quantized = inc.quantize(trained_mlp(), inc.QuantConfig(approach="dynamic", granularity=granularity))
+    assert quantized.fc1.weight().qscheme() == qscheme
+
+
+def test_excluded_layer_stays_float() -> None:
+    config = inc.QuantConfig(approach="dynamic", exclude=inc.LayerFilter(names=("fc3",)))
+    quantized = inc.quantize(trained_mlp(), config)
+    assert type(quantized.fc3) is nn.Linear
+    assert inc_torch.quantized_ops(quantized) == ["fc1", "fc2"]
+
+
+def test_dynamic_needs_no_tracing() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) if x.sum() > 0 else self.b(x)
+
+    quantized = inc.quantize(Branchy().eval(), inc.QuantConfig(approach="dynamic"))
+    assert inc_torch.quantized_ops(quantized) == ["a", "b"]
+    out = quantized(torch.ones(2, 8))
+    assert out.shape == (2, 8) and np.isfinite(out.detach().numpy()).all()

@@ -1,0 +1,128 @@
+"""Each bad input raises the documented IncError subclass, says what to do, and leaves the model unchanged."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch_helpers import calib_data, same_state, split, state, trained_cnn
+
+import inc_core as inc
+from inc_core.errors import (
+    BackendNotFoundError,
+    CalibrationError,
+    ConfigError,
+    DatasetError,
+    EvaluationError,
+    UnsupportedModelError,
+)
+
+
+class DataDependent(nn.Module):
+    """Branches on tensor values: neither torch.export nor FX symbolic tracing can capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.mean() > 0:
+            y = y * 2
+        return self.fc(torch.flatten(y, 1))
+
+
+@pytest.mark.parametrize(("fmt", "hint"), [("pt2e", "format='fx'"), ("fx", "format='pt2e'")])
+def test_untraceable_model_names_another_path(fmt: str, hint: str) -> None:
+    model = DataDependent().eval()
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match=hint) as info:
+        inc.quantize(model, inc.QuantConfig(format=fmt), dataset=calib_data(8))
+    assert "approach='dynamic'" in str(info.value)
+    assert same_state(state(model), before)
+
+
+def test_wrong_shape_inputs_are_a_dataset_error() -> None:
+    model = trained_cnn().train()  # training mode: a forward would move batch-norm statistics
+    before = state(model)
+    data = inc.Dataset(np.zeros((8, 3, 8, 8), dtype=np.float32), batch_size=4)
+    with pytest.raises(DatasetError, match=r"\(4, 3, 8, 8\) float32"):
+        inc.quantize(model, inc.QuantConfig(), dataset=data)
+    assert same_state(state(model), before) and model.training
+
+
+def test_a_later_batch_of_another_shape_is_a_dataset_error() -> None:
+    x, _, _, _ = split()
+    batches = [x[:4], x[:4, :, :4, :4]]
+    with pytest.raises(DatasetError, match="batch 1"):
+        inc.quantize(trained_cnn(), inc.QuantConfig(format="fx"), dataset=inc.Dataset(batches))
+
+
+def test_empty_calibration_data_is_a_dataset_error() -> None:
+    model = trained_cnn()
+    with pytest.raises(DatasetError, match="no samples"):
+        inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset([]))
+
+
+@pytest.mark.parametrize("fmt", ["pt2e", "fx"])
+def test_nan_activations_are_a_calibration_error(fmt: str) -> None:
+    model = trained_cnn()
+    before = state(model)
+    x, _, _, _ = split()
+    bad = x[:16].copy()
+    bad[3, 0, 2, 2] = np.nan
+    with pytest.raises(CalibrationError, match=r"Calibration batch 0 .*NaN"):
+        inc.quantize(model, inc.QuantConfig(format=fmt), dataset=inc.Dataset(bad, batch_size=16))
+    assert same_state(state(model), before)
+
+
+def test_eval_fn_that_raises_is_an_evaluation_error() -> None:
+    from inc_core.tuning import autotune
+
+    model = trained_cnn()
+    before = state(model)
+
+    def broken(candidate: nn.Module) -> float:
+        raise ZeroDivisionError("accuracy needs labels")
+
+    with pytest.raises(EvaluationError, match="accuracy needs labels"):
+        autotune(model, inc.TuningConfig(max_trials=2), eval_fn=broken, dataset=calib_data(16))
+    assert same_state(state(model), before)
+
+
+@pytest.mark.parametrize(("approach", "name", "close"), [("static", "conv3", "conv1"), ("dynamic", "fc9", "fc1")])
+def test_unknown_layer_names_are_a_config_error(approach: str, name: str, close: str) -> None:
+    model = trained_cnn()
+    config = inc.QuantConfig(approach=approach, exclude=inc.LayerFilter(names=(name,)))
+    with pytest.raises(ConfigError, match=rf"{name}.*Close names.*{close}"):
+        inc.quantize(model, config, dataset=calib_data(8))
+
+
+def test_int8_activations_are_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="activation_dtype='uint8'"):
+        inc.quantize(trained_cnn(), inc.QuantConfig(activation_dtype="int8"), dataset=calib_data(8))
+
+
+def test_missing_ipex_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from inc_core._registry import _instance
+
+    monkeypatch.setitem(sys.modules, "intel_extension_for_pytorch", None)  # import now fails
+    _instance.cache_clear()
+    try:
+        model = trained_cnn()
+        before = state(model)
+        with pytest.raises(BackendNotFoundError, match=r"pip install inc-torch\[ipex\]"):
+            inc.quantize(model, inc.QuantConfig(), dataset=calib_data(8), backend="ipex")
+        assert same_state(state(model), before)
+    finally:
+        _instance.cache_clear()
+
+
+def test_already_quantized_model_is_refused() -> None:
+    quantized = inc.quantize(trained_cnn(), inc.QuantConfig(format="fx"), dataset=calib_data(8))
+    with pytest.raises(UnsupportedModelError, match="FP32"):
+        inc.quantize(quantized, inc.QuantConfig(), dataset=calib_data(8))

@@ -1,0 +1,101 @@
+"""QAT in the user's own loop: prepare_qat, train with your optimizer and loss, convert to INT8."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch_helpers import DigitsCNN, accuracy, relative_loss, same_state, split, state, train, trained_cnn
+
+import inc_core as inc
+import inc_torch
+from inc_core.errors import ConfigError, DatasetError, UnsupportedModelError
+
+
+def _example() -> torch.Tensor:
+    x, _, _, _ = split()
+    return torch.from_numpy(x[:4])
+
+
+@pytest.mark.parametrize("fmt", ["pt2e", "fx"])
+def test_qat_on_digits_ends_within_one_percent_of_fp32(fmt: str) -> None:
+    model = trained_cnn()
+    before = state(model)
+    fp32 = accuracy(model)
+    config = inc.QATConfig(format=fmt, freeze_observer_step=40, freeze_bn_step=40)
+    qat_model = inc_torch.prepare_qat(model, config, _example())
+    assert same_state(state(model), before), "prepare_qat modified the user's model"
+    train(qat_model, 2, lr=1e-3, seed=1)  # the user's loop: Adam + cross-entropy, unchanged
+    int8 = inc_torch.convert(qat_model)
+    assert inc_torch.quantized_ops(int8) == ["conv1", "conv2", "fc1", "fc2"]
+    reference = int8.graph_module if fmt == "pt2e" else int8
+    assert relative_loss(fp32, accuracy(reference)) <= 0.01, (fp32, accuracy(reference))
+
+
+def test_freeze_steps_follow_the_training_loop() -> None:
+    model = trained_cnn()
+    config = inc.QATConfig(format="fx", freeze_observer_step=3, freeze_bn_step=5)
+    qat_model = inc_torch.prepare_qat(model, config, _example())
+    fake_quants = [m for m in qat_model.modules() if isinstance(m, torch.ao.quantization.FakeQuantizeBase)]
+    bn_convs = [m for m in qat_model.modules() if isinstance(m, torch.ao.nn.intrinsic.qat.ConvBn2d)]
+    assert fake_quants and len(bn_convs) == 1
+    x = _example()
+    optimizer = torch.optim.SGD(qat_model.parameters(), lr=1e-3)
+    for step in range(1, 7):
+        optimizer.zero_grad()
+        qat_model(x).sum().backward()
+        optimizer.step()
+        observing = all(bool(fq.observer_enabled[0]) for fq in fake_quants)
+        assert observing == (step <= 3), step
+        assert bn_convs[0].freeze_bn == (step > 5), step
+    with torch.no_grad():
+        qat_model.eval()
+        qat_model(x)  # evaluation passes are not training steps
+    assert qat_model._inc_qat_state.steps == 6
+
+
+def test_pt2e_qat_freezes_batch_norm_statistics() -> None:
+    qat_model = inc_torch.prepare_qat(trained_cnn(), inc.QATConfig(freeze_bn_step=1), _example())
+    x = _example()
+    running = {k: v.clone() for k, v in qat_model.state_dict().items() if "running_mean" in k}
+    assert running
+    for _ in range(3):
+        qat_model(x).sum().backward()
+    after = {k: v for k, v in qat_model.state_dict().items() if "running_mean" in k}
+    # step 1 updates the statistics; from step 2 on batch norm is frozen
+    changed_once = {k: not torch.equal(running[k], after[k]) for k in running}
+    assert all(changed_once.values())
+    snapshot = {k: v.clone() for k, v in after.items()}
+    qat_model(x).sum().backward()
+    qat_model.train()  # re-entering training mode keeps batch norm frozen
+    qat_model(x).sum().backward()
+    assert all(torch.equal(snapshot[k], v) for k, v in qat_model.state_dict().items() if k in snapshot)
+
+
+def test_wrong_example_inputs_are_a_dataset_error() -> None:
+    model = trained_cnn()
+    before = state(model)
+    with pytest.raises(DatasetError, match=r"example_inputs \(\(2, 3, 8, 8\) float32\)"):
+        inc_torch.prepare_qat(model, inc.QATConfig(), torch.zeros(2, 3, 8, 8))
+    assert same_state(state(model), before)
+
+
+def test_bad_qat_calls() -> None:
+    with pytest.raises(ConfigError, match="QATConfig"):
+        inc_torch.prepare_qat(trained_cnn(), inc.QuantConfig(), _example())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="format='onnx'"):
+        inc_torch.prepare_qat(trained_cnn(), inc.QATConfig(format="onnx"), _example())
+    with pytest.raises(ConfigError, match="activation_dtype='int8'"):
+        inc_torch.prepare_qat(trained_cnn(), inc.QATConfig(activation_dtype="int8"), _example())
+    with pytest.raises(ConfigError, match="conv9"):
+        inc_torch.prepare_qat(trained_cnn(), inc.QATConfig(exclude=inc.LayerFilter(names=("conv9",))), _example())
+    with pytest.raises(UnsupportedModelError, match="prepare_qat"):
+        inc_torch.convert(DigitsCNN())
+
+
+def test_excluded_layer_stays_fp32_after_qat() -> None:
+    config = inc.QATConfig(format="fx", exclude=inc.LayerFilter(names=("fc2",)))
+    qat_model = inc_torch.prepare_qat(trained_cnn(), config, _example())
+    int8 = inc_torch.convert(qat_model)
+    assert inc_torch.quantized_ops(int8) == ["conv1", "conv2", "fc1"]
+    assert type(int8.fc2) is nn.Linear

@@ -1,0 +1,116 @@
+"""Small real models for the torch tests: CNN and MLP trained on scikit-learn's digits (seeded)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+import inc_core as inc
+
+TRAIN = 1400  # digits has 1797 samples: the rest is the held-out test split
+
+
+@functools.cache
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    data = load_digits()
+    images = (data.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8) in [0, 1]
+    return images, data.target.astype(np.int64)
+
+
+def split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x, y = digits()
+    return x[:TRAIN], y[:TRAIN], x[TRAIN:], y[TRAIN:]
+
+
+class DigitsCNN(nn.Module):
+    """conv-bn-relu-pool, conv-relu-pool, linear-relu, linear: every op kind the x86 paths fuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(16 * 2 * 2, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class DigitsMLP(nn.Module):
+    """A BERT-style stack of Linear layers on flattened digits (the dynamic-quantization target)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 64)
+        self.fc3 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def train(model: nn.Module, epochs: int, *, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """Adam + cross-entropy on the training split, in a fixed order."""
+    x, y, _, _ = split()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(xt), generator=generator)
+        for start in range(0, len(xt), 50):
+            idx = order[start : start + 50]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+@functools.cache
+def _trained(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = DigitsCNN() if kind == "cnn" else DigitsMLP()
+    return train(model, 10 if kind == "cnn" else 15, lr=5e-3 if kind == "cnn" else 3e-3)
+
+
+def trained_cnn() -> nn.Module:
+    return copy.deepcopy(_trained("cnn"))
+
+
+def trained_mlp() -> nn.Module:
+    return copy.deepcopy(_trained("mlp"))
+
+
+def accuracy(model: nn.Module) -> float:
+    _, _, x, y = split()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+    return float((logits.argmax(1).numpy() == y).mean())
+
+
+def calib_data(n: int = 128, batch_size: int = 32) -> inc.Dataset:
+    x, _, _, _ = split()
+    return inc.Dataset(x[:n], batch_size=batch_size)
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the state dict, to prove a model was not modified."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def relative_loss(fp32: float, int8: float) -> float:
+    return (fp32 - int8) / fp32
