@@ -8,7 +8,9 @@ Models:
   ONNX with torch), sequence 128: FP32, inc dynamic INT8 and ``quantize_dynamic`` with default settings;
   accuracy is the cosine of mean-pooled sentence embeddings against FP32.
 
-Every model runs with the same ``inc_onnx.session_options`` and thread count. Results go to
+Every model runs with the same ``inc_onnx.session_options`` and thread count, and the models of a row
+are timed side by side (calls alternate between them), so that other load on the machine falls on
+each alike; throughput is batch size / median latency. Results go to
 ``benchmarks/results/onnx.json`` and ``onnx.md``, naming the CPU.
 
     python benchmarks/onnx_bench.py [--skip-minilm] [--iterations N]
@@ -150,11 +152,42 @@ def ort_dynamic(model: onnx.ModelProto, workdir: Path) -> onnx.ModelProto:
     return onnx.load_model(str(dst))
 
 
-def throughput(model: onnx.ModelProto, inputs: Any, iterations: int, threads: int) -> dict[str, float]:
-    runner = inc.get_backend("onnx").runner(model, inputs, threads=threads)
+def side_by_side(
+    models: dict[str, onnx.ModelProto], inputs: Any, iterations: int, threads: int, spinning: bool = True
+) -> dict[str, dict[str, float]]:
+    """Throughput of each model on the same input, timed side by side.
+
+    Calls alternate between the models (in reversed order every other round), so load from other
+    processes on the machine falls on each model alike; throughput is batch / median call latency.
+    """
+    runners = {name: _runner(model, inputs, threads, spinning) for name, model in models.items()}
     batch = int(next(iter(inputs.values())).shape[0]) if isinstance(inputs, dict) else int(inputs.shape[0])
-    result = inc.benchmark_callable(runner, warmup=max(5, iterations // 10), iterations=iterations, batch_size=batch)
-    return {"samples_per_s": result.throughput, "p50_ms": result.latency_ms.p50, "mean_ms": result.latency_ms.mean}
+    for runner in runners.values():
+        for _ in range(max(5, iterations // 10)):
+            runner()
+    latencies: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
+    for round_ in range(iterations):
+        for name in order if round_ % 2 == 0 else reversed(order):
+            start = time.perf_counter()
+            runners[name]()
+            latencies[name].append(time.perf_counter() - start)
+    out = {}
+    for name, values in latencies.items():
+        seconds = np.asarray(values)
+        out[name] = {
+            "samples_per_s": batch / float(np.median(seconds)),
+            "p50_ms": float(np.median(seconds)) * 1e3,
+            "mean_ms": float(np.mean(seconds)) * 1e3,
+        }
+    return out
+
+
+def _runner(model: onnx.ModelProto, inputs: Any, threads: int, spinning: bool) -> Any:
+    session = inc_onnx.create_session(model, inc_onnx.session_options(threads=threads, spinning=spinning))
+    feeds = inputs if isinstance(inputs, dict) else {session.get_inputs()[0].name: inputs}
+    names = [o.name for o in session.get_outputs()]
+    return lambda: session.run(names, feeds)
 
 
 def cpu_name() -> str:
@@ -184,7 +217,7 @@ def logit_cosine(fp32: onnx.ModelProto, int8: onnx.ModelProto, x: np.ndarray, th
     return float(np.min(np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))))
 
 
-def bench_convnet(workdir: Path, iterations: int, threads: int) -> list[dict[str, Any]]:
+def bench_convnet(workdir: Path, iterations: int, threads: int, spinning: bool = True) -> list[dict[str, Any]]:
     model = resnet18()
     rng = np.random.default_rng(1)
     calib = rng.normal(0, 1, size=(32, 3, 224, 224)).astype(np.float32)
@@ -196,9 +229,8 @@ def bench_convnet(workdir: Path, iterations: int, threads: int) -> list[dict[str
     for batch in (1, 16):
         x = rng.normal(0, 1, size=(batch, 3, 224, 224)).astype(np.float32)
         iters = iterations if batch == 1 else max(iterations // 4, 10)
-        fp32 = throughput(model, x, iters, threads)
-        inc8 = throughput(ours, x, iters, threads)
-        ort8 = throughput(theirs, x, iters, threads)
+        timed = side_by_side({"fp32": model, "inc": ours, "ort": theirs}, x, iters, threads, spinning)
+        fp32, inc8, ort8 = timed["fp32"], timed["inc"], timed["ort"]
         rows.append({
             "model": "resnet18-shaped convnet", "input": f"{batch}x3x224x224", "batch": batch,
             "fp32": fp32, "inc_int8": inc8, "ort_int8": ort8,
@@ -212,7 +244,9 @@ def bench_convnet(workdir: Path, iterations: int, threads: int) -> list[dict[str
     return rows
 
 
-def bench_minilm(workdir: Path, iterations: int, threads: int, seq: int = 128) -> list[dict[str, Any]]:
+def bench_minilm(
+    workdir: Path, iterations: int, threads: int, seq: int = 128, spinning: bool = True
+) -> list[dict[str, Any]]:
     model, tokenizer = minilm(workdir, seq)
     ours = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
     theirs = ort_dynamic(model, workdir)
@@ -233,9 +267,8 @@ def bench_minilm(workdir: Path, iterations: int, threads: int, seq: int = 128) -
     rows = []
     for batch in (1, 8):
         x = {k: v[:batch] for k, v in feeds.items()}
-        fp32 = throughput(model, x, iterations, threads)
-        inc8 = throughput(ours, x, iterations, threads)
-        ort8 = throughput(theirs, x, iterations, threads)
+        timed = side_by_side({"fp32": model, "inc": ours, "ort": theirs}, x, iterations, threads, spinning)
+        fp32, inc8, ort8 = timed["fp32"], timed["inc"], timed["ort"]
         rows.append({
             "model": "all-MiniLM-L6-v2", "input": f"{batch}x{seq} tokens", "batch": batch,
             "fp32": fp32, "inc_int8": inc8, "ort_int8": ort8,
@@ -254,10 +287,12 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         "# ONNX Runtime INT8 benchmark",
         "",
         f"CPU: {meta['cpu']} ({meta['threads']} threads; {', '.join(meta['cpu_flags']) or 'no VNNI/AVX-512 flags'}); "
-        f"onnxruntime {meta['onnxruntime']}, onnx {meta['onnx']}, inc-onnx {meta['inc_onnx']}.",
+        f"onnxruntime {meta['onnxruntime']}, onnx {meta['onnx']}, inc-onnx {meta['inc_onnx']}"
+        f"{'' if meta.get('spinning', True) else '; worker threads not spinning'}.",
         "INT8 (inc): inc.quantize with the default QuantConfig (QDQ, u8 activations, s8 per-channel weights) for the "
         "convnet, approach='dynamic' for MiniLM. INT8 (ORT): onnxruntime.quantization.quantize_static / "
-        "quantize_dynamic with default settings. All models run with inc_onnx.session_options.",
+        "quantize_dynamic with default settings. All models run with inc_onnx.session_options; the three models "
+        "of a row are timed side by side (alternating calls), throughput = batch / median latency.",
         "",
         "| model | input | FP32 samples/s | INT8 inc samples/s | INT8 ORT samples/s | inc/FP32 | ORT/FP32 | inc/ORT | accuracy (inc / ORT) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -281,16 +316,20 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100, help="timed calls at batch 1 (a quarter at batch 16)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     parser.add_argument("--skip-minilm", action="store_true", help="only the convnet (no torch/transformers needed)")
+    parser.add_argument(
+        "--no-spinning", action="store_true",
+        help="idle worker threads sleep instead of spinning (steadier numbers on a machine shared with other work)",
+    )
     args = parser.parse_args()
     meta = {
         "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": args.threads, "onnxruntime": ort.__version__,
         "onnx": onnx.__version__, "inc_onnx": inc_onnx.__version__, "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d"), "spinning": not args.no_spinning,
     }
     with tempfile.TemporaryDirectory(prefix="inc-onnx-bench-") as tmp:
-        rows = bench_convnet(Path(tmp), args.iterations, args.threads)
+        rows = bench_convnet(Path(tmp), args.iterations, args.threads, spinning=not args.no_spinning)
         if not args.skip_minilm:
-            rows += bench_minilm(Path(tmp), args.iterations, args.threads)
+            rows += bench_minilm(Path(tmp), args.iterations, args.threads, spinning=not args.no_spinning)
     write(rows, meta)
     print((RESULTS / "onnx.md").read_text())
 

@@ -17,16 +17,19 @@ from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnxruntime.quantization.quant_utils import add_infer_metadata
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from inc_onnx._model_io import as_model_proto, check_runtime_loads, digest
+from inc_onnx._model_io import _PROTOBUF_LIMIT, as_model_proto, check_runtime_loads, digest
 
 __all__ = ["InputSpec", "Prepared", "prepare"]
 
 log = logging.getLogger("inc")
 
 _CACHE_SIZE = 2
+# What ORT's symbolic shape inference saves in the current directory when it gives up on a graph.
+_SYMBOLIC_LEFTOVER = "sym_shape_infer_temp.onnx"
 _cache: collections.OrderedDict[str, Prepared] = collections.OrderedDict()
 _lock = threading.Lock()
 
@@ -53,12 +56,15 @@ class Prepared:
         digest: content hash of the user's model, to match calibrations to models.
         inputs: the graph inputs data must provide, in graph order.
         float_tensors: names of every float32 activation with known type (calibration candidates).
+        value_info: the shape annotations (``graph.value_info``) of the user's model as given, before
+            preparation added inferred ones; the quantized model carries these only.
     """
 
     model: onnx.ModelProto
     digest: str
     inputs: tuple[InputSpec, ...]
     float_tensors: frozenset[str]
+    value_info: tuple[onnx.ValueInfoProto, ...]
 
     def copy(self) -> onnx.ModelProto:
         proto = onnx.ModelProto()
@@ -80,12 +86,14 @@ def prepare(model: Any) -> Prepared:
             return _cache[key]
     where = repr(str(model)) if not isinstance(model, onnx.ModelProto) else "the given ModelProto"
     check_runtime_loads(proto, where=where)
+    value_info = tuple(_copy_value_info(v) for v in proto.graph.value_info)
     prepared_proto = _prepare_graph(proto)
     prepared = Prepared(
         model=prepared_proto,
         digest=key,
         inputs=_input_specs(prepared_proto),
         float_tensors=frozenset(_float_tensors(prepared_proto)),
+        value_info=value_info,
     )
     with _lock:
         _cache[key] = prepared
@@ -97,7 +105,7 @@ def prepare(model: Any) -> Prepared:
 def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     _name_nodes(proto)
     try:
-        prepared = _ort_pre_process(proto, symbolic=True)
+        prepared = _symbolic_pre_process(proto)
     except Exception as exc:  # symbolic inference fails on some graphs; the rest of the pipeline still helps
         log.info("symbolic shape inference failed (%s); preparing with ONNX shape inference only", exc)
         try:
@@ -112,20 +120,79 @@ def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     return prepared
 
 
+def _symbolic_pre_process(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """:func:`_ort_pre_process` with symbolic shape inference, leaving no files behind.
+
+    When ORT's symbolic shape inference gives up on a graph, it saves its partial result as
+    ``sym_shape_infer_temp.onnx`` in the current directory, with the weights in a new external data
+    file next to it (a full copy of the model's weights); those files are removed here.
+    """
+    try:
+        leftover: Path | None = Path.cwd() / _SYMBOLIC_LEFTOVER
+    except OSError:  # the current directory no longer exists; ORT cannot write there either
+        leftover = None
+    before = _mtime(leftover)
+    try:
+        return _ort_pre_process(proto, symbolic=True)
+    finally:
+        if leftover is not None and _mtime(leftover) not in (None, before):
+            _remove_with_external_data(leftover)
+
+
+def _mtime(path: Path | None) -> int | None:
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except OSError:
+        return None
+
+
+def _remove_with_external_data(path: Path) -> None:
+    """Delete an ONNX file and the external data files (next to it) that it references."""
+    try:
+        saved = onnx.load_model(str(path), load_external_data=False)
+        locations = {
+            entry.value
+            for init in saved.graph.initializer
+            for entry in init.external_data
+            if entry.key == "location" and Path(entry.value).name == entry.value
+        }
+        for location in sorted(locations):
+            (path.parent / location).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    except (OSError, DecodeError) as exc:
+        log.warning("could not remove %s, left by ONNX Runtime's symbolic shape inference: %s", path, exc)
+
+
 def _ort_pre_process(proto: onnx.ModelProto, *, symbolic: bool) -> onnx.ModelProto:
     """ORT's own preparation: symbolic shape inference, basic graph optimization (BN folding, constant
-    folding), ONNX shape inference. Run on a copy; ORT writes its result to a file."""
+    folding), ONNX shape inference. ORT reads the model from a file and writes its result to one."""
     quant_logger = logging.getLogger("onnxruntime.quantization.shape_inference")
     previous = quant_logger.level
     # ORT logs a failed optimization at ERROR and carries on; we report the outcome ourselves.
     quant_logger.setLevel(logging.CRITICAL)
     try:
         with tempfile.TemporaryDirectory(prefix="inc-onnx-prep-") as tmp:
-            out = Path(tmp) / "prepared.onnx"
-            quant_pre_process(proto, out, skip_symbolic_shape=not symbolic)
+            source, out = Path(tmp) / "model.onnx", Path(tmp) / "prepared.onnx"
+            large = proto.ByteSize() >= _PROTOBUF_LIMIT
+            _save_for_ort(proto, source, large=large)
+            # A path, not the ModelProto: given a ModelProto to optimize without symbolic inference, ORT
+            # moves the weights out of it and writes an optimized model that points at a weights file
+            # ("foo.bin") it never creates, so neither the result nor the given proto is usable after.
+            quant_pre_process(str(source), str(out), skip_symbolic_shape=not symbolic, save_as_external_data=large)
             return onnx.load_model(str(out))
     finally:
         quant_logger.setLevel(previous)
+
+
+def _save_for_ort(proto: onnx.ModelProto, path: Path, *, large: bool) -> None:
+    if not large:
+        onnx.save_model(proto, str(path))
+        return
+    # Over protobuf's 2 GiB limit the weights go to a side file; saving that way rewrites the
+    # tensors of the proto it is given, so it is given a copy.
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data")
 
 
 def _name_nodes(proto: onnx.ModelProto) -> None:
@@ -152,6 +219,12 @@ def _restore_fused_names(proto: onnx.ModelProto) -> None:
             names.discard(node.name)
             node.name = base
             names.add(base)
+
+
+def _copy_value_info(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    return copy
 
 
 def _input_specs(proto: onnx.ModelProto) -> tuple[InputSpec, ...]:

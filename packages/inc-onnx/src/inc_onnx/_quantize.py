@@ -88,8 +88,24 @@ def quantize_prepared(
     # ORT's quantizers append new nodes out of order; ONNX requires topological order.
     quantizer.model.topological_sort()
     result: onnx.ModelProto = quantizer.model.model
+    _keep_users_shapes(result, prepared.value_info)
     _stamp(result, config, fmt)
     return result
+
+
+def _keep_users_shapes(model: onnx.ModelProto, users: tuple[onnx.ValueInfoProto, ...]) -> None:
+    """Carry the shape annotations the user's model came with, not those preparation inferred.
+
+    Preparation annotates every tensor with inferred shapes, which the quantizers need. Left in the
+    INT8 model, they change how ONNX Runtime optimizes it at load time compared with the user's model:
+    with both inputs of a residual Add known to match, ORT fuses Add + LayerNormalization into
+    com.microsoft SkipLayerNormalization, whose float CPU kernel is scalar and several times slower
+    than the two ops it replaces (about 9% of a MiniLM encoder's run time at batch 1). ORT infers the
+    shapes its kernels need itself when it loads the model.
+    """
+    used = {name for node in model.graph.node for name in (*node.input, *node.output)}
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(v for v in users if v.name in used)
 
 
 def _any_symmetric(config: QuantConfig) -> bool:
