@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from types import ModuleType
@@ -35,11 +36,28 @@ def quiet() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _quiet_import_logs() -> Iterator[None]:
+    """Hide torchao's import-time warnings about its CUDA-only kernels (irrelevant on CPU)."""
+    names = ("torchao", "torch.utils._pytree")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 class _PT2E:
     """The torchao PT2E names this package uses, imported on first use (torchao import is slow)."""
 
     def __init__(self) -> None:
         try:
+            with _quiet_import_logs():
+                import torchao  # noqa: F401
             from torchao.quantization import pt2e
             from torchao.quantization.pt2e import quantize_pt2e
             from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
