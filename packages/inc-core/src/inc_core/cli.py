@@ -175,8 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and usage errors: return argparse's code instead of exiting
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     logger = logging.getLogger("inc")
-    previous_level = logger.level
+    previous_level, previous_propagate = logger.level, logger.propagate
     handler = _attach_logging(args.verbose, args.quiet)
+    # The CLI's handler is the one output: a root handler that a dependency installs (onnxruntime's
+    # quantizer calls logging.info, which runs basicConfig) would print every line twice.
+    logger.propagate = False
     try:
         return int(args.handler(args))
     except IncError as exc:
@@ -185,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+        logger.propagate = previous_propagate
 
 
 if __name__ == "__main__":
