@@ -167,21 +167,27 @@ def side_by_side(
 ) -> dict[str, dict[str, float]]:
     """Throughput of each model on the same input, timed side by side.
 
-    Calls alternate between the models (in reversed order every other round), so load from other
-    processes on the machine falls on each model alike; throughput is batch / median call latency.
+    The models take turns in blocks of consecutive calls (in reversed order every other round), so
+    load from other processes on the machine falls on each model alike. Blocks rather than single
+    alternating calls: ORT's worker threads keep spinning for a while after a call, and would steal
+    the cores from the next model's session. The first call of each block is not timed.
+    Throughput is batch / median call latency.
     """
     runners = {name: _runner(model, inputs, threads, spinning) for name, model in models.items()}
     batch = int(next(iter(inputs.values())).shape[0]) if isinstance(inputs, dict) else int(inputs.shape[0])
     for runner in runners.values():
         for _ in range(max(5, iterations // 10)):
             runner()
+    block = max(1, min(10, iterations // 5))
     latencies: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners)
-    for round_ in range(iterations):
+    for round_ in range(-(-iterations // block)):
         for name in order if round_ % 2 == 0 else reversed(order):
-            start = time.perf_counter()
-            runners[name]()
-            latencies[name].append(time.perf_counter() - start)
+            runners[name]()  # settles the thread pool after the previous model's block
+            for _ in range(block):
+                start = time.perf_counter()
+                runners[name]()
+                latencies[name].append(time.perf_counter() - start)
     out = {}
     for name, values in latencies.items():
         seconds = np.asarray(values)
@@ -324,7 +330,7 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> Path:
         f"quantize_dynamic with default settings. INT8 {onc.LABEL}: the peer {PEER_NAME} (Intel Neural Compressor for "
         "ONNX Runtime), quantizing in its own environment with its recommended x86 settings, calibrated on the same "
         f"samples as inc ({settings}). All models run with inc_onnx.session_options; the models "
-        "of a row are timed side by side (alternating calls), throughput = batch / median latency.",
+        "of a row are timed side by side (alternating blocks of calls), throughput = batch / median latency.",
         "",
         f"| model | input | FP32 samples/s | INT8 inc samples/s | INT8 ORT samples/s | INT8 {onc.LABEL} samples/s "
         f"| inc/FP32 | ORT/FP32 | {onc.LABEL}/FP32 | inc/ORT | inc/{onc.LABEL} | accuracy (inc / ORT / {onc.LABEL}) |",

@@ -60,6 +60,8 @@ class BackendConformance:
     model_suffix: ClassVar[str] = ".bin"
     #: minimum cosine similarity of INT8 vs FP32 outputs on the calibration data
     min_cosine: ClassVar[float] = 0.98
+    #: set for a backend the user names explicitly (``backend="ipex"``) rather than one found from the model
+    explicit_backend: ClassVar[bool] = False
 
     # --- hooks ----------------------------------------------------------------------------------
     def make_model(self) -> Any:
@@ -91,6 +93,13 @@ class BackendConformance:
         raise NotImplementedError
 
     # --- helpers --------------------------------------------------------------------------------
+    @property
+    def _backend_arg(self) -> str | None:
+        return self.backend_name if self.explicit_backend else None
+
+    def _quantize(self, model: Any, config: inc.QuantConfig, dataset: Any = None) -> Any:
+        return inc.quantize(model, config, dataset=dataset, backend=self._backend_arg)
+
     def _first_batch(self) -> Any:
         inputs, _ = next(iter(self.make_dataset()))
         return inputs
@@ -100,7 +109,7 @@ class BackendConformance:
 
     # --- the checks -----------------------------------------------------------------------------
     def test_backend_is_found_from_the_model(self) -> None:
-        assert inc.resolve_backend(self.make_model()).name == self.backend_name
+        assert inc.resolve_backend(self.make_model(), self._backend_arg).name == self.backend_name
 
     def test_describe_lists_unique_ops(self) -> None:
         names = self._ops(self.make_model())
@@ -110,14 +119,14 @@ class BackendConformance:
     def test_static_quantize_gives_new_int8_model_and_leaves_input_alone(self) -> None:
         model = self.make_model()
         before = self.fingerprint(model)
-        quantized = inc.quantize(model, inc.QuantConfig(calib_samples=32), dataset=self.make_dataset())
+        quantized = self._quantize(model, inc.QuantConfig(calib_samples=32), self.make_dataset())
         assert quantized is not model
         assert self.fingerprint(model) == before, "quantize() modified the user's model"
         assert self.int8_ops(quantized), "no INT8 op in the quantized model"
 
     def test_int8_outputs_track_fp32(self) -> None:
         model = self.make_model()
-        quantized = inc.quantize(model, inc.QuantConfig(calib_samples=32), dataset=self.make_dataset())
+        quantized = self._quantize(model, inc.QuantConfig(calib_samples=32), self.make_dataset())
         batch = self._first_batch()
         sim = cosine(self.run(model, batch), self.run(quantized, batch))
         assert sim >= self.min_cosine, f"INT8 output cosine {sim:.4f} < {self.min_cosine}"
@@ -126,7 +135,7 @@ class BackendConformance:
         model = self.make_model()
         first = self._ops(model)[0]
         config = inc.QuantConfig(calib_samples=16, exclude=inc.LayerFilter(names=(first,)))
-        quantized = inc.quantize(model, config, dataset=self.make_dataset())
+        quantized = self._quantize(model, config, self.make_dataset())
         assert not self.is_quantized(quantized, first)
         others = [n for n in self._ops(model) if n != first]
         assert not others or any(self.is_quantized(quantized, n) for n in others)
@@ -134,43 +143,43 @@ class BackendConformance:
     def test_unknown_exclude_name_is_rejected(self) -> None:
         config = inc.QuantConfig(exclude=inc.LayerFilter(names=("no_such_layer_xyz",)))
         with pytest.raises(ConfigError, match="no_such_layer_xyz"):
-            inc.quantize(self.make_model(), config, dataset=self.make_dataset())
+            self._quantize(self.make_model(), config, self.make_dataset())
 
     def test_unknown_format_lists_choices(self) -> None:
         with pytest.raises(ConfigError, match="format"):
-            inc.quantize(self.make_model(), inc.QuantConfig(format="no-such-format"), dataset=self.make_dataset())
+            self._quantize(self.make_model(), inc.QuantConfig(format="no-such-format"), self.make_dataset())
 
     def test_static_without_dataset_is_rejected(self) -> None:
         with pytest.raises(DatasetError):
-            inc.quantize(self.make_model(), inc.QuantConfig())
+            self._quantize(self.make_model(), inc.QuantConfig())
 
     def test_empty_dataset_is_rejected(self) -> None:
         with pytest.raises(DatasetError):
-            inc.quantize(self.make_model(), inc.QuantConfig(), dataset=inc.Dataset([]))
+            self._quantize(self.make_model(), inc.QuantConfig(), inc.Dataset([]))
 
     def test_wrong_shape_dataset_is_rejected(self) -> None:
         model = self.make_model()
         before = self.fingerprint(model)
         with pytest.raises(DatasetError):
-            inc.quantize(model, inc.QuantConfig(), dataset=self.make_wrong_shape_dataset())
+            self._quantize(model, inc.QuantConfig(), self.make_wrong_shape_dataset())
         assert self.fingerprint(model) == before
 
     def test_nan_activations_are_rejected(self) -> None:
         batch = _with_nan(self._first_batch())
         with pytest.raises(CalibrationError, match="(?i)nan"):
-            inc.quantize(self.make_model(), inc.QuantConfig(), dataset=inc.Dataset([batch]))
+            self._quantize(self.make_model(), inc.QuantConfig(), inc.Dataset([batch]))
 
     def test_dynamic_quantization(self) -> None:
         if not self.supports_dynamic:
             with pytest.raises(ConfigError):
-                inc.quantize(self.make_model(), inc.QuantConfig(approach="dynamic"))
+                self._quantize(self.make_model(), inc.QuantConfig(approach="dynamic"))
             return
         model = self.make_model()
-        quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+        quantized = self._quantize(model, inc.QuantConfig(approach="dynamic"))
         assert self.int8_ops(quantized), "no INT8 op in the dynamically quantized model"
 
     def test_save_load_round_trip(self, tmp_path: Path) -> None:
-        quantized = inc.quantize(self.make_model(), inc.QuantConfig(calib_samples=16), dataset=self.make_dataset())
+        quantized = self._quantize(self.make_model(), inc.QuantConfig(calib_samples=16), self.make_dataset())
         path = tmp_path / f"model{self.model_suffix}"
         inc.save(quantized, path)
         loaded = inc.load(path)
@@ -179,7 +188,7 @@ class BackendConformance:
         assert self.int8_ops(loaded)
 
     def test_save_into_missing_directory_writes_nothing(self, tmp_path: Path) -> None:
-        quantized = inc.quantize(self.make_model(), inc.QuantConfig(calib_samples=16), dataset=self.make_dataset())
+        quantized = self._quantize(self.make_model(), inc.QuantConfig(calib_samples=16), self.make_dataset())
         target = tmp_path / "missing" / f"model{self.model_suffix}"
         with pytest.raises(SaveError, match="does not exist"):
             inc.save(quantized, target)
@@ -220,4 +229,10 @@ class BackendConformance:
             raise RuntimeError("metric exploded")
 
         with pytest.raises(EvaluationError, match="metric exploded"):
-            autotune(self.make_model(), inc.TuningConfig(max_trials=1), eval_fn=broken, dataset=self.make_dataset())
+            autotune(
+                self.make_model(),
+                inc.TuningConfig(max_trials=1),
+                eval_fn=broken,
+                dataset=self.make_dataset(),
+                backend=self._backend_arg,
+            )
