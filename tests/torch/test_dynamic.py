@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch_helpers import accuracy, relative_loss, same_state, state, trained_ml
 import inc_core as inc
 import inc_torch
 from inc_core.testing import cosine
+from inc_torch._dynamic import has_vnni
 
 
 class Transducer(nn.Module):
@@ -80,3 +83,54 @@ def test_dynamic_needs_no_tracing() -> None:
     assert inc_torch.quantized_ops(quantized) == ["a", "b"]
     out = quantized(torch.ones(2, 8))
     assert out.shape == (2, 8) and np.isfinite(out.detach().numpy()).all()
+
+
+class Identity(nn.Module):
+    """One Linear whose weight is the identity: its INT8 output is the input's quantization, dequantized."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(width))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_activation_range_follows_the_cpu(tmp_path: Path) -> None:
+    # x = k/255 for k in 0..255: exact on the full u8 grid (scale 1/255), while the 7-bit grid (scale
+    # 1/127) rounds most of them. The output is the quantized input times the int8 weight's diagonal.
+    x = (torch.arange(256, dtype=torch.float32) / 255).reshape(1, 256)
+    seven_bit = torch.round(x * 127) / 127
+    assert (x - seven_bit).abs().max() > 1e-3
+    quantized = inc.quantize(Identity(256).eval(), inc.QuantConfig(approach="dynamic"))
+    assert isinstance(quantized.fc, torch.ao.nn.quantized.dynamic.Linear)
+    diagonal = quantized.fc.weight().dequantize().diagonal()
+    expected = (x if has_vnni() else seven_bit) * diagonal  # VNNI accumulates in int32: the eighth bit is safe
+    assert inc_torch.quantized_ops(quantized) == ["fc"]
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(x), expected, atol=1e-6, rtol=0)
+        loaded = inc.load(inc.save(quantized, tmp_path / "identity.pt"))  # TorchScript keeps the range
+        assert inc_torch.quantized_ops(loaded) == ["fc"]
+        torch.testing.assert_close(loaded(x), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu sse2 avx2 avx512f avx512bw avx512_vnni", True),
+        ("fpu sse2 avx2 avx_vnni", True),
+        ("fpu sse2 avx2 avx512f avx512bw", False),  # AVX-512 without VNNI still adds in int16
+        ("fpu sse2 avx2 avx512_vnni_extra", False),  # whole flags only
+    ],
+)
+def test_has_vnni_reads_the_cpu_flags(tmp_path: Path, flags: str, expected: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\n")
+    assert has_vnni(cpuinfo) is expected
+
+
+def test_has_vnni_without_cpuinfo_keeps_seven_bits(tmp_path: Path) -> None:
+    assert has_vnni(tmp_path / "missing") is False
