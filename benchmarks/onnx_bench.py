@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from _machine import cpu_flags, cpu_name
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
 from peers import onc
@@ -206,24 +207,8 @@ def _runner(model: onnx.ModelProto, inputs: Any, threads: int, spinning: bool) -
     return lambda: session.run(names, feeds)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted({f for f in line.split(":", 1)[1].split() if "vnni" in f or f in ("avx2", "avx512f", "amx_int8")})
-    except OSError:
-        pass
-    return []
 
 
 def logit_cosine(fp32: onnx.ModelProto, int8: onnx.ModelProto, x: np.ndarray, threads: int) -> float:

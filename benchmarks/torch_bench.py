@@ -18,7 +18,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import sys
 import traceback
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _machine import cpu_name
 from torch import nn
 
 import inc_core as inc
@@ -330,14 +330,6 @@ def digits_accuracy(out: dict[str, Any]) -> None:
     out["digits"] = {"accuracy": rows, "relative_loss": {k: (fp32 - v) / fp32 for k, v in rows.items() if v is not None and k != "fp32"}, "errors": errors}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def markdown(out: dict[str, Any]) -> str:

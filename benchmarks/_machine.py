@@ -1,0 +1,28 @@
+"""What the benchmark ran on: the CPU's name and the instruction-set flags that matter for INT8."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+_INT8_FLAGS = ("avx2", "avx512f", "amx_int8")
+
+
+def _cpuinfo_field(key: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The VNNI / AVX2 / AVX-512 / AMX flags of the CPU (the INT8 kernels ORT and oneDNN pick depend on them)."""
+    flags = (_cpuinfo_field("flags") or "").split()
+    return sorted({f for f in flags if "vnni" in f or f in _INT8_FLAGS})
