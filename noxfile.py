@@ -108,6 +108,22 @@ def bench_ipex(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def ray(session: nox.Session) -> None:
+    """Distributed tuning on a local multi-node Ray cluster (inc-core[ray]) with the numpy toy backend."""
+    _install_core(session, "ray", "bayesian")
+    session.install(*CORE_TEST_DEPS)
+    session.run("pytest", "-q", "tests/ray", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench_ray(session: nox.Session) -> None:
+    """Tuning wall time with 1, 2 and 4 Ray workers on an eval-dominated workload (not in `nox`)."""
+    _install_core(session, "ray")
+    session.install("scikit-learn")
+    session.run("python", "benchmarks/ray_bench.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff everywhere (with the no-framework-import rule for inc-core) and mypy on inc-core."""
     session.install("ruff", "mypy", "numpy", "tqdm", "pytest")
