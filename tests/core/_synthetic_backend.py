@@ -10,12 +10,16 @@ The "model" only lists ops; "quantizing" returns an object that carries the conf
           + PER_TENSOR_PENALTY if granularity is per_tensor
 
 so every strategy's walk through the space can be worked out by hand in the tests.
+
+``SyntheticModel.fails`` makes the backend's quantizer raise for some configs, as a framework's
+quantizer does on an op it cannot handle: it returns the exception to raise, or ``None``.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,8 @@ class SyntheticModel:
     base_score: float = 1.0
     global_penalty: float = 0.0
     calls: Counter[str] = field(default_factory=Counter)
+    fails: Callable[[QuantConfig], BaseException | None] | None = None
+    calibrate_error: BaseException | None = None
 
 
 @dataclass
@@ -90,6 +96,8 @@ class PlainSyntheticBackend(Backend):
 
     def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> Any:
         model.calls["calibrate"] += 1
+        if model.calibrate_error is not None:
+            raise model.calibrate_error
         samples = sum(len(batch) for batch in dataset.inputs(config.calib_samples))
         return {"samples": samples}
 
@@ -97,6 +105,10 @@ class PlainSyntheticBackend(Backend):
         model.calls["quantize"] += 1
         if config.approach == "static" and calibration is None:
             raise AssertionError("static quantization without calibration")
+        failure = model.fails(config) if model.fails is not None else None
+        if failure is not None:
+            model.calls["failed"] += 1
+            raise failure
         return QuantizedSynthetic(model, config, calibration)
 
     def save(self, model: Any, path: Path) -> None:
@@ -116,6 +128,9 @@ class SyntheticBackend(PlainSyntheticBackend):
 
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
         model.calls["op_errors"] += 1
+        failure = model.fails(config) if model.fails is not None else None
+        if failure is not None:
+            raise failure
         return {n: op_penalty(model, config, n, t) for n, t in quantized_ops(model, config)}
 
 
@@ -137,3 +152,10 @@ def resume_config(history: str | None) -> TuningConfig:
 
 def history_trials(path: Path) -> list[dict[str, Any]]:
     return list(json.loads(path.read_text(encoding="utf-8"))["trials"])
+
+
+def per_channel_conv2_fails(config: QuantConfig) -> BaseException | None:
+    """What a framework quantizer does on an op it cannot handle per channel (conv2, like a MatMul with a bias Add)."""
+    if not config.exclude.matches("conv2", "Conv") and config.setting("conv2", "Conv", "granularity") == "per_channel":
+        return ValueError("The truth value of an array with more than one element is ambiguous. Use a.any() or a.all()")
+    return None

@@ -108,6 +108,7 @@ def test_the_file_is_rewritten_after_every_trial(tmp_path: Path) -> None:
         "met": False,
         "time_s": first["time_s"],
         "status": "evaluated",
+        "error": None,
     }
     assert data["trials"][-1]["delta"] == {"fallback": ["conv2", "fc2"], "overrides": {"MatMul": {"calibration": "kl"}}}
 

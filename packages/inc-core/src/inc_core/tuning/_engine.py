@@ -19,13 +19,13 @@ from inc_core._quant_config import QuantConfig
 from inc_core._registry import resolve_backend
 from inc_core._tuning_config import TuningConfig
 from inc_core.backend import Backend, TuningSpace
-from inc_core.errors import ConfigError, DatasetError, TuningError
+from inc_core.errors import CalibrationError, ConfigError, DatasetError, IncError, TuningError
 from inc_core.tuning._criterion import Criterion, evaluate
 from inc_core.tuning._executor import Executor, SequentialExecutor
 from inc_core.tuning._history import History
 from inc_core.tuning._result import TuningResult
 from inc_core.tuning._space import SearchSpace, config_delta, describe_delta
-from inc_core.tuning._trial import Trial
+from inc_core.tuning._trial import Trial, describe_failure, trial_score
 from inc_core.tuning.strategies import REGISTRY, Strategy, StrategyContext
 from inc_core.tuning.strategies._mse import no_op_errors
 
@@ -63,14 +63,20 @@ def autotune(
         backend: a backend name or instance instead of the one found from the model's type.
         executor: runs trials (default: :class:`SequentialExecutor`, in this process, one at a time).
 
+    A config the backend cannot quantize (its quantizer raises) is a *failed trial*: it is recorded
+    in the history and the report with its cause, logged, treated by the strategy like a trial below
+    the goal, and the search goes on. A resumed run does not retry it.
+
     Returns:
         A :class:`TuningResult`; when no trial meets the goal, the best-scoring one with ``met=False``.
 
     Raises:
         ConfigError: a bad config, ``eval_fn`` not callable, exclude names that match no op.
         DatasetError: no dataset where one is needed.
+        CalibrationError: calibration (run once, before the first static trial) failed.
         EvaluationError: ``eval_fn`` raised or returned a non-finite or non-numeric value.
-        TuningError: an unusable history file, or a strategy the backend cannot serve.
+        TuningError: an unusable history file, a strategy the backend cannot serve, or no trial produced
+            a model (the message lists the distinct causes).
         SaveError: the history file's directory does not exist.
     """
     started = time.monotonic()
@@ -150,7 +156,15 @@ class _Calibration:
         if not self._done:
             assert self._data is not None  # _dataset_for requires it for static
             log.info("calibrating %s on up to %d samples (once for all trials)", self._impl.name, self._base.calib_samples)
-            self._result = self._impl.calibrate(self._model, self._data, self._base)
+            try:
+                self._result = self._impl.calibrate(self._model, self._data, self._base)
+            except IncError:
+                raise
+            except Exception as exc:  # every trial needs the calibration: no trial could produce a model
+                raise CalibrationError(
+                    f"autotune: the {self._impl.name} backend failed to calibrate the model ({describe_failure(exc)}). "
+                    "Check that the dataset's batches are inputs the model accepts."
+                ) from exc
             self._done = True
         return self._result
 
@@ -158,10 +172,15 @@ class _Calibration:
 def _op_errors(impl: Backend, model: Any, cfg: QuantConfig, calibration: _Calibration, data: Dataset | None) -> Mapping[str, float]:
     if data is None:
         raise DatasetError("autotune: per-op errors need dataset=; pass inc.Dataset(samples).")
+    collected = calibration.get()
     try:
-        errors = impl.op_errors(model, cfg, calibration=calibration.get(), dataset=data)
+        errors = impl.op_errors(model, cfg, calibration=collected, dataset=data)
     except NotImplementedError as exc:
         raise no_op_errors(impl) from exc
+    except (DatasetError, TuningError):
+        raise  # the user's data does not fit the model; a strategy cannot work around that
+    except Exception as exc:  # the backend failing on this config, as in a failed trial: the strategy decides
+        raise TuningError(f"the {impl.name} backend failed to measure per-op errors: {describe_failure(exc)}") from exc
     if not isinstance(errors, Mapping) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in errors.values()
     ):
@@ -174,13 +193,22 @@ def _op_errors(impl: Backend, model: Any, cfg: QuantConfig, calibration: _Calibr
 
 @dataclass(frozen=True)
 class _Outcome:
-    score: float
+    """What one trial gave: a model and its score, or (a failed trial) the backend's error as text."""
+
+    score: float | None
     model: Any
     time_s: float
+    error: str | None = None
 
 
 class _TrialFn:
-    """Quantize one config with the shared calibration and evaluate it (what an executor runs)."""
+    """Quantize one config with the shared calibration and evaluate it (what an executor runs).
+
+    A backend failure is caught here, not in the engine, so that it becomes a failed-trial outcome
+    whatever executor runs the function (in this process, a pool, a Ray worker): the outcome holds
+    plain text, never the exception object. The user's ``eval_fn`` raising is not caught: that is
+    an :class:`~inc_core.errors.EvaluationError` and ends the run.
+    """
 
     def __init__(self, impl: Backend, model: Any, eval_fn: Callable[[Any], Any], calibration: Any, base: QuantConfig) -> None:
         self.impl, self.model, self.eval_fn, self.calibration, self.base = impl, model, eval_fn, calibration, base
@@ -188,8 +216,12 @@ class _TrialFn:
     def __call__(self, candidate: tuple[int, QuantConfig]) -> _Outcome:
         trial_id, config = candidate
         start = time.perf_counter()
-        quantized = self.impl.quantize(self.model, config, calibration=self.calibration)
         change = describe_delta(config_delta(self.base, config))
+        try:
+            quantized = self.impl.quantize(self.model, config, calibration=self.calibration)
+        except Exception as exc:  # a framework's quantizer raising, an unsupported op: a failed trial
+            log.debug("trial %d (%s): the %s backend failed", trial_id, change, self.impl.name, exc_info=True)
+            return _Outcome(None, None, time.perf_counter() - start, describe_failure(exc))
         score = evaluate(self.eval_fn, quantized, f"trial {trial_id} ({change})")
         return _Outcome(score, quantized, time.perf_counter() - start)
 
@@ -281,8 +313,9 @@ class _Run:
     def _trial(self, trial_id: int, config: QuantConfig, results: Iterator[_Outcome]) -> tuple[Trial, Any]:
         assert self.criterion is not None
         stored = self.history.stored(config)
-        if stored is not None:
-            score, time_s, quantized, status = stored.score, stored.time_s, None, "resumed"
+        error = None
+        if stored is not None:  # a failed trial is resumed as failed, not retried
+            score, time_s, quantized, status, error = stored.score, stored.time_s, None, "resumed", stored.error
         else:
             try:
                 outcome = next(results)
@@ -291,34 +324,50 @@ class _Run:
                     f"the executor {type(self.executor).__name__} returned fewer results than candidates; "
                     "Executor.map must yield one result per candidate, in order."
                 ) from None
-            score, time_s, quantized, status = outcome.score, outcome.time_s, outcome.model, "evaluated"
+            score, time_s, quantized, error = outcome.score, outcome.time_s, outcome.model, outcome.error
+            status = "evaluated" if error is None else "failed"
         trial = Trial(
             id=trial_id,
             config=config.to_dict(),
             delta=config_delta(self.space.base, config),
-            score=score,
-            met=self.criterion.met(score),
+            score=score if error is None else None,
+            met=error is None and score is not None and self.criterion.met(score),
             time_s=time_s,
             status=status,
+            error=error,
         )
         return trial, quantized
 
-    def _choice(self) -> Trial:
+    def _choice(self) -> Trial | None:
+        """The trial the run would return now; ``None`` while no trial has produced a model."""
         assert self.criterion is not None
-        trials = self.history.trials
-        passing = [t for t in trials if t.met]
+        scored = [t for t in self.history.trials if not t.failed]
+        passing = [t for t in scored if t.met]
         if passing:
             return self.strategy.pick(passing)
-        return self.criterion.best(trials, lambda t: t.score)
+        return self.criterion.best(scored, trial_score) if scored else None
 
     def _record(self, trial: Trial, quantized: Any, bar: Any) -> None:
         assert self.criterion is not None
         self.history.add(trial)
         chosen = self._choice()
-        if chosen.id == trial.id:
+        if chosen is not None and chosen.id == trial.id:
             self.kept = (trial.id, quantized)  # the previous choice's model is released here
-        elif self.kept is not None and self.kept[0] != chosen.id:
+        elif self.kept is not None and (chosen is None or self.kept[0] != chosen.id):
             self.kept = None
+        if trial.failed:
+            log.warning(
+                "trial %d/%d: FAILED in the %s backend, going on with the search (%s)%s: %s",
+                trial.id,
+                self.config.max_trials,
+                self.impl.name,
+                trial.change,
+                " [from history]" if trial.status == "resumed" else "",
+                trial.error,
+            )
+            bar.set_postfix_str(f"best={chosen.score:.4g}" if chosen is not None and chosen.score is not None else "failed", refresh=False)
+            bar.update(1)
+            return
         log.info(
             "trial %d/%d: score %.6g (%s; baseline %.6g, goal %s %.6g) %s [%.3g s%s]",
             trial.id,
@@ -332,20 +381,31 @@ class _Run:
             trial.time_s,
             ", from history" if trial.status == "resumed" else "",
         )
-        best = self.criterion.best(self.history.trials, lambda t: t.score)
-        bar.set_postfix_str(f"best={best.score:.4g}", refresh=False)
+        best = self.criterion.best([t for t in self.history.trials if not t.failed], trial_score)
+        bar.set_postfix_str(f"best={trial_score(best):.4g}", refresh=False)
         bar.update(1)
 
     def _finish(self, reason: str) -> TuningResult:
         assert self.criterion is not None
         chosen = self._choice()
-        config = chosen.quant_config
+        if chosen is None:
+            raise self._nothing_produced(reason)
+        config, score = chosen.quant_config, trial_score(chosen)
         if self.kept is not None and self.kept[0] == chosen.id and self.kept[1] is not None:
             model = self.kept[1]
         else:  # the chosen trial came from the history file: quantize it again
-            model = self.impl.quantize(self.model, config, calibration=self.calibration.get())
+            try:
+                model = self.impl.quantize(self.model, config, calibration=self.calibration.get())
+            except IncError:
+                raise
+            except Exception as exc:
+                raise TuningError(
+                    f"autotune: the {self.impl.name} backend failed to quantize again the config of trial {chosen.id} "
+                    f"({chosen.change}), read back from the history file {str(self.config.history)!r}, which worked "
+                    f"when it was tried ({describe_failure(exc)}). Delete the history file to search again."
+                ) from exc
         if chosen.met:
-            log.info("tuning done (%s): trial %d, score %.6g meets the goal", reason, chosen.id, chosen.score)
+            log.info("tuning done (%s): trial %d, score %.6g meets the goal", reason, chosen.id, score)
         else:
             log.warning(
                 "tuning done (%s): no config met the goal (score %s %.6g); returning the best trial %d, score %.6g",
@@ -353,13 +413,13 @@ class _Run:
                 ">=" if self.criterion.higher_is_better else "<=",
                 self.criterion.threshold,
                 chosen.id,
-                chosen.score,
+                score,
             )
         return TuningResult(
             model=model,
             config=config,
             baseline=self.criterion.baseline,
-            score=chosen.score,
+            score=score,
             met=chosen.met,
             trials=self.history.trials,
             trial_id=chosen.id,
@@ -368,4 +428,19 @@ class _Run:
             stop_reason=reason,
             elapsed_s=time.monotonic() - self.started,
             backend=self.impl,
+        )
+
+    def _nothing_produced(self, reason: str) -> TuningError:
+        """The error of a run in which the backend failed on every config: the distinct causes, with their trials."""
+        trials = self.history.trials
+        causes: dict[str, list[int]] = {}
+        for trial in trials:
+            causes.setdefault(trial.error or "unknown", []).append(trial.id)
+        listed = "\n".join(f"  - {cause} (trial{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))})" for cause, ids in causes.items())
+        where = f" The trials are recorded in {str(self.config.history)!r}." if self.config.history is not None else ""
+        return TuningError(
+            f"autotune: none of the {len(trials)} trials produced a model (stopped: {reason}); the {self.impl.name} "
+            f"backend failed on every config it was given, with {len(causes)} distinct cause{'s' if len(causes) > 1 else ''}:\n"
+            f"{listed}\nFix the cause (or exclude the ops it names with QuantConfig(exclude=...)), or widen the search "
+            f"(more max_trials, another strategy or search_space).{where}"
         )

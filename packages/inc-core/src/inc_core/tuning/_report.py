@@ -16,6 +16,7 @@ from inc_core.errors import ConfigError
 
 if TYPE_CHECKING:
     from inc_core.tuning._result import TuningResult
+    from inc_core.tuning._trial import Trial
 
 __all__ = ["write_report", "render_markdown"]
 
@@ -57,7 +58,7 @@ def _cell(text: str) -> str:
 
 
 def render_markdown(result: TuningResult, *, plot: str | None = None) -> str:
-    """The markdown summary: goal, baseline, result, one table row per trial, the chosen config."""
+    """The markdown summary: goal, baseline, result, one table row per trial, failed trials' causes, the chosen config."""
     tuning = result.tuning
     relative = tuning.loss_type == "relative"
     direction = ">=" if tuning.higher_is_better else "<="
@@ -73,7 +74,7 @@ def render_markdown(result: TuningResult, *, plot: str | None = None) -> str:
         f"| goal | score {direction} {result.threshold:.6g} ({tuning.loss_type} loss <= {allowed}) |",
         f"| baseline (FP32) | {result.baseline:.6g} |",
         f"| result | trial {result.trial_id}: score {result.score:.6g}, {verdict} |",
-        f"| trials | {len(result.trials)} (stopped: {result.stop_reason}) |",
+        f"| trials | {len(result.trials)} (stopped: {result.stop_reason}){_failed_count(result)} |",
         f"| tuning time | {result.elapsed_s:.2f} s |",
         "",
         "## Trials",
@@ -83,20 +84,47 @@ def render_markdown(result: TuningResult, *, plot: str | None = None) -> str:
     ]
     criterion = result.criterion
     for trial in result.trials:
+        ident = f"**{trial.id}**" if trial.id == result.trial_id else str(trial.id)
+        if trial.score is None:  # a failed trial: no model, no score; the cause is listed below the table
+            lines.append(f"| {ident} | {_cell(trial.change)} | - | - | {trial.time_s:.3f} | no | {_status(trial)} |")
+            continue
         worse = criterion.loss(trial.score)
         if not math.isfinite(worse):
             loss = "-"  # relative loss against a zero baseline
         else:
             loss = f"{100 * worse:.3g}%" if relative else f"{worse:.6g}"
-        ident = f"**{trial.id}**" if trial.id == result.trial_id else str(trial.id)
         lines.append(
             f"| {ident} | {_cell(trial.change)} | {trial.score:.6g} | {loss} | {trial.time_s:.3f} | "
             f"{'yes' if trial.met else 'no'} | {trial.status} |"
         )
+    lines += _failure_lines(result)
     lines += ["", f"## Chosen config (trial {result.trial_id})", "", "```json", json.dumps(result.config.to_dict(), indent=2), "```", ""]
     if plot is not None:
         lines += [f"![score per trial]({plot})", ""]
     return "\n".join(lines)
+
+
+def _status(trial: Trial) -> str:
+    return "FAILED" if trial.status == "failed" else f"{trial.status}, FAILED"
+
+
+def _failed_count(result: TuningResult) -> str:
+    failed = sum(1 for t in result.trials if t.failed)
+    return f", {failed} failed" if failed else ""
+
+
+def _failure_lines(result: TuningResult) -> list[str]:
+    """One bullet per distinct cause of a failed trial, with the trials it ended."""
+    causes: dict[str, list[int]] = {}
+    for trial in result.trials:
+        if trial.error is not None:
+            causes.setdefault(trial.error, []).append(trial.id)
+    if not causes:
+        return []
+    lines = ["", "## Failed trials", "", "The backend could not quantize these configs; the search went on without them.", ""]
+    for cause, ids in causes.items():
+        lines.append(f"- trial{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}: `{cause.replace('`', chr(39))}`")
+    return lines
 
 
 def _render_plot(result: TuningResult) -> bytes | None:
@@ -112,12 +140,16 @@ def _render_plot(result: TuningResult) -> bytes | None:
     fig = figure.Figure(figsize=(7.0, 4.0), dpi=100)
     agg.FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ids = [t.id for t in result.trials]
-    ax.plot(ids, [t.score for t in result.trials], color="0.6", linewidth=1, zorder=1)
+    scored = [t for t in result.trials if t.score is not None]
+    ax.plot([t.id for t in scored], [t.score for t in scored], color="0.6", linewidth=1, zorder=1)
     for met, color, label in ((True, "tab:green", "meets the goal"), (False, "tab:red", "below the goal")):
-        points = [t for t in result.trials if t.met is met]
+        points = [t for t in scored if t.met is met]
         if points:
             ax.scatter([t.id for t in points], [t.score for t in points], color=color, label=label, zorder=2)
+    failed = [t.id for t in result.trials if t.failed]
+    if failed:  # no score to plot: a cross on the lowest line of the plot
+        floor = min([result.threshold, result.baseline, *(t.score for t in scored if t.score is not None)])
+        ax.scatter(failed, [floor] * len(failed), marker="x", color="black", label="failed (no model)", zorder=2)
     ax.scatter([result.trial_id], [result.score], marker="*", s=220, color="gold", edgecolor="black", label="chosen", zorder=3)
     ax.axhline(result.baseline, linestyle="--", color="tab:blue", label="baseline (FP32)")
     ax.axhline(result.threshold, linestyle=":", color="tab:orange", label="tolerance")

@@ -30,7 +30,7 @@ class TuningResult:
         baseline: the FP32 model's score.
         score: the chosen trial's score.
         met: whether ``score`` meets the accuracy goal.
-        trials: every trial of the run, in order.
+        trials: every trial of the run, in order, failed ones included (``Trial.failed``, ``Trial.error``).
         trial_id: the id of the chosen trial.
         threshold: the worst score that meets the goal.
         tuning: the TuningConfig the run used.
@@ -101,6 +101,7 @@ class TuningResult:
             "score": self.score,
             "met": self.met,
             "stop_reason": self.stop_reason,
+            "failed_trials": sum(1 for t in self.trials if t.failed),
             "elapsed_s": self.elapsed_s,
             "config": self.config.to_dict(),
             "trials": [t.to_dict() for t in self.trials],

@@ -1,4 +1,4 @@
-"""Trial: the plain-JSON record of one evaluated config."""
+"""Trial: the plain-JSON record of one evaluated (or failed) config."""
 
 from __future__ import annotations
 
@@ -11,33 +11,53 @@ from typing import Any
 from inc_core._quant_config import QuantConfig
 from inc_core.tuning._space import describe_delta
 
-__all__ = ["Trial", "TRIAL_STATUSES"]
+__all__ = ["Trial", "TRIAL_STATUSES", "describe_failure", "trial_score"]
 
-# "evaluated": quantized and scored in this run; "resumed": score read back from the history file.
-TRIAL_STATUSES = ("evaluated", "resumed")
+# "evaluated": quantized and scored in this run; "failed": the backend could not quantize the config in
+# this run; "resumed": read back from the history file (a resumed trial keeps its score or its error).
+TRIAL_STATUSES = ("evaluated", "failed", "resumed")
+# Longest error text kept per trial: enough for the exception's first lines, small enough for a JSON record.
+MAX_ERROR_CHARS = 2000
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The cause of a failed trial as one line of plain text: the exception's type and message."""
+    message = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 @dataclass(frozen=True, kw_only=True)
 class Trial:
     """One tuning trial, as written to the history file and the report.
 
+    A *failed* trial is one the backend could not quantize (its quantizer raised): it has no score,
+    never meets the goal, and :attr:`error` says why. Strategies treat it like a trial below the goal.
+
     Attributes:
         id: 1-based position in the run.
         config: the full QuantConfig as JSON (``QuantConfig.to_dict()``); ``quant_config`` rebuilds it.
         delta: only what differs from the base config (see :attr:`change`).
-        score: what ``eval_fn`` returned for the quantized model.
-        met: whether ``score`` meets the accuracy goal.
+        score: what ``eval_fn`` returned for the quantized model; ``None`` for a failed trial.
+        met: whether ``score`` meets the accuracy goal (``False`` for a failed trial).
         time_s: seconds spent quantizing and evaluating this config.
-        status: ``"evaluated"`` in this run, or ``"resumed"`` from the history file.
+        status: ``"evaluated"`` or ``"failed"`` in this run, or ``"resumed"`` from the history file.
+        error: for a failed trial, the cause (exception type and message); ``None`` otherwise.
     """
 
     id: int
     config: dict[str, Any]
     delta: dict[str, Any]
-    score: float
+    score: float | None
     met: bool
     time_s: float
     status: str = "evaluated"
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """True when the backend could not produce a model for this config (see :attr:`error`)."""
+        return self.error is not None
 
     @property
     def quant_config(self) -> QuantConfig:
@@ -63,6 +83,7 @@ class Trial:
             "met": self.met,
             "time_s": self.time_s,
             "status": self.status,
+            "error": self.error,
         }
 
     @classmethod
@@ -77,8 +98,10 @@ class Trial:
         missing = [k for k in ("id", "config", "score") if k not in data]
         if missing:
             raise ValueError(f"trial {data.get('id', '?')} lacks {missing}")
-        score = data["score"]
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        score, error = data["score"], data.get("error")
+        if error is not None and (not isinstance(error, str) or score is not None):
+            raise ValueError(f"trial {data['id']} has error {error!r} with score {score!r}; a failed trial has a text cause and no score")
+        if error is None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score)):
             raise ValueError(f"trial {data['id']} has score {score!r}; expected a finite number")
         if not isinstance(data["config"], Mapping):
             raise ValueError(f"trial {data['id']} config must be a JSON object")
@@ -92,8 +115,15 @@ class Trial:
             id=int(data["id"]),
             config=config,
             delta=dict(delta),
-            score=float(score),
-            met=bool(data.get("met", False)),
+            score=None if error is not None else float(score),
+            met=error is None and bool(data.get("met", False)),
             time_s=float(time_s),
-            status=status if status in TRIAL_STATUSES else "evaluated",
+            status=status if status in TRIAL_STATUSES else ("failed" if error is not None else "evaluated"),
+            error=error,
         )
+
+
+def trial_score(trial: Trial) -> float:
+    """The score of a trial that produced a model (callers filter failed trials out first)."""
+    assert trial.score is not None, f"trial {trial.id} failed ({trial.error}) and has no score"
+    return trial.score

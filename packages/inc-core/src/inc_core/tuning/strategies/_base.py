@@ -12,7 +12,7 @@ from inc_core._tuning_config import TuningConfig
 from inc_core.backend import Backend
 from inc_core.tuning._history import History
 from inc_core.tuning._space import SearchSpace
-from inc_core.tuning._trial import Trial
+from inc_core.tuning._trial import Trial, trial_score
 
 __all__ = ["Strategy", "StrategyContext"]
 
@@ -82,7 +82,7 @@ class Strategy(abc.ABC):
 
     def pick(self, passing: Sequence[Trial]) -> Trial:
         """Which of the passing trials is the result: the best score, the earliest on ties."""
-        return self.history.criterion.best(passing, lambda t: t.score)
+        return self.history.criterion.best(passing, trial_score)
 
     def close(self) -> None:
         """Release what the search holds (runs the generator's ``finally`` blocks)."""
@@ -91,5 +91,5 @@ class Strategy(abc.ABC):
 
     # --- helpers for subclasses -------------------------------------------------------------------
     def score_of(self, config: QuantConfig) -> float | None:
-        """The score of a config proposed earlier (``None`` if the engine did not evaluate it)."""
+        """The score of a config proposed earlier (``None`` if the engine did not evaluate it, or it failed)."""
         return self.history.score(config)

@@ -19,6 +19,10 @@ class BasicStrategy(Strategy):
        time; the best change per op type is kept when it improves the score, so changes accumulate.
     3. Each quantized op alone in FP32 (on top of step 2's settings), ranked by the score it gains.
     4. The ranked ops put in FP32 together, 1, 2, ... at a time, until a config passes.
+
+    A failed trial (the backend could not quantize the config) counts as below the goal: in step 2 it
+    is never kept, and in step 3 an op whose single fallback failed is ranked after every op that
+    produced a score, so it still goes to FP32 in the last configs of step 4.
     """
 
     name = "basic"
@@ -30,4 +34,5 @@ class BasicStrategy(Strategy):
         yield singles
         scored = [(name, s) for name, c in zip(self.space.quantized, singles) if (s := self.score_of(c)) is not None]
         ranked = [name for name, _ in self.history.criterion.rank(scored, lambda ns: ns[1])]
+        ranked += [name for name in self.space.quantized if name not in ranked]  # failed single fallbacks last
         yield accumulated_fallbacks(self, settings, ranked)

@@ -26,7 +26,8 @@ class BayesianStrategy(Strategy):
     quantized op a boolean "keep in FP32". The base config is evaluated first and given to the
     sampler as a finished trial. Optuna's ask/tell interface keeps the engine in charge of
     evaluation, budget and stopping; a point optuna suggests again is answered from the history
-    without a new trial.
+    without a new trial. A failed trial (the backend could not quantize the point) is told to the
+    sampler as ``TrialState.FAIL``, which TPE leaves out of its model of good and bad regions.
 
     Raises:
         ConfigError: optuna is not installed.
@@ -68,14 +69,23 @@ class BayesianStrategy(Strategy):
         )
         base = space.config()
         yield [base]
-        base_score = self.score_of(base)
+        base_trial = self.history.get(base)
         base_params: dict[str, Any] = {t.label: space.current(t.op_type, t.setting) for t in space.tunables}
         base_params.update({_FP32 + name: False for name in space.quantized})
         # With a restricted search space the base value may not be one of the choices: then the base
         # config is not a point of the space and the sampler cannot be told about it.
         base_is_point = all(base_params[t.label] in t.choices for t in space.tunables)
-        if base_score is not None and base_is_point:
-            study.add_trial(optuna.trial.create_trial(params=base_params, distributions=distributions, value=base_score))
+        if base_trial is not None and base_is_point:
+            if base_trial.failed:
+                study.add_trial(
+                    optuna.trial.create_trial(
+                        params=base_params, distributions=distributions, state=optuna.trial.TrialState.FAIL
+                    )
+                )
+            else:
+                study.add_trial(
+                    optuna.trial.create_trial(params=base_params, distributions=distributions, value=base_trial.score)
+                )
         seen = {base.to_json()} if base_is_point else set()
         total, repeats = space_size(self), 0
         while len(seen) < total and repeats < MAX_REPEATS:
@@ -83,14 +93,17 @@ class BayesianStrategy(Strategy):
             settings = {t.key: trial.params[t.label] for t in space.tunables}
             fallback = [name for name in space.quantized if trial.params[_FP32 + name]]
             config = space.config(settings, fallback)
-            score = self.score_of(config)
-            if score is None:
+            done = self.history.get(config)
+            if done is None:
                 yield [config]
-                score = self.score_of(config)
-                if score is None:
+                done = self.history.get(config)
+                if done is None:
                     return  # the engine stopped before evaluating it
                 seen.add(config.to_json())
                 repeats = 0
             else:
                 repeats += 1
-            study.tell(trial, score)
+            if done.failed:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                study.tell(trial, done.score)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator, Sequence
 
 from inc_core._quant_config import QuantConfig
-from inc_core.tuning._trial import Trial
+from inc_core.tuning._trial import Trial, trial_score
 from inc_core.tuning.strategies._base import Strategy
 
 __all__ = ["ConservativeStrategy"]
@@ -56,4 +56,4 @@ class ConservativeStrategy(Strategy):
     def pick(self, passing: Sequence[Trial]) -> Trial:
         """The passing trial with the fewest ops in FP32; the best score among those."""
         fewest = min(len(t.delta.get("fallback", ())) for t in passing)
-        return self.history.criterion.best([t for t in passing if len(t.delta.get("fallback", ())) == fewest], lambda t: t.score)
+        return self.history.criterion.best([t for t in passing if len(t.delta.get("fallback", ())) == fewest], trial_score)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
 
 from inc_core._quant_config import QuantConfig
 from inc_core.backend import Backend
@@ -12,6 +13,8 @@ from inc_core.tuning.strategies._phases import accumulated_fallbacks, op_type_wi
 
 __all__ = ["MseStrategy"]
 
+log = logging.getLogger("inc")
+
 
 class MseStrategy(Strategy):
     """Fallback order from measured per-op error instead of one trial per op.
@@ -19,7 +22,8 @@ class MseStrategy(Strategy):
     1. The base config. 2. Op-type-wise settings, as in ``basic``. 3. ``Backend.op_errors`` on the
     resulting config ranks the quantized ops, highest output error first; no single-op fallback is
     evaluated. 4. The ranked ops go to FP32 together, 1, 2, ... at a time, until a config passes.
-    On models with many ops this saves one trial per op.
+    On models with many ops this saves one trial per op. When the backend cannot measure the errors
+    of that config (its quantizer fails on it), the ops are ranked in model order, with a warning.
 
     Raises:
         TuningError: the backend does not implement ``op_errors``.
@@ -36,7 +40,12 @@ class MseStrategy(Strategy):
     def search(self) -> Iterator[list[QuantConfig]]:
         yield [self.space.config()]
         settings = yield from op_type_wise(self, {})
-        errors = self.context.op_errors(self.space.config(settings))
+        errors: Mapping[str, float]
+        try:
+            errors = self.context.op_errors(self.space.config(settings))
+        except TuningError as exc:  # the backend failed on this config; fallback still has to be searched
+            log.warning("mse: per-op errors could not be measured, ranking the ops in model order: %s", exc)
+            errors = {}
         ranked = sorted(self.space.quantized, key=lambda name: -errors.get(name, 0.0))
         yield accumulated_fallbacks(self, settings, ranked)
 
