@@ -20,7 +20,7 @@ import numpy as np
 
 from inc_core import Backend, Dataset, Op, QuantConfig, TuningSpace, register_backend
 from inc_core._registry import unregister_backend
-from inc_core.errors import ModelLoadError
+from inc_core.errors import ModelLoadError, SaveError
 
 KEY = "npmat"
 SUFFIX = f".{KEY}"
@@ -217,3 +217,28 @@ class BrokenRunnerBackend(NumpyBackend):
 
     def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Callable[[], Any]:
         raise ValueError("runner failed on purpose")
+
+
+class SuffixPerKindBackend(NumpyBackend):
+    """Writes quantized models as ``.npq`` and FP32 ones as ``.npf`` and refuses any other name, as the torch
+    backend does with ``.pt2``/``.pt``: neither suffix is the backend's key."""
+
+    def file_suffix(self, model: Any) -> str:
+        return ".npq" if any(layer.quantized for layer in model.layers) else ".npf"
+
+    def save(self, model: Any, path: Path) -> None:
+        if path.suffix != self.file_suffix(model):
+            raise SaveError(f"npmat: name the file '*{self.file_suffix(model)}', got {path.name!r}")
+        super().save(model, path)
+
+    def load(self, path: Path) -> Any:
+        if path.suffix not in (".npq", ".npf"):
+            raise ModelLoadError(f"npmat: cannot tell the format of {path.name!r}")
+        return super().load(path)
+
+
+class BadSuffixBackend(NumpyBackend):
+    """A plugin bug: a file suffix that is not one."""
+
+    def file_suffix(self, model: Any) -> str:
+        return "../model"

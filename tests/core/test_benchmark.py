@@ -13,7 +13,7 @@ import inc_core as inc
 from inc_core._benchmark import available_cpus, benchmark, benchmark_callable, plan_cores
 from inc_core._benchmark_instances import load_inputs, save_inputs
 from inc_core._benchmark_result import LatencyStats, aggregate_results, instance_result
-from inc_core.errors import ConfigError, ModelLoadError
+from inc_core.errors import BenchmarkError, ConfigError, ModelLoadError
 
 CPUS = available_cpus()
 can_pin_two = pytest.mark.skipif(
@@ -244,8 +244,35 @@ def test_instance_failure_with_an_inc_error_is_raised_in_the_parent(model, batch
 
 @can_pin_two
 def test_instance_failure_with_a_plain_exception_carries_its_traceback(model, batch):
-    with pytest.raises(RuntimeError, match=r"(?s)runner failed on purpose \(ValueError\).*Traceback"):
+    with pytest.raises(BenchmarkError, match=r"(?s)runner failed on purpose \(ValueError\).*instances=1.*Traceback"):
         benchmark(model, batch, warmup=0, iterations=2, instances=2, backend=nb.BrokenRunnerBackend())
+
+
+def test_single_instance_runner_failure_is_a_benchmark_error(model, batch):
+    with pytest.raises(BenchmarkError, match=r"could not run the model on the given inputs \(ValueError: runner failed") as info:
+        benchmark(model, batch, warmup=0, iterations=2, backend=nb.BrokenRunnerBackend())
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+@can_pin_two
+@pytest.mark.parametrize("quantized", [False, True])
+def test_instances_get_the_model_under_the_suffix_its_backend_saves(model, batch, quantized):
+    # The backend's key ("npmat") is not the suffix its save accepts; each kind of model has its own.
+    impl = nb.SuffixPerKindBackend()
+    if quantized:
+        model = impl.quantize(model, inc.QuantConfig(approach="dynamic"), calibration=None)
+    result = benchmark(model, batch, warmup=1, iterations=3, instances=2, cores_per_instance=1, backend=impl)
+    assert result.instances == 2 and all(r.iterations == 3 for r in result.per_instance)
+
+
+@can_pin_two
+def test_a_file_suffix_that_is_not_one_is_refused(model, batch):
+    with pytest.raises(ConfigError, match=r"file_suffix returned '../model'; expected a suffix such as '.onnx'"):
+        benchmark(model, batch, warmup=0, iterations=1, instances=2, cores_per_instance=1, backend=nb.BadSuffixBackend())
+
+
+def test_default_file_suffix_is_the_backend_name():
+    assert nb.NumpyBackend().file_suffix(nb.make_model()) == nb.SUFFIX
 
 
 @can_pin_two

@@ -351,3 +351,17 @@ def test_verbosity_flags_and_no_handler_left_behind(model_file, calib_file, tmp_
     assert main([*args, "--quiet"]) == 0
     assert capsys.readouterr().err == ""
     assert logger.handlers == handlers and logger.level == level
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_unexpected_exception_is_one_line_and_exit_3_with_the_traceback_under_v(backend, monkeypatch, capsys, verbose):
+    from inc_core import _cli_commands
+
+    def broken() -> dict[str, str]:
+        raise KeyError("entry point table")
+
+    monkeypatch.setattr(_cli_commands, "installed_backends", broken)
+    assert main(["backends", *(["-v"] if verbose else [])]) == 3
+    err = capsys.readouterr().err
+    assert "inc: error: unexpected KeyError: 'entry point table'" in err and "bug in inc or in the backend plugin" in err
+    assert ("Traceback (most recent call last)" in err) is verbose

@@ -59,6 +59,12 @@ def test_transform_is_applied_to_inputs():
         (lambda: inc.Dataset(np.zeros((3, 1)), batch_size=0), "batch_size must be an int >= 1"),
         (lambda: inc.Dataset(42), "cannot read samples from a int"),
         (lambda: inc.Dataset("/no/such/file.npz"), "no file at"),
+        # an iterable carries its labels in its items; an array of labels there is refused, not compared
+        (lambda: inc.Dataset([np.zeros((2, 3))] * 2, labels=np.array([0, 1, 2, 3])), "for an iterable source, labels must be True"),
+        (lambda: inc.Dataset(iter([np.zeros((2, 3))]), labels=[0, 1]), "got a list"),
+        (lambda: inc.Dataset({"x": [[1.0, 2.0], [3.0]]}), r"input 'x' \(list\) cannot be read as an array"),
+        (lambda: inc.Dataset(np.zeros((2, 1)), labels=[[1], [2, 3]]), r"labels \(list\) cannot be read as an array"),
+        (lambda: inc.Dataset({"x": [object(), object()]}), "not a numeric array"),
     ],
 )
 def test_bad_sources_raise_dataset_error(build, message):

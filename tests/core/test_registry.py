@@ -10,7 +10,7 @@ import pytest
 
 import inc_core as inc
 from inc_core import _registry
-from inc_core.errors import BackendNotFoundError
+from inc_core.errors import BackendNotFoundError, ConfigError
 
 PLUGIN = textwrap.dedent(
     '''
@@ -34,6 +34,10 @@ PLUGIN = textwrap.dedent(
             return "loaded"
         def runner(self, model, inputs, *, threads=None):
             return lambda: None
+
+    class FailingInit(ArrayBackend):
+        def __init__(self):
+            raise OSError("libfake.so: cannot open shared object file")
     '''
 )
 
@@ -49,6 +53,7 @@ def fake_plugins(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text(
         "[inc_core.backends]\nnumpy = inc_fake_array:ArrayBackend\nfakearr = inc_fake_array:ArrayBackend\n"
         "boom = inc_fake_boom:Nothing\nmissing = inc_fake_not_there:Nothing\n"
+        "noattr = inc_fake_array:NoSuchClass\nbadinit = inc_fake_array:FailingInit\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     _registry._instance.cache_clear()
@@ -101,3 +106,23 @@ def test_named_backend_missing_or_broken(fake_plugins, monkeypatch):
 def test_named_backend_that_rejects_the_model(fake_plugins):
     with pytest.raises(BackendNotFoundError, match="does not accept"):
         inc.resolve_backend(object(), "fakearr")
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("boom", r"could not be imported: RuntimeError: this plugin must never be imported"),
+        ("noattr", r"could not be imported: AttributeError"),
+        ("badinit", r"could not be started: OSError: libfake.so"),
+    ],
+)
+def test_a_plugin_failing_to_import_or_start_is_a_backend_not_found_error(fake_plugins, name, match):
+    with pytest.raises(BackendNotFoundError, match=match) as info:
+        inc.get_backend(name)
+    assert "pip install inc-" in str(info.value) and info.value.__cause__ is not None
+
+
+@pytest.mark.parametrize("thing", [object, int, "npmat"])
+def test_registering_something_that_is_not_a_backend_class_is_a_config_error(thing):
+    with pytest.raises(ConfigError, match="is not a Backend subclass"):
+        inc.register_backend("not_a_backend", thing)

@@ -218,5 +218,5 @@ def test_a_failed_trial_record_round_trips_and_a_malformed_one_is_refused() -> N
     trial = Trial(id=1, config=inc.QuantConfig().to_dict(), delta={}, score=None, met=False, time_s=0.1, status="failed", error="E: x")
     back = Trial.from_dict(json.loads(json.dumps(trial.to_dict())))
     assert back == trial and back.failed
-    with pytest.raises(ValueError, match="a failed trial has a text cause and no score"):
+    with pytest.raises(TuningError, match="a failed trial has a text cause and no score"):
         Trial.from_dict({**trial.to_dict(), "score": 0.5})

@@ -22,7 +22,7 @@ from inc_core._checks import check_int
 from inc_core._dataset import _batch_size
 from inc_core._registry import resolve_backend
 from inc_core.backend import Backend
-from inc_core.errors import ConfigError
+from inc_core.errors import BenchmarkError, ConfigError, IncError
 
 __all__ = [
     "BenchmarkResult",
@@ -172,6 +172,7 @@ def benchmark(
     Raises:
         ConfigError: a count is not an int in range, or the instances need more cores than are available.
         BackendNotFoundError: no installed backend handles the model.
+        BenchmarkError: the model could not run on the inputs, or an instance process failed.
     """
     owner = "benchmark"
     _check_counts(owner, warmup, iterations)
@@ -188,9 +189,18 @@ def benchmark(
             "benchmark: %s backend, batch %d, %d warmup + %d timed calls, %s threads",
             impl.name, batch_size, warmup, iterations, cores_per_instance or "default",
         )
-        fn = impl.runner(model, inputs, threads=cores_per_instance)
-        run_warmup(fn, warmup)
-        latencies = time_calls(fn, iterations)
+        try:
+            fn = impl.runner(model, inputs, threads=cores_per_instance)
+            run_warmup(fn, warmup)
+            latencies = time_calls(fn, iterations)
+        except IncError:
+            raise
+        except Exception as exc:  # the framework's runtime refusing the model or the inputs
+            raise BenchmarkError(
+                f"benchmark: the {impl.name} backend could not run the model on the given inputs "
+                f"({type(exc).__name__}: {exc}). Check that the inputs have the shapes, dtypes and names the model "
+                "expects (one batch, as the backend's runner takes it)."
+            ) from exc
         result = instance_result(
             latencies,
             batch_size=batch_size,

@@ -29,7 +29,7 @@ import numpy as np
 from inc_core import errors
 from inc_core._benchmark_result import BenchmarkResult, instance_result
 from inc_core.backend import Backend
-from inc_core.errors import ConfigError
+from inc_core.errors import BenchmarkError, ConfigError
 
 __all__ = ["run_instances", "save_inputs", "load_inputs", "WORKER_MODULE"]
 
@@ -104,6 +104,17 @@ def _class_path(impl: Backend) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+def _suffix(impl: Backend, model: Any) -> str:
+    """The backend's file suffix for ``model``, checked: it becomes part of a file name."""
+    suffix = impl.file_suffix(model)
+    if not isinstance(suffix, str) or not suffix.startswith(".") or "/" in suffix or "\\" in suffix or len(suffix) < 2:
+        raise ConfigError(
+            f"benchmark: the {impl.name} backend's file_suffix returned {suffix!r}; expected a suffix such as '.onnx'. "
+            "This is a bug in the backend plugin; run with instances=1 meanwhile."
+        )
+    return suffix
+
+
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     # Workers must import what this process can: inc_core itself and the backend's module, even when
@@ -137,21 +148,22 @@ class _Worker:
         line = stdout.readline() if stdout is not None else b""
         if not line:
             code = self.proc.wait()
-            raise RuntimeError(
+            raise BenchmarkError(
                 f"benchmark instance {self.index} (pid {self.proc.pid}) exited with code {code} before reporting "
                 f"{expected!r}. Its output:\n{_log_tail(self.log_path)}"
             )
         try:
             message = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise RuntimeError(
-                f"benchmark instance {self.index} sent an unreadable message {line[:200]!r} ({exc})."
+            raise BenchmarkError(
+                f"benchmark instance {self.index} sent an unreadable message {line[:200]!r} ({exc}); something in "
+                f"the instance process wrote to its protocol channel. Its output:\n{_log_tail(self.log_path)}"
             ) from exc
         if message.get("status") == "error":
             self.proc.wait()
             _raise_worker_error(self.index, message)
         if message.get("status") != expected:
-            raise RuntimeError(f"benchmark instance {self.index} sent {message.get('status')!r}, expected {expected!r}.")
+            raise BenchmarkError(f"benchmark instance {self.index} sent {message.get('status')!r}, expected {expected!r}.")
         return dict(message)
 
     def release(self) -> None:
@@ -190,7 +202,10 @@ def _raise_worker_error(index: int, message: Mapping[str, Any]) -> None:
     cls = getattr(errors, kind, None)
     if isinstance(cls, type) and issubclass(cls, errors.IncError):
         raise cls(text)
-    raise RuntimeError(f"{text} ({kind})\nTraceback in the instance process:\n{message.get('traceback', '')}")
+    raise BenchmarkError(
+        f"{text} ({kind}). Run the model with instances=1 to debug it in this process.\n"
+        f"Traceback in the instance process:\n{message.get('traceback', '')}"
+    )
 
 
 def run_instances(
@@ -211,8 +226,17 @@ def run_instances(
         log.warning("benchmark: this platform cannot pin processes to cores; the instances run unpinned")
     with tempfile.TemporaryDirectory(prefix="inc-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        model_path = tmp / f"model.{impl.name}"
-        impl.save(model, model_path)
+        model_path = tmp / f"model{_suffix(impl, model)}"
+        try:
+            impl.save(model, model_path)
+        except errors.IncError:
+            raise
+        except Exception as exc:  # a plugin's save that lets its framework's error through
+            raise errors.SaveError(
+                f"benchmark: the {impl.name} backend could not save the model for the instance processes "
+                f"({type(exc).__name__}: {exc}). Check that inc.save(model, 'model{model_path.suffix}') works, "
+                "or run with instances=1."
+            ) from exc
         layout = save_inputs(inputs, tmp / "inputs.npz")
         base_spec = {
             "backend_key": backend_key,
@@ -232,13 +256,19 @@ def run_instances(
                 spec_path.write_text(json.dumps({**base_spec, "index": index, "cpus": list(cpus)}), encoding="utf-8")
                 log_path = tmp / f"instance-{index}.log"
                 with open(log_path, "wb") as log_file:
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", WORKER_MODULE, str(spec_path)],
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE,
-                        stderr=log_file,
-                        env=env,
-                    )
+                    try:
+                        proc = subprocess.Popen(
+                            [sys.executable, "-m", WORKER_MODULE, str(spec_path)],
+                            stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE,
+                            stderr=log_file,
+                            env=env,
+                        )
+                    except OSError as exc:
+                        raise BenchmarkError(
+                            f"benchmark: cannot start instance process {index} ({sys.executable}: {exc}); "
+                            "run with instances=1."
+                        ) from exc
                 workers.append(_Worker(index, proc, log_path))
                 log.debug("benchmark instance %d: pid %d on CPUs %s", index, proc.pid, list(cpus))
             for worker in workers:

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from inc_core.errors import ConfigError
+
 __all__ = ["BenchmarkResult", "LatencyStats", "instance_result", "aggregate_results"]
 
 
@@ -131,7 +133,7 @@ def instance_result(
 def aggregate_results(results: Sequence[BenchmarkResult]) -> BenchmarkResult:
     """Combine instances that ran concurrently: throughputs add up, latencies pool."""
     if not results:
-        raise ValueError("aggregate_results needs at least one instance result")
+        raise ConfigError("aggregate_results: no instance result was given; pass at least one BenchmarkResult.")
     first = results[0]
     if len(results) == 1:
         return BenchmarkResult(

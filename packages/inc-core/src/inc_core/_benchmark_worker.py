@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from inc_core.backend import Backend
-from inc_core.errors import BackendNotFoundError
+from inc_core.errors import BackendNotFoundError, BenchmarkError
 
 __all__ = ["main"]
 
@@ -70,7 +70,7 @@ def _run(spec: dict[str, Any], channel: IO[str]) -> None:
     _send(channel, {"status": "ready", "pid": os.getpid()})
     # The barrier: the parent writes "go" once every instance is ready; anything else means it gave up.
     if sys.stdin.readline().strip() != "go":
-        raise RuntimeError("the benchmark parent closed the start channel without starting the run")
+        raise BenchmarkError("the benchmark parent closed the start channel without starting the run")
     latencies = time_calls(fn, int(spec["iterations"]))
     _send(channel, {"status": "result", "pid": os.getpid(), "cpus": _current_cpus(), "latencies_s": latencies.tolist()})
 
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.dup2(2, 1)
     try:
         if len(args) != 1:
-            raise RuntimeError(f"usage: python -m {__spec__.name if __spec__ else 'inc_core._benchmark_worker'} SPEC.json")
+            raise BenchmarkError(f"usage: python -m {__spec__.name if __spec__ else 'inc_core._benchmark_worker'} SPEC.json")
         spec = json.loads(Path(args[0]).read_text(encoding="utf-8"))
         _run(spec, channel)
     except Exception as exc:  # every failure is reported to the parent, which re-raises it there

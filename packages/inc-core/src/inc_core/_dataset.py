@@ -71,7 +71,7 @@ class Dataset:
         if isinstance(source, np.ndarray):
             self._arrays = source
         elif isinstance(source, Mapping):
-            self._arrays = {str(k): np.asarray(v) for k, v in source.items()}
+            self._arrays = {str(k): _as_array(v, f"input {k!r}") for k, v in source.items()}
             if not self._arrays:
                 raise DatasetError("Dataset: the input mapping is empty; give at least one input name -> array.")
             sizes = {k: v.shape[0] if v.ndim else None for k, v in self._arrays.items()}
@@ -81,8 +81,14 @@ class Dataset:
                 )
         elif callable(source) or isinstance(source, Iterable):
             self._iterable = source
-            if labels not in (None, True, False):
-                raise DatasetError("Dataset: for an iterable source, labels must be True (items are (batch, label)) or None.")
+            # Identity checks: ``labels`` may be an array, whose ``==`` is elementwise and has no truth value.
+            if not (labels is None or labels is True or labels is False):
+                raise DatasetError(
+                    f"Dataset: for an iterable source, labels must be True (each item is a (batch, label) pair) or "
+                    f"None, got a {type(labels).__name__}. An iterable carries its labels in its items: yield "
+                    "(batch, label) pairs and pass labels=True, or give the inputs as an array to pair them with "
+                    "an array of labels."
+                )
             self._paired = bool(labels)
             labels = None
         else:
@@ -91,7 +97,7 @@ class Dataset:
                 "input name -> array, an .npz path, or an iterable of batches."
             )
         if labels is not None:
-            self._labels = np.asarray(labels)
+            self._labels = _as_array(labels, "labels")
             if self._labels.shape[:1] != (self.num_samples,):
                 raise DatasetError(
                     f"Dataset: {self._labels.shape[0] if self._labels.ndim else 0} labels for "
@@ -170,6 +176,22 @@ class Dataset:
     def __repr__(self) -> str:
         size = self.num_samples
         return f"Dataset(samples={size if size is not None else '?'}, batch_size={self.batch_size}, labels={self.has_labels})"
+
+
+def _as_array(value: Any, what: str) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # ragged nested lists, objects numpy cannot convert
+        raise DatasetError(
+            f"Dataset: {what} ({type(value).__name__}) cannot be read as an array ({exc}); give a numpy array "
+            "(or a list of equal-length rows)."
+        ) from exc
+    if array.dtype == object:
+        raise DatasetError(
+            f"Dataset: {what} ({type(value).__name__}) is not a numeric array (numpy read it as objects); "
+            "give a numpy array of numbers (or a list of equal-length rows)."
+        )
+    return array
 
 
 def _truncate(inputs: Any, n: int) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from inc_core.backend import Backend
-from inc_core.errors import BackendNotFoundError
+from inc_core.errors import BackendNotFoundError, ConfigError
 
 __all__ = ["get_backend", "resolve_backend", "installed_backends", "ENTRY_POINT_GROUP"]
 
@@ -30,7 +30,10 @@ _LOCAL: dict[str, type[Backend]] = {}
 def register_backend(key: str, backend_cls: type[Backend]) -> None:
     """Register a backend class under ``key`` for this process (what an entry point does for installs)."""
     if not (inspect.isclass(backend_cls) and issubclass(backend_cls, Backend)):
-        raise TypeError(f"register_backend: {backend_cls!r} is not a Backend subclass")
+        raise ConfigError(
+            f"register_backend: {backend_cls!r} is not a Backend subclass; pass a class that derives from "
+            "inc_core.Backend (the class itself, not an instance)."
+        )
     _LOCAL[key] = backend_cls
     _instance.cache_clear()
 
@@ -58,14 +61,20 @@ def _instance(key: str) -> Backend:
     ep = _entry_points()[key]
     try:
         cls = ep.load()
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, or whatever the plugin's import raises (AttributeError, a framework's init)
         raise BackendNotFoundError(
-            f"The {key!r} backend is registered ({ep.value}) but could not be imported: {exc}. "
+            f"The {key!r} backend is registered ({ep.value}) but could not be imported: {type(exc).__name__}: {exc}. "
             f"Reinstall it with `pip install {_INSTALL_HINTS.get(key, 'inc-' + key)}`."
         ) from exc
     if not (inspect.isclass(cls) and issubclass(cls, Backend)):
         raise BackendNotFoundError(f"Entry point {key!r} = {ep.value} is not an inc_core.backend.Backend subclass.")
-    return cls()
+    try:
+        return cls()
+    except Exception as exc:  # a plugin whose constructor fails (its framework's runtime missing a library, ...)
+        raise BackendNotFoundError(
+            f"The {key!r} backend ({ep.value}) could not be started: {type(exc).__name__}: {exc}. "
+            f"Reinstall it with `pip install {_INSTALL_HINTS.get(key, 'inc-' + key)}`."
+        ) from exc
 
 
 def get_backend(name: str) -> Backend:

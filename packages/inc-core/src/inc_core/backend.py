@@ -129,6 +129,15 @@ class Backend(abc.ABC):
     def load(self, path: Path) -> Any:
         """Read a model written by :meth:`save`."""
 
+    def file_suffix(self, model: Any) -> str:
+        """The file suffix (with its dot) that :meth:`save` writes ``model`` under, e.g. ``".onnx"``.
+
+        The core names the files it writes on the user's behalf with it (the model each benchmark
+        instance loads). The default, ``"." + name``, suits a backend registered under its own suffix;
+        a backend whose formats have other suffixes, or one suffix per kind of model, overrides it.
+        """
+        return f".{self.name}"
+
     # --- running --------------------------------------------------------------------------------
     @abc.abstractmethod
     def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Callable[[], Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from inc_core._quant_config import APPROACHES, CALIBRATIONS, DTYPES, GRANULARITIES, SCHEMES
@@ -167,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``inc`` command line; returns the process exit code.
 
     Errors inc raises on purpose (:class:`~inc_core.errors.IncError`) are printed as
-    ``inc: error: <message>`` with exit code 2; anything else is a bug and propagates with its traceback.
+    ``inc: error: <message>`` with exit code 2; anything else is a bug, printed as one line naming the
+    exception (with its traceback under ``-v``) and exit code 3.
     """
     parser = build_parser()
     try:
@@ -185,6 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IncError as exc:
         print(f"inc: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug in inc or a plugin: still one readable line, the traceback on request
+        if args.verbose:
+            traceback.print_exc()
+        print(
+            f"inc: error: unexpected {type(exc).__name__}: {exc}\n"
+            "This is a bug in inc or in the backend plugin, not in your input; please report it with the output of "
+            "the same command run with -v (which prints the traceback).",
+            file=sys.stderr,
+        )
+        return 3
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)

@@ -18,6 +18,7 @@ __all__ = [
     "EvaluationError",
     "TuningError",
     "SaveError",
+    "BenchmarkError",
 ]
 
 
@@ -59,3 +60,7 @@ class TuningError(IncError, RuntimeError):
 
 class SaveError(IncError, OSError):
     """A model or report could not be written (missing directory, unwritable path, ...)."""
+
+
+class BenchmarkError(IncError, RuntimeError):
+    """The model could not be run for a benchmark (the runner raised, or an instance process failed)."""

@@ -70,6 +70,9 @@ class OnnxBackend(Backend):
     def save(self, model: Any, path: Path) -> None:
         save_model(model, path)
 
+    def file_suffix(self, model: Any) -> str:
+        return ".onnx"
+
     def load(self, path: Path) -> onnx.ModelProto:
         proto = as_model_proto(path)
         _check_loads(proto, path)

@@ -124,6 +124,10 @@ class TorchBackend(Backend):
     def load(self, path: Path) -> Any:
         return load_model(Path(path))
 
+    def file_suffix(self, model: Any) -> str:
+        # PT2E models are saved as a torch.export ExportedProgram, everything else as TorchScript.
+        return ".pt2" if isinstance(model, CompiledQuantizedModule) else ".pt"
+
     def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Callable[[], Any]:
         return make_runner(model, inputs, threads)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from inc_core.errors import EvaluationError
+from inc_core.errors import EvaluationError, TuningError
 
 __all__ = ["Criterion", "evaluate"]
 
@@ -70,7 +70,7 @@ class Criterion:
     def best(self, items: Sequence[T], score: Callable[[T], float]) -> T:
         """The item with the best score; the first one on ties (earlier trials win)."""
         if not items:
-            raise ValueError("Criterion.best needs at least one item")
+            raise TuningError("Criterion.best: there is no trial to choose from (it needs at least one scored trial).")
         chosen = items[0]
         for item in items[1:]:
             if self.better(score(item), score(chosen)):
@@ -116,7 +116,7 @@ def _as_real(value: Any) -> float | None:
     if callable(item):
         try:  # a multi-element array refuses .item(), which is what we want
             inner = item()
-        except (TypeError, ValueError, RuntimeError):
+        except Exception:  # each framework refuses with its own type; the caller reports the value
             return None
         if isinstance(inner, numbers.Real) and not isinstance(inner, bool):
             return float(inner)

@@ -81,7 +81,7 @@ class History:
         for index, raw in enumerate(data["trials"]):
             try:
                 trial = Trial.from_dict(raw)
-            except (ValueError, TypeError) as exc:  # ConfigError is a ValueError: a config this inc rejects
+            except (TuningError, ValueError, TypeError) as exc:  # ConfigError is a ValueError: a config this inc rejects
                 raise self._fail(f"trial #{index + 1} is malformed ({exc})") from exc
             self._stored.setdefault(trial.key, trial)
 
@@ -94,7 +94,7 @@ class History:
     def criterion(self) -> Criterion:
         """The accuracy criterion of this run (set by the engine once the baseline is known)."""
         if self._criterion is None:
-            raise RuntimeError("the criterion is set once the baseline has been evaluated")
+            raise TuningError("History.criterion: the criterion is set once the baseline has been evaluated.")
         return self._criterion
 
     @property

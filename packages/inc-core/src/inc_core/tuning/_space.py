@@ -10,6 +10,7 @@ from typing import Any
 from inc_core._layer_filter import LayerFilter
 from inc_core._quant_config import QuantConfig
 from inc_core.backend import Op, TuningSpace
+from inc_core.errors import TuningError
 
 __all__ = ["SearchSpace", "Tunable", "Settings", "config_delta", "describe_delta"]
 
@@ -104,7 +105,7 @@ class SearchSpace:
         wanted = set(fallback)
         unknown = wanted - set(self.quantized)
         if unknown:
-            raise ValueError(f"fallback names {sorted(unknown)} are not quantized ops of the model")
+            raise TuningError(f"SearchSpace.config: fallback names {sorted(unknown)} are not quantized ops of the model.")
         names = tuple(name for name in self.quantized if name in wanted)  # model order: one JSON per set
         exclude = self.base.exclude.union(LayerFilter(names=names)) if names else self.base.exclude
         return dataclasses.replace(self.base, overrides=overrides, exclude=exclude)

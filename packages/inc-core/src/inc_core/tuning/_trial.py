@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inc_core._quant_config import QuantConfig
+from inc_core.errors import TuningError
 from inc_core.tuning._space import describe_delta
 
 __all__ = ["Trial", "TRIAL_STATUSES", "describe_failure", "trial_score"]
@@ -91,25 +92,26 @@ class Trial:
         """Rebuild a trial from :meth:`to_dict` output.
 
         Raises:
-            ValueError: a field is missing or of the wrong type (the history loader reports it).
+            TuningError: a field is missing or of the wrong type (the history loader reports it).
+            ConfigError: the config is one this inc rejects.
         """
         if not isinstance(data, Mapping):
-            raise ValueError(f"a trial must be a JSON object, got {type(data).__name__}")
+            raise TuningError(f"a trial must be a JSON object, got {type(data).__name__}")
         missing = [k for k in ("id", "config", "score") if k not in data]
         if missing:
-            raise ValueError(f"trial {data.get('id', '?')} lacks {missing}")
+            raise TuningError(f"trial {data.get('id', '?')} lacks {missing}")
         score, error = data["score"], data.get("error")
         if error is not None and (not isinstance(error, str) or score is not None):
-            raise ValueError(f"trial {data['id']} has error {error!r} with score {score!r}; a failed trial has a text cause and no score")
+            raise TuningError(f"trial {data['id']} has error {error!r} with score {score!r}; a failed trial has a text cause and no score")
         if error is None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score)):
-            raise ValueError(f"trial {data['id']} has score {score!r}; expected a finite number")
+            raise TuningError(f"trial {data['id']} has score {score!r}; expected a finite number")
         if not isinstance(data["config"], Mapping):
-            raise ValueError(f"trial {data['id']} config must be a JSON object")
+            raise TuningError(f"trial {data['id']} config must be a JSON object")
         config = QuantConfig.from_dict(data["config"]).to_dict()  # re-validates; ConfigError is a ValueError
         delta = data.get("delta", {})
         time_s = data.get("time_s", 0.0)
         if not isinstance(delta, Mapping) or isinstance(time_s, bool) or not isinstance(time_s, (int, float)):
-            raise ValueError(f"trial {data['id']} has a malformed delta or time_s")
+            raise TuningError(f"trial {data['id']} has a malformed delta or time_s")
         status = data.get("status", "evaluated")
         return cls(
             id=int(data["id"]),

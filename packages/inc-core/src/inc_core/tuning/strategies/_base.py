@@ -10,6 +10,7 @@ from typing import ClassVar
 from inc_core._quant_config import QuantConfig
 from inc_core._tuning_config import TuningConfig
 from inc_core.backend import Backend
+from inc_core.errors import TuningError
 from inc_core.tuning._history import History
 from inc_core.tuning._space import SearchSpace
 from inc_core.tuning._trial import Trial, trial_score
@@ -63,7 +64,7 @@ class Strategy(abc.ABC):
     def history(self) -> History:
         """The history given to the latest :meth:`propose` call."""
         if self._history is None:
-            raise RuntimeError("the history is available once propose() has been called")
+            raise TuningError(f"{type(self).__name__}.history: the history is available once propose() has been called.")
         return self._history
 
     def propose(self, history: History) -> list[QuantConfig]:
