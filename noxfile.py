@@ -64,6 +64,23 @@ def ipex(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def mxnet(session: nox.Session) -> None:
+    """inc-mxnet on MXNet 1.9.1 (oneDNN INT8) in a venv of its own: MXNet needs numpy<1.24. Core tests too."""
+    # One resolve under the pins: an unconstrained inc-core install would first pull numpy 2 and a
+    # matplotlib that no longer runs once numpy is taken back to 1.23.
+    session.install("-c", "constraints/mxnet.txt", "-e", f"{CORE}[bayesian,plot]", "-e", "packages/inc-mxnet[test]", "scipy")
+    session.run("pytest", "-q", "tests/core", "tests/mxnet", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def tf(session: nox.Session) -> None:
+    """inc-tf on tensorflow-cpu 2.21 + Keras 3 + the ai-edge-litert interpreter (LiteRT int8, QAT); core tests too."""
+    _install_core(session, "bayesian", "plot")
+    session.install("-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]")
+    session.run("pytest", "-q", "tests/core", "tests/tf", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def bench_onnx(session: nox.Session) -> None:
     """INT8 vs FP32 vs ORT's quantizer vs onnx-neural-compressor: ResNet-18-shaped convnet, all-MiniLM-L6-v2 (not in `nox`)."""
     import sys

@@ -1,0 +1,115 @@
+"""MxnetBackend: the inc backend SPI for MXNet Gluon blocks on the oneDNN (MKLDNN) CPU backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import mxnet as mx
+from mxnet import gluon
+
+from inc_core import Dataset, QuantConfig
+from inc_core.backend import Backend, TuningSpace
+from inc_core.errors import CalibrationError, SaveError
+from inc_mxnet._blocks import export_files, import_dir, symbol_block, to_ndarrays
+from inc_mxnet._collect import MxnetCalibration, collect
+from inc_mxnet._graph import Prepared, check_block, prepare, trace
+from inc_mxnet._quantize import describe_prepared, quantize_prepared
+
+__all__ = ["MODEL_SUFFIX", "MxnetBackend"]
+
+#: the suffix of the directory ``inc.save`` writes (it is how ``inc.load`` finds this backend)
+MODEL_SUFFIX = ".mxnet"
+
+
+class MxnetBackend(Backend):
+    """Quantizes Gluon ``HybridBlock`` models to INT8 ``gluon.SymbolBlock`` models run by oneDNN.
+
+    One format, ``"mkldnn"``: MXNet's quantization pass on the graph fused by the oneDNN subgraph
+    backend (conv+bn+act+sum, fc+eltwise), with the requantize steps folded into the INT8 kernels.
+    ``approach="dynamic"`` leaves out calibration: the quantized kernels find activation ranges at
+    run time (MXNet's ``calib_mode="none"``). Saved models are directories named ``*.mxnet`` holding
+    MXNet's own export (``<name>-symbol.json``, ``<name>-0000.params``).
+    """
+
+    name: ClassVar[str] = "mxnet"
+    package: ClassVar[str] = "inc-mxnet"
+    formats: ClassVar[tuple[str, ...]] = ("mkldnn",)
+
+    def accepts(self, model: Any) -> bool:
+        if isinstance(model, (str, Path)):
+            return Path(model).suffix == MODEL_SUFFIX
+        # Plain Blocks are taken too, so that they get an UnsupportedModelError that says what to do.
+        return isinstance(model, gluon.Block)
+
+    def _prepare(self, model: Any) -> Prepared:
+        return prepare(self._as_block(model))
+
+    def _as_block(self, model: Any) -> Any:
+        return self.load(Path(model)) if isinstance(model, (str, Path)) else model
+
+    def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
+        self.check_format(config.format)
+        return describe_prepared(self._prepare(model))
+
+    def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> MxnetCalibration:
+        return collect(self._prepare(model), dataset, samples=config.calib_samples)
+
+    def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> Any:
+        if calibration is not None and not isinstance(calibration, MxnetCalibration):
+            raise CalibrationError(
+                f"The mxnet backend got calibration of type {type(calibration).__name__}; pass the object "
+                "MxnetBackend.calibrate returned."
+            )
+        self.check_format(config.format)
+        # A Gluon block cannot become a SymbolBlock in place: inplace=True also returns a new block.
+        return quantize_prepared(self._prepare(model), config, calibration)
+
+    def save(self, model: Any, path: Path) -> None:
+        if path.suffix != MODEL_SUFFIX:
+            raise SaveError(
+                f"Cannot save an MXNet model to {str(path)!r}: inc-mxnet writes a directory named *{MODEL_SUFFIX} "
+                f"(holding <name>-symbol.json and <name>-0000.params); give a path such as 'model{MODEL_SUFFIX}'."
+            )
+        block = check_block(model)
+        symbol, inputs = _graph_of(block)
+        params = {p.name: p.data(mx.cpu()) for p in block.collect_params().values()}
+        export_files(symbol, {k: v for k, v in params.items() if k in set(symbol.list_inputs())}, inputs, path)
+
+    def load(self, path: Path) -> gluon.SymbolBlock:
+        return import_dir(Path(path))
+
+    def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Callable[[], Any]:
+        # A graph-mode copy: the user's block is neither hybridized nor changed, and an FP32 block is
+        # timed as MXNet serves it (static CachedOp), not op by op.
+        block = check_block(self._as_block(model))
+        symbol, names = _graph_of(block)
+        params = {p.name: p.data(mx.cpu()) for p in block.collect_params().values()}
+        graph = symbol_block(symbol, names, {k: v for k, v in params.items() if k in set(symbol.list_inputs())})
+        graph.hybridize(static_alloc=True, static_shape=True)
+        arrays = to_ndarrays(inputs, names, where="benchmark inputs")
+
+        def run() -> Any:
+            out = graph(*arrays)
+            mx.nd.waitall()  # MXNet runs asynchronously: time the work, not its enqueueing
+            return out
+
+        return run
+
+    def version(self) -> str:
+        from inc_mxnet import __version__
+
+        return f"inc-mxnet {__version__} (mxnet {mx.__version__}, MKLDNN {'on' if _mkldnn() else 'off'})"
+
+
+def _graph_of(block: gluon.HybridBlock) -> tuple[mx.sym.Symbol, tuple[str, ...]]:
+    """The block's symbol and input names: a SymbolBlock's own graph, else a trace."""
+    if isinstance(block, gluon.SymbolBlock):
+        inputs, outputs = block._cached_graph
+        return outputs, tuple(s.name for s in inputs)
+    return trace(block)
+
+
+def _mkldnn() -> bool:
+    return bool(mx.runtime.Features().is_enabled("MKLDNN"))
