@@ -73,6 +73,14 @@ def mxnet(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def tf(session: nox.Session) -> None:
+    """inc-tf on tensorflow-cpu 2.21 + Keras 3 + the ai-edge-litert interpreter (LiteRT int8, QAT); core tests too."""
+    _install_core(session, "bayesian", "plot")
+    session.install("-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]")
+    session.run("pytest", "-q", "tests/core", "tests/tf", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def bench_onnx(session: nox.Session) -> None:
     """INT8 vs FP32 vs ORT's quantizer vs onnx-neural-compressor: ResNet-18-shaped convnet, all-MiniLM-L6-v2 (not in `nox`)."""
     import sys

@@ -1,0 +1,17 @@
+"""inc-tf: INT8 quantization and quantization-aware training for Keras 3 models on TensorFlow.
+
+The backend registers under the ``inc_core.backends`` entry points ``keras`` (Keras models and
+``.keras`` files), ``tensorflow``, ``tflite`` (``.tflite`` files) and ``inc_tf`` (the LiteRT models it
+returns), so ``inc.quantize``, ``inc.autotune``, ``inc.save``/``inc.load`` and ``inc.benchmark`` take
+Keras models directly. Quantized models run on LiteRT (the ``ai-edge-litert`` interpreter).
+"""
+
+from __future__ import annotations
+
+from inc_tf._backend import TfBackend
+from inc_tf._calibrate import TfCalibration
+from inc_tf._litert import METADATA_KEY, LiteRTModel
+
+__version__ = "0.1.0"
+
+__all__ = ["METADATA_KEY", "LiteRTModel", "TfBackend", "TfCalibration", "__version__"]

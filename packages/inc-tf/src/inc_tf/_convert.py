@@ -1,0 +1,118 @@
+"""The TF converter steps: a calibrated float flatbuffer, the int8 quantizer, and dynamic-range output."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from inc_core.errors import TuningError, UnsupportedModelError
+
+__all__ = ["calibrated_flatbuffer", "dynamic_flatbuffer", "quantize_flatbuffer"]
+
+log = logging.getLogger("inc")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The converter prints SavedModel summaries and MLIR notes to stdout/stderr; keep library use quiet."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _converter(model: Any) -> Any:
+    import tensorflow as tf
+
+    try:
+        with _quiet():
+            return tf.lite.TFLiteConverter.from_keras_model(model)
+    except Exception as exc:  # tracing errors surface as many TF/Python exception types
+        raise _untraceable(model, exc) from exc
+
+
+def _untraceable(model: Any, exc: BaseException) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"TensorFlow could not trace Keras model {getattr(model, 'name', '?')!r} ({type(model).__qualname__}) into a "
+        f"graph: {type(exc).__name__}: {_line(exc)}. Subclassed models must be traceable by tf.function: no "
+        ".numpy() calls or Python branches on tensor values in call(); or build the model with the functional API."
+    )
+
+
+def calibrated_flatbuffer(model: Any, samples: Iterable[list[np.ndarray]]) -> bytes:
+    """A float ``.tflite`` whose activations carry calibration min/max fields, ready for :func:`quantize_flatbuffer`.
+
+    ``samples`` only has to make the converter create the fields: inc overwrites every range with
+    its own observers' answer before quantizing.
+    """
+    import tensorflow as tf
+
+    converter = _converter(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    fixed = list(samples)
+    converter.representative_dataset = lambda: iter(fixed)
+    converter._experimental_calibrate_only = True  # the documented path of TF's own QuantizationDebugger
+    try:
+        with _quiet():
+            return bytes(converter.convert())
+    except Exception as exc:
+        raise _untraceable(model, exc) from exc
+
+
+def dynamic_flatbuffer(model: Any) -> bytes:
+    """Dynamic-range quantization: int8 weights, activations quantized at run time by LiteRT's hybrid kernels."""
+    import tensorflow as tf
+
+    converter = _converter(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    try:
+        with _quiet():
+            return bytes(converter.convert())
+    except Exception as exc:
+        raise _untraceable(model, exc) from exc
+
+
+def float_flatbuffer(model: Any) -> bytes:
+    """The FP32 ``.tflite`` (for comparisons and benchmarks)."""
+    converter = _converter(model)
+    try:
+        with _quiet():
+            return bytes(converter.convert())
+    except Exception as exc:
+        raise _untraceable(model, exc) from exc
+
+
+def quantize_flatbuffer(calibrated: bytes, *, per_channel: bool, denylisted_nodes: list[str]) -> bytes:
+    """Int8 weights and activations from a calibrated flatbuffer, keeping ``denylisted_nodes`` in float.
+
+    Raises:
+        TuningError: the quantizer rejected the model (recorded as a failed trial by autotune).
+    """
+    from tensorflow.lite.python import convert
+
+    try:
+        with _quiet():
+            return bytes(
+                convert.mlir_quantize(
+                    calibrated,
+                    disable_per_channel=not per_channel,
+                    denylisted_nodes=denylisted_nodes or None,
+                )
+            )
+    except Exception as exc:
+        raise TuningError(
+            f"The TF LiteRT quantizer failed on the calibrated model: {type(exc).__name__}: {_line(exc)}. "
+            "Exclude the layer it names with QuantConfig(exclude=inc.LayerFilter(names=(...)))."
+        ) from exc
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:400]

@@ -1,0 +1,131 @@
+"""Reading and editing ``.tflite`` flatbuffers: the op list, and the calibrated ranges of tensors.
+
+The TF converter's calibration step writes each activation's ``min``/``max`` into the tensor's
+quantization parameters; its quantizer (``mlir_quantize``) turns those into int8 scales and zero
+points. Writing inc's ranges into those fields is how inc's observers decide the LiteRT model's scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["OpRecord", "op_records", "ranged_tensors", "with_ranges"]
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    """One node of the main subgraph: its builtin op and the names and dtypes of its tensors."""
+
+    index: int
+    op: str
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    input_dtypes: tuple[str, ...]
+    output_dtypes: tuple[str, ...]
+    constant_inputs: tuple[str, ...]
+
+
+def _model(content: bytes):  # noqa: ANN202 - the flatbuffer object API has no type stubs
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+
+
+def _dtype_name(tensor_type: int) -> str:
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return str(flatbuffer_utils.type_to_name(tensor_type)).lower()
+
+
+def _name(tensor) -> str:  # noqa: ANN001
+    raw = tensor.name
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def op_records(content: bytes) -> list[OpRecord]:
+    """The nodes of the main subgraph in execution order."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = _model(content)
+    graph = model.subgraphs[0]
+    tensors = graph.tensors
+    records = []
+    for index, op in enumerate(graph.operators or []):
+        ins = tuple(int(i) for i in (op.inputs if op.inputs is not None else []) if i >= 0)
+        outs = tuple(int(i) for i in (op.outputs if op.outputs is not None else []))
+        constant = tuple(
+            _name(tensors[i]) for i in ins if tensors[i].buffer and model.buffers[tensors[i].buffer].data is not None
+        )
+        records.append(
+            OpRecord(
+                index=index,
+                op=str(flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)),
+                inputs=ins,
+                outputs=outs,
+                input_names=tuple(_name(tensors[i]) for i in ins),
+                output_names=tuple(_name(tensors[i]) for i in outs),
+                input_dtypes=tuple(_dtype_name(tensors[i].type) for i in ins),
+                output_dtypes=tuple(_dtype_name(tensors[i].type) for i in outs),
+                constant_inputs=constant,
+            )
+        )
+    return records
+
+
+def ranged_tensors(content: bytes) -> dict[int, str]:
+    """Index -> name of every tensor of a calibrated model that carries a calibrated min/max."""
+    graph = _model(content).subgraphs[0]
+    found = {}
+    for index, tensor in enumerate(graph.tensors):
+        quant = tensor.quantization
+        if quant is not None and quant.min is not None and quant.max is not None and len(quant.min) == 1:
+            found[index] = _name(tensor)
+    return found
+
+
+def with_ranges(content: bytes, ranges: Mapping[int, tuple[float, float]]) -> bytes:
+    """A copy of a calibrated model whose tensors ``ranges`` names carry those (min, max) values."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = _model(content)
+    tensors = model.subgraphs[0].tensors
+    for index, (low, high) in ranges.items():
+        quant = tensors[index].quantization
+        quant.min = np.array([min(float(low), 0.0)], dtype=np.float32)
+        quant.max = np.array([max(float(high), 0.0)], dtype=np.float32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def with_metadata(content: bytes, key: str, value: bytes) -> bytes:
+    """A copy of ``content`` carrying ``value`` in the flatbuffer's metadata table under ``key``."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = _model(content)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(value, dtype=np.uint8).copy()
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = key
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if _meta_name(m) != key] + [entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def read_metadata(content: bytes, key: str) -> bytes | None:
+    model = _model(content)
+    for entry in model.metadata or []:
+        if _meta_name(entry) == key:
+            data = model.buffers[entry.buffer].data
+            return bytes(np.asarray(data, dtype=np.uint8)) if data is not None else b""
+    return None
+
+
+def _meta_name(entry) -> str:  # noqa: ANN001
+    raw = entry.name
+    return raw.decode() if isinstance(raw, bytes) else str(raw)

@@ -1,0 +1,187 @@
+"""Checks on the user's Keras model, and the renamed copy the converter sees.
+
+The converter names each LiteRT tensor after the TF name scopes it came from (``model/conv1_1/Relu``),
+which makes auto-generated names like ``dense`` and ``dense_1`` ambiguous. inc converts a clone whose
+layers carry unambiguous names (``incL<index>x``), so every LiteRT op maps back to the user's layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inc_core.errors import DatasetError, ModelLoadError, UnsupportedModelError
+
+__all__ = ["KerasGraph", "check_keras_model", "is_keras_model", "layer_tokens", "prepare_graph"]
+
+_TOKEN = re.compile(r"incL(\d+)x(?:_\d+)?")
+
+
+def is_keras_model(model: Any) -> bool:
+    try:
+        import keras
+    except ImportError:  # pragma: no cover - keras is a dependency
+        return False
+    return isinstance(model, keras.Model)
+
+
+def load_keras_file(path: Path) -> Any:
+    """A ``.keras`` / ``.h5`` file as a Keras model (what the backend works on for a model path)."""
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises ValueError, OSError, TypeError... depending on the damage
+        raise ModelLoadError(
+            f"Keras could not load {str(path)!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
+            "Expected a model saved with model.save('model.keras'); custom layers must be importable."
+        ) from exc
+
+
+def check_keras_model(model: Any) -> Any:
+    """The Keras model to quantize (loaded from a file when given a path), or an UnsupportedModelError."""
+    import keras
+
+    if isinstance(model, (str, Path)):
+        model = load_keras_file(Path(model))
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(
+            f"The tf backend takes a keras.Model or a .keras file, got {type(model).__module__}."
+            f"{type(model).__qualname__}."
+        )
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise UnsupportedModelError(
+            f"Keras runs on the {backend!r} backend; inc-tf converts through TensorFlow and needs "
+            "KERAS_BACKEND=tensorflow. Set the environment variable before importing keras, or quantize the "
+            f"model with the inc plugin of {backend} (inc-torch for 'torch')."
+        )
+    if not model.built or not model.inputs and not _has_build_shape(model):
+        raise UnsupportedModelError(
+            f"Keras model {model.name!r} ({type(model).__qualname__}) is not built: its input shape is unknown. "
+            "Call it once on a batch, or build it with model.build(input_shape), before quantizing."
+        )
+    return model
+
+
+def _has_build_shape(model: Any) -> bool:
+    return getattr(model, "_build_shapes_dict", None) is not None
+
+
+@dataclass(frozen=True)
+class KerasGraph:
+    """The model the converter sees, and how its names map back to the user's layers.
+
+    Attributes:
+        model: a renamed clone (functional and Sequential models) or the user's model itself.
+        layer_names: the user's layer names, in the model's layer order.
+        layer_types: the Keras class name of each layer.
+        renamed: whether :attr:`model` carries the ``incL<i>x`` names.
+        input_names: the names of the model's inputs (what a mapping of calibration data is keyed by).
+        input_shapes: each input's shape without the batch dimension (``None`` for a free dimension).
+    """
+
+    model: Any
+    layer_names: tuple[str, ...]
+    layer_types: tuple[str, ...]
+    renamed: bool
+    input_names: tuple[str, ...]
+    input_shapes: tuple[tuple[int | None, ...], ...]
+
+    def layers_in(self, names: Iterable[str]) -> set[int]:
+        """Indices of the layers that tensor/op names mention."""
+        found: set[int] = set()
+        for name in names:
+            for part in re.split(r"[;/:]", name):
+                if self.renamed:
+                    match = _TOKEN.fullmatch(part)
+                    if match:
+                        found.add(int(match.group(1)))
+                    continue
+                for candidate in (part, re.sub(r"_\d+$", "", part)):
+                    if candidate in self.layer_names:
+                        found.add(self.layer_names.index(candidate))
+                        break
+        return found
+
+
+def layer_tokens(index: int) -> str:
+    return f"incL{index}x"
+
+
+def prepare_graph(model: Any) -> KerasGraph:
+    """The converter's view of a checked Keras model (see the module docstring)."""
+    import keras
+
+    layers = list(model.layers)
+    names = tuple(layer.name for layer in layers)
+    types = tuple(type(layer).__name__ for layer in layers)
+    inputs = list(model.inputs) if _is_graph_model(model) else []
+    input_names = tuple(getattr(t, "name", f"input_{i}") for i, t in enumerate(inputs))
+    input_shapes = tuple(tuple(t.shape[1:]) for t in inputs)
+    if not _is_graph_model(model):
+        return KerasGraph(model, names, types, False, input_names, input_shapes)
+    index = {id(layer): i for i, layer in enumerate(layers)}
+
+    def rename(layer: Any) -> Any:
+        config = layer.get_config()
+        config["name"] = layer_tokens(index[id(layer)])
+        return type(layer).from_config(config)
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=rename)
+        clone.set_weights(model.get_weights())
+    except Exception:  # a custom layer without a faithful get_config: convert the model as it is
+        return KerasGraph(model, names, types, False, input_names, input_shapes)
+    return KerasGraph(clone, names, types, True, input_names, input_shapes)
+
+
+def _is_graph_model(model: Any) -> bool:
+    import keras
+
+    return isinstance(model, keras.Sequential) or type(model).__name__ == "Functional" or (
+        isinstance(model, keras.Model) and hasattr(model, "_operations") and bool(getattr(model, "inputs", None))
+        and type(model).call is keras.Model.call
+    )
+
+
+def as_input_list(batch: Any, graph: KerasGraph, *, where: str) -> list[np.ndarray]:
+    """One calibration batch as float32 arrays in the model's input order, checked against its input shapes."""
+    count = max(len(graph.input_shapes), 1)
+    if isinstance(batch, dict):
+        missing = [n for n in graph.input_names if n not in batch]
+        if missing:
+            raise DatasetError(
+                f"{where}: the batch has keys {sorted(batch)}, the model's inputs are {list(graph.input_names)}. "
+                "Key the mapping by the Keras input names."
+            )
+        values = [batch[n] for n in graph.input_names]
+    elif isinstance(batch, (tuple, list)):
+        values = list(batch)
+    else:
+        values = [batch]
+    if len(values) != count:
+        raise DatasetError(f"{where}: got {len(values)} input array(s); the model takes {count}.")
+    arrays = []
+    for i, value in enumerate(values):
+        array = np.asarray(value)
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise DatasetError(
+                f"{where}: input {i} has dtype {array.dtype}; the model takes float32 numbers. "
+                "Convert the data to a numeric numpy array first."
+            )
+        if graph.input_shapes:
+            expected = graph.input_shapes[i]
+            shape = array.shape[1:]
+            if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+                raise DatasetError(
+                    f"{where}: input {i} has shape {array.shape}; the model expects (batch, "
+                    f"{', '.join('?' if e is None else str(e) for e in expected)}). Reshape the data to match."
+                )
+        arrays.append(array.astype(np.float32, copy=False))
+    return arrays

@@ -1,0 +1,151 @@
+"""LiteRTModel: an INT8 (or float) ``.tflite`` flatbuffer, run by the ``ai-edge-litert`` interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from inc_core.errors import DatasetError, ModelLoadError
+
+__all__ = ["METADATA_KEY", "LiteRTModel", "interpreter"]
+
+#: flatbuffer metadata entry holding the Keras layer names (JSON), so ops map back to layers after a reload
+METADATA_KEY = "inc_tf.layers"
+_TOKEN = re.compile(r"incL(\d+)x(?:_\d+)?")
+
+
+def interpreter(content: bytes, *, threads: int | None = None, preserve_all_tensors: bool = False) -> Any:
+    """An allocated LiteRT interpreter for ``content``.
+
+    ``preserve_all_tensors`` keeps every intermediate tensor readable after ``invoke`` and turns the
+    XNNPACK delegate off (a delegate would fuse the tensors away), which is what calibration needs.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kwargs: dict[str, Any] = {"model_content": bytes(content), "num_threads": threads or os.cpu_count() or 1}
+    if preserve_all_tensors:
+        kwargs["experimental_preserve_all_tensors"] = True
+        kwargs["experimental_op_resolver_type"] = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    try:
+        interp = Interpreter(**kwargs)
+        interp.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"The LiteRT interpreter could not load the model ({len(content)} bytes): {_line(exc)}. "
+            "Expected a .tflite flatbuffer written by inc.save or the TF converter."
+        ) from exc
+    return interp
+
+
+@dataclass(eq=False)
+class LiteRTModel:
+    """A quantized model as LiteRT runs it: the ``.tflite`` bytes plus what inc knows about them.
+
+    ``inc.save`` writes :attr:`content` to a ``.tflite`` file and ``inc.load`` reads one back. Call the
+    model on a numpy batch (or a mapping ``input name -> batch``) to run it through the interpreter.
+
+    Attributes:
+        content: the flatbuffer.
+        input_names: the signature's input names, in the Keras model's input order.
+    """
+
+    content: bytes = field(repr=False)
+    input_names: tuple[str, ...] = field(default=(), init=False)
+    layer_names: tuple[str, ...] = field(default=(), init=False)
+    _interp: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from inc_tf._flatbuffer import read_metadata
+
+        runner = interpreter(self.content, threads=1).get_signature_runner()
+        self.input_names = tuple(runner.get_input_details())
+        raw = read_metadata(self.content, METADATA_KEY)
+        if raw:
+            self.layer_names = tuple(json.loads(raw.decode())["layers"])
+
+    @classmethod
+    def with_layers(cls, content: bytes, layer_names: tuple[str, ...]) -> LiteRTModel:
+        """A model whose flatbuffer records the Keras layer names, so a loaded file still maps ops to layers."""
+        from inc_tf._flatbuffer import with_metadata
+
+        payload = json.dumps({"layers": list(layer_names)}).encode()
+        return cls(content=with_metadata(content, METADATA_KEY, payload))
+
+    def int8_layers(self) -> list[str]:
+        """The Keras layers (by the user's names) whose LiteRT ops read or write int8 tensors."""
+        from inc_tf._flatbuffer import op_records
+
+        found: dict[str, None] = {}
+        for record in op_records(self.content):
+            if record.op in ("QUANTIZE", "DEQUANTIZE"):
+                continue
+            if "int8" in record.input_dtypes or "int8" in record.output_dtypes:
+                for name in self._layers_named_in((*record.output_names, *record.constant_inputs)):
+                    found[name] = None
+        return list(found)
+
+    def _layers_named_in(self, names: tuple[str, ...]) -> list[str]:
+        out = []
+        for name in names:
+            for part in re.split(r"[;/:]", name):
+                match = _TOKEN.fullmatch(part)
+                if match and int(match.group(1)) < len(self.layer_names):
+                    out.append(self.layer_names[int(match.group(1))])
+                elif not self.layer_names and part:
+                    out.append(re.sub(r"_\d+$", "", part))
+        return out
+
+    def interpreter(self, *, threads: int | None = None) -> Any:
+        """A fresh interpreter for this model (``threads`` defaults to every core)."""
+        return interpreter(self.content, threads=threads)
+
+    def signature_runner(self, *, threads: int | None = None) -> Any:
+        return self.interpreter(threads=threads).get_signature_runner()
+
+    def __call__(self, inputs: Any) -> np.ndarray:
+        """Run one batch and return the first output as numpy."""
+        if self._interp is None:
+            self._interp = self.signature_runner()
+        outputs = self._interp(**self.feeds(inputs))
+        return np.asarray(outputs[sorted(outputs)[0]])
+
+    def predict(self, inputs: Any) -> np.ndarray:
+        """Same as calling the model (named like Keras' ``predict``)."""
+        return self(inputs)
+
+    def feeds(self, inputs: Any) -> dict[str, np.ndarray]:
+        """``inputs`` (array, tuple/list in input order, or mapping) as the signature runner's keyword arguments."""
+        if isinstance(inputs, Mapping):
+            missing = [n for n in self.input_names if n not in inputs]
+            if missing:
+                raise DatasetError(
+                    f"Inputs are missing {missing}; the model takes {list(self.input_names)}. "
+                    "Pass a mapping with every input name."
+                )
+            return {n: np.asarray(inputs[n], dtype=np.float32) for n in self.input_names}
+        values = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+        if len(values) != len(self.input_names):
+            raise DatasetError(f"Got {len(values)} input array(s); the model takes {list(self.input_names)}.")
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.input_names, values)}
+
+    def tensor_dtypes(self) -> dict[str, str]:
+        """Every tensor's name and dtype (``"int8"`` for quantized tensors) as the interpreter reports them."""
+        details = self.interpreter(threads=1).get_tensor_details()
+        return {d["name"]: np.dtype(d["dtype"]).name for d in details}
+
+    def op_names(self) -> list[str]:
+        """The builtin op of every node, in execution order (``CONV_2D``, ``FULLY_CONNECTED``, ``QUANTIZE``...)."""
+        from inc_tf._flatbuffer import op_records
+
+        return [record.op for record in op_records(self.content)]
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:400]
