@@ -19,6 +19,8 @@ _TRAINED = train_digits_mlp()
 class TestToyConformance(BackendConformance):
     backend_name = "toy"
     model_suffix = ".npmlp"
+    min_cosine = 0.999
+    min_dynamic_cosine = 0.999
 
     def make_model(self) -> NumpyMLP:
         model = _TRAINED[0]

@@ -167,6 +167,9 @@ class ToyBackend(Backend):
                 layers.append(QuantizedLayer(w, QParams.from_dict(kind["wqp"]), b, act, kind["act_dtype"], kind["act_scheme"]))
         return QuantizedMLP(layers)
 
+    def file_suffix(self, model: Any) -> str:
+        return SUFFIX
+
     def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Any:
         return lambda: model(inputs)
 
