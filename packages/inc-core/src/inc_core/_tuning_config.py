@@ -12,10 +12,11 @@ from inc_core._quant_config import OVERRIDABLE, QuantConfig
 from inc_core._serde import SerializableConfig
 from inc_core.errors import ConfigError
 
-__all__ = ["TuningConfig", "STRATEGIES", "LOSS_TYPES"]
+__all__ = ["TuningConfig", "STRATEGIES", "LOSS_TYPES", "EXECUTORS"]
 
 STRATEGIES = ("basic", "mse", "bayesian", "random", "exhaustive", "conservative")
 LOSS_TYPES = ("relative", "absolute")
+EXECUTORS = ("sequential", "ray")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +37,14 @@ class TuningConfig(SerializableConfig):
         keep_searching: go on after the first passing trial and return the best one.
         search_space: per overridable setting, the choices a strategy may try per op type, e.g.
             ``{"calibration": ("minmax", "kl")}``; ``None``: every choice the backend supports.
+        executor: ``"sequential"`` (one trial at a time, in this process) or ``"ray"`` (trials as Ray
+            tasks on a cluster; needs ``pip install inc-core[ray]``). For more control pass an
+            executor object to ``autotune(..., executor=...)`` instead.
+        workers: with ``executor="ray"``, how many trials run at once (``None``: one per CPU of the
+            cluster). The result does not depend on it for the basic, mse, exhaustive, conservative
+            and random strategies; bayesian proposes ``workers`` configs per batch.
+        address: with ``executor="ray"``, the cluster: ``None`` starts a local one, ``"auto"`` joins
+            the cluster this machine belongs to, ``"ray://host:port"`` or ``"host:port"`` a remote one.
     """
 
     base: QuantConfig = field(default_factory=QuantConfig)
@@ -49,6 +58,9 @@ class TuningConfig(SerializableConfig):
     seed: int = 0
     keep_searching: bool = False
     search_space: Mapping[str, tuple[str, ...]] | None = None
+    executor: str = "sequential"
+    workers: int | None = None
+    address: str | None = None
 
     def __post_init__(self) -> None:
         owner = "TuningConfig"
@@ -70,6 +82,22 @@ class TuningConfig(SerializableConfig):
             raise ConfigError(f"{owner}: keep_searching must be a bool, got {self.keep_searching!r}.")
         if self.search_space is not None:
             object.__setattr__(self, "search_space", self._clean_space(self.search_space))
+        self._check_executor()
+
+    def _check_executor(self) -> None:
+        owner = "TuningConfig"
+        check_choice(owner, "executor", self.executor, EXECUTORS)
+        check_int(owner, "workers", self.workers, minimum=1, allow_none=True)
+        if self.executor == "sequential" and (self.workers not in (None, 1) or self.address is not None):
+            raise ConfigError(
+                f"{owner}: workers={self.workers!r} and address={self.address!r} only apply to a parallel executor, "
+                "but executor='sequential'. Set executor='ray' to run trials on a Ray cluster."
+            )
+        if self.executor == "ray":
+            # Imported here: the check is plain string parsing, but the module is the Ray executor's.
+            from inc_core.tuning._ray_executor import check_address
+
+            check_address(owner, self.address)
 
     @staticmethod
     def _clean_space(space: Any) -> dict[str, tuple[str, ...]]:

@@ -11,6 +11,7 @@ from inc_core.tuning._criterion import Criterion
 from inc_core.tuning._engine import autotune
 from inc_core.tuning._executor import Executor, SequentialExecutor
 from inc_core.tuning._history import History
+from inc_core.tuning._ray_executor import RayExecutor
 from inc_core.tuning._result import TuningResult
 from inc_core.tuning._space import SearchSpace, Tunable
 from inc_core.tuning._trial import Trial
@@ -22,6 +23,7 @@ __all__ = [
     "Criterion",
     "Executor",
     "History",
+    "RayExecutor",
     "SearchSpace",
     "SequentialExecutor",
     "Strategy",

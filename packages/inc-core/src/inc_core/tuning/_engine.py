@@ -21,7 +21,7 @@ from inc_core._tuning_config import TuningConfig
 from inc_core.backend import Backend, TuningSpace
 from inc_core.errors import CalibrationError, ConfigError, DatasetError, IncError, TuningError
 from inc_core.tuning._criterion import Criterion, evaluate
-from inc_core.tuning._executor import Executor, SequentialExecutor
+from inc_core.tuning._executor import Executor, executor_for
 from inc_core.tuning._history import History
 from inc_core.tuning._result import TuningResult
 from inc_core.tuning._space import SearchSpace, config_delta, describe_delta
@@ -61,7 +61,9 @@ def autotune(
         dataset: calibration samples (an ``inc.Dataset`` or what it accepts); required for static
             quantization and for the ``mse`` strategy.
         backend: a backend name or instance instead of the one found from the model's type.
-        executor: runs trials (default: :class:`SequentialExecutor`, in this process, one at a time).
+        executor: runs trials; default: the one ``config.executor`` names (``"sequential"``: in this
+            process, one at a time; ``"ray"``: a :class:`~inc_core.tuning.RayExecutor` created for
+            this run and shut down after it).
 
     A config the backend cannot quantize (its quantizer raises) is a *failed trial*: it is recorded
     in the history and the report with its cause, logged, treated by the strategy like a trial below
@@ -85,8 +87,7 @@ def autotune(
         raise ConfigError(f"autotune: config must be an inc.TuningConfig, got {type(config).__name__}.")
     if not callable(eval_fn):
         raise ConfigError(f"autotune: eval_fn must be a callable model -> float, got {type(eval_fn).__name__}.")
-    executor = SequentialExecutor() if executor is None else executor
-    if not isinstance(executor, Executor):
+    if executor is not None and not isinstance(executor, Executor):
         raise ConfigError(f"autotune: executor must have a map(fn, candidates) method, got {type(executor).__name__}.")
     impl = resolve_backend(model, backend)
     base = config.base
@@ -109,20 +110,28 @@ def autotune(
     strategy_cls = REGISTRY.get(config.strategy)
     if strategy_cls is None:
         raise ConfigError(f"autotune: no strategy named {config.strategy!r}; choose one of {sorted(REGISTRY)}.")
-    strategy = strategy_cls(
-        StrategyContext(
-            space=space,
-            config=config,
-            backend=impl,
-            op_errors=lambda cfg: _op_errors(impl, model, cfg, calibration, data),
-        )
-    )
-    history = History(config.history, fingerprint=_fingerprint(impl, described), backend=impl.name, strategy=config.strategy)
-    run = _Run(model, config, eval_fn, impl, space, strategy, history, executor, calibration, started)
+    owned = executor is None  # created here from the config (a Ray cluster is joined only now): closed here
+    executor = executor_for(config) if executor is None else executor
     try:
-        return run.run()
+        strategy = strategy_cls(
+            StrategyContext(
+                space=space,
+                config=config,
+                backend=impl,
+                op_errors=lambda cfg: _op_errors(impl, model, cfg, calibration, data),
+                batch_size=max(1, int(getattr(executor, "workers", 1) or 1)),
+            )
+        )
+        history = History(config.history, fingerprint=_fingerprint(impl, described), backend=impl.name, strategy=config.strategy)
+        run = _Run(model, config, eval_fn, impl, space, strategy, history, executor, calibration, started)
+        try:
+            return run.run()
+        finally:
+            strategy.close()
     finally:
-        strategy.close()
+        close = getattr(executor, "close", None)
+        if owned and callable(close):
+            close()
 
 
 def _dataset_for(config: TuningConfig, dataset: Any) -> Dataset | None:
@@ -199,6 +208,7 @@ class _Outcome:
     model: Any
     time_s: float
     error: str | None = None
+    worker: str | None = None  # where the trial ran, set by a parallel executor (host:pid)
 
 
 class _TrialFn:
@@ -225,6 +235,10 @@ class _TrialFn:
         score = evaluate(self.eval_fn, quantized, f"trial {trial_id} ({change})")
         return _Outcome(score, quantized, time.perf_counter() - start)
 
+    def failure(self, candidate: tuple[int, QuantConfig], reason: str) -> _Outcome:
+        """The failed-trial outcome of a candidate the executor lost (its worker process died)."""
+        return _Outcome(None, None, 0.0, reason)
+
 
 class _Run:
     """One tuning run: baseline, the propose/evaluate loop, and the final choice."""
@@ -247,6 +261,7 @@ class _Run:
         self.calibration, self.started = calibration, started
         self.criterion: Criterion | None = None
         self.kept: tuple[int, Any] | None = None  # (trial id, model): only the current choice's model is held
+        self.trial_fn: _TrialFn | None = None  # one per run, so a distributed executor ships the model once
 
     def run(self) -> TuningResult:
         config = self.config
@@ -294,8 +309,9 @@ class _Run:
         first_id = len(self.history.trials) + 1
         planned = [(first_id + i, c) for i, c in enumerate(list(todo.values())[:budget])]
         fresh = [(i, c) for i, c in planned if self.history.stored(c) is None]
-        trial_fn = _TrialFn(self.impl, self.model, self.eval_fn, self.calibration.get() if fresh else None, self.space.base)
-        results: Iterator[_Outcome] = iter(self.executor.map(trial_fn, fresh))
+        if fresh and self.trial_fn is None:
+            self.trial_fn = _TrialFn(self.impl, self.model, self.eval_fn, self.calibration.get(), self.space.base)
+        results: Iterator[_Outcome] = iter(self.executor.map(self.trial_fn, fresh) if self.trial_fn is not None else ())
         try:
             for trial_id, candidate in planned:
                 trial, quantized = self._trial(trial_id, candidate, results)
@@ -316,6 +332,7 @@ class _Run:
         error = None
         if stored is not None:  # a failed trial is resumed as failed, not retried
             score, time_s, quantized, status, error = stored.score, stored.time_s, None, "resumed", stored.error
+            worker = stored.worker
         else:
             try:
                 outcome = next(results)
@@ -325,6 +342,7 @@ class _Run:
                     "Executor.map must yield one result per candidate, in order."
                 ) from None
             score, time_s, quantized, error = outcome.score, outcome.time_s, outcome.model, outcome.error
+            worker = outcome.worker
             status = "evaluated" if error is None else "failed"
         trial = Trial(
             id=trial_id,
@@ -335,6 +353,7 @@ class _Run:
             time_s=time_s,
             status=status,
             error=error,
+            worker=worker,
         )
         return trial, quantized
 
@@ -365,7 +384,7 @@ class _Run:
                 " [from history]" if trial.status == "resumed" else "",
                 trial.error,
             )
-            bar.set_postfix_str(f"best={chosen.score:.4g}" if chosen is not None and chosen.score is not None else "failed", refresh=False)
+            bar.set_postfix_str((f"best={chosen.score:.4g}" if chosen is not None and chosen.score is not None else "failed") + self._in_flight(), refresh=False)
             bar.update(1)
             return
         log.info(
@@ -382,8 +401,13 @@ class _Run:
             ", from history" if trial.status == "resumed" else "",
         )
         best = self.criterion.best([t for t in self.history.trials if not t.failed], trial_score)
-        bar.set_postfix_str(f"best={trial_score(best):.4g}", refresh=False)
+        bar.set_postfix_str(f"best={trial_score(best):.4g}{self._in_flight()}", refresh=False)
         bar.update(1)
+
+    def _in_flight(self) -> str:
+        """For the progress bar: trials a parallel executor is running now (the bar counts those done)."""
+        running = getattr(self.executor, "in_flight", None)
+        return f", in flight={running}" if isinstance(running, int) else ""
 
     def _finish(self, reason: str) -> TuningResult:
         assert self.criterion is not None
@@ -427,6 +451,7 @@ class _Run:
             tuning=self.config,
             stop_reason=reason,
             elapsed_s=time.monotonic() - self.started,
+            executor=str(getattr(self.executor, "description", type(self.executor).__name__)),
             backend=self.impl,
         )
 

@@ -71,6 +71,7 @@ def render_markdown(result: TuningResult, *, plot: str | None = None) -> str:
         "|---|---|",
         f"| backend | {result.backend.name if result.backend is not None else '-'} |",
         f"| strategy | {tuning.strategy} |",
+        f"| executor | {result.executor} |",
         f"| goal | score {direction} {result.threshold:.6g} ({tuning.loss_type} loss <= {allowed}) |",
         f"| baseline (FP32) | {result.baseline:.6g} |",
         f"| result | trial {result.trial_id}: score {result.score:.6g}, {verdict} |",
@@ -86,7 +87,7 @@ def render_markdown(result: TuningResult, *, plot: str | None = None) -> str:
     for trial in result.trials:
         ident = f"**{trial.id}**" if trial.id == result.trial_id else str(trial.id)
         if trial.score is None:  # a failed trial: no model, no score; the cause is listed below the table
-            lines.append(f"| {ident} | {_cell(trial.change)} | - | - | {trial.time_s:.3f} | no | {_status(trial)} |")
+            lines.append(f"| {ident} | {_cell(trial.change)} | - | - | {trial.time_s:.3f} | no | {_status(trial)}{_on(trial)} |")
             continue
         worse = criterion.loss(trial.score)
         if not math.isfinite(worse):
@@ -95,13 +96,18 @@ def render_markdown(result: TuningResult, *, plot: str | None = None) -> str:
             loss = f"{100 * worse:.3g}%" if relative else f"{worse:.6g}"
         lines.append(
             f"| {ident} | {_cell(trial.change)} | {trial.score:.6g} | {loss} | {trial.time_s:.3f} | "
-            f"{'yes' if trial.met else 'no'} | {trial.status} |"
+            f"{'yes' if trial.met else 'no'} | {trial.status}{_on(trial)} |"
         )
     lines += _failure_lines(result)
     lines += ["", f"## Chosen config (trial {result.trial_id})", "", "```json", json.dumps(result.config.to_dict(), indent=2), "```", ""]
     if plot is not None:
         lines += [f"![score per trial]({plot})", ""]
     return "\n".join(lines)
+
+
+def _on(trial: Trial) -> str:
+    """Where a parallel executor ran the trial (nothing for trials run in this process)."""
+    return f" on {_cell(trial.worker)}" if trial.worker is not None else ""
 
 
 def _status(trial: Trial) -> str:

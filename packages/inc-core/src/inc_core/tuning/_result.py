@@ -37,6 +37,7 @@ class TuningResult:
         stop_reason: ``"met"``, ``"max_trials"``, ``"timeout"`` or ``"exhausted"``.
         elapsed_s: wall time of the run, baseline included.
         backend: the backend that quantized the model (used by :meth:`save`).
+        executor: what ran the trials (``"sequential (in this process)"``, ``"ray (4 workers, ...)"``).
     """
 
     model: Any = field(repr=False)
@@ -51,6 +52,7 @@ class TuningResult:
     stop_reason: str
     elapsed_s: float = field(repr=False)
     backend: Backend | None = field(default=None, repr=False, compare=False)
+    executor: str = field(default="sequential (in this process)", repr=False, compare=False)
 
     @property
     def criterion(self) -> Criterion:
@@ -90,6 +92,7 @@ class TuningResult:
         return {
             "backend": self.backend.name if self.backend is not None else None,
             "strategy": self.tuning.strategy,
+            "executor": self.executor,
             "criterion": {
                 "tolerable_loss": self.tuning.tolerable_loss,
                 "loss_type": self.tuning.loss_type,

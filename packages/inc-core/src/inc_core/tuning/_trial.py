@@ -44,6 +44,7 @@ class Trial:
         time_s: seconds spent quantizing and evaluating this config.
         status: ``"evaluated"`` or ``"failed"`` in this run, or ``"resumed"`` from the history file.
         error: for a failed trial, the cause (exception type and message); ``None`` otherwise.
+        worker: where a parallel executor ran the trial (``host:pid``); ``None`` in this process.
     """
 
     id: int
@@ -54,6 +55,7 @@ class Trial:
     time_s: float
     status: str = "evaluated"
     error: str | None = None
+    worker: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -85,6 +87,7 @@ class Trial:
             "time_s": self.time_s,
             "status": self.status,
             "error": self.error,
+            **({"worker": self.worker} if self.worker is not None else {}),
         }
 
     @classmethod
@@ -122,6 +125,7 @@ class Trial:
             time_s=float(time_s),
             status=status if status in TRIAL_STATUSES else ("failed" if error is not None else "evaluated"),
             error=error,
+            worker=data["worker"] if isinstance(data.get("worker"), str) else None,
         )
 
 

@@ -27,12 +27,15 @@ class StrategyContext:
         config: the user's TuningConfig (seed, keep_searching, higher_is_better, ...).
         backend: the backend tuning runs on.
         op_errors: per-op output error of a config (``Backend.op_errors`` with the run's calibration and data).
+        batch_size: how many trials the executor runs at once; a strategy that could propose one config
+            at a time (bayesian) proposes this many per batch so parallel workers stay busy.
     """
 
     space: SearchSpace
     config: TuningConfig
     backend: Backend
     op_errors: Callable[[QuantConfig], Mapping[str, float]]
+    batch_size: int = 1
 
 
 class Strategy(abc.ABC):

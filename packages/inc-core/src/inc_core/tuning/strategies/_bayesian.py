@@ -29,6 +29,11 @@ class BayesianStrategy(Strategy):
     without a new trial. A failed trial (the backend could not quantize the point) is told to the
     sampler as ``TrialState.FAIL``, which TPE leaves out of its model of good and bad regions.
 
+    With a parallel executor (``StrategyContext.batch_size`` > 1) each batch holds that many new
+    points, asked while the earlier ones of the batch are still pending; TPE's constant liar keeps
+    them apart. The search is then reproducible for a given seed and batch size, but it is not the
+    sequential search (which tells the sampler each score before the next ask), so its choice may differ.
+
     Raises:
         ConfigError: optuna is not installed.
     """
@@ -59,13 +64,14 @@ class BayesianStrategy(Strategy):
 
     def _search(self, optuna: Any) -> Iterator[list[QuantConfig]]:
         space = self.space
+        batch_size = max(1, self.context.batch_size)
         distributions = {t.label: optuna.distributions.CategoricalDistribution(t.choices) for t in space.tunables}
         distributions.update(
             {_FP32 + name: optuna.distributions.CategoricalDistribution((False, True)) for name in space.quantized}
         )
         study = optuna.create_study(
             direction="maximize" if self.context.config.higher_is_better else "minimize",
-            sampler=optuna.samplers.TPESampler(seed=self.context.config.seed),
+            sampler=optuna.samplers.TPESampler(seed=self.context.config.seed, constant_liar=batch_size > 1),
         )
         base = space.config()
         yield [base]
@@ -89,21 +95,33 @@ class BayesianStrategy(Strategy):
         seen = {base.to_json()} if base_is_point else set()
         total, repeats = space_size(self), 0
         while len(seen) < total and repeats < MAX_REPEATS:
-            trial = study.ask(distributions)
-            settings = {t.key: trial.params[t.label] for t in space.tunables}
-            fallback = [name for name in space.quantized if trial.params[_FP32 + name]]
-            config = space.config(settings, fallback)
-            done = self.history.get(config)
-            if done is None:
-                yield [config]
+            asked: list[tuple[Any, QuantConfig]] = []  # asked points whose score comes with this batch
+            fresh: dict[str, QuantConfig] = {}
+            while len(fresh) < batch_size and len(seen) + len(fresh) < total and repeats < MAX_REPEATS:
+                trial = study.ask(distributions)
+                settings = {t.key: trial.params[t.label] for t in space.tunables}
+                fallback = [name for name in space.quantized if trial.params[_FP32 + name]]
+                config = space.config(settings, fallback)
+                done = self.history.get(config)
+                if done is not None:  # seen before: answered from the history at once
+                    repeats += 1
+                    self._tell(study, trial, done)
+                    continue
+                repeats = repeats + 1 if config.to_json() in fresh else 0
+                fresh.setdefault(config.to_json(), config)
+                asked.append((trial, config))
+            if not fresh:
+                return
+            yield list(fresh.values())
+            for trial, config in asked:
                 done = self.history.get(config)
                 if done is None:
                     return  # the engine stopped before evaluating it
-                seen.add(config.to_json())
-                repeats = 0
-            else:
-                repeats += 1
-            if done.failed:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            else:
-                study.tell(trial, done.score)
+                self._tell(study, trial, done)
+            seen.update(fresh)
+
+    def _tell(self, study: Any, trial: Any, done: Any) -> None:
+        if done.failed:
+            study.tell(trial, state=self._optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, done.score)
