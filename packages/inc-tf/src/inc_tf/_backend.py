@@ -13,6 +13,7 @@ from inc_tf._calibrate import TfCalibration, collect
 from inc_tf._keras_model import (
     KerasGraph,
     as_input_list,
+    check_keras_backend,
     check_keras_model,
     is_keras_model,
     load_keras_file,
@@ -52,6 +53,8 @@ class TfBackend(Backend):
             raise UnsupportedModelError(
                 "This model is already a LiteRT model; quantize the Keras model it came from instead."
             )
+        if is_keras_model(model):
+            check_keras_backend()
         cached = self._graphs.get(id(model))
         if cached is not None and cached[0] is model:
             return cached[1]
@@ -60,7 +63,7 @@ class TfBackend(Backend):
         return graph
 
     def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
-        return describe_graph(self._graph(model))
+        return describe_graph(self._graph(model), config.approach)
 
     def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> TfCalibration:
         return collect(self._graph(model), dataset, samples=config.calib_samples, model_id=id(model))
@@ -87,6 +90,9 @@ class TfBackend(Backend):
             model.save(path)
             return
         raise SaveError(f"The tf backend cannot save a {type(model).__qualname__}; expected a LiteRTModel or keras.Model.")
+
+    def file_suffix(self, model: Any) -> str:
+        return ".keras" if is_keras_model(model) else ".tflite"
 
     def load(self, path: Path) -> Any:
         if path.suffix.lower() == ".tflite":

@@ -17,7 +17,7 @@ import numpy as np
 
 from inc_core.errors import DatasetError, ModelLoadError, UnsupportedModelError
 
-__all__ = ["KerasGraph", "check_keras_model", "is_keras_model", "layer_tokens", "prepare_graph"]
+__all__ = ["KerasGraph", "check_keras_backend", "check_keras_model", "is_keras_model", "layer_tokens", "prepare_graph"]
 
 _TOKEN = re.compile(r"incL(\d+)x(?:_\d+)?")
 
@@ -54,6 +54,19 @@ def check_keras_model(model: Any) -> Any:
             f"The tf backend takes a keras.Model or a .keras file, got {type(model).__module__}."
             f"{type(model).__qualname__}."
         )
+    check_keras_backend()
+    if not model.built or not model.inputs and not _has_build_shape(model):
+        raise UnsupportedModelError(
+            f"Keras model {model.name!r} ({type(model).__qualname__}) is not built: its input shape is unknown. "
+            "Call it once on a batch, or build it with model.build(input_shape), before quantizing."
+        )
+    return model
+
+
+def check_keras_backend() -> None:
+    """UnsupportedModelError unless Keras runs on TensorFlow (the converter traces TF graphs only)."""
+    import keras
+
     backend = keras.backend.backend()
     if backend != "tensorflow":
         raise UnsupportedModelError(
@@ -61,12 +74,6 @@ def check_keras_model(model: Any) -> Any:
             "KERAS_BACKEND=tensorflow. Set the environment variable before importing keras, or quantize the "
             f"model with the inc plugin of {backend} (inc-torch for 'torch')."
         )
-    if not model.built or not model.inputs and not _has_build_shape(model):
-        raise UnsupportedModelError(
-            f"Keras model {model.name!r} ({type(model).__qualname__}) is not built: its input shape is unknown. "
-            "Call it once on a batch, or build it with model.build(input_shape), before quantizing."
-        )
-    return model
 
 
 def _has_build_shape(model: Any) -> bool:
@@ -92,6 +99,7 @@ class KerasGraph:
     renamed: bool
     input_names: tuple[str, ...]
     input_shapes: tuple[tuple[int | None, ...], ...]
+    weight_sizes: tuple[int, ...] = ()
 
     def layers_in(self, names: Iterable[str]) -> set[int]:
         """Indices of the layers that tensor/op names mention."""
@@ -124,8 +132,9 @@ def prepare_graph(model: Any) -> KerasGraph:
     inputs = list(model.inputs) if _is_graph_model(model) else []
     input_names = tuple(getattr(t, "name", f"input_{i}") for i, t in enumerate(inputs))
     input_shapes = tuple(tuple(t.shape[1:]) for t in inputs)
+    sizes = tuple(max((int(np.prod(w.shape)) for w in layer.weights if len(w.shape) >= 2), default=0) for layer in layers)
     if not _is_graph_model(model):
-        return KerasGraph(model, names, types, False, input_names, input_shapes)
+        return KerasGraph(model, names, types, False, input_names, input_shapes, sizes)
     index = {id(layer): i for i, layer in enumerate(layers)}
 
     def rename(layer: Any) -> Any:
@@ -137,8 +146,8 @@ def prepare_graph(model: Any) -> KerasGraph:
         clone = keras.models.clone_model(model, clone_function=rename)
         clone.set_weights(model.get_weights())
     except Exception:  # a custom layer without a faithful get_config: convert the model as it is
-        return KerasGraph(model, names, types, False, input_names, input_shapes)
-    return KerasGraph(clone, names, types, True, input_names, input_shapes)
+        return KerasGraph(model, names, types, False, input_names, input_shapes, sizes)
+    return KerasGraph(clone, names, types, True, input_names, input_shapes, sizes)
 
 
 def _is_graph_model(model: Any) -> bool:

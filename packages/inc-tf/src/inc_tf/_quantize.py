@@ -27,9 +27,16 @@ QUANTIZABLE = (
 )
 
 
-def describe_graph(graph: KerasGraph) -> TuningSpace:
+#: the TF converter's dynamic-range mode leaves weights with fewer elements than this in float
+DYNAMIC_MIN_ELEMENTS = 1024
+
+
+def describe_graph(graph: KerasGraph, approach: str = "static") -> TuningSpace:
+    minimum = DYNAMIC_MIN_ELEMENTS if approach == "dynamic" else 1
     ops = tuple(
-        Op(name, op_type) for name, op_type in zip(graph.layer_names, graph.layer_types) if op_type in QUANTIZABLE
+        Op(name, op_type)
+        for name, op_type, size in zip(graph.layer_names, graph.layer_types, graph.weight_sizes)
+        if op_type in QUANTIZABLE and size >= minimum
     )
     # The LiteRT quantizer takes per-channel/per-tensor and the activation dtype for the whole model only,
     # so per-layer tuning covers the range choice: calibration method and scheme.
