@@ -135,7 +135,7 @@ def ray(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench_ray(session: nox.Session) -> None:
     """Tuning wall time with 1, 2 and 4 Ray workers on an eval-dominated workload (not in `nox`)."""
-    _install_core(session, "ray")
+    _install_core(session, "ray", "bayesian")
     session.install("scikit-learn")
     session.run("python", "benchmarks/ray_bench.py", *session.posargs)
 
