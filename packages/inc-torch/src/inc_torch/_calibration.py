@@ -179,21 +179,36 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
 def load_statistics(prepared: torch.fx.GraphModule, calibration: TorchCalibration) -> None:
     """Fill every observer of a trial's prepared graph from the calibration pass (no data is run).
 
+    One observer module may watch several tensors: FX and PT2E share an observer between the input and
+    the output of pooling, flatten, reshape or cat, so that the quantized op needs no requantization.
+    Run live, such an observer sees every tensor it watches; it gets the merged histogram of them all
+    here. (Taking only the last tensor's statistics, e.g. an average pool's narrow output, would clip
+    the wide tensor feeding it: that collapsed MobileNetV3's output to cosine 0.1.)
+
     Raises:
         CalibrationError: an observer watches a tensor the calibration pass never saw.
     """
+    watched: dict[int, tuple[Any, list[str]]] = {}
     for node in prepared.graph.nodes:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
             continue
         module = prepared.get_submodule(str(node.target))
-        source = node.args[0]
         if is_activation_observer(module):
-            histogram = calibration.histograms.get(source.name)
-            if histogram is None:
-                raise CalibrationError(
-                    f"No calibration statistics for tensor {source.name!r}, which the quantized graph observes; "
-                    "the calibration batches never produced it. Calibrate with data that runs through every branch."
-                )
-            module.label = source.name  # type: ignore[assignment]
-            module.load_histogram(histogram)  # type: ignore[operator]
-
+            sources = watched.setdefault(id(module), (module, []))[1]
+            if node.args[0].name not in sources:
+                sources.append(node.args[0].name)
+    for module, sources in watched.values():
+        missing = [name for name in sources if name not in calibration.histograms]
+        if missing:
+            raise CalibrationError(
+                f"No calibration statistics for tensor {missing[0]!r}, which the quantized graph observes; "
+                "the calibration batches never produced it. Calibrate with data that runs through every branch."
+            )
+        histogram = calibration.histograms[sources[0]]
+        if len(sources) > 1:
+            # a fresh observer: merging into the stored one would change the statistics of other trials
+            histogram = HistogramObserver(histogram.bins, name=" | ".join(sources))
+            for name in sources:
+                histogram.merge(calibration.histograms[name])
+        module.label = " | ".join(sources)
+        module.load_histogram(histogram)
