@@ -122,6 +122,15 @@ class RayExecutor:
     Interrupting the driver (Ctrl-C) cancels the tasks still running; the history file holds every
     trial that finished, and the next run with it resumes.
 
+    What stays the same as in one process: the engine consumes results in candidate order and the
+    strategies see the same scores, so for a given seed the basic, mse, exhaustive, conservative and
+    random strategies try the same configs and choose the same one with any number of workers;
+    bayesian asks ``workers`` configs per batch, which is reproducible for a given seed and worker
+    count but is another search than the sequential one. This assumes ``eval_fn`` scores a model the
+    same on every node (INT8 kernels round differently on different CPUs: use one kind of node) and
+    no ``timeout_s`` (a timeout cuts a parallel run at another trial). Trials of a batch that run
+    after the first passing one are cancelled or discarded; they cost worker time, not the result.
+
     Args:
         workers: how many trials run at once. With ``address=None`` also the CPUs of the local
             cluster; ``None``: the cluster's CPUs divided by ``cpus_per_trial``.

@@ -40,10 +40,11 @@ class ExhaustiveStrategy(Strategy):
 
     def search(self) -> Iterator[list[QuantConfig]]:
         tunables = self.space.tunables
+        size = max(BATCH, self.context.batch_size)  # chunking groups the same order of trials
         points = (dict(zip((t.key for t in tunables), values)) for values in itertools.product(*(t.choices for t in tunables)))
         best: tuple[dict[tuple[str, str], str], float] | None = None
         criterion = self.history.criterion
-        for chunk in _chunks(points, BATCH):
+        for chunk in _chunks(points, size):
             configs = [self.space.config(p) for p in chunk]
             yield configs
             for point, config in zip(chunk, configs):
@@ -53,5 +54,5 @@ class ExhaustiveStrategy(Strategy):
         settings = best[0] if best is not None else {}
         names = self.space.quantized
         subsets = itertools.chain.from_iterable(itertools.combinations(names, k) for k in range(1, len(names) + 1))
-        for chunk_sets in _chunks(subsets, BATCH):
+        for chunk_sets in _chunks(subsets, size):
             yield [self.space.config(settings, subset) for subset in chunk_sets]

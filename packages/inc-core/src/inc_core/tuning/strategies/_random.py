@@ -33,9 +33,11 @@ class RandomStrategy(Strategy):
         seen = {base.to_json()}
         yield [base]
         drawn: set[int] = set()
+        # As many as the executor runs at once: the draws (and so the trials) do not depend on it.
+        size = max(BATCH, self.context.batch_size)
         while len(drawn) < total:
             batch: list[QuantConfig] = []
-            while len(batch) < BATCH and len(drawn) < total:
+            while len(batch) < size and len(drawn) < total:
                 index = rng.randrange(total)
                 if index in drawn:
                     continue
