@@ -129,6 +129,11 @@ def ray(session: nox.Session) -> None:
     """Distributed tuning on a local multi-node Ray cluster (inc-core[ray]) with the numpy toy backend."""
     _install_core(session, "ray", "bayesian")
     session.install(*CORE_TEST_DEPS)
+    # Ray is installed here, so this checks that inc_core imports it only when a Ray executor is asked for.
+    session.run(
+        "python", "-c",
+        "import sys, inc_core, inc_core.tuning, inc_core.cli; sys.exit('inc_core imported ray' if 'ray' in sys.modules else 0)",
+    )
     session.run("pytest", "-q", "tests/ray", *session.posargs)
 
 
