@@ -75,7 +75,13 @@ class MxnetBackend(Backend):
         block = check_block(model)
         symbol, inputs = _graph_of(block)
         params = {p.name: p.data(mx.cpu()) for p in block.collect_params().values()}
-        export_files(symbol, {k: v for k, v in params.items() if k in set(symbol.list_inputs())}, inputs, path)
+        try:
+            export_files(symbol, {k: v for k, v in params.items() if k in set(symbol.list_inputs())}, inputs, path)
+        except (OSError, mx.base.MXNetError) as exc:
+            raise SaveError(
+                f"Writing the MXNet model to {str(path)!r} failed: {exc}. Nothing was kept; check the free space "
+                "and permissions of the target directory."
+            ) from exc
 
     def load(self, path: Path) -> gluon.SymbolBlock:
         return import_dir(Path(path))
