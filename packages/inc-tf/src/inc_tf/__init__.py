@@ -11,7 +11,18 @@ from __future__ import annotations
 from inc_tf._backend import TfBackend
 from inc_tf._calibrate import TfCalibration
 from inc_tf._litert import METADATA_KEY, LiteRTModel
+from inc_tf._qat import FakeQuant, QATCallback, convert, prepare_qat
 
 __version__ = "0.1.0"
 
-__all__ = ["METADATA_KEY", "LiteRTModel", "TfBackend", "TfCalibration", "__version__"]
+__all__ = [
+    "METADATA_KEY",
+    "FakeQuant",
+    "LiteRTModel",
+    "QATCallback",
+    "TfBackend",
+    "TfCalibration",
+    "__version__",
+    "convert",
+    "prepare_qat",
+]
