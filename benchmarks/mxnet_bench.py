@@ -1,0 +1,258 @@
+"""MXNet INT8 benchmark: FP32 vs inc INT8 vs MXNet's own quantize_net, on Gluon model-zoo convnets.
+
+ResNet-18 v1, ResNet-50 v1 and MobileNetV2 1.0 from ``mxnet.gluon.model_zoo.vision`` (random weights,
+no download), 224x224, batch 1 and 16. Every model of a row runs through the same runner (a static,
+hybridized SymbolBlock; FP32 with oneDNN's FP32 fusion) and is timed side by side with the others in
+alternating blocks of calls, so load from other processes falls on each alike; throughput = batch /
+median latency. Accuracy: a digits CNN trained here on scikit-learn's digits, top-1 of FP32, inc INT8
+and quantize_net INT8 on the held-out split; for the random-weight convnets, the smallest per-sample
+cosine of INT8 vs FP32 logits.
+
+    python benchmarks/mxnet_bench.py [--iterations 40] [--models resnet18_v1 ...]
+
+Results go to benchmarks/results/mxnet.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+from mxnet.contrib.quantization import quantize_net
+from mxnet.gluon import nn
+from mxnet.gluon.model_zoo import vision
+
+import inc_core as inc
+import inc_mxnet
+from inc_mxnet import MxnetBackend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_flags, cpu_name  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("resnet18_v1", "resnet50_v1", "mobilenet_v2_1_0")
+COLUMNS = ("fp32", "inc", "mxnet")  # FP32, inc INT8, MXNet's quantize_net INT8
+CALIB_SAMPLES = 32
+
+
+def zoo_model(name: str, seed: int = 0) -> gluon.HybridBlock:
+    mx.random.seed(seed)
+    net = vision.get_model(name, pretrained=False)
+    net.initialize(mx.init.Xavier(magnitude=2.0))
+    net(mx.nd.zeros((1, 3, 224, 224)))  # completes deferred initialization
+    return net
+
+
+def mxnet_quantize_net(net: gluon.HybridBlock, calib: np.ndarray) -> gluon.SymbolBlock:
+    """MXNet's own Gluon INT8 path with its defaults (quantized_dtype='auto', quantize_mode='full',
+    tensor-wise weights), calibrated by min/max ('naive') on the same samples as inc."""
+    loader = mx.io.NDArrayIter(data=calib, batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_net(net, calib_mode="naive", calib_data=loader, num_calib_examples=len(calib), ctx=mx.cpu())
+
+
+def copy_of(net: gluon.HybridBlock, make: Any) -> gluon.HybridBlock:
+    """A second instance with the same weights (quantize_net hybridizes the block it is given)."""
+    twin = make()
+    for (_, src), (_, dst) in zip(net.collect_params().items(), twin.collect_params().items()):
+        dst.set_data(src.data())
+    return twin
+
+
+def side_by_side(models: dict[str, Any], x: np.ndarray, iterations: int) -> dict[str, dict[str, float]]:
+    """Throughput of each model on the same input, taking turns in blocks of calls (reversed order every other round)."""
+    backend = MxnetBackend()
+    runners = {name: backend.runner(model, x) for name, model in models.items()}
+    for run in runners.values():
+        for _ in range(3):
+            run()
+    block = max(1, min(10, iterations // 5))
+    latencies: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
+    for round_ in range(-(-iterations // block)):
+        for name in order if round_ % 2 == 0 else reversed(order):
+            runners[name]()  # untimed: settles the thread pool after the previous model's block
+            for _ in range(block):
+                start = time.perf_counter()
+                runners[name]()
+                latencies[name].append(time.perf_counter() - start)
+    batch = int(x.shape[0])
+    return {
+        name: {
+            "samples_per_s": batch / float(np.median(v)),
+            "p50_ms": float(np.median(v)) * 1e3,
+            "mean_ms": float(np.mean(v)) * 1e3,
+        }
+        for name, v in latencies.items()
+    }
+
+
+def logits(model: gluon.Block, x: np.ndarray) -> np.ndarray:
+    return model(mx.nd.array(x)).asnumpy()
+
+
+def min_cosine(ref: np.ndarray, got: np.ndarray) -> float:
+    return float(np.min(np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))))
+
+
+def bench_zoo(name: str, iterations: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(1)
+    calib = rng.normal(0, 1, size=(CALIB_SAMPLES, 3, 224, 224)).astype(np.float32)
+    net = zoo_model(name)
+    t0 = time.perf_counter()
+    ours = inc.quantize(net, inc.QuantConfig(calib_samples=CALIB_SAMPLES), dataset=inc.Dataset(calib, batch_size=8))
+    inc_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    theirs = mxnet_quantize_net(copy_of(net, lambda: zoo_model(name, seed=1)), calib)
+    mxnet_s = time.perf_counter() - t0
+    models = {"fp32": net, "inc": ours, "mxnet": theirs}
+    rows = []
+    for batch in (1, 16):
+        x = rng.normal(0, 1, size=(batch, 3, 224, 224)).astype(np.float32)
+        iters = iterations if batch == 1 else max(iterations // 4, 10)
+        timed = side_by_side(models, x, iters)
+        probe = rng.normal(0, 1, size=(8, 3, 224, 224)).astype(np.float32)
+        ref = logits(net, probe)
+        accuracy = {k: min_cosine(ref, logits(m, probe)) for k, m in models.items() if k != "fp32"}
+        rows.append(_row(f"{name} (random weights)", f"{batch}x3x224x224", batch, timed, "min logit cosine", accuracy, inc_s, mxnet_s))
+        logging.getLogger("inc.bench").info("%s batch %d: %s", name, batch, {k: round(v["samples_per_s"], 1) for k, v in timed.items()})
+    return rows
+
+
+def _digits_cnn() -> nn.HybridSequential:
+    net = nn.HybridSequential(prefix="digits_")
+    with net.name_scope():
+        net.add(
+            nn.Conv2D(16, 3, padding=1, use_bias=False), nn.BatchNorm(), nn.Activation("relu"),
+            nn.Conv2D(32, 3, padding=1, activation="relu"), nn.MaxPool2D(2), nn.Flatten(),
+            nn.Dense(64, activation="relu"), nn.Dense(10),
+        )
+    return net
+
+
+def bench_digits(iterations: int) -> dict[str, Any]:
+    """Top-1 on scikit-learn's digits of a CNN trained here: FP32, inc INT8 (autotuned, 1% goal), quantize_net INT8."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = (data.images / 16.0).astype(np.float32)[:, None]
+    x_train, x_test, y_train, y_test = train_test_split(x, data.target, test_size=0.3, random_state=0, stratify=data.target)
+    mx.random.seed(0)
+    net = _digits_cnn()
+    net.initialize(mx.init.Xavier())
+    trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 3e-3})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    loader = gluon.data.DataLoader(gluon.data.ArrayDataset(x_train, y_train.astype(np.float32)), batch_size=32, shuffle=True)
+    for _ in range(12):
+        for xb, yb in loader:
+            with autograd.record():
+                loss = loss_fn(net(xb), yb)
+            loss.backward()
+            trainer.step(xb.shape[0])
+
+    def top1(model: gluon.Block) -> float:
+        return float((logits(model, x_test).argmax(1) == y_test).mean())
+
+    result = inc.autotune(
+        net, inc.TuningConfig(tolerable_loss=0.01, max_trials=10), eval_fn=top1,
+        dataset=inc.Dataset(x_train[:256], batch_size=32),
+    )
+    theirs = mxnet_quantize_net(copy_of(net, _digits_cnn_initialized), x_train[:256])
+    return {"fp32": top1(net), "inc": top1(result.model), "mxnet": top1(theirs), "inc_trials": len(result.trials)}
+
+
+def _digits_cnn_initialized() -> nn.HybridSequential:
+    net = _digits_cnn()
+    net.initialize()
+    net(mx.nd.zeros((1, 1, 8, 8)))
+    return net
+
+
+def _row(
+    model: str, shape: str, batch: int, timed: dict[str, dict[str, float]], kind: str, accuracy: dict[str, float],
+    inc_s: float, mxnet_s: float,
+) -> dict[str, Any]:
+    fp32 = timed["fp32"]["samples_per_s"]
+    return {
+        "model": model, "input": shape, "batch": batch, **{k: timed[k] for k in COLUMNS},
+        "inc_vs_fp32": timed["inc"]["samples_per_s"] / fp32, "mxnet_vs_fp32": timed["mxnet"]["samples_per_s"] / fp32,
+        "inc_vs_mxnet": timed["inc"]["samples_per_s"] / timed["mxnet"]["samples_per_s"],
+        "accuracy_kind": kind, "accuracy": accuracy, "inc_quantize_s": inc_s, "mxnet_quantize_s": mxnet_s,
+    }
+
+
+def write(rows: list[dict[str, Any]], digits: dict[str, Any], meta: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mxnet.json").write_text(json.dumps({"machine": meta, "results": rows, "digits_top1": digits}, indent=2) + "\n")
+    lines = [
+        "# MXNet INT8 benchmark (oneDNN)",
+        "",
+        f"CPU: {meta['cpu']} ({meta['threads']} threads; {', '.join(meta['cpu_flags']) or 'no VNNI/AVX-512 flags'}); "
+        f"mxnet {meta['mxnet']} (MKLDNN {'on' if meta['mkldnn'] else 'off'}), numpy {meta['numpy']}, inc-mxnet {meta['inc_mxnet']}.",
+        "FP32: the Gluon block as a static hybridized graph with oneDNN's FP32 fusion. INT8 (inc): inc.quantize with "
+        f"the default QuantConfig (min/max ranges from inc's observers, 'auto' u8/s8 activations, per-channel s8 "
+        f"weights), {CALIB_SAMPLES} calibration samples. INT8 (MXNet): mxnet.contrib.quantization.quantize_net with its "
+        "defaults (quantized_dtype='auto', quantize_mode='full', tensor-wise weights) and calib_mode='naive' on the "
+        "same samples. All three run through the same runner and are timed side by side (alternating blocks of calls); "
+        "throughput = batch / median latency. The model-zoo nets have random weights (no download), so their "
+        "accuracy column is the smallest per-sample cosine of INT8 vs FP32 logits.",
+        "",
+        "| model | input | FP32 samples/s | INT8 inc samples/s | INT8 MXNet samples/s | inc/FP32 | MXNet/FP32 | inc/MXNet | accuracy (inc / MXNet) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        acc = f"{r['accuracy_kind']} {r['accuracy']['inc']:.4f} / {r['accuracy']['mxnet']:.4f}"
+        lines.append(
+            f"| {r['model']} | {r['input']} | {r['fp32']['samples_per_s']:.1f} | {r['inc']['samples_per_s']:.1f} | "
+            f"{r['mxnet']['samples_per_s']:.1f} | {r['inc_vs_fp32']:.2f}x | {r['mxnet_vs_fp32']:.2f}x | {r['inc_vs_mxnet']:.2f} | {acc} |"
+        )
+    if digits:
+        lines += [
+            "",
+            "Accuracy on real data: a digits CNN (conv+bn+relu, conv+relu, pool, fc+relu, fc) trained here on "
+            "scikit-learn's digits, top-1 on the 30% held-out split: "
+            f"FP32 {digits['fp32']:.4f}, INT8 inc {digits['inc']:.4f} (inc.autotune, 1% relative goal, "
+            f"{digits['inc_trials']} trial(s)), INT8 MXNet quantize_net {digits['mxnet']:.4f}.",
+        ]
+    lines += ["", f"Measured {meta['date']}."]
+    (out / "mxnet.md").write_text("\n".join(lines) + "\n")
+    return out / "mxnet.md"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=40, help="timed calls at batch 1 (a quarter at batch 16)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--skip-digits", action="store_true", help="leave out the trained digits accuracy check")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for mxnet.json and mxnet.md (default {RESULTS})")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("inc.bench").setLevel(logging.INFO)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)))
+    meta = {
+        "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": threads, "mxnet": mx.__version__, "numpy": np.__version__,
+        "mkldnn": bool(mx.runtime.Features().is_enabled("MKLDNN")), "inc_mxnet": inc_mxnet.__version__,
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "iterations": args.iterations,
+    }
+    rows: list[dict[str, Any]] = []
+    for name in args.models:
+        rows += bench_zoo(name, args.iterations)
+    digits = {} if args.skip_digits else bench_digits(args.iterations)
+    print(write(rows, digits, meta, args.out).read_text())
+
+
+if __name__ == "__main__":
+    main()
