@@ -73,6 +73,13 @@ def mxnet(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench_mxnet(session: nox.Session) -> None:
+    """FP32 vs inc INT8 vs MXNet's quantize_net on ResNet-18/50 and MobileNetV2 shapes (not in `nox`)."""
+    session.install("-c", "constraints/mxnet.txt", "-e", CORE, "-e", "packages/inc-mxnet[test]")
+    session.run("python", "benchmarks/mxnet_bench.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def tf(session: nox.Session) -> None:
     """inc-tf on tensorflow-cpu 2.21 + Keras 3 + the ai-edge-litert interpreter (LiteRT int8, QAT); core tests too."""
     _install_core(session, "bayesian", "plot")
