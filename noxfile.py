@@ -153,6 +153,21 @@ def bench_ray(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def corpus(session: nox.Session) -> None:
+    """Architectures users bring (torchvision, skl2onnx) through every torch and ONNX path + the bad-input catalogue.
+
+    Writes the model x path table to benchmarks/results/corpus.md and corpus.json.
+    """
+    _install_core(session, "bayesian", "plot")
+    session.install("-c", "constraints/corpus.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]")
+    session.install("-c", "constraints/corpus.txt", "skl2onnx", "onnxscript", "pillow")
+    # torchvision 0.28.0 is the release built for torch 2.13.0; --no-deps so pip never resolves another torch.
+    # Its compiled ops need CUDA; tests/corpus/_torchvision.py explains how the model definitions load without them.
+    session.install("--no-deps", "-c", "constraints/corpus.txt", "torchvision")
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/corpus", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff everywhere (with the no-framework-import rule for inc-core) and mypy on inc-core."""
     session.install("ruff", "mypy", "numpy", "tqdm", "pytest")
