@@ -2,22 +2,56 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_testmodels as models
+import onnxruntime as ort
 
 import inc_core as inc
 from inc_core.testing import BackendConformance
 
+# Integer kernels of ORT's QOperator and dynamic formats, besides every QLinear* op.
+_INTEGER_KERNELS = {"ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QAttention"}
 _QUANT_TYPES = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"}
+# Ops that pass 8-bit data through as it is (ORT runs them on the int8 tensor when their input is one).
+_DATA_MOVEMENT = {"Flatten", "MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Concat", "Slice"}
+
+
+def runtime_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph ONNX Runtime executes (after its QDQ fusions), which keeps the node names."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory() as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "runtime.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load_model(options.optimized_model_filepath)
+
+
+def runtime_int8_nodes(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """(names of all nodes ORT runs, names of those that compute on 8-bit data)."""
+    graph = runtime_graph(model).graph
+    eight_bit = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    int8: set[str] = set()
+    for node in graph.node:
+        kernel = node.op_type.startswith("QLinear") or node.op_type in _INTEGER_KERNELS
+        moves = node.op_type in _DATA_MOVEMENT and bool(node.input) and node.input[0] in eight_bit
+        if node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") or node.op_type.startswith("QLinear") or moves:
+            eight_bit.update(node.output[:1])
+        if kernel or moves:
+            int8.add(node.name)
+    return {n.name for n in graph.node}, int8
 
 
 class TestOnnxConformance(BackendConformance):
     backend_name = "onnx"
     model_suffix = ".onnx"
     min_cosine = 0.99
+    min_dynamic_cosine = 0.99
 
     def make_model(self) -> onnx.ModelProto:
         return models.cnn()
@@ -38,11 +72,27 @@ class TestOnnxConformance(BackendConformance):
         return [n.name for n in quantized.graph.node if n.op_type in _QUANT_TYPES or self._reads_int8_weight(quantized, n)]
 
     def is_quantized(self, quantized: onnx.ModelProto, op_name: str) -> bool:
-        nodes = {n.name: n for n in quantized.graph.node}
-        if f"{op_name}_quant" in nodes:  # QOperator and dynamic rename the node they replace
-            return True
-        node = nodes.get(op_name)
-        return node is not None and self._reads_int8_weight(quantized, node)
+        return self._quantized_names(quantized, [op_name]) == {op_name}
+
+    def assert_exactly_quantized(self, quantized: onnx.ModelProto, ops: Sequence[inc.Op], expected: set[str]) -> None:
+        names = self._quantized_names(quantized, [op.name for op in ops])
+        assert names == expected, (
+            f"INT8 ops {sorted(names)}, expected exactly {sorted(expected)} (in FP32 instead: "
+            f"{sorted(expected - names)}; in INT8 though excluded: {sorted(names - expected)})"
+        )
+
+    @staticmethod
+    def _quantized_names(quantized: onnx.ModelProto, op_names: Sequence[str]) -> set[str]:
+        """Of ``op_names``, those that do not run as a float op of their own when ORT runs ``quantized``.
+
+        Judged on the graph ORT executes: a node runs in INT8 when it is (or was rewritten into,
+        ``<name>_quant``) an integer kernel or moves 8-bit data; a node ORT removed altogether was
+        folded into the INT8 op next to it (a Relu into the range of its QuantizeLinear).
+        """
+        present, int8 = runtime_int8_nodes(quantized)
+        return {
+            name for name in op_names if name in int8 or f"{name}_quant" in int8 or name not in present
+        }
 
     @staticmethod
     def _reads_int8_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:

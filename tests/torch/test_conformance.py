@@ -17,6 +17,7 @@ class TestTorchConformance(BackendConformance):
     backend_name = "torch"
     model_suffix = ".pt2"
     min_cosine = 0.99
+    min_dynamic_cosine = 0.99
 
     def make_model(self) -> Any:
         return trained_cnn()
