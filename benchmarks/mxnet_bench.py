@@ -201,7 +201,9 @@ def write(rows: list[dict[str, Any]], digits: dict[str, Any], meta: dict[str, An
         "# MXNet INT8 benchmark (oneDNN)",
         "",
         f"CPU: {meta['cpu']} ({meta['threads']} threads; {', '.join(meta['cpu_flags']) or 'no VNNI/AVX-512 flags'}); "
-        f"mxnet {meta['mxnet']} (MKLDNN {'on' if meta['mkldnn'] else 'off'}), numpy {meta['numpy']}, inc-mxnet {meta['inc_mxnet']}.",
+        f"mxnet {meta['mxnet']} (MKLDNN {'on' if meta['mkldnn'] else 'off'}), numpy {meta['numpy']}, inc-mxnet {meta['inc_mxnet']}; "
+        f"1-minute load average {meta['load_average_before']:.1f} before, {meta['load_average_after']:.1f} after (a shared "
+        "machine: other processes' load slows long calls more than short ones, so ratios carry that noise).",
         "FP32: the Gluon block as a static hybridized graph with oneDNN's FP32 fusion. INT8 (inc): inc.quantize with "
         f"the default QuantConfig (min/max ranges from inc's observers, 'auto' u8/s8 activations, per-channel s8 "
         f"weights), {CALIB_SAMPLES} calibration samples. INT8 (MXNet): mxnet.contrib.quantization.quantize_net with its "
@@ -247,10 +249,12 @@ def main() -> None:
         "mkldnn": bool(mx.runtime.Features().is_enabled("MKLDNN")), "inc_mxnet": inc_mxnet.__version__,
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "iterations": args.iterations,
     }
+    meta["load_average_before"] = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
     for name in args.models:
         rows += bench_zoo(name, args.iterations)
     digits = {} if args.skip_digits else bench_digits(args.iterations)
+    meta["load_average_after"] = os.getloadavg()[0]
     print(write(rows, digits, meta, args.out).read_text())
 
 

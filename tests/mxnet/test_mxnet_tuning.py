@@ -57,3 +57,24 @@ def test_autotune_falls_back_a_layer_when_the_goal_needs_it(cnn: gluon.HybridBlo
     assert not result.trials[0].config["exclude"]["names"]
     fallbacks = [t.config["exclude"]["names"] for t in result.trials[1:] if t.config["exclude"]["names"]]
     assert fallbacks and all(set(names) <= {op.name for op in inc.describe(cnn).ops} for names in fallbacks)
+
+
+def test_per_layer_errors_drive_the_mse_strategy(cnn: gluon.HybridBlock, digits: tuple[np.ndarray, ...]) -> None:
+    from inc_mxnet import MxnetBackend
+
+    calib = inc.Dataset(digits[0][:64], batch_size=32)
+    backend = MxnetBackend()
+    errors = backend.op_errors(cnn, inc.QuantConfig(calib_samples=64), calibration=None, dataset=calib)
+    assert set(errors) == {op.name for op in inc.describe(cnn).ops}
+    # Read from the INT8 kernels' own outputs: small, but not zero (a wrong dequantization scale gives ~1).
+    assert all(0.0 < e < 0.01 for e in errors.values()), errors
+    excluded = backend.op_errors(
+        cnn, inc.QuantConfig(calib_samples=64, exclude=inc.LayerFilter(names=("cnn_conv1_fwd",))), calibration=None, dataset=calib
+    )
+    assert excluded["cnn_conv1_fwd"] == 0.0 and excluded["cnn_dense0_fwd"] > 0.0
+    _, x_test, _, y_test = digits
+    result = inc.autotune(
+        cnn, inc.TuningConfig(strategy="mse", tolerable_loss=0.01, max_trials=4),
+        eval_fn=lambda m: models.accuracy(m, x_test, y_test), dataset=calib,
+    )
+    assert result.met and all(t.status == "evaluated" for t in result.trials)

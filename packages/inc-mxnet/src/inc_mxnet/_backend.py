@@ -15,6 +15,7 @@ from inc_core.errors import CalibrationError, SaveError
 from inc_mxnet._blocks import export_files, import_dir, symbol_block, to_ndarrays
 from inc_mxnet._collect import MxnetCalibration, collect
 from inc_mxnet._graph import Prepared, check_block, prepare, trace
+from inc_mxnet._op_errors import op_output_errors
 from inc_mxnet._quantize import describe_prepared, quantize_prepared
 
 __all__ = ["MODEL_SUFFIX", "MxnetBackend"]
@@ -67,6 +68,12 @@ class MxnetBackend(Backend):
         self.check_format(config.format)
         # A Gluon block cannot become a SymbolBlock in place: inplace=True also returns a new block.
         return quantize_prepared(self._prepare(model), config, calibration)
+
+    def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
+        prepared = self._prepare(model)
+        if config.approach == "static" and calibration is None:
+            calibration = collect(prepared, dataset, samples=config.calib_samples)
+        return op_output_errors(prepared, config, calibration, dataset)
 
     def save(self, model: Any, path: Path) -> None:
         if path.suffix != MODEL_SUFFIX:
