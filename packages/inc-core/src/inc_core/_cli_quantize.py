@@ -142,13 +142,21 @@ def _tuning_config(args: argparse.Namespace, base: QuantConfig) -> TuningConfig:
     return TuningConfig(base=base, **{k: v for k, v in given.items() if v is not None})
 
 
-def _op_summary(model: Any, config: QuantConfig, backend: str | None) -> str:
+def _op_summary(model: Any, quantized: Any, config: QuantConfig, backend: str | None) -> str:
     from inc_core._registry import resolve_backend
 
-    space = resolve_backend(model, backend).describe(model, config)
+    impl = resolve_backend(model, backend)
+    space = impl.describe(model, config)
     excluded = config.exclude.select(space.ops)
     total = len(space.ops)
-    text = f"{total - len(excluded)} of {total} quantizable ops quantized"
+    # What the output model holds, counted from it; what was selected is only what was asked for.
+    counts = impl.int8_op_counts(quantized)
+    if counts is None:
+        text = f"{total - len(excluded)} of {total} quantizable ops quantized"
+    else:
+        by_type = ", ".join(f"{n} {op_type}" for op_type, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        text = f"{sum(counts.values())} INT8 ops in the output model ({by_type or 'none'}); "
+        text += f"{total - len(excluded)} of {total} quantizable ops selected"
     if excluded:
         text += f", {len(excluded)} kept in FP32: {', '.join(excluded)}"
     return text
@@ -188,7 +196,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             final_config = result.config
             quantized = result.model
         elapsed = time.perf_counter() - start
-        ops = _op_summary(model, final_config, args.backend)
+        ops = _op_summary(model, quantized, final_config, args.backend)
     # With tuning that misses the goal this is the best trial's model; the exit code says it missed.
     inc_core.save(quantized, args.output, backend=args.backend)
     if result is not None and args.report:

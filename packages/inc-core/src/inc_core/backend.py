@@ -120,6 +120,14 @@ class Backend(abc.ABC):
         """
         raise NotImplementedError(f"backend {self.name!r} does not report per-op errors")
 
+    def int8_op_counts(self, model: Any) -> dict[str, int] | None:
+        """Per op type, how many ops of a quantized ``model`` run INT8 kernels, counted from the model itself.
+
+        This reports what the output holds, not what was asked for (a framework's quantizer may leave a
+        selected op in float). ``None``, the default, means the backend cannot count them.
+        """
+        return None
+
     # --- files ----------------------------------------------------------------------------------
     @abc.abstractmethod
     def save(self, model: Any, path: Path) -> None:

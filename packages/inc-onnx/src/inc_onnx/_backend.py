@@ -13,13 +13,15 @@ from inc_core import Dataset, QuantConfig
 from inc_core.backend import Backend, TuningSpace
 from inc_core.errors import CalibrationError, ModelLoadError
 from inc_onnx._collect import OnnxCalibration, collect, tensors_to_observe
-from inc_onnx._describe import describe_prepared, op_types_for
+from inc_onnx._describe import describe_prepared, nothing_to_quantize, op_types_for
 from inc_onnx._feeds import to_feeds
+from inc_onnx._int8_ops import int8_op_counts
 from inc_onnx._model_io import as_model_proto, is_onnx_model, save_model
 from inc_onnx._op_errors import op_output_errors
 from inc_onnx._preprocess import _input_specs, prepare
 from inc_onnx._quantize import quantize_prepared
 from inc_onnx._session import create_session, session_options
+from inc_onnx._verify import check_has_int8_ops, check_runs
 
 __all__ = ["OnnxBackend"]
 
@@ -45,6 +47,9 @@ class OnnxBackend(Backend):
 
     def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> OnnxCalibration:
         prepared = prepare(model)
+        fmt = self.check_format(config.format)
+        if not describe_prepared(prepared.model, config, fmt).ops:
+            raise nothing_to_quantize(prepared.model, config.approach, fmt)
         # Observe what either static format quantizes, so one calibration serves both.
         tensors = tensors_to_observe(prepared, {*op_types_for("static", "qdq"), *op_types_for("static", "qoperator")})
         return collect(prepared, dataset, tensors, samples=config.calib_samples)
@@ -55,7 +60,14 @@ class OnnxBackend(Backend):
                 f"The onnx backend got calibration of type {type(calibration).__name__}; pass the object "
                 "OnnxBackend.calibrate returned."
             )
-        result = quantize_prepared(prepare(model), config, self.check_format(config.format), calibration)
+        fmt = self.check_format(config.format)
+        prepared = prepare(model)
+        result = quantize_prepared(prepared, config, fmt, calibration)
+        # Never hand out a model ORT refuses, or one with no INT8 op (see inc_onnx._verify).
+        mode = "dynamic" if config.approach == "dynamic" else f"static {fmt}"
+        check_runs(result, mode, calibration.sample if calibration is not None else None)
+        selected = [op.name for op in describe_prepared(prepared.model, config, fmt).ops]
+        check_has_int8_ops(result, mode, selected)
         if inplace and isinstance(model, onnx.ModelProto):
             model.CopyFrom(result)
             return model
@@ -66,6 +78,16 @@ class OnnxBackend(Backend):
         if config.approach == "static" and calibration is None:
             calibration = self.calibrate(model, dataset, config)
         return op_output_errors(prepared, config, self.check_format(config.format), calibration, dataset)
+
+    def int8_op_counts(self, model: Any) -> dict[str, int]:
+        """Per op type, the nodes of a quantized model that run INT8 kernels in ONNX Runtime.
+
+        Counted on the graph ORT executes after its QDQ fusions, so a QDQ group ORT cannot fuse (it
+        runs in float) does not count; ``QLinear*``, ``QGemm``, ``MatMulInteger`` / ``DynamicQuantizeMatMul``,
+        ``ConvInteger`` and ops moving 8-bit data (a Gather of a uint8 table, a Reshape between
+        QLinear ops) do.
+        """
+        return int8_op_counts(as_model_proto(model))
 
     def save(self, model: Any, path: Path) -> None:
         save_model(model, path)

@@ -38,12 +38,14 @@ class OnnxCalibration:
         observers: one histogram observer per observed activation.
         samples: how many samples were fed.
         batches: how many batches (augmented-graph runs) were fed.
+        sample: the first batch's feeds, on which every INT8 model is run once before it is returned.
     """
 
     digest: str
     observers: dict[str, HistogramObserver] = field(repr=False)
     samples: int
     batches: int
+    sample: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     def range(self, tensor: str, method: str, *, percentile: float, dtype: str, scheme: str) -> tuple[float, float]:
         """The (lo, hi) a calibration method picks for ``tensor`` (the observer memoizes each answer)."""
@@ -76,7 +78,13 @@ def _augmented(prepared: Prepared, tensors: list[str]) -> ort.InferenceSession:
     # Basic optimizations only: fusions at higher levels would hide the tensors we asked for.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's pybind errors carry the reason in their text only
+        raise CalibrationError(
+            f"ONNX Runtime could not load the model with {len(tensors)} activations added as outputs for "
+            f"calibration: {_line(exc)}. Use approach='dynamic', or exclude the ops reading the tensor ORT names."
+        ) from exc
 
 
 def _run(session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -99,6 +107,7 @@ def collect(prepared: Prepared, dataset: Dataset, tensors: list[str], *, samples
     session = _augmented(prepared, tensors)
     observers = {name: HistogramObserver(name=name) for name in tensors}
     seen = batches = 0
+    first: dict[str, np.ndarray] | None = None
     bar = _progress(samples)
     try:
         for index, batch in enumerate(dataset.inputs(limit=samples)):
@@ -119,6 +128,8 @@ def collect(prepared: Prepared, dataset: Dataset, tensors: list[str], *, samples
                         "the model's numerics (e.g. log or division of zero) on this batch."
                     )
                 observers[name].update(value)
+            if first is None:
+                first = feeds
             size = _batch_size(feeds)
             seen += size
             batches += 1
@@ -128,7 +139,7 @@ def collect(prepared: Prepared, dataset: Dataset, tensors: list[str], *, samples
         if bar is not None:
             bar.close()
     log.info("calibration: %d samples in %d batches, %d activations observed", seen, batches, len(tensors))
-    return OnnxCalibration(digest=prepared.digest, observers=observers, samples=seen, batches=batches)
+    return OnnxCalibration(digest=prepared.digest, observers=observers, samples=seen, batches=batches, sample=first)
 
 
 def _batch_size(feeds: dict[str, np.ndarray]) -> int:

@@ -7,8 +7,9 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 
 from inc_core import QuantConfig
 from inc_core.backend import Op, TuningSpace
+from inc_core.errors import UnsupportedModelError
 
-__all__ = ["FORMATS", "WEIGHTED_OPS", "describe_prepared", "op_types_for", "weight_axis"]
+__all__ = ["FORMATS", "WEIGHTED_OPS", "describe_prepared", "nothing_to_quantize", "op_types_for", "weight_axis"]
 
 FORMATS = ("qdq", "qoperator")
 # Op types whose second input is a weight that can be quantized per output channel.
@@ -21,7 +22,7 @@ def op_types_for(approach: str, fmt: str) -> tuple[str, ...]:
     """The op types ORT's quantizer handles in this mode (the same defaults quantize_static uses)."""
     if approach == "dynamic":
         # ORT's dynamic quantizer rewrites Gemm as MatMul + Add, then quantizes the MatMul.
-        return (*IntegerOpsRegistry, "Gemm")
+        return (*IntegerOpsRegistry, "Gemm")  # what ORT is told; describe lists the nodes it really rewrites
     if fmt == "qoperator":
         return tuple(QLinearOpsRegistry)
     return _STATIC_OPS
@@ -35,15 +36,50 @@ def describe_prepared(model: onnx.ModelProto, config: QuantConfig, fmt: str) -> 
     """
     quantizable = set(op_types_for(config.approach, fmt))
     floats = _float_names(model)
-    ops = tuple(
-        Op(name=node.name, op_type=node.op_type)
-        for node in model.graph.node
-        if node.op_type in quantizable and not node.domain and any(i in floats for i in node.input if i)
-    )
+    if config.approach == "dynamic":
+        ops = _dynamic_ops(model, floats)
+    else:
+        ops = tuple(
+            Op(name=node.name, op_type=node.op_type)
+            for node in model.graph.node
+            if node.op_type in quantizable and not node.domain and any(i in floats for i in node.input if i)
+        )
     options: dict[str, dict[str, tuple[str, ...]]] = {}
     for op_type in dict.fromkeys(op.op_type for op in ops):
         options[op_type] = _options(op_type, config.approach, fmt)
     return TuningSpace(ops, {k: v for k, v in options.items() if v})
+
+
+def _dynamic_ops(model: onnx.ModelProto, floats: set[str]) -> tuple[Op, ...]:
+    """The nodes ORT's dynamic quantizer really rewrites (with ``MatMulConstBOnly``, as inc runs it).
+
+    A MatMul/Gemm/Conv counts only with a constant weight and a float activation: an activation x
+    activation product (attention scores) stays in float. A Gather counts when it reads a constant
+    table (an embedding). The Transpose and Attention-style ops ORT also lists quantize only next to
+    these, so they are not listed on their own.
+    """
+    constants = {init.name for init in model.graph.initializer}
+    float_constants = constants & floats
+    ops = []
+    for node in model.graph.node:
+        if node.domain or len(node.input) < 2:
+            continue
+        data, weight = node.input[0], node.input[1]
+        if node.op_type in ("MatMul", "Gemm", "Conv"):
+            keep = weight in float_constants and data in floats and data not in constants
+            if node.op_type == "Gemm":
+                # ORT turns a Gemm into MatMul + Add (then quantizes the MatMul) only in its plain form.
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                keep = keep and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        elif node.op_type == "Gather":
+            keep = data in float_constants
+        elif node.op_type == "LSTM":
+            keep = weight in float_constants and len(node.input) > 2 and node.input[2] in float_constants
+        else:
+            keep = False
+        if keep:
+            ops.append(Op(name=node.name, op_type=node.op_type))
+    return tuple(ops)
 
 
 def _options(op_type: str, approach: str, fmt: str) -> dict[str, tuple[str, ...]]:
@@ -82,3 +118,35 @@ def _float_names(model: onnx.ModelProto) -> set[str]:
         i.name for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
     )
     return names
+
+
+def nothing_to_quantize(model: onnx.ModelProto, approach: str, fmt: str) -> UnsupportedModelError:
+    """The error for a model with no op that ORT quantizes in this mode: what was looked for, what is there."""
+    looked_for = sorted(op_types_for(approach, fmt))
+    present = list(dict.fromkeys(f"{n.op_type} ({n.domain})" if n.domain else n.op_type for n in model.graph.node))
+    mode = "dynamic" if approach == "dynamic" else f"static {fmt}"
+    trees = [t for t in present if "TreeEnsemble" in t]
+    ml_ops = [t for t in present if "ai.onnx.ml" in t and t not in trees]
+    why = ""
+    if trees:
+        why = (
+            f" Tree ensembles ({', '.join(trees)}) compare features against thresholds; they have no matrix "
+            "product or convolution for an INT8 kernel, and ONNX Runtime has none for them."
+        )
+    elif ml_ops:
+        why = (
+            f" {', '.join(ml_ops)} are ai.onnx.ml operators, which ONNX Runtime runs in float only and its "
+            "quantizers do not rewrite."
+        )
+    if approach == "dynamic":
+        # ORT is told more op types, but rewrites only these on their own (see _dynamic_ops).
+        wanted = "MatMul/Gemm/Conv with a constant weight, Gather of a constant table, LSTM"
+        way_out = " approach='static' (with calibration data) covers more op types."
+    else:
+        wanted = ", ".join(looked_for)
+        way_out = ""
+    return UnsupportedModelError(
+        f"Nothing to quantize: the model has no op that inc quantizes in {mode} mode. Looked for "
+        f"{wanted}; the model holds {', '.join(present)}.{why}{way_out} Keep the model in FP32, "
+        "or, for a scikit-learn model, convert one built on matrix products (e.g. MLPClassifier) to quantize it."
+    )

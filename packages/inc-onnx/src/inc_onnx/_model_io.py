@@ -114,7 +114,7 @@ def save_model(proto: Any, path: Path) -> None:
         )
     try:
         onnx.save_model(proto, str(path))
-    except OSError as exc:
+    except (OSError, ValueError, TypeError) as exc:  # onnx raises ValueError for a model it cannot serialize
         raise SaveError(f"Could not write the ONNX model to {str(path)!r}: {exc}.") from exc
 
 

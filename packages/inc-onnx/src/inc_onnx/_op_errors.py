@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from inc_core import Dataset, QuantConfig
-from inc_core.errors import DatasetError
+from inc_core.errors import DatasetError, UnsupportedModelError
 from inc_onnx._collect import OnnxCalibration
 from inc_onnx._describe import describe_prepared
 from inc_onnx._feeds import to_feeds
@@ -111,4 +111,11 @@ def _session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
-    return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's pybind errors carry the reason in their text only
+        text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:400]
+        raise UnsupportedModelError(
+            f"op errors: ONNX Runtime could not load the model with op outputs added as graph outputs: {text}. "
+            "Use a tuning strategy that needs no per-op errors (strategy='basic')."
+        ) from exc

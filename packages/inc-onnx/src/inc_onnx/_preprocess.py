@@ -22,6 +22,7 @@ from onnxruntime.quantization.quant_utils import add_infer_metadata
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from inc_onnx._model_io import _PROTOBUF_LIMIT, as_model_proto, check_runtime_loads, digest
+from inc_onnx._repair import flatten_row_biases, merge_opsets, unshare_biases
 
 __all__ = ["InputSpec", "Prepared", "prepare"]
 
@@ -104,6 +105,7 @@ def prepare(model: Any) -> Prepared:
 
 def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     _name_nodes(proto)
+    merge_opsets(proto)
     try:
         prepared = _symbolic_pre_process(proto)
     except Exception as exc:  # symbolic inference fails on some graphs; the rest of the pipeline still helps
@@ -112,10 +114,18 @@ def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
             prepared = _ort_pre_process(proto, symbolic=False)
         except Exception as exc2:
             log.info("ONNX Runtime pre-processing failed (%s); quantizing the graph as given", exc2)
-            prepared = onnx.shape_inference.infer_shapes(proto)
+            try:
+                prepared = onnx.shape_inference.infer_shapes(proto)
+            except Exception as exc3:  # onnx raises InferenceError and others; the graph itself loaded in ORT
+                log.info("ONNX shape inference failed (%s); quantizing the graph without inferred shapes", exc3)
+                prepared = onnx.ModelProto()
+                prepared.CopyFrom(proto)
     _restore_fused_names(prepared)
     # ORT's optimizer may add nodes without names; the quantizer and fallback need every node named.
     _name_nodes(prepared)
+    merge_opsets(prepared)
+    flatten_row_biases(prepared)
+    unshare_biases(prepared)
     add_infer_metadata(prepared)
     return prepared
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
 from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -24,10 +25,11 @@ from onnxruntime.quantization.quant_utils import QuantizationMode, QuantType, up
 from inc_core import QuantConfig
 from inc_core.backend import Op, TuningSpace
 from inc_core.calibration import QParams, compute_qparams
-from inc_core.errors import CalibrationError, ConfigError
+from inc_core.errors import CalibrationError, ConfigError, IncError, UnsupportedModelError
 from inc_onnx._collect import OnnxCalibration
-from inc_onnx._describe import WEIGHTED_OPS, describe_prepared, op_types_for, weight_axis
+from inc_onnx._describe import WEIGHTED_OPS, describe_prepared, nothing_to_quantize, op_types_for, weight_axis
 from inc_onnx._preprocess import Prepared
+from inc_onnx._verify import failed_quantizer_node
 
 __all__ = ["METADATA_KEY", "quantize_prepared"]
 
@@ -43,54 +45,141 @@ def quantize_prepared(
     """The INT8 model for ``config`` (a new ModelProto; ``prepared`` is not touched).
 
     Raises:
-        ConfigError: an exclude/override names no op, or an override is not supported in this mode.
+        ConfigError: an exclude/override names no op, an override is not supported in this mode, or
+            exclude= leaves nothing to quantize.
         CalibrationError: static quantization without statistics, or statistics of another model.
+        UnsupportedModelError: the model has no op quantizable in this mode, or ORT's quantizer failed
+            on an op (named in the message).
     """
     space = describe_prepared(prepared.model, config, fmt)
+    if not space.ops:
+        raise nothing_to_quantize(prepared.model, config.approach, fmt)
     excluded = set(config.exclude.select(space.ops))
+    if len(excluded) == len(space.ops):
+        raise ConfigError(
+            f"QuantConfig: exclude= keeps every one of the {len(space.ops)} quantizable ops in FP32, so nothing "
+            "would be quantized. Exclude fewer ops (inc.describe(model) lists them), or keep the FP32 model."
+        )
     _check_overrides(config, space, fmt)
     model = prepared.copy()
     op_types = list(op_types_for(config.approach, fmt))
-    if config.approach == "dynamic":
-        quantizer: Any = _dynamic_quantizer(model, config, excluded, op_types)
-    else:
-        if calibration is None:
-            raise CalibrationError(
-                "Static quantization needs calibration statistics; pass dataset= to inc.quantize/inc.autotune "
-                "(or use QuantConfig(approach='dynamic'))."
-            )
-        if calibration.digest != prepared.digest:
-            raise CalibrationError(
-                "The calibration statistics were collected on a different model than the one being quantized; "
-                "calibrate this model (backend.calibrate(model, ...)) and pass that result."
-            )
-        quantized = [op for op in space.ops if op.name not in excluded]
-        ranges, tensor_overrides = _static_ranges(model, config, fmt, calibration, quantized)
-        activation = _QTYPES[config.activation_dtype]
-        extra: dict[str, Any] = {"TensorQuantOverrides": tensor_overrides}
-        if _any_symmetric(config):
-            # ORT folds Relu/Clip into their producer only for asymmetric activations, whose zero point at
-            # the range's low end does the clamping; a symmetric tensor keeps its Relu.
-            extra["ActivationSymmetric"] = True
-        model = update_opset_version(model, QuantType.QInt8, activation, tensor_quant_overrides=extra.get("TensorQuantOverrides"))
-        tensors_range = TensorsData(CalibrationMethod.MinMax, ranges)
-        per_channel = config.granularity == "per_channel"
-        if fmt == "qdq":
-            quantizer = QDQQuantizer(
-                model, per_channel, False, QuantType.QInt8, activation, tensors_range, [], sorted(excluded), op_types, extra
-            )
-        else:
-            quantizer = ONNXQuantizer(
-                model, per_channel, False, QuantizationMode.QLinearOps, True, QuantType.QInt8, activation,
-                tensors_range, [], sorted(excluded), op_types, extra,
-            )
-    quantizer.quantize_model()
-    # ORT's quantizers append new nodes out of order; ONNX requires topological order.
-    quantizer.model.topological_sort()
+    mode = "dynamic" if config.approach == "dynamic" else f"static {fmt}"
+    try:
+        quantizer = _quantizer(model, config, fmt, calibration, prepared, space, excluded, op_types)
+        quantizer.quantize_model()
+        # ORT's quantizers append new nodes out of order; ONNX requires topological order.
+        quantizer.model.topological_sort()
+    except IncError:
+        raise
+    except Exception as exc:  # ORT's quantizers raise builtins (ValueError, KeyError, AssertionError, ...)
+        raise _quantizer_failed(exc, mode, config) from exc
     result: onnx.ModelProto = quantizer.model.model
+    _name_like_qoperator(result, [op.name for op in space.ops if op.op_type == "Gemm"])
     _keep_users_shapes(result, prepared.value_info)
     _stamp(result, config, fmt)
     return result
+
+
+def _quantizer(
+    model: onnx.ModelProto,
+    config: QuantConfig,
+    fmt: str,
+    calibration: OnnxCalibration | None,
+    prepared: Prepared,
+    space: TuningSpace,
+    excluded: set[str],
+    op_types: list[str],
+) -> Any:
+    if config.approach == "dynamic":
+        selected = [op for op in space.ops if op.name not in excluded]
+        return _dynamic_quantizer(model, config, excluded, op_types, selected)
+    if calibration is None:
+        raise CalibrationError(
+            "Static quantization needs calibration statistics; pass dataset= to inc.quantize/inc.autotune "
+            "(or use QuantConfig(approach='dynamic'))."
+        )
+    if calibration.digest != prepared.digest:
+        raise CalibrationError(
+            "The calibration statistics were collected on a different model than the one being quantized; "
+            "calibrate this model (backend.calibrate(model, ...)) and pass that result."
+        )
+    quantized = [op for op in space.ops if op.name not in excluded]
+    ranges, tensor_overrides = _static_ranges(model, config, fmt, calibration, quantized)
+    activation = _QTYPES[config.activation_dtype]
+    extra: dict[str, Any] = {"TensorQuantOverrides": tensor_overrides}
+    if _any_symmetric(config):
+        # ORT folds Relu/Clip into their producer only for asymmetric activations, whose zero point at
+        # the range's low end does the clamping; a symmetric tensor keeps its Relu.
+        extra["ActivationSymmetric"] = True
+    if _has_matrix_bias(model):
+        # ORT's int32-bias scale check indexes a bias per output channel and fails on a 2-D one
+        # (preparation flattens [1, N] biases; a full [M, N] one is left as it is).
+        extra["QDQDisableWeightAdjustForInt32Bias"] = True
+    model = update_opset_version(model, QuantType.QInt8, activation, tensor_quant_overrides=extra.get("TensorQuantOverrides"))
+    tensors_range = TensorsData(CalibrationMethod.MinMax, ranges)
+    per_channel = config.granularity == "per_channel"
+    if fmt == "qdq":
+        return QDQQuantizer(
+            model, per_channel, False, QuantType.QInt8, activation, tensors_range, [], sorted(excluded), op_types, extra
+        )
+    return ONNXQuantizer(
+        model, per_channel, False, QuantizationMode.QLinearOps, True, QuantType.QInt8, activation,
+        tensors_range, [], sorted(excluded), op_types, extra,
+    )
+
+
+def _has_matrix_bias(model: onnx.ModelProto) -> bool:
+    dims = {init.name: len(init.dims) for init in model.graph.initializer}
+    return any(
+        node.op_type == "Gemm" and len(node.input) > 2 and dims.get(node.input[2], 1) > 1 for node in model.graph.node
+    )
+
+
+def _quantizer_failed(exc: Exception, mode: str, config: QuantConfig) -> UnsupportedModelError:
+    """Name the op ORT's quantizer failed on, what it said, and the ways around it."""
+    node = failed_quantizer_node(exc)
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+    if node is not None:
+        name = node.name.removesuffix("_MatMul") if config.approach == "dynamic" else node.name
+        where = f"on op {name!r} ({node.op_type})"
+        fix = f"keep it in FP32 with exclude=inc.LayerFilter(names=({name!r},))"
+    else:
+        where = "on an op it did not name"
+        fix = "find the op with inc.describe(model) and keep it in FP32 with exclude="
+    others = [
+        alt for alt in (
+            "granularity='per_tensor'" if config.granularity == "per_channel" else "",
+            "format='qdq'" if mode == "static qoperator" else "format='qoperator'" if mode == "static qdq" else "",
+            "approach='dynamic'" if config.approach == "static" else "approach='static'",
+        ) if alt
+    ]
+    return UnsupportedModelError(
+        f"ONNX Runtime {ort.__version__}'s {mode} quantizer failed {where}: {type(exc).__name__}: {text}. "
+        f"To quantize the rest, {fix}, or try {', '.join(others)}."
+    )
+
+
+def _name_like_qoperator(model: onnx.ModelProto, gemms: list[str]) -> None:
+    """Name every node, and a dynamic Gemm's integer kernel ``<gemm>_quant`` as QOperator names its QGemm.
+
+    The dynamic quantizer splits a Gemm into ``<gemm>_MatMul`` + ``<gemm>_Add`` and names the kernel
+    ``<gemm>_MatMul_quant``; it also adds a few nodes without a name. Names let users (and ORT's error
+    messages) point at an op.
+    """
+    names = {node.name for node in model.graph.node if node.name}
+    for gemm in gemms:
+        for node in model.graph.node:
+            if node.name == f"{gemm}_MatMul_quant" and f"{gemm}_quant" not in names:
+                node.name = f"{gemm}_quant"
+                names.add(node.name)
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            base, k = f"{node.op_type}_{index}", 1
+            name = base
+            while name in names:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+            names.add(name)
 
 
 def _keep_users_shapes(model: onnx.ModelProto, users: tuple[onnx.ValueInfoProto, ...]) -> None:
@@ -112,7 +201,9 @@ def _any_symmetric(config: QuantConfig) -> bool:
     return config.scheme == "sym" or any(s.get("scheme") == "sym" for s in config.overrides.values())
 
 
-def _dynamic_quantizer(model: onnx.ModelProto, config: QuantConfig, excluded: set[str], op_types: list[str]) -> Any:
+def _dynamic_quantizer(
+    model: onnx.ModelProto, config: QuantConfig, excluded: set[str], op_types: list[str], selected: list[Op]
+) -> Any:
     if config.activation_dtype != "uint8" or config.scheme != "asym":
         raise ConfigError(
             "QuantConfig: approach='dynamic' in ONNX Runtime computes activation parameters at run time as uint8 "
@@ -122,12 +213,14 @@ def _dynamic_quantizer(model: onnx.ModelProto, config: QuantConfig, excluded: se
     model = update_opset_version(model, QuantType.QInt8)
     # A Gemm reaches the quantizer as "<name>_MatMul" + "<name>_Add"; keep the MatMul of an excluded one in float.
     excluded = excluded | {f"{name}_MatMul" for name in excluded}
+    # Exactly the nodes describe lists (ORT would otherwise also try nodes it then leaves in float).
+    chosen = [op.name for op in selected] + [f"{op.name}_MatMul" for op in selected if op.op_type == "Gemm"]
     # Only MatMuls with a constant weight: activation x activation products (attention scores) stay
     # in float, as quantize_dynamic does by default.
     extra = {"MatMulConstBOnly": True}
     return ONNXQuantizer(
         model, config.granularity == "per_channel", False, QuantizationMode.IntegerOps, False, QuantType.QInt8,
-        QuantType.QUInt8, None, [], sorted(excluded), op_types, extra,
+        QuantType.QUInt8, None, chosen, sorted(excluded), op_types, extra,
     )
 
 

@@ -1,0 +1,105 @@
+"""Graph repairs made during preparation, for exporter habits that ONNX Runtime's quantizers mishandle.
+
+Each repair keeps the model's function: the FP32 outputs of the repaired graph equal those of the
+given one. They exist because a quantizer that meets these constructs either raises from deep inside
+ORT or, worse, writes an INT8 model that ORT refuses to load.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["BIAS_SLOTS", "flatten_row_biases", "merge_opsets", "unshare_biases"]
+
+log = logging.getLogger("inc")
+
+# Op type -> index of the input the quantizers turn into an int32 bias (scale = input scale x weight scale).
+BIAS_SLOTS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
+
+
+def merge_opsets(model: onnx.ModelProto) -> None:
+    """Keep one ``opset_import`` entry per domain (the highest version).
+
+    skl2onnx writes the default domain twice when a model needs only ``ai.onnx.ml`` ops (e.g. a
+    LogisticRegression or RandomForest converted without ZipMap). ONNX Runtime loads such a model,
+    but its quantizers look the default opset up and give up ("Failed to find proper ai.onnx domain").
+    """
+    versions: dict[str, int] = {}
+    for opset in model.opset_import:
+        domain = "" if opset.domain == "ai.onnx" else opset.domain
+        versions[domain] = max(versions.get(domain, 0), opset.version)
+    if len(versions) == len(model.opset_import):
+        return
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in versions.items())
+
+
+def unshare_biases(model: onnx.ModelProto) -> int:
+    """Give every bias input of a Conv/ConvTranspose/Gemm its own initializer; returns how many were copied.
+
+    Exporters (and ORT's own constant sharing) let several nodes read one initializer, typically a zero
+    bias. The QOperator quantizer quantizes a bias once, with the first node's input scale, and then
+    hands that int32 tensor to every other reader: a second Gemm gets a bias on the wrong scale, and
+    an Add that reads the same tensor becomes a QLinearAdd with an int32 input, which ORT rejects
+    (``INVALID_GRAPH ... tensor(int32) ... QLinearAdd``). Biases are small, so copying them is cheap.
+    """
+    initializers = {init.name: init for init in model.graph.initializer}
+    uses: collections.Counter[str] = collections.Counter(
+        name for node in model.graph.node for name in node.input if name in initializers
+    )
+    taken = {*initializers, *(o for node in model.graph.node for o in node.output), *(v.name for v in model.graph.input)}
+    copied = 0
+    for node in model.graph.node:
+        slot = BIAS_SLOTS.get(node.op_type)
+        if node.domain or slot is None or len(node.input) <= slot:
+            continue
+        name = node.input[slot]
+        if name not in initializers or uses[name] < 2:
+            continue
+        new_name = _free_name(f"{name}.{node.name}", taken)
+        copy = onnx.TensorProto()
+        copy.CopyFrom(initializers[name])
+        copy.name = new_name
+        model.graph.initializer.append(copy)
+        node.input[slot] = new_name
+        uses[name] -= 1
+        copied += 1
+    if copied:
+        log.info("gave %d shared bias initializer use(s) their own copy", copied)
+    return copied
+
+
+def flatten_row_biases(model: onnx.ModelProto) -> int:
+    """Store a Gemm's ``[1, N]`` bias as ``[N]``; returns how many were changed.
+
+    scikit-learn converters write intercepts as one-row matrices. Gemm broadcasts ``[1, N]`` and
+    ``[N]`` the same way, but ORT's int32-bias scale check indexes the bias per output channel and
+    raises numpy's "truth value of an array is ambiguous" on a 2-D one (per-channel weights).
+    """
+    initializers = {init.name: init for init in model.graph.initializer}
+    uses: collections.Counter[str] = collections.Counter(name for node in model.graph.node for name in node.input)
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or node.domain or len(node.input) < 3:
+            continue
+        init = initializers.get(node.input[2])
+        if init is None or len(init.dims) != 2 or init.dims[0] != 1 or uses[init.name] != 1:
+            continue
+        array = numpy_helper.to_array(init)
+        flat = numpy_helper.from_array(np.ascontiguousarray(array.reshape(-1)), init.name)
+        init.CopyFrom(flat)
+        changed += 1
+    return changed
+
+
+def _free_name(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
