@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import graph_nodes
 from mxnet import gluon
+from mxnet.gluon import nn
 
 import inc_core as inc
 from inc_core.calibration import HistogramObserver
@@ -150,3 +151,34 @@ def test_quantized_block_is_a_symbol_block_that_runs_any_batch_size(cnn: gluon.H
     x = models.digits()[1]
     for n in (1, 7, 64):
         assert quantized(mx.nd.array(x[:n])).shape == (n, 10)
+
+
+class TwoInputs(gluon.HybridBlock):
+    """Two inputs joined by a concat: inputs are named data0, data1 in hybrid_forward's order."""
+
+    def __init__(self) -> None:
+        super().__init__(prefix="two_")
+        with self.name_scope():
+            self.left = nn.Dense(16, activation="relu")
+            self.right = nn.Dense(16, activation="relu")
+            self.head = nn.Dense(4)
+
+    def hybrid_forward(self, F, a, b):  # noqa: ANN001, ANN201, N803
+        return self.head(F.concat(self.left(a), self.right(b), dim=1))
+
+
+def test_block_with_two_inputs_takes_tuples_and_named_mappings() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(64, 8)).astype(np.float32), rng.normal(size=(64, 6)).astype(np.float32)
+    net = TwoInputs()
+    net.initialize(mx.init.Xavier())
+    reference = net(mx.nd.array(a), mx.nd.array(b)).asnumpy()
+    as_tuples = inc.Dataset([(a[i : i + 16], b[i : i + 16]) for i in range(0, 64, 16)])
+    as_mapping = inc.Dataset({"data0": a, "data1": b}, batch_size=16)
+    for data in (as_tuples, as_mapping):
+        quantized = inc.quantize(net, inc.QuantConfig(calib_samples=64), dataset=data)
+        fcs = [n for n in graph_nodes(quantized) if n["op"] == "_sg_mkldnn_fully_connected"]
+        assert len(fcs) == 3 and all(n["attrs"]["quantized"].lower() == "true" for n in fcs)
+        got = quantized(mx.nd.array(a), mx.nd.array(b)).asnumpy()
+        cosine = float(np.sum(got * reference) / (np.linalg.norm(got) * np.linalg.norm(reference)))
+        assert cosine > 0.99
