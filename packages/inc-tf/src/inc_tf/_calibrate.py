@@ -75,6 +75,10 @@ def collect(graph: KerasGraph, dataset: Dataset, *, samples: int, model_id: int 
     runner = interp.get_signature_runner()
     input_keys = list(runner.get_input_details())
     observers = {index: HistogramObserver(name=name) for index, name in names.items()}
+    records = op_records(calibrated)
+    # Every float activation is checked for NaN/Inf, also those of ops LiteRT keeps in float (no range field).
+    checked = {i: n for r in records for i, n, d in zip(r.outputs, r.output_names, r.output_dtypes) if d == "float32"}
+    checked.update(names)
     seen = 0
     bar = _progress(samples)
     try:
@@ -87,16 +91,17 @@ def collect(graph: KerasGraph, dataset: Dataset, *, samples: int, model_id: int 
                     f"calibration batch {index}: LiteRT could not run the model on shapes "
                     f"{[a.shape for a in batch]}: {str(exc).splitlines()[0][:300]}."
                 ) from exc
-            for tensor, obs in observers.items():
+            for tensor, name in checked.items():
                 value = interp.get_tensor(tensor)
                 if not np.all(np.isfinite(value)):
                     kind = "NaN" if np.isnan(value).any() else "Inf"
                     raise CalibrationError(
-                        f"Activation {names[tensor]!r} holds {kind} at calibration batch {index}; quantization "
+                        f"Activation {name!r} holds {kind} at calibration batch {index}; quantization "
                         "ranges would be meaningless. Check the calibration data (NaN/Inf or unnormalized inputs) "
                         "and the model's numerics (log or division of zero) on this batch."
                     )
-                obs.update(value)
+                if tensor in observers:
+                    observers[tensor].update(value)
             size = int(batch[0].shape[0]) if batch[0].ndim else 1
             seen += size
             if bar is not None:
@@ -105,7 +110,7 @@ def collect(graph: KerasGraph, dataset: Dataset, *, samples: int, model_id: int 
         if bar is not None:
             bar.close()
     log.info("calibration: %d samples, %d activations observed", seen, len(observers))
-    return TfCalibration(calibrated, observers, names, op_records(calibrated), seen, model_id)
+    return TfCalibration(calibrated, observers, names, records, seen, model_id)
 
 
 def _chain(first: list[np.ndarray], rest: Any) -> Any:

@@ -55,7 +55,7 @@ def check_keras_model(model: Any) -> Any:
             f"{type(model).__qualname__}."
         )
     check_keras_backend()
-    if not model.built or not model.inputs and not _has_build_shape(model):
+    if not model.built or not getattr(model, "inputs", None) and not _has_build_shape(model):
         raise UnsupportedModelError(
             f"Keras model {model.name!r} ({type(model).__qualname__}) is not built: its input shape is unknown. "
             "Call it once on a batch, or build it with model.build(input_shape), before quantizing."

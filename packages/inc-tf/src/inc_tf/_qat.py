@@ -253,6 +253,7 @@ class QATCallback(keras.callbacks.Callback):
             raise ConfigError(f"QATCallback: config must be an inc.QATConfig, got {type(config).__name__}.")
         self.config = config
         self.step = 0
+        self._frozen = (0.0, 0.0)
 
     def _config(self) -> QATConfig:
         if self.config is not None:
@@ -275,9 +276,13 @@ class QATCallback(keras.callbacks.Callback):
                 wrapper.ranges_frozen.assign(1.0)
             if freeze_bn:
                 wrapper.bn_frozen.assign(1.0)
+        self._frozen = (float(freeze_ranges), float(freeze_bn))
         if logs is not None:
-            logs["qat_ranges_frozen"] = float(freeze_ranges)
-            logs["qat_bn_frozen"] = float(freeze_bn)
+            logs["qat_ranges_frozen"], logs["qat_bn_frozen"] = self._frozen
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None:  # the epoch logs are what History keeps
+            logs["qat_ranges_frozen"], logs["qat_bn_frozen"] = self._frozen
 
 
 def convert(model: keras.Model, *, dataset: Any = None) -> Any:

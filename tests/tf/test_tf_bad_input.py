@@ -1,0 +1,126 @@
+"""Bad input gets the documented inc error with the fix, and never a partial file."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tf_testmodels as models
+
+import inc_core as inc
+import inc_tf
+from inc_core.errors import CalibrationError, DatasetError, EvaluationError, SaveError, UnsupportedModelError
+from inc_core.tuning import autotune
+
+
+class _Untraceable(keras.Model):
+    """Reads a tensor's value in Python: fine eagerly, impossible to trace into a graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = keras.layers.Dense(10)
+
+    def call(self, x):
+        scale = float(np.asarray(x).mean())
+        return self.dense(keras.ops.reshape(x, (-1, 64))) * scale
+
+
+class _Traceable(keras.Model):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat = keras.layers.Flatten()
+        self.hidden = keras.layers.Dense(32, activation="relu")
+        self.out = keras.layers.Dense(10)
+
+    def call(self, x):
+        return self.out(self.hidden(self.flat(x)))
+
+
+def test_untraceable_subclassed_model(calib, digits):
+    model = _Untraceable()
+    model(digits[0][:2])
+    with pytest.raises(UnsupportedModelError, match="trace"):
+        inc.quantize(model, inc.QuantConfig(calib_samples=16), dataset=calib)
+
+
+def test_unbuilt_model():
+    with pytest.raises(UnsupportedModelError, match="not built"):
+        inc.quantize(_Traceable(), inc.QuantConfig(), dataset=np.zeros((4, 8, 8, 1), np.float32))
+
+
+def test_non_tensorflow_keras_backend(monkeypatch, calib):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(UnsupportedModelError, match="KERAS_BACKEND=tensorflow"):
+        inc.quantize(models.cnn(), inc.QuantConfig(), dataset=calib)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [np.zeros((8, 8, 8, 3), np.float32), np.zeros((8, 64), np.float32), np.array([["a"] * 64] * 4).reshape(4, 8, 8, 1)],
+    ids=["wrong-channels", "flat", "strings"],
+)
+def test_wrong_calibration_shape_or_dtype(data):
+    with pytest.raises(DatasetError, match="(shape|dtype)"):
+        inc.quantize(models.cnn(), inc.QuantConfig(), dataset=inc.Dataset(data, batch_size=4))
+
+
+def test_empty_data():
+    with pytest.raises(DatasetError, match="no samples"):
+        inc.quantize(models.cnn(), inc.QuantConfig(), dataset=inc.Dataset(np.zeros((0, 8, 8, 1), np.float32)))
+
+
+def test_inf_in_calibration_data(digits):
+    batch = digits[0][:8].copy()
+    batch[3, 2, 2, 0] = np.inf
+    with pytest.raises(CalibrationError, match="Inf"):
+        inc.quantize(models.cnn(), inc.QuantConfig(), dataset=inc.Dataset(batch, batch_size=8))
+
+
+def test_nan_activation_from_the_model(digits):
+    """Finite inputs, but the model itself produces NaN (log of a negative activation)."""
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Flatten()(inputs)
+    h = keras.layers.Dense(16, kernel_initializer="ones", bias_initializer=keras.initializers.Constant(-100.0))(h)
+    h = keras.layers.Lambda(lambda t: keras.ops.log(t))(h)
+    model = keras.Model(inputs, keras.layers.Dense(10)(h))
+    with pytest.raises(CalibrationError, match="NaN"):
+        inc.quantize(model, inc.QuantConfig(calib_samples=16), dataset=inc.Dataset(digits[0][:16], batch_size=8))
+
+
+def test_eval_fn_that_raises(calib):
+    def broken(candidate):
+        raise ZeroDivisionError("no labels")
+
+    with pytest.raises(EvaluationError, match="no labels"):
+        autotune(models.cnn(), inc.TuningConfig(max_trials=2), eval_fn=broken, dataset=calib)
+
+
+def test_unwritable_output_leaves_no_partial_file(tmp_path, calib, monkeypatch):
+    q = inc.quantize(models.cnn(), inc.QuantConfig(calib_samples=32), dataset=calib)
+    with pytest.raises(SaveError, match="does not exist"):
+        inc.save(q, tmp_path / "missing" / "model.tflite")
+    (tmp_path / "a_dir.tflite").mkdir()
+    with pytest.raises(SaveError, match="directory"):
+        inc.save(q, tmp_path / "a_dir.tflite")
+    def half_write(self, model, path):
+        path.write_bytes(model.content[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(inc_tf.TfBackend, "save", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        inc.save(q, tmp_path / "model.tflite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir.tflite"]
+
+
+def test_keras_model_saved_under_a_wrong_suffix(tmp_path):
+    with pytest.raises(SaveError, match=r"\.keras"):
+        inc.save(models.cnn(), tmp_path / "model.bin", backend="tf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dynamic_with_exclude_is_explained():
+    from inc_core.errors import ConfigError
+
+    config = inc.QuantConfig(approach="dynamic", exclude=inc.LayerFilter(names=("fc1",)))
+    with pytest.raises(ConfigError, match="static"):
+        inc.quantize(models.cnn(), config)

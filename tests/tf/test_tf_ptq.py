@@ -1,0 +1,62 @@
+"""LiteRT int8 from Keras models: int8 tensors in the .tflite, accuracy within 1% after inc.autotune."""
+
+from __future__ import annotations
+
+import keras
+import tf_testmodels as models
+
+import inc_core as inc
+from inc_core.tuning import autotune
+
+
+def test_sequential_mlp_int8_tensors_and_accuracy(digits, calib):
+    _, x_test, _, y_test = digits
+    model = models.mlp()
+    dense = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    assert [op.name for op in inc.describe(model).ops] == dense and len(dense) == 3
+    q = inc.quantize(model, inc.QuantConfig(calibration="percentile", calib_samples=128), dataset=calib)
+    dtypes = q.tensor_dtypes()
+    assert sum(d == "int8" for d in dtypes.values()) >= 6, dtypes
+    assert q.op_names().count("FULLY_CONNECTED") == 3 and "QUANTIZE" in q.op_names()
+    # auto-generated names (dense_<n>) map back exactly, though the converter's scopes add suffixes of their own
+    assert set(dense) <= set(q.int8_layers())
+    fp32, int8 = models.accuracy(model, x_test, y_test), models.accuracy(q, x_test, y_test)
+    assert int8 >= fp32 - 0.01, f"FP32 {fp32:.4f} vs INT8 {int8:.4f}"
+
+
+def test_autotune_within_one_percent_and_round_trips(digits, tmp_path):
+    x_train, x_test, y_train, y_test = digits
+    model = models.cnn()
+    x_val, y_val = x_train[-300:], y_train[-300:]
+
+    def eval_fn(candidate):
+        return models.accuracy(candidate, x_val, y_val)
+
+    tuning = inc.TuningConfig(
+        base=inc.QuantConfig(calibration="kl", calib_samples=256), tolerable_loss=0.01, max_trials=10,
+        history=str(tmp_path / "tuning.json"),
+    )
+    result = autotune(model, tuning, eval_fn=eval_fn, dataset=inc.Dataset(x_train[:256], batch_size=32))
+    assert result.met, [(t.change, t.score) for t in result.trials]
+    fp32, int8 = models.accuracy(model, x_test, y_test), models.accuracy(result.model, x_test, y_test)
+    assert int8 >= fp32 - 0.01, f"FP32 {fp32:.4f} vs INT8 {int8:.4f}"
+    path = inc.save(result.model, tmp_path / "digits.tflite")
+    loaded = inc.load(path)
+    assert {"conv1", "conv2", "fc1", "logits"} <= set(loaded.int8_layers())
+    assert models.accuracy(loaded, x_test, y_test) == int8
+
+
+def test_symmetric_per_tensor_recipe(digits, calib):
+    _, x_test, _, y_test = digits
+    model = models.cnn()
+    config = inc.QuantConfig(calibration="mse", scheme="sym", granularity="per_tensor", activation_dtype="int8")
+    q = inc.quantize(model, config, dataset=calib)
+    fp32, int8 = models.accuracy(model, x_test, y_test), models.accuracy(q, x_test, y_test)
+    assert int8 >= fp32 - 0.01, f"FP32 {fp32:.4f} vs INT8 {int8:.4f}"
+
+
+def test_keras_file_is_quantized_from_its_path(digits, calib, tmp_path):
+    path = tmp_path / "cnn.keras"
+    models.cnn().save(path)
+    q = inc.quantize(str(path), inc.QuantConfig(calib_samples=64), dataset=calib)
+    assert "conv1" in q.int8_layers()

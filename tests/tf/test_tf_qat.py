@@ -1,0 +1,58 @@
+"""QAT with the user's own compile/fit: within 1% of FP32 after conversion to LiteRT int8 (Adam and SGD)."""
+
+from __future__ import annotations
+
+import keras
+import pytest
+import tf_testmodels as models
+
+import inc_core as inc
+import inc_tf
+from inc_core.errors import ConfigError, UnsupportedModelError
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_qat_fit_then_convert_stays_within_one_percent(optimizer, digits):
+    x_train, x_test, y_train, y_test = digits
+    model = models.cnn()
+    before = models.fingerprint(model)
+    fp32 = models.accuracy(model, x_test, y_test)
+    config = inc.QATConfig(freeze_observer_step=60, freeze_bn_step=80)
+    qat = inc_tf.prepare_qat(model, config)
+    assert any(isinstance(layer, inc_tf.FakeQuant) for layer in qat.layers)
+    opt = keras.optimizers.Adam(5e-4) if optimizer == "adam" else keras.optimizers.SGD(0.01, momentum=0.9)
+    qat.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    history = qat.fit(x_train, y_train, epochs=3, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
+    # The callback reports through Keras' own logs: frozen by the end of the run (43 steps per epoch).
+    assert history.history["qat_ranges_frozen"][-1] == 1.0 and history.history["qat_bn_frozen"][-1] == 1.0
+    assert models.fingerprint(model) == before, "prepare_qat modified the user's model"
+    int8 = inc_tf.convert(qat)
+    assert {"conv1", "conv2", "fc1", "logits"} <= set(int8.int8_layers())
+    assert "int8" in set(int8.tensor_dtypes().values())
+    accuracy = models.accuracy(int8, x_test, y_test)
+    assert accuracy >= fp32 - 0.01, f"FP32 {fp32:.4f} vs QAT int8 {accuracy:.4f}"
+
+
+def test_frozen_ranges_stop_moving(digits):
+    x_train, _, y_train, _ = digits
+    qat = inc_tf.prepare_qat(models.cnn(), inc.QATConfig(freeze_observer_step=5))
+    qat.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x_train[:320], y_train[:320], epochs=1, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
+    frozen = {w.name: w.learned_range() for w in qat.layers if isinstance(w, inc_tf.FakeQuant)}
+    qat.fit(x_train[:320] * 3.0, y_train[:320], epochs=1, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
+    assert {w.name: w.learned_range() for w in qat.layers if isinstance(w, inc_tf.FakeQuant)} == frozen
+
+
+def test_convert_needs_a_trained_qat_model():
+    with pytest.raises(UnsupportedModelError, match="prepare_qat"):
+        inc_tf.convert(models.cnn())
+    untrained = inc_tf.prepare_qat(models.cnn())
+    with pytest.raises(UnsupportedModelError, match="never trained"):
+        inc_tf.convert(untrained)
+
+
+def test_prepare_qat_rejects_a_wrong_config_and_unknown_layer():
+    with pytest.raises(ConfigError, match="QATConfig"):
+        inc_tf.prepare_qat(models.cnn(), inc.QuantConfig())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="no_such_layer"):
+        inc_tf.prepare_qat(models.cnn(), inc.QATConfig(exclude=inc.LayerFilter(names=("no_such_layer",))))
