@@ -190,6 +190,8 @@ class RayExecutor:
         """Start or join a cluster; whether this executor started Ray (and so shuts it down)."""
         ray = self._ray
         if ray.is_initialized():
+            if address is not None:
+                log.warning("RayExecutor: Ray is already initialized in this process; using that cluster, not address=%r", address)
             return False
         if address is not None and address != "auto":
             _check_reachable(address)
