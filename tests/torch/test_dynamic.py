@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,10 @@ from torch_helpers import accuracy, relative_loss, same_state, state, trained_ml
 
 import inc_core as inc
 import inc_torch
+from inc_core.errors import ConfigError
 from inc_core.testing import cosine
-from inc_torch._dynamic import has_vnni
+from inc_torch import _dynamic
+from inc_torch._dynamic import activation_range, has_vnni
 
 
 class Transducer(nn.Module):
@@ -99,22 +102,91 @@ class Identity(nn.Module):
         return self.fc(x)
 
 
-def test_activation_range_follows_the_cpu(tmp_path: Path) -> None:
-    # x = k/255 for k in 0..255: exact on the full u8 grid (scale 1/255), while the 7-bit grid (scale
-    # 1/127) rounds most of them. The output is the quantized input times the int8 weight's diagonal.
-    x = (torch.arange(256, dtype=torch.float32) / 255).reshape(1, 256)
-    seven_bit = torch.round(x * 127) / 127
-    assert (x - seven_bit).abs().max() > 1e-3
+# x = k/255 for k in 0..255: exact on the full u8 grid (scale 1/255), while the 7-bit grid (scale 1/127)
+# rounds most of them. An identity Linear outputs the quantized input times its int8 weight's diagonal.
+_X = (torch.arange(256, dtype=torch.float32) / 255).reshape(1, 256)
+_SEVEN_BIT = torch.round(_X * 127) / 127
+AVX2_ONLY = frozenset({"fpu", "sse2", "avx2", "fma"})
+VNNI = frozenset({"fpu", "sse2", "avx2", "avx512f", "avx512bw", "avx512_vnni"})
+
+
+def _fake_cpu(monkeypatch: pytest.MonkeyPatch, flags: frozenset[str]) -> None:
+    monkeypatch.setattr(_dynamic, "cpu_flags", lambda: flags)
+
+
+def _expected(quantized: nn.Module, full_range: bool) -> torch.Tensor:
+    diagonal = quantized.fc.weight().dequantize().diagonal()
+    return (_X if full_range else _SEVEN_BIT) * diagonal
+
+
+def test_auto_activation_range_follows_the_cpu(tmp_path: Path) -> None:
+    assert (_X - _SEVEN_BIT).abs().max() > 1e-3
     quantized = inc.quantize(Identity(256).eval(), inc.QuantConfig(approach="dynamic"))
     assert isinstance(quantized.fc, torch.ao.nn.quantized.dynamic.Linear)
-    diagonal = quantized.fc.weight().dequantize().diagonal()
-    expected = (x if has_vnni() else seven_bit) * diagonal  # VNNI accumulates in int32: the eighth bit is safe
+    assert activation_range(quantized) == ("full_range" if has_vnni() else "reduce_range")
+    expected = _expected(quantized, has_vnni())  # VNNI accumulates in int32: the eighth bit is safe
     assert inc_torch.quantized_ops(quantized) == ["fc"]
     with torch.no_grad():
-        torch.testing.assert_close(quantized(x), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(quantized(_X), expected, atol=1e-6, rtol=0)
         loaded = inc.load(inc.save(quantized, tmp_path / "identity.pt"))  # TorchScript keeps the range
         assert inc_torch.quantized_ops(loaded) == ["fc"]
-        torch.testing.assert_close(loaded(x), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(loaded(_X), expected, atol=1e-6, rtol=0)
+
+
+def test_reduce_range_is_the_same_on_every_cpu() -> None:
+    backend = inc_torch.TorchBackend(dynamic_activations="reduce_range")
+    quantized = inc.quantize(Identity(256).eval(), inc.QuantConfig(approach="dynamic"), backend=backend)
+    assert activation_range(quantized) == "reduce_range"
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(_X), _expected(quantized, False), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [(VNNI, "full_range"), (AVX2_ONLY, "reduce_range")])
+def test_auto_picks_the_range_from_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, flags: frozenset[str], expected: str) -> None:
+    _fake_cpu(monkeypatch, flags)
+    quantized = inc.quantize(Identity(8).eval(), inc.QuantConfig(approach="dynamic"))
+    assert activation_range(quantized) == expected
+
+
+def test_full_range_is_refused_on_a_cpu_without_vnni(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cpu(monkeypatch, AVX2_ONLY)
+    model = trained_mlp()
+    before = state(model)
+    backend = inc_torch.TorchBackend(dynamic_activations="full_range")
+    with pytest.raises(ConfigError, match=r"avx512_vnni.*dynamic_activations='reduce_range'"):
+        inc.quantize(model, inc.QuantConfig(approach="dynamic"), backend=backend)
+    assert same_state(state(model), before)
+
+
+@pytest.mark.parametrize("value", ["full", "", None, 8])
+def test_bad_dynamic_activations_is_a_config_error(value: object) -> None:
+    with pytest.raises(ConfigError, match="reduce_range"):
+        inc_torch.TorchBackend(dynamic_activations=value)  # type: ignore[arg-type]
+
+
+def test_full_range_model_loaded_on_a_cpu_without_vnni_falls_back_to_seven_bits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _fake_cpu(monkeypatch, VNNI)  # quantized on a VNNI host
+    backend = inc_torch.TorchBackend(dynamic_activations="full_range")
+    quantized = inc.quantize(Identity(256).eval(), inc.QuantConfig(approach="dynamic"), backend=backend)
+    path = inc.save(quantized, tmp_path / "identity.pt")
+    extra = {"inc.json": ""}
+    torch.jit.load(str(path), _extra_files=extra)
+    assert '"dynamic_activations": "full_range"' in extra["inc.json"].decode()
+
+    _fake_cpu(monkeypatch, AVX2_ONLY)  # loaded on an AVX2-only host: the 8-bit path would overflow
+    with pytest.warns(UserWarning, match=r"identity\.pt.*full-range.*1 dynamic Linear layer.*7 bits"):
+        loaded = inc.load(path)
+    assert activation_range(loaded) == "reduce_range"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_X), _expected(quantized, False), atol=1e-6, rtol=0)
+
+    _fake_cpu(monkeypatch, VNNI)  # and on a VNNI host it keeps its 8 bits, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        again = inc.load(path)
+    assert activation_range(again) == "full_range"
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,8 @@ from torch import nn
 from torch_helpers import calib_data, same_state, split, state, trained_cnn
 
 import inc_core as inc
+import inc_torch
+import inc_torch._backend
 from inc_core.errors import (
     BackendNotFoundError,
     CalibrationError,
@@ -126,3 +128,73 @@ def test_already_quantized_model_is_refused() -> None:
     quantized = inc.quantize(trained_cnn(), inc.QuantConfig(format="fx"), dataset=calib_data(8))
     with pytest.raises(UnsupportedModelError, match="FP32"):
         inc.quantize(quantized, inc.QuantConfig(), dataset=calib_data(8))
+
+
+class Circular(nn.Module):
+    """A convolution with circular padding, which neither x86 INT8 path can quantize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.wrap = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.relu(self.wrap(torch.relu(self.conv1(x)))), 1))
+
+
+@pytest.mark.parametrize(("fmt", "way_out"), [("pt2e", "format='fx' with exclude"), ("fx", r"exclude=inc\.LayerFilter\(names=\('wrap',\)\)")])
+def test_circular_padding_names_the_conv_and_the_way_out(fmt: str, way_out: str) -> None:
+    torch.manual_seed(0)
+    model = Circular().eval()
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match=rf"'wrap'.*padding_mode='circular'.*{way_out}"):
+        inc.quantize(model, inc.QuantConfig(format=fmt), dataset=calib_data(8))
+    assert same_state(state(model), before)
+
+
+def test_the_way_out_works_for_circular_padding() -> None:
+    torch.manual_seed(0)
+    config = inc.QuantConfig(format="fx", exclude=inc.LayerFilter(names=("wrap",)))
+    quantized = inc.quantize(Circular().eval(), config, dataset=calib_data(8))
+    assert inc_torch.quantized_ops(quantized) == ["conv1", "fc"]
+
+
+@pytest.mark.parametrize(("fmt", "call"), [("pt2e", "prepare_pt2e"), ("fx", "convert_fx")])
+def test_a_framework_failure_is_an_inc_error_naming_the_op(monkeypatch: pytest.MonkeyPatch, fmt: str, call: str) -> None:
+    # Without inc's up-front check, torchao/torch raise a builtin ValueError deep in their passes.
+    monkeypatch.setattr(inc_torch._backend, "check_constructs", lambda *args: None)
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModelError, match=rf"failed at op 'wrap' in {call}.*ValueError.*exclude=inc\.LayerFilter") as info:
+        inc.quantize(Circular().eval(), inc.QuantConfig(format=fmt), dataset=calib_data(8))
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_qat_framework_failure_is_an_inc_error() -> None:
+    torch.manual_seed(0)
+    prepared = inc_torch.prepare_qat(Circular(), inc.QATConfig(format="fx"), split()[0][:4])
+    with pytest.raises(UnsupportedModelError, match=r"QAT conversion.*'wrap'.*ValueError: 'padding_mode' circular"):
+        inc_torch.convert(prepared)
+
+
+class _Broken(nn.Module):
+    """Stands in for an INT8 kernel that fails at run time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no kernel for this input")
+
+
+def test_a_returned_model_that_does_not_run_is_an_error_naming_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inc_torch._fx
+
+    real = inc_torch._fx.quantize_fx
+
+    def broken_conv2(*args: object, **kwargs: object) -> nn.Module:
+        converted = real(*args, **kwargs)  # type: ignore[arg-type]
+        converted.conv2 = _Broken()
+        return converted
+
+    monkeypatch.setattr(inc_torch._fx, "quantize_fx", broken_conv2)
+    with pytest.raises(UnsupportedModelError, match=r"does not run on the first calibration batch at op 'conv2'.*no kernel"):
+        inc.quantize(trained_cnn(), inc.QuantConfig(format="fx"), dataset=calib_data(8))
+

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch_helpers import calib_data, split, trained_cnn, trained_mlp
 
 import inc_core as inc
@@ -57,19 +60,97 @@ def test_unreadable_file_is_a_model_load_error(tmp_path: Path) -> None:
         inc.load(path)
 
 
-def test_runner_sets_threads_and_runs_numpy_inputs() -> None:
+class Wide(nn.Module):
+    """Digits through two 1024-wide layers: 4.5 MB of FP32 weights, so the file size is the weights'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 8 * 8, 1024)
+        self.fc2 = nn.Linear(1024, 1024)
+        self.fc3 = nn.Linear(1024, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(torch.relu(self.conv(x)), 1)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _state_dict_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def test_saved_pt2e_model_holds_int8_weights_only(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Wide().eval()
+    calib = calib_data(32, batch_size=16)
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=calib)
+    # convert_pt2e leaves the FP32 weights on the graph module; none may survive, in memory or on disk.
+    tensors = dict(quantized.graph_module.state_dict())
+    assert not [name for name, t in tensors.items() if t.is_floating_point() and t.dim() > 1], sorted(tensors)
+    assert sum(t.dtype == torch.int8 for t in tensors.values()) == 4
+    path = inc.save(quantized, tmp_path / "wide.pt2")
+    fp32 = _state_dict_bytes(model)
+    assert fp32 > 4_000_000
+    # int8 weights are a quarter of the FP32 ones; FP32 + int8 (the defect) would be 1.25x.
+    assert path.stat().st_size < 0.4 * fp32, (path.stat().st_size, fp32)
+    loaded = inc.load(path)
+    assert inc_torch.quantized_ops(loaded) == ["conv", "fc1", "fc2", "fc3"]
+    x = torch.from_numpy(split()[0][:16])  # the calibration batch shape: quantize already compiled it
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.graph_module(x), quantized.graph_module(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(loaded(x), quantized(x), atol=1e-5, rtol=0)  # both through inductor
+
+
+@pytest.mark.parametrize("approach", ["static", "dynamic"])
+def test_save_leaves_the_callers_module_in_its_mode(tmp_path: Path, approach: str) -> None:
+    model = trained_cnn() if approach == "static" else trained_mlp()
+    quantized = inc.quantize(model, inc.QuantConfig(approach=approach, format="fx"), dataset=calib_data(16))
+    quantized.train()
+    quantized.get_submodule("fc1").eval()  # a mixed state must come back as it was
+    modes = {name: m.training for name, m in quantized.named_modules()}
+    loaded = inc.load(inc.save(quantized, tmp_path / "digits.pt"))
+    assert {name: m.training for name, m in quantized.named_modules()} == modes
+    assert not loaded.training  # the file is for inference
+    quantized.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_batch()), quantized(_batch()), atol=1e-6, rtol=0)
+
+
+def test_torchscript_file_records_what_it_needs_from_the_cpu(tmp_path: Path) -> None:
+    quantized = inc.quantize(trained_mlp(), inc.QuantConfig(approach="dynamic"))
+    path = inc.save(quantized, tmp_path / "mlp.pt")
+    extra = {"inc.json": ""}
+    torch.jit.load(str(path), _extra_files=extra)
+    record = json.loads(extra["inc.json"])
+    from inc_torch._dynamic import activation_range
+
+    assert record["dynamic_activations"] == activation_range(quantized)
+    assert record["saved_by"].startswith("inc-torch ")
+
+
+def test_runner_uses_its_threads_and_restores_the_callers() -> None:
     model = trained_cnn()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
     backend = inc.get_backend("torch")
     previous = torch.get_num_threads()
+    other = 2 if previous != 2 else 3
+    torch.set_num_threads(other)
     try:
         run = backend.runner(model, split()[0][:3], threads=1)
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == other
         assert run().shape == (3, 10)
+        assert seen == [1]
+        assert torch.get_num_threads() == other
     finally:
         torch.set_num_threads(previous)
 
 
-def test_benchmark_a_quantized_model() -> None:
+def test_benchmark_a_quantized_model_leaves_the_thread_count() -> None:
+    previous = torch.get_num_threads()
     quantized = inc.quantize(trained_cnn(), inc.QuantConfig(format="fx"), dataset=calib_data(8))
-    result = inc.benchmark(quantized, split()[0][:8], warmup=2, iterations=5)
+    result = inc.benchmark(quantized, split()[0][:8], warmup=2, iterations=5, cores_per_instance=1)
     assert result.throughput > 0
+    assert torch.get_num_threads() == previous

@@ -16,7 +16,8 @@ from inc_core.backend import Backend, Op, TuningSpace
 from inc_core.errors import CalibrationError, ConfigError, UnsupportedModelError
 from inc_torch._calibration import TorchCalibration, calibrate, model_signature
 from inc_torch._compiled import CompiledQuantizedModule
-from inc_torch._dynamic import quantize_dynamic
+from inc_torch._dynamic import check_dynamic_activations, quantize_dynamic
+from inc_torch._failures import check_constructs, check_returned_model, framework_errors
 from inc_torch._inputs import float_dtype, to_inputs
 from inc_torch._ops import check_supported, quantizable_ops, tuning_space
 from inc_torch._serialize import load_model, save_model
@@ -40,19 +41,35 @@ def _check_model(model: Any) -> nn.Module:
 
 
 def make_runner(model: Any, inputs: Any, threads: int | None) -> Callable[[], Any]:
-    """One-inference callable: inputs converted once, threads set, autograd off."""
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"runner: threads must be an int >= 1 or None, got {threads!r}.")
-        torch.set_num_threads(threads)
+    """One-inference callable: inputs converted once, autograd off, ``threads`` in effect during each call.
+
+    torch's thread count is process-wide: each call sets it and puts the caller's count back afterwards
+    (measured to cost nothing next to a forward), so a benchmark leaves the process as it found it.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"runner: threads must be an int >= 1 or None, got {threads!r}.")
     dtype = float_dtype(model) if isinstance(model, nn.Module) else torch.float32
     args, kwargs = to_inputs(inputs, dtype)
 
     def run() -> Any:
-        with torch.no_grad():
-            return model(*args, **kwargs)
+        previous = torch.get_num_threads()
+        if threads is not None and threads != previous:
+            torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                return model(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != previous:
+                torch.set_num_threads(previous)
 
     return run
+
+
+def _step(fmt: str, config: QuantConfig) -> str:
+    if config.approach == "dynamic":
+        return "Dynamic quantization (torch.ao quantize_dynamic)"
+    return {"pt2e": "PT2E quantization (torchao prepare_pt2e/convert_pt2e, format='pt2e')",
+            "fx": "FX quantization (torch.ao prepare_fx/convert_fx, format='fx')"}.get(fmt, f"Quantization (format={fmt!r})")
 
 
 class TorchBackend(Backend):
@@ -61,11 +78,31 @@ class TorchBackend(Backend):
     Formats (``QuantConfig.format``): ``"pt2e"`` (default: torch.export + torchao's X86InductorQuantizer,
     run through inductor) and ``"fx"`` (torch.ao FX graph mode, x86 quantized modules). Dynamic
     quantization swaps Linear/LSTM/GRU layers without tracing, whatever the format.
+
+    Every static model is run once on the first calibration batch, the way the user will run it (PT2E:
+    compiled by inductor), before it is returned. Failures of torch/torchao calls are raised as
+    :class:`~inc_core.errors.UnsupportedModelError` naming the op and the way out.
+
+    Args:
+        dynamic_activations: activation range of dynamically quantized Linear layers. ``"reduce_range"``:
+            7-bit activations, the same results on every x86 CPU. ``"full_range"``: 8-bit activations, half
+            the rounding error, for CPUs with int8 dot products accumulating in int32 (AVX512-VNNI,
+            AVX-VNNI, AMX-INT8); refused on a CPU without them. ``"auto"`` (default): full range where the
+            quantizing CPU has them. The range is part of the model and of the file :func:`inc.save` writes
+            (recorded in its ``inc.json``); :func:`inc.load` of a full-range model on a CPU without
+            VNNI/AMX switches it to 7 bits with a warning, since the 8-bit path would overflow there.
+            Pass the backend explicitly: ``inc.quantize(model, config, backend=TorchBackend(dynamic_activations="reduce_range"))``.
+
+    Raises:
+        ConfigError: ``dynamic_activations`` is not one of the above.
     """
 
     name: ClassVar[str] = "torch"
     package: ClassVar[str] = "inc-torch"
     formats: ClassVar[tuple[str, ...]] = ("pt2e", "fx")
+
+    def __init__(self, *, dynamic_activations: str = "auto") -> None:
+        self.dynamic_activations = check_dynamic_activations(dynamic_activations)
 
     def accepts(self, model: Any) -> bool:
         if isinstance(model, (str, Path)):
@@ -75,22 +112,35 @@ class TorchBackend(Backend):
     def _ops(self, model: nn.Module, config: QuantConfig) -> tuple[str, tuple[Op, ...]]:
         fmt = self.check_format(config.format)
         ops = quantizable_ops(model, config, fmt)
-        config.exclude.select(ops)  # unknown names/patterns/types -> ConfigError before any work
+        excluded = set(config.exclude.select(ops))  # unknown names/patterns/types -> ConfigError before any work
         check_supported(config, ops)
+        if config.approach == "static":
+            check_constructs(model, fmt, excluded)
         return fmt, ops
 
     def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
-        return tuning_space(_check_model(model), config, self.check_format(config.format))
+        model = _check_model(model)
+        fmt = self.check_format(config.format)
+        with framework_errors("Listing the quantizable ops", fmt, model):
+            return tuning_space(model, config, fmt)
 
     def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> TorchCalibration:
-        fmt, _ = self._ops(_check_model(model), config)
-        return calibrate(model, dataset, config, fmt)
+        model = _check_model(model)
+        fmt, ops = self._ops(model, config)
+        with framework_errors(f"Calibration for {_step(fmt, config)}", fmt, model, frozenset(op.name for op in ops)):
+            return calibrate(model, dataset, config, fmt)
 
     def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> nn.Module:
         model = _check_model(model)
         fmt, ops = self._ops(model, config)
+        with framework_errors(_step(fmt, config), "dynamic" if config.approach == "dynamic" else fmt, model, frozenset(op.name for op in ops)):
+            return self._quantize(model, config, fmt, ops, calibration, inplace)
+
+    def _quantize(
+        self, model: nn.Module, config: QuantConfig, fmt: str, ops: tuple[Op, ...], calibration: Any, inplace: bool
+    ) -> nn.Module:
         if config.approach == "dynamic":
-            return quantize_dynamic(model, config, ops, inplace=inplace)
+            return quantize_dynamic(model, config, ops, inplace=inplace, activations=self.dynamic_activations)
         if not isinstance(calibration, TorchCalibration):
             raise CalibrationError(
                 "Static quantization needs calibration statistics: call inc.quantize(model, config, dataset=...) "
@@ -103,20 +153,25 @@ class TorchBackend(Backend):
             )
         if calibration.signature != model_signature(model):
             raise CalibrationError("The calibration was collected on a different model (its parameters differ).")
+        quantized: nn.Module
         if fmt == "pt2e":
             from inc_torch._pt2e import quantize_pt2e
 
-            return quantize_pt2e(config, ops, calibration)
-        from inc_torch._fx import quantize_fx
+            quantized = quantize_pt2e(config, ops, calibration)
+        else:
+            from inc_torch._fx import quantize_fx
 
-        return quantize_fx(model, config, ops, calibration, inplace=inplace)
+            quantized = quantize_fx(model, config, ops, calibration, inplace=inplace)
+        check_returned_model(quantized, calibration.example, fmt, model, frozenset(op.name for op in ops))
+        return quantized
 
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
         from inc_torch._op_errors import op_errors
 
         model = _check_model(model)
-        _, ops = self._ops(model, config)
-        return op_errors(model, config, ops, calibration, dataset)
+        fmt, ops = self._ops(model, config)
+        with framework_errors("Measuring per-op errors", fmt, model, frozenset(op.name for op in ops)):
+            return op_errors(model, config, ops, calibration, dataset)
 
     def save(self, model: Any, path: Path) -> None:
         save_model(model, Path(path))

@@ -32,6 +32,7 @@ from inc_torch._calibration import model_signature
 from inc_torch._capture import check_runs, eval_copy
 from inc_torch._compat import quiet
 from inc_torch._dynamic import quantize_dynamic
+from inc_torch._failures import framework_errors
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
 from inc_torch._ops import ACTIVATION_DTYPES, tuning_space
 from inc_torch._settings import OpSettings, plan
@@ -130,15 +131,20 @@ def _summary(prepared: Any) -> dict[str, Any]:
 class IpexBackend(TorchBackend):
     """The ``backend="ipex"`` choice: IPEX static INT8 (TorchScript, frozen) and dynamic INT8.
 
+    Args:
+        dynamic_activations: as for :class:`TorchBackend` (the dynamic path is the same).
+
     Raises on construction:
         BackendNotFoundError: intel-extension-for-pytorch is not installed (``pip install inc-torch[ipex]``).
+        ConfigError: a bad ``dynamic_activations``.
     """
 
     name: ClassVar[str] = "ipex"
     package: ClassVar[str] = "inc-torch[ipex]"
     formats: ClassVar[tuple[str, ...]] = ("torchscript",)
 
-    def __init__(self) -> None:
+    def __init__(self, *, dynamic_activations: str = "auto") -> None:
+        super().__init__(dynamic_activations=dynamic_activations)
         self._ipex = import_ipex()
 
     def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
@@ -151,7 +157,11 @@ class IpexBackend(TorchBackend):
 
     def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> IpexCalibration:  # type: ignore[override]
         model = _check_model(model)
-        self._ops(model, config)
+        _, ops = self._ops(model, config)
+        with framework_errors("IPEX calibration (ipex.quantization.prepare)", "torchscript", model, frozenset(op.name for op in ops)):
+            return self._calibrate(model, dataset, config)
+
+    def _calibrate(self, model: nn.Module, dataset: Dataset, config: QuantConfig) -> IpexCalibration:
         work = eval_copy(model)
         dtype = float_dtype(work)
         batches = iter(dataset.inputs(limit=config.calib_samples))
@@ -222,7 +232,13 @@ class IpexBackend(TorchBackend):
         model = _check_model(model)
         _, ops = self._ops(model, config)
         if config.approach == "dynamic":
-            return quantize_dynamic(model, config, ops, inplace=inplace)
+            with framework_errors("Dynamic quantization (torch.ao quantize_dynamic)", "dynamic", model, frozenset(op.name for op in ops)):
+                return quantize_dynamic(model, config, ops, inplace=inplace, activations=self.dynamic_activations)
+        step = "IPEX quantization (ipex.quantization.prepare/convert, torch.jit.trace/freeze)"
+        with framework_errors(step, "torchscript", model, frozenset(op.name for op in ops)):
+            return self._quantize_static(model, config, ops, calibration, inplace)
+
+    def _quantize_static(self, model: nn.Module, config: QuantConfig, ops: Any, calibration: Any, inplace: bool) -> nn.Module:
         if not isinstance(calibration, IpexCalibration):
             raise CalibrationError(
                 f"Static IPEX quantization needs the result of IpexBackend.calibrate(); got {type(calibration).__name__}. "

@@ -10,6 +10,7 @@ import torch
 
 from inc_core._quant_config import QuantConfig
 from inc_core.backend import Op
+from inc_core.errors import CalibrationError
 from inc_torch._calibration import TorchCalibration, load_statistics
 from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch._compiled import CompiledQuantizedModule
@@ -64,7 +65,10 @@ def quantize_pt2e(config: QuantConfig, ops: tuple[Op, ...], calibration: TorchCa
     """Prepare a copy of the exported graph, fill its observers from ``calibration``, convert, wrap for inductor."""
     ao = torchao_pt2e()
     if calibration.exported is None:
-        raise ValueError("PT2E calibration holds no exported graph")
+        raise CalibrationError(
+            "This calibration holds no exported graph, which format='pt2e' needs; pass the result of "
+            "TorchBackend.calibrate() with the same config."
+        )
     with quiet():
         graph = copy.deepcopy(calibration.exported)
         prepared = ao.prepare_pt2e(graph, build_quantizer(config, ops))

@@ -22,6 +22,7 @@ from inc_core.errors import ConfigError, UnsupportedModelError
 from inc_torch._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
 from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch._compiled import CompiledQuantizedModule
+from inc_torch._failures import wrap_framework_errors
 from inc_torch._inputs import Inputs, float_dtype, to_inputs
 from inc_torch._ops import ACTIVATION_DTYPES, quantizable_ops
 
@@ -165,6 +166,7 @@ def _freeze_bn(module: nn.Module, state: _QatState) -> None:
         module.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
 
 
+@wrap_framework_errors("QAT preparation (prepare_qat)")
 def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inplace: bool = False) -> nn.Module:
     """A copy of ``model`` with fake quantization, to train in your own loop.
 
@@ -208,6 +210,7 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
     return prepared
 
 
+@wrap_framework_errors("QAT conversion to INT8 (convert)")
 def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """The INT8 model of a model returned by :func:`prepare_qat` (after training).
 

@@ -1,8 +1,18 @@
-"""Saving INT8 models in formats a torch user deploys: ExportedProgram (.pt2) and TorchScript (.pt)."""
+"""Saving INT8 models in formats a torch user deploys: ExportedProgram (.pt2) and TorchScript (.pt).
+
+A TorchScript file also carries ``inc.json`` (an extra file of the archive) recording what the model
+needs from the CPU that runs it: the activation range of its dynamic Linear layers. Loading checks it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import importlib.util
+import json
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +20,18 @@ import torch
 from torch import nn
 
 from inc_core.errors import ModelLoadError, SaveError
+from inc_torch import _dynamic
 from inc_torch._compat import quiet
 from inc_torch._compiled import CompiledQuantizedModule
 from inc_torch._fx import EXAMPLE_ATTR
 from inc_torch._inputs import Inputs, widened
 
-__all__ = ["save_model", "load_model"]
+__all__ = ["METADATA_FILE", "save_model", "load_model"]
+
+log = logging.getLogger("inc")
+
+# Name of the JSON record inside a saved TorchScript archive.
+METADATA_FILE = "inc.json"
 
 
 def _export_dynamic(graph_module: torch.fx.GraphModule, example: Inputs) -> torch.export.ExportedProgram:
@@ -50,15 +66,56 @@ def save_model(model: nn.Module, path: Path) -> None:
         return
     if suffix != ".pt":
         raise SaveError(f"This model is saved as TorchScript; name the file '*.pt', got {path.name!r}.")
-    torch.jit.save(_script(model), str(path))
+    with _eval_mode(model):
+        scripted = _script(model)
+    metadata = json.dumps(_metadata(scripted))
+    try:
+        torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: metadata})
+    except Exception as exc:
+        raise SaveError(f"torch.jit.save could not write {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode while the model is scripted or traced, then each submodule's own mode back.
+
+    The saved model is for inference (dropout off, batch-norm statistics fixed); the caller's module
+    keeps training where it was training.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _metadata(model: nn.Module) -> dict[str, Any]:
+    record: dict[str, Any] = {"saved_by": f"inc-torch {_version()}", "torch": torch.__version__}
+    activations = _dynamic.activation_range(model)
+    if activations is not None:
+        record["dynamic_activations"] = activations
+        if activations == "full_range":
+            record["requires_cpu_flags_any"] = sorted(_dynamic.VNNI_FLAGS)
+    return record
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("inc-torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _script(model: nn.Module) -> torch.jit.ScriptModule:
+    """TorchScript of ``model`` (already in eval mode): scripted, else traced on its example inputs."""
     if isinstance(model, torch.jit.ScriptModule):
         return model
     try:
         with quiet():
-            return torch.jit.script(model.eval())
+            scripted: torch.jit.ScriptModule = torch.jit.script(model)
+            return scripted.eval()
     except Exception as script_error:
         example: Inputs | None = getattr(model, EXAMPLE_ATTR, None)
         if example is None or example[1]:
@@ -95,11 +152,52 @@ def load_model(path: Path) -> Any:
     if suffix == ".pt":
         if importlib.util.find_spec("intel_extension_for_pytorch") is not None:
             import intel_extension_for_pytorch  # noqa: F401  (registers the ops of IPEX INT8 graphs)
+        extra = {METADATA_FILE: ""}
         try:
-            return torch.jit.load(str(path), map_location="cpu")
+            model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as exc:
             hint = ""
             if "ipex" in str(exc).lower() and importlib.util.find_spec("intel_extension_for_pytorch") is None:
                 hint = " The file holds IPEX ops: `pip install inc-torch[ipex]` to load it."
             raise ModelLoadError(f"{str(path)!r} is not a readable TorchScript model: {type(exc).__name__}: {exc}.{hint}") from exc
+        _fit_to_this_cpu(model, _parse_metadata(extra[METADATA_FILE], path), path)
+        return model
     raise ModelLoadError(f"Cannot tell the format of {str(path)!r}: the torch backend reads '.pt2' (ExportedProgram) and '.pt' (TorchScript).")
+
+
+def _parse_metadata(raw: str | bytes, path: Path) -> dict[str, Any]:
+    if not raw:
+        return {}  # saved by plain torch.jit.save or an older inc-torch
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(
+            f"{str(path)!r}: its {METADATA_FILE} record is not valid JSON ({exc}); the file is damaged. Save the model again."
+        ) from exc
+    if not isinstance(record, dict):
+        raise ModelLoadError(f"{str(path)!r}: its {METADATA_FILE} record is not a JSON object; the file is damaged. Save the model again.")
+    return record
+
+
+def _fit_to_this_cpu(model: nn.Module, record: dict[str, Any], path: Path) -> None:
+    """Full-range dynamic Linear layers on a CPU without VNNI/AMX: switch them to 7 bits, with a warning.
+
+    The 8-bit activations were chosen for a CPU that accumulates int8 products in int32; here the kernel
+    adds pairs of them in saturating int16 and large activations would silently come out wrong. The
+    7-bit path is what a model quantized on this CPU would run (same int8 weights), so the model stays
+    usable at the accuracy a local quantization gives. The module state decides (it is what runs);
+    the record says the same for files saved by inc.
+    """
+    full_range = _dynamic.activation_range(model) == "full_range" or record.get("dynamic_activations") == "full_range"
+    if not full_range or _dynamic.has_vnni():
+        return
+    switched = _dynamic.use_reduced_range(model)
+    message = (
+        f"{str(path)!r} was quantized with full-range (8-bit) dynamic activations, which need int8 dot products "
+        f"accumulating in int32 (CPU flags {', '.join(sorted(_dynamic.VNNI_FLAGS))}); this CPU has none of them, so "
+        f"its {switched} dynamic Linear layer(s) now quantize activations to 7 bits (reduce_range), as a model "
+        "quantized on this CPU would. Quantize with inc_torch.TorchBackend(dynamic_activations='reduce_range') "
+        "to make a model that runs the same on every x86 CPU."
+    )
+    log.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=2)

@@ -1,0 +1,228 @@
+"""Framework failures as inc errors: which call failed, at which op, and the way out.
+
+torch, torchao and IPEX raise builtin exceptions (ValueError, RuntimeError, AssertionError...) from deep
+inside their passes. The public verbs of inc-torch turn them into :class:`UnsupportedModelError` naming
+the framework call, the op of the user's model it was working on (found from the graph node or module
+the failing frames were handling), and what to do: keep that op in FP32, or use another path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from inc_core.errors import IncError, UnsupportedModelError
+
+__all__ = ["check_constructs", "check_returned_model", "failing_op", "framework_errors", "wrap_framework_errors"]
+
+_FRAMEWORKS = ("torch", "torchao", "intel_extension_for_pytorch")
+_OTHER_PATHS = {
+    "pt2e": "format='fx' or approach='dynamic'",
+    "fx": "format='pt2e' or approach='dynamic'",
+    "torchscript": "the default torch backend (backend=None) or approach='dynamic'",
+    "dynamic": "static quantization (approach='static')",
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (inductor wraps the original error)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__ or getattr(current, "inner_exception", None)
+    return seen
+
+
+def _framework_call(exc: BaseException) -> str | None:
+    """The first torch/torchao/IPEX function the failing call entered, e.g. ``prepare_pt2e (torchao)``."""
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        root = str(frame.f_globals.get("__name__", "")).split(".")[0]
+        if root in _FRAMEWORKS:
+            return f"{frame.f_code.co_name} ({root})"
+    return None
+
+
+def _name_of(value: Any, module_names: dict[int, str]) -> str | None:
+    if isinstance(value, torch.fx.Node):
+        if value.op == "call_module":
+            return str(value.target)
+        stack = value.meta.get("nn_module_stack")
+        if stack:
+            path = str(list(stack.values())[-1][0])
+            return path or None
+        return None
+    if isinstance(value, nn.Module):
+        return module_names.get(id(value))
+    return None
+
+
+def failing_op(exc: BaseException, model: nn.Module | None = None) -> str | None:
+    """The name (as in ``model.named_modules()``) of the op the failing frames were handling, if any.
+
+    Looks, from the innermost frame outwards, for a local variable holding a graph node (named by the
+    module it came from) or one of ``model``'s submodules.
+    """
+    module_names = {id(m): n for n, m in model.named_modules() if n} if model is not None else {}
+    for error in _chain(exc):
+        for frame, _ in reversed(list(traceback.walk_tb(error.__traceback__))):
+            for value in list(frame.f_locals.values()):
+                name = _name_of(value, module_names)
+                if name:
+                    return name
+    return None
+
+
+def _way_out(op: str | None, fmt: str, op_names: frozenset[str]) -> str:
+    other = _OTHER_PATHS.get(fmt, "another format")
+    if op is not None and op in op_names:
+        return f"Keep that op in FP32 with exclude=inc.LayerFilter(names=({op!r},)), or use {other}."
+    if op is not None:
+        return f"inc does not quantize {op!r} itself but the framework failed on it: use {other}."
+    return f"Use {other}, or exclude the op the message names (inc.describe(model) lists the ops)."
+
+
+def _unsupported(step: str, exc: BaseException, fmt: str, model: nn.Module | None, op_names: frozenset[str]) -> UnsupportedModelError:
+    op = failing_op(exc, model)
+    call = _framework_call(exc)
+    where = f" at op {op!r}" if op else ""
+    by = f" in {call}" if call else ""
+    return UnsupportedModelError(
+        f"{step} failed{where}{by} ({_first_line(exc)}). {_way_out(op, fmt, op_names)}"
+    )
+
+
+@contextlib.contextmanager
+def framework_errors(
+    step: str, fmt: str, model: nn.Module | None = None, op_names: frozenset[str] = frozenset()
+) -> Iterator[None]:
+    """Turn any non-inc exception raised inside into an :class:`UnsupportedModelError`.
+
+    Args:
+        step: what was being done, e.g. ``"PT2E quantization (format='pt2e')"``.
+        fmt: the path, to suggest another one.
+        model: the user's model, to name the failing op.
+        op_names: the ops inc quantizes (those can be excluded).
+    """
+    try:
+        yield
+    except (IncError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise _unsupported(step, exc, fmt, model, op_names) from exc
+
+
+def wrap_framework_errors(step: str, *, passthrough: tuple[type[BaseException], ...] = ()) -> Callable[[F], F]:
+    """Decorator form of :func:`framework_errors` for a verb whose first argument is the model.
+
+    The format, for the way out, is read from a ``config`` keyword or second positional argument.
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except (IncError, MemoryError, KeyboardInterrupt, *passthrough):
+                raise
+            except Exception as exc:
+                model, config = _model_and_config(args, kwargs)
+                fmt = _format_of(config)
+                raise _unsupported(step, exc, fmt, model, frozenset()) from exc
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _model_and_config(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[nn.Module | None, Any]:
+    # Methods get (self, model, config, ...); functions (model, config, ...).
+    positional = [a for a in args if not _is_backend(a)]
+    model = kwargs.get("model", positional[0] if positional else None)
+    config = kwargs.get("config", positional[1] if len(positional) > 1 else None)
+    return (model if isinstance(model, nn.Module) else None), config
+
+
+def _is_backend(value: Any) -> bool:
+    from inc_core.backend import Backend
+
+    return isinstance(value, Backend)
+
+
+def _format_of(config: Any) -> str:
+    if config is None:
+        return "unknown"
+    if getattr(config, "approach", None) == "dynamic":
+        return "dynamic"
+    fmt = getattr(config, "format", "default")
+    return "pt2e" if fmt == "default" else str(fmt)
+
+
+# Conv padding modes the x86 INT8 paths cannot run: FX's quantized convolutions take zero padding only;
+# torchao's X86InductorQuantizer rejects the pad node such a conv exports to, even for an excluded conv.
+_ZERO_PADDING = "zeros"
+
+
+def check_constructs(model: nn.Module, fmt: str, excluded: set[str]) -> None:
+    """Refuse, before any work, constructs the chosen path is known to fail on, naming the way out.
+
+    Raises:
+        UnsupportedModelError: a convolution with ``padding_mode`` other than ``"zeros"`` that FX would
+            quantize, or any such convolution on the PT2E path.
+    """
+    if fmt not in ("pt2e", "fx"):
+        return
+    for name, module in model.named_modules():
+        mode = getattr(module, "padding_mode", _ZERO_PADDING)
+        if not isinstance(module, nn.modules.conv._ConvNd) or mode == _ZERO_PADDING:
+            continue
+        what = f"{type(module).__name__} {name!r} has padding_mode={mode!r}"
+        if fmt == "pt2e":
+            raise UnsupportedModelError(
+                f"{what}, which torchao's X86InductorQuantizer (format='pt2e') cannot process, even with the op "
+                f"excluded. Use format='fx' with exclude=inc.LayerFilter(names=({name!r},)) to keep it in FP32, "
+                "or approach='dynamic'."
+            )
+        if name not in excluded:
+            raise UnsupportedModelError(
+                f"{what}; torch's quantized convolutions (format='fx') take zero padding only. Keep it in FP32 "
+                f"with exclude=inc.LayerFilter(names=({name!r},)), or pad explicitly (torch.nn.functional.pad) "
+                "before a zero-padded convolution."
+            )
+
+
+def check_returned_model(model: nn.Module, example: Any, fmt: str, user_model: nn.Module, op_names: frozenset[str]) -> None:
+    """Run the INT8 model once, as the user will (PT2E: compiled by inductor), on a calibration batch.
+
+    Raises:
+        UnsupportedModelError: the model does not run; names the op where that can be told.
+    """
+    args, kwargs = example
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:
+        if isinstance(exc, (MemoryError, KeyboardInterrupt)):
+            raise
+        # The user's module names, then the returned model's (FX keeps them; PT2E's graph names nodes by them).
+        op = None
+        for owner in (user_model, model, getattr(model, "graph_module", None)):
+            op = op or (failing_op(exc, owner) if isinstance(owner, nn.Module) else None)
+        where = f" at op {op!r}" if op else ""
+        raise UnsupportedModelError(
+            f"The INT8 model ({fmt}) was built but does not run on the first calibration batch{where} "
+            f"({_first_line(exc)}). {_way_out(op, fmt, op_names)}"
+        ) from exc
