@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import _workload
 import pytest
 
 import inc_core as inc
-from inc_core.errors import BackendNotFoundError, ConfigError, EvaluationError
+from inc_core.errors import BackendNotFoundError, ConfigError, EvaluationError, TuningError
 from inc_core.tuning import RayExecutor, SequentialExecutor, TuningResult, autotune
 
 HERE = Path(__file__).resolve().parent
@@ -120,6 +121,31 @@ def test_an_eval_fn_error_on_a_worker_stops_the_run_as_in_process(cluster: Any, 
 
     with pytest.raises(EvaluationError, match="validation set not found"):
         on_ray(workload, eval_fn=broken)
+
+
+def test_an_eval_fn_that_cannot_travel_to_the_workers_is_a_clear_error(cluster: Any, workload: Any) -> None:
+    model, data, x, y = workload
+    lock = threading.Lock()  # what a closure over an open session or a data loader's worker pool looks like
+
+    def holds_a_lock(model: Any) -> float:
+        with lock:
+            return _workload.Accuracy(x, y)(model)
+
+    with pytest.raises(TuningError, match=r"cannot be sent to the Ray workers \(TypeError: .*lock.*make eval_fn a module-level"):
+        on_ray(workload, eval_fn=holds_a_lock)
+
+
+def test_a_module_the_workers_cannot_import_is_a_clear_error(cluster: Any, workload: Any, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "driver_only_metric.py").write_text(
+        "import _workload\n\nclass Metric(_workload.Accuracy):\n    pass\n", encoding="utf-8"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # on the driver's path only, not on the workers'
+    import driver_only_metric
+
+    model, data, x, y = workload
+    with pytest.raises(TuningError, match=r"could not run on its Ray worker \(.*driver_only_metric.*runtime_env"):
+        on_ray(workload, eval_fn=driver_only_metric.Metric(x, y))
 
 
 def _start_child(cluster: Any, history: Path) -> subprocess.Popen[str]:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from inc_core.errors import BackendNotFoundError, ConfigError, TuningError
+from inc_core.errors import BackendNotFoundError, ConfigError, IncError, TuningError
 
 __all__ = ["RayExecutor", "import_ray", "check_address", "INSTALL_HINT"]
 
@@ -241,7 +241,15 @@ class RayExecutor:
         # calibration inside it are serialized and stored once, and every task reads that copy.
         if self._shared is None or self._shared[0] is not fn:
             started = time.perf_counter()
-            self._shared = (fn, self._ray.put(fn))
+            try:
+                self._shared = (fn, self._ray.put(fn))
+            except Exception as exc:  # pickling fails on the first object that cannot travel
+                raise TuningError(
+                    "RayExecutor: the model, the calibration result or eval_fn cannot be sent to the Ray workers "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:500]}). Everything a trial needs must be "
+                    "picklable: make eval_fn a module-level function or a class instance holding its data (not open "
+                    "files, locks or sessions), or use executor='sequential'."
+                ) from exc
             log.info("ray: model, calibration and eval_fn put in the object store in %.3g s", time.perf_counter() - started)
         return self._shared[1]
 
@@ -281,12 +289,17 @@ class RayExecutor:
         try:
             result, where, seconds = self._ray.get(ref)
         except exceptions.RayTaskError as exc:
-            # The trial function raised on the worker (eval_fn's EvaluationError, ...): raise the same
-            # exception here, as the sequential executor would.
+            # The trial function raised on the worker: eval_fn's EvaluationError is raised here as the
+            # sequential executor would. Anything else (the backend plugin or eval_fn's module missing
+            # on the worker, ...) is the cluster's set-up, not a property of the config.
             cause = getattr(exc, "cause", None)
-            if isinstance(cause, BaseException):
+            if isinstance(cause, IncError):
                 raise cause from None
-            raise TuningError(f"RayExecutor: a trial task failed on its worker: {exc}") from exc
+            what = f"{type(cause).__name__}: {' '.join(str(cause).split())[:500]}" if cause is not None else str(exc)[:500]
+            raise TuningError(
+                f"RayExecutor: a trial could not run on its Ray worker ({what}). Every node needs the backend "
+                "plugin and the modules eval_fn uses: install them there, or pass RayExecutor(runtime_env=...)."
+            ) from exc
         except (exceptions.WorkerCrashedError, exceptions.NodeDiedError, exceptions.ObjectLostError) as exc:
             return self._lost(fn, candidate, exc)
         except exceptions.RayError as exc:  # a task Ray could not run (unschedulable, runtime env failed...)
