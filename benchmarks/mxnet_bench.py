@@ -26,22 +26,26 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import mxnet as mx
-import numpy as np
-from mxnet import autograd, gluon
-from mxnet.contrib.quantization import quantize_net
-from mxnet.gluon import nn
-from mxnet.gluon.model_zoo import vision
+# MXNet sizes its OpenMP pool when it is imported: one thread per core this process may run on
+# (more threads than cores oversubscribe them and slow the INT8 kernels most).
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
-import inc_core as inc
-import inc_mxnet
-from inc_mxnet import MxnetBackend
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mxnet import autograd, gluon  # noqa: E402
+from mxnet.contrib.quantization import quantize_net  # noqa: E402
+from mxnet.gluon import nn  # noqa: E402
+from mxnet.gluon.model_zoo import vision  # noqa: E402
+
+import inc_core as inc  # noqa: E402
+import inc_mxnet  # noqa: E402
+from inc_mxnet import MxnetBackend  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_flags, cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = ("resnet18_v1", "resnet50_v1", "mobilenet_v2_1_0")
+MODELS = ("resnet18_v1", "resnet50_v1", "mobilenetv2_1.0")
 COLUMNS = ("fp32", "inc", "mxnet")  # FP32, inc INT8, MXNet's quantize_net INT8
 CALIB_SAMPLES = 32
 
@@ -253,6 +257,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name in args.models:
         rows += bench_zoo(name, args.iterations)
+        meta["load_average_after"] = os.getloadavg()[0]
+        write(rows, {}, meta, args.out)  # what is measured so far survives a later failure
     digits = {} if args.skip_digits else bench_digits(args.iterations)
     meta["load_average_after"] = os.getloadavg()[0]
     print(write(rows, digits, meta, args.out).read_text())

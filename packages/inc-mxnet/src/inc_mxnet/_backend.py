@@ -96,6 +96,11 @@ class MxnetBackend(Backend):
         return import_dir(Path(path))
 
     def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Callable[[], Any]:
+        """One static-graph inference per call, finished before it returns.
+
+        ``threads`` is not applied here: MXNet sizes its OpenMP pool from ``OMP_NUM_THREADS`` when it is
+        imported, which is how the core's multi-instance benchmark sets it in each worker process.
+        """
         # A graph-mode copy: the user's block is neither hybridized nor changed, and an FP32 block is
         # timed as MXNet serves it on CPU (oneDNN FP32 fusion, static CachedOp), not op by op, so an
         # INT8 speed-up is measured against the fastest FP32 MXNet has.
