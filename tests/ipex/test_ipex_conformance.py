@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 # A module import, not the class itself: pytest would collect an imported Test* class here a second time.
 import test_conformance as torch_conformance
+import torch
 from test_ipex import _fp32_kernels, _int8_kernels
 
 import inc_core as inc
 import inc_torch
+
+
+def _kernel_kind(op_type: str) -> str:
+    """The aten kernel a described torch op type runs as inside an IPEX fusion group."""
+    return "_convolution" if "conv" in op_type.lower() else "linear"
 
 
 class TestIpexConformance(torch_conformance.TestTorchConformance):
@@ -21,12 +29,16 @@ class TestIpexConformance(torch_conformance.TestTorchConformance):
         # Dynamic models keep named torch.ao modules; static ones are traced graphs of oneDNN fusion groups.
         return inc_torch.quantized_ops(quantized) or _int8_kernels(quantized)
 
-    def test_excluded_op_stays_fp32(self) -> None:
-        # A traced IPEX graph carries no module names: check by kernel kind instead of by name.
-        model = self.make_model()
-        first = self._ops(model)[0]
-        config = inc.QuantConfig(calib_samples=16, exclude=inc.LayerFilter(names=(first,)))
-        quantized = self._quantize(model, config, self.make_dataset())
-        assert sorted(_int8_kernels(quantized)) == ["_convolution", "linear", "linear"]
-        fp32 = _fp32_kernels(quantized)
-        assert len(fp32) == 1 and "conv" in fp32[0], fp32  # the excluded conv, and nothing else, runs in FP32
+    def assert_exactly_quantized(self, quantized: Any, ops: Sequence[inc.Op], expected: set[str]) -> None:
+        if not isinstance(quantized, torch.jit.ScriptModule):  # dynamic: named torch.ao modules
+            super().assert_exactly_quantized(quantized, ops, expected)
+            return
+        # A traced IPEX graph carries no module names: check the kernels by kind, INT8 and FP32 both.
+        want_int8 = Counter(_kernel_kind(op.op_type) for op in ops if op.name in expected)
+        want_fp32 = Counter(_kernel_kind(op.op_type) for op in ops if op.name not in expected)
+        got_int8 = Counter(_int8_kernels(quantized))
+        got_fp32 = Counter("_convolution" if "conv" in kind else "linear" for kind in _fp32_kernels(quantized))
+        assert (got_int8, got_fp32) == (want_int8, want_fp32), (
+            f"INT8 kernels {dict(got_int8)} and FP32 kernels {dict(got_fp32)}; expected INT8 {dict(want_int8)} and "
+            f"FP32 {dict(want_fp32)} (the ops left in FP32: {sorted(op.name for op in ops if op.name not in expected)})"
+        )
