@@ -110,6 +110,7 @@ def autotune(
     strategy_cls = REGISTRY.get(config.strategy)
     if strategy_cls is None:
         raise ConfigError(f"autotune: no strategy named {config.strategy!r}; choose one of {sorted(REGISTRY)}.")
+    history = History(config.history, fingerprint=_fingerprint(impl, described), backend=impl.name, strategy=config.strategy)
     owned = executor is None  # created here from the config (a Ray cluster is joined only now): closed here
     executor = executor_for(config) if executor is None else executor
     try:
@@ -122,7 +123,6 @@ def autotune(
                 batch_size=max(1, int(getattr(executor, "workers", 1) or 1)),
             )
         )
-        history = History(config.history, fingerprint=_fingerprint(impl, described), backend=impl.name, strategy=config.strategy)
         run = _Run(model, config, eval_fn, impl, space, strategy, history, executor, calibration, started)
         try:
             return run.run()
