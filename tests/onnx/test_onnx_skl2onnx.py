@@ -21,6 +21,7 @@ from skl2onnx import to_onnx
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
+from threadpoolctl import threadpool_limits
 
 import inc_core as inc
 from inc_core.cli import main
@@ -36,10 +37,13 @@ def _converted(kind: str, zipmap: bool) -> bytes:
     x_train, _, y_train, _ = models.digits()
     warnings.filterwarnings("ignore", message="Stochastic Optimizer: Maximum iterations")
     estimator = {
-        "mlp": lambda: MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=0),
+        "mlp": lambda: MLPClassifier(hidden_layer_sizes=(32,), max_iter=150, random_state=0),
         "logreg": lambda: LogisticRegression(max_iter=500),
         "forest": lambda: RandomForestClassifier(n_estimators=8, max_depth=6, random_state=0),
-    }[kind]().fit(x_train, y_train)
+    }[kind]()
+    # One BLAS thread: on a busy machine, threads waiting on each other made this fit take a minute.
+    with threadpool_limits(1):
+        estimator.fit(x_train, y_train)
     options = None if zipmap else {id(estimator): {"zipmap": False}}
     return to_onnx(estimator, x_train[:1], options=options).SerializeToString()
 

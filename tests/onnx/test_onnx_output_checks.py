@@ -1,0 +1,191 @@
+"""What inc checks before it returns an INT8 model, and what it reports about it.
+
+- Exporters share one zero bias initializer between several ops (torch.onnx on ConvNeXt-style
+  blocks; ORT's own constant sharing does the same). ORT's QOperator quantizer then fed the int32
+  bias it made for the first Gemm into a QLinearAdd, a model ORT refuses to load.
+- Whatever the cause, a model ORT refuses or cannot run is never returned: it is an IncError naming
+  the node.
+- An exception from inside ORT's quantizer is an IncError naming the op it was working on.
+- Dynamic ``describe`` lists exactly the ops that end up in integer kernels, and the result's count of
+  INT8 ops is read from the output graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import inc_core as inc
+import inc_onnx._preprocess as preprocess
+from inc_core.errors import ConfigError, IncError, UnsupportedModelError
+
+N = 16
+
+
+def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], batch: int | str = "batch") -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, N])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, N])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="inc-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _weights(seed: int) -> list[onnx.TensorProto]:
+    rng = np.random.default_rng(seed)
+    return [
+        numpy_helper.from_array((rng.normal(0, 1, (N, N)) / np.sqrt(N)).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.normal(0, 1, (N, N)) / np.sqrt(N)).astype(np.float32), "w2"),
+    ]
+
+
+def shared_zero_bias(seed: int = 0) -> onnx.ModelProto:
+    """Two Linear layers and a residual-style Add, all reading one zero bias tensor, as exporters write it."""
+    inits = [*_weights(seed), numpy_helper.from_array(np.zeros(N, np.float32), "zero_bias")]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "zero_bias"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2", "zero_bias"], ["h2"], name="fc2"),
+        helper.make_node("Add", ["h2", "zero_bias"], ["y"], name="add"),
+    ]
+    return _model(nodes, inits)
+
+
+def _data(seed: int = 1, batches: int = 8) -> inc.Dataset:
+    rng = np.random.default_rng(seed)
+    return inc.Dataset([rng.normal(0, 1, (8, N)).astype(np.float32) for _ in range(batches)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("fmt", ["qoperator", "qdq"])
+def test_shared_zero_bias_gives_a_model_ort_loads_with_fidelity(fmt: str) -> None:
+    model = shared_zero_bias()
+    quantized = inc.quantize(model, inc.QuantConfig(format=fmt), dataset=_data())
+    x = np.random.default_rng(5).normal(0, 1, (64, N)).astype(np.float32)
+    # Loads (the check that failed with INVALID_GRAPH ... tensor(int32) ... QLinearAdd) and tracks FP32.
+    assert _cosine(_run(model, x), _run(quantized, x)) > 0.99
+    counts = inc.get_backend("onnx").int8_op_counts(quantized)
+    assert counts.get("QGemm") == 2, counts
+    # The user's model still shares its bias: only the prepared copy was changed.
+    assert [n.input[2] for n in model.graph.node if n.op_type == "Gemm"] == ["zero_bias", "zero_bias"]
+
+
+def test_a_model_ort_refuses_is_an_error_naming_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the repair, ORT's QOperator quantizer writes the broken model; the output check must catch it.
+    monkeypatch.setattr(preprocess, "unshare_biases", lambda model: 0)
+    model = shared_zero_bias(seed=11)  # weights of its own: not in the preparation cache
+    with pytest.raises(UnsupportedModelError) as info:
+        inc.quantize(model, inc.QuantConfig(format="qoperator"), dataset=_data())
+    message = str(info.value)
+    assert "does not load" in message
+    assert "'add_quant' (QLinearAdd)" in message
+    assert "exclude=inc.LayerFilter(names=('add',))" in message
+
+
+def test_excluding_the_named_op_is_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(preprocess, "unshare_biases", lambda model: 0)
+    model = shared_zero_bias(seed=12)
+    config = inc.QuantConfig(format="qoperator", exclude=inc.LayerFilter(names=("add",)))
+    quantized = inc.quantize(model, config, dataset=_data())
+    x = np.random.default_rng(5).normal(0, 1, (32, N)).astype(np.float32)
+    assert _cosine(_run(model, x), _run(quantized, x)) > 0.99
+
+
+def test_an_exception_inside_orts_quantizer_names_the_op() -> None:
+    # A full [batch, N] Gemm bias: ORT's QOperator int32-bias check indexes it per output channel and
+    # raises numpy's "truth value of an array is ambiguous" ValueError.
+    rng = np.random.default_rng(3)
+    inits = [*_weights(3), numpy_helper.from_array(rng.normal(0, 0.1, (4, N)).astype(np.float32), "full_bias")]
+    model = _model([helper.make_node("Gemm", ["x", "w1", "full_bias"], ["y"], name="fc")], inits, batch=4)
+    data = inc.Dataset([rng.normal(0, 1, (4, N)).astype(np.float32) for _ in range(4)])
+    with pytest.raises(UnsupportedModelError) as info:
+        inc.quantize(model, inc.QuantConfig(format="qoperator"), dataset=data)
+    message = str(info.value)
+    assert "failed on op 'fc' (Gemm)" in message
+    assert "ValueError" in message
+    assert "exclude=inc.LayerFilter(names=('fc',))" in message and "format='qdq'" in message
+    assert isinstance(info.value.__cause__, ValueError)
+    # QDQ has an ORT option for this check; with it the same model quantizes.
+    quantized = inc.quantize(model, inc.QuantConfig(format="qdq"), dataset=data)
+    assert inc.get_backend("onnx").int8_op_counts(quantized) == {"QGemm": 1}
+
+
+def test_excluding_every_op_is_a_config_error() -> None:
+    model = shared_zero_bias()
+    ops = inc.describe(model).ops
+    with pytest.raises(ConfigError, match="keeps every one"):
+        inc.quantize(model, inc.QuantConfig(exclude=inc.LayerFilter(names=tuple(op.name for op in ops))), dataset=_data())
+
+
+def attention_block() -> onnx.ModelProto:
+    """Token embedding, Q/K/V projections, scores (activation x activation), softmax, context, output projection."""
+    rng = np.random.default_rng(9)
+    vocab, hidden = 50, N
+
+    def weight(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.normal(0, 1, shape) / np.sqrt(shape[0])).astype(np.float32), name)
+
+    inits = [weight("embedding", (vocab, hidden)), *(weight(f"w{p}", (hidden, hidden)) for p in "qkvo")]
+    inits.append(numpy_helper.from_array(np.array(1 / np.sqrt(hidden), np.float32), "scale"))
+    nodes = [
+        helper.make_node("Gather", ["embedding", "ids"], ["h"], name="embed"),
+        helper.make_node("MatMul", ["h", "wq"], ["q"], name="query"),
+        helper.make_node("MatMul", ["h", "wk"], ["k"], name="key"),
+        helper.make_node("MatMul", ["h", "wv"], ["v"], name="value"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="key_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+        helper.make_node("Mul", ["s", "scale"], ["ss"], name="scale_scores"),
+        helper.make_node("Softmax", ["ss"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["c"], name="context"),
+        helper.make_node("MatMul", ["c", "wo"], ["y"], name="output"),
+    ]
+    graph = helper.make_graph(
+        nodes, "attention",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="inc-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_dynamic_describe_lists_exactly_the_ops_that_become_integer_kernels() -> None:
+    model = attention_block()
+    config = inc.QuantConfig(approach="dynamic")
+    described = {op.name for op in inc.describe(model, config).ops}
+    # Activation x activation products (scores, context) stay in float, so they are not listed.
+    assert described == {"embed", "query", "key", "value", "output"}
+    quantized = inc.quantize(model, config)
+    counts = inc.get_backend("onnx").int8_op_counts(quantized)
+    assert sum(counts.values()) == len(described), counts
+    integer_nodes = {n.name for n in quantized.graph.node if n.op_type == "MatMulInteger"}
+    assert integer_nodes == {f"{name}_quant" for name in ("query", "key", "value", "output")}
+    ids = np.random.default_rng(2).integers(0, 50, (2, 7))
+    session_fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session_int8 = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    out_fp32, out_int8 = session_fp32.run(None, {"ids": ids})[0], session_int8.run(None, {"ids": ids})[0]
+    assert _cosine(out_fp32, out_int8) > 0.98
+
+
+def test_no_builtin_error_escapes_for_a_model_ort_cannot_run_after_quantization() -> None:
+    # Every failure on these paths is an IncError (and still the builtin a caller may catch).
+    model = shared_zero_bias()
+    with pytest.raises(IncError):
+        inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset([np.zeros((2, N + 1), np.float32)]))
