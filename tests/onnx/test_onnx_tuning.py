@@ -16,6 +16,7 @@ import pytest
 
 import inc_core as inc
 import inc_onnx._collect as collect_module
+from inc_core.testing import cosine
 from inc_core.tuning import autotune
 
 HERE = Path(__file__).parent
@@ -58,14 +59,59 @@ def test_op_errors_rank_ops(cnn, digits):
     assert backend.op_errors(cnn, fallback, calibration=calibration, dataset=calib)["fc"] < errors["fc"]
 
 
-def test_mse_strategy_runs_on_onnx(cnn, digits):
-    x_train, _, y_train, _ = digits
-    tuning = inc.TuningConfig(base=inc.QuantConfig(calibration="kl", calib_samples=128), strategy="mse", max_trials=10)
-    result = autotune(
-        cnn, tuning, eval_fn=lambda m: models.accuracy(m, x_train[-300:], y_train[-300:]),
-        dataset=inc.Dataset(x_train[:128], batch_size=32),
+def _fixed_settings(base: inc.QuantConfig) -> dict[str, tuple[str, ...]]:
+    """A search space holding every setting at the base value: only FP32 fallback is searched."""
+    return {key: (str(getattr(base, key)),) for key in ("calibration", "granularity", "scheme", "activation_dtype")}
+
+
+def test_mse_strategy_falls_back_in_op_error_order_from_a_base_that_misses(cnn, digits, monkeypatch):
+    """The goal sits halfway between the base recipe's measured fidelity and FP32, so the base trial misses
+    and the mse strategy has to measure per-op errors and put the worst ops in FP32, worst first."""
+    x_train = digits[0]
+    held_out = x_train[-300:]
+    reference = models.run(cnn, held_out)
+
+    def fidelity(model) -> float:  # cosine of the logits against FP32 on held-out digits
+        return cosine(reference, models.run(model, held_out))
+
+    calib = inc.Dataset(x_train[:128], batch_size=32)
+    base = inc.QuantConfig(calibration="kl", calib_samples=128)
+    first = fidelity(inc.quantize(cnn, base, dataset=calib))
+    backend = inc.get_backend("onnx")
+    measured: list[dict[str, float]] = []
+    original = backend.op_errors
+
+    def spy(*args, **kwargs):
+        errors = original(*args, **kwargs)
+        measured.append(errors)
+        return errors
+
+    monkeypatch.setattr(backend, "op_errors", spy)
+    tuning = inc.TuningConfig(
+        base=base, strategy="mse", tolerable_loss=(1.0 - first) / 2, loss_type="absolute", max_trials=12,
+        search_space=_fixed_settings(base),
     )
-    assert result.met and len(result.trials) >= 1
+    result = autotune(cnn, tuning, eval_fn=fidelity, dataset=calib)
+    trials = result.trials
+    assert trials[0].change == "base" and not trials[0].met and trials[0].score == pytest.approx(first, abs=1e-6)
+    assert len(measured) == 1, "op_errors must run once, on the settings the search kept"
+    errors = measured[0]
+    names = [op.name for op in inc.describe(cnn, base).ops]
+    ranked = sorted(names, key=lambda name: -errors.get(name, 0.0))
+    assert errors[ranked[0]] > 0
+    # No single-op trials: the fallback sets are the error ranking's prefixes, worst op first.
+    fallbacks = [set(t.config["exclude"]["names"]) for t in trials[1:]]
+    assert fallbacks == [set(ranked[:k]) for k in range(1, len(fallbacks) + 1)]
+    if result.met:
+        assert result.score >= result.threshold and result.trial_id > 1
+        assert models.int8_initializers(result.model), "the chosen model holds no int8 weight"
+    else:
+        assert all(t.score is None or t.score < result.threshold for t in trials)
+    # The ranking must mean something: the op measured worst, alone in FP32, brings the score closer to FP32.
+    assert trials[1].score is not None and trials[1].score > trials[0].score, (
+        f"op_errors ranked {ranked[0]!r} worst ({errors}), but putting it in FP32 moved the score from "
+        f"{trials[0].score:.6f} to {trials[1].score}"
+    )
 
 
 _KILLED_RUN = textwrap.dedent(
@@ -73,7 +119,8 @@ _KILLED_RUN = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, {here!r})
     import inc_core as inc, onnx_testmodels as models
-    from inc_core.tuning import autotune
+    from inc_core.testing import cosine
+from inc_core.tuning import autotune
     from test_onnx_tuning import _fp32_or_int8_score
     calls = 0
     def eval_fn(model):

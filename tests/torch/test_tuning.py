@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch_helpers import accuracy, calib_data, relative_loss, same_state, state, trained_cnn, trained_mlp
+from torch_helpers import calib_data, same_state, split, state, trained_cnn, trained_mlp
 
 import inc_core as inc
 import inc_torch
@@ -60,29 +60,79 @@ def test_dynamic_op_errors_come_from_the_quantized_layers() -> None:
     assert set(errors) == {"fc1", "fc2", "fc3"} and all(0.0 < e < 1e-2 for e in errors.values())
 
 
+def _fixed_settings(base: inc.QuantConfig) -> dict[str, tuple[str, ...]]:
+    """A search space holding every setting at the base value: only FP32 fallback is searched."""
+    return {key: (str(getattr(base, key)),) for key in ("calibration", "granularity", "scheme", "activation_dtype")}
+
+
 @pytest.mark.parametrize("strategy", ["basic", "mse"])
-def test_autotune_meets_one_percent_on_digits(strategy: str) -> None:
+def test_autotune_falls_back_from_a_base_that_misses_the_goal(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The goal sits halfway between the base recipe's measured fidelity and FP32, so the base trial misses and
+    the strategy has to rank the ops (basic: one trial per op alone in FP32; mse: the backend's per-op errors)
+    and put the worst in FP32 first."""
+    from inc_core.testing import cosine
     from inc_core.tuning import autotune
 
     model = trained_cnn()
     before = state(model)
-    calls = {"calibrate": 0}
+    held_out = torch.from_numpy(split()[2])
+    with torch.no_grad():
+        reference = model(held_out).numpy()
+
+    def fidelity(candidate: torch.nn.Module) -> float:  # cosine of the logits against FP32 on held-out digits
+        with torch.no_grad():
+            return cosine(reference, candidate(held_out).numpy())
+
+    base = inc.QuantConfig(format="fx", calib_samples=64)
+    first = fidelity(inc.quantize(model, base, dataset=calib_data(64)))
     backend = inc.get_backend("torch")
-    original = backend.calibrate
+    calls: dict[str, list] = {"calibrate": [], "op_errors": []}
+    calibrate, op_errors = backend.calibrate, backend.op_errors
 
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["calibrate"] += 1
-        return original(*args, **kwargs)
+    def counting_calibrate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["calibrate"].append(1)
+        return calibrate(*args, **kwargs)
 
-    backend.calibrate = counting  # type: ignore[method-assign]
-    try:
-        config = inc.TuningConfig(
-            base=inc.QuantConfig(format="fx", calib_samples=64), strategy=strategy, tolerable_loss=0.01, max_trials=4
-        )
-        result = autotune(model, config, eval_fn=accuracy, dataset=calib_data(64))
-    finally:
-        del backend.calibrate
-    assert calls["calibrate"] == 1
-    assert result.met and relative_loss(result.baseline, result.score) <= 0.01
-    assert inc_torch.quantized_ops(result.model)
+    def recording_op_errors(*args, **kwargs):  # type: ignore[no-untyped-def]
+        errors = op_errors(*args, **kwargs)
+        calls["op_errors"].append(errors)
+        return errors
+
+    monkeypatch.setattr(backend, "calibrate", counting_calibrate)
+    monkeypatch.setattr(backend, "op_errors", recording_op_errors)
+    config = inc.TuningConfig(
+        base=base, strategy=strategy, tolerable_loss=(1.0 - first) / 2, loss_type="absolute", max_trials=12,
+        search_space=_fixed_settings(base),
+    )
+    result = autotune(model, config, eval_fn=fidelity, dataset=calib_data(64))
+    trials = result.trials
+    assert len(calls["calibrate"]) == 1
+    assert trials[0].change == "base" and not trials[0].met and trials[0].score == pytest.approx(first, abs=1e-5)
+    names = [op.name for op in inc.describe(model, base).ops]
+    assert names == ["conv1", "conv2", "fc1", "fc2"]
+    if strategy == "basic":
+        assert calls["op_errors"] == []
+        singles = trials[1 : 1 + len(names)]
+        assert [t.config["exclude"]["names"] for t in singles] == [[n] for n in names]
+        gain = {t.config["exclude"]["names"][0]: t.score for t in singles}
+        ranked = sorted(names, key=lambda n: -gain[n])
+        accumulated = trials[1 + len(names) :]
+    else:
+        assert len(calls["op_errors"]) == 1, "op_errors must run once, on the settings the search kept"
+        errors = calls["op_errors"][0]
+        assert set(errors) == set(names) and all(e > 0 for e in errors.values())
+        ranked = sorted(names, key=lambda n: -errors[n])
+        accumulated = trials[1:]
+        # The ranking must mean something: the op measured worst, alone in FP32, brings the score closer to FP32.
+        assert accumulated[0].score is not None and accumulated[0].score > trials[0].score
+    # Fallback sets: the ranking's prefixes, worst op first (a set already tried is not tried again).
+    expected = [set(ranked[:k]) for k in range(1, len(ranked) + 1)]
+    assert all(set(t.config["exclude"]["names"]) in expected for t in accumulated)
+    assert [len(t.config["exclude"]["names"]) for t in accumulated] == sorted(len(t.config["exclude"]["names"]) for t in accumulated)
+    if result.met:
+        assert result.score >= result.threshold and result.trial_id > 1
+        assert inc_torch.quantized_ops(result.model), "the fallback put every op in FP32"
+        assert fidelity(result.model) == pytest.approx(result.score, abs=1e-5)
+    else:  # honest: nothing reached the goal
+        assert all(t.score is None or t.score < result.threshold for t in trials)
     assert same_state(state(model), before)
