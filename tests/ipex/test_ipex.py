@@ -120,3 +120,29 @@ def test_save_load_round_trip(cnn: torch.nn.Module, tmp_path: Path) -> None:
 def test_ipex_rejects_the_pt2e_format(cnn: torch.nn.Module) -> None:
     with pytest.raises(inc.errors.ConfigError, match="torchscript"):
         inc.quantize(cnn, inc.QuantConfig(format="pt2e"), dataset=calib_data(8), backend="ipex")
+
+
+def test_dynamic_activation_range_is_a_backend_setting(tmp_path: Path) -> None:
+    from inc_torch._dynamic import activation_range
+
+    backend = inc_torch.IpexBackend(dynamic_activations="reduce_range")
+    quantized = inc.quantize(trained_mlp(), inc.QuantConfig(approach="dynamic"), backend=backend)
+    assert activation_range(quantized) == "reduce_range"
+    loaded = inc.load(inc.save(quantized, tmp_path / "mlp.pt", backend=backend))
+    assert activation_range(loaded) == "reduce_range"
+    with pytest.raises(inc.errors.ConfigError, match="dynamic_activations"):
+        inc_torch.IpexBackend(dynamic_activations="8bit")
+
+
+def test_an_ipex_failure_is_an_inc_error(cnn: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    import intel_extension_for_pytorch as ipex
+
+    def failing_convert(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+        raise RuntimeError("oneDNN has no INT8 kernel for this pattern")
+
+    monkeypatch.setattr(ipex.quantization, "convert", failing_convert)
+    before = state(cnn)
+    with pytest.raises(inc.errors.UnsupportedModelError, match=r"IPEX quantization.*RuntimeError: oneDNN has no INT8 kernel") as info:
+        inc.quantize(cnn, inc.QuantConfig(calib_samples=16), dataset=calib_data(16), backend="ipex")
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert same_state(state(cnn), before)

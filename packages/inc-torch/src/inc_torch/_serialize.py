@@ -68,11 +68,11 @@ def save_model(model: nn.Module, path: Path) -> None:
         raise SaveError(f"This model is saved as TorchScript; name the file '*.pt', got {path.name!r}.")
     with _eval_mode(model):
         scripted = _script(model)
-    metadata = json.dumps(_metadata(scripted))
-    try:
-        torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: metadata})
-    except Exception as exc:
-        raise SaveError(f"torch.jit.save could not write {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+        metadata = json.dumps(_metadata(scripted))
+        try:
+            torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: metadata})
+        except Exception as exc:
+            raise SaveError(f"torch.jit.save could not write {str(path)!r}: {type(exc).__name__}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -80,8 +80,12 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode while the model is scripted or traced, then each submodule's own mode back.
 
     The saved model is for inference (dropout off, batch-norm statistics fixed); the caller's module
-    keeps training where it was training.
+    keeps training where it was training. A ScriptModule is saved as it is (IPEX's frozen modules have
+    no mode left to set).
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        yield
+        return
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
