@@ -2,49 +2,29 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_testmodels as models
-import onnxruntime as ort
 
 import inc_core as inc
 from inc_core.testing import BackendConformance
+from inc_onnx._int8_ops import int8_ops, runtime_graph
 
-# Integer kernels of ORT's QOperator and dynamic formats, besides every QLinear* op.
-_INTEGER_KERNELS = {"ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QAttention"}
 _QUANT_TYPES = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"}
-# Ops that pass 8-bit data through as it is (ORT runs them on the int8 tensor when their input is one).
-_DATA_MOVEMENT = {"Flatten", "MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Concat", "Slice"}
-
-
-def runtime_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph ONNX Runtime executes (after its QDQ fusions), which keeps the node names."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    with tempfile.TemporaryDirectory() as tmp:
-        options.optimized_model_filepath = str(Path(tmp) / "runtime.onnx")
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return onnx.load_model(options.optimized_model_filepath)
 
 
 def runtime_int8_nodes(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
-    """(names of all nodes ORT runs, names of those that compute on 8-bit data)."""
-    graph = runtime_graph(model).graph
-    eight_bit = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
-    int8: set[str] = set()
-    for node in graph.node:
-        kernel = node.op_type.startswith("QLinear") or node.op_type in _INTEGER_KERNELS
-        moves = node.op_type in _DATA_MOVEMENT and bool(node.input) and node.input[0] in eight_bit
-        if node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") or node.op_type.startswith("QLinear") or moves:
-            eight_bit.update(node.output[:1])
-        if kernel or moves:
-            int8.add(node.name)
-    return {n.name for n in graph.node}, int8
+    """(names of the nodes ONNX Runtime executes, names of those that compute on 8-bit data).
+
+    Judged by the backend's own listing on the graph ORT runs after its QDQ fusions (which keeps node names).
+    """
+    graph = runtime_graph(model)
+    if graph is None:  # ORT could not write its optimized graph: judge the QDQ graph itself
+        return {n.name for n in model.graph.node}, set(int8_ops(model, qdq=True))
+    return {n.name for n in graph.graph.node}, set(int8_ops(graph, qdq=False))
 
 
 class TestOnnxConformance(BackendConformance):
