@@ -13,7 +13,7 @@ from inc_core.errors import CalibrationError, DatasetError, EvaluationError, Sav
 from inc_core.tuning import autotune
 
 
-class _Untraceable(keras.Model):
+class UntraceableNet(keras.Model):
     """Reads a tensor's value in Python: fine eagerly, impossible to trace into a graph."""
 
     def __init__(self) -> None:
@@ -25,7 +25,7 @@ class _Untraceable(keras.Model):
         return self.dense(keras.ops.reshape(x, (-1, 64))) * scale
 
 
-class _Traceable(keras.Model):
+class TraceableNet(keras.Model):
     def __init__(self) -> None:
         super().__init__()
         self.flat = keras.layers.Flatten()
@@ -37,15 +37,30 @@ class _Traceable(keras.Model):
 
 
 def test_untraceable_subclassed_model(calib, digits):
-    model = _Untraceable()
+    model = UntraceableNet()
     model(digits[0][:2])
     with pytest.raises(UnsupportedModelError, match="trace"):
         inc.quantize(model, inc.QuantConfig(calib_samples=16), dataset=calib)
 
 
+@pytest.mark.parametrize("how", ["build", "called"])
+def test_traceable_subclassed_model_is_quantized(how, calib, digits):
+    _, x_test, _, _ = digits
+    model = TraceableNet()
+    if how == "build":
+        model.build((None, 8, 8, 1))
+    else:
+        model(digits[0][:2])
+    q = inc.quantize(model, inc.QuantConfig(calib_samples=32), dataset=calib)
+    assert "int8" in set(q.tensor_dtypes().values())
+    assert {model.hidden.name, model.out.name} <= set(q.int8_layers())
+    reference = np.asarray(model(x_test[:64]))
+    assert np.mean(np.argmax(q(x_test[:64]), 1) == np.argmax(reference, 1)) > 0.9
+
+
 def test_unbuilt_model():
     with pytest.raises(UnsupportedModelError, match="not built"):
-        inc.quantize(_Traceable(), inc.QuantConfig(), dataset=np.zeros((4, 8, 8, 1), np.float32))
+        inc.quantize(TraceableNet(), inc.QuantConfig(), dataset=np.zeros((4, 8, 8, 1), np.float32))
 
 
 def test_non_tensorflow_keras_backend(monkeypatch, calib):

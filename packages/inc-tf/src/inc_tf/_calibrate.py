@@ -20,7 +20,7 @@ from inc_core.errors import CalibrationError, DatasetError
 from inc_tf._convert import calibrated_flatbuffer
 from inc_tf._flatbuffer import OpRecord, op_records, ranged_tensors
 from inc_tf._keras_model import KerasGraph, as_input_list
-from inc_tf._litert import interpreter
+from inc_tf._litert import Invoker, interpreter
 
 __all__ = ["TfCalibration", "collect"]
 
@@ -72,8 +72,8 @@ def collect(graph: KerasGraph, dataset: Dataset, *, samples: int, model_id: int 
     calibrated = calibrated_flatbuffer(graph.model, _converter_samples(first))
     names = ranged_tensors(calibrated)
     interp = interpreter(calibrated, threads=None, preserve_all_tensors=True)
-    runner = interp.get_signature_runner()
-    input_keys = list(runner.get_input_details())
+    runner = Invoker(interp)
+    input_keys = list(runner.input_names)
     observers = {index: HistogramObserver(name=name) for index, name in names.items()}
     records = op_records(calibrated)
     # Every float activation is checked for NaN/Inf, also those of ops LiteRT keeps in float (no range field).

@@ -28,14 +28,41 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _converter(model: Any) -> Any:
+def _converter(model: Any, example: list[np.ndarray] | None = None) -> Any:
+    """The converter for ``model``; a subclassed model is traced through a tf.function on ``example``'s shapes."""
     import tensorflow as tf
 
     try:
         with _quiet():
-            return tf.lite.TFLiteConverter.from_keras_model(model)
+            if getattr(model, "inputs", None):
+                return tf.lite.TFLiteConverter.from_keras_model(model)
+            specs = _subclassed_specs(model, example)
+            fn = tf.function(lambda *xs: model(xs[0] if len(xs) == 1 else list(xs), training=False))
+            from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+            # Frozen weights: a concrete function's resource variables would become LiteRT variable ops.
+            concrete = convert_variables_to_constants_v2(fn.get_concrete_function(*specs))
+            return tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+    except UnsupportedModelError:
+        raise
     except Exception as exc:  # tracing errors surface as many TF/Python exception types
         raise _untraceable(model, exc) from exc
+
+
+def _subclassed_specs(model: Any, example: list[np.ndarray] | None) -> list[Any]:
+    """Input specs of a subclassed model: from a calibration batch, else from the shape it was built with."""
+    import tensorflow as tf
+
+    if example is not None:
+        return [tf.TensorSpec([None, *a.shape[1:]], tf.float32) for a in example]
+    shapes = getattr(model, "_build_shapes_dict", None) or {}
+    shape = next(iter(shapes.values()), None)
+    if shape is None:
+        raise UnsupportedModelError(
+            f"Subclassed Keras model {model.name!r} has no known input shape for dynamic quantization. Build it "
+            "with model.build((None, ...)) first, or use approach='static' with calibration data."
+        )
+    return [tf.TensorSpec([None, *tuple(shape)[1:]], tf.float32)]
 
 
 def _untraceable(model: Any, exc: BaseException) -> UnsupportedModelError:
@@ -54,9 +81,9 @@ def calibrated_flatbuffer(model: Any, samples: Iterable[list[np.ndarray]]) -> by
     """
     import tensorflow as tf
 
-    converter = _converter(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
     fixed = list(samples)
+    converter = _converter(model, fixed[0] if fixed else None)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: iter(fixed)
     converter._experimental_calibrate_only = True  # the documented path of TF's own QuantizationDebugger
     try:

@@ -111,11 +111,30 @@ class KerasGraph:
                     if match:
                         found.add(int(match.group(1)))
                     continue
-                for candidate in (part, re.sub(r"_\d+$", "", part)):
-                    if candidate in self.layer_names:
-                        found.add(self.layer_names.index(candidate))
-                        break
+                scopes = _traced_scopes(self.layer_names)  # small: a few dozen layers
+                if part in scopes:
+                    found.add(scopes[part])
         return found
+
+
+def _traced_scopes(layer_names: tuple[str, ...]) -> dict[str, int]:
+    """The TF name scope each layer's ops get when a subclassed model is traced, mapped to the layer's index.
+
+    Keras opens a layer's name scope twice per call and TF makes every scope name unique within the
+    graph (``dense`` -> ``dense_1``; then layer ``dense_1`` -> ``dense_1_2``). Replaying that in layer
+    order recovers which layer a scope belongs to, assuming layers are called once in that order.
+    """
+    used: set[str] = set()
+    scopes: dict[str, int] = {}
+    for index, name in enumerate(layer_names):
+        for _ in range(2):
+            unique, suffix = name, 0
+            while unique in used:
+                suffix += 1
+                unique = f"{name}_{suffix}"
+            used.add(unique)
+        scopes[unique] = index
+    return scopes
 
 
 def layer_tokens(index: int) -> str:
@@ -132,6 +151,9 @@ def prepare_graph(model: Any) -> KerasGraph:
     inputs = list(model.inputs) if _is_graph_model(model) else []
     input_names = tuple(getattr(t, "name", f"input_{i}") for i, t in enumerate(inputs))
     input_shapes = tuple(tuple(t.shape[1:]) for t in inputs)
+    built_with = next(iter((getattr(model, "_build_shapes_dict", None) or {}).values()), None)
+    if not inputs and isinstance(built_with, (tuple, list)) and built_with and not isinstance(built_with[0], (tuple, list)):
+        input_shapes = (tuple(built_with[1:]),)  # a subclassed model built with model.build((None, ...))
     sizes = tuple(max((int(np.prod(w.shape)) for w in layer.weights if len(w.shape) >= 2), default=0) for layer in layers)
     if not _is_graph_model(model):
         return KerasGraph(model, names, types, False, input_names, input_shapes, sizes)

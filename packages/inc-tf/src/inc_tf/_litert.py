@@ -13,7 +13,7 @@ import numpy as np
 
 from inc_core.errors import DatasetError, ModelLoadError
 
-__all__ = ["METADATA_KEY", "LiteRTModel", "interpreter"]
+__all__ = ["METADATA_KEY", "Invoker", "LiteRTModel", "interpreter"]
 
 #: flatbuffer metadata entry holding the Keras layer names (JSON), so ops map back to layers after a reload
 METADATA_KEY = "inc_tf.layers"
@@ -43,6 +43,35 @@ def interpreter(content: bytes, *, threads: int | None = None, preserve_all_tens
     return interp
 
 
+class Invoker:
+    """Runs an interpreter by input name: its signature runner, or its raw input tensors when it has no signature.
+
+    (A model converted from a concrete function, as subclassed Keras models are, carries no signature.)
+    """
+
+    def __init__(self, interp: Any) -> None:
+        self.interp = interp
+        self._signature = interp.get_signature_runner() if interp.get_signature_list() else None
+        if self._signature is not None:
+            self.input_names = tuple(self._signature.get_input_details())
+        else:
+            self._inputs = {d["name"]: d["index"] for d in interp.get_input_details()}
+            self.input_names = tuple(self._inputs)
+
+    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        if self._signature is not None:
+            return dict(self._signature(**feeds))
+        interp = self.interp
+        if any(tuple(interp.get_tensor(i).shape) != feeds[n].shape for n, i in self._inputs.items()):
+            for name, index in self._inputs.items():
+                interp.resize_tensor_input(index, list(feeds[name].shape))
+            interp.allocate_tensors()
+        for name, index in self._inputs.items():
+            interp.set_tensor(index, feeds[name])
+        interp.invoke()
+        return {d["name"]: interp.get_tensor(d["index"]) for d in interp.get_output_details()}
+
+
 @dataclass(eq=False)
 class LiteRTModel:
     """A quantized model as LiteRT runs it: the ``.tflite`` bytes plus what inc knows about them.
@@ -58,23 +87,25 @@ class LiteRTModel:
     content: bytes = field(repr=False)
     input_names: tuple[str, ...] = field(default=(), init=False)
     layer_names: tuple[str, ...] = field(default=(), init=False)
+    renamed: bool = field(default=True, init=False)
     _interp: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from inc_tf._flatbuffer import read_metadata
 
-        runner = interpreter(self.content, threads=1).get_signature_runner()
-        self.input_names = tuple(runner.get_input_details())
+        self.input_names = Invoker(interpreter(self.content, threads=1)).input_names
         raw = read_metadata(self.content, METADATA_KEY)
         if raw:
-            self.layer_names = tuple(json.loads(raw.decode())["layers"])
+            meta = json.loads(raw.decode())
+            self.layer_names = tuple(meta["layers"])
+            self.renamed = bool(meta.get("renamed", True))
 
     @classmethod
-    def with_layers(cls, content: bytes, layer_names: tuple[str, ...]) -> LiteRTModel:
+    def with_layers(cls, content: bytes, layer_names: tuple[str, ...], *, renamed: bool = True) -> LiteRTModel:
         """A model whose flatbuffer records the Keras layer names, so a loaded file still maps ops to layers."""
         from inc_tf._flatbuffer import with_metadata
 
-        payload = json.dumps({"layers": list(layer_names)}).encode()
+        payload = json.dumps({"layers": list(layer_names), "renamed": renamed}).encode()
         return cls(content=with_metadata(content, METADATA_KEY, payload))
 
     def int8_layers(self) -> list[str]:
@@ -91,22 +122,26 @@ class LiteRTModel:
         return list(found)
 
     def _layers_named_in(self, names: tuple[str, ...]) -> list[str]:
+        from inc_tf._keras_model import _traced_scopes
+
+        scopes = {} if self.renamed else _traced_scopes(self.layer_names)
         out = []
         for name in names:
             for part in re.split(r"[;/:]", name):
-                match = _TOKEN.fullmatch(part)
+                match = _TOKEN.fullmatch(part) if self.renamed else None
                 if match and int(match.group(1)) < len(self.layer_names):
                     out.append(self.layer_names[int(match.group(1))])
-                elif not self.layer_names and part:
-                    out.append(re.sub(r"_\d+$", "", part))
+                elif part in scopes:
+                    out.append(self.layer_names[scopes[part]])
         return out
 
     def interpreter(self, *, threads: int | None = None) -> Any:
         """A fresh interpreter for this model (``threads`` defaults to every core)."""
         return interpreter(self.content, threads=threads)
 
-    def signature_runner(self, *, threads: int | None = None) -> Any:
-        return self.interpreter(threads=threads).get_signature_runner()
+    def signature_runner(self, *, threads: int | None = None) -> Invoker:
+        """A callable taking the inputs by name (``runner(**model.feeds(batch))``) and returning the outputs by name."""
+        return Invoker(self.interpreter(threads=threads))
 
     def __call__(self, inputs: Any) -> np.ndarray:
         """Run one batch and return the first output as numpy."""

@@ -340,7 +340,7 @@ def convert(model: keras.Model, *, dataset: Any = None) -> Any:
         per_channel=config.granularity == "per_channel",
         denylisted_nodes=excluded_nodes,
     )
-    return LiteRTModel.with_layers(content, graph.layer_names)
+    return LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed)
 
 
 def _synthetic_inputs(graph: Any, span: tuple[float, float]) -> np.ndarray:
