@@ -75,3 +75,17 @@ def test_cli_quantizes_a_saved_model(cnn: gluon.HybridBlock, tmp_path: Path) -> 
     assert sorted(n.get("attrs", {}).get("quantized", "false").lower() for n in nodes) == ["false", "true"]
     x_test, y_test = models.digits()[1], models.digits()[3]
     assert models.accuracy(inc.load(out), x_test, y_test) >= models.accuracy(cnn, x_test, y_test) - 0.01
+
+
+def test_cli_benchmarks_a_saved_int8_model(cnn: gluon.HybridBlock, calib: inc.Dataset, tmp_path: Path) -> None:
+    inc.save(inc.quantize(cnn, inc.QuantConfig(calib_samples=32), dataset=calib), tmp_path / "int8.mxnet")
+    np.savez(tmp_path / "x.npz", data=models.digits()[1][:4])
+    inc_cli = Path(sys.executable).with_name("inc")
+    done = subprocess.run(
+        [str(inc_cli), "bench", str(tmp_path / "int8.mxnet"), "--inputs", str(tmp_path / "x.npz"), "--warmup", "1",
+         "--iterations", "3", "--json", str(tmp_path / "bench.json")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["backend"] == "mxnet" and result["throughput"] > 0 and result["batch_size"] == 4
