@@ -144,3 +144,11 @@ def test_cli_on_a_tree_ensemble_fails_cleanly_and_writes_nothing(tmp_path: Path,
     assert "TreeEnsembleClassifier" in printed.err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forest.onnx"]
+
+
+def test_orts_quantizer_chatter_stays_off_the_root_logger(caplog: pytest.LogCaptureFixture) -> None:
+    # ORT warns on the root logger, with a dumped type proto, for each integer tensor next to the
+    # MLP's Reshape; inc moves that to its own logger at DEBUG.
+    with caplog.at_level("WARNING"):
+        inc.quantize(converted("mlp", False), inc.QuantConfig(format="qoperator"), dataset=_calib())
+    assert not [r for r in caplog.records if "onnxruntime" in r.pathname], [r.getMessage()[:80] for r in caplog.records]

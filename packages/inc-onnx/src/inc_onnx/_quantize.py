@@ -8,10 +8,11 @@ and dtype chosen per op), the nodes kept in FP32 and per-tensor overrides for mi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -65,10 +66,11 @@ def quantize_prepared(
     op_types = list(op_types_for(config.approach, fmt))
     mode = "dynamic" if config.approach == "dynamic" else f"static {fmt}"
     try:
-        quantizer = _quantizer(model, config, fmt, calibration, prepared, space, excluded, op_types)
-        quantizer.quantize_model()
-        # ORT's quantizers append new nodes out of order; ONNX requires topological order.
-        quantizer.model.topological_sort()
+        with _ort_root_logging_to_debug():
+            quantizer = _quantizer(model, config, fmt, calibration, prepared, space, excluded, op_types)
+            quantizer.quantize_model()
+            # ORT's quantizers append new nodes out of order; ONNX requires topological order.
+            quantizer.model.topological_sort()
     except IncError:
         raise
     except Exception as exc:  # ORT's quantizers raise builtins (ValueError, KeyError, AssertionError, ...)
@@ -78,6 +80,32 @@ def quantize_prepared(
     _keep_users_shapes(result, prepared.value_info)
     _stamp(result, config, fmt)
     return result
+
+
+class _FromOrtQuantizer(logging.Filter):
+    """Moves what ORT's quantizers log on the root logger to inc's logger at DEBUG.
+
+    ORT warns on the root logger about every integer tensor its quantizer considers and skips (shape
+    arithmetic next to a Reshape), several lines each with a dumped type proto; that is not the user's
+    concern, and inc reports what was quantized from the output graph.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "onnxruntime" in record.pathname and "quantization" in record.pathname and record.levelno < logging.ERROR:
+            log.debug("onnxruntime quantizer: %s", record.getMessage().split("\n")[0])
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _ort_root_logging_to_debug() -> Iterator[None]:
+    root = logging.getLogger()
+    quiet = _FromOrtQuantizer()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def _quantizer(
