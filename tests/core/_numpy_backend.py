@@ -242,3 +242,22 @@ class BadSuffixBackend(NumpyBackend):
 
     def file_suffix(self, model: Any) -> str:
         return "../model"
+
+
+class PerChannelFailsBackend(NumpyBackend):
+    """A quantizer that cannot handle per-channel weights, as ORT's QDQ quantizer fails on a per-channel
+    MatMul with a bias Add: per-channel configs are failed trials, per-tensor ones work."""
+
+    def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> Any:
+        excluded = set(config.exclude.select(self.describe(model, config).ops))
+        for layer in model.layers:
+            if layer.name not in excluded and config.setting(layer.name, "MatMul", "granularity") == "per_channel":
+                raise ValueError("The truth value of an array with more than one element is ambiguous")
+        return super().quantize(model, config, calibration=calibration, inplace=inplace)
+
+
+class AlwaysFailsBackend(NumpyBackend):
+    """A quantizer that fails on every config."""
+
+    def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> Any:
+        raise RuntimeError("Failed to find proper ai.onnx domain")

@@ -224,7 +224,8 @@ def _fake_tuning(monkeypatch, met):
 
         return types.SimpleNamespace(
             model=quantized, config=config.base, baseline=baseline, score=score, met=met,
-            trials=[{"score": score}], report=report,
+            trials=[inc.Trial(id=1, config=config.base.to_dict(), delta={}, score=score, met=met, time_s=0.0)],
+            report=report,
         )
 
     module = types.ModuleType("inc_core.tuning")
@@ -365,3 +366,38 @@ def test_an_unexpected_exception_is_one_line_and_exit_3_with_the_traceback_under
     err = capsys.readouterr().err
     assert "inc: error: unexpected KeyError: 'entry point table'" in err and "bug in inc or in the backend plugin" in err
     assert ("Traceback (most recent call last)" in err) is verbose
+
+
+@pytest.fixture
+def flaky_backends():
+    inc.register_backend("npmat_flaky", nb.PerChannelFailsBackend)
+    inc.register_backend("npmat_broken", nb.AlwaysFailsBackend)
+    yield
+    _registry.unregister_backend("npmat_flaky")
+    _registry.unregister_backend("npmat_broken")
+
+
+def test_failed_trials_are_reported_and_tuning_goes_on(model_file, calib_file, eval_script, flaky_backends, tmp_path, capsys):
+    out, report = tmp_path / f"q{nb.SUFFIX}", tmp_path / "tuning.md"
+    rc = main([
+        "quantize", str(model_file), "-o", str(out), "--calib", str(calib_file), "--eval", eval_script,
+        "--tolerable-loss", "0.05", "--backend", "npmat_flaky", "--report", str(report),
+    ])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "failed: 1 trial(s) the backend could not quantize: ValueError: The truth value of an array" in captured.out
+    assert "trial 1/100: FAILED in the npmat backend, going on with the search (base): ValueError" in captured.err
+    assert "| 1 | base | - | - |" in report.read_text(encoding="utf-8")
+    assert _raw(out)["weight_q0"].dtype == np.int8
+
+
+def test_a_run_where_every_trial_fails_exits_2_with_the_causes(model_file, calib_file, eval_script, flaky_backends, tmp_path, capsys):
+    out = tmp_path / f"q{nb.SUFFIX}"
+    rc = main([
+        "quantize", str(model_file), "-o", str(out), "--calib", str(calib_file), "--eval", eval_script,
+        "--backend", "npmat_broken", "--max-trials", "3",
+    ])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "none of the 3 trials produced a model" in err and "RuntimeError: Failed to find proper ai.onnx domain (trials 1, 2, 3)" in err
+    assert not out.exists()

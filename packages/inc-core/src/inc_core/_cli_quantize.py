@@ -218,6 +218,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"  score:  FP32 baseline {result.baseline:.6g}, INT8 {result.score:.6g} "
         f"(tolerable {tuning.loss_type} loss {tuning.tolerable_loss:g}: {status}), {len(result.trials)} trial(s)"
     )
+    failed = [t for t in result.trials if t.failed]
+    if failed:  # the backend could not quantize these configs; the search went on without them
+        causes = list(dict.fromkeys(t.error for t in failed))
+        print(f"  failed: {len(failed)} trial(s) the backend could not quantize: {'; '.join(map(str, causes))}")
     if args.report:
         print(f"  report: {args.report}")
     if not result.met:
