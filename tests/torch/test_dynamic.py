@@ -158,6 +158,23 @@ def test_full_range_is_refused_on_a_cpu_without_vnni(monkeypatch: pytest.MonkeyP
     assert same_state(state(model), before)
 
 
+def test_op_errors_measure_the_chosen_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cpu(monkeypatch, VNNI)
+    model = Identity(256).eval()
+    data = inc.Dataset(_X.repeat(4, 1).numpy(), batch_size=2)  # exact on the 8-bit grid, rounded on the 7-bit one
+    config = inc.QuantConfig(approach="dynamic")
+    errors = {
+        choice: inc_torch.TorchBackend(dynamic_activations=choice).op_errors(model, config, calibration=None, dataset=data)["fc"]
+        for choice in ("full_range", "reduce_range")
+    }
+    with torch.no_grad():
+        for choice, error in errors.items():
+            layer = _dynamic.quantize_one(model.fc, "per_channel", choice)
+            assert error == pytest.approx(float(((layer(_X) - model.fc(_X)) ** 2).mean()), rel=1e-3), choice
+    # The int8 weight's own error (its diagonal is 254/255) is common to both; the eighth bit removes the rest.
+    assert errors["full_range"] < errors["reduce_range"] - 1e-6, errors
+
+
 @pytest.mark.parametrize("value", ["full", "", None, 8])
 def test_bad_dynamic_activations_is_a_config_error(value: object) -> None:
     with pytest.raises(ConfigError, match="reduce_range"):

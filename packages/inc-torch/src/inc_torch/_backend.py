@@ -19,7 +19,14 @@ from inc_torch._compiled import CompiledQuantizedModule
 from inc_torch._dynamic import check_dynamic_activations, quantize_dynamic
 from inc_torch._failures import check_constructs, check_returned_model, framework_errors
 from inc_torch._inputs import float_dtype, to_inputs
-from inc_torch._ops import check_supported, quantizable_ops, tuning_space
+from inc_torch._ops import (
+    check_overrides,
+    check_something_quantized,
+    check_supported,
+    quantizable_ops,
+    require_int8_ops,
+    tuning_space,
+)
 from inc_torch._serialize import load_model, save_model
 
 __all__ = ["TorchBackend", "make_runner"]
@@ -113,7 +120,9 @@ class TorchBackend(Backend):
         fmt = self.check_format(config.format)
         ops = quantizable_ops(model, config, fmt)
         excluded = set(config.exclude.select(ops))  # unknown names/patterns/types -> ConfigError before any work
+        check_overrides(config, tuning_space(model, config, fmt))
         check_supported(config, ops)
+        check_something_quantized(config, fmt, ops, excluded)
         if config.approach == "static":
             check_constructs(model, fmt, excluded)
         return fmt, ops
@@ -140,7 +149,9 @@ class TorchBackend(Backend):
         self, model: nn.Module, config: QuantConfig, fmt: str, ops: tuple[Op, ...], calibration: Any, inplace: bool
     ) -> nn.Module:
         if config.approach == "dynamic":
-            return quantize_dynamic(model, config, ops, inplace=inplace, activations=self.dynamic_activations)
+            dynamic = quantize_dynamic(model, config, ops, inplace=inplace, activations=self.dynamic_activations)
+            require_int8_ops(dynamic, config, fmt)
+            return dynamic
         if not isinstance(calibration, TorchCalibration):
             raise CalibrationError(
                 "Static quantization needs calibration statistics: call inc.quantize(model, config, dataset=...) "
@@ -163,6 +174,7 @@ class TorchBackend(Backend):
 
             quantized = quantize_fx(model, config, ops, calibration, inplace=inplace)
         check_returned_model(quantized, calibration.example, fmt, model, frozenset(op.name for op in ops))
+        require_int8_ops(quantized, config, fmt)
         return quantized
 
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
@@ -171,7 +183,7 @@ class TorchBackend(Backend):
         model = _check_model(model)
         fmt, ops = self._ops(model, config)
         with framework_errors("Measuring per-op errors", fmt, model, frozenset(op.name for op in ops)):
-            return op_errors(model, config, ops, calibration, dataset)
+            return op_errors(model, config, ops, calibration, dataset, activations=self.dynamic_activations)
 
     def save(self, model: Any, path: Path) -> None:
         save_model(model, Path(path))

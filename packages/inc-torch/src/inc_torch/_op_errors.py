@@ -28,6 +28,9 @@ from inc_torch._settings import OpSettings, plan
 
 __all__ = ["op_errors"]
 
+# Ops measured one by one: the weighted layers static paths quantize, the layers dynamic paths swap.
+_MEASURED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
@@ -74,8 +77,13 @@ def op_errors(
     ops: tuple[Op, ...],
     calibration: TorchCalibration | None,
     dataset: Dataset,
+    *,
+    activations: str = "auto",
 ) -> dict[str, float]:
     """Mean squared error of each quantized op's output vs FP32, over up to ``config.calib_samples`` samples.
+
+    ``activations`` is the backend's ``dynamic_activations`` setting, so that dynamic ops are measured
+    with the activation range the quantized model will use.
 
     Raises:
         CalibrationError: static config without a calibration.
@@ -93,12 +101,14 @@ def op_errors(
         settings = per_op.get(op.name, default)
         if settings is None:
             continue  # kept in FP32: no quantization error
-        module = modules[op.name]
+        module = modules.get(op.name)
+        if not isinstance(module, _MEASURED):
+            continue  # activations, add/mul, pooling (FX): no weight, rounding only; measured through their consumers
         quantized: Callable[..., Any] | None
         if calibration is not None and config.approach == "static":
             quantized = _static_simulator(module, settings, calibration, op.name)
         else:
-            quantized = quantize_one(module, settings.granularity)
+            quantized = quantize_one(module, settings.granularity, activations)
         if quantized is None:
             continue
 
