@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from inc_core.errors import SaveError
+from inc_core.errors import IncError, SaveError
 
 __all__ = ["atomic_path", "atomic_write", "atomic_write_text", "check_output_path"]
 
@@ -38,7 +38,10 @@ def atomic_path(path: str | os.PathLike[str], *, what: str = "output") -> Iterat
     temporary path is moved into place in one rename.
     """
     target = check_output_path(path, what=what)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise _failed(what, target, exc) from exc
     tmp = tmp_dir / target.name
     try:
         yield tmp
@@ -47,8 +50,19 @@ def atomic_path(path: str | os.PathLike[str], *, what: str = "output") -> Iterat
         if target.is_dir() and tmp.is_dir():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except IncError:
+        raise
+    except Exception as exc:  # a full disk, or a framework's writer failing: the user's path is left as it was
+        raise _failed(what, target, exc) from exc
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _failed(what: str, target: Path, exc: BaseException) -> SaveError:
+    return SaveError(
+        f"Writing the {what} to {str(target)!r} failed ({type(exc).__name__}: {exc}); nothing was written there. "
+        "Check the free space and permissions of the directory, or choose another path."
+    )
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, what: str = "output") -> None:
