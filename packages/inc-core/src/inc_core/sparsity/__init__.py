@@ -38,6 +38,7 @@ from inc_core.sparsity._patterns import (
     parse_pattern,
 )
 from inc_core.sparsity._pruner import Pruner
+from inc_core.sparsity._report import LayerSparsity, SparsityReport
 from inc_core.sparsity._schedule import Schedule, should_update, sparsity_at
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "Block",
     "Channel",
     "Criterion",
+    "LayerSparsity",
     "MagnitudeCriterion",
     "NOfM",
     "Pattern",
@@ -53,6 +55,7 @@ __all__ = [
     "Schedule",
     "SnipCriterion",
     "SnipMomentumCriterion",
+    "SparsityReport",
     "Unstructured",
     "as_matrix",
     "check_shape",

@@ -1,0 +1,221 @@
+"""Knowledge distillation as a loss the user's own loop calls: ``loss = kd(student_logits, inputs, labels)``."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inc_core._distill_config import DistillConfig
+from inc_core.errors import ConfigError, UnsupportedModelError
+
+__all__ = ["DistillationLoss"]
+
+
+def _logits(output: Any, who: str) -> torch.Tensor:
+    """The logits tensor of a model output: a tensor, an HF output with ``.logits``, or a tuple's first item."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise UnsupportedModelError(
+        f"DistillationLoss: the {who} returned {type(output).__name__}; expected logits as a tensor, a tuple whose "
+        "first item is the logits, or an object with a .logits tensor."
+    )
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _modules(model: nn.Module, names: list[str], who: str) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        hints = {m: difflib.get_close_matches(m, list(modules), n=3) for m in missing}
+        raise ConfigError(
+            f"DistillConfig.layer_mappings: {who} layer(s) {missing} do not exist. Close names: {hints}. "
+            f"Use names from {who}.named_modules()."
+        )
+    return {n: modules[n] for n in names}
+
+
+class _Capture:
+    """Forward hooks that keep the latest output of some modules."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.outputs[name] = _logits(output, f"layer {name!r}")
+
+        return hook
+
+    def take(self, name: str, who: str) -> torch.Tensor:
+        if name not in self.outputs:
+            raise ConfigError(
+                f"DistillationLoss: {who} layer {name!r} produced no output since the last loss; call the {who} "
+                "on the batch before kd(...)."
+            )
+        return self.outputs.pop(name)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class DistillationLoss(nn.Module):
+    """``hard * task_loss + soft * T^2 * soft_loss + layer * sum(layer losses)``, with the teacher run inside.
+
+    Use it in your own loop::
+
+        kd = inc_torch.DistillationLoss(teacher, inc.DistillConfig(temperature=4.0, loss_weights=(0.3, 0.7)))
+        for x, y in loader:
+            loss = kd(student(x), x, y)
+            loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+    The teacher runs on ``inputs`` in eval mode without gradients (its training flag is restored
+    afterwards; its weights are never touched). With ``layer_mappings``, pass ``student=`` too: forward
+    hooks capture the mapped layers' outputs of both models, and their mean loss (``layer_loss``) is added.
+
+    Args:
+        teacher: the trained teacher; its output must have the student's logits shape.
+        config: temperature, loss weights, soft loss (``"kl"``/``"ce"``), layer mappings.
+        student: the student module, needed only for ``layer_mappings``.
+        task_loss: ``task_loss(student_logits, labels)`` for the hard part (default: cross-entropy).
+
+    Attributes:
+        last: the unweighted parts of the latest loss (``{"hard": ..., "soft": ..., "layer": ...}``), for logging.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        config: DistillConfig | None = None,
+        *,
+        student: nn.Module | None = None,
+        task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        config = DistillConfig() if config is None else config
+        if not isinstance(config, DistillConfig):
+            raise ConfigError(f"DistillationLoss: config must be an inc.DistillConfig, got {type(config).__name__}.")
+        if not isinstance(teacher, nn.Module):
+            raise UnsupportedModelError(f"DistillationLoss: teacher must be a torch.nn.Module, got {type(teacher).__name__}.")
+        if student is not None and not isinstance(student, nn.Module):
+            raise UnsupportedModelError(f"DistillationLoss: student must be a torch.nn.Module, got {type(student).__name__}.")
+        if config.layer_mappings and student is None:
+            raise ConfigError(
+                "DistillationLoss: layer_mappings need the student module to hook its layers; pass student=model."
+            )
+        self.config = config
+        # Not registered as a submodule: the teacher's parameters must stay out of the student's optimizer and state_dict.
+        self.__dict__["teacher"] = teacher
+        self.task_loss = task_loss if task_loss is not None else F.cross_entropy
+        weights = config.loss_weights
+        self.weights = {"hard": weights[0], "soft": weights[1], "layer": weights[2] if len(weights) == 3 else 0.0}
+        self._student_capture: _Capture | None = None
+        self._teacher_capture: _Capture | None = None
+        if config.layer_mappings:
+            assert student is not None  # checked above
+            s_names = [s for s, _ in config.layer_mappings]
+            t_names = [t for _, t in config.layer_mappings]
+            self._student_capture = _Capture(_modules(student, s_names, "student"))
+            self._teacher_capture = _Capture(_modules(teacher, t_names, "teacher"))
+        self.last: dict[str, float] = {}
+
+    def forward(self, student_logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The distillation loss of one batch (a scalar with gradients to the student only).
+
+        Raises:
+            ConfigError: teacher and student outputs (or mapped layers) differ in shape, or labels are
+                missing while the hard loss has a weight.
+        """
+        student_logits = _logits(student_logits, "student")
+        teacher_logits = self._teacher_logits(inputs)  # also runs the teacher's layer hooks
+        if self.weights["soft"] > 0 and teacher_logits.shape != student_logits.shape:
+            raise ConfigError(
+                f"DistillationLoss: the teacher's output has shape {tuple(teacher_logits.shape)} but the student's "
+                f"logits have shape {tuple(student_logits.shape)}; distil between models with the same output (same "
+                "number of classes), or map a projection of the student's output to the teacher's."
+            )
+        total = student_logits.new_zeros(())
+        self.last = {}
+        if self.weights["hard"] > 0:
+            if labels is None:
+                raise ConfigError(
+                    "DistillationLoss: loss_weights gives the task (hard) loss a weight but no labels were passed; "
+                    "call kd(student_logits, inputs, labels) or set the hard weight to 0."
+                )
+            hard = self.task_loss(student_logits, labels)
+            total = total + self.weights["hard"] * hard
+            self.last["hard"] = float(hard.detach())
+        if self.weights["soft"] > 0:
+            soft = self._soft(student_logits, teacher_logits.to(student_logits.dtype))
+            total = total + self.weights["soft"] * soft
+            self.last["soft"] = float(soft.detach())
+        if self._student_capture is not None and self._teacher_capture is not None:
+            layer = self._layers()
+            total = total + self.weights["layer"] * layer
+            self.last["layer"] = float(layer.detach())
+        return total
+
+    def _teacher_logits(self, inputs: Any) -> torch.Tensor:
+        teacher: nn.Module = self.__dict__["teacher"]
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            with torch.no_grad():
+                return _logits(_call(teacher, inputs), "teacher")
+        finally:
+            teacher.train(was_training)
+
+    def _soft(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        t = self.config.temperature
+        log_p_student = F.log_softmax(student / t, dim=-1)
+        log_p_teacher = F.log_softmax(teacher / t, dim=-1)
+        if self.config.soft_loss == "kl":
+            loss = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+        else:  # "ce": cross-entropy against the teacher's soft targets
+            loss = -(log_p_teacher.exp() * log_p_student).sum(dim=-1).mean()
+        return loss * t * t  # T^2 keeps the soft gradients' scale independent of T (Hinton et al., 2015)
+
+    def _layers(self) -> torch.Tensor:
+        assert self._student_capture is not None and self._teacher_capture is not None
+        losses = []
+        for s_name, t_name in self.config.layer_mappings:
+            s = self._student_capture.take(s_name, "student")
+            t = self._teacher_capture.take(t_name, "teacher").to(s.dtype)
+            if s.shape != t.shape:
+                raise ConfigError(
+                    f"DistillationLoss: student layer {s_name!r} outputs {tuple(s.shape)} but teacher layer {t_name!r} "
+                    f"outputs {tuple(t.shape)}; map layers whose outputs have the same shape."
+                )
+            if self.config.layer_loss == "mse":
+                losses.append(F.mse_loss(s, t))
+            elif self.config.layer_loss == "kl":
+                losses.append(
+                    F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="batchmean")
+                )
+            else:  # cosine: 1 - cosine similarity of each sample's flattened features
+                losses.append((1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)).mean())
+        return torch.stack(losses).mean()
+
+    def remove_hooks(self) -> None:
+        """Detach the layer-mapping hooks from the student and the teacher."""
+        for capture in (self._student_capture, self._teacher_capture):
+            if capture is not None:
+                capture.remove()

@@ -1,0 +1,89 @@
+"""Which weights of a module pruning touches, and how each maps to inc-core's output-first layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from inc_core import Op
+from inc_core._prune_config import PruneConfig
+from inc_core.errors import ConfigError
+
+__all__ = ["PrunableLayer", "prunable_layers"]
+
+# Layers whose rank >= 2 weight is not a GEMM operand; pruned only when include_types names them.
+_SKIPPED_BY_DEFAULT = (nn.Embedding, nn.EmbeddingBag)
+
+
+@dataclass(eq=False)
+class PrunableLayer:
+    """One weight to prune.
+
+    Attributes:
+        name: the owning module's qualified name (what ``LayerFilter`` and reports use).
+        op_type: the owning module's class name.
+        weight: the parameter itself (masks are applied to it in place).
+        transposed: the weight is stored input-first (HF ``Conv1D``, ``ConvTranspose``) and is
+            transposed to ``(out, in, *kernel)`` for inc-core's pattern math.
+    """
+
+    name: str
+    op_type: str
+    weight: nn.Parameter
+    transposed: bool
+
+    def to_core(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (shaped like the weight) in inc-core's output-first layout."""
+        return tensor.transpose(0, 1) if self.transposed else tensor
+
+    def from_core(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.transpose(0, 1) if self.transposed else tensor
+
+    @property
+    def core_shape(self) -> tuple[int, ...]:
+        return tuple(self.to_core(self.weight.detach()).shape)
+
+
+def _is_transposed(module: nn.Module) -> bool:
+    # HF transformers' Conv1D (GPT-2) stores (in, out); ConvTranspose stores (in, out/groups, *kernel).
+    return type(module).__name__ == "Conv1D" or isinstance(module, nn.modules.conv._ConvTransposeNd)
+
+
+def prunable_layers(model: nn.Module, config: PruneConfig) -> list[PrunableLayer]:
+    """The layers ``config`` prunes: modules owning a ``weight`` of rank >= 2, filtered by ``include_types``/``exclude``.
+
+    Raises:
+        ConfigError: ``include_types`` or ``exclude`` name nothing in the model, or nothing is left to prune.
+    """
+    candidates: list[PrunableLayer] = []
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if not isinstance(weight, nn.Parameter) or weight.dim() < 2 or not name:
+            continue
+        op_type = type(module).__name__
+        if config.include_types:
+            if op_type not in config.include_types:
+                continue
+        elif isinstance(module, _SKIPPED_BY_DEFAULT):
+            continue
+        candidates.append(PrunableLayer(name, op_type, weight, _is_transposed(module)))
+    if config.include_types:
+        found = {layer.op_type for layer in candidates}
+        missing = [t for t in config.include_types if t not in found]
+        if missing:
+            types = sorted({type(m).__name__ for n, m in model.named_modules() if n})
+            raise ConfigError(
+                f"PruneConfig: include_types {missing} match no layer with a weight of rank >= 2; "
+                f"the model's module types are {types}."
+            )
+    ops = [Op(layer.name, layer.op_type) for layer in candidates]
+    excluded = set(config.exclude.select(ops)) if config.exclude else set()
+    layers = [layer for layer in candidates if layer.name not in excluded]
+    if not layers:
+        raise ConfigError(
+            f"prepare: no layer left to prune in {type(model).__name__} (candidates: {[op.name for op in ops]}, "
+            f"excluded: {sorted(excluded)}). Prune layers with a weight of rank >= 2 (Linear, Conv) and exclude fewer."
+        )
+    return layers

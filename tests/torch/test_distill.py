@@ -1,0 +1,151 @@
+"""DistillationLoss: the value against a hand computation, the teacher untouched, layer mappings, a real training loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch_helpers import accuracy, same_state, split, state, trained_cnn
+
+import inc_core as inc
+import inc_torch
+from inc_core.errors import ConfigError, UnsupportedModelError
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _hand_loss(s: np.ndarray, t: np.ndarray, labels: np.ndarray, temperature: float, hard_w: float, soft_w: float) -> float:
+    ce = -_log_softmax(s)[np.arange(len(labels)), labels].mean()
+    log_ps, log_pt = _log_softmax(s / temperature), _log_softmax(t / temperature)
+    kl = (np.exp(log_pt) * (log_pt - log_ps)).sum(axis=1).mean()
+    return hard_w * ce + soft_w * temperature**2 * kl
+
+
+class Fixed(nn.Module):
+    """A 'teacher' that returns given logits, so the expected loss can be computed by hand."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits * self.scale
+
+
+def test_loss_equals_the_hand_computed_value() -> None:
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32) * 3
+    labels = rng.integers(0, 5, size=6)
+    kd = inc_torch.DistillationLoss(Fixed(torch.from_numpy(t)), inc.DistillConfig(temperature=3.0, loss_weights=(0.3, 0.7)))
+    got = kd(torch.from_numpy(s), torch.zeros(6, 1), torch.from_numpy(labels))
+    assert float(got) == pytest.approx(_hand_loss(s, t, labels, 3.0, 0.3, 0.7), rel=1e-5)
+    assert set(kd.last) == {"hard", "soft"}
+
+
+def test_soft_cross_entropy_differs_from_kl_by_the_teacher_entropy() -> None:
+    rng = np.random.default_rng(1)
+    s, t = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+    teacher = Fixed(torch.from_numpy(t))
+    kl = inc_torch.DistillationLoss(teacher, inc.DistillConfig(temperature=2.0, loss_weights=(0.0, 1.0)))
+    ce = inc_torch.DistillationLoss(teacher, inc.DistillConfig(temperature=2.0, loss_weights=(0.0, 1.0), soft_loss="ce"))
+    log_pt = _log_softmax(t / 2.0)
+    entropy = -(np.exp(log_pt) * log_pt).sum(axis=1).mean()
+    x = torch.zeros(4, 1)
+    assert float(ce(torch.from_numpy(s), x)) - float(kl(torch.from_numpy(s), x)) == pytest.approx(4 * entropy, rel=1e-5)
+
+
+def test_teacher_runs_without_gradients_and_keeps_its_mode() -> None:
+    teacher = trained_cnn().train()
+    before = state(teacher)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    kd = inc_torch.DistillationLoss(teacher, inc.DistillConfig())
+    x, y, _, _ = split()
+    xb = torch.from_numpy(x[:16])
+    loss = kd(student(xb), xb, torch.from_numpy(y[:16]))
+    loss.backward()
+    assert teacher.training, "the teacher's training flag was not restored"
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert same_state(state(teacher), before)  # BN running stats untouched: the teacher ran in eval mode
+    assert "teacher" not in dict(kd.named_children())  # the teacher's weights stay out of kd.parameters()
+
+
+def test_layer_mappings_add_the_mean_layer_loss() -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    student = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    config = inc.DistillConfig(loss_weights=(0.0, 0.0, 1.0), layer_mappings=(("0", "0"), ("2", "2")))
+    kd = inc_torch.DistillationLoss(teacher, config, student=student)
+    x = torch.randn(5, 4)
+    loss = kd(student(x), x)
+    with torch.no_grad():
+        expected = (
+            nn.functional.mse_loss(student[0](x), teacher[0](x)) + nn.functional.mse_loss(student(x), teacher(x))
+        ) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    kd.remove_hooks()
+    assert not student[0]._forward_hooks and not teacher[0]._forward_hooks
+
+
+def test_distilled_student_trains_in_a_plain_loop() -> None:
+    teacher = trained_cnn()
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    kd = inc_torch.DistillationLoss(teacher, inc.DistillConfig(temperature=4.0, loss_weights=(0.5, 0.5)))
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    x, y, _, _ = split()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(8):
+        for start in range(0, len(xt), 50):
+            optimizer.zero_grad()
+            xb = xt[start : start + 50]
+            kd(student(xb), xb, yt[start : start + 50]).backward()
+            optimizer.step()
+    assert accuracy(student.eval()) >= 0.85
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_teacher_output_shape_differs_from_student() -> None:
+    kd = inc_torch.DistillationLoss(Fixed(torch.zeros(2, 7)), inc.DistillConfig())
+    with pytest.raises(ConfigError, match=r"teacher's output has shape \(2, 7\).*student's logits have shape \(2, 10\)"):
+        kd(torch.zeros(2, 10), torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))
+
+
+def test_missing_labels_with_a_hard_weight() -> None:
+    kd = inc_torch.DistillationLoss(Fixed(torch.zeros(2, 3)), inc.DistillConfig(loss_weights=(0.5, 0.5)))
+    with pytest.raises(ConfigError, match="no labels were passed"):
+        kd(torch.zeros(2, 3), torch.zeros(2, 1))
+
+
+def test_unknown_mapped_layer_lists_close_names() -> None:
+    net = nn.Sequential(nn.Linear(2, 2))
+    config = inc.DistillConfig(loss_weights=(0.0, 1.0, 1.0), layer_mappings=(("00", "0"),))
+    with pytest.raises(ConfigError, match=r"student layer\(s\) \['00'\] do not exist"):
+        inc_torch.DistillationLoss(net, config, student=nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_layer_mappings_without_student() -> None:
+    config = inc.DistillConfig(loss_weights=(0.0, 1.0, 1.0), layer_mappings=(("0", "0"),))
+    with pytest.raises(ConfigError, match="pass student=model"):
+        inc_torch.DistillationLoss(nn.Sequential(nn.Linear(2, 2)), config)
+
+
+def test_mapped_layers_of_different_shapes() -> None:
+    teacher, student = nn.Sequential(nn.Linear(4, 8)), nn.Sequential(nn.Linear(4, 6))
+    config = inc.DistillConfig(loss_weights=(0.0, 0.0, 1.0), layer_mappings=(("0", "0"),))
+    kd = inc_torch.DistillationLoss(teacher, config, student=student)
+    x = torch.randn(3, 4)
+    with pytest.raises(ConfigError, match=r"student layer '0' outputs \(3, 6\) but teacher layer '0' outputs \(3, 8\)"):
+        kd(student(x), x)
+
+
+def test_teacher_that_is_not_a_module() -> None:
+    with pytest.raises(UnsupportedModelError, match="teacher must be a torch.nn.Module"):
+        inc_torch.DistillationLoss(lambda x: x, inc.DistillConfig())  # type: ignore[arg-type]
