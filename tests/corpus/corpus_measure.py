@@ -74,9 +74,14 @@ def _compiled_int8_kernels(model: Callable[..., Any], example: torch.Tensor) -> 
     """Run ``model`` once (it compiles on its first call) and count the int8 conv/linear kernels inductor built."""
     from torch._dynamo.utils import counters
 
+    # A graph compiled before (inc runs the model once before returning it) or served from inductor's on-disk
+    # caches skips the pattern passes and their counters: drop dynamo's compiled code and compile afresh.
+    torch._dynamo.reset()
     counters["inductor"].clear()
-    # A graph served from inductor's on-disk caches skips the pattern passes and their counters: compile afresh.
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
+    with (
+        torch.no_grad(),
+        torch._inductor.config.patch(force_disable_caches=True),
+    ):
         model(example)
     return int(
         counters["inductor"]["qconv_weight_prepack_matcher_count"] + counters["inductor"]["qlinear_weight_prepack_matcher_count"]

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
-
 from _torchvision import torchvision_models
+from torch import nn
 
 __all__ = [
     "IMAGE",

@@ -18,12 +18,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import corpus_measure as measure
+import corpus_models as corpus
 import numpy as np
 import pytest
 import torch
 
-import corpus_measure as measure
-import corpus_models as corpus
 import inc_core as inc
 from inc_core.errors import IncError
 
