@@ -168,6 +168,14 @@ def corpus(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench_tf(session: nox.Session) -> None:
+    """LiteRT int8 (inc) vs TF FP32 vs the TF converter's int8 vs Keras' int8: ResNet-18/50, MobileNetV2 (not in `nox`)."""
+    _install_core(session)
+    session.install("-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]")
+    session.run("python", "benchmarks/tf_bench.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff everywhere (with the no-framework-import rule for inc-core) and mypy on inc-core."""
     session.install("ruff", "mypy", "numpy", "tqdm", "pytest")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tf_testmodels as models
 
 import inc_core as inc
@@ -60,3 +61,36 @@ def test_keras_file_is_quantized_from_its_path(digits, calib, tmp_path):
     models.cnn().save(path)
     q = inc.quantize(str(path), inc.QuantConfig(calib_samples=64), dataset=calib)
     assert "conv1" in q.int8_layers()
+
+
+def test_mse_strategy_ranks_layers_by_their_int8_error(digits, calib):
+    x_train, _, _, _ = digits
+    backend = inc.get_backend("tf")
+    model = models.cnn()
+    config = inc.QuantConfig(calib_samples=64)
+    errors = backend.op_errors(model, config, calibration=None, dataset=inc.Dataset(x_train[:64], batch_size=16))
+    assert set(errors) == {"conv1", "conv2", "fc1", "logits"}
+    assert all(value > 0 for value in errors.values()), errors
+    model_fp32 = models.cnn()
+    result = autotune(
+        model_fp32,
+        inc.TuningConfig(base=config, strategy="mse", tolerable_loss=0.02, max_trials=3),
+        eval_fn=lambda candidate: models.accuracy(candidate, x_train[-300:], digits[2][-300:]),
+        dataset=calib,
+    )
+    assert result.met
+
+
+def test_cli_quantizes_a_keras_file(tmp_path, capsys):
+    from inc_core.cli import main
+
+    source = tmp_path / "mlp.keras"
+    models.mlp().save(source)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, pixels=models.digits()[0][:64])
+    out = tmp_path / "mlp.int8.tflite"
+    code = main(["quantize", str(source), "-o", str(out), "--calib", str(calib), "--calib-batch-size", "16"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "3 FULLY_CONNECTED" in printed.out, printed.out
+    assert inc.get_backend("tf").int8_op_counts(inc.load(out))["FULLY_CONNECTED"] == 3

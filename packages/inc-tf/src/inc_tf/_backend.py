@@ -80,6 +80,29 @@ class TfBackend(Backend):
             )
         return quantize_static(graph, config, calibration)
 
+    def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
+        from inc_tf._op_errors import layer_output_errors
+
+        graph = self._graph(model)
+        if config.approach != "static":
+            raise NotImplementedError("per-layer errors are measured for approach='static' only on the tf backend")
+        if not isinstance(calibration, TfCalibration):
+            calibration = self.calibrate(model, dataset, config)
+        quantized = quantize_static(graph, config, calibration)
+        return layer_output_errors(graph, config, calibration, quantized, dataset)
+
+    def int8_op_counts(self, model: Any) -> dict[str, int] | None:
+        """LiteRT ops (by builtin name) that read or write int8 tensors, QUANTIZE/DEQUANTIZE left out."""
+        if not isinstance(model, LiteRTModel):
+            return None
+        from inc_tf._flatbuffer import op_records
+
+        counts: dict[str, int] = {}
+        for record in op_records(model.content):
+            if record.op not in ("QUANTIZE", "DEQUANTIZE") and "int8" in (*record.input_dtypes, *record.output_dtypes):
+                counts[record.op] = counts.get(record.op, 0) + 1
+        return counts
+
     def save(self, model: Any, path: Path) -> None:
         if isinstance(model, LiteRTModel):
             path.write_bytes(model.content)

@@ -184,7 +184,9 @@ def _is_graph_model(model: Any) -> bool:
 def as_input_list(batch: Any, graph: KerasGraph, *, where: str) -> list[np.ndarray]:
     """One calibration batch as float32 arrays in the model's input order, checked against its input shapes."""
     count = max(len(graph.input_shapes), 1)
-    if isinstance(batch, dict):
+    if isinstance(batch, dict) and len(batch) == 1 and count == 1:
+        values = list(batch.values())  # one input: whatever the key (an .npz of a single array)
+    elif isinstance(batch, dict):
         missing = [n for n in graph.input_names if n not in batch]
         if missing:
             raise DatasetError(
