@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import inc_core as inc
 import inc_onnx._preprocess as preprocess
+from inc_core.cli import main
 from inc_core.errors import ConfigError, IncError, UnsupportedModelError
 
 N = 16
@@ -189,3 +193,18 @@ def test_no_builtin_error_escapes_for_a_model_ort_cannot_run_after_quantization(
     model = shared_zero_bias()
     with pytest.raises(IncError):
         inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset([np.zeros((2, N + 1), np.float32)]))
+
+
+def test_cli_reports_the_int8_ops_of_the_written_model_for_dynamic_attention(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, out = tmp_path / "attention.onnx", tmp_path / "attention.int8.onnx"
+    onnx.save_model(attention_block(), str(source))
+    assert main(["quantize", str(source), "-o", str(out), "--approach", "dynamic"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "ops:" in line)
+    # Before, every MatMul and the Transpose counted as quantized, though scores and context stay in float.
+    match = re.search(r"(\d+) INT8 ops in the output model \((.*)\); (\d+) of (\d+) quantizable ops selected", line)
+    assert match, line
+    assert int(match.group(1)) == int(match.group(3)) == int(match.group(4)) == 5, line
+    counts = inc.get_backend("onnx").int8_op_counts(onnx.load_model(str(out)))
+    assert sum(counts.values()) == 5 and counts.get("Gather") == 1, counts
