@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "cosines",
+    "counting_inductor_kernels",
     "onnx_int8_kernels",
     "onnx_outputs",
     "reference_onnx",
@@ -70,22 +72,22 @@ def torch_outputs(model: Callable[..., Any], inputs: np.ndarray, batch: int = BA
     return np.concatenate(outs)
 
 
-def _compiled_int8_kernels(model: Callable[..., Any], example: torch.Tensor) -> int:
-    """Run ``model`` once (it compiles on its first call) and count the int8 conv/linear kernels inductor built."""
+@contextlib.contextmanager
+def counting_inductor_kernels() -> Iterator[Callable[[], int]]:
+    """Count the int8 conv/linear kernels inductor builds inside the block (its weight-prepack pattern counters).
+
+    inc compiles a PT2E model when it checks it before returning it, so the block must hold the
+    ``inc.quantize`` call. Inductor's on-disk caches are off: a graph served from them skips the pattern
+    passes and their counters. The corpus runs every batch at one shape, so each model is compiled once.
+    """
     from torch._dynamo.utils import counters
 
-    # A graph compiled before (inc runs the model once before returning it) or served from inductor's on-disk
-    # caches skips the pattern passes and their counters: drop dynamo's compiled code and compile afresh.
-    torch._dynamo.reset()
     counters["inductor"].clear()
-    with (
-        torch.no_grad(),
-        torch._inductor.config.patch(force_disable_caches=True),
-    ):
-        model(example)
-    return int(
-        counters["inductor"]["qconv_weight_prepack_matcher_count"] + counters["inductor"]["qlinear_weight_prepack_matcher_count"]
-    )
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield lambda: int(
+            counters["inductor"]["qconv_weight_prepack_matcher_count"]
+            + counters["inductor"]["qlinear_weight_prepack_matcher_count"]
+        )
 
 
 _QUANTIZED_MODULE_ROOTS = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
@@ -123,10 +125,8 @@ def _converted_pt2e_int8_ops(graph: torch.fx.GraphModule) -> int:
     return count
 
 
-def torch_int8_kernels(model: Callable[..., Any], example: torch.Tensor) -> int:
-    """INT8 conv/linear kernels in what runs when the user calls ``model`` (compiled, converted PT2E or eager)."""
-    if type(model).__name__ == "CompiledQuantizedModule" or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        return _compiled_int8_kernels(model, example)
+def torch_int8_kernels(model: Callable[..., Any]) -> int:
+    """INT8 conv/linear kernels of a converted PT2E graph or an eager torch.ao quantized model."""
     if isinstance(model, torch.fx.GraphModule) and any("quantized_decomposed" in str(n.target) for n in model.graph.nodes):
         return _converted_pt2e_int8_ops(model)
     return _eager_int8_kernels(model)

@@ -144,6 +144,23 @@ def case_core_unknown_strategy(tmp: Path) -> None:
 
 
 @case
+def case_core_unknown_loss_type(tmp: Path) -> None:
+    expect(ConfigError, "loss_type.*relative", lambda: inc.TuningConfig(loss_type="percent"))
+
+
+@case
+def case_core_dataset_iterable_with_array_labels(tmp: Path) -> None:
+    # Labels aligned by index need an indexable source; a generator's batches carry their own labels.
+    batches = (bm.digits(8) for _ in range(2))
+    expect(DatasetError, "labels", lambda: list(inc.Dataset(batches, labels=np.zeros(16, dtype=np.int64))))
+
+
+@case
+def case_core_benchmark_zero_instances(tmp: Path) -> None:
+    expect(ConfigError, "instances", lambda: inc.benchmark(bm.onnx_mlp(), bm.digits(4), instances=0))
+
+
+@case
 def case_core_max_trials_zero(tmp: Path) -> None:
     expect(ConfigError, "max_trials", lambda: inc.TuningConfig(max_trials=0))
 
@@ -290,6 +307,20 @@ def case_onnx_unknown_exclude_name(tmp: Path) -> None:
 def case_onnx_unknown_override_name(tmp: Path) -> None:
     config = inc.QuantConfig(overrides={"fc_2": {"granularity": "per_tensor"}})
     onnx_untouched(tmp, ConfigError, "fc_2.*fc2", lambda p: inc.quantize(p, config, dataset=calib()))
+
+
+@case
+def case_onnx_exclude_pattern_matching_nothing(tmp: Path) -> None:
+    config = inc.QuantConfig(exclude=inc.LayerFilter(patterns=("conv.*",)))
+    onnx_untouched(tmp, ConfigError, r"conv\.\*.*(fc1|describe)", lambda p: inc.quantize(p, config, dataset=calib()))
+
+
+@case
+def case_onnx_json_file_named_onnx(tmp: Path) -> None:
+    path = tmp / "model.onnx"
+    path.write_text(json.dumps({"graph": "not really"}))
+    expect(ModelLoadError, "model.onnx", lambda: inc.quantize(path, inc.QuantConfig(approach="dynamic")))
+    assert listing(tmp) == ["model.onnx"]
 
 
 @case
@@ -450,6 +481,18 @@ def case_torch_fx_unknown_override_name(tmp: Path) -> None:
 def case_torch_dynamic_unknown_override_name(tmp: Path) -> None:
     config = inc.QuantConfig(approach="dynamic", overrides={"fc_2": {"granularity": "per_tensor"}})
     torch_untouched("mlp", ConfigError, "fc_2.*fc2", lambda m: inc.quantize(m, config))
+
+
+@case
+def case_torch_pt2e_unknown_override_name(tmp: Path) -> None:
+    config = inc.QuantConfig(overrides={"fc_2": {"granularity": "per_tensor"}})
+    torch_untouched("cnn", ConfigError, "fc_2.*fc", lambda m: inc.quantize(m, config, dataset=image_calib()))
+
+
+@case
+def case_torch_exclude_unknown_type(tmp: Path) -> None:
+    config = inc.QuantConfig(exclude=inc.LayerFilter(types=("Conv3d",)))
+    torch_untouched("cnn", ConfigError, "Conv3d.*Conv2d", lambda m: inc.quantize(m, config, dataset=image_calib()))
 
 
 @case
