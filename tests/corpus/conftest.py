@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 _ROWS: list[dict[str, Any]] = []
+_STARTED = datetime.datetime.now(datetime.timezone.utc)
+_FULL_RUN = False  # every corpus case collected: only such a run replaces the committed results
 
 
 @pytest.fixture
-def corpus_rows() -> list[dict[str, Any]]:
-    """The shared list each corpus case appends its row to."""
-    return _ROWS
+def corpus_rows(request: pytest.FixtureRequest) -> Iterator[list[dict[str, Any]]]:
+    """The shared list each corpus case appends its row to; the row is also printed as soon as the case ends."""
+    count = len(_ROWS)
+    yield _ROWS
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    for row in _ROWS[count:]:
+        if reporter is not None:
+            reporter.write_line("")
+            reporter.write_line("corpus row: " + json.dumps(row))
+    if _FULL_RUN:  # written after every case, so that an interrupted full run still leaves its table
+        _write_results()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    global _FULL_RUN
+    import test_corpus
+
+    _FULL_RUN = sum(1 for item in session.items if item.name.startswith("test_corpus_case[")) == len(test_corpus.CASES)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -96,16 +114,15 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    if not _ROWS:
-        return
+def _header() -> dict[str, str]:
     import test_corpus
 
     header = {
         "CPU": _cpu_name(),
-        "date (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "started (UTC)": _STARTED.strftime("%Y-%m-%d %H:%M"),
         "git commit": _commit(),
         "python": platform.python_version(),
+        "cases finished": f"{len(_ROWS)} of {len(test_corpus.CASES)}",
     }
     try:
         import onnxruntime
@@ -122,12 +139,21 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         )
     except ImportError:
         pass
-    text = markdown(_ROWS, header)
+    return header
+
+
+def _write_results() -> None:
+    header = _header()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "corpus.md").write_text(markdown(_ROWS, header))
+    (RESULTS / "corpus.json").write_text(json.dumps({"header": header, "rows": _ROWS}, indent=1) + "\n")
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if not _ROWS:
+        return
     terminalreporter.write_sep("=", "corpus table")
-    terminalreporter.write(text)
-    # Only a run of every case replaces the committed results.
-    if len(_ROWS) == len(test_corpus.CASES):
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "corpus.md").write_text(text)
-        (RESULTS / "corpus.json").write_text(json.dumps({"header": header, "rows": _ROWS}, indent=1) + "\n")
+    terminalreporter.write(markdown(_ROWS, _header()))
+    if _FULL_RUN:
+        _write_results()
         terminalreporter.write_line(f"written: {RESULTS / 'corpus.md'} and corpus.json")
