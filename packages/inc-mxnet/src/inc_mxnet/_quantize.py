@@ -12,6 +12,9 @@ oneDNN's INT8 activations have no zero point, so the settings map to MXNet's ``q
 ``"auto"``, uint8 for every tensor calibrated non-negative (after ReLU) and int8 for signed ones,
 the nearest MXNet has to an asymmetric range; ``"uint8"`` with ``scheme="sym"`` is plain
 ``"uint8"``, for graphs whose quantized inputs are all non-negative (negatives are clipped).
+``granularity`` is MXNet's ``quantize_granularity``, which reaches the fully connected layers: the
+fused INT8 convolution scales its (batch-norm folded) weights per output channel whenever its output
+range is calibrated, and per tensor otherwise.
 """
 
 from __future__ import annotations
