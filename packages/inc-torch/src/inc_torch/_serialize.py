@@ -148,11 +148,11 @@ def load_model(path: Path) -> Any:
         torchao_pt2e()  # registers the quantize/dequantize ops the program refers to
         try:
             program = torch.export.load(path)
+            example = getattr(program, "example_inputs", None)
+            inputs: Inputs | None = (tuple(example[0]), dict(example[1])) if example else None
+            return CompiledQuantizedModule(program.module(), inputs)
         except Exception as exc:
             raise ModelLoadError(f"{str(path)!r} is not a readable torch.export program: {type(exc).__name__}: {exc}") from exc
-        example = getattr(program, "example_inputs", None)
-        inputs: Inputs | None = (tuple(example[0]), dict(example[1])) if example else None
-        return CompiledQuantizedModule(program.module(), inputs)
     if suffix == ".pt":
         if importlib.util.find_spec("intel_extension_for_pytorch") is not None:
             import intel_extension_for_pytorch  # noqa: F401  (registers the ops of IPEX INT8 graphs)
