@@ -96,6 +96,9 @@ _QUANTIZED_MODULE_ROOTS = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quant
 def _eager_int8_kernels(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
+        # A quantized Linear keeps its packed int8 weight in a LinearPackedParams child: one op, not two.
+        if type(module).__name__.endswith("PackedParams"):
+            continue
         if type(module).__module__.startswith(_QUANTIZED_MODULE_ROOTS) and (
             hasattr(module, "_packed_params") or hasattr(module, "_all_weight_values") or callable(getattr(module, "weight", None))
         ):
