@@ -119,8 +119,7 @@ _KILLED_RUN = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, {here!r})
     import inc_core as inc, onnx_testmodels as models
-    from inc_core.testing import cosine
-from inc_core.tuning import autotune
+    from inc_core.tuning import autotune
     from test_onnx_tuning import _fp32_or_int8_score
     calls = 0
     def eval_fn(model):

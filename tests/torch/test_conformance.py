@@ -41,3 +41,11 @@ class TestTorchConformance(BackendConformance):
 
     def is_quantized(self, quantized: Any, op_name: str) -> bool:
         return op_name in inc_torch.quantized_ops(quantized)
+
+    def test_two_benchmark_instances_run_a_dynamic_model(self) -> None:
+        """TorchScript (``.pt``) models reach the instances too, not only PT2E ExportedPrograms (``.pt2``)."""
+        quantized = self._quantize(self.make_model(), inc.QuantConfig(approach="dynamic"))
+        assert inc.get_backend(self.backend_name).file_suffix(quantized) == ".pt"
+        result = inc.benchmark(quantized, self._first_batch(), warmup=1, iterations=3, instances=2, backend=self._backend_arg)
+        assert result.instances == 2 and len({r.pid for r in result.per_instance}) == 2
+        assert all(r.iterations == 3 and r.throughput > 0 for r in result.per_instance)

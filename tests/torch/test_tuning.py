@@ -100,16 +100,16 @@ def test_autotune_falls_back_from_a_base_that_misses_the_goal(strategy: str, mon
 
     monkeypatch.setattr(backend, "calibrate", counting_calibrate)
     monkeypatch.setattr(backend, "op_errors", recording_op_errors)
+    names = [op.name for op in inc.describe(model, base).ops]
     config = inc.TuningConfig(
-        base=base, strategy=strategy, tolerable_loss=(1.0 - first) / 2, loss_type="absolute", max_trials=12,
-        search_space=_fixed_settings(base),
+        base=base, strategy=strategy, tolerable_loss=(1.0 - first) / 2, loss_type="absolute",
+        max_trials=2 * len(names) + 2, search_space=_fixed_settings(base),
     )
     result = autotune(model, config, eval_fn=fidelity, dataset=calib_data(64))
     trials = result.trials
     assert len(calls["calibrate"]) == 1
     assert trials[0].change == "base" and not trials[0].met and trials[0].score == pytest.approx(first, abs=1e-5)
-    names = [op.name for op in inc.describe(model, base).ops]
-    assert names == ["conv1", "conv2", "fc1", "fc2"]
+    assert {"conv1", "conv2", "fc1", "fc2"} <= set(names)
     if strategy == "basic":
         assert calls["op_errors"] == []
         singles = trials[1 : 1 + len(names)]
@@ -120,7 +120,7 @@ def test_autotune_falls_back_from_a_base_that_misses_the_goal(strategy: str, mon
     else:
         assert len(calls["op_errors"]) == 1, "op_errors must run once, on the settings the search kept"
         errors = calls["op_errors"][0]
-        assert set(errors) == set(names) and all(e > 0 for e in errors.values())
+        assert set(errors) == set(names) and all(errors[n] > 0 for n in ("conv1", "conv2", "fc1", "fc2"))
         ranked = sorted(names, key=lambda n: -errors[n])
         accumulated = trials[1:]
         # The ranking must mean something: the op measured worst, alone in FP32, brings the score closer to FP32.
