@@ -125,41 +125,24 @@ def framework_errors(
         raise _unsupported(step, exc, fmt, model, op_names) from exc
 
 
-def wrap_framework_errors(step: str, *, passthrough: tuple[type[BaseException], ...] = ()) -> Callable[[F], F]:
-    """Decorator form of :func:`framework_errors` for a verb whose first argument is the model.
+def wrap_framework_errors(step: str) -> Callable[[F], F]:
+    """Decorator form of :func:`framework_errors` for a public function ``fn(model, config=None, ...)``.
 
-    The format, for the way out, is read from a ``config`` keyword or second positional argument.
+    The format, for the way out, is read from the ``config`` argument when there is one.
     """
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
+            model = kwargs.get("model", args[0] if args else None)
+            config = kwargs.get("config", args[1] if len(args) > 1 else None)
+            module = model if isinstance(model, nn.Module) else None
+            with framework_errors(step, _format_of(config), module):
                 return fn(*args, **kwargs)
-            except (IncError, MemoryError, KeyboardInterrupt, *passthrough):
-                raise
-            except Exception as exc:
-                model, config = _model_and_config(args, kwargs)
-                fmt = _format_of(config)
-                raise _unsupported(step, exc, fmt, model, frozenset()) from exc
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
-
-
-def _model_and_config(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[nn.Module | None, Any]:
-    # Methods get (self, model, config, ...); functions (model, config, ...).
-    positional = [a for a in args if not _is_backend(a)]
-    model = kwargs.get("model", positional[0] if positional else None)
-    config = kwargs.get("config", positional[1] if len(positional) > 1 else None)
-    return (model if isinstance(model, nn.Module) else None), config
-
-
-def _is_backend(value: Any) -> bool:
-    from inc_core.backend import Backend
-
-    return isinstance(value, Backend)
 
 
 def _format_of(config: Any) -> str:
