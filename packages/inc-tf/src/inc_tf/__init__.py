@@ -12,12 +12,14 @@ from inc_tf._backend import TfBackend
 from inc_tf._calibrate import TfCalibration
 from inc_tf._litert import METADATA_KEY, LiteRTModel
 from inc_tf._qat import FakeQuant, QATCallback, convert, prepare_qat
+from inc_tf.distill import Distiller
 from inc_tf.prune import PruningCallback, sparsity_report, strip
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METADATA_KEY",
+    "Distiller",
     "FakeQuant",
     "LiteRTModel",
     "PruningCallback",

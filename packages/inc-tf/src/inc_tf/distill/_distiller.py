@@ -1,0 +1,230 @@
+"""Knowledge distillation as a Keras model: ``Distiller(student, teacher, DistillConfig(...))`` with ``compile``/``fit``."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from inc_core._distill_config import DistillConfig
+from inc_core.errors import ConfigError, UnsupportedModelError
+
+__all__ = ["Distiller"]
+
+_PARTS = ("hard", "soft", "layer")
+
+
+def _output_shape(model: keras.Model) -> tuple[Any, ...] | None:
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):  # subclassed models have no symbolic outputs
+        return None
+    return tuple(outputs[0].shape) if outputs and len(outputs) == 1 else None
+
+
+def _check_shapes(student: Any, teacher: Any, what: str) -> None:
+    s, t = tuple(student), tuple(teacher)
+    if len(s) != len(t) or any(a is not None and b is not None and a != b for a, b in zip(s, t)):
+        raise ConfigError(
+            f"Distiller: the teacher's {what} has shape {t} but the student's has shape {s}; distil between models "
+            "with the same output (same number of classes), or map layers whose outputs have the same shape."
+        )
+
+
+def _intermediate_model(model: keras.Model, names: list[str], who: str) -> keras.Model:
+    """A model sharing ``model``'s layers that returns its output followed by the named layers' outputs."""
+    layers = {layer.name: layer for layer in model._flatten_layers(include_self=False, recursive=True)}
+    missing = [n for n in names if n not in layers]
+    if missing:
+        hints = {m: difflib.get_close_matches(m, list(layers), n=3) for m in missing}
+        raise ConfigError(
+            f"DistillConfig.layer_mappings: {who} layer(s) {missing} do not exist. Close names: {hints}. "
+            f"Use names from [layer.name for layer in {who}.layers]."
+        )
+    try:
+        return keras.Model(model.inputs, [model.outputs[0], *(layers[n].output for n in names)])
+    except (AttributeError, ValueError, TypeError) as exc:
+        raise UnsupportedModelError(
+            f"Distiller: layer_mappings need the {who} as a functional or Sequential model with known inputs "
+            f"(got {type(model).__name__}: {exc}); build it with keras.Input, or distil without layer_mappings."
+        ) from exc
+
+
+class Distiller(keras.Model):
+    """A student trained against a frozen teacher: ``compile`` and ``fit`` it like any Keras model.
+
+    Loss of each batch: ``hard * task_loss(y, student) + soft * T^2 * KL(softmax(teacher/T) ||
+    softmax(student/T)) + layer * mean(layer losses)`` (``soft_loss="ce"`` uses the cross-entropy
+    against the softened teacher instead of KL). The teacher runs in inference mode
+    (``training=False``) and is kept out of the Distiller's weights, so the optimizer never builds
+    state for it and its weights never change; only the student's trainable weights are updated.
+    ``fit`` logs ``loss`` and the unweighted parts ``hard_loss``, ``soft_loss`` (and ``layer_loss``),
+    plus the metrics given to ``compile``, which see the student's logits; ``evaluate`` reports the
+    same. Calling the Distiller (or ``predict``) runs the student alone. Keep using ``student``
+    afterwards: it is the same object, trained in place.
+
+    Example::
+
+        distiller = inc_tf.Distiller(student, teacher, inc.DistillConfig(temperature=4.0, loss_weights=(0.3, 0.7)))
+        distiller.compile(optimizer=keras.optimizers.Adam(3e-3), metrics=["accuracy"])
+        distiller.fit(x, y, epochs=10)
+
+    Args:
+        student: the Keras model to train (outputs logits).
+        teacher: the trained Keras model to learn from (logits of the student's shape).
+        config: temperature, loss weights, soft loss, layer mappings (student layer, teacher layer)
+            matched by layer name on functional/Sequential models.
+        task_loss: the hard loss ``task_loss(y_true, student_logits)``; default: sparse categorical
+            cross-entropy from logits (integer labels).
+
+    Raises:
+        UnsupportedModelError: student or teacher is not a Keras model.
+        ConfigError: a bad config, teacher and student outputs of different shapes, or mapped layers
+            that do not exist (close names listed) or whose outputs differ in shape.
+    """
+
+    def __init__(
+        self,
+        student: keras.Model,
+        teacher: keras.Model,
+        config: DistillConfig | None = None,
+        *,
+        task_loss: Callable[[Any, Any], Any] | None = None,
+        name: str = "distiller",
+    ) -> None:
+        config = DistillConfig() if config is None else config
+        if not isinstance(config, DistillConfig):
+            raise ConfigError(f"Distiller: config must be an inc.DistillConfig, got {type(config).__name__}.")
+        for who, model in (("student", student), ("teacher", teacher)):
+            if not isinstance(model, keras.Model):
+                raise UnsupportedModelError(f"Distiller: {who} must be a keras.Model, got {type(model).__name__}.")
+        if student is teacher:
+            raise ConfigError("Distiller: student and teacher are the same model; pass a separate student to train.")
+        super().__init__(name=name)
+        weights = config.loss_weights
+        self.config = config
+        self.weights_by_part = {"hard": weights[0], "soft": weights[1], "layer": weights[2] if len(weights) == 3 else 0.0}
+        s_shape, t_shape = _output_shape(student), _output_shape(teacher)
+        if self.weights_by_part["soft"] > 0 and s_shape is not None and t_shape is not None:
+            _check_shapes(s_shape, t_shape, "output")
+        self.student = student
+        # Not tracked: the teacher's weights stay out of this model's weights, its optimizer and its checkpoints.
+        object.__setattr__(self, "_teacher", teacher)
+        self.task_loss = task_loss if task_loss is not None else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        # The tap models share the student's and teacher's layers; untracked so no weight is listed twice.
+        object.__setattr__(self, "_student_taps", None)
+        object.__setattr__(self, "_teacher_taps", None)
+        if config.layer_mappings:
+            s_names, t_names = [s for s, _ in config.layer_mappings], [t for _, t in config.layer_mappings]
+            object.__setattr__(self, "_student_taps", _intermediate_model(student, s_names, "student"))
+            object.__setattr__(self, "_teacher_taps", _intermediate_model(teacher, t_names, "teacher"))
+            assert self._student_taps is not None and self._teacher_taps is not None
+            for (s_name, t_name), s_out, t_out in zip(
+                config.layer_mappings, self._student_taps.outputs[1:], self._teacher_taps.outputs[1:]
+            ):
+                _check_shapes(s_out.shape, t_out.shape, f"layer {t_name!r} (student layer {s_name!r}) output")
+        self.total_tracker = keras.metrics.Mean(name="loss")
+        self.part_trackers = {
+            part: keras.metrics.Mean(name=f"{part}_loss") for part in _PARTS if self.weights_by_part[part] > 0
+        }
+
+    @property
+    def teacher(self) -> keras.Model:
+        return self._teacher
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        return self.student(inputs, training=training)
+
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        # Our loss trackers replace the compiled "loss" tracker (the task loss alone would be misleading).
+        own = [self.total_tracker, *self.part_trackers.values()]
+        names = {m.name for m in own}
+        return own + [m for m in super().metrics if m.name not in names and m not in own]
+
+    def _forward(self, x: Any, training: bool) -> tuple[Any, Any, list[Any], list[Any]]:
+        if self._student_taps is not None and self._teacher_taps is not None:
+            s_out = self._student_taps(x, training=training)
+            t_out = self._teacher_taps(x, training=False)
+            return s_out[0], t_out[0], list(s_out[1:]), list(t_out[1:])
+        return self.student(x, training=training), self.teacher(x, training=False), [], []
+
+    def distillation_loss(self, y: Any, student_logits: Any, teacher_logits: Any,
+                          student_layers: list[Any] = (), teacher_layers: list[Any] = (),  # type: ignore[assignment]
+                          sample_weight: Any = None) -> tuple[Any, dict[str, Any]]:
+        """The weighted total loss of one batch and its unweighted parts ``{"hard", "soft", "layer"}``.
+
+        Raises:
+            ConfigError: the teacher's logits differ in shape from the student's, or labels are missing
+                while the hard loss has a weight.
+        """
+        teacher_logits = tf.stop_gradient(tf.cast(teacher_logits, student_logits.dtype))
+        parts: dict[str, Any] = {}
+        total = tf.zeros((), dtype=student_logits.dtype)
+        if self.weights_by_part["hard"] > 0:
+            if y is None:
+                raise ConfigError(
+                    "Distiller: loss_weights gives the task (hard) loss a weight but fit got no labels; pass y to "
+                    "fit or set the hard weight to 0."
+                )
+            parts["hard"] = self.task_loss(y, student_logits, sample_weight=sample_weight) if sample_weight is not None \
+                else self.task_loss(y, student_logits)
+        if self.weights_by_part["soft"] > 0:
+            _check_shapes(student_logits.shape, teacher_logits.shape, "output")
+            t = self.config.temperature
+            log_p_student = tf.nn.log_softmax(student_logits / t, axis=-1)
+            log_p_teacher = tf.nn.log_softmax(teacher_logits / t, axis=-1)
+            p_teacher = tf.exp(log_p_teacher)
+            if self.config.soft_loss == "kl":
+                per_sample = tf.reduce_sum(p_teacher * (log_p_teacher - log_p_student), axis=-1)
+            else:  # "ce": cross-entropy against the teacher's soft targets
+                per_sample = -tf.reduce_sum(p_teacher * log_p_student, axis=-1)
+            # T^2 keeps the soft gradients' scale independent of T (Hinton et al., 2015); mean over the batch.
+            parts["soft"] = tf.reduce_mean(per_sample) * t * t
+        if student_layers:
+            parts["layer"] = tf.add_n([self._layer_loss(s, t) for s, t in zip(student_layers, teacher_layers)]) / len(
+                student_layers
+            )
+        for part, value in parts.items():
+            total = total + self.weights_by_part[part] * tf.cast(value, total.dtype)
+        return total, parts
+
+    def _layer_loss(self, s: Any, t: Any) -> Any:
+        t = tf.stop_gradient(tf.cast(t, s.dtype))
+        if self.config.layer_loss == "mse":
+            return tf.reduce_mean(tf.square(s - t))
+        if self.config.layer_loss == "kl":
+            log_s, log_t = tf.nn.log_softmax(s, axis=-1), tf.nn.log_softmax(t, axis=-1)
+            kl = tf.reduce_sum(tf.exp(log_t) * (log_t - log_s), axis=-1)
+            return tf.reduce_sum(kl) / tf.cast(tf.shape(s)[0], s.dtype)  # batchmean, as torch's kl_div
+        batch = tf.shape(s)[0]
+        s_flat, t_flat = tf.reshape(s, (batch, -1)), tf.reshape(t, (batch, -1))
+        cosine = tf.reduce_sum(tf.nn.l2_normalize(s_flat, axis=1) * tf.nn.l2_normalize(t_flat, axis=1), axis=1)
+        return tf.reduce_mean(1 - cosine)
+
+    def _update_trackers(self, total: Any, parts: dict[str, Any]) -> None:
+        self.total_tracker.update_state(total)
+        for part, value in parts.items():
+            self.part_trackers[part].update_state(value)
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            student_logits, teacher_logits, s_layers, t_layers = self._forward(x, training=True)
+            total, parts = self.distillation_loss(y, student_logits, teacher_logits, s_layers, t_layers, sample_weight)
+            regularization = self.student.losses
+            loss = total + tf.add_n(regularization) if regularization else total
+        variables = self.student.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        self._update_trackers(total, parts)
+        return self.compute_metrics(x, y, student_logits, sample_weight=sample_weight)
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        student_logits, teacher_logits, s_layers, t_layers = self._forward(x, training=False)
+        total, parts = self.distillation_loss(y, student_logits, teacher_logits, s_layers, t_layers, sample_weight)
+        self._update_trackers(total, parts)
+        return self.compute_metrics(x, y, student_logits, sample_weight=sample_weight)

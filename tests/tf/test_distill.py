@@ -1,0 +1,138 @@
+"""Distillation with keras fit: the loss against a hand computation, a student trained on digits, bad input."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tf_testmodels as models
+
+import inc_core as inc
+import inc_tf
+from inc_core.errors import ConfigError, UnsupportedModelError
+
+
+def mlp(hidden: int, classes: int = 10, *, seed: int, name: str) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(hidden, activation="relu", name="hidden"),
+            keras.layers.Dense(classes, name="logits"),
+        ],
+        name=name,
+    )
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def test_loss_matches_a_hand_computation() -> None:
+    teacher, student = mlp(12, seed=0, name="t"), mlp(6, seed=1, name="s")
+    config = inc.DistillConfig(temperature=3.0, loss_weights=(0.3, 0.7))
+    distiller = inc_tf.Distiller(student, teacher, config)
+    x, _, y, _ = models.digits()
+    x, y = x[:16], y[:16]
+    s, t = student.predict(x, verbose=0).astype(np.float64), teacher.predict(x, verbose=0).astype(np.float64)
+    total, parts = distiller.distillation_loss(y, student(x), teacher(x))
+    hard = -np.mean(log_softmax(s)[np.arange(16), y])
+    ls, lt = log_softmax(s / 3.0), log_softmax(t / 3.0)
+    soft = np.mean(np.sum(np.exp(lt) * (lt - ls), axis=1)) * 9.0
+    assert float(parts["hard"]) == pytest.approx(hard, rel=1e-5)
+    assert float(parts["soft"]) == pytest.approx(soft, rel=1e-4)
+    assert float(total) == pytest.approx(0.3 * hard + 0.7 * soft, rel=1e-4)
+    ce = inc_tf.Distiller(student, teacher, inc.DistillConfig(temperature=3.0, soft_loss="ce", loss_weights=(0.0, 1.0)))
+    _, parts = ce.distillation_loss(y, student(x), teacher(x))
+    assert float(parts["soft"]) == pytest.approx(-np.mean(np.sum(np.exp(lt) * ls, axis=1)) * 9.0, rel=1e-4)
+
+
+def test_layer_mappings_add_the_mean_layer_loss() -> None:
+    teacher, student = mlp(8, seed=0, name="t"), mlp(8, seed=1, name="s")
+    config = inc.DistillConfig(loss_weights=(0.0, 0.0, 1.0), layer_mappings=(("hidden", "hidden"), ("logits", "logits")))
+    distiller = inc_tf.Distiller(student, teacher, config)
+    x = models.digits()[0][:10]
+    distiller.compile(optimizer="sgd")
+    result = distiller.evaluate(x, np.zeros(10), batch_size=10, verbose=0, return_dict=True)
+    hidden = lambda m: keras.Model(m.inputs, m.get_layer("hidden").output).predict(x, verbose=0)  # noqa: E731
+    expected = (
+        np.mean((hidden(student) - hidden(teacher)) ** 2)
+        + np.mean((student.predict(x, verbose=0) - teacher.predict(x, verbose=0)) ** 2)
+    ) / 2
+    assert result["layer_loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_distilled_student_trains_with_fit_and_the_teacher_stays_frozen() -> None:
+    teacher = models.cnn()
+    before = models.fingerprint(teacher)
+    student = mlp(32, seed=0, name="student")
+    distiller = inc_tf.Distiller(student, teacher, inc.DistillConfig(temperature=4.0, loss_weights=(0.5, 0.5)))
+    assert {id(v) for v in distiller.trainable_variables} == {id(v) for v in student.trainable_variables}
+    distiller.compile(optimizer=keras.optimizers.Adam(3e-3), metrics=["accuracy"])
+    x_train, x_test, y_train, y_test = models.digits()
+    keras.utils.set_random_seed(0)
+    history = distiller.fit(x_train, y_train, batch_size=50, epochs=10, verbose=0)
+    assert {"loss", "hard_loss", "soft_loss", "accuracy"} <= set(history.history)
+    assert history.history["soft_loss"][-1] < history.history["soft_loss"][0]
+    assert models.fingerprint(teacher) == before  # the teacher's weights (and BN statistics) never change
+    result = distiller.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    assert result["accuracy"] == pytest.approx(models.accuracy(student, x_test, y_test))
+    assert result["accuracy"] >= 0.9
+    np.testing.assert_allclose(distiller.predict(x_test[:5], verbose=0), student.predict(x_test[:5], verbose=0))
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def test_teacher_output_shape_differs_from_student() -> None:
+    with pytest.raises(ConfigError, match=r"teacher's output has shape \(None, 7\) but the student's has shape \(None, 10\)"):
+        inc_tf.Distiller(mlp(4, seed=0, name="s"), mlp(4, 7, seed=0, name="t"), inc.DistillConfig())
+
+
+def test_missing_labels_with_a_hard_weight() -> None:
+    distiller = inc_tf.Distiller(mlp(4, seed=0, name="s"), mlp(4, seed=1, name="t"), inc.DistillConfig())
+    distiller.compile(optimizer="sgd")
+    with pytest.raises(ConfigError, match="fit got no labels"):
+        distiller.fit(models.digits()[0][:8], epochs=1, verbose=0)
+
+
+def test_unknown_mapped_layer_lists_close_names() -> None:
+    config = inc.DistillConfig(loss_weights=(0.0, 1.0, 1.0), layer_mappings=(("hiden", "hidden"),))
+    with pytest.raises(ConfigError, match=r"student layer\(s\) \['hiden'\] do not exist.*'hidden'"):
+        inc_tf.Distiller(mlp(4, seed=0, name="s"), mlp(4, seed=1, name="t"), config)
+
+
+def test_mapped_layers_of_different_shapes() -> None:
+    config = inc.DistillConfig(loss_weights=(0.0, 1.0, 1.0), layer_mappings=(("hidden", "hidden"),))
+    with pytest.raises(ConfigError, match=r"teacher's layer 'hidden' .* has shape \(None, 8\) but the student's has shape \(None, 6\)"):
+        inc_tf.Distiller(mlp(6, seed=0, name="s"), mlp(8, seed=1, name="t"), config)
+
+
+def test_teacher_that_is_not_a_keras_model() -> None:
+    with pytest.raises(UnsupportedModelError, match="teacher must be a keras.Model"):
+        inc_tf.Distiller(mlp(4, seed=0, name="s"), lambda x: x, inc.DistillConfig())  # type: ignore[arg-type]
+
+
+class SevenWay(keras.Model):
+    """A subclassed teacher (no symbolic output): its shape is checked when fit traces the step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = keras.layers.Flatten()
+        self.dense = keras.layers.Dense(7)
+
+    def call(self, x: object) -> object:
+        return self.dense(self.flatten(x))
+
+
+def test_subclassed_teacher_of_another_shape_fails_at_the_first_step() -> None:
+    teacher = SevenWay()
+    teacher(models.digits()[0][:1])
+    distiller = inc_tf.Distiller(mlp(4, seed=0, name="s"), teacher, inc.DistillConfig())
+    distiller.compile(optimizer="sgd")
+    x, _, y, _ = models.digits()
+    with pytest.raises(ConfigError, match=r"teacher's output has shape \(\w+, 7\) but the student's has shape \(\w+, 10\)"):
+        distiller.fit(x[:8], y[:8], epochs=1, verbose=0)
