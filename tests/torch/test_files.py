@@ -154,3 +154,23 @@ def test_benchmark_a_quantized_model_leaves_the_thread_count() -> None:
     result = inc.benchmark(quantized, split()[0][:8], warmup=2, iterations=5, cores_per_instance=1)
     assert result.throughput > 0
     assert torch.get_num_threads() == previous
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ('{"dynamic_activations": "full_range"}', r"full-range.*cannot be switched.*reduce_range"),
+        ("{not json", r"inc\.json record is not valid JSON"),
+        ("[1, 2]", r"inc\.json record is not a JSON object"),
+    ],
+)
+def test_a_record_that_cannot_be_honoured_is_a_model_load_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, record: str, message: str
+) -> None:
+    from inc_torch import _dynamic
+
+    monkeypatch.setattr(_dynamic, "cpu_flags", lambda: frozenset({"avx2"}))  # no VNNI here
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(4, 2)), str(path), _extra_files={"inc.json": record})
+    with pytest.raises(ModelLoadError, match=message):
+        inc.load(path)

@@ -196,6 +196,12 @@ def _fit_to_this_cpu(model: nn.Module, record: dict[str, Any], path: Path) -> No
     if not full_range or _dynamic.has_vnni():
         return
     switched = _dynamic.use_reduced_range(model)
+    if not switched:  # e.g. a frozen graph: the range is a constant of the code now
+        raise ModelLoadError(
+            f"{str(path)!r} was quantized with full-range (8-bit) dynamic activations, which this CPU cannot run "
+            f"(it has none of the CPU flags {', '.join(sorted(_dynamic.VNNI_FLAGS))}), and its layers cannot be switched "
+            "to 7 bits. Quantize the model again with inc_torch.TorchBackend(dynamic_activations='reduce_range')."
+        )
     message = (
         f"{str(path)!r} was quantized with full-range (8-bit) dynamic activations, which need int8 dot products "
         f"accumulating in int32 (CPU flags {', '.join(sorted(_dynamic.VNNI_FLAGS))}); this CPU has none of them, so "
