@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -180,7 +181,11 @@ class Dataset:
 
 def _as_array(value: Any, what: str) -> np.ndarray:
     try:
-        array = np.asarray(value)
+        with warnings.catch_warnings():
+            # numpy < 1.24 reads a ragged list as an object array and only warns; newer numpy raises.
+            # Raise on both, so a ragged list gets the same error whatever numpy is installed.
+            warnings.filterwarnings("error", message=".*ragged nested sequences.*")
+            array = np.asarray(value)
     except Exception as exc:  # ragged nested lists, objects numpy cannot convert
         raise DatasetError(
             f"Dataset: {what} ({type(value).__name__}) cannot be read as an array ({exc}); give a numpy array "
