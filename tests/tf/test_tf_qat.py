@@ -56,3 +56,15 @@ def test_prepare_qat_rejects_a_wrong_config_and_unknown_layer():
         inc_tf.prepare_qat(models.cnn(), inc.QuantConfig())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="no_such_layer"):
         inc_tf.prepare_qat(models.cnn(), inc.QATConfig(exclude=inc.LayerFilter(names=("no_such_layer",))))
+
+
+def test_excluded_layer_trains_and_converts_in_float(digits):
+    x_train, _, y_train, _ = digits
+    config = inc.QATConfig(exclude=inc.LayerFilter(names=("fc1",)))
+    qat = inc_tf.prepare_qat(models.cnn(), config)
+    assert not qat.get_layer("fc1").quantize_kernel and qat.get_layer("conv2").quantize_kernel
+    qat.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x_train[:320], y_train[:320], epochs=1, batch_size=32, verbose=0)
+    int8 = inc_tf.convert(qat)
+    layers = set(int8.int8_layers())
+    assert "fc1" not in layers and {"conv1", "conv2", "logits"} <= layers

@@ -303,7 +303,7 @@ def convert(model: keras.Model, *, dataset: Any = None) -> Any:
     from inc_tf._flatbuffer import with_ranges
     from inc_tf._keras_model import prepare_graph
     from inc_tf._litert import LiteRTModel
-    from inc_tf._quantize import layer_of_op
+    from inc_tf._quantize import describe_graph, layer_of_op, layers_of_op
 
     wrappers = _wrappers(model) if isinstance(model, keras.Model) else []
     if not wrappers:
@@ -334,7 +334,13 @@ def convert(model: keras.Model, *, dataset: Any = None) -> Any:
         if record is None and input_range is not None:  # no producer: a model input
             found = input_range
         ranges[tensor] = found or calibration.range(tensor, "minmax", percentile=100.0, dtype="uint8", scheme=config.scheme)
-    excluded_nodes: list[str] = []
+    # Layers the config excluded trained without kernel fake quant: they stay float in LiteRT too.
+    excluded = {
+        graph.layer_names.index(op.name) for op in describe_graph(graph).ops if config.exclude.matches(op.name, op.op_type)
+    }
+    excluded_nodes = [
+        name for record in calibration.records if layers_of_op(graph, record) & excluded for name in record.output_names
+    ]
     content = quantize_flatbuffer(
         with_ranges(calibration.calibrated, ranges),
         per_channel=config.granularity == "per_channel",
