@@ -11,6 +11,8 @@ Usage in a plugin's tests::
 
     class TestOnnxConformance(BackendConformance):
         backend_name = "onnx"
+        min_cosine = 0.99            # static INT8 vs FP32 outputs, measured on this model and data
+        min_dynamic_cosine = 0.99    # the same for approach="dynamic"
         def make_model(self): ...
         ...
 
