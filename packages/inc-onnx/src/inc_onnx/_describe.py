@@ -9,12 +9,16 @@ from inc_core import QuantConfig
 from inc_core.backend import Op, TuningSpace
 from inc_core.errors import UnsupportedModelError
 
-__all__ = ["FORMATS", "WEIGHTED_OPS", "describe_prepared", "nothing_to_quantize", "op_types_for", "weight_axis"]
+__all__ = ["FORMATS", "PASS_THROUGH", "WEIGHTED_OPS", "describe_prepared", "nothing_to_quantize", "op_types_for", "weight_axis"]
 
 FORMATS = ("qdq", "qoperator")
 # Op types whose second input is a weight that can be quantized per output channel.
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _CALIBRATIONS = ("minmax", "kl", "percentile", "mse")
+# Op types that move or select 8-bit values without computing new ones (exact in INT8; see describe).
+PASS_THROUGH = frozenset({
+    "ArgMax", "Flatten", "MaxPool", "Reshape", "Slice", "Split", "Squeeze", "TopK", "Transpose", "Unsqueeze",
+})
 _STATIC_OPS = tuple(sorted(set(QLinearOpsRegistry) | set(QDQRegistry)))
 
 
@@ -28,26 +32,48 @@ def op_types_for(approach: str, fmt: str) -> tuple[str, ...]:
     return _STATIC_OPS
 
 
-def describe_prepared(model: onnx.ModelProto, config: QuantConfig, fmt: str) -> TuningSpace:
+def describe_prepared(model: onnx.ModelProto, config: QuantConfig, fmt: str, *, exact_ops: bool = False) -> TuningSpace:
     """The quantizable ops of ``model`` in graph order and the settings tunable per op type.
 
     A node counts when its type is one ORT quantizes in this mode and it reads at least one float
-    tensor (integer-only nodes, e.g. shape arithmetic, have nothing to quantize).
+    tensor (integer-only nodes, e.g. shape arithmetic, have nothing to quantize). Ops that only move
+    values (Reshape, Transpose, MaxPool, ...) or clamp them (Relu, Clip) are not listed: they run on
+    whatever type their neighbours give them, and ORT folds a clamp into the QuantizeLinear after it,
+    so they are exact in INT8 and excluding them would change nothing. ``exact_ops=True`` lists them
+    too (static modes), as the quantizer needs them. In dynamic mode exactly the nodes ORT's dynamic
+    quantizer rewrites are listed.
     """
     quantizable = set(op_types_for(config.approach, fmt))
     floats = _float_names(model)
     if config.approach == "dynamic":
         ops = _dynamic_ops(model, floats)
     else:
+        constants = {init.name for init in model.graph.initializer}
         ops = tuple(
             Op(name=node.name, op_type=node.op_type)
             for node in model.graph.node
-            if node.op_type in quantizable and not node.domain and any(i in floats for i in node.input if i)
+            if node.op_type in quantizable
+            and not node.domain
+            and any(i in floats for i in node.input if i)
+            and (exact_ops or not _is_exact_in_int8(node, constants))
         )
     options: dict[str, dict[str, tuple[str, ...]]] = {}
     for op_type in dict.fromkeys(op.op_type for op in ops):
         options[op_type] = _options(op_type, config.approach, fmt)
     return TuningSpace(ops, {k: v for k, v in options.items() if v})
+
+
+def _is_exact_in_int8(node: onnx.NodeProto, constants: set[str]) -> bool:
+    """True for an op that only moves, selects or clamps values: in INT8 it is exact.
+
+    ORT runs such an op on 8-bit data whenever the ops around it are quantized (its QDQ propagation
+    moves a QuantizeLinear across a Reshape, and fuses a Relu into the QuantizeLinear after it, even
+    where inc left them in float), and excluding it changes no number, so it is neither listed nor
+    excludable. A Gather of a constant table is different: the table itself is quantized.
+    """
+    if node.op_type in ("Gather", "GatherElements"):
+        return not node.input or node.input[0] not in constants
+    return node.op_type in PASS_THROUGH or node.op_type in ("Relu", "Clip")
 
 
 def _dynamic_ops(model: onnx.ModelProto, floats: set[str]) -> tuple[Op, ...]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from inc_onnx._describe import op_types_for
+from inc_onnx._describe import PASS_THROUGH, op_types_for
 
 __all__ = ["int8_op_counts", "int8_ops", "runtime_graph"]
 
@@ -40,12 +40,13 @@ def int8_ops(model: onnx.ModelProto, *, qdq: bool = True) -> list[str]:
     """Names of the nodes of ``model`` that compute on 8-bit data, in graph order.
 
     A node counts when it is an integer kernel (``QLinear*``, ``MatMulInteger``, ``QGemm``, ...), when it
-    moves 8-bit data (a Gather of a uint8 embedding table, a Reshape of a QLinear output), or, in QDQ
-    form, when it is an op ORT fuses into an INT8 kernel and its first input comes from a
-    DequantizeLinear (``qdq=False`` drops that rule, for a graph ORT has already fused).
+    gathers rows of a quantized table (an 8-bit embedding), or, in QDQ form, when it is an op ORT fuses
+    into an INT8 kernel and its first input comes from a DequantizeLinear. Ops that only move 8-bit
+    values (a Reshape or MaxPool between QLinear ops) are exact and do not count, as in ``describe`` (``qdq=False`` drops that rule, for a graph ORT has already fused).
     Quantize/DequantizeLinear themselves never count.
     """
     eight_bit = {init.name for init in model.graph.initializer if init.data_type in _EIGHT_BIT}
+    tables = set(eight_bit)
     producers = {out: node for node in model.graph.node for out in node.output}
     names = []
     for node in model.graph.node:
@@ -55,11 +56,18 @@ def int8_ops(model: onnx.ModelProto, *, qdq: bool = True) -> list[str]:
             continue
         kernel = node.op_type.startswith("QLinear") or node.op_type in _INTEGER_KERNELS
         moves = node.op_type in _DATA_MOVEMENT and node.input[0] in eight_bit
+        # Moving 8-bit values is exact and does not count; gathering rows of a quantized table does.
+        table = node.op_type in ("Gather", "GatherElements") and node.input[0] in tables
         first = producers.get(node.input[0])
-        in_qdq = qdq and node.op_type in _QDQ_TYPES and not node.domain and first is not None and first.op_type == "DequantizeLinear"
+        in_qdq = (
+            qdq and node.op_type in _QDQ_TYPES and node.op_type not in PASS_THROUGH and not node.domain
+            and first is not None and first.op_type == "DequantizeLinear"
+        )
+        if in_qdq and node.op_type in ("Gather", "GatherElements"):
+            in_qdq = first.input[0] in tables
         if moves or node.op_type.startswith("QLinear") or _qgemm_writes_8bit(node):
             eight_bit.update(node.output[:1])
-        if kernel or moves or in_qdq:
+        if kernel or table or in_qdq:
             names.append(node.name or f"{node.op_type}@{len(names)}")
     return names
 

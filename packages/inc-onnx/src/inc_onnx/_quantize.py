@@ -131,7 +131,10 @@ def _quantizer(
             "The calibration statistics were collected on a different model than the one being quantized; "
             "calibrate this model (backend.calibrate(model, ...)) and pass that result."
         )
-    quantized = [op for op in space.ops if op.name not in excluded]
+    # Every node ORT's quantizer touches, including the exact ones describe leaves out (whose tensors
+    # still need ranges, and whose Relu/Clip folding decides a producer's parameters).
+    every = describe_prepared(prepared.model, config, fmt, exact_ops=True).ops
+    quantized = [op for op in every if op.name not in excluded]
     ranges, tensor_overrides = _static_ranges(model, config, fmt, calibration, quantized)
     activation = _QTYPES[config.activation_dtype]
     extra: dict[str, Any] = {"TensorQuantOverrides": tensor_overrides}
