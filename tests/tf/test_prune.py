@@ -78,6 +78,19 @@ def _dense_finetuned(kind: str) -> float:
 SEVENTY = inc.PruneConfig(target_sparsity=0.7, schedule="iterative", start_step=0, end_step=2 * STEPS_PER_EPOCH, frequency=9)
 
 
+def int8_matrices(q: inc_tf.LiteRTModel) -> dict[tuple[int, ...], np.ndarray]:
+    """The int8 2-D constants (FULLY_CONNECTED weights, stored (out, in)) of a LiteRT model, by shape."""
+    interp = q.interpreter(threads=1)
+    found = {}
+    for detail in interp.get_tensor_details():
+        if np.dtype(detail["dtype"]) == np.int8 and len(detail["shape"]) == 2:
+            try:
+                found[tuple(int(d) for d in detail["shape"])] = interp.get_tensor(detail["index"])
+            except ValueError:  # activations are not readable; weights are constants
+                continue
+    return found
+
+
 def core_view(kernel: np.ndarray) -> np.ndarray:
     """A Dense kernel (in, out) in inc-core's output-first layout (out, in)."""
     return kernel.T
@@ -203,14 +216,7 @@ def test_prune_then_ptq_keeps_the_zeros_in_the_int8_weights(calib: inc.Dataset) 
     fit(model, make_optimizer("adam"), 4, [inc_tf.PruningCallback(SEVENTY)])
     sparse = inc_tf.strip(model)
     q = inc.quantize(sparse, inc.QuantConfig(), dataset=calib)
-    interp = q.interpreter(threads=1)
-    int8 = {}
-    for detail in interp.get_tensor_details():
-        if np.dtype(detail["dtype"]) == np.int8 and len(detail["shape"]) == 2:
-            try:
-                int8[tuple(detail["shape"])] = interp.get_tensor(detail["index"])
-            except ValueError:  # activations are not readable; weights are constants
-                continue
+    int8 = int8_matrices(q)
     for name in ("fc1", "fc2", "fc3"):
         kernel = core_view(keras.ops.convert_to_numpy(sparse.get_layer(name).kernel))  # LiteRT stores (out, in)
         weights = int8[kernel.shape]
@@ -286,3 +292,20 @@ def test_include_types_that_are_not_prunable_or_absent() -> None:
 def test_config_that_is_not_a_prune_config() -> None:
     with pytest.raises(ConfigError, match="must be an inc.PruneConfig"):
         inc_tf.PruningCallback(inc.QuantConfig())  # type: ignore[arg-type]
+
+
+def test_pattern_lock_keeps_the_zeros_through_qat_into_the_int8_model(calib: inc.Dataset) -> None:
+    model = dense()
+    fit(model, make_optimizer("adam"), 4, [inc_tf.PruningCallback(SEVENTY)])
+    sparse = inc_tf.strip(model)
+    zeros = {name: keras.ops.convert_to_numpy(sparse.get_layer(name).kernel) == 0 for name in ("fc1", "fc2", "fc3")}
+    qat = inc_tf.prepare_qat(sparse, inc.QATConfig(freeze_observer_step=20, freeze_bn_step=20))
+    lock = inc_tf.PruningCallback(inc.PruneConfig(criterion="pattern_lock"))
+    fit(qat, keras.optimizers.Adam(5e-4), 2, [inc_tf.QATCallback(), lock])
+    for name, zero in zeros.items():  # the zeros the sparse model had are the ones kept, no more, no fewer
+        np.testing.assert_array_equal(core_view(~lock.masks[name]), core_view(zero), err_msg=name)
+    q = inc_tf.convert(qat)
+    int8 = int8_matrices(q)
+    for name, zero in zeros.items():
+        assert np.all(int8[core_view(zero).shape][core_view(zero)] == 0), name
+    assert accuracy(q) >= accuracy(sparse) - 0.01

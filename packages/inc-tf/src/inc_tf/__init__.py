@@ -4,6 +4,10 @@ The backend registers under the ``inc_core.backends`` entry points ``keras`` (Ke
 ``.keras`` files), ``tensorflow``, ``tflite`` (``.tflite`` files) and ``inc_tf`` (the LiteRT models it
 returns), so ``inc.quantize``, ``inc.autotune``, ``inc.save``/``inc.load`` and ``inc.benchmark`` take
 Keras models directly. Quantized models run on LiteRT (the ``ai-edge-litert`` interpreter).
+
+Training-loop compression: ``model.fit(..., callbacks=[PruningCallback(inc.PruneConfig(...))])`` then
+``strip``/``sparsity_report`` for pruning, and ``Distiller(student, teacher, inc.DistillConfig(...))``
+for knowledge distillation with ``compile``/``fit``.
 """
 
 from __future__ import annotations

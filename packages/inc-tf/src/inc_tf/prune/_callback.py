@@ -14,7 +14,8 @@ After each batch the callback counts optimizer steps and hands the weights (and 
 gradients) to inc-core's :class:`~inc_core.sparsity.Pruner`, which owns the criteria, schedules and
 masks. When masks change they are applied at once, and the optimizer's slot variables (Adam ``m``/``v``,
 SGD momentum) are zeroed at the pruned positions. The gradients the ``snip`` criteria see are those of
-the step just taken, and the weights those after it (inc-torch scores just before the same step).
+the step just taken, and the weights those after it (inc-torch scores just before the same step);
+``pattern_lock`` reads its zeros when ``fit`` starts, before any update.
 At the end of ``fit`` the optimizer is restored and the train function is retraced on the next fit.
 """
 
@@ -98,15 +99,27 @@ class PruningCallback(keras.callbacks.Callback):
                 "masks follow the optimizer's steps. Call model.compile(optimizer=..., loss=...) before "
                 "model.fit(..., callbacks=[inc_tf.PruningCallback(config)])."
             )
-        if self.pruner is None:
-            self._start(model)
-            self._model_ref = model
-        elif self._model_ref is not model:
+        if self.pruner is not None and self._model_ref is not model:
             raise ConfigError(
                 f"PruningCallback: this callback already prunes the model {self._model_ref.name!r}; create one "
                 "callback per model."
             )
+        wrapped = vars(optimizer).get("apply")
+        if wrapped is not None and getattr(wrapped, "_inc_pruning_callback", None) is self:
+            del optimizer.apply  # a fit this callback joined ended in an exception: wrap afresh
+        elif wrapped is not None:
+            raise ConfigError(
+                "PruningCallback: the model's optimizer is already wrapped by a pruning callback; pass one "
+                "PruningCallback per fit."
+            )
         self._optimizer = optimizer
+        if self.pruner is None:
+            try:
+                self._start(model)
+            except Exception:
+                self._optimizer = None
+                raise
+            self._model_ref = model
         self._iterations = int(optimizer.iterations.numpy())
         self._wrap_optimizer(optimizer)
         model.make_train_function(force=True)  # fit traced its step before this hook: retrace with the wrapper
@@ -122,6 +135,9 @@ class PruningCallback(keras.callbacks.Callback):
         needs_grad = next(iter(pruner.criteria.values())).needs_grad
         self.pruner = pruner
         self._states = {k.name: _KernelState(k, needs_grad) for k in kernels}
+        if self.config.criterion == "pattern_lock":
+            # The zeros to keep are those the weights have now, before the first update can move them.
+            self._prune_step()
         log.info("pruning %d layers of %s: %s", len(kernels), model.name, list(self._states))
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
@@ -132,11 +148,6 @@ class PruningCallback(keras.callbacks.Callback):
         self.model.train_function = None  # the traced step holds the wrapper: trace again on the next fit
 
     def _wrap_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
-        if "apply" in vars(optimizer):
-            raise ConfigError(
-                "PruningCallback: the model's optimizer is already wrapped by a pruning callback; pass one "
-                "PruningCallback per fit."
-            )
         by_id = {id(s.kernel.variable): s for s in self._states.values()}
         original = optimizer.apply
 
@@ -157,6 +168,7 @@ class PruningCallback(keras.callbacks.Callback):
                 state.kernel.variable.assign(state.kernel.variable * state.mask)
             return result
 
+        apply._inc_pruning_callback = self  # type: ignore[attr-defined]
         optimizer.apply = apply
 
     # --- every batch --------------------------------------------------------------------------
