@@ -208,3 +208,14 @@ def test_cli_reports_the_int8_ops_of_the_written_model_for_dynamic_attention(
     assert int(match.group(1)) == int(match.group(3)) == int(match.group(4)) == 5, line
     counts = inc.get_backend("onnx").int8_op_counts(onnx.load_model(str(out)))
     assert sum(counts.values()) == 5 and counts.get("Gather") == 1, counts
+
+
+def test_benchmark_inputs_ort_cannot_run_are_a_dataset_error() -> None:
+    from inc_core.errors import DatasetError
+
+    # The right rank and dtype, so the feed checks pass; the Gemm cannot take 3 columns against 16 rows.
+    model = _model([helper.make_node("Gemm", ["x", "w1"], ["y"], name="fc")], _weights(4))
+    model.graph.input[0].type.tensor_type.shape.dim[1].ClearField("dim_value")
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "features"
+    with pytest.raises(DatasetError, match="could not run the model"):
+        inc.benchmark(model, np.zeros((2, 3), np.float32), warmup=1, iterations=1)

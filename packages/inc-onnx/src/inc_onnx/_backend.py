@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from inc_core import Dataset, QuantConfig
 from inc_core.backend import Backend, TuningSpace
-from inc_core.errors import CalibrationError, ModelLoadError
+from inc_core.errors import CalibrationError, DatasetError, ModelLoadError
 from inc_onnx._collect import OnnxCalibration, collect, tensors_to_observe
 from inc_onnx._describe import describe_prepared, nothing_to_quantize, op_types_for
 from inc_onnx._feeds import to_feeds
@@ -105,6 +105,15 @@ class OnnxBackend(Backend):
         proto = model if isinstance(model, onnx.ModelProto) else as_model_proto(model)
         feeds = to_feeds(inputs, _input_specs(proto), where="benchmark inputs")
         names = [o.name for o in session.get_outputs()]
+        try:
+            # One run now: the timed runs repeat it on the same feeds, so a failure shows here, as inc's error.
+            session.run(names, feeds)
+        except Exception as exc:  # ORT's pybind errors carry the reason in their text only
+            text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:400]
+            raise DatasetError(
+                f"benchmark inputs: ONNX Runtime could not run the model on them: {text}. The model's inputs are "
+                f"{', '.join(s.describe() for s in _input_specs(proto))}."
+            ) from exc
         return lambda: session.run(names, feeds)
 
     def version(self) -> str:
