@@ -309,3 +309,13 @@ def test_pattern_lock_keeps_the_zeros_through_qat_into_the_int8_model(calib: inc
     for name, zero in zeros.items():
         assert np.all(int8[core_view(zero).shape][core_view(zero)] == 0), name
     assert accuracy(q) >= accuracy(sparse) - 0.01
+
+
+def test_snip_on_a_frozen_layer_has_no_gradients() -> None:
+    model = dense()
+    model.get_layer("fc1").trainable = False
+    before = model.get_weights()
+    with pytest.raises(ConfigError, match=r"'snip'.*\['fc1'\] are not trainable.*exclude=inc.LayerFilter"):
+        fit(model, make_optimizer("adam"), 1, [inc_tf.PruningCallback(inc.PruneConfig(criterion="snip"))])
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)

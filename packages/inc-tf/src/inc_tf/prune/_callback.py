@@ -133,6 +133,14 @@ class PruningCallback(keras.callbacks.Callback):
             keras_shapes = {k.name: k.shape for k in kernels}
             raise ConfigError(f"PruningCallback: {exc} Keras kernel shapes: {keras_shapes}.") from exc
         needs_grad = next(iter(pruner.criteria.values())).needs_grad
+        trained = {id(v) for v in model.trainable_variables}
+        frozen = [k.name for k in kernels if id(k.variable) not in trained]
+        if needs_grad and frozen:
+            raise ConfigError(
+                f"PruningCallback: criterion {self.config.criterion!r} scores weights by their gradients, but the "
+                f"kernels of {frozen} are not trainable (trainable=False), so they get none. Exclude them with "
+                f"exclude=inc.LayerFilter(names={tuple(frozen)!r}), make them trainable, or use criterion='magnitude'."
+            )
         self.pruner = pruner
         self._states = {k.name: _KernelState(k, needs_grad) for k in kernels}
         if self.config.criterion == "pattern_lock":
