@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -152,9 +152,15 @@ class Distiller(keras.Model):
             return s_out[0], t_out[0], list(s_out[1:]), list(t_out[1:])
         return self.student(x, training=training), self.teacher(x, training=False), [], []
 
-    def distillation_loss(self, y: Any, student_logits: Any, teacher_logits: Any,
-                          student_layers: list[Any] = (), teacher_layers: list[Any] = (),  # type: ignore[assignment]
-                          sample_weight: Any = None) -> tuple[Any, dict[str, Any]]:
+    def distillation_loss(
+        self,
+        y: Any,
+        student_logits: Any,
+        teacher_logits: Any,
+        student_layers: Sequence[Any] = (),
+        teacher_layers: Sequence[Any] = (),
+        sample_weight: Any = None,
+    ) -> tuple[Any, dict[str, Any]]:
         """The weighted total loss of one batch and its unweighted parts ``{"hard", "soft", "layer"}``.
 
         Raises:
@@ -170,8 +176,10 @@ class Distiller(keras.Model):
                     "Distiller: loss_weights gives the task (hard) loss a weight but fit got no labels; pass y to "
                     "fit or set the hard weight to 0."
                 )
-            parts["hard"] = self.task_loss(y, student_logits, sample_weight=sample_weight) if sample_weight is not None \
-                else self.task_loss(y, student_logits)
+            if sample_weight is None:  # a plain callable task_loss need not take sample_weight
+                parts["hard"] = self.task_loss(y, student_logits)
+            else:
+                parts["hard"] = self.task_loss(y, student_logits, sample_weight=sample_weight)
         if self.weights_by_part["soft"] > 0:
             _check_shapes(student_logits.shape, teacher_logits.shape, "output")
             t = self.config.temperature
