@@ -2,7 +2,9 @@
 
 Static configs are measured on their QDQ form: it has the same scales and zero points as the
 QOperator form, and keeps every original node, so each op's output can be read in both graphs (in the
-INT8 graph after its QuantizeLinear/DequantizeLinear pair, i.e. as the next op sees it). The error of an op is the mean squared difference of
+INT8 graph after its QuantizeLinear/DequantizeLinear pair, i.e. as the next op sees it). Every
+QuantizeLinear of the INT8 graph is fed the FP32 graph's value of its tensor, so each op's error is
+its own, not the sum of the ops upstream. The error of an op is the mean squared difference of
 its output, INT8 graph vs FP32 graph, divided by the mean square of the FP32 output: comparable
 across ops of very different scales.
 """
@@ -47,7 +49,9 @@ def op_output_errors(
     tensors = list(dict.fromkeys(watched.values()))
     seen_as = _dequantized_names(quantized)
     quantized_tensors = [seen_as.get(t, t) for t in tensors]
-    reference = _session(prepared.model, tensors)
+    isolated = _isolate(quantized, prepared.float_tensors)
+    reference_outputs = list(dict.fromkeys([*tensors, *isolated]))
+    reference = _session(prepared.model, reference_outputs)
     candidate = _session(quantized, quantized_tensors)
     sq_err = dict.fromkeys(tensors, 0.0)
     sq_ref = dict.fromkeys(tensors, 0.0)
@@ -55,8 +59,10 @@ def op_output_errors(
     for index, batch in enumerate(dataset.inputs(limit=config.calib_samples)):
         feeds = to_feeds(batch, prepared.inputs, where=f"op-error batch {index}")
         try:
-            ref_out = reference.run(tensors, feeds)
-            q_out = candidate.run(quantized_tensors, feeds)
+            ref_all = dict(zip(reference_outputs, reference.run(reference_outputs, feeds)))
+            ref_out = [ref_all[t] for t in tensors]
+            q_feeds = {**feeds, **{fed: ref_all[t] for t, fed in isolated.items()}}
+            q_out = candidate.run(quantized_tensors, q_feeds)
         except Exception as exc:  # ORT's pybind errors carry the reason in their text only
             raise DatasetError(f"op-error batch {index}: ONNX Runtime could not run the model on it: {exc}") from exc
         for name, ref, got in zip(tensors, ref_out, q_out):
@@ -67,6 +73,28 @@ def op_output_errors(
     if count == 0:
         raise DatasetError("op errors: the dataset produced no batch; give at least one sample.")
     return {op: sq_err[t] / max(sq_ref[t], 1e-30) for op, t in watched.items()}
+
+
+def _isolate(quantized: onnx.ModelProto, float_tensors: frozenset[str]) -> dict[str, str]:
+    """Feed every QuantizeLinear of an activation from the FP32 graph instead of the INT8 one (in place).
+
+    Each op then reads the quantized form of its FP32 inputs, so its error is its own (input, weight and
+    output quantization) and not the sum of every op upstream, which would rank the last op worst
+    whatever it does. Returns FP32 tensor -> the new graph input that carries it.
+    """
+    initializers = {init.name for init in quantized.graph.initializer}
+    fed: dict[str, str] = {}
+    for node in quantized.graph.node:
+        if node.op_type != "QuantizeLinear" or not node.input:
+            continue
+        tensor = node.input[0]
+        if tensor in initializers or tensor not in float_tensors:
+            continue
+        if tensor not in fed:
+            fed[tensor] = f"{tensor}::fp32"
+            quantized.graph.input.append(onnx.helper.make_tensor_value_info(fed[tensor], onnx.TensorProto.FLOAT, None))
+        node.input[0] = fed[tensor]
+    return fed
 
 
 def _dequantized_names(model: onnx.ModelProto) -> dict[str, str]:
