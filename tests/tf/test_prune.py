@@ -319,3 +319,16 @@ def test_snip_on_a_frozen_layer_has_no_gradients() -> None:
         fit(model, make_optimizer("adam"), 1, [inc_tf.PruningCallback(inc.PruneConfig(criterion="snip"))])
     for a, b in zip(model.get_weights(), before):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("compile_options", [{"run_eagerly": True}, {"jit_compile": True}, {"steps_per_execution": 4}])
+def test_masks_follow_the_steps_in_every_execution_mode(compile_options: dict) -> None:
+    x, _, y, _ = models.digits()
+    model = dense()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  **compile_options)
+    callback = inc_tf.PruningCallback(inc.PruneConfig(target_sparsity=0.6, start_step=0, end_step=20, frequency=5))
+    model.fit(x, y, batch_size=BATCH, epochs=2, callbacks=[callback], verbose=0)
+    assert callback.step == 2 * STEPS_PER_EPOCH  # optimizer steps, also when one execution runs several
+    for layer in inc_tf.sparsity_report(model).layers:
+        assert layer.sparsity == pytest.approx(0.6, abs=1 / layer.size)
