@@ -233,16 +233,20 @@ def minilm_pruning(rows: list[dict[str, Any]], steps: int) -> None:
     linear = ("Linear",)
     oneshot = copy.deepcopy(dense)
     optimizer = torch.optim.SGD(oneshot.parameters(), lr=0.0)  # a zero step: prunes once by magnitude, learns nothing
-    inc_torch.prepare(oneshot, inc.PruneConfig(target_sparsity=0.2, schedule="oneshot", include_types=linear), optimizer=optimizer)
+    inc_torch.prepare(oneshot, inc.PruneConfig(target_sparsity=0.2, schedule="oneshot", include_types=linear,
+                                               exclude=inc.LayerFilter(names=("pooler.dense",))), optimizer=optimizer)
     optimizer.step()
     oneshot = inc_torch.convert(oneshot)
+    encoder = inc.PruneConfig(include_types=linear, exclude=inc.LayerFilter(names=("pooler.dense",)))
     rows.append({"study": "minilm", "variant": "20% magnitude, one shot, no fine-tune", "cosine": fidelity(oneshot),
-                 "sparsity": inc_torch.sparsity_report(oneshot, inc.PruneConfig(include_types=linear)).overall})
+                 "sparsity": inc_torch.sparsity_report(oneshot, encoder).overall})
 
     student = copy.deepcopy(dense).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-5, weight_decay=0.0)
+    # The pooler is not used by mean pooling: it gets no gradient, so it stays dense.
     config = inc.PruneConfig(target_sparsity=0.2, criterion="snip_momentum", schedule="iterative",
-                             start_step=0, end_step=steps * 2 // 3, frequency=max(1, steps // 10), include_types=linear)
+                             start_step=0, end_step=steps * 2 // 3, frequency=max(1, steps // 10), include_types=linear,
+                             exclude=inc.LayerFilter(names=("pooler.dense",)))
     inc_torch.prepare(student, config, optimizer=optimizer)
     start = time.perf_counter()
     for step in range(steps):
@@ -255,7 +259,7 @@ def minilm_pruning(rows: list[dict[str, Any]], steps: int) -> None:
         optimizer.step()
     seconds = time.perf_counter() - start
     pruned = inc_torch.convert(student).eval()
-    report = inc_torch.sparsity_report(pruned, inc.PruneConfig(include_types=linear))
+    report = inc_torch.sparsity_report(pruned, encoder)
     rows.append({"study": "minilm", "variant": f"20% snip-momentum, {steps} fine-tune steps", "cosine": fidelity(pruned),
                  "sparsity": report.overall, "train_s": seconds})
     int8 = inc.quantize(pruned, inc.QuantConfig(approach="dynamic"))

@@ -334,3 +334,13 @@ def test_hf_style_conv1d_is_pruned_in_its_output_first_view() -> None:
     optimizer.step()
     kept = (model[0].weight.detach().t() != 0).reshape(6, 2, 4).sum(dim=2)  # per output, groups of 4 inputs
     np.testing.assert_array_equal(kept.numpy(), np.full((6, 2), 2))
+
+
+def test_gradient_criterion_names_layers_the_loss_does_not_use() -> None:
+    model = dense()
+    optimizer = make_optimizer(model, "adam")
+    inc_torch.prepare(model, inc.PruneConfig(criterion="snip_momentum", end_step=10), optimizer=optimizer)
+    x = torch.from_numpy(split()[0][:8])
+    model.fc2(torch.relu(model.fc1(torch.flatten(x, 1)))).sum().backward()  # fc3 takes no part in this loss
+    with pytest.raises(ConfigError, match=r"layers \['fc3'\] got no gradient.*exclude=inc.LayerFilter\(names=\('fc3',\)\)"):
+        optimizer.step()

@@ -67,6 +67,13 @@ class _PruningState:
                     for name, layer in self.layers.items()
                     if layer.weight.grad is not None
                 }
+                unused = [name for name in self.layers if name not in grads]
+                if grads and unused:  # (no gradient at all: the Pruner says to run a backward pass)
+                    raise ConfigError(
+                        f"prune: layers {unused} got no gradient at step {self.step} (the loss does not use them), so "
+                        f"criterion {self.config.criterion!r} cannot score them. Leave them dense with "
+                        f"exclude=inc.LayerFilter(names={tuple(unused)!r}), or use criterion='magnitude'."
+                    )
             masks = self.pruner.step(self.step, weights, grads)
             if masks is not None:
                 self._set_masks(masks)
