@@ -196,3 +196,27 @@ def test_loading_what_is_not_a_saved_model(tmp_path: Path) -> None:
     (broken / "broken-0000.params").write_bytes(b"\x00" * 16)
     with pytest.raises(ModelLoadError, match="could not read"):
         inc.load(broken)
+
+
+def test_mxnet_quantizer_failure_is_wrapped_and_a_failed_trial(cnn: gluon.HybridBlock, calib: inc.Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mxnet.contrib import quantization
+
+    original = quantization.quantize_graph
+
+    def fails_unless_conv1_is_fp32(*args: object, **kwargs: object) -> object:
+        if "cnn_conv1_fwd" not in kwargs["excluded_sym_names"]:  # as MXNet does on an op it cannot quantize
+            raise mx.base.MXNetError("Check failed: unsupported op in quantization pass")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quantization, "quantize_graph", fails_unless_conv1_is_fp32)
+    with pytest.raises(UnsupportedModelError, match="unsupported op in quantization pass") as info:
+        inc.quantize(cnn, inc.QuantConfig(), dataset=calib)
+    assert "exclude=" in str(info.value)
+    # In tuning the same failure is a failed trial; the search goes on and falls back the layer.
+    x_test, y_test = models.digits()[1], models.digits()[3]
+    result = autotune(
+        cnn, inc.TuningConfig(strategy="basic", tolerable_loss=0.01, max_trials=30),
+        eval_fn=lambda m: models.accuracy(m, x_test, y_test), dataset=calib,
+    )
+    assert result.trials[0].status != "evaluated" and "unsupported op" in (result.trials[0].error or "")
+    assert result.met and "cnn_conv1_fwd" in result.config.exclude.names

@@ -205,10 +205,16 @@ def prepare(model: Any) -> Prepared:
             f"parameters of the block; inc-mxnet expects inputs named {list(names)} (one per hybrid_forward "
             "argument) and every other variable to be a registered Parameter."
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fused = symbol.get_backend_symbol(FUSION_BACKEND)
-    layers = _layers(symbol, fused, set(args))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused = symbol.get_backend_symbol(FUSION_BACKEND)
+        layers = _layers(symbol, fused, set(args))
+    except mx.base.MXNetError as exc:
+        raise UnsupportedModelError(
+            f"MXNet's oneDNN fusion or quantization pass could not read the graph of {type(block).__qualname__}: "
+            f"{_line(exc)}. The block's ops must be ones MXNet 1.9's CPU backend knows."
+        ) from exc
     return Prepared(symbol, fused, names, args, aux, layers, _digest(symbol, {**args, **aux}))
 
 

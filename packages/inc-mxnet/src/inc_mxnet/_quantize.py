@@ -27,7 +27,7 @@ from mxnet.contrib import quantization as mxq
 
 from inc_core import QuantConfig
 from inc_core.backend import Op, TuningSpace
-from inc_core.errors import CalibrationError, ConfigError
+from inc_core.errors import CalibrationError, ConfigError, IncError, UnsupportedModelError
 from inc_mxnet._blocks import symbol_block
 from inc_mxnet._collect import MxnetCalibration
 from inc_mxnet._graph import FUSION_BACKEND, Prepared
@@ -129,6 +129,31 @@ def quantize_prepared(prepared: Prepared, config: QuantConfig, calibration: Mxne
                 "The calibration statistics were collected on a different block (or different parameters) than the "
                 "one being quantized; calibrate this block (backend.calibrate(model, ...)) and pass that result."
             )
+    try:
+        block = _build(prepared, config, calibration if static else None, dtype, excluded_names, granularity)
+    except IncError:
+        raise
+    except Exception as exc:  # MXNet's pass raises MXNetError (C++ checks) or builtins from its Python side
+        text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+        raise UnsupportedModelError(
+            f"MXNet's quantization pass failed on this block ({config.approach}, quantized_dtype={dtype!r}, "
+            f"{granularity} weights): {text}. Keep the layer it names in FP32 with exclude=inc.LayerFilter(names=...) "
+            "(layer names: inc.describe(model)), or try another activation_dtype/scheme or granularity."
+        ) from exc
+    log.info("quantized %d of %d layers (%s activations)", len(space.ops) - len(excluded), len(space.ops), dtype)
+    return block
+
+
+def _build(
+    prepared: Prepared,
+    config: QuantConfig,
+    calibration: MxnetCalibration | None,
+    dtype: str,
+    excluded_names: list[str],
+    granularity: str,
+) -> Any:
+    """MXNet's quantize_graph (+ calib_graph with our ranges) and the post-quantization fusion."""
+    static = calibration is not None
     qsym, qargs, aux, collector = mxq.quantize_graph(
         sym=prepared.fused, arg_params=prepared.arg_params, aux_params=prepared.aux_params, ctx=mx.cpu(),
         excluded_sym_names=excluded_names, excluded_op_names=[],
@@ -136,7 +161,7 @@ def quantize_prepared(prepared: Prepared, config: QuantConfig, calibration: Mxne
         calib_mode="naive" if static else "none", quantized_dtype=dtype, quantize_mode="full",
         quantize_granularity=granularity,
     )
-    if calibration is not None and static:
+    if calibration is not None:
         collector.min_max_dict = _thresholds(prepared, config, calibration, list(collector.include_layer), dtype)
         qsym, qargs, aux = mxq.calib_graph(
             qsym=qsym, arg_params=prepared.arg_params, aux_params=prepared.aux_params, collector=collector,
@@ -144,5 +169,4 @@ def quantize_prepared(prepared: Prepared, config: QuantConfig, calibration: Mxne
         )
     # The post-quantization fusion: requantize/dequantize folded into the INT8 oneDNN kernels.
     qsym = qsym.get_backend_symbol(FUSION_BACKEND)
-    log.info("quantized %d of %d layers (%s activations)", len(space.ops) - len(excluded), len(space.ops), dtype)
     return symbol_block(qsym, prepared.inputs, {**qargs, **aux}, aux=tuple(aux))
