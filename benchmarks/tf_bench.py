@@ -256,7 +256,7 @@ def write(rows: list[dict[str, Any]], digits: dict[str, float], meta: dict[str, 
         f"Digits CNN trained here (held-out top-1): FP32 {digits['fp32']:.4f}, inc int8 {digits['inc']:.4f}, "
         f"converter int8 {digits['converter']:.4f}.",
         "",
-        f"Measured {meta['date']}.",
+        f"Measured {meta['date']}." + (f" {meta['note']}" if meta.get("note") else ""),
     ]
     (RESULTS / "tf.md").write_text("\n".join(lines) + "\n")
 
@@ -277,6 +277,7 @@ def main() -> None:
         "cpu": cpu_name(), "flags": cpu_flags(), "threads": THREADS, "python": platform.python_version(),
         "tensorflow": tf.__version__, "keras": keras.__version__, "litert": version("ai-edge-litert"),
         "inc_tf": inc_tf.__version__, "date": time.strftime("%Y-%m-%d"), "iterations": args.iterations,
+        "load_average_at_start": os.getloadavg()[0],
     }
     rows = []
     for name in args.models:
@@ -284,6 +285,12 @@ def main() -> None:
         rows.append(bench_convnet(name, args.iterations))
         print(json.dumps(rows[-1]["timed"]), rows[-1]["min_cosine"], flush=True)
     digits = bench_digits()
+    meta["load_average_at_end"] = os.getloadavg()[0]
+    if max(meta["load_average_at_start"], meta["load_average_at_end"]) > 1.5 * THREADS:
+        meta["note"] = (
+            f"The machine was shared (1-minute load average {meta['load_average_at_start']:.1f} at the start, "
+            f"{meta['load_average_at_end']:.1f} at the end, on {THREADS} cores): absolute figures are low and noisy."
+        )
     write(rows, digits, meta)
     print((RESULTS / "tf.md").read_text())
 
