@@ -29,6 +29,9 @@ class TestToyConformance(BackendConformance):
     def make_dataset(self) -> inc.Dataset:
         return inc.Dataset(_TRAINED[1][:64], batch_size=16)
 
+    def make_eval_batch(self) -> np.ndarray:
+        return _TRAINED[3][:64]  # held out: calibration reads training samples
+
     def make_wrong_shape_dataset(self) -> inc.Dataset:
         return inc.Dataset(np.zeros((8, 63), np.float32))
 
