@@ -46,33 +46,99 @@ def op_output_errors(
             watched[op.name] = tensor
     if not watched:
         return {}
-    tensors = list(dict.fromkeys(watched.values()))
-    seen_as = _dequantized_names(quantized)
-    quantized_tensors = [seen_as.get(t, t) for t in tensors]
-    isolated = _isolate(quantized, prepared.float_tensors)
-    reference_outputs = list(dict.fromkeys([*tensors, *isolated]))
-    reference = _session(prepared.model, reference_outputs)
-    candidate = _session(quantized, quantized_tensors)
-    sq_err = dict.fromkeys(tensors, 0.0)
-    sq_ref = dict.fromkeys(tensors, 0.0)
+    if config.approach == "static":
+        # Each op against its FP32 twin on the same (dequantized) inputs: the error it adds itself.
+        pairs = _local_references(quantized, prepared.model, watched)
+        fp32_outputs: list[str] = []
+        isolated: dict[str, str] = {}
+    else:
+        seen_as = _dequantized_names(quantized)
+        isolated = _isolate(quantized, prepared.float_tensors)
+        pairs = {op: (seen_as.get(t, t), t) for op, t in watched.items()}
+        fp32_outputs = list(dict.fromkeys([*watched.values(), *isolated]))
+    int8_outputs = list(dict.fromkeys(name for pair in pairs.values() for name in (pair if not fp32_outputs else pair[:1])))
+    reference = _session(prepared.model, fp32_outputs) if fp32_outputs else None
+    candidate = _session(quantized, int8_outputs)
+    sq_err = dict.fromkeys(pairs, 0.0)
+    sq_ref = dict.fromkeys(pairs, 0.0)
     count = 0
     for index, batch in enumerate(dataset.inputs(limit=config.calib_samples)):
         feeds = to_feeds(batch, prepared.inputs, where=f"op-error batch {index}")
         try:
-            ref_all = dict(zip(reference_outputs, reference.run(reference_outputs, feeds)))
-            ref_out = [ref_all[t] for t in tensors]
-            q_feeds = {**feeds, **{fed: ref_all[t] for t, fed in isolated.items()}}
-            q_out = candidate.run(quantized_tensors, q_feeds)
+            fp32 = dict(zip(fp32_outputs, reference.run(fp32_outputs, feeds))) if reference is not None else {}
+            q_feeds = {**feeds, **{fed: fp32[t] for t, fed in isolated.items()}}
+            values = {**fp32, **dict(zip(int8_outputs, candidate.run(int8_outputs, q_feeds)))}
         except Exception as exc:  # ORT's pybind errors carry the reason in their text only
             raise DatasetError(f"op-error batch {index}: ONNX Runtime could not run the model on it: {exc}") from exc
-        for name, ref, got in zip(tensors, ref_out, q_out):
-            ref64 = np.asarray(ref, dtype=np.float64)
-            sq_err[name] += float(np.sum((np.asarray(got, dtype=np.float64) - ref64) ** 2))
-            sq_ref[name] += float(np.sum(ref64**2))
+        for op, (got_name, ref_name) in pairs.items():
+            ref64 = np.asarray(values[ref_name], dtype=np.float64)
+            sq_err[op] += float(np.sum((np.asarray(values[got_name], dtype=np.float64) - ref64) ** 2))
+            sq_ref[op] += float(np.sum(ref64**2))
         count += 1
     if count == 0:
         raise DatasetError("op errors: the dataset produced no batch; give at least one sample.")
-    return {op: sq_err[t] / max(sq_ref[t], 1e-30) for op, t in watched.items()}
+    return {op: sq_err[op] / max(sq_ref[op], 1e-30) for op in pairs}
+
+
+def _local_references(
+    quantized: onnx.ModelProto, fp32: onnx.ModelProto, watched: dict[str, str]
+) -> dict[str, tuple[str, str]]:
+    """Add to the QDQ graph an FP32 twin of each watched op, reading the same dequantized activations.
+
+    The twin uses the FP32 weights and bias and repeats the Relu/Clip ORT folded into the op, so the
+    difference between the op's dequantized output and its twin's is the error the op adds (weight and
+    output quantization), not what it inherits from the ops upstream, and not its input's quantization,
+    which belongs to the producer and stays when the op alone falls back. Returns op -> (INT8 tensor,
+    twin tensor).
+    """
+    q_nodes = {node.name: node for node in quantized.graph.node}
+    fp32_nodes = {node.name: node for node in fp32.graph.node}
+    fp32_inits = {init.name: init for init in fp32.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in fp32.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    seen_as = _dequantized_names(quantized)
+    added: set[str] = set()
+    pairs: dict[str, tuple[str, str]] = {}
+
+    def fp32_constant(name: str) -> str:
+        twin = f"{name}::fp32"
+        if twin not in added:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(fp32_inits[name])
+            copy.name = twin
+            quantized.graph.initializer.append(copy)
+            added.add(twin)
+        return twin
+
+    for op, tensor in watched.items():
+        q_node, f_node = q_nodes.get(op), fp32_nodes[op]
+        if q_node is None or len(q_node.input) != len(f_node.input) or not f_node.output:
+            continue
+        chain = [f_node]
+        while chain[-1].output[0] != tensor:
+            chain.append(readers[chain[-1].output[0]][0])  # the Relu/Clip ORT folded (see _comparable_output)
+        previous = None
+        for index, node in enumerate(chain):
+            twin = onnx.NodeProto()
+            twin.CopyFrom(node)
+            twin.name = f"{node.name}::twin"
+            sources = q_node.input if index == 0 else node.input
+            del twin.input[:]
+            for position, (given, original) in enumerate(zip(sources, node.input)):
+                if index > 0 and position == 0:
+                    twin.input.append(previous or "")
+                elif original in fp32_inits:
+                    twin.input.append(fp32_constant(original))
+                else:
+                    twin.input.append(given)
+            del twin.output[:]
+            twin.output.extend(f"{out}::twin" for out in node.output)
+            previous = twin.output[0]
+            quantized.graph.node.append(twin)
+        pairs[op] = (seen_as.get(tensor, tensor), f"{tensor}::twin")
+    return pairs
 
 
 def _isolate(quantized: onnx.ModelProto, float_tensors: frozenset[str]) -> dict[str, str]:
