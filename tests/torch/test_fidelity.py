@@ -20,7 +20,7 @@ import inc_core as inc
 from inc_core.testing import cosine
 from inc_torch._calibration import calibrate, load_statistics
 from inc_torch._capture import fx_prepare, positional
-from inc_torch._fx import qconfig_mapping
+from inc_torch._fx import op_table, qconfig_mapping
 from inc_torch._observers import is_activation_observer
 from inc_torch._ops import quantizable_ops
 
@@ -128,7 +128,7 @@ def test_a_shared_observer_covers_every_tensor_it_watches(model: nn.Module) -> N
     calibration = calibrate(model, dataset, config, "fx")
     work = copy.deepcopy(model).eval()
     ops = quantizable_ops(model, config, "fx")
-    prepared = fx_prepare(work, qconfig_mapping(config, ops), positional(work, calibration.example))
+    prepared = fx_prepare(work, qconfig_mapping(config, ops, op_table(model)), positional(work, calibration.example))
     load_statistics(prepared, calibration)
     watched: dict[int, tuple[nn.Module, set[str]]] = {}
     for node in prepared.graph.nodes:

@@ -120,7 +120,7 @@ class TorchBackend(Backend):
         fmt = self.check_format(config.format)
         ops = quantizable_ops(model, config, fmt)
         excluded = set(config.exclude.select(ops))  # unknown names/patterns/types -> ConfigError before any work
-        check_overrides(config, tuning_space(model, config, fmt))
+        check_overrides(config, self.describe(model, config))
         check_supported(config, ops)
         check_something_quantized(config, fmt, ops, excluded)
         if config.approach == "static":

@@ -111,7 +111,7 @@ def _base_graph(work: nn.Module, example: Inputs, fmt: str) -> tuple[torch.fx.Gr
 def _instrument(graph_module: torch.fx.GraphModule, histograms: dict[str, HistogramObserver]) -> None:
     graph = graph_module.graph
     for index, node in enumerate(list(graph.nodes)):
-        if node.op not in ("placeholder", "call_function", "call_module", "call_method"):
+        if node.op not in ("placeholder", "get_attr", "call_function", "call_module", "call_method"):
             continue
         histograms[node.name] = HistogramObserver(HISTOGRAM_BINS, name=node.name)
         target = f"_inc_record_{index}"

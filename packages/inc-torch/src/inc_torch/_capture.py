@@ -106,14 +106,21 @@ def positional(model: nn.Module, inputs: Inputs) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def fx_prepare(model: nn.Module, qconfig_mapping: Any, example: tuple[Any, ...], *, qat: bool = False) -> torch.fx.GraphModule:
-    """``prepare_fx``/``prepare_qat_fx`` with tracing failures reported as UnsupportedModelError."""
+def fx_prepare(
+    model: nn.Module, qconfig_mapping: Any, example: tuple[Any, ...], *, qat: bool = False, leaves: tuple[type, ...] = ()
+) -> torch.fx.GraphModule:
+    """``prepare_fx``/``prepare_qat_fx`` with tracing failures reported as UnsupportedModelError.
+
+    ``leaves``: module classes traced as opaque calls (kept out of every quantization pattern).
+    """
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
+    custom = PrepareCustomConfig().set_non_traceable_module_classes(list(leaves)) if leaves else None
     try:
         with quiet():
             prepare = prepare_qat_fx if qat else prepare_fx
-            return prepare(model, qconfig_mapping, example)
+            return prepare(model, qconfig_mapping, example, prepare_custom_config=custom)
     except Exception as exc:
         raise UnsupportedModelError(
             f"torch.fx could not trace {type(model).__name__} ({_first_line(exc)}). Symbolic tracing cannot follow "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from typing import Any
 
 import torch
@@ -14,10 +15,11 @@ from inc_core.backend import Op
 from inc_torch._calibration import TorchCalibration, load_statistics
 from inc_torch._capture import fx_prepare, positional
 from inc_torch._compat import quiet
+from inc_torch._fx_ops import FxOp, apply_fx_settings, fx_ops
 from inc_torch._observers import FxActivationObserver, FxWeightObserver
 from inc_torch._settings import OpSettings, plan
 
-__all__ = ["qconfig", "qconfig_mapping", "quantize_fx", "EXAMPLE_ATTR"]
+__all__ = ["base_mapping", "op_table", "qconfig", "qconfig_mapping", "quantize_fx", "EXAMPLE_ATTR"]
 
 # Attribute holding the example inputs on returned models, used to save them.
 EXAMPLE_ATTR = "_inc_example_inputs"
@@ -50,19 +52,72 @@ def qconfig(settings: OpSettings) -> Any:
     )
 
 
-def qconfig_mapping(config: QuantConfig, ops: tuple[Op, ...]) -> Any:
-    """The x86 QConfigMapping with inc observers, per-op overrides and FP32 fallbacks."""
-    from torch.ao.quantization import get_default_qconfig_mapping
+def base_mapping(settings: OpSettings, *, qat_qconfig: Any = None) -> Any:
+    """The x86 QConfigMapping with inc's global qconfig (or ``qat_qconfig``), unlisted op kinds in FP32."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
 
-    default, per_op = plan(config, ops)
     with quiet():
-        mapping = get_default_qconfig_mapping("x86")
-    mapping.set_global(qconfig(default))
+        mapping = get_default_qat_qconfig_mapping("x86") if qat_qconfig is not None else get_default_qconfig_mapping("x86")
+    mapping.set_global(qat_qconfig if qat_qconfig is not None else qconfig(settings))
     for kind in _UNLISTED:
         mapping.set_object_type(kind, None)
-    for name, settings in per_op.items():
-        mapping.set_module_name(name, None if settings is None else qconfig(settings))
     return mapping
+
+
+# model -> (its module structure, its op table): tracing once serves describe, calibrate and every trial.
+_TABLES: weakref.WeakKeyDictionary[nn.Module, tuple[Any, dict[str, FxOp]]] = weakref.WeakKeyDictionary()
+
+
+def op_table(model: nn.Module) -> dict[str, FxOp]:
+    """Name -> op, for every op the x86 FX flow quantizes in ``model`` (see :mod:`inc_torch._fx_ops`)."""
+    structure = (type(model).forward, tuple((name, type(m)) for name, m in model.named_modules()))
+    cached = _TABLES.get(model)
+    if cached is not None and cached[0] == structure:
+        return cached[1]
+    ops = fx_ops(model, base_mapping(OpSettings.of(QuantConfig(format="fx"))))
+    table = {entry.op.name: entry for entry in ops}
+    _TABLES[model] = (structure, table)
+    return table
+
+
+def qconfig_mapping(config: QuantConfig, ops: tuple[Op, ...], table: dict[str, FxOp]) -> Any:
+    """The x86 QConfigMapping with inc observers, per-op overrides and FP32 fallbacks.
+
+    Fixed-range ops (sigmoid, hardsigmoid) keep torch.ao's fixed qparams and shared ops their input's
+    range; their only setting is being excluded.
+    """
+    default, per_op = plan(config, ops)
+    chosen: dict[str, Any] = {}
+    for name, settings in per_op.items():
+        if settings is None:
+            chosen[name] = None
+        elif table[name].role in ("weighted", "activation"):
+            chosen[name] = qconfig(settings)
+    return apply_fx_settings(base_mapping(default), table, chosen)
+
+
+class KeptFloat(nn.Module):
+    """Holds an excluded activation or pooling module as an opaque call, so that it runs in FP32.
+
+    torch.ao's lowering turns dequantize -> Hardswish/ReLU/pool -> quantize into the op on the
+    quantized tensor even when the module's qconfig is None (its consumer asks for a quantized
+    input); a branch that also reads the module's output in FP32 then fails. Opaque, it matches no
+    pattern and gets float inputs.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def keep_float(model: nn.Module, name: str) -> None:
+    """Replace the submodule ``name`` of ``model`` by a :class:`KeptFloat` holding it."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, KeptFloat(getattr(parent, child)))
 
 
 def quantize_fx(
@@ -73,7 +128,13 @@ def quantize_fx(
 
     work = model if inplace else copy.deepcopy(model)
     work.eval()
-    prepared = fx_prepare(work, qconfig_mapping(config, ops), positional(work, calibration.example))
+    table = op_table(model)
+    mapping = qconfig_mapping(config, ops, table)
+    _, per_op = plan(config, ops)
+    for name, settings in per_op.items():
+        if settings is None and table[name].kind == "module" and table[name].role != "weighted":
+            keep_float(work, name)
+    prepared = fx_prepare(work, mapping, positional(work, calibration.example), leaves=(KeptFloat,))
     load_statistics(prepared, calibration)
     with quiet():
         converted = convert_fx(prepared)

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import difflib
+
 from torch import nn
 
 from inc_core._quant_config import CALIBRATIONS, GRANULARITIES, SCHEMES, QuantConfig
 from inc_core.backend import Op, TuningSpace
-from inc_core.errors import ConfigError
+from inc_core.errors import ConfigError, UnsupportedModelError
 
-__all__ = ["STATIC_TYPES", "DYNAMIC_TYPES", "quantizable_ops", "tuning_space", "check_supported"]
+__all__ = [
+    "STATIC_TYPES",
+    "DYNAMIC_TYPES",
+    "quantizable_ops",
+    "tuning_space",
+    "check_supported",
+    "check_overrides",
+    "check_something_quantized",
+    "require_int8_ops",
+]
 
 # Module types whose weights and input activations become INT8, per static format. The x86 PT2E
 # quantizer recognises conv1d/conv2d/linear; the FX x86 backend config also covers conv3d.
@@ -31,7 +42,16 @@ def _types(config: QuantConfig, fmt: str) -> tuple[type[nn.Module], ...]:
 
 
 def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op, ...]:
-    """Leaf modules the given approach/format can quantize, in definition order, named as in ``named_modules``."""
+    """The ops the given approach/format quantizes.
+
+    Static FX: every op torch.ao's x86 flow quantizes (conv/linear, activations, add/mul, pooling,
+    reshapes, fixed-range ops), in graph order (see :mod:`inc_torch._fx_ops`). Otherwise: the leaf
+    modules of the quantizable types, in definition order, named as in ``named_modules``.
+    """
+    if config.approach == "static" and fmt == "fx":
+        from inc_torch._fx import op_table
+
+        return tuple(entry.op for entry in op_table(model).values())
     types = _types(config, fmt)
     ops = []
     for name, module in model.named_modules():
@@ -44,6 +64,8 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
 
 def tuning_space(model: nn.Module, config: QuantConfig, fmt: str) -> TuningSpace:
     """The ops and, per op type, the settings the torch paths support."""
+    if config.approach == "static" and fmt == "fx":
+        return _fx_tuning_space(model)
     ops = quantizable_ops(model, config, fmt)
     options: dict[str, dict[str, tuple[str, ...]]] = {}
     for op_type in dict.fromkeys(op.op_type for op in ops):
@@ -58,6 +80,90 @@ def tuning_space(model: nn.Module, config: QuantConfig, fmt: str) -> TuningSpace
                 "activation_dtype": ACTIVATION_DTYPES,
             }
     return TuningSpace(ops, options)
+
+
+_CHOICES = {"calibration": CALIBRATIONS, "granularity": GRANULARITIES, "scheme": SCHEMES, "activation_dtype": ACTIVATION_DTYPES}
+
+
+def _fx_tuning_space(model: nn.Module) -> TuningSpace:
+    from inc_torch._fx import op_table
+    from inc_torch._fx_ops import ROLE_OPTIONS
+
+    table = op_table(model)
+    options: dict[str, dict[str, tuple[str, ...]]] = {}
+    for entry in table.values():
+        options.setdefault(entry.op.op_type, {key: _CHOICES[key] for key in ROLE_OPTIONS[entry.role]})
+    return TuningSpace(tuple(entry.op for entry in table.values()), options)
+
+
+def check_overrides(config: QuantConfig, space: TuningSpace) -> None:
+    """Every ``overrides`` key names an op or an op type of the model, and sets only what that op supports.
+
+    Raises:
+        ConfigError: a key naming nothing (listing close names, the op types and where names come
+            from), or a setting the op type does not have (e.g. granularity of an add).
+    """
+    by_name = {op.name: op.op_type for op in space.ops}
+    types = list(dict.fromkeys(by_name.values()))
+    for key, settings in config.overrides.items():
+        op_type = by_name.get(key, key if key in types else None)
+        if op_type is None:
+            close = difflib.get_close_matches(key, [*by_name, *types], n=3)
+            raise ConfigError(
+                f"QuantConfig: overrides key {key!r} is neither an op name nor an op type that the torch backend "
+                f"quantizes in this model (approach={config.approach!r}); close: {close or 'none'}. Op types: {types}; "
+                "op names are listed by inc.describe(model, config)."
+            )
+        allowed = space.options.get(op_type, {})
+        for setting in settings:
+            if setting == "calibration" and config.approach == "dynamic":
+                continue  # nothing is calibrated in dynamic mode; the setting is harmless
+            if setting not in allowed:
+                raise ConfigError(
+                    f"QuantConfig: overrides[{key!r}] sets {setting!r}, which {op_type} ops do not have here "
+                    f"(they take {list(allowed) or 'no settings'}); set it for the whole model on the QuantConfig "
+                    "instead, or use exclude= to keep them in FP32."
+                )
+
+
+def check_something_quantized(config: QuantConfig, fmt: str, ops: tuple[Op, ...], excluded: set[str]) -> None:
+    """Refuse a run that would quantize no op at all (it would return the FP32 model as if quantized).
+
+    Raises:
+        UnsupportedModelError: no op of the kinds this path quantizes, or every one excluded.
+    """
+    if any(op.name not in excluded for op in ops):
+        return
+    kinds = ", ".join(t.__name__ for t in _types(config, fmt))
+    if ops:
+        raise UnsupportedModelError(
+            f"Every quantizable op ({len(ops)}) is excluded, so nothing would be quantized; exclude fewer ops."
+        )
+    way_out = (
+        "Use approach='static' (it quantizes Conv and Linear layers with calibration data)."
+        if config.approach == "dynamic"
+        else "Use approach='dynamic' for recurrent models, or another format."
+    )
+    raise UnsupportedModelError(
+        f"The model has no op that {config.approach} quantization (format={fmt!r}) can quantize: it looked for "
+        f"{kinds} layers and found none. {way_out}"
+    )
+
+
+def require_int8_ops(quantized: nn.Module, config: QuantConfig, fmt: str) -> None:
+    """The returned model must hold int8 ops; a model with none is an error, never a silent FP32 result.
+
+    Raises:
+        UnsupportedModelError: the framework quantized nothing.
+    """
+    from inc_torch._inspect import quantized_ops
+
+    if not quantized_ops(quantized):
+        raise UnsupportedModelError(
+            f"{config.approach.capitalize()} quantization (format={fmt!r}) produced a model without int8 ops: "
+            f"the framework matched none of the {', '.join(t.__name__ for t in _types(config, fmt))} layers. "
+            "Check inc.describe(model, config) and exclude=, or try the other format."
+        )
 
 
 def check_supported(config: QuantConfig, ops: tuple[Op, ...]) -> None:

@@ -18,17 +18,24 @@ import torch
 from torch import nn
 
 from inc_core._quant_config import QATConfig, QuantConfig
+from inc_core.backend import Op
 from inc_core.errors import ConfigError, UnsupportedModelError
 from inc_torch._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
 from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch._compiled import CompiledQuantizedModule
 from inc_torch._failures import wrap_framework_errors
+from inc_torch._fx_ops import apply_fx_settings, fx_ops
 from inc_torch._inputs import Inputs, float_dtype, to_inputs
 from inc_torch._ops import ACTIVATION_DTYPES, quantizable_ops
+from inc_torch._settings import OpSettings
 
 __all__ = ["prepare_qat", "convert", "QAT_FORMATS"]
 
 QAT_FORMATS = ("pt2e", "fx")
+# Weight fake-quant ranges follow the current weights at every step (averaging constant 1), as
+# ``convert`` quantizes them: a slow average (torch's default 0.01) lags weights that grew during
+# training, so they are clipped in the forward and quantized with another scale at convert.
+WEIGHT_AVERAGING = 1.0
 _STATE = "_inc_qat_state"
 
 
@@ -62,8 +69,7 @@ def _check(model: Any, config: Any) -> str:
     return fmt
 
 
-def _excluded(model: nn.Module, config: QATConfig, fmt: str) -> list[str]:
-    ops = quantizable_ops(model, QuantConfig(format=fmt), fmt)
+def _excluded(model: nn.Module, config: QATConfig, ops: tuple[Op, ...]) -> list[str]:
     return config.exclude.select(ops) if config.exclude else []
 
 
@@ -86,18 +92,21 @@ def _pt2e_qat_config(config: QATConfig) -> Any:
         qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
         ch_axis=0,
         is_dynamic=False,
-        observer_or_fake_quant_ctr=ao.FusedMovingAvgObsFakeQuantize.with_args(observer=weight_observer, eps=2**-12),
+        observer_or_fake_quant_ctr=ao.FusedMovingAvgObsFakeQuantize.with_args(
+            observer=weight_observer, eps=2**-12, averaging_constant=WEIGHT_AVERAGING
+        ),
     )
     return ao.QuantizationConfig(act, act, weight, None, True)
 
 
-def _fx_qat_mapping(config: QATConfig, excluded: list[str]) -> Any:
-    from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping
-    from torch.ao.quantization.fake_quantize import FusedMovingAvgObsFakeQuantize, default_fused_wt_fake_quant
-    from torch.ao.quantization.observer import MovingAverageMinMaxObserver
+def _fx_qat_qconfig(config: QATConfig) -> Any:
+    from torch.ao.quantization import QConfig
+    from torch.ao.quantization.fake_quantize import FusedMovingAvgObsFakeQuantize
+    from torch.ao.quantization.observer import (
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+    )
 
-    with quiet():
-        mapping = get_default_qat_qconfig_mapping("x86")
     activation = FusedMovingAvgObsFakeQuantize.with_args(
         observer=MovingAverageMinMaxObserver,
         quant_min=0,
@@ -105,14 +114,22 @@ def _fx_qat_mapping(config: QATConfig, excluded: list[str]) -> Any:
         dtype=torch.quint8,
         qscheme=torch.per_tensor_symmetric if config.scheme == "sym" else torch.per_tensor_affine,
     )
-    if config.granularity == "per_channel" and mapping.global_qconfig is not None:
-        weight = mapping.global_qconfig.weight
-    else:
-        weight = default_fused_wt_fake_quant
-    mapping.set_global(QConfig(activation=activation, weight=weight))
-    for name in excluded:
-        mapping.set_module_name(name, None)
-    return mapping
+    per_channel = config.granularity == "per_channel"
+    weight = FusedMovingAvgObsFakeQuantize.with_args(
+        observer=MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver,
+        quant_min=-128,
+        quant_max=127,
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+        averaging_constant=WEIGHT_AVERAGING,
+    )
+    return QConfig(activation=activation, weight=weight)
+
+
+def _fx_qat_mapping(config: QATConfig) -> Any:
+    from inc_torch._fx import base_mapping
+
+    return base_mapping(OpSettings.of(QuantConfig(format="fx")), qat_qconfig=_fx_qat_qconfig(config))
 
 
 def _pt2e_train_eval(model: torch.fx.GraphModule) -> None:
@@ -186,7 +203,13 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
         UnsupportedModelError: the model cannot be captured by the chosen path.
     """
     fmt = _check(model, config)
-    excluded = _excluded(model, config, fmt)
+    fx_table: dict[str, Any] = {}
+    if fmt == "fx":
+        fx_table = {entry.op.name: entry for entry in fx_ops(model, _fx_qat_mapping(config), qat=True)}
+        ops = tuple(entry.op for entry in fx_table.values())
+    else:
+        ops = quantizable_ops(model, QuantConfig(format=fmt), fmt)
+    excluded = _excluded(model, config, ops)
     example = to_inputs(example_inputs, float_dtype(model))
     check_runs(eval_copy(model), example, "example_inputs")
     work = model if inplace and fmt == "fx" else copy.deepcopy(model)
@@ -201,7 +224,8 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
             prepared = ao.prepare_qat_pt2e(graph, quantizer)
         _pt2e_train_eval(prepared)
     else:
-        prepared = fx_prepare(work, _fx_qat_mapping(config, excluded), positional(work, example), qat=True)
+        mapping = apply_fx_settings(_fx_qat_mapping(config), fx_table, dict.fromkeys(excluded))
+        prepared = fx_prepare(work, mapping, positional(work, example), qat=True)
     state = _QatState(format=fmt, config=config, example=example)
     setattr(prepared, _STATE, state)
     handle = prepared.register_forward_pre_hook(_step_hook)
