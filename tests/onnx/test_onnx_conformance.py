@@ -30,14 +30,18 @@ def runtime_int8_nodes(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
 class TestOnnxConformance(BackendConformance):
     backend_name = "onnx"
     model_suffix = ".onnx"
-    min_cosine = 0.99
-    min_dynamic_cosine = 0.99
+    # Measured on the held-out batch (AMD EPYC, VNNI): static 0.99988, dynamic 0.99993 (8x and 14x margin).
+    min_cosine = 0.999
+    min_dynamic_cosine = 0.999
 
     def make_model(self) -> onnx.ModelProto:
         return models.cnn()
 
     def make_dataset(self) -> inc.Dataset:
         return inc.Dataset(models.digits()[0][:64], batch_size=16)
+
+    def make_eval_batch(self) -> np.ndarray:
+        return models.digits()[0][-64:]  # held out: calibration reads the first 64 samples
 
     def make_wrong_shape_dataset(self) -> inc.Dataset:
         return inc.Dataset(np.zeros((8, 65), dtype=np.float32), batch_size=4)

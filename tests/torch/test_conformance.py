@@ -16,14 +16,19 @@ from inc_core.testing import BackendConformance
 class TestTorchConformance(BackendConformance):
     backend_name = "torch"
     model_suffix = ".pt2"
-    min_cosine = 0.99
-    min_dynamic_cosine = 0.99
+    # Measured on the held-out batch (AMD EPYC, VNNI), PT2E static 0.99978, dynamic 0.999985 (IPEX: the same to
+    # 1e-9): a 9x and a 60x margin for the rounding of other INT8 kernels.
+    min_cosine = 0.998
+    min_dynamic_cosine = 0.999
 
     def make_model(self) -> Any:
         return trained_cnn()
 
     def make_dataset(self) -> inc.Dataset:
         return calib_data(64, 16)
+
+    def make_eval_batch(self) -> np.ndarray:
+        return split()[2][:64]  # the held-out test split: calibration reads training samples
 
     def make_wrong_shape_dataset(self) -> inc.Dataset:
         x, _, _, _ = split()
