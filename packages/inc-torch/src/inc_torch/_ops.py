@@ -144,8 +144,9 @@ def check_something_quantized(config: QuantConfig, fmt: str, ops: tuple[Op, ...]
         if config.approach == "dynamic"
         else "Use approach='dynamic' for recurrent models, or another format."
     )
+    path = "dynamic quantization" if config.approach == "dynamic" else f"static quantization (format={fmt!r})"
     raise UnsupportedModelError(
-        f"The model has no op that {config.approach} quantization (format={fmt!r}) can quantize: it looked for "
+        f"The model has no op that {path} can quantize: it looked for "
         f"{kinds} layers and found none. {way_out}"
     )
 
