@@ -3,7 +3,7 @@
 ResNet-18 v1, ResNet-50 v1 and MobileNetV2 1.0 from ``mxnet.gluon.model_zoo.vision`` (random weights,
 no download), 224x224, batch 1 and 16. Every model of a row runs through the same runner (a static,
 hybridized SymbolBlock; FP32 with oneDNN's FP32 fusion) and is timed side by side with the others in
-alternating blocks of calls, so load from other processes falls on each alike; throughput = batch /
+blocks of calls whose order rotates every round, so load from other processes falls on each alike; throughput = batch /
 10th-percentile latency (median too, in the JSON). Accuracy: a digits CNN trained here on scikit-learn's digits, top-1 of FP32, inc INT8
 and quantize_net INT8 on the held-out split; for the random-weight convnets, the smallest per-sample
 cosine of INT8 vs FP32 logits.
@@ -79,7 +79,11 @@ def copy_of(net: gluon.HybridBlock, make: Any) -> gluon.HybridBlock:
 
 
 def side_by_side(models: dict[str, Any], x: np.ndarray, iterations: int) -> dict[str, dict[str, float]]:
-    """Throughput of each model on the same input, taking turns in blocks of calls (reversed order every other round)."""
+    """Throughput of each model on the same input, taking turns in blocks of calls.
+
+    The order rotates every round, so each model follows each other model (FP32's long calls included,
+    which leave the caches and the thread pool in a state that slows the next model's first calls) equally often.
+    """
     backend = MxnetBackend()
     runners = {name: backend.runner(model, x) for name, model in models.items()}
     for run in runners.values():
@@ -89,7 +93,8 @@ def side_by_side(models: dict[str, Any], x: np.ndarray, iterations: int) -> dict
     latencies: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners)
     for round_ in range(-(-iterations // block)):
-        for name in order if round_ % 2 == 0 else reversed(order):
+        shift = round_ % len(order)
+        for name in order[shift:] + order[:shift]:
             runners[name]()  # untimed: settles the thread pool after the previous model's block
             for _ in range(block):
                 start = time.perf_counter()
@@ -226,7 +231,8 @@ def write(rows: list[dict[str, Any]], digits: dict[str, Any], meta: dict[str, An
         "their weights per channel whenever calibrated), so it is the same graph as quantize_net's, and the gap "
         "between the two columns is the run-to-run noise of this machine. INT8 (MXNet): mxnet.contrib.quantization.quantize_net with its "
         "defaults (quantized_dtype='auto', quantize_mode='full', tensor-wise weights) and calib_mode='naive' on the "
-        "same samples. All run through the same runner and are timed side by side (alternating blocks of calls); "
+        "same samples. All run through the same runner and are timed side by side (blocks of calls, in an order "
+        "that rotates every round so that each model follows the FP32 one equally often); "
         "throughput = batch / 10th-percentile latency (the median, in mxnet.json, flips between a contended and an "
         "uncontended mode on this shared machine). The model-zoo nets have random weights (no download), so their "
         "accuracy column is the smallest per-sample cosine of INT8 vs FP32 logits.",
