@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,26 @@ def test_text_is_written_in_one_rename(tmp_path: Path) -> None:
     atomic_write_text(tmp_path / "h.json", '{"a": 1}', what="history")
     assert (tmp_path / "h.json").read_text(encoding="utf-8") == '{"a": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ["h.json"]
+
+
+def test_a_killed_writers_staging_directory_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(child.stdout)  # that process has exited: a writer killed mid-save looks the same
+    stale = tmp_path / f".model.bin.inc-{dead_pid}.abc123"
+    (stale / "model.bin").parent.mkdir()
+    (stale / "model.bin").write_bytes(b"half a model")
+    live = tmp_path / f".model.bin.inc-{os.getpid()}.def456"  # a write in progress in a live process
+    live.mkdir()
+    atomic_write_text(tmp_path / "model.bin", "model", what="model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.bin", live.name])
+
+
+def test_an_existing_directory_is_never_replaced(tmp_path: Path) -> None:
+    (tmp_path / "model.bin").mkdir()
+    (tmp_path / "model.bin" / "keep.txt").write_text("user data")
+    with pytest.raises(SaveError, match="inc never deletes a directory"):
+        atomic_write_text(tmp_path / "model.bin", "model", what="model")
+    assert (tmp_path / "model.bin" / "keep.txt").read_text() == "user data"

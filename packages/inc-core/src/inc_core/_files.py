@@ -24,7 +24,10 @@ def check_output_path(path: str | os.PathLike[str], *, what: str = "output") -> 
             "Create it first or choose another path."
         )
     if target.is_dir():
-        raise SaveError(f"Cannot write the {what} to {str(target)!r}: it is a directory; give a file path.")
+        raise SaveError(
+            f"Cannot write the {what} to {str(target)!r}: a directory of that name exists, and inc never deletes a "
+            "directory. Remove it first, or choose another path."
+        )
     if not os.access(parent, os.W_OK):
         raise SaveError(f"Cannot write the {what} to {str(target)!r}: directory {str(parent)!r} is not writable.")
     return target
@@ -38,8 +41,9 @@ def atomic_path(path: str | os.PathLike[str], *, what: str = "output") -> Iterat
     temporary path is moved into place in one rename.
     """
     target = check_output_path(path, what=what)
+    _remove_stale_staging(target)
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}.", dir=target.parent))
     except OSError as exc:
         raise _failed(what, target, exc) from exc
     tmp = tmp_dir / target.name
@@ -56,6 +60,33 @@ def atomic_path(path: str | os.PathLike[str], *, what: str = "output") -> Iterat
         raise _failed(what, target, exc) from exc
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.inc-"
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Remove what a killed writer left beside ``target``: staging directories whose process is gone.
+
+    A process killed mid-write (kill -9) cannot clean up; its staging directory carries its pid, so
+    the next write to the same path removes it. Directories of live processes are left alone.
+    """
+    prefix = _staging_prefix(target)
+    for entry in target.parent.glob(f"{prefix}*"):
+        pid = entry.name[len(prefix) :].split(".", 1)[0]
+        if entry.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _failed(what: str, target: Path, exc: BaseException) -> SaveError:
