@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 _ROWS: list[dict[str, Any]] = []
 _STARTED = datetime.datetime.now(datetime.timezone.utc)
+_COMMIT_AT_START: list[str] = []  # the code a run measures is the code it imported when it started
 _FULL_RUN = False  # every corpus case collected: only such a run replaces the committed results
 
 
@@ -48,6 +49,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     # Two threads, like the CI machines; set before any test imports torch's thread pool.
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+    _COMMIT_AT_START.append(_commit())
     # torch's structured-trace logger emits DEBUG records pytest would print with every failure.
     logging.getLogger("torch.__trace").setLevel(logging.WARNING)
 
@@ -120,7 +122,7 @@ def _header() -> dict[str, str]:
     header = {
         "CPU": _cpu_name(),
         "started (UTC)": _STARTED.strftime("%Y-%m-%d %H:%M"),
-        "git commit": _commit(),
+        "git commit (at start)": _COMMIT_AT_START[0] if _COMMIT_AT_START else _commit(),
         "python": platform.python_version(),
         "cases finished": f"{len(_ROWS)} of {len(test_corpus.CASES)}",
     }
