@@ -127,7 +127,8 @@ def sha256(path: Path) -> str:
 def _is_quantized(model: Any) -> bool:
     if isinstance(model, onnx.ModelProto):
         return any("Quantize" in n.op_type or "Integer" in n.op_type or n.op_type.startswith("QLinear") for n in model.graph.node)
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+    # Eager torch.ao quantized modules, or their TorchScript form (a loaded .pt) that keeps the packed int8 weights.
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") or hasattr(m, "_packed_params") for m in model.modules())
 
 
 def score(model: Any) -> float:

@@ -609,6 +609,11 @@ def _kill_during_save(tmp: Path, backend: str, name: str) -> None:
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     assert not target.exists(), f"a partial {name} was left at the output path"
     assert listing(tmp) == []
+    # The next save to the same path succeeds and clears what the killed writer staged (hidden entries too).
+    model, data = bm.tuning_case(backend)
+    inc.save(inc.quantize(model, bm.tuning_config(backend, None).base, dataset=data), target)
+    assert sorted(p.name for p in tmp.iterdir()) == [name]
+    assert bm.score(inc.load(target)) == 0.5  # the saved file is a complete INT8 model
 
 
 @case
