@@ -26,15 +26,12 @@ _FULL_RUN = False  # every corpus case collected: only such a run replaces the c
 
 
 @pytest.fixture
-def corpus_rows(request: pytest.FixtureRequest) -> Iterator[list[dict[str, Any]]]:
+def corpus_rows() -> Iterator[list[dict[str, Any]]]:
     """The shared list each corpus case appends its row to; the row is also printed as soon as the case ends."""
     count = len(_ROWS)
     yield _ROWS
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     for row in _ROWS[count:]:
-        if reporter is not None:
-            reporter.write_line("")
-            reporter.write_line("corpus row: " + json.dumps(row))
+        print("corpus row:", json.dumps(row))  # shown with -s, and in the report of a failed case
     if _FULL_RUN:  # written after every case, so that an interrupted full run still leaves its table
         _write_results()
 
