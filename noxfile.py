@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "core", "onnx", "torch", "ipex"]
+nox.options.sessions = ["lint", "core", "onnx", "torch", "ipex", "tf", "mxnet", "ray", "corpus"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
