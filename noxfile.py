@@ -132,6 +132,14 @@ def bench_compress(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench_tf_compress(session: nox.Session) -> None:
+    """Pruning callback and Distiller evidence on Keras 3, the counterpart of bench_compress (not in `nox`)."""
+    _install_core(session, "plot")
+    session.install("-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]")
+    session.run("python", "benchmarks/tf_prune_distill_bench.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def bench_ipex(session: nox.Session) -> None:
     """The same benchmark through the IPEX backend, in the torch 2.8 + IPEX venv (not in `nox`)."""
     _install_core(session)
