@@ -148,9 +148,9 @@ def test_a_module_the_workers_cannot_import_is_a_clear_error(cluster: Any, workl
         on_ray(workload, eval_fn=driver_only_metric.Metric(x, y))
 
 
-def _start_child(cluster: Any, history: Path) -> subprocess.Popen[str]:
+def _start_child(cluster: Any, history: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(HERE / "_ray_tuning_child.py"), cluster.address, str(history)],
+        [sys.executable, str(HERE / "_ray_tuning_child.py"), cluster.address, str(history), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -189,10 +189,8 @@ def test_history_resumes_after_the_driver_is_killed(cluster: Any, workload: Any,
 
 def test_ctrl_c_cancels_the_trials_in_flight_and_the_history_resumes(cluster: Any, workload: Any, tmp_path: Path) -> None:
     history = tmp_path / "tuning.json"
-    child = _start_child(cluster, history)
-    _wait_for_trials(child, history, 2)
-    child.send_signal(signal.SIGINT)
-    output = child.communicate(timeout=120)[0]
+    child = _start_child(cluster, history, "--interrupt-after", "2")  # KeyboardInterrupt in the driver, trials in flight
+    output = child.communicate(timeout=180)[0]
     assert child.returncode == 130 and "INTERRUPTED" in output, output[-3000:]
     assert "ray: cancelled" in output  # the outstanding tasks were cancelled, not left running
     done_before = len(history_trials(history))

@@ -277,7 +277,9 @@ class RayExecutor:
             # errors: what is still queued or running is no longer wanted.
             for ref in running:
                 try:
-                    ray.cancel(ref, force=True)
+                    # force=False interrupts the task in its worker; force=True kills the worker process,
+                    # which Ray 2.60's driver can trip over at shutdown (a failed internal check).
+                    ray.cancel(ref, force=False)
                 except Exception as exc:  # a task finishing while being cancelled; nothing to undo
                     log.debug("ray: cancelling a trial task failed: %s", exc)
             if running:
