@@ -8,7 +8,9 @@ flow does quantize the model (inc giving up on what the framework handles).
 
 The floor: the framework's own flow on the same model and data (plain torch.ao FX, torchao PT2E with
 X86InductorQuantizer, torch.ao dynamic, onnxruntime quantize_static/quantize_dynamic) minus MARGIN, and never
-below ABSOLUTE_FLOOR. Every case is recorded in the table conftest.py prints and writes.
+below ABSOLUTE_FLOOR unless the framework's own flow is below it too: then inc must be on par with it, and the
+table says that no flow reaches ABSOLUTE_FLOOR on that model (a model for accuracy-driven tuning, not a one-shot
+recipe). Every case is recorded in the table conftest.py prints and writes.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def _short(exc: BaseException) -> str:
 def _floor(reference: dict[str, Any]) -> float:
     if reference.get("cosine") is None or not reference.get("int8_ops"):
         return NO_REFERENCE_FLOOR
+    if reference["cosine"] < ABSOLUTE_FLOOR:  # no INT8 flow is usable here: inc must match the framework's own
+        return reference["cosine"] - MARGIN
     return max(ABSOLUTE_FLOOR, reference["cosine"] - MARGIN)
 
 
@@ -144,4 +148,5 @@ def test_corpus_case(model_name: str, path: str, tmp_path: Path, corpus_rows: li
     if not mean_cos >= row["floor"]:  # also catches NaN
         row["verdict"] = "FAIL: fidelity below floor"
         pytest.fail(f"mean cosine {mean_cos:.4f} < floor {row['floor']:.4f} (reference {reference})")
-    row["verdict"] = "ok"
+    below = reference.get("cosine") is not None and reference["cosine"] < ABSOLUTE_FLOOR
+    row["verdict"] = f"ok (on par; every flow below {ABSOLUTE_FLOOR})" if below else "ok"

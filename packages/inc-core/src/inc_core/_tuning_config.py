@@ -71,6 +71,13 @@ class TuningConfig(SerializableConfig):
         check_choice(owner, "loss_type", self.loss_type, LOSS_TYPES)
         if not isinstance(self.higher_is_better, bool):
             raise ConfigError(f"{owner}: higher_is_better must be a bool, got {self.higher_is_better!r}.")
+        if self.loss_type == "relative" and self.higher_is_better and self.tolerable_loss >= 1.0:
+            # Losing 100% of a score that must stay high accepts any model: almost surely a percent typed as a fraction.
+            raise ConfigError(
+                f"{owner}: tolerable_loss={self.tolerable_loss!r} with loss_type='relative' allows losing "
+                f"{self.tolerable_loss:.0%} of the baseline score, which accepts every model. Give a fraction below 1 "
+                "(0.01 = 1%), or use loss_type='absolute'."
+            )
         check_int(owner, "max_trials", self.max_trials, minimum=1)
         check_float(owner, "timeout_s", self.timeout_s, minimum=0.0, exclusive_min=True, allow_none=True)
         if isinstance(self.history, Path):

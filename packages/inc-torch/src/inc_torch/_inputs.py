@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from inc_core.errors import DatasetError
+
 __all__ = ["Inputs", "float_dtype", "to_inputs", "describe_inputs", "batch_size", "widened"]
 
 # (positional args, keyword args) of one forward call.
@@ -25,6 +27,12 @@ def float_dtype(model: torch.nn.Module) -> torch.dtype:
 def _tensor(value: Any, dtype: torch.dtype) -> Any:
     # numpy gives float64 by default; a float32 model would reject it, so floats follow the model's dtype.
     if isinstance(value, np.ndarray):
+        if not (np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.bool_)):
+            raise DatasetError(
+                f"Input data of dtype {value.dtype} (shape {value.shape}) cannot be a torch tensor; a torch model takes "
+                f"numbers (the model computes in {str(dtype).replace('torch.', '')}). Pass numeric arrays, e.g. "
+                "x.astype(np.float32), or tokenize text before calibration."
+            )
         tensor = torch.from_numpy(np.ascontiguousarray(value))
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
     if isinstance(value, torch.Tensor):
