@@ -45,7 +45,8 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x_fit, y_fit, x_test, y_test
 
 
-def cnn() -> keras.Model:
+def cnn(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)  # the weights are created here, with the model
     return keras.Sequential([
         keras.Input((8, 8, 1)),
         keras.layers.Conv2D(32, 3, padding="same", name="conv1"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
@@ -55,7 +56,8 @@ def cnn() -> keras.Model:
     ])
 
 
-def student_net() -> keras.Model:
+def student_net(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
     return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(24, activation="relu"),
                              keras.layers.Dense(10)])
 
@@ -73,6 +75,7 @@ def accuracy(model: Any, data: tuple) -> float:
 
 
 def copy_of(model: keras.Model) -> keras.Model:
+    keras.utils.set_random_seed(0)
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     return clone
@@ -132,11 +135,9 @@ def distillation(rows: list[dict[str, Any]], seeds: int) -> None:
     rows.append({"study": "distill", "variant": "teacher (CNN)", "accuracy": accuracy(teacher, data)})
     results: dict[str, list[float]] = {"alone": [], "distilled": []}
     for seed in range(seeds):
-        keras.utils.set_random_seed(100 + seed)
-        alone = fit(student_net(), 3e-3, data, 15, seed=seed)
+        alone = fit(student_net(100 + seed), 3e-3, data, 15, seed=seed)
         results["alone"].append(accuracy(alone, data))
-        keras.utils.set_random_seed(100 + seed)
-        student = student_net()
+        student = student_net(100 + seed)
         distiller = inc_tf.Distiller(student, teacher, inc.DistillConfig(temperature=4.0, loss_weights=(0.5, 0.5)))
         distiller.compile(optimizer=keras.optimizers.Adam(3e-3))
         distiller.fit(data[0], data[1], batch_size=BATCH, epochs=15, verbose=0)
