@@ -39,6 +39,7 @@ import inc_core as inc
 import inc_torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _compress_report import distill_markdown, distill_rows  # noqa: E402
 from _machine import cpu_flags, cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -306,9 +307,7 @@ def distillation(rows: list[dict[str, Any]], seeds: int) -> None:
                 kd = inc_torch.DistillationLoss(teacher, inc.DistillConfig(temperature=4.0, loss_weights=(0.5, 0.5)))
             fit(student, optimizer, data, 15, seed=seed, loss_fn=kd)
             results[variant].append(accuracy(student, data))
-    for variant, accs in results.items():
-        rows.append({"study": "distill", "variant": f"student MLP (64-24-10), {variant}", "accuracy": float(np.mean(accs)),
-                     "std": float(np.std(accs)), "per_seed": accs})
+    rows.extend(distill_rows(results))
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -335,17 +334,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
               "| variant | mean cosine | sparsity |", "| --- | ---: | ---: |"]
     for r in (r for r in rows if r["study"] == "minilm"):
         lines.append(f"| {r['variant']} | {r['cosine']:.4f} | {r['sparsity']:.2%} |")
-    lines += ["", "## Distillation on digits", "", "| variant | test accuracy (mean ± std over seeds) | per seed |", "| --- | ---: | --- |"]
-    for r in (r for r in rows if r["study"] == "distill"):
-        std = f" ± {r['std']:.4f}" if "std" in r else ""
-        seeds = ", ".join(f"{a:.4f}" for a in r.get("per_seed", []))
-        lines.append(f"| {r['variant']} | {r['accuracy']:.4f}{std} | {seeds} |")
-    distill = {r["variant"].rsplit(", ", 1)[-1]: r for r in rows if r["study"] == "distill" and "std" in r}
-    if distill:
-        gain = distill["distilled"]["accuracy"] - distill["alone"]["accuracy"]
-        spread = max(distill["distilled"]["std"], distill["alone"]["std"])
-        verdict = "helped" if gain > spread else "did not help beyond the seed spread" if gain > -spread else "hurt"
-        lines += ["", f"Distillation {verdict}: {gain:+.4f} mean accuracy (largest seed std {spread:.4f})."]
+    lines += ["", "## Distillation on digits", "", *distill_markdown(rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,7 @@ import inc_core as inc  # noqa: E402
 import inc_tf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _compress_report import distill_markdown, distill_rows  # noqa: E402
 from _machine import cpu_flags, cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -142,9 +143,7 @@ def distillation(rows: list[dict[str, Any]], seeds: int) -> None:
         distiller.compile(optimizer=keras.optimizers.Adam(3e-3))
         distiller.fit(data[0], data[1], batch_size=BATCH, epochs=15, verbose=0)
         results["distilled"].append(accuracy(student, data))
-    for variant, accs in results.items():
-        rows.append({"study": "distill", "variant": f"student MLP (64-24-10), {variant}", "accuracy": float(np.mean(accs)),
-                     "std": float(np.std(accs)), "per_seed": accs})
+    rows.extend(distill_rows(results))
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -164,17 +163,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         zeros = f"{r['zeros_fp32']:,} / {r['zeros_int8']:,}" if "zeros_fp32" in r else ""
         lines.append(f"| {r['variant']} | {r['accuracy']:.4f} | {vs} | {r['sparsity']:.2%} | {zeros} |")
     lines += ["", "The int8 count can exceed the float count: weights that round to 0 in int8 are zeros too.", "",
-              "## Distillation on digits (inc_tf.Distiller)", "",
-              "| variant | test accuracy (mean ± std over seeds) | per seed |", "| --- | ---: | --- |"]
-    for r in (r for r in rows if r["study"] == "distill"):
-        std = f" ± {r['std']:.4f}" if "std" in r else ""
-        lines.append(f"| {r['variant']} | {r['accuracy']:.4f}{std} | {', '.join(f'{a:.4f}' for a in r.get('per_seed', []))} |")
-    distill = {r["variant"].rsplit(", ", 1)[-1]: r for r in rows if r["study"] == "distill" and "std" in r}
-    if distill:
-        gain = distill["distilled"]["accuracy"] - distill["alone"]["accuracy"]
-        spread = max(distill["distilled"]["std"], distill["alone"]["std"])
-        verdict = "helped" if gain > spread else "did not help beyond the seed spread" if gain > -spread else "hurt"
-        lines += ["", f"Distillation {verdict}: {gain:+.4f} mean accuracy (largest seed std {spread:.4f})."]
+              "## Distillation on digits (inc_tf.Distiller)", "", *distill_markdown(rows)]
     return "\n".join(lines) + "\n"
 
 
