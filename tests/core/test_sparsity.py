@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import inc_core as inc
 from inc_core import PruneConfig
 from inc_core.errors import ConfigError
 from inc_core.sparsity import (
@@ -497,3 +498,17 @@ def test_pruner_validates_layers() -> None:
     pruner = Pruner(PruneConfig(schedule="oneshot"), {"fc": (2, 2)})
     with pytest.raises(ConfigError, match=r"missing \['fc'\], unexpected \['fc2'\]"):
         pruner.step(0, {"fc2": np.ones((2, 2))})
+
+
+def test_select_layers_applies_include_types_and_exclude_with_one_set_of_messages() -> None:
+    from inc_core.sparsity import select_layers
+
+    ops = [inc.Op("fc1", "Linear"), inc.Op("fc2", "Linear"), inc.Op("conv", "Conv2d")]
+    config = inc.PruneConfig(exclude=inc.LayerFilter(names=("fc2",)))
+    assert select_layers(ops, config, model_types=["Linear", "Conv2d"], model="Net") == ["fc1", "conv"]
+    with pytest.raises(ConfigError, match=r"include_types \['Dense'\] match no prunable layer of Net; .*\['Conv2d', 'Linear'\]"):
+        select_layers(ops, inc.PruneConfig(include_types=("Dense",)), model_types=["Linear", "Conv2d"], model="Net")
+    with pytest.raises(ConfigError, match="fc3.*match no op"):
+        select_layers(ops, inc.PruneConfig(exclude=inc.LayerFilter(names=("fc3",))), model_types=[], model="Net")
+    with pytest.raises(ConfigError, match="no layer left to prune in Net"):
+        select_layers(ops, inc.PruneConfig(exclude=inc.LayerFilter(types=("Linear", "Conv2d"))), model_types=[], model="Net")

@@ -285,7 +285,7 @@ def test_callback_without_a_compiled_optimizer() -> None:
 def test_include_types_that_are_not_prunable_or_absent() -> None:
     with pytest.raises(ConfigError, match=r"\['Embedding'\] are not prunable"):
         fit(dense(), make_optimizer("adam"), 1, [inc_tf.PruningCallback(inc.PruneConfig(include_types=("Embedding",)))])
-    with pytest.raises(ConfigError, match=r"\['Conv2D'\] match no layer"):
+    with pytest.raises(ConfigError, match=r"\['Conv2D'\] match no prunable layer"):
         fit(dense(), make_optimizer("adam"), 1, [inc_tf.PruningCallback(inc.PruneConfig(include_types=("Conv2D",)))])
 
 

@@ -257,7 +257,7 @@ def _untouched(model: nn.Module, before: dict, optimizer: torch.optim.Optimizer)
     ("config", "message"),
     [
         (inc.PruneConfig(exclude=inc.LayerFilter(names=("fc9",))), r"fc9.*match no op"),
-        (inc.PruneConfig(include_types=("Conv2d",)), r"include_types \['Conv2d'\] match no layer"),
+        (inc.PruneConfig(include_types=("Conv2d",)), r"include_types \['Conv2d'\] match no prunable layer"),
         (inc.PruneConfig(pattern="4x1"), r"Layer 'fc3'.*shape \(10, 256\)"),
         (inc.PruneConfig(pattern="2:3"), r"Layer 'fc1'.*multiple of 3"),
     ],

@@ -40,6 +40,7 @@ from inc_core.sparsity._patterns import (
 from inc_core.sparsity._pruner import Pruner
 from inc_core.sparsity._report import LayerSparsity, SparsityReport
 from inc_core.sparsity._schedule import Schedule, should_update, sparsity_at
+from inc_core.sparsity._select import select_layers
 
 __all__ = [
     "CHANNEL_NORMS",
@@ -64,6 +65,7 @@ __all__ = [
     "from_matrix",
     "make_criterion",
     "parse_pattern",
+    "select_layers",
     "should_update",
     "sparsity_at",
     "sparsity_of",

@@ -16,6 +16,7 @@ import numpy as np
 from inc_core import Op
 from inc_core._prune_config import PruneConfig
 from inc_core.errors import ConfigError, UnsupportedModelError
+from inc_core.sparsity import select_layers
 
 __all__ = ["PRUNABLE_TYPES", "PrunableKernel", "prunable_kernels"]
 
@@ -135,20 +136,8 @@ def prunable_kernels(model: keras.Model, config: PruneConfig, *, who: str = "Pru
         shape = tuple(int(s) for s in variable.shape)
         perm, core_shape = _layout(layer, op_type, shape)
         candidates.append(PrunableKernel(name, op_type, variable, perm, core_shape))
-    if config.include_types:
-        found = {k.op_type for k in candidates}
-        missing = [t for t in config.include_types if t not in found]
-        if missing:
-            types = sorted({type(layer).__name__ for layer in _layers(model)})
-            raise ConfigError(
-                f"PruneConfig: include_types {missing} match no layer of {model.name!r}; its layer types are {types}."
-            )
     ops = [Op(k.name, k.op_type) for k in candidates]
-    excluded = set(config.exclude.select(ops)) if config.exclude else set()
-    kernels = [k for k in candidates if k.name not in excluded]
-    if not kernels:
-        raise ConfigError(
-            f"{who}: no layer left to prune in {model.name!r} (candidates: {[op.name for op in ops]}, excluded: "
-            f"{sorted(excluded)}). Prune {list(PRUNABLE_TYPES)} layers and exclude fewer."
-        )
+    types = [type(layer).__name__ for layer in _layers(model)]
+    selected = set(select_layers(ops, config, model_types=types, model=repr(model.name)))
+    kernels = [k for k in candidates if k.name in selected]
     return kernels

@@ -9,7 +9,7 @@ from torch import nn
 
 from inc_core import Op
 from inc_core._prune_config import PruneConfig
-from inc_core.errors import ConfigError
+from inc_core.sparsity import select_layers
 
 __all__ = ["PrunableLayer", "prunable_layers"]
 
@@ -55,7 +55,8 @@ def prunable_layers(model: nn.Module, config: PruneConfig) -> list[PrunableLayer
     """The layers ``config`` prunes: modules owning a ``weight`` of rank >= 2, filtered by ``include_types``/``exclude``.
 
     Raises:
-        ConfigError: ``include_types`` or ``exclude`` name nothing in the model, or nothing is left to prune.
+        ConfigError: ``include_types`` or ``exclude`` name nothing in the model, or nothing is left to prune
+            (:func:`inc_core.sparsity.select_layers`).
     """
     candidates: list[PrunableLayer] = []
     for name, module in model.named_modules():
@@ -69,21 +70,7 @@ def prunable_layers(model: nn.Module, config: PruneConfig) -> list[PrunableLayer
         elif isinstance(module, _SKIPPED_BY_DEFAULT):
             continue
         candidates.append(PrunableLayer(name, op_type, weight, _is_transposed(module)))
-    if config.include_types:
-        found = {layer.op_type for layer in candidates}
-        missing = [t for t in config.include_types if t not in found]
-        if missing:
-            types = sorted({type(m).__name__ for n, m in model.named_modules() if n})
-            raise ConfigError(
-                f"PruneConfig: include_types {missing} match no layer with a weight of rank >= 2; "
-                f"the model's module types are {types}."
-            )
     ops = [Op(layer.name, layer.op_type) for layer in candidates]
-    excluded = set(config.exclude.select(ops)) if config.exclude else set()
-    layers = [layer for layer in candidates if layer.name not in excluded]
-    if not layers:
-        raise ConfigError(
-            f"prepare: no layer left to prune in {type(model).__name__} (candidates: {[op.name for op in ops]}, "
-            f"excluded: {sorted(excluded)}). Prune layers with a weight of rank >= 2 (Linear, Conv) and exclude fewer."
-        )
-    return layers
+    types = [type(m).__name__ for n, m in model.named_modules() if n]
+    selected = set(select_layers(ops, config, model_types=types, model=type(model).__name__))
+    return [layer for layer in candidates if layer.name in selected]
