@@ -415,3 +415,15 @@ def test_state_dict_round_trips_through_json() -> None:
         observer_from_state(broken)
     with pytest.raises(ConfigError, match=r"got kind='fancy'"):
         observer_from_state({"kind": "fancy"})
+
+
+def test_check_finite_activation_names_tensor_and_batch() -> None:
+    from inc_core.calibration import check_finite_activation
+    from inc_core.errors import CalibrationError
+
+    check_finite_activation("relu", np.ones((2, 3), np.float32), 0)  # finite: nothing happens
+    check_finite_activation("ids", np.array([1, 2], np.int64), 0)  # integer tensors are not ranges' business
+    with pytest.raises(CalibrationError, match="'mask' holds Inf at calibration batch 3"):
+        check_finite_activation("mask", np.array([0.0, -np.inf], np.float32), 3)
+    with pytest.raises(CalibrationError, match="'x' holds NaN at calibration batch 0.*numerics"):
+        check_finite_activation("x", np.array([np.nan, np.inf]), 0)

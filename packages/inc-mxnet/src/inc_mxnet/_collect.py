@@ -16,8 +16,8 @@ import mxnet as mx
 import numpy as np
 
 from inc_core import Dataset
-from inc_core.calibration import HistogramObserver
-from inc_core.errors import CalibrationError, DatasetError
+from inc_core.calibration import HistogramObserver, check_finite_activation
+from inc_core.errors import DatasetError
 from inc_mxnet._blocks import symbol_block, to_ndarrays
 from inc_mxnet._graph import Prepared
 
@@ -94,13 +94,7 @@ def collect(prepared: Prepared, dataset: Dataset, *, samples: int) -> MxnetCalib
             for name, value in zip(tensors, outputs):
                 if not np.issubdtype(value.dtype, np.floating):
                     continue
-                if not np.all(np.isfinite(value)):
-                    kind = "NaN" if np.isnan(value).any() else "Inf"
-                    raise CalibrationError(
-                        f"Activation {name!r} holds {kind} at calibration batch {index}; quantization ranges would "
-                        "be meaningless. Check the calibration data (NaN/Inf or unnormalized inputs) and the "
-                        "block's numerics (e.g. log or division of zero) on this batch."
-                    )
+                check_finite_activation(name, value, index)
                 observers.setdefault(name, HistogramObserver(name=name)).update(value)
             size = int(arrays[0].shape[0])
             seen += size

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from inc_core import Dataset
-from inc_core.calibration import HistogramObserver
+from inc_core.calibration import HistogramObserver, check_finite_activation
 from inc_core.errors import CalibrationError, DatasetError
 from inc_onnx._feeds import to_feeds
 from inc_onnx._preprocess import Prepared
@@ -120,13 +120,7 @@ def collect(prepared: Prepared, dataset: Dataset, tensors: list[str], *, samples
                     f"The model's inputs are {', '.join(s.describe() for s in prepared.inputs)}."
                 ) from exc
             for name, value in zip(tensors, outputs):
-                if not np.all(np.isfinite(value)):
-                    kind = "NaN" if np.isnan(value).any() else "Inf"
-                    raise CalibrationError(
-                        f"Activation {name!r} holds {kind} at calibration batch {index}; quantization ranges "
-                        "would be meaningless. Check the calibration data (NaN/Inf or unnormalized inputs) and "
-                        "the model's numerics (e.g. log or division of zero) on this batch."
-                    )
+                check_finite_activation(name, value, index)
                 observers[name].update(value)
             if first is None:
                 first = feeds

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from inc_core import Dataset
-from inc_core.calibration import HistogramObserver
+from inc_core.calibration import HistogramObserver, check_finite_activation
 from inc_core.errors import CalibrationError, DatasetError
 from inc_tf._convert import calibrated_flatbuffer
 from inc_tf._flatbuffer import OpRecord, op_records, ranged_tensors
@@ -93,13 +93,7 @@ def collect(graph: KerasGraph, dataset: Dataset, *, samples: int, model_id: int 
                 ) from exc
             for tensor, name in checked.items():
                 value = interp.get_tensor(tensor)
-                if not np.all(np.isfinite(value)):
-                    kind = "NaN" if np.isnan(value).any() else "Inf"
-                    raise CalibrationError(
-                        f"Activation {name!r} holds {kind} at calibration batch {index}; quantization "
-                        "ranges would be meaningless. Check the calibration data (NaN/Inf or unnormalized inputs) "
-                        "and the model's numerics (log or division of zero) on this batch."
-                    )
+                check_finite_activation(name, value, index)
                 if tensor in observers:
                     observers[tensor].update(value)
             size = int(batch[0].shape[0]) if batch[0].ndim else 1

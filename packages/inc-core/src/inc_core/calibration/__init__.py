@@ -17,6 +17,7 @@ This is the single numpy definition of the math every backend uses and tests aga
 
 from __future__ import annotations
 
+from inc_core.calibration._common import check_finite_activation
 from inc_core.calibration._histogram import HistogramObserver
 from inc_core.calibration._minmax import MinMaxObserver
 from inc_core.calibration._observers import (
@@ -44,6 +45,7 @@ __all__ = [
     "Observer",
     "PercentileObserver",
     "QParams",
+    "check_finite_activation",
     "compute_qparams",
     "dequantize",
     "fake_quantize",

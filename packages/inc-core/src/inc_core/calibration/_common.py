@@ -91,3 +91,19 @@ def normalize_axis(owner: str, axis: int, ndim: int, what: str, error: type[Exce
             "(the channel axis of the tensor)."
         )
     return axis % ndim
+
+
+def check_finite_activation(name: str, value: npt.NDArray[Any], batch: int) -> None:
+    """Raise CalibrationError naming the tensor and the batch when a floating activation holds NaN or Inf.
+
+    Backends call it on each activation they read during calibration, before feeding observers, so the
+    message names the calibration batch to look at (an observer alone cannot know it).
+    """
+    if not np.issubdtype(value.dtype, np.floating) or np.all(np.isfinite(value)):
+        return
+    kind = "NaN" if np.isnan(value).any() else "Inf"
+    raise CalibrationError(
+        f"Activation {name!r} holds {kind} at calibration batch {batch}; quantization ranges would be meaningless. "
+        "Check the calibration data (NaN/Inf or unnormalized inputs) and the model's numerics (e.g. log or division "
+        "of zero) on this batch."
+    )
