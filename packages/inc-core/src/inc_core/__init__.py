@@ -17,6 +17,7 @@ from inc_core._layer_filter import LayerFilter
 from inc_core._prune_config import PruneConfig
 from inc_core._quant_config import CALIBRATIONS, QATConfig, QuantConfig
 from inc_core._registry import get_backend, installed_backends, register_backend, resolve_backend
+from inc_core._smooth_quant_config import SmoothQuant
 from inc_core._tuning_config import TuningConfig
 from inc_core.backend import Backend, Op, TuningSpace
 from inc_core.tuning import Trial, TuningResult, autotune
@@ -38,6 +39,7 @@ __all__ = [
     "PruneConfig",
     "QATConfig",
     "QuantConfig",
+    "SmoothQuant",
     "Trial",
     "TuningConfig",
     "TuningResult",

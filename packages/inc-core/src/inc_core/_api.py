@@ -57,6 +57,7 @@ def quantize(
         raise ConfigError(f"quantize: config must be an inc.QuantConfig, got {type(config).__name__}.")
     impl = resolve_backend(model, backend)
     impl.check_format(config.format)
+    impl.check_smooth_quant(config)
     space = impl.describe(model, config)
     config.exclude.select(space.ops)  # validates names/patterns before calibration work starts
     calibration = None

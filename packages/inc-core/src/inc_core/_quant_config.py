@@ -9,6 +9,7 @@ from typing import Any
 from inc_core._checks import check_choice, check_int
 from inc_core._layer_filter import LayerFilter
 from inc_core._serde import SerializableConfig
+from inc_core._smooth_quant_config import SmoothQuant
 from inc_core.errors import ConfigError
 
 __all__ = ["QuantConfig", "QATConfig", "APPROACHES", "CALIBRATIONS", "GRANULARITIES", "SCHEMES", "DTYPES"]
@@ -62,6 +63,21 @@ def _check_int8_recipe(owner: str, config: Any) -> None:
         raise ConfigError(f"{owner}: format must be a non-empty string, got {config.format!r}.")
 
 
+def _check_smooth_quant(owner: str, config: QuantConfig) -> None:
+    if config.smooth_quant is None:
+        return
+    if not isinstance(config.smooth_quant, SmoothQuant):
+        raise ConfigError(
+            f"{owner}: smooth_quant must be an inc.SmoothQuant(alpha=...) or None, got {config.smooth_quant!r}."
+        )
+    if config.approach != "static":
+        # The scales come from calibration maxima, which dynamic quantization never collects.
+        raise ConfigError(
+            f"{owner}: smooth_quant needs approach='static' (its scales come from calibration data), got "
+            f"approach={config.approach!r}. Use approach='static' with a dataset, or smooth_quant=None."
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantConfig(SerializableConfig):
     """One post-training quantization recipe.
@@ -83,6 +99,8 @@ class QuantConfig(SerializableConfig):
             ``{"MatMul": {"calibration": "percentile"}}``. Names win over types.
         format: backend-specific output format (``"qdq"``/``"qoperator"`` for ONNX, ``"pt2e"``/``"fx"``
             for torch); ``"default"`` lets the backend choose its fastest format.
+        smooth_quant: an :class:`inc.SmoothQuant` to migrate activation outliers into the weights before
+            static quantization; ``None`` (default) leaves the model's scales alone.
     """
 
     approach: str = "static"
@@ -96,6 +114,7 @@ class QuantConfig(SerializableConfig):
     exclude: LayerFilter = field(default_factory=LayerFilter)
     overrides: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     format: str = "default"
+    smooth_quant: SmoothQuant | None = None
 
     def __post_init__(self) -> None:
         owner = "QuantConfig"
@@ -108,6 +127,7 @@ class QuantConfig(SerializableConfig):
         ):
             raise ConfigError(f"{owner}: percentile must be in (50, 100], got {self.percentile!r}.")
         object.__setattr__(self, "overrides", _frozen_overrides(owner, self.overrides))
+        _check_smooth_quant(owner, self)
 
     def setting(self, op_name: str, op_type: str, key: str) -> str:
         """The effective value of an overridable setting for one op (name override > type override > global)."""

@@ -10,6 +10,7 @@ from typing import Any
 from inc_core._checks import check_choice, check_float, check_int
 from inc_core._quant_config import OVERRIDABLE, QuantConfig
 from inc_core._serde import SerializableConfig
+from inc_core.calibration._smooth_quant import check_alpha
 from inc_core.errors import ConfigError
 
 __all__ = ["TuningConfig", "STRATEGIES", "LOSS_TYPES", "EXECUTORS"]
@@ -40,6 +41,10 @@ class TuningConfig(SerializableConfig):
         executor: ``"sequential"`` (one trial at a time, in this process) or ``"ray"`` (trials as Ray
             tasks on a cluster; needs ``pip install inc-core[ray]``). For more control pass an
             executor object to ``autotune(..., executor=...)`` instead.
+        smooth_quant_alphas: SmoothQuant alphas a strategy may try (model-wide, as one more tunable
+            setting next to the op types', with "off" as the other choice), e.g. ``(0.5,)`` or
+            ``(0.5, 0.75)``; ``()`` (default): the base config's ``smooth_quant`` is kept. Static only,
+            on backends that implement SmoothQuant (onnx, torch).
         workers: with ``executor="ray"``, how many trials run at once (``None``: one per CPU of the
             cluster). The result does not depend on it for the basic, mse, exhaustive, conservative
             and random strategies; bayesian proposes ``workers`` configs per batch.
@@ -61,6 +66,7 @@ class TuningConfig(SerializableConfig):
     executor: str = "sequential"
     workers: int | None = None
     address: str | None = None
+    smooth_quant_alphas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         owner = "TuningConfig"
@@ -90,6 +96,24 @@ class TuningConfig(SerializableConfig):
         if self.search_space is not None:
             object.__setattr__(self, "search_space", self._clean_space(self.search_space))
         self._check_executor()
+        self._check_smooth_quant_alphas()
+
+    def _check_smooth_quant_alphas(self) -> None:
+        owner = "TuningConfig"
+        alphas = self.smooth_quant_alphas
+        if isinstance(alphas, (str, bytes)) or not isinstance(alphas, (list, tuple)):
+            raise ConfigError(
+                f"{owner}: smooth_quant_alphas must be a tuple of alphas in [0, 1], e.g. (0.5,), got {alphas!r}."
+            )
+        clean = tuple(check_alpha(f"{owner}.smooth_quant_alphas", a) for a in alphas)
+        if len(set(clean)) != len(clean):
+            raise ConfigError(f"{owner}: smooth_quant_alphas lists an alpha twice: {list(clean)}.")
+        if clean and self.base.approach != "static":
+            raise ConfigError(
+                f"{owner}: smooth_quant_alphas={list(clean)} needs base.approach='static' (SmoothQuant scales come "
+                f"from calibration data), got {self.base.approach!r}. Use a static base, or smooth_quant_alphas=()."
+            )
+        object.__setattr__(self, "smooth_quant_alphas", clean)
 
     def _check_executor(self) -> None:
         owner = "TuningConfig"

@@ -82,11 +82,14 @@ class Backend(abc.ABC):
         name: the backend's canonical name (``"onnx"``).
         package: the pip distribution that provides it (``"inc-onnx"``).
         formats: output formats ``QuantConfig.format`` may name; the first is what ``"default"`` means.
+        supports_smooth_quant: whether :meth:`calibrate` and :meth:`quantize` honour
+            ``QuantConfig.smooth_quant``; the core refuses a SmoothQuant config for a backend without it.
     """
 
     name: ClassVar[str]
     package: ClassVar[str]
     formats: ClassVar[tuple[str, ...]] = ("default",)
+    supports_smooth_quant: ClassVar[bool] = False
 
     # --- model handling -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -106,6 +109,10 @@ class Backend(abc.ABC):
         answer ranges for every calibration method in :data:`inc_core.CALIBRATIONS`, so a trial that changes
         only the method or the fallback set never re-runs the model over the data. At most
         ``config.calib_samples`` samples are read. Called only for ``approach="static"``.
+
+        With ``config.smooth_quant`` set (backends with :attr:`supports_smooth_quant`), the result is the
+        calibration of the SmoothQuant-rescaled model for that alpha, and :meth:`quantize` accepts it only
+        for configs with the same ``smooth_quant``; the core calibrates once per distinct ``smooth_quant``.
         """
 
     @abc.abstractmethod
@@ -154,6 +161,14 @@ class Backend(abc.ABC):
     def version(self) -> str:
         """Version string shown by ``inc backends`` (the plugin and its framework)."""
         return "unknown"
+
+    def check_smooth_quant(self, config: QuantConfig) -> None:
+        """Raise ConfigError when ``config`` asks for SmoothQuant and this backend does not implement it."""
+        if config.smooth_quant is not None and not self.supports_smooth_quant:
+            raise ConfigError(
+                f"QuantConfig: smooth_quant={config.smooth_quant!r} is not implemented by the {self.name} backend "
+                "(SmoothQuant is available on the onnx and torch backends); set smooth_quant=None."
+            )
 
     def check_format(self, config_format: str) -> str:
         """Resolve ``QuantConfig.format`` to a concrete format of this backend, or raise ConfigError."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -92,6 +93,12 @@ def autotune(
     impl = resolve_backend(model, backend)
     base = config.base
     impl.check_format(base.format)
+    impl.check_smooth_quant(base)
+    if config.smooth_quant_alphas and not impl.supports_smooth_quant:
+        raise ConfigError(
+            f"autotune: smooth_quant_alphas={list(config.smooth_quant_alphas)} but the {impl.name} backend does not "
+            "implement SmoothQuant (the onnx and torch backends do); set smooth_quant_alphas=()."
+        )
     described = impl.describe(model, base)
     base.exclude.select(described.ops)  # a typo in exclude names fails here, before any work
     if not described.ops:
@@ -99,7 +106,7 @@ def autotune(
             f"autotune: the {impl.name} backend found no quantizable op in the model (approach={base.approach!r}); "
             "there is nothing to tune. Check the model, or try the other approach."
         )
-    space = SearchSpace(base, described.restricted(config.search_space))
+    space = SearchSpace(base, described.restricted(config.search_space), config.smooth_quant_alphas)
     if not space.quantized:
         raise ConfigError(
             f"autotune: config.base.exclude keeps every op of the model in FP32 ({list(described.names)}); "
@@ -151,37 +158,65 @@ def _fingerprint(impl: Backend, space: TuningSpace) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
+def smooth_quant_key(config: QuantConfig) -> str:
+    """Which calibration a config needs: SmoothQuant rescales the model, so each alpha has its own."""
+    return "off" if config.smooth_quant is None else repr(config.smooth_quant.alpha)
+
+
 class _Calibration:
-    """Runs ``Backend.calibrate`` at most once, when a static trial first needs it."""
+    """Runs ``Backend.calibrate`` at most once per SmoothQuant setting, when a static trial first needs it.
+
+    The base config's calibration failing ends the run (no trial could produce a model). A SmoothQuant
+    calibration failing is kept as the exception: the trials that need it fail with its cause, and the
+    search goes on without SmoothQuant.
+    """
 
     def __init__(self, impl: Backend, model: Any, data: Dataset | None, base: QuantConfig) -> None:
         self._impl, self._model, self._data, self._base = impl, model, data, base
-        self._result: Any = None
-        self._done = False
+        self._results: dict[str, Any] = {}
 
-    def get(self) -> Any:
+    def get(self, config: QuantConfig | None = None) -> Any:
         if self._base.approach != "static":
             return None
-        if not self._done:
-            assert self._data is not None  # _dataset_for requires it for static
-            log.info("calibrating %s on up to %d samples (once for all trials)", self._impl.name, self._base.calib_samples)
-            try:
-                self._result = self._impl.calibrate(self._model, self._data, self._base)
-            except IncError:
+        config = self._base if config is None else config
+        key = smooth_quant_key(config)
+        if key not in self._results:
+            self._results[key] = self._calibrate(config, key)
+        return self._results[key]
+
+    def _calibrate(self, config: QuantConfig, key: str) -> Any:
+        assert self._data is not None  # _dataset_for requires it for static
+        wanted = dataclasses.replace(self._base, smooth_quant=config.smooth_quant)
+        once = "once for all trials" if key == smooth_quant_key(self._base) else f"for smooth_quant alpha={key}"
+        log.info("calibrating %s on up to %d samples (%s)", self._impl.name, self._base.calib_samples, once)
+        try:
+            return self._impl.calibrate(self._model, self._data, wanted)
+        except Exception as exc:
+            if wanted.smooth_quant is not None and wanted.smooth_quant != self._base.smooth_quant:
+                log.warning("SmoothQuant alpha=%s: calibration failed, its trials fail: %s", key, describe_failure(exc))
+                return _FailedCalibration(describe_failure(exc))
+            if isinstance(exc, IncError):
                 raise
-            except Exception as exc:  # every trial needs the calibration: no trial could produce a model
-                raise CalibrationError(
-                    f"autotune: the {self._impl.name} backend failed to calibrate the model ({describe_failure(exc)}). "
-                    "Check that the dataset's batches are inputs the model accepts."
-                ) from exc
-            self._done = True
-        return self._result
+            # every trial needs the calibration: no trial could produce a model
+            raise CalibrationError(
+                f"autotune: the {self._impl.name} backend failed to calibrate the model ({describe_failure(exc)}). "
+                "Check that the dataset's batches are inputs the model accepts."
+            ) from exc
+
+
+@dataclass(frozen=True)
+class _FailedCalibration:
+    """A SmoothQuant calibration that raised: the trials needing it fail with this cause."""
+
+    cause: str
 
 
 def _op_errors(impl: Backend, model: Any, cfg: QuantConfig, calibration: _Calibration, data: Dataset | None) -> Mapping[str, float]:
     if data is None:
         raise DatasetError("autotune: per-op errors need dataset=; pass inc.Dataset(samples).")
-    collected = calibration.get()
+    collected = calibration.get(cfg)
+    if isinstance(collected, _FailedCalibration):
+        raise TuningError(f"the {impl.name} backend could not calibrate for SmoothQuant: {collected.cause}")
     try:
         errors = impl.op_errors(model, cfg, calibration=collected, dataset=data)
     except NotImplementedError as exc:
@@ -220,15 +255,21 @@ class _TrialFn:
     an :class:`~inc_core.errors.EvaluationError` and ends the run.
     """
 
-    def __init__(self, impl: Backend, model: Any, eval_fn: Callable[[Any], Any], calibration: Any, base: QuantConfig) -> None:
-        self.impl, self.model, self.eval_fn, self.calibration, self.base = impl, model, eval_fn, calibration, base
+    def __init__(
+        self, impl: Backend, model: Any, eval_fn: Callable[[Any], Any], calibrations: Mapping[str, Any], base: QuantConfig
+    ) -> None:
+        self.impl, self.model, self.eval_fn, self.base = impl, model, eval_fn, base
+        self.calibrations = dict(calibrations)  # smooth_quant_key -> that setting's calibration
 
     def __call__(self, candidate: tuple[int, QuantConfig]) -> _Outcome:
         trial_id, config = candidate
         start = time.perf_counter()
         change = describe_delta(config_delta(self.base, config))
+        calibration = self.calibrations.get(smooth_quant_key(config))
+        if isinstance(calibration, _FailedCalibration):
+            return _Outcome(None, None, 0.0, f"SmoothQuant calibration failed: {calibration.cause}")
         try:
-            quantized = self.impl.quantize(self.model, config, calibration=self.calibration)
+            quantized = self.impl.quantize(self.model, config, calibration=calibration)
         except Exception as exc:  # a framework's quantizer raising, an unsupported op: a failed trial
             log.debug("trial %d (%s): the %s backend failed", trial_id, change, self.impl.name, exc_info=True)
             return _Outcome(None, None, time.perf_counter() - start, describe_failure(exc))
@@ -309,8 +350,12 @@ class _Run:
         first_id = len(self.history.trials) + 1
         planned = [(first_id + i, c) for i, c in enumerate(list(todo.values())[:budget])]
         fresh = [(i, c) for i, c in planned if self.history.stored(c) is None]
-        if fresh and self.trial_fn is None:
-            self.trial_fn = _TrialFn(self.impl, self.model, self.eval_fn, self.calibration.get(), self.space.base)
+        needed = {smooth_quant_key(c): c for _, c in fresh}
+        if needed and (self.trial_fn is None or not needed.keys() <= self.trial_fn.calibrations.keys()):
+            # A new SmoothQuant setting needs its own calibration: a new trial function (shipped again to workers).
+            known = self.trial_fn.calibrations if self.trial_fn is not None else {}
+            calibrations = {**known, **{key: self.calibration.get(c) for key, c in needed.items() if key not in known}}
+            self.trial_fn = _TrialFn(self.impl, self.model, self.eval_fn, calibrations, self.space.base)
         results: Iterator[_Outcome] = iter(self.executor.map(self.trial_fn, fresh) if self.trial_fn is not None else ())
         try:
             for trial_id, candidate in planned:
@@ -419,7 +464,7 @@ class _Run:
             model = self.kept[1]
         else:  # the chosen trial came from the history file: quantize it again
             try:
-                model = self.impl.quantize(self.model, config, calibration=self.calibration.get())
+                model = self.impl.quantize(self.model, config, calibration=self.calibration.get(config))
             except IncError:
                 raise
             except Exception as exc:

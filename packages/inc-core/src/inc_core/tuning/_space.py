@@ -9,13 +9,19 @@ from typing import Any
 
 from inc_core._layer_filter import LayerFilter
 from inc_core._quant_config import QuantConfig
+from inc_core._smooth_quant_config import SmoothQuant
 from inc_core.backend import Op, TuningSpace
 from inc_core.errors import TuningError
 
-__all__ = ["SearchSpace", "Tunable", "Settings", "config_delta", "describe_delta"]
+__all__ = ["MODEL_WIDE", "SMOOTH_QUANT", "SearchSpace", "Tunable", "Settings", "config_delta", "describe_delta"]
 
 # A point's op-type settings: (op type, setting) -> choice. Missing keys keep the base config's value.
 Settings = Mapping[tuple[str, str], str]
+# The pseudo op type of settings that apply to the whole model, and its SmoothQuant setting, whose
+# choices are "off" or an alpha written as a float ("0.5").
+MODEL_WIDE = "model"
+SMOOTH_QUANT = "smooth_quant"
+OFF = "off"
 
 
 @dataclass(frozen=True)
@@ -46,14 +52,21 @@ class SearchSpace:
     Args:
         base: the user's base config.
         space: the backend's description of the model, already restricted to the user's search space.
+        smooth_quant_alphas: SmoothQuant alphas to try model-wide (``TuningConfig.smooth_quant_alphas``);
+            they become the first tunable (``model.smooth_quant``, with ``"off"``), so strategies that walk
+            the settings try SmoothQuant before per-op-type changes.
     """
 
-    def __init__(self, base: QuantConfig, space: TuningSpace) -> None:
+    def __init__(self, base: QuantConfig, space: TuningSpace, smooth_quant_alphas: tuple[float, ...] = ()) -> None:
         self.base = base
         self.ops: tuple[Op, ...] = tuple(space.ops)
         self.quantized: tuple[str, ...] = tuple(op.name for op in space.ops if not base.exclude.matches(op.name, op.op_type))
         live_types = {op.op_type for op in space.ops if op.name in set(self.quantized)}
         tunables: list[Tunable] = []
+        if smooth_quant_alphas:
+            current = self.current(MODEL_WIDE, SMOOTH_QUANT)
+            choices = tuple(dict.fromkeys((current, OFF, *(repr(float(a)) for a in smooth_quant_alphas))))
+            tunables.append(Tunable(MODEL_WIDE, SMOOTH_QUANT, choices))
         for op_type in space.op_types:
             if op_type not in live_types:
                 continue  # every op of this type stays FP32: its settings change nothing
@@ -85,6 +98,8 @@ class SearchSpace:
 
     def current(self, op_type: str, setting: str) -> str:
         """The base config's value of ``setting`` for ``op_type`` (type override, else the global value)."""
+        if (op_type, setting) == (MODEL_WIDE, SMOOTH_QUANT):
+            return OFF if self.base.smooth_quant is None else repr(self.base.smooth_quant.alpha)
         override = self.base.overrides.get(op_type, {})
         return str(override[setting]) if setting in override else str(getattr(self.base, setting))
 
@@ -99,8 +114,12 @@ class SearchSpace:
             ValueError: a fallback name that is not a quantized op (a strategy bug, not user input).
         """
         overrides: dict[str, dict[str, str]] = {k: dict(v) for k, v in self.base.overrides.items()}
+        smooth_quant = self.base.smooth_quant
         for (op_type, setting), choice in (settings or {}).items():
-            if choice != self.current(op_type, setting):
+            if (op_type, setting) == (MODEL_WIDE, SMOOTH_QUANT):
+                if choice != self.current(op_type, setting):
+                    smooth_quant = None if choice == OFF else SmoothQuant(alpha=float(choice))
+            elif choice != self.current(op_type, setting):
                 overrides.setdefault(op_type, {})[setting] = choice
         wanted = set(fallback)
         unknown = wanted - set(self.quantized)
@@ -108,7 +127,7 @@ class SearchSpace:
             raise TuningError(f"SearchSpace.config: fallback names {sorted(unknown)} are not quantized ops of the model.")
         names = tuple(name for name in self.quantized if name in wanted)  # model order: one JSON per set
         exclude = self.base.exclude.union(LayerFilter(names=names)) if names else self.base.exclude
-        return dataclasses.replace(self.base, overrides=overrides, exclude=exclude)
+        return dataclasses.replace(self.base, overrides=overrides, exclude=exclude, smooth_quant=smooth_quant)
 
 
 def config_delta(base: QuantConfig, config: QuantConfig) -> dict[str, Any]:
@@ -153,7 +172,9 @@ def describe_delta(delta: Mapping[str, Any]) -> str:
     for selector, settings in delta.get("overrides", {}).items():
         parts.extend(f"{selector}.{s}={v}" for s, v in settings.items())
     for key, value in delta.items():
-        if key not in ("overrides", "fallback"):
+        if key == SMOOTH_QUANT:
+            parts.append(f"smooth_quant(alpha={value['alpha']:g})" if isinstance(value, Mapping) else "smooth_quant=off")
+        elif key not in ("overrides", "fallback"):
             parts.append(f"{key}={value}")
     if delta.get("fallback"):
         parts.append("fp32: " + ", ".join(delta["fallback"]))
