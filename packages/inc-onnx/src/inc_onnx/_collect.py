@@ -22,6 +22,7 @@ from inc_core import Dataset
 from inc_core.calibration import HistogramObserver, check_finite_activation
 from inc_core.errors import CalibrationError, DatasetError
 from inc_onnx._feeds import to_feeds
+from inc_onnx._masks import analyse_masks
 from inc_onnx._preprocess import Prepared
 
 __all__ = ["OnnxCalibration", "collect", "tensors_to_observe"]
@@ -54,15 +55,26 @@ class OnnxCalibration:
 
 
 def tensors_to_observe(prepared: Prepared, op_types: Iterable[str]) -> list[str]:
-    """Float activations read or written by nodes of the given types, in first-use order."""
+    """Float activations read or written by nodes of the given types, in first-use order.
+
+    Only nodes that may be quantized count, and only signal tensors: mask arithmetic, masked
+    attention scores (see :mod:`inc_onnx._masks`), parameters and constants are never observed.
+    """
     wanted = set(op_types)
+    masks = analyse_masks(prepared.model)
     initializers = {init.name for init in prepared.model.graph.initializer}
     names: dict[str, None] = {}
     for node in prepared.model.graph.node:
-        if node.op_type not in wanted or node.domain:
+        if node.op_type not in wanted or node.domain or node.name in masks.float_only:
             continue
         for name in (*node.input, *node.output):
-            if name and name not in initializers and name in prepared.float_tensors:
+            if (
+                name
+                and name not in initializers
+                and name in prepared.float_tensors
+                and name in masks.signal
+                and name not in masks.masked
+            ):
                 names[name] = None
     return list(names)
 

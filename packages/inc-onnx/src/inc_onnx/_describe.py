@@ -8,6 +8,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 from inc_core import QuantConfig
 from inc_core.backend import Op, TuningSpace
 from inc_core.errors import UnsupportedModelError
+from inc_onnx._masks import analyse_masks
 
 __all__ = ["FORMATS", "PASS_THROUGH", "WEIGHTED_OPS", "describe_prepared", "nothing_to_quantize", "op_types_for", "weight_axis"]
 
@@ -41,7 +42,8 @@ def describe_prepared(model: onnx.ModelProto, config: QuantConfig, fmt: str, *, 
     whatever type their neighbours give them, and ORT folds a clamp into the QuantizeLinear after it,
     so they are exact in INT8 and excluding them would change nothing. ``exact_ops=True`` lists them
     too (static modes), as the quantizer needs them. In dynamic mode exactly the nodes ORT's dynamic
-    quantizer rewrites are listed.
+    quantizer rewrites are listed. Static modes never list the nodes that build or apply attention
+    masks (see :mod:`inc_onnx._masks`): they stay in float.
     """
     quantizable = set(op_types_for(config.approach, fmt))
     floats = _float_names(model)
@@ -49,11 +51,13 @@ def describe_prepared(model: onnx.ModelProto, config: QuantConfig, fmt: str, *, 
         ops = _dynamic_ops(model, floats)
     else:
         constants = {init.name for init in model.graph.initializer}
+        float_only = analyse_masks(model).float_only
         ops = tuple(
             Op(name=node.name, op_type=node.op_type)
             for node in model.graph.node
             if node.op_type in quantizable
             and not node.domain
+            and node.name not in float_only
             and any(i in floats for i in node.input if i)
             and (exact_ops or not _is_exact_in_int8(node, constants))
         )

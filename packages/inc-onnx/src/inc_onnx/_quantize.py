@@ -29,6 +29,7 @@ from inc_core.calibration import QParams, compute_qparams
 from inc_core.errors import CalibrationError, ConfigError, IncError, UnsupportedModelError
 from inc_onnx._collect import OnnxCalibration
 from inc_onnx._describe import WEIGHTED_OPS, describe_prepared, nothing_to_quantize, op_types_for, weight_axis
+from inc_onnx._masks import analyse_masks
 from inc_onnx._preprocess import Prepared
 from inc_onnx._verify import failed_quantizer_node
 
@@ -135,6 +136,8 @@ def _quantizer(
     # still need ranges, and whose Relu/Clip folding decides a producer's parameters).
     every = describe_prepared(prepared.model, config, fmt, exact_ops=True).ops
     quantized = [op for op in every if op.name not in excluded]
+    # Mask arithmetic is never listed by describe, but ORT is told op types, not nodes: name it here.
+    kept_float = sorted(excluded | analyse_masks(prepared.model).float_only)
     ranges, tensor_overrides = _static_ranges(model, config, fmt, calibration, quantized)
     activation = _QTYPES[config.activation_dtype]
     extra: dict[str, Any] = {"TensorQuantOverrides": tensor_overrides}
@@ -151,11 +154,11 @@ def _quantizer(
     per_channel = config.granularity == "per_channel"
     if fmt == "qdq":
         return QDQQuantizer(
-            model, per_channel, False, QuantType.QInt8, activation, tensors_range, [], sorted(excluded), op_types, extra
+            model, per_channel, False, QuantType.QInt8, activation, tensors_range, [], kept_float, op_types, extra
         )
     return ONNXQuantizer(
         model, per_channel, False, QuantizationMode.QLinearOps, True, QuantType.QInt8, activation,
-        tensors_range, [], sorted(excluded), op_types, extra,
+        tensors_range, [], kept_float, op_types, extra,
     )
 
 

@@ -1,0 +1,125 @@
+"""Which nodes of a graph compute masks rather than activations, and so stay in float.
+
+Transformer graphs carry arithmetic that is not part of the signal path: an attention mask built from
+the integer ``attention_mask`` input (Cast, Sub, Mul by a large negative constant, ``Where(mask, 0,
+-inf)``), relative-position buckets (Cast, Div, Log of integer distances, which holds -inf on the
+diagonal by design), and the scores once such a mask has been added to them, which hold -inf or
+-3.4e38 until the Softmax turns them into probabilities. Quantizing these tensors is meaningless (a
+range that spans -inf, or 3.4e38 wide for values of a few units), so they are neither calibrated nor
+quantized, whatever the calibration data. Everything else, including a real activation that holds
+Inf, goes through calibration and its checks as usual.
+
+The classification is structural, from the graph alone:
+
+- a float tensor is *signal* when it is computed (through float edges) from a float graph input or
+  from a parameter (a float initializer or constant with more than one element: a weight, an
+  embedding table, a bias); integer tensors (token ids, shapes, masks) never carry signal;
+- a float activation that is not signal is *mask arithmetic*: built only from integer inputs, shapes
+  and scalar constants;
+- a scalar float constant that is not finite or whose magnitude reaches :data:`MASK_MAGNITUDE` is a
+  *mask value* (``-inf``, ``finfo.min``, ``-1e4``, ``-65504``);
+- a node that reads mask arithmetic, a mask value, or a *masked* tensor stays in float, and its float
+  outputs are masked in turn, up to a Softmax, whose probabilities are bounded again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["MASK_MAGNITUDE", "MaskAnalysis", "analyse_masks"]
+
+# Magnitude from which a scalar constant is read as a mask value rather than a coefficient. Masks use
+# -1e4 (BERT in fp32 before finfo.min), -65504 (fp16 min), -1e9, finfo.min or -inf; coefficients of
+# activations (GELU's 0.044715, sqrt(2/pi), 1/sqrt(d), LayerNorm's epsilon) are far below it.
+MASK_MAGNITUDE = 1e4
+# Ops whose output is bounded whatever -inf or huge values their input holds.
+_BOUNDED_OUTPUT = frozenset({"Softmax"})
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
+
+
+@dataclass(frozen=True)
+class MaskAnalysis:
+    """The result of :func:`analyse_masks`.
+
+    Attributes:
+        signal: float tensors computed from a float input or a parameter (what calibration may observe).
+        float_only: names of the nodes that compute or apply masks (never quantized).
+        masked: float activations holding mask arithmetic or masked values (never observed).
+    """
+
+    signal: frozenset[str]
+    float_only: frozenset[str]
+    masked: frozenset[str]
+
+
+def analyse_masks(model: onnx.ModelProto) -> MaskAnalysis:
+    """Classify the float tensors and nodes of ``model`` (see the module docstring)."""
+    graph = model.graph
+    elem_types = _elem_types(model)
+    constants = {init.name: init for init in graph.initializer}
+    constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+    signal: set[str] = {i.name for i in graph.input if elem_types.get(i.name) in _FLOAT_TYPES and i.name not in constants}
+    mask_values: set[str] = set()
+    for name, init in constants.items():
+        _classify_constant(name, init, signal, mask_values)
+    for name, node in constant_nodes.items():
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if value is not None:
+            _classify_constant(name, value, signal, mask_values)
+
+    def is_float(name: str) -> bool:
+        return elem_types.get(name) in _FLOAT_TYPES
+
+    masked: set[str] = set()
+    float_only: set[str] = set()
+    for node in graph.node:
+        if node.op_type == "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        float_inputs = [name for name in node.input if name and is_float(name)]
+        float_outputs = [name for name in node.output if name and is_float(name)]
+        if any(name in signal for name in float_inputs):
+            signal.update(float_outputs)
+        # A float activation that is not signal and not a constant: mask arithmetic.
+        reads_mask = any(
+            name in masked or name in mask_values or (name not in signal and name not in constants and name not in constant_nodes)
+            for name in float_inputs
+        )
+        writes_mask = any(name not in signal for name in float_outputs)
+        if reads_mask or writes_mask:
+            float_only.add(node.name)
+            if node.op_type not in _BOUNDED_OUTPUT or not any(name in signal for name in float_inputs):
+                masked.update(float_outputs)
+    return MaskAnalysis(signal=frozenset(signal), float_only=frozenset(float_only), masked=frozenset(masked))
+
+
+def _classify_constant(name: str, tensor: onnx.TensorProto, signal: set[str], mask_values: set[str]) -> None:
+    if tensor.data_type not in _FLOAT_TYPES:
+        return
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    if count > 1:
+        signal.add(name)  # a parameter: its consumers compute signal
+        return
+    value = numpy_helper.to_array(tensor)
+    if not np.all(np.isfinite(value)) or np.any(np.abs(value) >= MASK_MAGNITUDE):
+        mask_values.add(name)
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor whose type is known (inputs, outputs, value_info, constants)."""
+    graph = model.graph
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*graph.input, *graph.value_info, *graph.output)
+        if v.type.HasField("tensor_type")
+    }
+    types.update({init.name: init.data_type for init in graph.initializer})
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                types[node.output[0]] = value.data_type
+    return types
