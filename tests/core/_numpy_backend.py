@@ -219,6 +219,22 @@ class BrokenRunnerBackend(NumpyBackend):
         raise ValueError("runner failed on purpose")
 
 
+class OptionBackend(NumpyBackend):
+    """A backend configured by a constructor option that instance processes must receive through ``options()``."""
+
+    def __init__(self, *, refuse_runs: bool = False) -> None:
+        super().__init__()
+        self.refuse_runs = refuse_runs
+
+    def options(self) -> dict[str, Any]:
+        return {"refuse_runs": self.refuse_runs}
+
+    def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Callable[[], Any]:
+        if self.refuse_runs:
+            raise ModelLoadError("npmat: this backend was configured with refuse_runs=True")
+        return super().runner(model, inputs, threads=threads)
+
+
 class SuffixPerKindBackend(NumpyBackend):
     """Writes quantized models as ``.npq`` and FP32 ones as ``.npf`` and refuses any other name, as the torch
     backend does with ``.pt2``/``.pt``: neither suffix is the backend's key."""

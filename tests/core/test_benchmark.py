@@ -243,6 +243,15 @@ def test_instance_failure_with_an_inc_error_is_raised_in_the_parent(model, batch
 
 
 @can_pin_two
+def test_instances_rebuild_the_backend_with_its_options(model, batch):
+    # Built without its option, the backend would run; the instances must get refuse_runs=True.
+    with pytest.raises(ModelLoadError, match=r"benchmark instance \d failed: .*configured with refuse_runs=True"):
+        benchmark(model, batch, warmup=0, iterations=2, instances=2, cores_per_instance=1, backend=nb.OptionBackend(refuse_runs=True))
+    result = benchmark(model, batch, warmup=0, iterations=2, instances=2, cores_per_instance=1, backend=nb.OptionBackend())
+    assert result.instances == 2
+
+
+@can_pin_two
 def test_instance_failure_with_a_plain_exception_carries_its_traceback(model, batch):
     with pytest.raises(BenchmarkError, match=r"(?s)runner failed on purpose \(ValueError\).*instances=1.*Traceback"):
         benchmark(model, batch, warmup=0, iterations=2, instances=2, backend=nb.BrokenRunnerBackend())

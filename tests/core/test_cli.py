@@ -337,6 +337,8 @@ def test_bench_usage_errors(model_file, tmp_path, capsys):
     np.savez(inputs, x=np.ones((2, 8), dtype=np.float32))
     err = _error(capsys, 2, main(["bench", str(model_file), "--inputs", str(inputs), "--iterations", "0"]))
     assert err.startswith("inc: error: benchmark: iterations must be >= 1, got 0.")
+    err = _error(capsys, 2, main(["bench", str(model_file), "--inputs", str(inputs), "--runtime", "openvino"]))
+    assert err.startswith("inc: error: --runtime: the npmat backend runs models on one runtime only")
 
 
 # --- logging ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 import inc_core as inc
 import inc_onnx
-from inc_core.errors import ConfigError, ModelLoadError
+from inc_core.errors import BackendNotFoundError, ConfigError, ModelLoadError
 
 
 def test_session_options_for_int8():
@@ -54,3 +54,22 @@ def test_backend_identity():
     assert backend.formats == ("qdq", "qoperator") and backend.check_format("default") == "qdq"
     assert "onnxruntime " + ort.__version__ in backend.version()
     assert "onnx" in inc.installed_backends()
+
+
+def test_openvino_runtime_without_openvino_names_the_extra(cnn, digits):
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("OpenVINO is installed here; tests/openvino covers it")
+    with pytest.raises(BackendNotFoundError, match=r"needs the OpenVINO runtime.*pip install 'inc-onnx\[openvino\]'"):
+        inc_onnx.create_session(cnn, runtime="openvino")
+    with pytest.raises(BackendNotFoundError, match=r"inc-onnx\[openvino\]"):
+        inc.benchmark(cnn, digits[1][:2], warmup=0, iterations=1, backend=inc_onnx.OnnxBackend(runtime="openvino"))
+    # "auto", the default, is ONNX Runtime here, without a measurement.
+    assert isinstance(inc_onnx.create_session(cnn, threads=1), ort.InferenceSession)
+    choice = inc_onnx.choose_runtime(cnn, threads=1)
+    assert choice.runtime == "ort" and choice.latency_ms == {} and "not installed" in choice.reason
+    with pytest.raises(ConfigError, match=r"runtime='cuda' is not one of \['auto', 'ort', 'openvino'\]"):
+        inc_onnx.create_session(cnn, runtime="cuda")

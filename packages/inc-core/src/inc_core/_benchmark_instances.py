@@ -115,6 +115,19 @@ def _suffix(impl: Backend, model: Any) -> str:
     return suffix
 
 
+def _options(impl: Backend) -> dict[str, Any]:
+    """The backend's constructor options, checked to travel as JSON to the instance processes."""
+    options = impl.options()
+    try:
+        json.dumps(options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"benchmark: the {impl.name} backend's options() returned {options!r}, which is not JSON ({exc}); "
+            "instance processes rebuild the backend from them. Run with instances=1."
+        ) from exc
+    return dict(options)
+
+
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     # Workers must import what this process can: inc_core itself and the backend's module, even when
@@ -241,6 +254,7 @@ def run_instances(
         base_spec = {
             "backend_key": backend_key,
             "backend_class": class_path,
+            "backend_options": _options(impl),
             "model": str(model_path),
             "inputs": str(tmp / "inputs.npz"),
             "inputs_layout": layout,

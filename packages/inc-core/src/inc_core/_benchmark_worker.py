@@ -39,8 +39,8 @@ def _current_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def _load_backend(key: str, class_path: str) -> Backend:
-    """Import the parent's backend class by path and register it under the parent's key."""
+def _load_backend(key: str, class_path: str, options: dict[str, Any] | None = None) -> Backend:
+    """Import the parent's backend class by path, register it under the parent's key, build it with its options."""
     from inc_core._registry import get_backend, register_backend
 
     module_name, _, qualname = class_path.partition(":")
@@ -54,6 +54,9 @@ def _load_backend(key: str, class_path: str) -> Backend:
             "importable in a fresh Python process (install it, or put it on PYTHONPATH)."
         ) from exc
     register_backend(key, obj)
+    if options:
+        instance: Backend = obj(**options)
+        return instance
     return get_backend(key)
 
 
@@ -62,7 +65,7 @@ def _run(spec: dict[str, Any], channel: IO[str]) -> None:
     from inc_core._benchmark_instances import load_inputs
 
     _pin(spec["cpus"])
-    backend = _load_backend(spec["backend_key"], spec["backend_class"])
+    backend = _load_backend(spec["backend_key"], spec["backend_class"], spec.get("backend_options"))
     model = backend.load(Path(spec["model"]))
     inputs = load_inputs(Path(spec["inputs"]), spec["inputs_layout"])
     fn = backend.runner(model, inputs, threads=int(spec["threads"]))

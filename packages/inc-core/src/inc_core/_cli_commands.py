@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from inc_core._registry import ENTRY_POINT_GROUP, get_backend, installed_backends
-from inc_core.errors import DatasetError, IncError
+from inc_core._registry import ENTRY_POINT_GROUP, get_backend, installed_backends, resolve_backend
+from inc_core.backend import Backend
+from inc_core.errors import ConfigError, DatasetError, IncError
 
 __all__ = ["cmd_backends", "cmd_bench", "format_table", "read_inputs"]
 
@@ -118,6 +119,17 @@ def _bench_rows(result: Any) -> list[list[str]]:
     return rows
 
 
+def _with_runtime(impl: Backend, runtime: str) -> Backend:
+    """The same backend rebuilt with ``runtime=`` (validated by the backend), or a ConfigError if it has no choice."""
+    options = impl.options()
+    if "runtime" not in options:
+        raise ConfigError(
+            f"--runtime: the {impl.name} backend runs models on one runtime only (it takes no runtime option); "
+            "drop --runtime."
+        )
+    return type(impl)(**{**options, "runtime": runtime})
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark a model file and print a throughput/latency table."""
     import inc_core
@@ -128,6 +140,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_output_path(args.json, what="benchmark JSON")
     inputs = read_inputs(args.inputs)
     model = inc_core.load(args.model, backend=args.backend)
+    backend: Any = args.backend
+    if getattr(args, "runtime", None):
+        backend = _with_runtime(resolve_backend(model, args.backend), args.runtime)
     result = benchmark(
         model,
         inputs,
@@ -136,7 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         instances=args.instances,
         cores_per_instance=args.cores_per_instance,
         batch_size=args.batch_size,
-        backend=args.backend,
+        backend=backend,
     )
     cores = result.cores_per_instance if result.cores_per_instance is not None else "default"
     print(

@@ -154,6 +154,15 @@ class Backend(abc.ABC):
         return f".{self.name}"
 
     # --- running --------------------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this backend as configured (JSON values).
+
+        Benchmark instance processes construct the backend class with them, so a backend given as
+        ``backend=SomeBackend(option=...)`` runs with the same options in every instance. The default,
+        ``{}``, suits a backend whose constructor takes no options.
+        """
+        return {}
+
     @abc.abstractmethod
     def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Callable[[], Any]:
         """A zero-argument callable that runs one inference of ``model`` on ``inputs`` (for benchmarks)."""

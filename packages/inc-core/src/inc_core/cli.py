@@ -108,6 +108,10 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], common:
         help="one batch of inputs: .npz of input name -> array (arrays saved positionally are passed in order)",
     )
     p.add_argument("--backend", metavar="NAME", help="backend to use instead of the one found from the suffix")
+    p.add_argument(
+        "--runtime", metavar="NAME",
+        help="runtime the backend runs the model on, for backends that offer a choice (onnx: auto, ort, openvino)",
+    )
     p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed calls per instance (default 10)")
     p.add_argument("--iterations", type=int, default=100, metavar="N", help="timed calls per instance (default 100)")
     p.add_argument("--instances", type=int, default=1, metavar="N", help="concurrent instances (default 1)")

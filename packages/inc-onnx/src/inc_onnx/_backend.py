@@ -18,13 +18,17 @@ from inc_onnx._feeds import to_feeds
 from inc_onnx._int8_ops import int8_op_counts
 from inc_onnx._model_io import as_model_proto, is_onnx_model, save_model
 from inc_onnx._op_errors import op_output_errors
+from inc_onnx._openvino import check_precision
 from inc_onnx._preprocess import _input_specs, prepare
 from inc_onnx._quantize import _stamp, quantize_prepared
+from inc_onnx._runtime import RuntimeChoice, check_runtime, choose_runtime
 from inc_onnx._session import create_session, session_options
 from inc_onnx._smooth_quant import SmoothedCalibration, calibrate_smoothed, unwrap
 from inc_onnx._verify import check_has_int8_ops, check_runs
 
 __all__ = ["OnnxBackend"]
+
+_LABELS = {"ort": "ONNX Runtime", "openvino": "OpenVINO"}
 
 
 class OnnxBackend(Backend):
@@ -40,6 +44,28 @@ class OnnxBackend(Backend):
     package: ClassVar[str] = "inc-onnx"
     formats: ClassVar[tuple[str, ...]] = ("qdq", "qoperator")
     supports_smooth_quant: ClassVar[bool] = True
+
+    def __init__(self, *, runtime: str = "auto", openvino_precision: str = "f32") -> None:
+        """
+        Args:
+            runtime: what runs the model in ``inc.benchmark``: ``"ort"`` (ONNX Runtime's CPU provider),
+                ``"openvino"`` (OpenVINO's CPU plugin, ``pip install 'inc-onnx[openvino]'``) or ``"auto"``
+                (the faster of the two on the benchmark inputs, measured on this CPU; ONNX Runtime when
+                OpenVINO is not installed). Calibration and the checks of quantized models always run on
+                ONNX Runtime. Pass the backend explicitly:
+                ``inc.benchmark(model, x, backend=OnnxBackend(runtime="openvino"))``.
+            openvino_precision: precision of OpenVINO's float ops (see :func:`inc_onnx.create_session`).
+
+        Raises:
+            ConfigError: an unknown runtime or precision.
+        """
+        self.runtime = check_runtime("OnnxBackend", runtime)
+        self.openvino_precision = check_precision("OnnxBackend", openvino_precision)
+        # What "auto" picked in the last runner() (None before, or for a named runtime).
+        self.last_choice: RuntimeChoice | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "openvino_precision": self.openvino_precision}
 
     def accepts(self, model: Any) -> bool:
         return is_onnx_model(model)
@@ -113,17 +139,22 @@ class OnnxBackend(Backend):
         return proto
 
     def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Callable[[], Any]:
-        session = create_session(model, session_options(threads=threads))
         proto = model if isinstance(model, onnx.ModelProto) else as_model_proto(model)
         feeds = to_feeds(inputs, _input_specs(proto), where="benchmark inputs")
+        runtime = self.runtime
+        if runtime == "auto":
+            # Chosen on the benchmark's own inputs and thread count.
+            self.last_choice = choose_runtime(proto, feeds, threads=threads, openvino_precision=self.openvino_precision)
+            runtime = self.last_choice.runtime
+        session = create_session(model, runtime=runtime, threads=threads, openvino_precision=self.openvino_precision)
         names = [o.name for o in session.get_outputs()]
         try:
             # One run now: the timed runs repeat it on the same feeds, so a failure shows here, as inc's error.
             session.run(names, feeds)
-        except Exception as exc:  # ORT's pybind errors carry the reason in their text only
+        except Exception as exc:  # ORT's pybind errors (and the OpenVINO session's DatasetError) carry the reason as text
             text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:400]
             raise DatasetError(
-                f"benchmark inputs: ONNX Runtime could not run the model on them: {text}. The model's inputs are "
+                f"benchmark inputs: {_LABELS[runtime]} could not run the model on them: {text}. The model's inputs are "
                 f"{', '.join(s.describe() for s in _input_specs(proto))}."
             ) from exc
         return lambda: session.run(names, feeds)
@@ -131,11 +162,19 @@ class OnnxBackend(Backend):
     def version(self) -> str:
         from inc_onnx import __version__
 
-        return f"inc-onnx {__version__} (onnx {onnx.__version__}, onnxruntime {ort.__version__})"
+        return f"inc-onnx {__version__} (onnx {onnx.__version__}, onnxruntime {ort.__version__}{_openvino_version()})"
+
+
+def _openvino_version() -> str:
+    try:
+        import openvino
+    except ImportError:
+        return ""
+    return f", openvino {openvino.__version__}"
 
 
 def _check_loads(proto: onnx.ModelProto, path: Path) -> None:
     try:
-        create_session(proto, session_options(threads=1))
+        create_session(proto, session_options(threads=1), runtime="ort")
     except ModelLoadError as exc:
         raise ModelLoadError(f"{str(path)!r}: {exc}") from exc

@@ -1,10 +1,11 @@
-"""ONNX Runtime sessions set up for INT8 inference on CPU."""
+"""Inference sessions for INT8 models on CPU: ONNX Runtime set up for int8, or OpenVINO on the same file."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+import onnx
 import onnxruntime as ort
 
 from inc_core.errors import ConfigError, ModelLoadError
@@ -62,7 +63,7 @@ def session_options(
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[optimization]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads if threads is not None else _cpus()
+    options.intra_op_num_threads = threads if threads is not None else available_cpus()
     options.inter_op_num_threads = 1
     options.log_severity_level = log_severity
     options.add_session_config_entry("session.enable_quant_qdq_cleanup", "1")
@@ -72,21 +73,68 @@ def session_options(
 
 
 def create_session(
-    model: Any, options: ort.SessionOptions | None = None, *, threads: int | None = None
-) -> ort.InferenceSession:
-    """An ``InferenceSession`` on the CPU provider for a ModelProto or .onnx path.
+    model: Any,
+    options: ort.SessionOptions | None = None,
+    *,
+    runtime: str = "auto",
+    threads: int | None = None,
+    openvino_precision: str = "f32",
+) -> Any:
+    """A CPU inference session for a ModelProto or .onnx path, on ONNX Runtime or OpenVINO.
+
+    The model file is the same standard ONNX for both runtimes. ``runtime``:
+
+    - ``"ort"``: an ``onnxruntime.InferenceSession`` on the CPU provider with :func:`session_options`;
+    - ``"openvino"``: an :class:`~inc_onnx.OpenVinoSession`, the model compiled by OpenVINO's CPU plugin with
+      the ``LATENCY`` performance hint and ``threads`` inference threads; it has ORT's ``run(output_names,
+      feeds)``, ``get_inputs()`` and ``get_outputs()``. Needs ``pip install 'inc-onnx[openvino]'``;
+    - ``"auto"`` (the default): the faster of the two on this model and this CPU, measured once per
+      process by :func:`inc_onnx.choose_runtime` (about a second, then cached); ONNX Runtime when OpenVINO
+      is not installed. Given ``options`` (ORT's own), "auto" means ONNX Runtime.
 
     Args:
         model: an ``onnx.ModelProto`` or the path of an ``.onnx`` file.
-        options: session options; default :func:`session_options` with ``threads``.
-        threads: intra-op threads for the default options (``None``: every CPU this process may use).
+        options: ONNX Runtime session options; default :func:`session_options` with ``threads``.
+        runtime: ``"auto"``, ``"ort"`` or ``"openvino"``.
+        threads: intra-op / inference threads (``None``: every CPU this process may use).
+        openvino_precision: precision OpenVINO runs float ops in: ``"f32"`` (the default: outputs as close
+            to ONNX Runtime's as the int8 kernels allow), ``"bf16"``, or ``"default"`` (OpenVINO's own
+            choice, bf16 on CPUs with AVX512-BF16 or AMX).
 
     Raises:
-        ModelLoadError: the model cannot be read or ONNX Runtime cannot load it.
+        ConfigError: an unknown runtime or precision, or ``options`` with runtime="openvino".
+        BackendNotFoundError: runtime="openvino" and OpenVINO is not installed (names the extra to install).
+        ModelLoadError: the model cannot be read or the runtime cannot load it.
     """
+    from inc_onnx._openvino import check_precision, compile_openvino
+    from inc_onnx._runtime import check_runtime, measure
+
+    check_runtime("create_session", runtime)
+    check_precision("create_session", openvino_precision)
     if options is not None and threads is not None:
         raise ConfigError("create_session: pass either options= or threads=, not both (set threads in session_options).")
+    if options is not None and runtime == "openvino":
+        raise ConfigError(
+            "create_session: options= are ONNX Runtime SessionOptions, which OpenVINO does not take; with "
+            "runtime='openvino' pass threads= (and openvino_precision=) instead."
+        )
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"create_session: threads must be an int >= 1 or None, got {threads!r}.")
     proto = as_model_proto(model)
+    if options is not None or runtime == "ort":
+        return ort_session(proto, options, threads=threads)
+    if runtime == "openvino":
+        return compile_openvino(model, proto, threads=threads or available_cpus(), precision=openvino_precision)
+    choice, session = measure(proto, threads=threads, openvino_precision=openvino_precision)
+    if session is not None:
+        return session
+    return create_session(proto, runtime=choice.runtime, threads=threads, openvino_precision=openvino_precision)
+
+
+def ort_session(
+    proto: onnx.ModelProto, options: ort.SessionOptions | None = None, *, threads: int | None = None
+) -> ort.InferenceSession:
+    """An ORT CPU-provider session for a validated ModelProto, or a ModelLoadError."""
     if options is None:
         options = session_options(threads=threads)
     try:
@@ -95,7 +143,8 @@ def create_session(
         raise ModelLoadError(f"ONNX Runtime {ort.__version__} cannot create a session for the model: {exc}") from exc
 
 
-def _cpus() -> int:
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
         return max(len(os.sched_getaffinity(0)), 1)
     return os.cpu_count() or 1
