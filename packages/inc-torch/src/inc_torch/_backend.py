@@ -28,6 +28,7 @@ from inc_torch._ops import (
     tuning_space,
 )
 from inc_torch._serialize import load_model, save_model
+from inc_torch._smooth_quant import SmoothedCalibration, calibrate_smoothed, unwrap
 
 __all__ = ["TorchBackend", "make_runner"]
 
@@ -107,6 +108,7 @@ class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
     package: ClassVar[str] = "inc-torch"
     formats: ClassVar[tuple[str, ...]] = ("pt2e", "fx")
+    supports_smooth_quant: ClassVar[bool] = True
 
     def __init__(self, *, dynamic_activations: str = "auto") -> None:
         self.dynamic_activations = check_dynamic_activations(dynamic_activations)
@@ -133,10 +135,12 @@ class TorchBackend(Backend):
         with framework_errors("Listing the quantizable ops", fmt, model):
             return tuning_space(model, config, fmt)
 
-    def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> TorchCalibration:
+    def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> TorchCalibration | SmoothedCalibration:
         model = _check_model(model)
         fmt, ops = self._ops(model, config)
         with framework_errors(f"Calibration for {_step(fmt, config)}", fmt, model, frozenset(op.name for op in ops)):
+            if config.smooth_quant is not None:
+                return calibrate_smoothed(model, dataset, config, fmt)
             return calibrate(model, dataset, config, fmt)
 
     def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> nn.Module:
@@ -152,6 +156,8 @@ class TorchBackend(Backend):
             dynamic = quantize_dynamic(model, config, ops, inplace=inplace, activations=self.dynamic_activations)
             require_int8_ops(dynamic, config, fmt)
             return dynamic
+        # SmoothQuant: the rescaled copy and its calibration take the place of the user's model.
+        model, calibration = unwrap(model, config, calibration)
         if not isinstance(calibration, TorchCalibration):
             raise CalibrationError(
                 "Static quantization needs calibration statistics: call inc.quantize(model, config, dataset=...) "
@@ -183,6 +189,8 @@ class TorchBackend(Backend):
         model = _check_model(model)
         fmt, ops = self._ops(model, config)
         with framework_errors("Measuring per-op errors", fmt, model, frozenset(op.name for op in ops)):
+            if config.approach == "static" and calibration is not None:
+                model, calibration = unwrap(model, config, calibration)
             return op_errors(model, config, ops, calibration, dataset, activations=self.dynamic_activations)
 
     def save(self, model: Any, path: Path) -> None:

@@ -142,6 +142,7 @@ class IpexBackend(TorchBackend):
     name: ClassVar[str] = "ipex"
     package: ClassVar[str] = "inc-torch[ipex]"
     formats: ClassVar[tuple[str, ...]] = ("torchscript",)
+    supports_smooth_quant: ClassVar[bool] = False  # IPEX prepares its own graph; inc's rescaling is not wired in
 
     def __init__(self, *, dynamic_activations: str = "auto") -> None:
         super().__init__(dynamic_activations=dynamic_activations)
