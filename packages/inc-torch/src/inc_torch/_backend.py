@@ -193,6 +193,12 @@ class TorchBackend(Backend):
                 model, calibration = unwrap(model, config, calibration)
             return op_errors(model, config, ops, calibration, dataset, activations=self.dynamic_activations)
 
+    def int8_op_counts(self, model: Any) -> dict[str, int] | None:
+        """Per op type, the ops of a quantized model that compute on INT8 data (see :mod:`inc_torch._int8_ops`)."""
+        from inc_torch._int8_ops import int8_op_counts
+
+        return int8_op_counts(model)
+
     def save(self, model: Any, path: Path) -> None:
         save_model(model, Path(path))
 

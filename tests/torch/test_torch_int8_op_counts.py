@@ -1,0 +1,111 @@
+"""TorchBackend.int8_op_counts reports the INT8 ops the output model holds, not what was selected.
+
+Each count is checked against what the model really contains (its quantized modules, the int8 weights
+of its graph), on every torch path: FX, PT2E, dynamic, FX QAT, and saved files loaded back; and the
+CLI's summary line reports these counts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch_helpers import calib_data, trained_mlp
+
+import inc_core as inc
+import inc_torch
+from inc_core._cli_quantize import _op_summary
+
+TORCH = inc.get_backend("torch")
+
+
+def _excluding_fc3(fmt: str) -> inc.QuantConfig:
+    return inc.QuantConfig(format=fmt, exclude=inc.LayerFilter(names=("fc3",)))
+
+
+def test_fx_counts_the_quantized_linears_and_not_the_excluded_one() -> None:
+    quantized = inc.quantize(trained_mlp(), _excluding_fc3("fx"), dataset=calib_data())
+    counts = TORCH.int8_op_counts(quantized)
+    linears = [m for m in quantized.modules() if isinstance(m, torch.ao.nn.quantized.Linear)]
+    assert len(linears) == 2  # fc1 and fc2; fc3 stays nn.Linear
+    assert type(quantized.get_submodule("fc3")) is nn.Linear
+    assert counts == {"QuantizedLinear": 2}, counts
+
+
+def test_pt2e_counts_linears_with_int8_weights() -> None:
+    quantized = inc.quantize(trained_mlp(), _excluding_fc3("pt2e"), dataset=calib_data())
+    counts = TORCH.int8_op_counts(quantized)
+    assert counts == {"linear": 2}, counts
+    assert sorted(inc_torch.quantized_ops(quantized)) == ["fc1", "fc2"]
+
+
+class _AttentionAndLinears(nn.Module):
+    """Two Linear layers and a MultiheadAttention, whose out_proj dynamic quantization leaves in float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc1 = nn.Linear(16, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.attention(x, x, x)
+        return self.fc2(torch.relu(self.fc1(y)))
+
+
+def test_dynamic_counts_exclude_layers_it_does_not_swap() -> None:
+    torch.manual_seed(0)
+    model = _AttentionAndLinears().eval()
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    dynamic = [m for m in quantized.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(dynamic) == 2
+    assert type(quantized.attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert TORCH.int8_op_counts(quantized) == {"DynamicQuantizedLinear": 2}
+
+
+def test_fx_counts_activations_and_adds_that_run_int8_and_drops_excluded_ones() -> None:
+    from test_fidelity import TinyMobileNet
+
+    torch.manual_seed(0)
+    model = TinyMobileNet().eval()
+    data = calib_data()
+    quantized = inc.quantize(model, inc.QuantConfig(format="fx"), dataset=data)
+    counts = TORCH.int8_op_counts(quantized)
+    hardswish = sum(isinstance(m, torch.ao.nn.quantized.Hardswish) for m in quantized.modules())
+    adds = sum(1 for n in quantized.graph.nodes if n.op == "call_function" and str(n.target) == "quantized.add")
+    assert hardswish > 0 and adds > 0
+    assert counts.get("QuantizedHardswish") == hardswish and counts.get("add") == adds, counts
+    convs = sum(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in quantized.modules())
+    assert sum(n for kind, n in counts.items() if "Conv" in kind) == convs
+
+    no_hardswish = inc.QuantConfig(format="fx", exclude=inc.LayerFilter(types=("Hardswish",)))
+    without = TORCH.int8_op_counts(inc.quantize(model, no_hardswish, dataset=data))
+    assert "QuantizedHardswish" not in without, without
+
+
+@pytest.mark.parametrize("approach", ["static", "dynamic"])
+def test_a_saved_model_loads_back_with_the_same_module_counts(approach: str, tmp_path) -> None:
+    config = _excluding_fc3("fx") if approach == "static" else inc.QuantConfig(approach="dynamic")
+    quantized = inc.quantize(trained_mlp(), config, dataset=calib_data() if approach == "static" else None)
+    path = tmp_path / "model.pt"
+    inc.save(quantized, path)
+    assert TORCH.int8_op_counts(inc.load(path)) == TORCH.int8_op_counts(quantized)
+
+
+def test_fx_qat_converted_model_is_counted() -> None:
+    example = next(calib_data().inputs())
+    qat = inc_torch.prepare_qat(trained_mlp(), inc.QATConfig(format="fx"), example)
+    qat(torch.as_tensor(example))  # one step in training mode: observers see data
+    converted = inc_torch.convert(qat)
+    linears = [m for m in converted.modules() if isinstance(m, torch.ao.nn.quantized.Linear)]
+    assert len(linears) == 3
+    assert TORCH.int8_op_counts(converted) == {"QuantizedLinear": 3}
+
+
+def test_cli_summary_reports_the_counted_ops() -> None:
+    model = trained_mlp()
+    config = _excluding_fc3("fx")
+    quantized = inc.quantize(model, config, dataset=calib_data())
+    line = _op_summary(model, quantized, config, None)
+    assert line.startswith("2 INT8 ops in the output model (2 QuantizedLinear); 2 of 3 quantizable ops selected"), line
+    assert "kept in FP32: fc3" in line, line
