@@ -11,6 +11,7 @@ scheme, granularity, fallbacks).
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from inc_core.calibration import HistogramObserver
 from inc_core.errors import CalibrationError, DatasetError
 from inc_torch._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
 from inc_torch._compat import quiet, torchao_pt2e
+from inc_torch._hf import check_hf_inputs, prepare_for_capture
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
 from inc_torch._observers import HISTOGRAM_BINS, is_activation_observer
 
@@ -49,6 +51,8 @@ class TorchCalibration:
         exported: for PT2E, the exported graph module every trial prepares a copy of.
         op_inputs: op (module) name -> node name of its input activation.
         signature: parameter names and shapes of the calibrated model.
+        non_finite: node name -> why its tensor has no histogram (it held NaN/Inf); an error only for
+            a trial that observes that tensor.
     """
 
     format: str
@@ -58,18 +62,26 @@ class TorchCalibration:
     exported: torch.fx.GraphModule | None = None
     op_inputs: dict[str, str] = field(default_factory=dict)
     signature: tuple[Any, ...] = ()
+    non_finite: dict[str, str] = field(default_factory=dict)
 
 
 class _Recorder(nn.Module):
     """Inserted after a graph node: streams its floating tensor output into a histogram."""
 
-    def __init__(self, histogram: HistogramObserver) -> None:
+    def __init__(self, histogram: HistogramObserver, non_finite: dict[str, str]) -> None:
         super().__init__()
         self.histogram = histogram
+        self.non_finite = non_finite
 
     def forward(self, x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            self.histogram.update(x.detach().float().cpu().numpy())
+        name = self.histogram.name
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and name not in self.non_finite:
+            try:
+                self.histogram.update(x.detach().float().cpu().numpy())
+            except CalibrationError as exc:
+                # Masks (-inf before a softmax, log(0) in position buckets) are graph features: the tensor
+                # is an error only if a trial quantizes it, which load_statistics tells.
+                self.non_finite[name] = str(exc)
         return x
 
 
@@ -108,14 +120,46 @@ def _base_graph(work: nn.Module, example: Inputs, fmt: str) -> tuple[torch.fx.Gr
     return fx_prepare(work, QConfigMapping(), positional(work, example)), None
 
 
-def _instrument(graph_module: torch.fx.GraphModule, histograms: dict[str, HistogramObserver]) -> None:
+@functools.cache
+def pt2e_observed_targets() -> frozenset[Any]:
+    """The aten ops whose inputs or outputs the x86 PT2E quantizer may observe (see :mod:`inc_torch._pt2e`)."""
+    torchao_pt2e()
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    aten = torch.ops.aten
+    ops = {*xiq.quantizable_ops, *xiq.propagation_quantizable_ops, aten.conv3d.default, aten.add.Tensor, aten.add_.Tensor}
+    ops.discard(aten.mul.Tensor)  # inc keeps elementwise mul in FP32 (see _pt2e._float_only_quantizer_class)
+    return frozenset(ops)
+
+
+def _float_value(node: torch.fx.Node) -> bool:
+    value = node.meta.get("val")
+    return not isinstance(value, torch.Tensor) or value.is_floating_point()
+
+
+def _observable(node: torch.fx.Node, fmt: str, targets: frozenset[Any]) -> bool:
+    """Whether a trial's observers may watch ``node`` (PT2E: a float input or output of an op the x86
+    quantizer annotates; FX: every node). Parameters, casts and mask arithmetic are never observed."""
+    if node.op not in ("placeholder", "get_attr", "call_function", "call_module", "call_method"):
+        return False
+    if fmt != "pt2e":
+        return True
+    if node.op == "get_attr" or not _float_value(node):
+        return False
+    return node.target in targets or any(user.target in targets for user in node.users)
+
+
+def _instrument(
+    graph_module: torch.fx.GraphModule, histograms: dict[str, HistogramObserver], non_finite: dict[str, str], fmt: str
+) -> None:
     graph = graph_module.graph
+    targets = pt2e_observed_targets() if fmt == "pt2e" else frozenset()
     for index, node in enumerate(list(graph.nodes)):
-        if node.op not in ("placeholder", "get_attr", "call_function", "call_module", "call_method"):
+        if not _observable(node, fmt, targets):
             continue
         histograms[node.name] = HistogramObserver(HISTOGRAM_BINS, name=node.name)
         target = f"_inc_record_{index}"
-        graph_module.add_submodule(target, _Recorder(histograms[node.name]))
+        graph_module.add_submodule(target, _Recorder(histograms[node.name], non_finite))
         with graph.inserting_after(node):
             record = graph.call_module(target, (node,))
         node.replace_all_uses_with(record, delete_user_cb=lambda user, rec=record: user is not rec)
@@ -131,6 +175,8 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
         UnsupportedModelError: the model cannot be captured by the chosen path.
     """
     work = eval_copy(model)
+    if fmt == "pt2e":
+        prepare_for_capture(work)  # HF Conv1D as Linear, no key/value cache in the captured graph
     dtype = float_dtype(work)
     batches = dataset.inputs(limit=config.calib_samples)
     try:
@@ -138,6 +184,7 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
     except StopIteration:  # Dataset.inputs raises DatasetError itself; this guards other iterables
         raise DatasetError("Calibration data is empty; give at least one batch.") from None
     example = to_inputs(first, dtype)
+    check_hf_inputs(model, example, "Calibration batch 0")
     check_runs(work, example, "the first calibration batch")
     base, exported = _base_graph(work, example, fmt)
     op_inputs = {
@@ -146,10 +193,13 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
         if node.args and isinstance(node.args[0], torch.fx.Node)
     }
     histograms: dict[str, HistogramObserver] = {}
-    _instrument(base, histograms)
+    non_finite: dict[str, str] = {}
+    _instrument(base, histograms, non_finite, fmt)
     samples = 0
     for index, batch in enumerate(itertools.chain([first], batches)):
         inputs = to_inputs(batch, dtype)
+        if index:
+            check_hf_inputs(model, inputs, f"Calibration batch {index}")
         args, kwargs = inputs
         if fmt == "fx":
             args, kwargs = positional(work, inputs), {}
@@ -173,10 +223,31 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
         exported=exported,
         op_inputs=op_inputs,
         signature=model_signature(model),
+        non_finite=non_finite,
     )
 
 
-def load_statistics(prepared: torch.fx.GraphModule, calibration: TorchCalibration) -> None:
+def _readers(prepared: torch.fx.GraphModule, tensor: str) -> list[str]:
+    """Module names of the ops reading ``tensor`` through an observer (PT2E: the source module of the node)."""
+    names: list[str] = []
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and node.args and getattr(node.args[0], "name", None) == tensor:
+            for user in node.users:
+                names.append(_module_path(user) if user.op == "call_function" else str(user.target))
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def _non_finite_message(prepared: torch.fx.GraphModule, tensor: str, cause: str, ops: frozenset[str]) -> str:
+    readers = [name for name in _readers(prepared, tensor) if name in ops]
+    way_out = (
+        f"keep the op(s) reading it in FP32 with exclude=inc.LayerFilter(names={tuple(readers)!r})"
+        if readers
+        else "check the calibration data's scale (float16 inputs, unnormalized data)"
+    )
+    return f"The quantized graph observes tensor {tensor!r}, which held non-finite values in calibration ({cause}); {way_out}."
+
+
+def load_statistics(prepared: torch.fx.GraphModule, calibration: TorchCalibration, ops: frozenset[str] = frozenset()) -> None:
     """Fill every observer of a trial's prepared graph from the calibration pass (no data is run).
 
     One observer module may watch several tensors: FX and PT2E share an observer between the input and
@@ -185,8 +256,11 @@ def load_statistics(prepared: torch.fx.GraphModule, calibration: TorchCalibratio
     here. (Taking only the last tensor's statistics, e.g. an average pool's narrow output, would clip
     the wide tensor feeding it: that collapsed MobileNetV3's output to cosine 0.1.)
 
+    ``ops``: the names ``inc.describe`` lists, which an exclusion hint may name.
+
     Raises:
-        CalibrationError: an observer watches a tensor the calibration pass never saw.
+        CalibrationError: an observer watches a tensor the calibration pass never saw, or one that held
+            NaN/Inf (naming the listed ops that read it).
     """
     watched: dict[int, tuple[Any, list[str]]] = {}
     for node in prepared.graph.nodes:
@@ -198,6 +272,9 @@ def load_statistics(prepared: torch.fx.GraphModule, calibration: TorchCalibratio
             if node.args[0].name not in sources:
                 sources.append(node.args[0].name)
     for module, sources in watched.values():
+        poisoned = [name for name in sources if name in calibration.non_finite]
+        if poisoned:
+            raise CalibrationError(_non_finite_message(prepared, poisoned[0], calibration.non_finite[poisoned[0]], ops))
         missing = [name for name in sources if name not in calibration.histograms]
         if missing:
             raise CalibrationError(

@@ -23,6 +23,7 @@ from inc_core._quant_config import QuantConfig
 from inc_core.backend import Op
 from inc_core.errors import ConfigError
 from inc_torch._compat import quiet
+from inc_torch._hf import CONV1D_TYPE, is_hf_conv1d, linearize_conv1d
 from inc_torch._settings import plan
 
 __all__ = [
@@ -179,7 +180,7 @@ def _spec(config: QuantConfig, ops: tuple[Op, ...]) -> dict[str, Any]:
         if settings is None:
             continue
         # recurrent kernels take per-tensor weights only
-        granularity = settings.granularity if op.op_type in ("Linear",) else "per_tensor"
+        granularity = settings.granularity if op.op_type in ("Linear", CONV1D_TYPE) else "per_tensor"
         spec[op.name] = dynamic_qconfig(granularity)
     return spec
 
@@ -199,6 +200,8 @@ def quantize_dynamic(
     work = model if inplace else copy.deepcopy(model)
     work.eval()
     spec = _spec(config, ops)
+    # HF Conv1D layers become the nn.Linear they compute, which torch.ao's dynamic Linear replaces.
+    linearize_conv1d(work, tuple(name for name in spec))
     with quiet():
         quantized = torch.ao.quantization.quantize_dynamic(work, spec, dtype=torch.qint8, inplace=True)
     if chosen == "full_range":
@@ -212,7 +215,9 @@ def quantize_one(module: nn.Module, granularity: str, activations: str = "auto")
     """A dynamically quantized copy of a single layer (for per-op error measurement)."""
     holder = nn.Module()
     holder.add_module("layer", copy.deepcopy(module))
-    gran = granularity if isinstance(module, nn.Linear) else "per_tensor"
+    if is_hf_conv1d(module):
+        linearize_conv1d(holder)
+    gran = granularity if isinstance(holder.layer, nn.Linear) else "per_tensor"
     with quiet():
         torch.ao.quantization.quantize_dynamic(holder, {"layer": dynamic_qconfig(gran)}, dtype=torch.qint8, inplace=True)
     if resolve_activation_range(activations) == "full_range":

@@ -23,6 +23,7 @@ from inc_core.errors import CalibrationError, DatasetError
 from inc_torch._calibration import TorchCalibration
 from inc_torch._capture import eval_copy
 from inc_torch._dynamic import quantize_one
+from inc_torch._hf import linearize_conv1d
 from inc_torch._inputs import float_dtype, to_inputs
 from inc_torch._settings import OpSettings, plan
 
@@ -92,6 +93,7 @@ def op_errors(
     if config.approach == "static" and calibration is None:
         raise CalibrationError("op_errors for a static config needs the calibration from calibrate().")
     work = eval_copy(model)
+    linearize_conv1d(work)  # HF Conv1D is measured as the Linear the quantized model runs
     modules = dict(work.named_modules())
     default, per_op = plan(config, ops)
     sums = {op.name: 0.0 for op in ops}

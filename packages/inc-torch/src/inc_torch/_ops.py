@@ -9,6 +9,7 @@ from torch import nn
 from inc_core._quant_config import CALIBRATIONS, GRANULARITIES, SCHEMES, QuantConfig
 from inc_core.backend import Op, TuningSpace
 from inc_core.errors import ConfigError, UnsupportedModelError
+from inc_torch._hf import is_hf_conv1d
 
 __all__ = [
     "STATIC_TYPES",
@@ -53,11 +54,13 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
 
         return tuple(entry.op for entry in op_table(model).values())
     types = _types(config, fmt)
+    # HF Conv1D is the Linear it computes (weight [in, out]); the PT2E and dynamic paths swap it for one.
+    conv1d = config.approach == "dynamic" or fmt == "pt2e"
     ops = []
     for name, module in model.named_modules():
         # exact type match: subclasses (e.g. NonDynamicallyQuantizableLinear inside MultiheadAttention)
         # are not swapped by torch.ao, so they are not offered either.
-        if name and type(module) in types:
+        if name and (type(module) in types or (conv1d and is_hf_conv1d(module))):
             ops.append(Op(name=name, op_type=type(module).__name__))
     return tuple(ops)
 
@@ -135,6 +138,8 @@ def check_something_quantized(config: QuantConfig, fmt: str, ops: tuple[Op, ...]
     if any(op.name not in excluded for op in ops):
         return
     kinds = ", ".join(t.__name__ for t in _types(config, fmt))
+    if config.approach == "dynamic" or fmt == "pt2e":
+        kinds += ", HF Conv1D"
     if ops:
         raise UnsupportedModelError(
             f"Every quantizable op ({len(ops)}) is excluded, so nothing would be quantized; exclude fewer ops."

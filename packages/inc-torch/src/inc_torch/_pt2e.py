@@ -50,11 +50,43 @@ def quantization_config(settings: OpSettings) -> Any:
     return ao.QuantizationConfig(activation, activation, weight, None, False)
 
 
+def _float_tensor(node: Any) -> bool:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+@functools.cache
+def _float_only_quantizer_class() -> type:
+    """X86InductorQuantizer that quantizes only float tensors and only the ops ``inc.describe`` lists.
+
+    torchao's x86 recipe also annotates every same-shape ``aten.mul``, integer ones included (RoBERTa's
+    position ids: ``mask * cumsum(mask)``, whose observers no float calibration can fill). Casts,
+    integer arithmetic and elementwise mul stay in FP32: inc lists conv/linear as the ops a user or a
+    tuning strategy can set, and each INT8 op must be one of those (or a pooling/cat between them).
+    """
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    mul = torch.ops.aten.mul.Tensor
+
+    class FloatOnlyX86InductorQuantizer(torchao_pt2e().X86InductorQuantizer):  # type: ignore[misc]
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().annotate(model)
+            for node in model.graph.nodes:
+                annotation = node.meta.get(xiq.QUANT_ANNOTATION_KEY)
+                if annotation is None or not (annotation.input_qspec_map or annotation.output_qspec):
+                    continue
+                tensors = list(annotation.input_qspec_map) + ([node] if annotation.output_qspec is not None else [])
+                if node.target == mul or not all(_float_tensor(t) for t in tensors):
+                    xiq._annotate_nodes_not_quantize(node)
+            return model
+
+    return FloatOnlyX86InductorQuantizer
+
+
 def build_quantizer(config: QuantConfig, ops: tuple[Op, ...]) -> Any:
-    """An X86InductorQuantizer with the global settings, per-op overrides and FP32 fallbacks."""
-    ao = torchao_pt2e()
+    """An x86 inductor quantizer with the global settings, per-op overrides and FP32 fallbacks."""
     default, per_op = plan(config, ops)
-    quantizer = ao.X86InductorQuantizer()
+    quantizer = _float_only_quantizer_class()()
     quantizer.set_global(quantization_config(default))
     for name, settings in per_op.items():
         quantizer.set_module_name_qconfig(name, None if settings is None else quantization_config(settings))
@@ -72,7 +104,7 @@ def quantize_pt2e(config: QuantConfig, ops: tuple[Op, ...], calibration: TorchCa
     with quiet():
         graph = copy.deepcopy(calibration.exported)
         prepared = ao.prepare_pt2e(graph, build_quantizer(config, ops))
-        load_statistics(prepared, calibration)
+        load_statistics(prepared, calibration, frozenset(op.name for op in ops))
         # Weight observers see their weight on the first forward; activation observers are frozen.
         args, kwargs = calibration.example
         with torch.no_grad():

@@ -1,0 +1,181 @@
+"""Hugging Face transformers models as the torch paths meet them, without importing transformers.
+
+- HF ``Conv1D`` (``transformers.pytorch_utils.Conv1D``, GPT-2's projections) is a Linear layer whose weight
+  is stored ``[in, out]`` and applied with ``addmm``; no quantizer recognises it. It is listed as an op of
+  type ``Conv1D`` and, in the copy inc quantizes, swapped for the ``nn.Linear`` it computes (weight
+  transposed, same module name), so PT2E static and dynamic quantization treat it as the Linear it is.
+- Models returning a key/value cache (``DynamicCache``) cannot be captured by ``torch.export``; the copy
+  inc captures runs with ``config.use_cache=False``, and the log says so.
+- Inputs checked against the model's limits before anything runs, so a bad batch is an error naming the
+  input and the limit instead of an IndexError from inside an embedding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from inc_core.errors import DatasetError
+from inc_torch._inputs import Inputs
+
+__all__ = [
+    "CONV1D_TYPE",
+    "check_hf_inputs",
+    "is_hf_conv1d",
+    "is_hf_model",
+    "linearize_conv1d",
+    "prepare_for_capture",
+]
+
+log = logging.getLogger("inc")
+
+CONV1D_TYPE = "Conv1D"
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for ``transformers.pytorch_utils.Conv1D`` (a Linear with its weight stored ``[in, out]``)."""
+    cls = type(module)
+    weight = getattr(module, "weight", None)
+    return (
+        cls.__name__ == CONV1D_TYPE
+        and cls.__module__.startswith("transformers.")
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and hasattr(module, "nf")
+    )
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel``: it carries a config that rebuilds it (``config_class``, ``to_dict``)."""
+    config = getattr(model, "config", None)
+    return getattr(type(model), "config_class", None) is not None and callable(getattr(config, "to_dict", None))
+
+
+def _as_linear(conv1d: nn.Module) -> nn.Linear:
+    weight: torch.Tensor = conv1d.weight  # type: ignore[assignment]
+    bias = getattr(conv1d, "bias", None)
+    in_features, out_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+        if bias is not None:
+            linear.bias.copy_(bias)
+    linear.train(conv1d.training)
+    return linear
+
+
+def linearize_conv1d(model: nn.Module, names: tuple[str, ...] | None = None) -> list[str]:
+    """Swap HF ``Conv1D`` submodules of ``model`` (all, or those in ``names``) for ``nn.Linear``, in place.
+
+    Returns:
+        The names of the swapped modules.
+    """
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not name or not is_hf_conv1d(module) or (names is not None and name not in names):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _as_linear(module))
+        swapped.append(name)
+    return swapped
+
+
+def prepare_for_capture(model: nn.Module) -> None:
+    """Make the (copied) model capturable by ``torch.export``: Conv1D as Linear, no key/value cache."""
+    swapped = linearize_conv1d(model)
+    if swapped:
+        log.info("HF Conv1D layers quantized as Linear (weight transposed): %d layer(s)", len(swapped))
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) is True:
+        config.use_cache = False  # type: ignore[union-attr]
+        log.info(
+            "%s exported with use_cache=False: torch.export cannot capture its key/value cache, so the INT8 "
+            "model returns no past_key_values", type(model).__name__,
+        )
+
+
+def _limit(config: Any, name: str) -> int | None:
+    value = getattr(config, name, None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _position_limit(model: nn.Module) -> int | None:
+    """The longest sequence the model's learned position table takes (None: no table, e.g. T5)."""
+    config = getattr(model, "config", None)
+    limit = _limit(config, "max_position_embeddings")
+    if limit is None:
+        return None
+    # RoBERTa-style embeddings number positions from padding_idx + 1.
+    for module in model.modules():
+        if hasattr(module, "position_embeddings") and isinstance(getattr(module, "padding_idx", None), int):
+            return limit - int(module.padding_idx) - 1
+    return limit
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except Exception:  # a model without input embeddings (e.g. a vision model) raises NotImplementedError
+        return None
+    return int(embedding.num_embeddings) if isinstance(embedding, nn.Embedding) else None
+
+
+def _named(inputs: Inputs, model: nn.Module) -> dict[str, Any]:
+    """The inputs by forward parameter name (positional arguments bound in signature order)."""
+    args, kwargs = inputs
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return dict(kwargs)
+    return {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
+
+
+def check_hf_inputs(model: nn.Module, inputs: Inputs, where: str) -> None:
+    """Check one batch against a transformers model's limits.
+
+    Raises:
+        DatasetError: an input name the forward does not take, ``input_ids`` outside the vocabulary,
+            a sequence longer than the position table, or a sample whose ``attention_mask`` is all zeros.
+    """
+    if not is_hf_model(model):
+        return
+    params = inspect.signature(model.forward).parameters
+    named_params = [p.name for p in params.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    unknown = [k for k, v in inputs[1].items() if isinstance(v, torch.Tensor) and k not in named_params]
+    if unknown:
+        raise DatasetError(
+            f"{where}: input(s) {unknown} are not inputs of {type(model).__name__}.forward, which takes "
+            f"{named_params[:8]}; name the batch's keys as the tokenizer does (e.g. 'input_ids', 'attention_mask')."
+        )
+    named = _named(inputs, model)
+    ids = named.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
+        vocab = _vocab_size(model)
+        low, high = int(ids.min()), int(ids.max())
+        if vocab is not None and (low < 0 or high >= vocab):
+            bad = low if low < 0 else high
+            raise DatasetError(
+                f"{where}: input_ids holds token id {bad}, outside the vocabulary of {type(model).__name__} "
+                f"(ids 0..{vocab - 1}, vocab_size={vocab}); tokenize with this model's own tokenizer."
+            )
+        limit = _position_limit(model)
+        if limit is not None and ids.dim() >= 2 and ids.shape[-1] > limit:
+            raise DatasetError(
+                f"{where}: input_ids has sequences of {ids.shape[-1]} tokens, longer than the {limit} positions "
+                f"{type(model).__name__} takes (max_position_embeddings); truncate to at most {limit} tokens "
+                "(tokenizer(..., truncation=True, max_length=...))."
+            )
+    mask = named.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.numel():
+        empty = (mask.reshape(mask.shape[0], -1) == 0).all(dim=1).nonzero().flatten().tolist()
+        if empty:
+            raise DatasetError(
+                f"{where}: attention_mask is all zeros (padding only) for sample(s) {empty[:5]} of {mask.shape[0]}; "
+                "every sample needs at least one real token. Drop empty texts before tokenizing."
+            )
