@@ -23,7 +23,7 @@ from inc_core._quant_config import QuantConfig
 from inc_core.backend import Op
 from inc_core.errors import ConfigError
 from inc_torch._compat import quiet
-from inc_torch._hf import CONV1D_TYPE, is_hf_conv1d, linearize_conv1d
+from inc_torch._hf import CONV1D_AS_LINEAR_ATTR, CONV1D_TYPE, is_hf_conv1d, linearize_conv1d
 from inc_torch._settings import plan
 
 __all__ = [
@@ -201,9 +201,11 @@ def quantize_dynamic(
     work.eval()
     spec = _spec(config, ops)
     # HF Conv1D layers become the nn.Linear they compute, which torch.ao's dynamic Linear replaces.
-    linearize_conv1d(work, tuple(name for name in spec))
+    swapped = linearize_conv1d(work, tuple(name for name in spec))
     with quiet():
         quantized = torch.ao.quantization.quantize_dynamic(work, spec, dtype=torch.qint8, inplace=True)
+    if swapped:
+        setattr(quantized, CONV1D_AS_LINEAR_ATTR, tuple(swapped))
     if chosen == "full_range":
         full_range_activations(quantized)
     if _dynamic_linears(quantized):

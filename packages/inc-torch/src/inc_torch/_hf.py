@@ -23,6 +23,7 @@ from inc_core.errors import DatasetError
 from inc_torch._inputs import Inputs
 
 __all__ = [
+    "CONV1D_AS_LINEAR_ATTR",
     "CONV1D_TYPE",
     "check_hf_inputs",
     "is_hf_conv1d",
@@ -34,6 +35,9 @@ __all__ = [
 log = logging.getLogger("inc")
 
 CONV1D_TYPE = "Conv1D"
+# Attribute of a returned model naming the HF Conv1D layers it holds as (dynamic) Linear layers, so that
+# a saved model can be rebuilt from its transformers class.
+CONV1D_AS_LINEAR_ATTR = "_inc_conv1d_as_linear"
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:

@@ -1,5 +1,8 @@
 """Saving INT8 models in formats a torch user deploys: ExportedProgram (.pt2) and TorchScript (.pt).
 
+Hugging Face transformers models, which TorchScript cannot compile, are saved under ``.pt`` as their
+config and state dict (see :mod:`inc_torch._hf_files`) and rebuilt as the same transformers class.
+
 A TorchScript file also carries ``inc.json`` (an extra file of the archive) recording what the model
 needs from the CPU that runs it: the activation range of its dynamic Linear layers. Loading checks it.
 """
@@ -24,6 +27,8 @@ from inc_torch import _dynamic
 from inc_torch._compat import quiet
 from inc_torch._compiled import CompiledQuantizedModule
 from inc_torch._fx import EXAMPLE_ATTR
+from inc_torch._hf import is_hf_model
+from inc_torch._hf_files import is_state_archive, load_hf_state, save_hf_state
 from inc_torch._inputs import Inputs, widened
 
 __all__ = ["METADATA_FILE", "save_model", "load_model"]
@@ -66,6 +71,10 @@ def save_model(model: nn.Module, path: Path) -> None:
         return
     if suffix != ".pt":
         raise SaveError(f"This model is saved as TorchScript; name the file '*.pt', got {path.name!r}.")
+    if is_hf_model(model):
+        # TorchScript cannot compile transformers models: rebuilt from their config and state dict instead.
+        save_hf_state(model, path, _metadata(model))
+        return
     with _eval_mode(model):
         scripted = _script(model)
         metadata = json.dumps(_metadata(scripted))
@@ -156,6 +165,10 @@ def load_model(path: Path) -> Any:
     if suffix == ".pt":
         if importlib.util.find_spec("intel_extension_for_pytorch") is not None:
             import intel_extension_for_pytorch  # noqa: F401  (registers the ops of IPEX INT8 graphs)
+        if is_state_archive(path):
+            model, record = load_hf_state(path)
+            _fit_to_this_cpu(model, record, path)
+            return model
         extra = {METADATA_FILE: ""}
         try:
             model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)

@@ -1,0 +1,125 @@
+"""Hugging Face models (FP32 or dynamically quantized) saved as config + state dict instead of TorchScript.
+
+``torch.jit.script`` cannot compile transformers models (``**kwargs``, dataclass outputs, caches), and a
+traced one loses the ``ModelOutput`` the user's code reads. The model is rebuilt instead: the file is a
+``torch.save`` archive holding the model class, its config, which layers inc changed (HF ``Conv1D`` turned
+``nn.Linear``, Linear layers turned dynamic INT8) and the state dict (int8 weights as quantized tensors).
+Loading rebuilds the class from the config, applies the same changes and loads the state dict with
+``weights_only=True``, so the loaded model is the same transformers class, with the same outputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from inc_core.errors import ModelLoadError, SaveError
+from inc_torch import _dynamic
+from inc_torch._compat import quiet
+from inc_torch._hf import CONV1D_AS_LINEAR_ATTR, linearize_conv1d
+
+__all__ = ["FORMAT", "is_state_archive", "load_hf_state", "save_hf_state"]
+
+FORMAT = "inc-torch/hf-state-dict/1"
+
+
+def _dynamic_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if name and isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+
+
+def save_hf_state(model: nn.Module, path: Path, metadata: dict[str, Any]) -> None:
+    """Write ``model`` (a transformers ``PreTrainedModel``, FP32 or dynamic INT8) as config + state dict.
+
+    Raises:
+        SaveError: the model holds layers this format cannot rebuild, or the file cannot be written.
+    """
+    unknown = sorted(
+        {type(m).__name__ for m in model.modules() if type(m).__module__.startswith("torch.ao.nn.") and not isinstance(m, (torch.ao.nn.quantized.dynamic.Linear,))}
+        - {"LinearPackedParams"}
+    )
+    if unknown:
+        raise SaveError(
+            f"{type(model).__name__} holds {unknown} layers, which the transformers state-dict format cannot rebuild; "
+            "save the PT2E model (format='pt2e') or a dynamic model whose only INT8 layers are Linear."
+        )
+    cls = type(model)
+    record = {
+        "format": FORMAT,
+        "class": [cls.__module__, cls.__qualname__],
+        # JSON text: the archive is read back with weights_only=True, which takes plain data and tensors only.
+        "config": model.config.to_json_string(use_diff=False),  # type: ignore[operator,union-attr]
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "conv1d_as_linear": list(getattr(model, CONV1D_AS_LINEAR_ATTR, ())),
+        "dynamic_linear": _dynamic_layers(model),
+        "metadata": json.dumps(metadata, default=str),
+        "state_dict": model.state_dict(),
+    }
+    try:
+        torch.save(record, path)
+    except Exception as exc:
+        raise SaveError(f"torch.save could not write {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def is_state_archive(path: Path) -> bool:
+    """True for a ``torch.save`` archive (no TorchScript code inside)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/data.pkl") for n in names) and not any("/code/" in n for n in names)
+
+
+def load_hf_state(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model written by :func:`save_hf_state`; returns it (eval mode) and its metadata record.
+
+    Raises:
+        ModelLoadError: not such a file, transformers missing, or the state does not fit the rebuilt model.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")  # torch's own qtensor rebuild
+            record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{str(path)!r} is not a readable torch file: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ModelLoadError(
+            f"{str(path)!r} is a torch.save archive but not a model saved by inc (format {FORMAT!r}); load it with torch.load."
+        )
+    module_name, qualname = record["class"]
+    try:
+        cls: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"{str(path)!r} holds a {qualname} from {module_name}, which cannot be imported here ({exc}); "
+            "install the transformers version it was saved with."
+        ) from exc
+    try:
+        config = cls.config_class.from_dict(json.loads(record["config"]))
+        if record.get("attn_implementation"):
+            config._attn_implementation = record["attn_implementation"]
+        model: nn.Module = cls(config).eval()
+        swapped = linearize_conv1d(model, tuple(record["conv1d_as_linear"]))
+        if swapped:
+            setattr(model, CONV1D_AS_LINEAR_ATTR, tuple(swapped))
+        dynamic = record["dynamic_linear"]
+        if dynamic:
+            spec = {name: _dynamic.dynamic_qconfig("per_tensor") for name in dynamic}
+            with quiet():
+                torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+        model.load_state_dict(record["state_dict"], strict=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{str(path)!r}: the saved state does not rebuild {qualname}: {type(exc).__name__}: {exc}") from exc
+    metadata = json.loads(record.get("metadata") or "{}")
+    if metadata.get("dynamic_activations") == "full_range":
+        _dynamic.full_range_activations(model)  # a loaded state dict resets the layers to 7 bits
+    return model, metadata
