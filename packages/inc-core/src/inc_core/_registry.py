@@ -96,7 +96,10 @@ def _candidate_keys(model: Any) -> list[str]:
     """Lookup keys for a model: file suffix for a path, else top-level packages along its type's MRO."""
     if isinstance(model, (str, Path)):
         suffix = Path(model).suffix.lstrip(".").lower()
-        return [suffix] if suffix else []
+        if suffix or not Path(model).is_dir():
+            return [suffix] if suffix else []
+        # A model directory without a suffix (a SavedModel export): looked up by the suffixes of its files.
+        return sorted({p.suffix.lstrip(".").lower() for p in Path(model).iterdir() if p.is_file() and p.suffix})
     keys: list[str] = []
     for cls in type(model).__mro__:
         root = cls.__module__.split(".")[0]

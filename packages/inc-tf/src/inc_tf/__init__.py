@@ -2,8 +2,11 @@
 
 The backend registers under the ``inc_core.backends`` entry points ``keras`` (Keras models and
 ``.keras`` files), ``tensorflow``, ``tflite`` (``.tflite`` files) and ``inc_tf`` (the LiteRT models it
-returns), so ``inc.quantize``, ``inc.autotune``, ``inc.save``/``inc.load`` and ``inc.benchmark`` take
-Keras models directly. Quantized models run on LiteRT (the ``ai-edge-litert`` interpreter).
+returns), ``savedmodel``/``pb`` (SavedModel directories), so ``inc.quantize``, ``inc.autotune``,
+``inc.save``/``inc.load`` and ``inc.benchmark`` take Keras models and SavedModels directly. Two int8
+targets (``QuantConfig(format=...)``): ``"savedmodel"``, a :class:`TFSavedModel` running TensorFlow's own
+oneDNN INT8 kernels, saved as a SavedModel directory; and ``"tflite"``, a :class:`LiteRTModel` run by the
+``ai-edge-litert`` interpreter.
 
 Training-loop compression: ``model.fit(..., callbacks=[PruningCallback(inc.PruneConfig(...))])`` then
 ``strip``/``sparsity_report`` for pruning, and ``Distiller(student, teacher, inc.DistillConfig(...))``
@@ -16,6 +19,7 @@ from inc_tf._backend import TfBackend
 from inc_tf._calibrate import TfCalibration
 from inc_tf._litert import METADATA_KEY, LiteRTModel
 from inc_tf._qat import FakeQuant, QATCallback, convert, prepare_qat
+from inc_tf._savedmodel import TFSavedModel
 from inc_tf.distill import Distiller
 from inc_tf.prune import PruningCallback, sparsity_report, strip
 
@@ -28,6 +32,7 @@ __all__ = [
     "LiteRTModel",
     "PruningCallback",
     "QATCallback",
+    "TFSavedModel",
     "TfBackend",
     "TfCalibration",
     "__version__",

@@ -1,0 +1,182 @@
+"""Frozen float graphs: a Keras model or a TF SavedModel as one GraphDef with its weights as constants.
+
+The SavedModel int8 target rewrites this GraphDef; calibration runs it to watch the tensors the
+rewrite quantizes. Inputs and outputs keep the serving signature's names and order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inc_core.errors import DatasetError, ModelLoadError, UnsupportedModelError
+
+__all__ = [
+    "SERVING_KEY",
+    "FrozenGraph",
+    "freeze_keras",
+    "freeze_savedmodel",
+    "graph_function",
+    "is_savedmodel_dir",
+    "is_savedmodel_object",
+]
+
+#: the signature a SavedModel is served by (what `tf.saved_model.save` and `model.export` write)
+SERVING_KEY = "serving_default"
+
+
+@dataclass(frozen=True, eq=False)
+class FrozenGraph:
+    """A float graph with every variable folded into a constant, and its signature.
+
+    Attributes:
+        graph_def: the ``tf.compat.v1.GraphDef``.
+        input_tensors: graph tensor names of the inputs (``"x:0"``), in signature order.
+        input_keys: the signature's input names, same order.
+        input_shapes: each input's shape without the batch dimension (``None`` for a free dimension).
+        output_tensors: graph tensor names of the outputs.
+        output_keys: the signature's output names, same order.
+    """
+
+    graph_def: Any = field(repr=False)
+    input_tensors: tuple[str, ...]
+    input_keys: tuple[str, ...]
+    input_shapes: tuple[tuple[int | None, ...], ...]
+    output_tensors: tuple[str, ...]
+    output_keys: tuple[str, ...]
+
+
+@contextlib.contextmanager
+def _tf_quiet() -> Iterator[None]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    yield
+
+
+def _freeze(concrete: Any, input_keys: tuple[str, ...], output_keys: tuple[str, ...]) -> FrozenGraph:
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    frozen = convert_variables_to_constants_v2(concrete)
+    inputs = [t for t in frozen.inputs if t.dtype.name != "resource"]
+    outputs = list(frozen.outputs)
+    shapes = tuple(tuple(t.shape.as_list()[1:]) if t.shape.rank else () for t in inputs)
+    return FrozenGraph(
+        frozen.graph.as_graph_def(),
+        tuple(t.name for t in inputs),
+        input_keys or tuple(f"input_{i}" for i in range(len(inputs))),
+        shapes,
+        tuple(t.name for t in outputs),
+        output_keys or tuple(f"output_{i}" for i in range(len(outputs))),
+    )
+
+
+def freeze_keras(model: Any, input_names: tuple[str, ...], input_shapes: tuple[tuple[int | None, ...], ...]) -> FrozenGraph:
+    """The inference graph of a Keras model (``training=False``), batch dimension left free."""
+    import tensorflow as tf
+
+    specs = [tf.TensorSpec([None, *shape], tf.float32, name=f"input_{i}") for i, shape in enumerate(input_shapes)]
+    if len(specs) == 1:
+        fn = tf.function(lambda x: model(x, training=False))
+    else:
+        fn = tf.function(lambda *xs: model(list(xs), training=False))
+    try:
+        with _tf_quiet():
+            concrete = fn.get_concrete_function(*specs)
+    except Exception as exc:  # tracing errors surface as many TF/Python exception types
+        raise UnsupportedModelError(
+            f"Keras model {getattr(model, 'name', '?')!r} could not be traced to a TF graph: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}. Make its call() traceable by tf.function."
+        ) from exc
+    keys = tuple(n.split(":")[0] for n in input_names) if len(input_names) == len(specs) else ()
+    output_count = len(tf.nest.flatten(concrete.structured_outputs))
+    return _freeze(concrete, keys, tuple(f"output_{i}" for i in range(output_count)))
+
+
+def is_savedmodel_dir(path: Any) -> bool:
+    return isinstance(path, (str, Path)) and Path(path).is_dir() and (Path(path) / "saved_model.pb").is_file()
+
+
+def is_savedmodel_object(model: Any) -> bool:
+    """A SavedModel loaded with ``tf.saved_model.load`` (it carries a ``signatures`` mapping)."""
+    module = type(model).__module__
+    return module.startswith("tensorflow.") and isinstance(getattr(model, "signatures", None), Mapping)
+
+
+def load_savedmodel(path: Path) -> Any:
+    import tensorflow as tf
+
+    try:
+        with _tf_quiet():
+            return tf.saved_model.load(str(path))
+    except Exception as exc:  # TF raises OSError, ValueError, NotFoundError... depending on the damage
+        raise ModelLoadError(
+            f"TensorFlow could not load the SavedModel {str(path)!r}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}. Expected a directory written by "
+            "tf.saved_model.save or model.export."
+        ) from exc
+
+
+def freeze_savedmodel(model: Any, *, where: str = "the SavedModel") -> FrozenGraph:
+    """The serving signature of a SavedModel (directory or loaded object) as a frozen graph."""
+    if isinstance(model, (str, Path)):
+        model = load_savedmodel(Path(model))
+    signatures = getattr(model, "signatures", {}) or {}
+    if SERVING_KEY not in signatures:
+        raise UnsupportedModelError(
+            f"{where} has no {SERVING_KEY!r} signature (it has {sorted(signatures) or 'none'}); inc quantizes the "
+            "graph a SavedModel serves. Save it with a serving signature: tf.saved_model.save(module, path, "
+            "signatures=module.__call__.get_concrete_function(tf.TensorSpec(...))) or keras_model.export(path)."
+        )
+    concrete = signatures[SERVING_KEY]
+    _, kwargs = concrete.structured_input_signature
+    keys = tuple(sorted(kwargs))
+    outputs = concrete.structured_outputs
+    out_keys = tuple(sorted(outputs)) if isinstance(outputs, Mapping) else ()
+    frozen = _freeze(concrete, (), out_keys)
+    # A signature's graph inputs follow its keyword names in sorted order, as its specs are flattened.
+    by_name = {spec.name: key for key, spec in kwargs.items()}
+    if len(frozen.input_tensors) != len(keys):
+        raise UnsupportedModelError(f"{where}: its serving signature takes {len(keys)} inputs, the graph has {len(frozen.input_tensors)}.")
+    ordered = tuple(by_name.get(t.split(":")[0], k) for t, k in zip(frozen.input_tensors, keys))
+    return FrozenGraph(
+        frozen.graph_def, frozen.input_tensors, ordered, frozen.input_shapes, frozen.output_tensors, frozen.output_keys
+    )
+
+
+def graph_function(graph_def: Any, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
+    """A callable concrete function running ``graph_def`` from ``inputs`` to ``outputs`` (tensor names)."""
+    import tensorflow as tf
+
+    def _import() -> None:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+
+    wrapped = tf.compat.v1.wrap_function(_import, [])
+    graph = wrapped.graph
+    return wrapped.prune([graph.get_tensor_by_name(n) for n in inputs], [graph.get_tensor_by_name(n) for n in outputs])
+
+
+def check_batch(arrays: list[np.ndarray], frozen: FrozenGraph, *, where: str) -> list[np.ndarray]:
+    """Arrays checked against the graph's input count and shapes, as float32."""
+    if len(arrays) != len(frozen.input_tensors):
+        raise DatasetError(f"{where}: got {len(arrays)} input array(s); the model takes {len(frozen.input_tensors)}.")
+    out = []
+    for i, (array, expected) in enumerate(zip(arrays, frozen.input_shapes)):
+        array = np.asarray(array)
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise DatasetError(
+                f"{where}: input {i} has dtype {array.dtype}; the model takes float32 numbers. "
+                "Convert the data to a numeric numpy array first."
+            )
+        shape = array.shape[1:]
+        if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+            raise DatasetError(
+                f"{where}: input {i} has shape {array.shape}; the model expects (batch, "
+                f"{', '.join('?' if e is None else str(e) for e in expected)}). Reshape the data to match."
+            )
+        out.append(array.astype(np.float32, copy=False))
+    return out

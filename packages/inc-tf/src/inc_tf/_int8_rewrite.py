@@ -1,0 +1,219 @@
+"""The int8 rewrite of a frozen float graph into TensorFlow's own oneDNN INT8 kernels.
+
+Each unit (see ``_int8_units``) becomes:
+
+* Conv2D: ``QuantizeV2`` of its input (quint8 after a Relu, else symmetric qint8), then
+  ``_FusedQuantizedConv2D`` with ``fused_ops=[BiasAdd, (Relu,) Requantize]`` (per-channel int8 weights,
+  float bias, the calibrated output range frozen in), then ``Dequantize``.
+* MatMul: ``QuantizeV2`` of its input to quint8, then ``QuantizedMatMulWithBiasAndReluAndRequantize``
+  (+ ``Dequantize``) or ``QuantizedMatMulWithBiasAndDequantize`` (per-tensor int8 weights). A signed
+  input is shifted by its calibrated minimum first and the shift folded into the bias, so it is still
+  read as unsigned 8-bit (the kernels' own MIN_FIRST compensation is wrong with a float bias in TF 2.21).
+
+The float output of a unit keeps the name of the op it replaces, so every other node is copied
+unchanged. A unit that reads another unit's requantized output at the same range takes the int8
+tensor directly, so conv -> conv chains stay in int8 with no Dequantize/QuantizeV2 in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from inc_tf._int8_units import Unit, tensor_name
+
+__all__ = ["UnitSettings", "rewrite_int8"]
+
+# DataType enum values (tensorflow/core/framework/types.proto)
+_FLOAT, _QINT8, _QUINT8 = 1, 11, 12
+_TINY = 1e-6  # a range never collapses to a point (a dead channel or an all-zero tensor)
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    """How one unit is quantized in a trial: its input range, output range, weight granularity."""
+
+    input_range: tuple[float, float]
+    output_range: tuple[float, float]
+    per_channel: bool
+
+
+@dataclass(frozen=True)
+class _QTensor:
+    ref: str
+    min_ref: str
+    max_ref: str
+    dtype: int
+    bounds: tuple[float, float]
+
+
+class _Builder:
+    def __init__(self, graph_def: Any) -> None:
+        from tensorflow.core.framework import graph_pb2
+
+        self.graph = graph_pb2.GraphDef()
+        self.graph.versions.CopyFrom(graph_def.versions)
+        self.graph.library.CopyFrom(graph_def.library)
+
+    def const(self, name: str, value: Any, dtype: Any = None) -> str:
+        from tensorflow.python.framework import tensor_util
+
+        proto = tensor_util.make_tensor_proto(value, dtype=dtype)
+        node = self.graph.node.add(name=name, op="Const")
+        node.attr["dtype"].type = proto.dtype
+        node.attr["value"].tensor.CopyFrom(proto)
+        return name
+
+    def node(self, name: str, op: str, inputs: list[str], **attrs: Any) -> Any:
+        node = self.graph.node.add(name=name, op=op)
+        node.input.extend(inputs)
+        for key, value in attrs.items():
+            attr = node.attr[key]
+            if isinstance(value, bool):
+                attr.b = value
+            elif isinstance(value, str):
+                attr.s = value.encode()
+            elif isinstance(value, _Types):
+                attr.list.type.extend(value)
+            elif isinstance(value, list) and value and isinstance(value[0], str):
+                attr.list.s.extend(v.encode() for v in value)
+            elif isinstance(value, list):
+                attr.list.i.extend(value)
+            elif isinstance(value, int):
+                attr.type = value
+            else:  # pragma: no cover - programming error
+                raise TypeError(f"attribute {key}={value!r}")
+        return node
+
+
+class _Types(tuple):  # a list(type) attribute, told apart from list(int)
+    pass
+
+
+def _quantized_weights(weight: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    axes = tuple(range(weight.ndim - 1))
+    limit = np.abs(weight).max(axis=axes) if per_channel else np.abs(weight).max(keepdims=False)
+    limit = np.maximum(np.asarray(limit, dtype=np.float32), _TINY)
+    q = np.clip(np.rint(weight / limit * 127.0), -127, 127).astype(np.int8)
+    return q, limit.astype(np.float32)
+
+
+def _signed_bounds(low: float, high: float) -> tuple[float, float]:
+    m = max(abs(low), abs(high), _TINY)
+    return -m, m
+
+
+def rewrite_int8(
+    graph_def: Any, units: list[Unit], settings: dict[str, UnitSettings], outputs: tuple[str, ...]
+) -> tuple[Any, dict[str, str]]:
+    """``graph_def`` with every unit in ``settings`` running on int8 kernels; the rest is copied as it is.
+
+    Returns:
+        The new graph, and the name of each int8 kernel node mapped to the unit it computes.
+    """
+    from tensorflow.python.framework import dtypes
+
+    chosen = [u for u in units if u.name in settings]
+    replaced = {name for u in chosen for name in u.nodes}
+    build = _Builder(graph_def)
+    for node in graph_def.node:
+        if node.name not in replaced:
+            build.graph.node.add().CopyFrom(node)
+    produced: dict[str, _QTensor] = {}  # a unit's float output -> its requantized int8 tensor
+    quantized_inputs: dict[tuple[str, int, tuple[float, float]], _QTensor] = {}
+    kernels: dict[str, str] = {}
+    for unit in _in_order(chosen):
+        s = settings[unit.name]
+        base = f"{unit.name}/inc_int8"
+        low, high = s.input_range
+        bias = unit.bias.astype(np.float64)
+        source = unit.input
+        if unit.op == "MatMul":
+            if low < 0.0:
+                # x @ W == (x - low) @ W + low * colsum(W): read the shifted input as unsigned.
+                shift = build.const(f"{base}/shift", np.float32(low))
+                source = build.node(f"{base}/shifted", "Sub", [source, shift], T=_FLOAT).name + ":0"
+                bias = bias + low * unit.weight.astype(np.float64).sum(axis=0)
+                want = (_QUINT8, (0.0, max(high - low, _TINY)))
+            else:
+                want = (_QUINT8, (0.0, max(high, _TINY)))
+        else:
+            want = (_QUINT8, (0.0, max(high, _TINY))) if low >= 0.0 else (_QINT8, _signed_bounds(low, high))
+        qin = produced.get(unit.input)
+        if qin is None or source != unit.input or (qin.dtype, qin.bounds) != want:
+            key = (source, want[0], want[1])
+            qin = quantized_inputs.get(key)
+            if qin is None:
+                qname = f"{base}/quantize"
+                lo_ref = build.const(f"{qname}/min", np.float32(want[1][0]))
+                hi_ref = build.const(f"{qname}/max", np.float32(want[1][1]))
+                build.node(qname, "QuantizeV2", [source, lo_ref, hi_ref], T=want[0], mode="SCALED", round_mode="HALF_TO_EVEN")
+                qin = _QTensor(f"{qname}:0", f"{qname}:1", f"{qname}:2", want[0], want[1])
+                quantized_inputs[key] = qin
+        q_weight, limit = _quantized_weights(unit.weight, s.per_channel and unit.op == "Conv2D")
+        w_ref = build.const(f"{base}/weight", q_weight, dtype=dtypes.qint8)
+        wmin = build.const(f"{base}/weight_min", -limit)
+        wmax = build.const(f"{base}/weight_max", limit)
+        b_ref = build.const(f"{base}/bias", bias.astype(np.float32))
+        out_low, out_high = s.output_range
+        if unit.relu:
+            out_type, out_bounds = _QUINT8, (0.0, max(out_high, _TINY))
+        else:
+            out_type, out_bounds = _QINT8, _signed_bounds(out_low, out_high)
+        omin = build.const(f"{base}/output_min", np.float32(out_bounds[0]))
+        omax = build.const(f"{base}/output_max", np.float32(out_bounds[1]))
+        inputs = [qin.ref, w_ref, b_ref, qin.min_ref, qin.max_ref, wmin, wmax, omin, omax]
+        if unit.op == "Conv2D":
+            fused = ["BiasAdd", "Relu", "Requantize"] if unit.relu else ["BiasAdd", "Requantize"]
+            build.node(
+                f"{base}/conv", "_FusedQuantizedConv2D", inputs,
+                Thost_inputs=_Types((qin.dtype, _QINT8) + (_FLOAT,) * 7), Thost_outputs=_Types((out_type, _FLOAT, _FLOAT)),
+                Tdevice_inputs=_Types(()), Tdevice_outputs=_Types(()), Tinput=qin.dtype, Tfilter=_QINT8, Tbias=_FLOAT,
+                Tsummand=out_type, out_type=out_type, strides=unit.attrs["strides"], padding=unit.attrs["padding"],
+                data_format="NHWC", fused_ops=fused, is_filter_const=True, is_bias_const=True,
+            )
+            kernel = f"{base}/conv"
+            kernels[kernel] = unit.name
+        elif unit.relu:
+            kernel = build.node(
+                f"{base}/matmul", "QuantizedMatMulWithBiasAndReluAndRequantize", inputs,
+                T1=_QUINT8, T2=_QINT8, Tbias=_FLOAT, Toutput=_QUINT8, transpose_a=False, transpose_b=False,
+                input_quant_mode="SCALED",
+            ).name
+            kernels[kernel] = unit.name
+        else:
+            build.node(
+                unit.output_node, "QuantizedMatMulWithBiasAndDequantize", inputs,
+                T1=_QUINT8, T2=_QINT8, Tbias=_FLOAT, Toutput=_FLOAT, transpose_a=False, transpose_b=False,
+                input_quant_mode="SCALED",
+            )
+            kernels[unit.output_node] = unit.name
+            continue
+        build.node(unit.output_node, "Dequantize", [f"{kernel}:0", f"{kernel}:1", f"{kernel}:2"], T=out_type, mode="SCALED")
+        produced[unit.output] = _QTensor(f"{kernel}:0", f"{kernel}:1", f"{kernel}:2", out_type, out_bounds)
+    from tensorflow.python.framework.graph_util_impl import extract_sub_graph
+
+    # Drop what no output needs any more (the float weights the rewrite replaced).
+    return extract_sub_graph(build.graph, [tensor_name(o).split(":")[0] for o in outputs]), kernels
+
+
+def _in_order(units: list[Unit]) -> list[Unit]:
+    """Producers before consumers, so a consumer sees its producer's int8 output (graph order already is)."""
+    outputs = {u.output: u for u in units}
+    done: set[str] = set()
+    ordered: list[Unit] = []
+
+    def visit(unit: Unit) -> None:
+        if unit.name in done:
+            return
+        done.add(unit.name)
+        producer = outputs.get(unit.input)
+        if producer is not None:
+            visit(producer)
+        ordered.append(unit)
+
+    for unit in units:
+        visit(unit)
+    return ordered
