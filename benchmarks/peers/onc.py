@@ -104,7 +104,7 @@ def quantize(
     try:
         settings = json.loads(report.read_text())
         int8 = onnx.load_model(str(dst))  # external data (the peer writes some) is read from the same folder
-        inc_onnx.create_session(int8, threads=1)  # a model ORT cannot load must not stop the whole benchmark
+        inc_onnx.create_session(int8, threads=1, runtime="ort")  # a model ORT cannot load must not stop the whole benchmark
     except (OSError, ValueError, DecodeError) as exc:  # ModelLoadError and JSON errors are ValueErrors
         kind = "ONNX Runtime cannot load its model" if isinstance(exc, ModelLoadError) else "its output is unreadable"
         return _unavailable(name, f"onnx-neural-compressor ran, but {kind}: {exc}")
