@@ -53,7 +53,9 @@ class OnnxBackend(Backend):
                 (the faster of the two on the benchmark inputs, measured on this CPU; ONNX Runtime when
                 OpenVINO is not installed). Calibration and the checks of quantized models always run on
                 ONNX Runtime. Pass the backend explicitly:
-                ``inc.benchmark(model, x, backend=OnnxBackend(runtime="openvino"))``.
+                ``inc.benchmark(model, x, backend=OnnxBackend(runtime="openvino"))``. With several benchmark
+                instances, each rebuilds the backend with these options; under "auto" each measures on its own
+                cores, so name the runtime to be sure every instance runs the same one.
             openvino_precision: precision of OpenVINO's float ops (see :func:`inc_onnx.create_session`).
 
         Raises:
