@@ -9,7 +9,7 @@ from inc_core._quant_config import QuantConfig
 from inc_core.backend import Backend
 from inc_core.errors import TuningError
 from inc_core.tuning.strategies._base import Strategy, StrategyContext
-from inc_core.tuning.strategies._phases import accumulated_fallbacks, op_type_wise
+from inc_core.tuning.strategies._phases import doubling_fallbacks, op_type_wise
 
 __all__ = ["MseStrategy"]
 
@@ -21,8 +21,9 @@ class MseStrategy(Strategy):
 
     1. The base config. 2. Op-type-wise settings, as in ``basic``. 3. ``Backend.op_errors`` on the
     resulting config ranks the quantized ops, highest output error first; no single-op fallback is
-    evaluated. 4. The ranked ops go to FP32 together, 1, 2, ... at a time, until a config passes.
-    On models with many ops this saves one trial per op. When the backend cannot measure the errors
+    evaluated. 4. The top 1, 2, 4, 8, ... ranked ops go to FP32 together until a config passes.
+    On models with many ops this saves one trial per op, and the doubling finds a fallback spread
+    over dozens of ops (a transformer's residual adds and feed-forward outputs) in a few trials. When the backend cannot measure the errors
     of that config (its quantizer fails on it), the ops are ranked in model order, with a warning.
 
     Raises:
@@ -47,7 +48,7 @@ class MseStrategy(Strategy):
             log.warning("mse: per-op errors could not be measured, ranking the ops in model order: %s", exc)
             errors = {}
         ranked = sorted(self.space.quantized, key=lambda name: -errors.get(name, 0.0))
-        yield accumulated_fallbacks(self, settings, ranked)
+        yield doubling_fallbacks(self, settings, ranked)
 
 
 def no_op_errors(backend: Backend) -> TuningError:
