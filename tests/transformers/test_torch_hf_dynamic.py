@@ -1,0 +1,63 @@
+"""Dynamic INT8 of transformers models on the torch backend: HF Conv1D quantized as a Linear, and
+inc.save/inc.load of dynamic transformers models (rebuilt as the same class, same outputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch_hf_helpers import cosine_metric, small_model, token_batches
+
+import inc_core as inc
+import inc_torch
+
+GPT2_PROJECTIONS = {f"h.{i}.{name}" for i in range(2) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+
+
+def test_describe_lists_gpt2_conv1d_layers_for_pt2e_and_dynamic() -> None:
+    model = small_model("gpt2")
+    for config in (inc.QuantConfig(), inc.QuantConfig(approach="dynamic")):
+        ops = inc.describe(model, config).ops
+        assert {op.name for op in ops if op.op_type == "Conv1D"} == GPT2_PROJECTIONS
+
+
+def test_dynamic_gpt2_quantizes_its_conv1d_layers() -> None:
+    model = small_model("gpt2")
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    assert set(inc_torch.quantized_ops(quantized)) == GPT2_PROJECTIONS
+    assert all(type(model.get_submodule(name)).__name__ == "Conv1D" for name in GPT2_PROJECTIONS)  # user's model as it was
+    score = cosine_metric(model, token_batches(2, seed=1))(quantized)
+    assert score >= 0.99, score
+
+
+def test_dynamic_gpt2_excluded_conv1d_stays_float() -> None:
+    model = small_model("gpt2")
+    config = inc.QuantConfig(approach="dynamic", exclude=inc.LayerFilter(names=("h.0.attn.c_attn",)))
+    quantized = inc.quantize(model, config)
+    assert set(inc_torch.quantized_ops(quantized)) == GPT2_PROJECTIONS - {"h.0.attn.c_attn"}
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_dynamic_model_save_load_round_trip(kind: str, tmp_path: Path) -> None:
+    model = small_model(kind)
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    path = tmp_path / f"{kind}.pt"
+    inc.save(quantized, path)
+    loaded = inc.load(path)
+    assert type(loaded) is type(model)  # the transformers class itself, with its ModelOutput
+    assert inc_torch.quantized_ops(loaded) == inc_torch.quantized_ops(quantized)
+    inputs = {k: torch.from_numpy(v) for k, v in token_batches(1, seed=2)[0].items()}
+    with torch.no_grad():
+        expected = quantized(**inputs).last_hidden_state
+        got = loaded(**inputs).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    inc.save(loaded, tmp_path / "again.pt")  # a loaded model saves again
+    assert inc_torch.quantized_ops(inc.load(tmp_path / "again.pt")) == inc_torch.quantized_ops(quantized)
+
+
+def test_a_file_that_is_not_an_inc_model_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": small_model("bert").state_dict()}, path)
+    with pytest.raises(inc.errors.ModelLoadError, match="not a model saved by inc"):
+        inc.load(path)
