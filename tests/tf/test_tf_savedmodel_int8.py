@@ -1,0 +1,165 @@
+"""The SavedModel INT8 target: TF's own oneDNN int8 kernels in a SavedModel, from Keras models and SavedModels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_testmodels as models
+
+import inc_core as inc
+from inc_core.errors import ConfigError, DatasetError, SaveError, UnsupportedModelError
+from inc_core.tuning import autotune
+from inc_tf import TFSavedModel
+
+SAVEDMODEL = inc.QuantConfig(format="savedmodel", calib_samples=128)
+INT8_KERNELS = ("_FusedQuantizedConv2D", "QuantizedMatMulWithBiasAndReluAndRequantize", "QuantizedMatMulWithBiasAndDequantize")
+
+
+def _loaded_op_counts(path: Path) -> dict[str, int]:
+    """Op types in a SavedModel's serving signature as TF loads it, function bodies included."""
+    graph_def = tf.saved_model.load(str(path)).signatures["serving_default"].graph.as_graph_def()
+    counts: dict[str, int] = {}
+    nodes = [*graph_def.node, *(n for f in graph_def.library.function for n in f.node_def)]
+    for node in nodes:
+        counts[node.op] = counts.get(node.op, 0) + 1
+    return counts
+
+
+def _served_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    (logits,) = serve(tf.constant(x)).values()
+    return float(np.mean(np.argmax(logits.numpy(), axis=1) == y))
+
+
+def test_int8_kernels_in_the_saved_graph_and_accuracy(digits, calib, tmp_path):
+    x_train, x_test, _, y_test = digits
+    model = models.cnn()
+    q = inc.quantize(model, SAVEDMODEL, dataset=calib)
+    assert isinstance(q, TFSavedModel)
+    # conv1 (+BN+ReLU folded), conv2, fc1 and logits all run in int8.
+    assert sorted(q.int8_layers()) == ["conv1", "conv2", "fc1", "logits"]
+    path = inc.save(q, tmp_path / "digits.savedmodel")
+    counts = _loaded_op_counts(path)
+    assert counts.get("QuantizeV2", 0) >= 2 and counts.get("_FusedQuantizedConv2D") == 2, counts
+    assert counts.get("QuantizedMatMulWithBiasAndReluAndRequantize") == 1, counts
+    assert counts.get("QuantizedMatMulWithBiasAndDequantize") == 1, counts
+    assert "Conv2D" not in counts and "MatMul" not in counts and "FusedBatchNormV3" not in counts, counts
+    assert inc.get_backend("tf").int8_op_counts(q) == {
+        "_FusedQuantizedConv2D": 2,
+        "QuantizedMatMulWithBiasAndReluAndRequantize": 1,
+        "QuantizedMatMulWithBiasAndDequantize": 1,
+    }
+    fp32 = models.accuracy(model, x_test, y_test)
+    served = _served_accuracy(path, x_test, y_test)
+    assert served >= fp32 - 0.01, f"SavedModel int8 accuracy {served:.4f} vs FP32 {fp32:.4f}"
+    # inc.load reads the directory back: same outputs, same int8 layers.
+    loaded = inc.load(path)
+    assert isinstance(loaded, TFSavedModel)
+    np.testing.assert_allclose(loaded(x_test[:64]), q(x_test[:64]), rtol=1e-5, atol=1e-5)
+    assert sorted(loaded.int8_layers()) == sorted(q.int8_layers())
+
+
+def test_autotune_on_the_savedmodel_target(digits):
+    x_train, x_test, y_train, y_test = digits
+    model = models.cnn()
+    x_val, y_val = x_train[-300:], y_train[-300:]
+    tuning = inc.TuningConfig(base=SAVEDMODEL, tolerable_loss=0.01, loss_type="absolute", max_trials=4, history=None)
+    result = autotune(model, tuning, eval_fn=lambda m: models.accuracy(m, x_val, y_val), dataset=inc.Dataset(x_train[:256], batch_size=32))
+    assert result.met and isinstance(result.model, TFSavedModel)
+    assert result.model.int8_nodes(), "the tuned model runs no int8 kernel"
+    fp32, int8 = models.accuracy(model, x_test, y_test), models.accuracy(result.model, x_test, y_test)
+    assert int8 >= fp32 - 0.01, f"tuned int8 {int8:.4f} vs FP32 {fp32:.4f}"
+
+
+def test_excluded_layer_stays_float(calib, digits):
+    q = inc.quantize(models.cnn(), inc.QuantConfig(format="savedmodel", exclude=inc.LayerFilter(names=("conv2",))), dataset=calib)
+    assert sorted(q.int8_layers()) == ["conv1", "fc1", "logits"]
+    counts = q.op_counts()
+    assert counts.get("Conv2D") == 1 and counts.get("_FusedQuantizedConv2D") == 1, counts
+    x_test, y_test = digits[1], digits[3]
+    assert models.accuracy(q, x_test, y_test) >= models.accuracy(models.cnn(), x_test, y_test) - 0.01
+
+
+def test_per_layer_override_changes_only_that_layer(calib, digits):
+    base = inc.quantize(models.cnn(), SAVEDMODEL, dataset=calib)
+    tuned = inc.quantize(
+        models.cnn(),
+        inc.QuantConfig(format="savedmodel", calib_samples=128, overrides={"conv1": {"granularity": "per_tensor"}}),
+        dataset=calib,
+    )
+
+    def filter_ranges(model: TFSavedModel) -> dict[str, int]:
+        return {n.name: tf.make_ndarray(n.attr["value"].tensor).size for n in model.graph_def.node if n.name.endswith("/weight_max")}
+
+    before, after = filter_ranges(base), filter_ranges(tuned)
+    changed = sorted(name for name in before if before[name] != after[name])
+    assert len(changed) == 1 and after[changed[0]] == 1 and before[changed[0]] == 16, (before, after)
+
+
+@pytest.mark.parametrize("how", ["export", "tf.saved_model.save"])
+def test_savedmodel_directory_is_accepted_and_quantized(how, digits, calib, tmp_path):
+    x_test, y_test = digits[1], digits[3]
+    model = models.cnn()
+    source = tmp_path / "exported"
+    if how == "export":
+        model.export(str(source), verbose=False)
+    else:
+        module = tf.Module()
+        module.net = model
+        module.serve = tf.function(lambda x: {"logits": model(x, training=False)}, input_signature=[tf.TensorSpec([None, 8, 8, 1], tf.float32, name="x")])
+        tf.saved_model.save(module, str(source), signatures={"serving_default": module.serve})
+    before = sorted((p.relative_to(source), p.stat().st_mtime_ns) for p in source.rglob("*"))
+    q = inc.quantize(source, inc.QuantConfig(calib_samples=128), dataset=calib)  # found from the directory alone
+    assert isinstance(q, TFSavedModel)
+    assert len(q.int8_nodes()) == 4, q.op_counts()
+    assert models.accuracy(q, x_test, y_test) >= models.accuracy(model, x_test, y_test) - 0.01
+    assert sorted((p.relative_to(source), p.stat().st_mtime_ns) for p in source.rglob("*")) == before
+    # A SavedModel as tf.saved_model.load returns it is taken too.
+    loaded = tf.saved_model.load(str(source))
+    assert len(inc.quantize(loaded, inc.QuantConfig(calib_samples=32), dataset=calib).int8_nodes()) == 4
+
+
+def test_savedmodel_without_serving_signature_is_explained(tmp_path, calib):
+    module = tf.Module()
+    module.v = tf.Variable(1.0)
+    tf.saved_model.save(module, str(tmp_path / "bare"))
+    with pytest.raises(UnsupportedModelError, match="no 'serving_default' signature.*model.export"):
+        inc.quantize(tmp_path / "bare", inc.QuantConfig(), dataset=calib, backend="tf")
+
+
+def test_savedmodel_input_refuses_the_tflite_target(tmp_path, calib):
+    models.cnn().export(str(tmp_path / "exported"), verbose=False)
+    with pytest.raises(ConfigError, match="format='savedmodel'"):
+        inc.quantize(tmp_path / "exported", inc.QuantConfig(format="tflite"), dataset=calib)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(np.zeros((8, 64), np.float32), r"shape \(4, 64\).*\(batch, 8, 8, 1\)"), (np.array([["a"] * 64] * 4).reshape(4, 8, 8, 1), "dtype")],
+)
+def test_wrong_calibration_data_is_a_dataset_error(data, message):
+    with pytest.raises(DatasetError, match=message):
+        inc.quantize(models.cnn(), inc.QuantConfig(format="savedmodel"), dataset=inc.Dataset(data, batch_size=4))
+
+
+def test_unwritable_output_leaves_no_partial_directory(tmp_path, calib, monkeypatch):
+    q = inc.quantize(models.cnn(), inc.QuantConfig(format="savedmodel", calib_samples=32), dataset=calib)
+    with pytest.raises(SaveError, match="does not exist"):
+        inc.save(q, tmp_path / "missing" / "model.savedmodel")
+    (tmp_path / "taken.savedmodel").write_text("a file the user keeps")
+    with pytest.raises(SaveError):
+        inc.save(q, tmp_path / "taken.savedmodel")
+    assert (tmp_path / "taken.savedmodel").read_text() == "a file the user keeps"
+
+    def fail_after_writing(self: TFSavedModel, path: Path) -> None:
+        original(self, path)  # a complete SavedModel in the staging directory, then the disk fills up
+        raise OSError("disk full")
+
+    original = TFSavedModel.save
+    monkeypatch.setattr(TFSavedModel, "save", fail_after_writing)
+    with pytest.raises(SaveError, match="disk full"):
+        inc.save(q, tmp_path / "model.savedmodel")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.savedmodel"]
