@@ -22,6 +22,7 @@ from inc_core import Dataset
 from inc_core.calibration import HistogramObserver, check_finite_activation
 from inc_core.errors import CalibrationError, DatasetError
 from inc_onnx._feeds import to_feeds
+from inc_onnx._input_limits import input_limits
 from inc_onnx._masks import analyse_masks
 from inc_onnx._preprocess import Prepared
 
@@ -117,6 +118,7 @@ def collect(prepared: Prepared, dataset: Dataset, tensors: list[str], *, samples
             "float32 tensor with a known type. Check the model's op types against inc.describe(model)."
         )
     session = _augmented(prepared, tensors)
+    limits = input_limits(prepared.model)
     observers = {name: HistogramObserver(name=name) for name in tensors}
     seen = batches = 0
     first: dict[str, np.ndarray] | None = None
@@ -124,6 +126,7 @@ def collect(prepared: Prepared, dataset: Dataset, tensors: list[str], *, samples
     try:
         for index, batch in enumerate(dataset.inputs(limit=samples)):
             feeds = to_feeds(batch, prepared.inputs, where=f"calibration batch {index}")
+            limits.check(feeds, f"calibration batch {index}")
             try:
                 outputs = _run(session, tensors, feeds)
             except Exception as exc:  # ORT's pybind errors carry the reason in their text only
