@@ -168,3 +168,25 @@ SENTENCES = (
     "Can you recommend a good book about the history of mathematics?",
     "Fresh paint and new lights made the tiny apartment feel twice as large.",
 )
+
+
+def onnx_sentence_batches(tokenizer: Any, sentences: tuple[str, ...], *, batch: int = 8) -> list[dict[str, np.ndarray]]:
+    """Tokenized batches (padded to the longest sentence of each batch) keyed as the ONNX export's inputs."""
+    out = []
+    for start in range(0, len(sentences), batch):
+        encoded = tokenizer(list(sentences[start:start + batch]), padding=True, return_tensors="np")
+        out.append({
+            "input_ids": encoded["input_ids"].astype(np.int64), "attention_mask": encoded["attention_mask"].astype(np.int64),
+        })
+    return out
+
+
+def onnx_embeddings(model: Any, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Mean-pooled sentence embeddings of an ONNX model (path or ModelProto) on ONNX Runtime."""
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return np.concatenate([mean_pooled(session.run(None, b)[0], b["attention_mask"]) for b in batches])
