@@ -16,6 +16,12 @@ Accuracy is reported as the *smallest* per-sample cosine against FP32 (convnet: 
 batch, drawn apart from the calibration samples; MiniLM: the embeddings of the 8 ``SENTENCES``), never a
 mean. The results name the git commit measured.
 
+Runtimes: the same inc INT8 file (and the FP32 model) also run on OpenVINO (``pip install
+'inc-onnx[openvino]'``; OpenVINO reads the standard ONNX file, nothing is converted), in the same
+side-by-side runs, with float ops kept in f32 and, as a second column, OpenVINO's default precision (bf16
+float ops where the CPU has AVX512-BF16 or AMX). Each row also records what ``runtime="auto"`` picks.
+Without openvino these columns read n/a.
+
 onnx-neural-compressor (Intel Neural Compressor for ONNX Runtime, the "INC-ORT" column) needs numpy<2,
 so it quantizes in its own virtual environment (``--onc-python``, see ``peers/onc.py``); its INT8 files
 are then timed here like every other model. Without ``--onc-python``, or if the peer fails, its column
@@ -39,6 +45,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +61,7 @@ import inc_core as inc
 import inc_onnx
 
 RESULTS = Path(__file__).parent / "results"
+log = logging.getLogger("inc.bench")
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Quantization maps floating point values onto a small integer grid.",
@@ -170,6 +178,37 @@ def minilm(workdir: Path, seq: int) -> tuple[onnx.ModelProto, Any]:
 
 
 # --- measuring -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OnRuntime:
+    """The same ONNX model run by OpenVINO (``inc_onnx.create_session(runtime="openvino")``)."""
+
+    model: onnx.ModelProto
+    precision: str = "f32"  # OpenVINO's float-op precision: "f32", or "default" (bf16 where the CPU has it)
+
+
+Model = onnx.ModelProto | OnRuntime
+
+
+def _session(model: Model, threads: int, spinning: bool = True) -> Any:
+    if isinstance(model, OnRuntime):
+        return inc_onnx.create_session(model.model, runtime="openvino", threads=threads, openvino_precision=model.precision)
+    return inc_onnx.create_session(model, inc_onnx.session_options(threads=threads, spinning=spinning))
+
+
+def openvino_models(fp32: onnx.ModelProto, ours: onnx.ModelProto) -> dict[str, Model]:
+    """The OpenVINO columns: FP32 and inc's INT8 file (f32 float ops, and OpenVINO's default precision)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        log.warning("openvino is not installed: the OpenVINO columns read n/a (pip install 'inc-onnx[openvino]')")
+        return {}
+    return {"fp32_ov": OnRuntime(fp32), "inc_ov": OnRuntime(ours), "inc_ov_default": OnRuntime(ours, "default")}
+
+
+def auto_choice(model: onnx.ModelProto, inputs: Any, threads: int) -> dict[str, Any]:
+    """What inc_onnx's runtime="auto" picks for ``model`` on this CPU, and the latencies it measured."""
+    choice = inc_onnx.choose_runtime(model, inputs, threads=threads)
+    return {"runtime": choice.runtime, "latency_ms": dict(choice.latency_ms), "reason": choice.reason}
 class _Reader(CalibrationDataReader):
     def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
         self._it = iter(batches)
@@ -193,9 +232,12 @@ def ort_dynamic(model: onnx.ModelProto, workdir: Path) -> onnx.ModelProto:
 
 
 def side_by_side(
-    models: dict[str, onnx.ModelProto], inputs: Any, iterations: int, threads: int, spinning: bool = True
+    models: dict[str, Model], inputs: Any, iterations: int, threads: int, spinning: bool = True
 ) -> dict[str, dict[str, float]]:
     """Throughput of each model on the same input, timed side by side.
+
+    A model is a ModelProto (run on ONNX Runtime's CPU provider) or a :class:`OnRuntime` (the same file
+    on another runtime: OpenVINO).
 
     The models take turns in blocks of consecutive calls (in reversed order every other round), so
     load from other processes on the machine falls on each model alike. Blocks rather than single
@@ -229,8 +271,8 @@ def side_by_side(
     return out
 
 
-def _runner(model: onnx.ModelProto, inputs: Any, threads: int, spinning: bool) -> Any:
-    session = inc_onnx.create_session(model, inc_onnx.session_options(threads=threads, spinning=spinning))
+def _runner(model: Model, inputs: Any, threads: int, spinning: bool) -> Any:
+    session = _session(model, threads, spinning)
     feeds = inputs if isinstance(inputs, dict) else {session.get_inputs()[0].name: inputs}
     names = [o.name for o in session.get_outputs()]
     return lambda: session.run(names, feeds)
@@ -240,15 +282,20 @@ def _runner(model: onnx.ModelProto, inputs: Any, threads: int, spinning: bool) -
 
 
 
-def logit_cosine(fp32: onnx.ModelProto, int8: onnx.ModelProto, x: np.ndarray, threads: int) -> float:
-    """Smallest per-sample cosine of INT8 vs FP32 logits (random weights make top-1 agreement meaningless)."""
-    ref = inc_onnx.create_session(fp32, threads=threads).run(None, {"input": x})[0]
-    got = inc_onnx.create_session(int8, threads=threads).run(None, {"input": x})[0]
+def logit_cosine(fp32: onnx.ModelProto, int8: Model, x: np.ndarray, threads: int) -> float:
+    """Smallest per-sample cosine of INT8 vs FP32 logits (random weights make top-1 agreement meaningless).
+
+    The reference is always FP32 on ONNX Runtime; ``int8`` may run on OpenVINO.
+    """
+    ref = _session(fp32, threads).run(None, {"input": x})[0]
+    got = _session(int8, threads).run(None, {"input": x})[0]
     return float(np.min(np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))))
 
 
 PEER_NAME = "onnx-neural-compressor"
 INT8 = ("inc", "ort", "onc")  # the INT8 columns: inc, ORT's quantizer defaults, the onnx-neural-compressor peer
+# The runtime columns: FP32 and inc's INT8 file on OpenVINO (f32 float ops; OpenVINO's default precision).
+OPENVINO = ("fp32_ov", "inc_ov", "inc_ov_default")
 
 
 def _row(head: dict[str, Any], timed: dict[str, dict[str, float]], accuracy: str, score: dict[str, float]) -> dict[str, Any]:
@@ -262,6 +309,17 @@ def _row(head: dict[str, Any], timed: dict[str, dict[str, float]], accuracy: str
     for other in ("ort", "onc"):
         got = timed.get(other)
         row[f"inc_vs_{other}"] = timed["inc"]["samples_per_s"] / got["samples_per_s"] if got else None
+    for key in OPENVINO:
+        row[key] = timed.get(key)
+        row[f"{key}_{accuracy}"] = score.get(key)
+    speed = {key: (timed[key]["samples_per_s"] if key in timed else None) for key in ("fp32", "inc", *OPENVINO)}
+    ratio = lambda a, b: speed[a] / speed[b] if speed[a] and speed[b] else None  # noqa: E731
+    # The same INT8 file on OpenVINO vs ORT's CPU provider, and each runtime's INT8 vs its own FP32.
+    row["inc_ov_vs_inc_ort"] = ratio("inc_ov", "inc")
+    row["inc_ov_vs_fp32_ov"] = ratio("inc_ov", "fp32_ov")
+    row["inc_ov_vs_fp32_ort"] = ratio("inc_ov", "fp32")
+    row["fp32_ov_vs_fp32_ort"] = ratio("fp32_ov", "fp32")
+    row["inc_ov_default_vs_inc_ov"] = ratio("inc_ov_default", "inc_ov")
     return row
 
 
@@ -279,14 +337,18 @@ def bench_convnet(
     peer = onc.quantize(onc_python, "static", model, workdir, name="convnet", calibration=batches)
     if peer.model is not None:
         int8["onc"] = peer.model
+    on_ov = openvino_models(model, ours)
     rows = []
     for batch in (1, 16):
         x = rng.normal(0, 1, size=(batch, 3, 224, 224)).astype(np.float32)
         iters = iterations if batch == 1 else max(iterations // 4, 10)
-        timed = side_by_side({"fp32": model, **int8}, x, iters, threads, spinning)
+        timed = side_by_side({"fp32": model, **int8, **on_ov}, x, iters, threads, spinning)
         head = {"model": "resnet18-shaped convnet", "input": f"{batch}x3x224x224", "batch": batch, "inc_quantize_s": ours_s}
-        score = {key: logit_cosine(model, m, x, threads) for key, m in int8.items()}
-        rows.append(_row(head, timed, "logit_cosine", score))
+        score = {key: logit_cosine(model, m, x, threads) for key, m in {**int8, **on_ov}.items()}
+        row = _row(head, timed, "logit_cosine", score)
+        if on_ov:
+            row["auto"] = auto_choice(ours, x, threads)
+        rows.append(row)
     return rows, peer
 
 
@@ -301,28 +363,68 @@ def bench_minilm(
     enc = tokenizer(SENTENCES, padding="max_length", max_length=seq, truncation=True, return_tensors="np")
     feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
-    def embed(m: onnx.ModelProto) -> np.ndarray:
-        hidden = inc_onnx.create_session(m, threads=threads).run(None, feeds)[0]
+    def embed(m: Model) -> np.ndarray:
+        hidden = _session(m, threads).run(None, feeds)[0]
         mask = feeds["attention_mask"][..., None].astype(np.float32)
         return (hidden * mask).sum(1) / mask.sum(1)
 
     ref = embed(model)
 
-    def min_cosine(m: onnx.ModelProto) -> float:
+    def min_cosine(m: Model) -> float:
         e = embed(m)
         return float(np.min(np.sum(e * ref, 1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref, axis=1))))
 
-    score = {key: min_cosine(m) for key, m in int8.items()}
+    on_ov = openvino_models(model, int8["inc"])
+    score = {key: min_cosine(m) for key, m in {**int8, **on_ov}.items()}
     rows = []
     for batch in (1, 8):
         x = {k: v[:batch] for k, v in feeds.items()}
-        timed = side_by_side({"fp32": model, **int8}, x, iterations, threads, spinning)
-        rows.append(_row({"model": "all-MiniLM-L6-v2", "input": f"{batch}x{seq} tokens", "batch": batch}, timed, "min_cosine", score))
+        timed = side_by_side({"fp32": model, **int8, **on_ov}, x, iterations, threads, spinning)
+        row = _row({"model": "all-MiniLM-L6-v2", "input": f"{batch}x{seq} tokens", "batch": batch}, timed, "min_cosine", score)
+        if on_ov:
+            row["auto"] = auto_choice(int8["inc"], x, threads)
+        rows.append(row)
     return rows, peer
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def runtime_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """The same files on ONNX Runtime's CPU provider and on OpenVINO, timed in the same runs as the table above."""
+    if not any(r.get("inc_ov") for r in rows):
+        return ["", "OpenVINO columns: n/a (openvino not installed)."]
+    lines = [
+        "",
+        f"## The same files on ONNX Runtime (CPU EP) and OpenVINO {meta.get('openvino', '')}",
+        "",
+        "The inc INT8 file above, unchanged, run by `inc_onnx.create_session(runtime=\"openvino\")` (OpenVINO reads the "
+        "ONNX file; CPU plugin, LATENCY hint, same thread count, `INFERENCE_PRECISION_HINT=f32` so float ops stay FP32), "
+        "timed in the same side-by-side runs as the table above. \"OV default precision\": the same without the "
+        "precision hint (OpenVINO then runs float ops in bf16 on CPUs with AVX512-BF16/AMX). \"auto\": what "
+        "`runtime=\"auto\"` picks for the inc INT8 file on this CPU (its own short measurement, median ms).",
+        "",
+        "| model | input | FP32 ORT | FP32 OV | INT8 inc on ORT | INT8 inc on OV | INT8 inc on OV, default precision "
+        "| OV/ORT same INT8 file | INT8/FP32 on ORT | INT8/FP32 on OV | INT8 OV / FP32 ORT | min cosine vs FP32 "
+        "(INT8 ORT / INT8 OV / INT8 OV default / FP32 OV) | auto picks |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        kind = "min_cosine" if "inc_min_cosine" in r else "logit_cosine"
+        sps = lambda got: _fmt((got or {}).get("samples_per_s"), ".1f")  # noqa: E731
+        acc = " / ".join(_fmt(r.get(f"{key}_{kind}"), ".4f") for key in ("inc", "inc_ov", "inc_ov_default", "fp32_ov"))
+        auto = r.get("auto") or {}
+        picked = (
+            f"{auto['runtime']} ({', '.join(f'{k} {v:.2f}' for k, v in auto['latency_ms'].items())} ms)" if auto else "n/a"
+        )
+        lines.append(
+            f"| {r['model']} | {r['input']} | {sps(r['fp32'])} | {sps(r.get('fp32_ov'))} | {sps(r['inc_int8'])} | "
+            f"{sps(r.get('inc_ov'))} | {sps(r.get('inc_ov_default'))} | {_fmt(r.get('inc_ov_vs_inc_ort'), '.2f', 'x')} | "
+            f"{_fmt(r.get('inc_vs_fp32'), '.2f', 'x')} | {_fmt(r.get('inc_ov_vs_fp32_ov'), '.2f', 'x')} | "
+            f"{_fmt(r.get('inc_ov_vs_fp32_ort'), '.2f', 'x')} | {acc} | {picked} |"
+        )
+    return lines
 
 
 def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> Path:
@@ -360,9 +462,18 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> Path:
             f"| {r['model']} | {r['input']} | {r['fp32']['samples_per_s']:.1f} | {speed} | {ratios} | "
             f"{_fmt(r['inc_vs_ort'], '.2f')} | {_fmt(r['inc_vs_onc'], '.2f')} | {acc} |"
         )
+    lines += runtime_table(rows, meta)
     lines += ["", f"Measured {meta['date']}, git commit {meta.get('commit', 'unknown')}."]
     (out / "onnx.md").write_text("\n".join(lines) + "\n")
     return out / "onnx.md"
+
+
+def _openvino_version() -> str | None:
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return str(openvino.__version__).split("-")[0]
 
 
 def main() -> None:
@@ -386,6 +497,7 @@ def main() -> None:
         "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": args.threads, "onnxruntime": ort.__version__,
         "onnx": onnx.__version__, "inc_onnx": inc_onnx.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"), "spinning": not args.no_spinning, "commit": git_commit(),
+        "openvino": _openvino_version(),
     }
     peers: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="inc-onnx-bench-") as tmp:
