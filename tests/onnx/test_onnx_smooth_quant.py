@@ -4,7 +4,8 @@ The model is a transformer-like block on the digits images (each image as 4 toke
 LayerNormalization whose gamma makes three channels 50x larger than the others (the activation
 outliers SmoothQuant is for), two MatMuls reading it (one shared scale, folded into gamma/beta),
 Add, Relu, and an output MatMul + bias whose input comes from the Relu (nothing to fold into: a
-Mul is inserted). The outlier channels' weights are small, as in trained transformers, so every
+Mul is inserted), plus a residual-like ReduceMean of the LayerNorm output (not smoothed: it gets
+the unscaled values back through a Mul). The outlier channels' weights are small, as in trained transformers, so every
 channel matters to the output.
 """
 
@@ -49,7 +50,9 @@ def _outlier_block() -> onnx.ModelProto:
         helper.make_node("Add", ["q", "v"], ["qv"], name="add"),
         helper.make_node("Relu", ["qv"], ["act"], name="relu"),
         helper.make_node("MatMul", ["act", "wo"], ["o"], name="out"),
-        helper.make_node("Add", ["o", "bo"], ["logits"], name="out_bias"),
+        helper.make_node("Add", ["o", "bo"], ["ob"], name="out_bias"),
+        helper.make_node("ReduceMean", ["ln"], ["skip"], name="skip", axes=[-1], keepdims=1),
+        helper.make_node("Add", ["ob", "skip"], ["logits"], name="residual"),
     ]
     graph = helper.make_graph(
         nodes,
@@ -90,8 +93,9 @@ def test_rescaled_fp32_graph_computes_what_the_original_does(data: tuple[inc.Dat
     given = model.SerializeToString()
     calibration = OnnxBackend().calibrate(model, data[0], inc.QuantConfig(smooth_quant=SQ))
     smoothed = calibration.prepared.model
-    assert calibration.folded == ("ln",)  # query and value read only the LayerNorm: one scale, in gamma/beta
-    assert calibration.inserted == ("out_smooth_quant_mul",)  # the Relu has nothing to fold into
+    assert calibration.folded == ("ln",)  # query and value share one scale, in gamma/beta
+    # the ReduceMean reads the LayerNorm output times s; the Relu has nothing to fold into
+    assert calibration.inserted == ("ln_smooth_quant_restore", "out_smooth_quant_mul")
     gamma = {i.name: numpy_helper.to_array(i) for i in smoothed.graph.initializer}["gamma"]
     assert gamma[OUTLIERS].max() < 10.0 < 50.0  # the outliers moved out of the activation
     x = data[1]
@@ -112,8 +116,8 @@ def test_smooth_quant_brings_static_int8_closer_to_fp32(fmt: str, data: tuple[in
     assert after < 0.3 * before, (before, after)
     counts = OnnxBackend().int8_op_counts(smooth)
     assert sum(counts.values()) >= 3, counts  # query, value and out still run INT8 kernels
-    muls = [n for n in smooth.graph.node if n.name == "out_smooth_quant_mul"]
-    assert len(muls) == 1 and muls[0].op_type == "Mul"  # the inserted Mul stays FP32
+    muls = [n for n in smooth.graph.node if n.name in ("out_smooth_quant_mul", "ln_smooth_quant_restore")]
+    assert [n.op_type for n in muls] == ["Mul", "Mul"]  # the inserted Muls stay FP32
     record = json.loads({p.key: p.value for p in smooth.metadata_props}[METADATA_KEY])
     assert inc.QuantConfig.from_dict({k: v for k, v in record.items() if k != "format"}).smooth_quant == SQ
     assert record["exclude"]["names"] == []  # the stamp is the user's recipe

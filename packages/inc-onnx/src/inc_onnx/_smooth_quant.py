@@ -6,12 +6,13 @@ is multiplied by ``s_j`` (:func:`inc_core.calibration._smooth_quant.smooth_scale
 channel maxima of its input on the calibration data) and its input is divided by ``s_j``. Nodes
 reading the same activation share one scale (the max over their weights).
 
-The division goes where it costs nothing when it can: into the LayerNormalization (gamma and
-beta), or the ``Mul(gamma)`` / ``Add(beta)`` of a decomposed LayerNorm, that produces the
-activation, provided every reader of the activation is smoothed. Otherwise (a residual branch also
-reads it, or the producer is a GELU, a Reshape, a graph input) a ``Mul`` by ``1/s`` is inserted in
-front of the smoothed nodes and kept in FP32, so the MatMul's quantized input is the rescaled one.
-The FP32 graph computes what it did before, up to float rounding.
+The division goes into the LayerNormalization (gamma and beta), or the ``Mul(gamma)`` /
+``Add(beta)`` of a decomposed LayerNorm, that produces the activation, so the tensor quantized is
+the rescaled one; readers that are not smoothed (the residual Add of a post-LayerNorm BERT block)
+get the original back through a ``Mul`` by ``s``. Where the producer has nothing to fold into (a
+GELU, a Reshape, a graph input) a ``Mul`` by ``1/s`` goes in front of the smoothed nodes, and the
+producer stays FP32 when only that Mul reads it (else its output would be quantized twice, once
+unsmoothed). Inserted Muls stay FP32. The FP32 graph computes what it did, up to float rounding.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ class SmoothedCalibration:
         prepared: the rescaled graph (what is quantized instead of the user's).
         calibration: activation statistics of the rescaled graph.
         folded: activations whose scale went into their producer.
-        inserted: names of the ``Mul`` nodes inserted where it could not (kept in FP32).
+        inserted: names of the ``Mul`` nodes inserted (kept in FP32): ``1/s`` in front of MatMuls whose input
+            could not be folded, ``s`` in front of the other readers of a folded activation.
+        float_producers: nodes whose output only an inserted ``1/s`` Mul reads (kept in FP32, so the
+            activation is quantized once, rescaled).
     """
 
     smooth_quant: SmoothQuant
@@ -66,6 +70,7 @@ class SmoothedCalibration:
     calibration: OnnxCalibration = field(repr=False)
     folded: tuple[str, ...] = ()
     inserted: tuple[str, ...] = ()
+    float_producers: tuple[str, ...] = ()
 
     @property
     def sample(self) -> dict[str, np.ndarray] | None:
@@ -117,7 +122,7 @@ def calibrate_smoothed(
             "set smooth_quant=None."
         )
     absmax = _channel_absmax(prepared, dataset, list(groups), config.calib_samples)
-    model, folded, inserted = smooth_graph(prepared.model, absmax, config.smooth_quant.alpha)
+    model, folded, inserted, float_producers = smooth_graph(prepared.model, absmax, config.smooth_quant.alpha)
     smoothed = Prepared(
         model=model,
         digest=f"{prepared.digest}{_SUFFIX}:{config.smooth_quant.alpha!r}",
@@ -130,7 +135,9 @@ def calibrate_smoothed(
         config.smooth_quant.alpha, len(groups), len(folded), len(inserted),
     )
     calibration = collect(smoothed, dataset, observe(smoothed), samples=config.calib_samples)
-    return SmoothedCalibration(config.smooth_quant, smoothed, calibration, tuple(folded), tuple(inserted))
+    return SmoothedCalibration(
+        config.smooth_quant, smoothed, calibration, tuple(folded), tuple(inserted), tuple(float_producers)
+    )
 
 
 def _channel_absmax(prepared: Prepared, dataset: Dataset, tensors: list[str], samples: int) -> dict[str, np.ndarray]:
@@ -153,8 +160,12 @@ def _channel_absmax(prepared: Prepared, dataset: Dataset, tensors: list[str], sa
 
 def smooth_graph(
     model: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float
-) -> tuple[onnx.ModelProto, list[str], list[str]]:
-    """A rescaled copy of ``model``: (graph, activations folded into their producer, Mul nodes inserted).
+) -> tuple[onnx.ModelProto, list[str], list[str], list[str]]:
+    """A rescaled copy of ``model``.
+
+    Returns:
+        (graph, activations folded into their producer, Mul nodes inserted, producers whose output
+        only an inserted Mul reads): the last two are to stay FP32.
 
     ``absmax`` maps each activation to smooth to its per-channel ``max|x|`` (last axis).
     """
@@ -174,7 +185,8 @@ def smooth_graph(
     inserted: list[str] = []
     # Graph lists are rebuilt once at the end: editing them in the loop would detach the nodes held above.
     new_inits: list[onnx.TensorProto] = []
-    muls_before: dict[str, onnx.NodeProto] = {}
+    muls_before: dict[str, list[onnx.NodeProto]] = {}
+    float_producers: list[str] = []
     for activation, group in groups.items():
         if activation not in absmax:
             continue
@@ -189,35 +201,53 @@ def smooth_graph(
         for weight, reader in zip(weights, group):
             shape = (-1, 1) if reader.in_axis == 0 else (1, -1)
             _replace_initializer(inits[reader.weight], (weight * scales.reshape(shape)).astype(np.float32))
-        only_smoothed = activation not in graph_outputs and {id(n) for n in readers.get(activation, [])} <= {
-            id(r.node) for r in group
-        }
+        smoothed_names = {r.node.name for r in group}
+        others = [n for n in readers.get(activation, []) if n.name not in smoothed_names]
         producer = producers.get(activation)
-        if only_smoothed and producer is not None and _fold_into(producer, scales, inits, readers, producers):
+        if activation not in graph_outputs and producer is not None and _fold_into(producer, scales, inits, readers, producers):
+            # The producer now writes x / s, so the tensor quantized is the smoothed one whatever else reads it;
+            # the other readers (a residual Add) get x back through a Mul by s.
             folded.append(activation)
+            if others:
+                name = _unique(f"{producer.name}{_SUFFIX}_restore", names)
+                restored = _unique(f"{activation}{_SUFFIX}_restored", {*inits, *producers, *readers})
+                new_inits.append(numpy_helper.from_array(scales.astype(np.float32), f"{name}_scale"))
+                mul = onnx.helper.make_node("Mul", [activation, f"{name}_scale"], [restored], name=name)
+                muls_before.setdefault(others[0].name, []).append(mul)
+                for node in others:
+                    for index, value in enumerate(node.input):
+                        if value == activation:
+                            node.input[index] = restored
+                _copy_value_info(graph, activation, restored)
+                inserted.append(name)
             continue
         name = _unique(f"{group[0].node.name}{_SUFFIX}_mul", names)
         scaled = _unique(f"{activation}{_SUFFIX}", {*inits, *producers, *readers})
         inverse = f"{name}_inv_scale"
         new_inits.append(numpy_helper.from_array((1.0 / scales).astype(np.float32), inverse))
-        muls_before[group[0].node.name] = onnx.helper.make_node("Mul", [activation, inverse], [scaled], name=name)
+        muls_before.setdefault(group[0].node.name, []).append(
+            onnx.helper.make_node("Mul", [activation, inverse], [scaled], name=name)
+        )
         for reader in group:
             reader.node.input[0] = scaled
         _copy_value_info(graph, activation, scaled)
         inserted.append(name)
+        if producer is not None and not others:
+            # The producer's output is read by the Mul alone: kept float, it is quantized once, after the Mul.
+            float_producers.append(producer.name)
     graph.initializer.extend(new_inits)
     if muls_before:
         nodes = []
         for node in graph.node:
             if node.name in muls_before:
-                nodes.append(muls_before[node.name])  # right before its first reader: after the activation's producer
+                nodes.extend(muls_before[node.name])  # right before the first reader: after the activation's producer
             nodes.append(node)
         copied = [onnx.NodeProto() for _ in nodes]
         for target, node in zip(copied, nodes):
             target.CopyFrom(node)
         del graph.node[:]
         graph.node.extend(copied)
-    return out, folded, inserted
+    return out, folded, inserted, float_producers
 
 
 def _fold_into(
@@ -321,7 +351,7 @@ def unwrap(
         if not isinstance(calibration, SmoothedCalibration):
             return prepared, config, calibration
         listed = {op.name for op in describe_prepared(calibration.prepared.model, config, fmt).ops}
-        keep = tuple(name for name in calibration.inserted if name in listed)
+        keep = tuple(name for name in (*calibration.inserted, *calibration.float_producers) if name in listed)
         exclude = config.exclude.union(LayerFilter(names=keep)) if keep else config.exclude
         return calibration.prepared, dataclasses.replace(config, exclude=exclude), calibration.calibration
     raise CalibrationError(
