@@ -231,3 +231,15 @@ def test_backends_without_smooth_quant_refuse_it() -> None:
         inc.quantize(_model(), inc.QuantConfig(smooth_quant=inc.SmoothQuant()), dataset=_data(), backend=Plain())
     with pytest.raises(ConfigError, match="smooth_quant_alphas=\\[0.5\\] but the smoothlinear backend"):
         inc.autotune(_model(), inc.TuningConfig(smooth_quant_alphas=(0.5,)), eval_fn=lambda m: 1.0, dataset=_data(), backend=Plain())
+
+
+@pytest.mark.parametrize("strategy", ["exhaustive", "random"])
+def test_every_settings_strategy_reaches_smooth_quant(strategy: str, backend: SmoothLinearBackend) -> None:
+    model = _model()
+    plain = _fidelity(model, inc.quantize(model, inc.QuantConfig(), dataset=_data(), backend=backend))
+    config = inc.TuningConfig(
+        strategy=strategy, smooth_quant_alphas=(0.5, 0.75), tolerable_loss=0.5 * (1.0 - plain), loss_type="absolute"
+    )
+    result = inc.autotune(model, config, eval_fn=lambda q: 1.0 if q is model else _fidelity(model, q), dataset=_data(), backend=backend)
+    assert result.met and result.config.smooth_quant is not None, [t.change for t in result.trials]
+    assert result.trials[0].change == "base"
