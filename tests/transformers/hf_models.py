@@ -185,7 +185,7 @@ def onnx_embeddings(model: Any, batches: list[dict[str, np.ndarray]]) -> np.ndar
     """Mean-pooled sentence embeddings of an ONNX model (path or ModelProto) on ONNX Runtime."""
     import onnxruntime as ort
 
-    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

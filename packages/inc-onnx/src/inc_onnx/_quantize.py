@@ -137,7 +137,7 @@ def _quantizer(
     every = describe_prepared(prepared.model, config, fmt, exact_ops=True).ops
     quantized = [op for op in every if op.name not in excluded]
     # Mask arithmetic is never listed by describe, but ORT is told op types, not nodes: name it here.
-    kept_float = sorted(excluded | analyse_masks(prepared.model).float_only)
+    kept_float = sorted(excluded | _mask_nodes(prepared.model, {op.name for op in every} - {op.name for op in space.ops}))
     ranges, tensor_overrides = _static_ranges(model, config, fmt, calibration, quantized)
     activation = _QTYPES[config.activation_dtype]
     extra: dict[str, Any] = {"TensorQuantOverrides": tensor_overrides}
@@ -160,6 +160,24 @@ def _quantizer(
         model, per_channel, False, QuantizationMode.QLinearOps, True, QuantType.QInt8, activation,
         tensors_range, [], kept_float, op_types, extra,
     )
+
+
+def _mask_nodes(model: onnx.ModelProto, exact: set[str]) -> set[str]:
+    """The mask nodes, and the data-movement nodes whose outputs only mask nodes read (T5's position bias
+    Unsqueeze): quantized, their 8-bit output would have no INT8 reader (ORT's QOperator quantizer then
+    leaves the float tensor undefined)."""
+    float_only = set(analyse_masks(model).float_only)
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    outputs = {o.name for o in model.graph.output}
+    for node in reversed(model.graph.node):
+        if node.name in exact and node.name not in float_only:
+            consumers = [r for out in node.output for r in readers.get(out, [])]
+            if consumers and all(r in float_only for r in consumers) and not outputs.intersection(node.output):
+                float_only.add(node.name)
+    return float_only
 
 
 def _has_matrix_bias(model: onnx.ModelProto) -> bool:
