@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -163,3 +164,32 @@ def test_unwritable_output_leaves_no_partial_directory(tmp_path, calib, monkeypa
     with pytest.raises(SaveError, match="disk full"):
         inc.save(q, tmp_path / "model.savedmodel")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.savedmodel"]
+
+
+def _residual_cnn() -> keras.Model:
+    """conv+ReLU, then a residual block whose Add+ReLU the SavedModel target fuses into the second conv."""
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="stem")(inputs)
+    y = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="block_a")(h)
+    y = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="block_b")(y)
+    y = keras.layers.BatchNormalization(name="block_bn")(y)
+    h = keras.layers.ReLU(name="block_relu")(keras.layers.Add(name="residual")([y, h]))
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="residual_cnn")
+    x_train, _, y_train, _ = models.digits()
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_train, y_train, epochs=15, batch_size=32, verbose=0)
+    return model
+
+
+def test_residual_add_and_relu_fused_into_the_int8_conv(digits, calib):
+    x_test, y_test = digits[1], digits[3]
+    model = _residual_cnn()
+    q = inc.quantize(model, SAVEDMODEL, dataset=calib)
+    counts = q.op_counts()
+    assert counts.get("QuantizedConv2DWithBiasSumAndReluAndRequantize") == 1, counts
+    assert counts.get("_FusedQuantizedConv2D") == 2 and "AddV2" not in counts and "Relu" not in counts, counts
+    assert sorted(q.int8_layers()) == ["block_a", "block_b", "logits", "stem"]
+    fp32 = models.accuracy(model, x_test, y_test)
+    assert fp32 > 0.9 and models.accuracy(q, x_test, y_test) >= fp32 - 0.01

@@ -33,11 +33,24 @@ _TINY = 1e-6  # a range never collapses to a point (a dead channel or an all-zer
 
 @dataclass(frozen=True)
 class UnitSettings:
-    """How one unit is quantized in a trial: its input range, output range, weight granularity."""
+    """How one unit is quantized in a trial: its ranges and weight granularity.
+
+    ``output_range`` is the unit's final output's; ``core_output_range`` and ``summand_range`` are those of
+    the tensor before a residual Add and of the Add's other input (``None`` without a summand).
+    """
 
     input_range: tuple[float, float]
     output_range: tuple[float, float]
     per_channel: bool
+    core_output_range: tuple[float, float] | None = None
+    summand_range: tuple[float, float] | None = None
+
+
+def _fuses_sum(unit: Unit, s: UnitSettings) -> bool:
+    """Whether the residual Add goes into the conv kernel: TF's fused sum kernel takes unsigned input and summand."""
+    return bool(
+        unit.summand and s.summand_range is not None and s.summand_range[0] >= 0.0 and s.input_range[0] >= 0.0
+    )
 
 
 @dataclass(frozen=True)
@@ -116,7 +129,13 @@ def rewrite_int8(
     from tensorflow.python.framework import dtypes
 
     chosen = [u for u in units if u.name in settings]
-    replaced = {name for u in chosen for name in u.nodes}
+    fusing: set[str] = set()
+    claimed: set[str] = set()
+    for u in chosen:  # two convs feeding one Add may both qualify: the first one takes it
+        if _fuses_sum(u, settings[u.name]) and u.output_node not in claimed:
+            fusing.add(u.name)
+            claimed.add(u.output_node)
+    replaced = {name for u in chosen for name in (u.nodes if u.name in fusing else u.core_nodes or u.nodes)}
     build = _Builder(graph_def)
     for node in graph_def.node:
         if node.name not in replaced:
@@ -126,6 +145,12 @@ def rewrite_int8(
     kernels: dict[str, str] = {}
     for unit in _in_order(chosen):
         s = settings[unit.name]
+        fused_sum = unit.name in fusing
+        if unit.summand and not fused_sum:
+            # The residual Add and its Relu stay float; the unit ends before them.
+            unit = Unit(unit.name, unit.op, unit.input, unit.core_output.split(":")[0], unit.core_nodes,
+                        unit.weight, unit.bias, False, unit.attrs)
+            s = UnitSettings(s.input_range, s.core_output_range or s.output_range, s.per_channel)
         base = f"{unit.name}/inc_int8"
         low, high = s.input_range
         bias = unit.bias.astype(np.float64)
@@ -141,17 +166,20 @@ def rewrite_int8(
                 want = (_QUINT8, (0.0, max(high, _TINY)))
         else:
             want = (_QUINT8, (0.0, max(high, _TINY))) if low >= 0.0 else (_QINT8, _signed_bounds(low, high))
-        qin = produced.get(unit.input)
-        if qin is None or source != unit.input or (qin.dtype, qin.bounds) != want:
-            key = (source, want[0], want[1])
-            qin = quantized_inputs.get(key)
-            if qin is None:
-                qname = f"{base}/quantize"
+        def quantized(tensor: str, want: tuple[int, tuple[float, float]], qname: str) -> _QTensor:
+            """``tensor`` in int8: a producer's requantized output at the same range, else one QuantizeV2 per range."""
+            ready = produced.get(tensor)
+            if ready is not None and (ready.dtype, ready.bounds) == want:
+                return ready
+            key = (tensor, want[0], want[1])
+            if key not in quantized_inputs:
                 lo_ref = build.const(f"{qname}/min", np.float32(want[1][0]))
                 hi_ref = build.const(f"{qname}/max", np.float32(want[1][1]))
-                build.node(qname, "QuantizeV2", [source, lo_ref, hi_ref], T=want[0], mode="SCALED", round_mode="HALF_TO_EVEN")
-                qin = _QTensor(f"{qname}:0", f"{qname}:1", f"{qname}:2", want[0], want[1])
-                quantized_inputs[key] = qin
+                build.node(qname, "QuantizeV2", [tensor, lo_ref, hi_ref], T=want[0], mode="SCALED", round_mode="HALF_TO_EVEN")
+                quantized_inputs[key] = _QTensor(f"{qname}:0", f"{qname}:1", f"{qname}:2", want[0], want[1])
+            return quantized_inputs[key]
+
+        qin = quantized(source, want, f"{base}/quantize")
         q_weight, limit = _quantized_weights(unit.weight, s.per_channel and unit.op == "Conv2D")
         w_ref = build.const(f"{base}/weight", q_weight, dtype=dtypes.qint8)
         wmin = build.const(f"{base}/weight_min", -limit)
@@ -165,7 +193,17 @@ def rewrite_int8(
         omin = build.const(f"{base}/output_min", np.float32(out_bounds[0]))
         omax = build.const(f"{base}/output_max", np.float32(out_bounds[1]))
         inputs = [qin.ref, w_ref, b_ref, qin.min_ref, qin.max_ref, wmin, wmax, omin, omax]
-        if unit.op == "Conv2D":
+        if fused_sum:
+            summand, summand_high = unit.summand or "", (s.summand_range or (0.0, 0.0))[1]  # both set: _fuses_sum
+            qsum = quantized(summand, (_QUINT8, (0.0, max(summand_high, _TINY))), f"{base}/quantize_summand")
+            kernel = build.node(
+                f"{base}/conv_sum", "QuantizedConv2DWithBiasSumAndReluAndRequantize",
+                [*inputs, qsum.ref, qsum.min_ref, qsum.max_ref],
+                Tinput=_QUINT8, Tfilter=_QINT8, Tbias=_FLOAT, Tsummand=_QUINT8, out_type=_QUINT8,
+                strides=unit.attrs["strides"], padding=unit.attrs["padding"],
+            ).name
+            kernels[kernel] = unit.name
+        elif unit.op == "Conv2D":
             fused = ["BiasAdd", "Relu", "Requantize"] if unit.relu else ["BiasAdd", "Requantize"]
             build.node(
                 f"{base}/conv", "_FusedQuantizedConv2D", inputs,
@@ -201,7 +239,7 @@ def rewrite_int8(
 
 def _in_order(units: list[Unit]) -> list[Unit]:
     """Producers before consumers, so a consumer sees its producer's int8 output (graph order already is)."""
-    outputs = {u.output: u for u in units}
+    outputs = {t: u for u in units for t in (u.output, u.core_output)}
     done: set[str] = set()
     ordered: list[Unit] = []
 
@@ -209,9 +247,10 @@ def _in_order(units: list[Unit]) -> list[Unit]:
         if unit.name in done:
             return
         done.add(unit.name)
-        producer = outputs.get(unit.input)
-        if producer is not None:
-            visit(producer)
+        for tensor in (unit.input, unit.summand):
+            producer = outputs.get(tensor or "")
+            if producer is not None:
+                visit(producer)
         ordered.append(unit)
 
     for unit in units:

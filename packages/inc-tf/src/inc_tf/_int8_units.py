@@ -3,7 +3,8 @@
 A unit is a Conv2D (NHWC) or MatMul node whose weights are constant, plus the chain of single-consumer
 ops after it that fold into one oneDNN int8 kernel: BiasAdd, and Add/Sub/Mul by a per-channel constant
 (how Keras' BatchNormalization runs at inference) folded into the weights and bias, then a Relu. The
-unit's output is the last op of that chain.
+unit's output is the last op of that chain. A Conv2D chain that ends in ``Relu(Add(conv, other))`` (a
+residual block) also records ``other`` as its summand, which the rewrite may fuse into the kernel.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class Unit:
         bias: folded float bias, one per output channel.
         relu: whether a Relu ends the unit.
         attrs: strides/padding/dilations of a Conv2D.
+        summand: the tensor a residual ``Add`` adds before the final Relu (``None`` without one).
+        core_nodes: the nodes up to the residual Add (all of :attr:`nodes` without a summand).
     """
 
     name: str
@@ -113,10 +116,17 @@ class Unit:
     bias: np.ndarray = field(repr=False)
     relu: bool
     attrs: dict[str, Any] = field(default_factory=dict, repr=False)
+    summand: str | None = None
+    core_nodes: list[str] = field(default_factory=list)
 
     @property
     def output(self) -> str:
         return f"{self.output_node}:0"
+
+    @property
+    def core_output(self) -> str:
+        """The float tensor before the residual Add (the unit's output when it has no summand)."""
+        return f"{(self.core_nodes or self.nodes)[-1]}:0"
 
 
 def _consumers(graph_def: Any) -> dict[str, list[Any]]:
@@ -177,6 +187,7 @@ def find_units(graph_def: Any, folder: ConstantFolder, outputs: tuple[str, ...])
         channels = weight.shape[-1]
         bias = np.zeros(channels, dtype=np.float64)
         chain, relu, current = [node.name], False, f"{node.name}:0"
+        summand, core = None, None
         while True:
             users = consumers.get(_node_of(current), [])
             if len(users) != 1 or _node_of(current) in graph_outputs:
@@ -187,7 +198,17 @@ def find_units(graph_def: Any, folder: ConstantFolder, outputs: tuple[str, ...])
                 chain.append(user.name)
                 relu, current = True, f"{user.name}:0"
                 break
-            if user.op not in ("BiasAdd", "Add", "AddV2", "Sub", "Mul") or other is None or not folder.is_constant(other):
+            if user.op not in ("BiasAdd", "Add", "AddV2", "Sub", "Mul") or other is None:
+                break
+            if not folder.is_constant(other):
+                after = consumers.get(user.name, [])
+                if (
+                    node.op == "Conv2D" and user.op in ("Add", "AddV2") and tensor_name(other) != current
+                    and len(after) == 1 and after[0].op == "Relu" and user.name not in graph_outputs
+                ):
+                    summand, core = tensor_name(other), list(chain)
+                    chain += [user.name, after[0].name]
+                    relu, current = True, f"{after[0].name}:0"
                 break
             if user.op == "Sub" and tensor_name(user.input[0]) != current:
                 break  # c - x flips the sign of x: not a bias
@@ -208,6 +229,6 @@ def find_units(graph_def: Any, folder: ConstantFolder, outputs: tuple[str, ...])
             attrs = {"strides": list(node.attr["strides"].list.i), "padding": node.attr["padding"].s.decode()}
         units.append(
             Unit(node.name, node.op, tensor_name(data[0]), _node_of(current), chain,
-                 weight.astype(np.float32), bias.astype(np.float32), relu, attrs)
+                 weight.astype(np.float32), bias.astype(np.float32), relu, attrs, summand, core or [])
         )
     return units

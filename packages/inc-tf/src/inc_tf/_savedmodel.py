@@ -21,6 +21,7 @@ INT8_OPS = (
     "_QuantizedMatMul",
     "QuantizedConv2DWithBiasAndRequantize",
     "QuantizedConv2DWithBiasAndReluAndRequantize",
+    "QuantizedConv2DWithBiasSumAndReluAndRequantize",
     "QuantizedMatMulWithBiasAndDequantize",
     "QuantizedMatMulWithBiasAndReluAndRequantize",
     "QuantizedMatMulWithBiasAndRequantize",

@@ -104,7 +104,9 @@ def calibrate_plan(plan: GraphPlan, dataset: Dataset, *, samples: int, model_id:
     import tensorflow as tf
 
     frozen = plan.frozen
-    watched = tuple(dict.fromkeys(t for u in plan.units for t in (u.input, u.output)))
+    watched = tuple(
+        dict.fromkeys(t for u in plan.units for t in (u.input, u.output, u.core_output, u.summand or u.output))
+    )
     if not watched:
         raise UnsupportedModelError(
             "The model has no Conv2D or MatMul with constant weights, so the SavedModel int8 target has nothing "
@@ -156,7 +158,7 @@ def _as_list(batch: Any, frozen: FrozenGraph) -> list[np.ndarray]:
 def quantize_plan(plan: GraphPlan, config: QuantConfig, calibration: GraphCalibration) -> TFSavedModel:
     """The int8 graph for one trial: ranges from ``config``'s per-op settings, excluded ops left in float."""
     excluded = set(config.exclude.select(describe_plan(plan).ops)) if config.exclude else set()
-    producers = {u.output: u for u in plan.units}
+    producers = {t: u for u in plan.units for t in (u.output, u.core_output)}
     settings: dict[str, UnitSettings] = {}
 
     def tensor_range(tensor: str, reader: Unit) -> tuple[float, float]:
@@ -178,6 +180,8 @@ def quantize_plan(plan: GraphPlan, config: QuantConfig, calibration: GraphCalibr
             input_range=tensor_range(unit.input, unit),
             output_range=tensor_range(unit.output, unit),
             per_channel=config.setting(name, op_type, "granularity") == "per_channel",
+            core_output_range=tensor_range(unit.core_output, unit),
+            summand_range=tensor_range(unit.summand, unit) if unit.summand else None,
         )
     graph_def, kernels = rewrite_int8(plan.frozen.graph_def, plan.units, settings, plan.frozen.output_tensors)
     frozen = plan.frozen
