@@ -76,6 +76,14 @@ def test_backend_found_from_file_suffix(fake_plugins, tmp_path):
     assert inc.load(path) == "loaded"
 
 
+def test_directory_without_suffix_found_from_the_suffixes_of_its_files(fake_plugins, tmp_path):
+    export = tmp_path / "export"  # a model directory such as a SavedModel export ("saved_model.pb" inside)
+    export.mkdir()
+    (export / "graph.fakearr").write_text("x")
+    (export / "variables").mkdir()
+    assert inc.load(export) == "loaded"
+
+
 def test_unknown_model_type_names_the_type_the_fix_and_installed_backends(fake_plugins):
     class Net:
         pass
