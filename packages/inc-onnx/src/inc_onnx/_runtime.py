@@ -114,7 +114,7 @@ def choose_runtime(
 def measure(
     model: Any, inputs: Any = None, *, threads: int | None = None, openvino_precision: str = "f32"
 ) -> tuple[RuntimeChoice, Any | None]:
-    """:func:`choose_runtime`, plus the winner's session when this call measured (None when cached)."""
+    """:func:`choose_runtime`, plus the winner's session when this call built one (None when cached or not measured)."""
     from inc_onnx._openvino import check_precision, compile_openvino, import_openvino
     from inc_onnx._session import available_cpus, ort_session
 
@@ -129,12 +129,12 @@ def measure(
         cached = _choices.get(key)
     if cached is not None:
         return cached, None
-    ort_sess = ort_session(proto, threads=n_threads)
     try:
         import_openvino()
     except BackendNotFoundError:
         choice = RuntimeChoice("ort", {}, n_threads, cpu_name(), "OpenVINO is not installed (pip install 'inc-onnx[openvino]')")
-        return _remember(key, choice), ort_sess
+        return _remember(key, choice), None
+    ort_sess = ort_session(proto, threads=n_threads)
     try:
         ov_sess = compile_openvino(model, proto, threads=n_threads, precision=openvino_precision)
         ov_sess.run(None, feeds)
