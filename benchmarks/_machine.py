@@ -26,3 +26,13 @@ def cpu_flags() -> list[str]:
     """The VNNI / AVX2 / AVX-512 / AMX flags of the CPU (the INT8 kernels ORT and oneDNN pick depend on them)."""
     flags = (_cpuinfo_field("flags") or "").split()
     return sorted({f for f in flags if "vnni" in f or f in _INT8_FLAGS})
+
+
+def git_commit(*paths: str) -> str:
+    """The commit measured (short hash), with "+dirty" when ``paths`` hold uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True, text=True, check=False)
+    return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")

@@ -1,12 +1,20 @@
 """INT8 vs FP32 throughput and accuracy of inc-torch's paths, side by side with their peers.
 
 Models: a ResNet-18-shaped convnet (224x224, batch 1 and 16) and the real all-MiniLM-L6-v2 encoder
-(sequence 128). Paths: inc PT2E (+inductor), inc FX, inc dynamic, inc IPEX (when IPEX is installed),
-torchao's own PT2E defaults, neural-compressor 3.x PT2E (when installed). Accuracy: a CNN trained here
-on scikit-learn's digits (relative loss per path) and MiniLM embedding cosine against FP32.
+(sequence 128). Paths: inc PT2E (torch.compile, the default runtime, and AOTInductor), inc FX,
+inc dynamic, inc IPEX (when IPEX is installed), torchao's own PT2E defaults, neural-compressor 3.x PT2E
+(when installed). Accuracy: a CNN trained here on scikit-learn's digits (relative loss per path) and
+MiniLM embedding cosine against FP32 (smallest and mean per-sentence cosine over sentences that no
+path calibrated on). Each path's first call (compilation included) is timed. The results name the CPU
+and the git commit measured ("+dirty": uncommitted changes under packages/ or benchmarks/).
+
+The IPEX rows come from the same script run in the torch 2.8 + IPEX venv (``nox -s bench_ipex``), a
+separate process; once both result files exist, ``--compare-only`` rewrites both tables with a
+"inc PT2E vs IPEX" section.
 
     python benchmarks/torch_bench.py                 # full run, writes benchmarks/results/torch.{json,md}
     python benchmarks/torch_bench.py --quick         # few iterations, to check the script works
+    python benchmarks/torch_bench.py --compare-only  # rewrite torch.md and torch_ipex.md from both JSON files
 
 Run it on a quiet machine; the numbers are what the results files record, never a test.
 """
@@ -19,6 +27,7 @@ import datetime
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _machine import cpu_name
+from _machine import cpu_flags, cpu_name, git_commit
 from torch import nn
 
 import inc_core as inc
@@ -94,6 +103,17 @@ SENTENCES = [
     "The weather is nice today, let us go for a walk.",
     "Matrix multiplication dominates transformer inference time.",
 ]
+# Calibration text for the static MiniLM paths, apart from the SENTENCES they are scored on.
+CALIBRATION_SENTENCES = [
+    "The train to the airport leaves every twenty minutes.",
+    "She planted tomatoes and basil in the garden last spring.",
+    "Compilers translate source code into machine instructions.",
+    "The museum reopened after a year of renovation work.",
+    "Interest rates rose for the third time this year.",
+    "A small cafe on the corner serves excellent espresso.",
+    "Neural networks learn representations from examples.",
+    "The orchestra rehearsed the symphony before the concert.",
+]
 
 
 def minilm() -> tuple[nn.Module, Any]:
@@ -156,7 +176,7 @@ def torchao_default(model: nn.Module, batches: list[Any]) -> nn.Module:
         for batch in batches:
             a, k = _example(batch)
             prepared(*a, **k)
-    return inc_torch.CompiledQuantizedModule(convert_pt2e(prepared), (args, kwargs))
+    return inc_torch.CompiledQuantizedModule(convert_pt2e(prepared), (args, kwargs), runtime="compile")
 
 
 def neural_compressor(model: nn.Module, batches: list[Any], dynamic: bool = False) -> nn.Module:
@@ -173,7 +193,7 @@ def neural_compressor(model: nn.Module, batches: list[Any], dynamic: bool = Fals
         for batch in batches:
             a, k = _example(batch)
             prepared(*a, **k)
-    return inc_torch.CompiledQuantizedModule(convert(prepared), (args, kwargs))
+    return inc_torch.CompiledQuantizedModule(convert(prepared), (args, kwargs), runtime="compile")
 
 
 def ipex_default(model: nn.Module, batches: list[Any]) -> nn.Module:
@@ -208,16 +228,36 @@ def have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+INC_PT2E = "inc pt2e (inductor, torch.compile)"
+INC_PT2E_AOTI = "inc pt2e (inductor, runtime='aoti')"
+IPEX_ROWS = ("inc ipex", "ipex defaults")
+
+
+def with_aoti_row(built: dict[str, Any]) -> dict[str, Any]:
+    """``built`` plus inc's PT2E model run by AOTInductor (``q.runtime = "aoti"``) next to its default row."""
+    model = built.get(INC_PT2E)
+    if model is None:
+        return built
+    aoti = copy.deepcopy(model)
+    aoti.runtime = "aoti"
+    out = {}
+    for name, value in built.items():
+        out[name] = value
+        if name == INC_PT2E:
+            out[INC_PT2E_AOTI] = aoti
+    return out
+
+
 def paths(include_fx: bool = True) -> dict[str, Callable[[nn.Module, list[Any]], nn.Module]]:
     """Every INT8 path that applies here, name -> builder(model, calibration batches)."""
     out: dict[str, Callable[[nn.Module, list[Any]], nn.Module]] = {}
     if not have("intel_extension_for_pytorch"):
-        out["inc pt2e (inductor)"] = lambda m, b: inc.quantize(m, inc.QuantConfig(calib_samples=len(b) * 64), dataset=inc.Dataset(b))
+        out[INC_PT2E] = lambda m, b: inc.quantize(m, inc.QuantConfig(calib_samples=len(b) * 64), dataset=inc.Dataset(b))
         if include_fx:
             out["inc fx"] = lambda m, b: inc.quantize(m, inc.QuantConfig(format="fx", calib_samples=len(b) * 64), dataset=inc.Dataset(b))
-        out["torchao pt2e defaults (inductor)"] = torchao_default
+        out["torchao pt2e defaults (inductor, torch.compile)"] = torchao_default
         if have("neural_compressor"):
-            out["neural-compressor 3.x pt2e (inductor)"] = neural_compressor
+            out["neural-compressor 3.x pt2e (inductor, torch.compile)"] = neural_compressor
     else:
         out["inc ipex"] = lambda m, b: inc.quantize(m, inc.QuantConfig(calib_samples=len(b) * 64), dataset=inc.Dataset(b), backend="ipex")
         out["ipex defaults"] = ipex_default
@@ -226,22 +266,38 @@ def paths(include_fx: bool = True) -> dict[str, Callable[[nn.Module, list[Any]],
 
 # --- measuring ---------------------------------------------------------------------------------
 def throughput(model: Any, inputs: Any, args: argparse.Namespace, *, warmup: int | None = None) -> float:
+    batch = len(next(iter(inputs.values())) if isinstance(inputs, dict) else inputs)
     result = inc.benchmark(
         model,
         inputs,
         warmup=args.warmup if warmup is None else warmup,
-        iterations=args.iterations,
+        iterations=args.iterations if batch == 1 else max(args.iterations // 4, 3),  # about as many samples per call
         cores_per_instance=args.threads,
         backend="torch",
     )
     return float(result.throughput)
 
 
-def measure_all(candidates: dict[str, Any], inputs: Any, args: argparse.Namespace, label: str, errors: dict[str, str]) -> dict[str, float]:
+def first_call(model: Any, inputs: Any) -> Any:
+    """One call on ``inputs`` (for a compiled path: the compilation for this shape, then the run)."""
+    args, kwargs = _example(inputs)
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def measure_all(
+    candidates: dict[str, Any], inputs: Any, args: argparse.Namespace, label: str, errors: dict[str, str], first_call_s: dict[str, dict[str, float]]
+) -> dict[str, float]:
     """Median throughput per candidate over interleaved rounds, so load on a shared machine hits every path alike."""
     live = {}
     for name, candidate in candidates.items():  # warm-up (and compilation) outside the timed rounds
-        if candidate is not None and attempt(f"{name} {label}", lambda c=candidate: throughput(c, inputs, args), errors) is not None:
+        if candidate is None:
+            continue
+        started = time.perf_counter()
+        if attempt(f"{name} {label}", lambda c=candidate: first_call(c, inputs), errors) is None:
+            continue
+        first_call_s.setdefault(name, {})[label] = time.perf_counter() - started
+        if attempt(f"{name} {label}", lambda c=candidate: throughput(c, inputs, args), errors) is not None:
             live[name] = candidate
     samples: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(args.rounds):
@@ -281,21 +337,26 @@ def bench_convnet(args: argparse.Namespace, out: dict[str, Any]) -> None:
     calib = [rng.standard_normal((4, 3, 224, 224)).astype(np.float32) for _ in range(4)]
     rows: dict[str, dict[str, float]] = {}
     errors: dict[str, str] = {}
+    first_call_s: dict[str, dict[str, float]] = {}
+    quantize_s: dict[str, float] = {}
     candidates: dict[str, Any] = {"fp32 eager": model, "fp32 inductor": fp32_compiled(model)}
     for name, build in paths().items():
+        started = time.perf_counter()
         built = attempt(name, lambda build=build: build(model, calib), errors)
         if built is not None:
+            quantize_s[name] = time.perf_counter() - started
             candidates[name] = built
+    candidates = with_aoti_row(candidates)
     for batch in args.batches:
         x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
-        for name, tp in measure_all(candidates, x, args, f"bs{batch}", errors).items():
+        for name, tp in measure_all(candidates, x, args, f"bs{batch}", errors, first_call_s).items():
             rows.setdefault(name, {})[f"bs{batch}"] = tp
-    out["convnet"] = {"throughput": rows, "errors": errors}
+    out["convnet"] = {"throughput": rows, "errors": errors, "quantize_s": quantize_s, "first_call_s": first_call_s}
 
 
 def bench_minilm(args: argparse.Namespace, out: dict[str, Any]) -> None:
     model, tokenizer = minilm()
-    calib = [minilm_inputs(tokenizer, SENTENCES[i : i + 4]) for i in range(0, len(SENTENCES), 4)]
+    calib = [minilm_inputs(tokenizer, CALIBRATION_SENTENCES[i : i + 4]) for i in range(0, len(CALIBRATION_SENTENCES), 4)]
     probe = minilm_inputs(tokenizer, SENTENCES)
     reference = embed(model, probe)
     errors: dict[str, str] = {}
@@ -307,13 +368,15 @@ def bench_minilm(args: argparse.Namespace, out: dict[str, Any]) -> None:
         candidates["neural-compressor 3.x dynamic"] = attempt("neural-compressor dynamic", lambda: neural_compressor(model, calib, dynamic=True), errors)
     rows: dict[str, dict[str, float]] = {}
     one = minilm_inputs(tokenizer, SENTENCES[:1])
-    speeds = measure_all(candidates, one, args, "bs1", errors)
+    first_call_s: dict[str, dict[str, float]] = {}
+    speeds = measure_all(candidates, one, args, "bs1", errors, first_call_s)
     for name, candidate in candidates.items():
         if candidate is None:
             continue
-        cos = attempt(f"{name} cosine", lambda c=candidate: float(np.mean(np.sum(embed(c, probe) * reference, axis=1))), errors)
-        rows[name] = {k: v for k, v in (("bs1", speeds.get(name)), ("cosine", cos)) if v is not None}
-    out["minilm"] = {"seq_len": 128, "throughput": rows, "errors": errors}
+        cos = attempt(f"{name} cosine", lambda c=candidate: np.sum(embed(c, probe) * reference, axis=1), errors)
+        scores = (("cosine_min", float(np.min(cos))), ("cosine_mean", float(np.mean(cos)))) if cos is not None else ()
+        rows[name] = {k: v for k, v in (("bs1", speeds.get(name)), *scores) if v is not None}
+    out["minilm"] = {"seq_len": 128, "throughput": rows, "errors": errors, "first_call_s": first_call_s}
 
 
 def digits_accuracy(out: dict[str, Any]) -> None:
@@ -332,14 +395,19 @@ def digits_accuracy(out: dict[str, Any]) -> None:
 
 
 
-def markdown(out: dict[str, Any]) -> str:
+def markdown(out: dict[str, Any], other: dict[str, Any] | None = None) -> str:
+    """The results table; ``other`` is the other venv's run (IPEX's for the torch run and back), compared by name."""
     meta = out["meta"]
+    flags = ", ".join(meta.get("cpu_flags", [])) or "n/a"
     lines = [
-        "# inc-torch benchmark",
+        "# inc-torch benchmark" + (" (IPEX venv)" if meta.get("ipex") else ""),
         "",
-        f"CPU: {meta['cpu']} ({meta['cpus']} logical CPUs, {meta['threads']} threads used); torch {meta['torch']}; "
-        f"{meta['date']}. Throughput in samples/s (higher is better, median of {meta['rounds']} interleaved rounds of "
-        f"{meta['iterations']} calls); speedup vs FP32 eager.",
+        f"CPU: {meta['cpu']} ({meta['cpus']} logical CPUs, {meta['threads']} threads used; INT8 flags: {flags}); "
+        f"torch {meta['torch']}; {meta['date']}; git commit {meta.get('commit', 'unknown')}. Throughput in samples/s "
+        f"(higher is better, median of {meta['rounds']} interleaved rounds of {meta['iterations']} calls at batch 1, a "
+        f"quarter of that at batch 16); speedup vs "
+        "FP32 eager. First call: seconds of the first call on that shape (compilation included, with whatever the "
+        "inductor caches under /tmp held from earlier runs).",
         "",
     ]
     if "digits" in out:
@@ -354,23 +422,81 @@ def markdown(out: dict[str, Any]) -> str:
         if key not in out:
             continue
         rows = out[key]["throughput"]
+        first = out[key].get("first_call_s", {})
         columns = sorted({c for r in rows.values() for c in r if c.startswith("bs")}, key=lambda c: int(c[2:]))
-        extra = ["cosine vs fp32"] if key == "minilm" else []
-        lines += [f"## {title}", "", "| path | " + " | ".join(f"{c} samples/s | {c} speedup" for c in columns) + "".join(f" | {e}" for e in extra) + " |"]
-        lines.append("| --- " * (1 + 2 * len(columns) + len(extra)) + "|")
+        extra = ["min cosine vs fp32", "mean cosine vs fp32"] if key == "minilm" else []
+        header = "| path | " + " | ".join(f"{c} samples/s | {c} speedup | {c} first call s" for c in columns)
+        lines += [f"## {title}", "", header + "".join(f" | {e}" for e in extra) + " |"]
+        lines.append("| --- " * (1 + 3 * len(columns) + len(extra)) + "|")
         base = rows.get("fp32 eager", {})
         for name, row in rows.items():
             cells = []
             for c in columns:
-                tp = row.get(c)
+                tp, fc = row.get(c), first.get(name, {}).get(c)
                 cells += ["-", "-"] if tp is None else [f"{tp:.1f}", f"{tp / base[c]:.2f}x" if base.get(c) else "-"]
-            if extra:
-                cells.append(f"{row['cosine']:.4f}" if "cosine" in row else "-")
+                cells.append("-" if fc is None else f"{fc:.1f}")
+            for field in ("cosine_min", "cosine_mean")[: len(extra)]:
+                cells.append(f"{row[field]:.4f}" if field in row else "-")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if key == "minilm":
+            lines += ["", f"Cosine: per sentence over the {len(SENTENCES)} scored sentences; the static paths calibrate on "
+                      f"{len(CALIBRATION_SENTENCES)} other sentences."]
+        if out[key].get("quantize_s"):
+            lines += ["", "Seconds to quantize (export, calibration, conversion, and for inc the check run, which compiles "
+                      "the calibration batch's shape): " + ", ".join(f"{k} {v:.0f}" for k, v in out[key]["quantize_s"].items()) + "."]
         if out[key]["errors"]:
             lines += ["", "Paths that did not run:", ""] + [f"- {k}: {v}" for k, v in out[key]["errors"].items()]
         lines.append("")
+    if other is not None:
+        lines += comparison(out, other)
     return "\n".join(lines)
+
+
+def comparison(out: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """inc PT2E (torch venv) vs IPEX (IPEX venv) at each batch size: two processes, run back to back."""
+    torch_run, ipex_run = (other, out) if out["meta"].get("ipex") else (out, other)
+    lines = ["## inc PT2E (upstream torch) vs IPEX", ""]
+    lines.append(
+        f"Two processes in two venvs, run back to back, not interleaved: torch {torch_run['meta']['torch']} at "
+        f"{torch_run['meta']['date']} (commit {torch_run['meta'].get('commit', 'unknown')}) and torch "
+        f"{ipex_run['meta']['torch']} + IPEX at {ipex_run['meta']['date']} (commit {ipex_run['meta'].get('commit', 'unknown')}). "
+        "Load from other processes differs between the two runs, so each path is also given as a speedup over its own "
+        "run's FP32 eager."
+    )
+    lines += ["", "| model | batch | inc PT2E runtime | samples/s | inc ipex samples/s | ipex defaults samples/s | vs inc ipex | "
+              "vs ipex defaults | same, each over its run's FP32 eager |", "| --- " * 9 + "|"]
+    for key in ("convnet", "minilm"):
+        if key not in torch_run or key not in ipex_run:
+            continue
+        ours, theirs = torch_run[key]["throughput"], ipex_run[key]["throughput"]
+        for c, row in ((c, row) for c in ("bs1", "bs16") for row in (INC_PT2E, INC_PT2E_AOTI)):
+            pt2e = ours.get(row, {}).get(c)
+            if pt2e is None:
+                continue
+            cells = ["aoti" if row == INC_PT2E_AOTI else "torch.compile (default)", f"{pt2e:.1f}"]
+            ratios, normalized = [], []
+            for name in IPEX_ROWS:
+                tp = theirs.get(name, {}).get(c)
+                cells.append("-" if tp is None else f"{tp:.1f}")
+                ratios.append("-" if tp is None else f"{pt2e / tp:.2f}x")
+                fp_ours, fp_theirs = ours.get("fp32 eager", {}).get(c), theirs.get("fp32 eager", {}).get(c)
+                if tp is not None and fp_ours and fp_theirs:
+                    normalized.append(f"{(pt2e / fp_ours) / (tp / fp_theirs):.2f}x vs {name}")
+            lines.append(f"| {key} | {c[2:]} | " + " | ".join(cells + ratios) + f" | {', '.join(normalized) or '-'} |")
+    return lines + [""]
+
+
+def load_other(output: Path, ipex: bool) -> dict[str, Any] | None:
+    path = output / ("torch.json" if ipex else "torch_ipex.json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def compare_only(output: Path) -> None:
+    """Rewrite both markdown tables from the JSON files, each with the comparison against the other."""
+    for stem, ipex in (("torch", False), ("torch_ipex", True)):
+        path = output / f"{stem}.json"
+        if path.exists():
+            (output / f"{stem}.md").write_text(markdown(json.loads(path.read_text()), load_other(output, ipex)) + "\n")
 
 
 def main() -> None:
@@ -383,25 +509,33 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-convnet", action="store_true")
+    parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--compare-only", action="store_true", help="only rewrite the markdown of both runs from their JSON")
     parser.add_argument("--output", type=Path, default=HERE / "results", help="directory for torch.json and torch.md")
     args = parser.parse_args()
+    if args.compare_only:
+        compare_only(args.output)
+        return
     if args.quick:
         args.iterations, args.warmup, args.rounds = 3, 2, 1
     ipex = have("intel_extension_for_pytorch")
     out: dict[str, Any] = {
         "meta": {
             "cpu": cpu_name(),
+            "cpu_flags": cpu_flags(),
             "cpus": os.cpu_count(),
             "threads": args.threads or torch.get_num_threads(),
             "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": git_commit("packages", "benchmarks"),
             "iterations": args.iterations,
             "rounds": args.rounds,
             "quick": args.quick,
             "ipex": ipex,
         }
     }
-    digits_accuracy(out)
+    if not args.skip_digits:
+        digits_accuracy(out)
     if not args.skip_convnet:
         bench_convnet(args, out)
     if not args.skip_minilm:
@@ -409,7 +543,7 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     stem = "torch_ipex" if ipex else "torch"
     (args.output / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
-    (args.output / f"{stem}.md").write_text(markdown(out) + "\n")
+    (args.output / f"{stem}.md").write_text(markdown(out, load_other(args.output, ipex)) + "\n")
     print(markdown(out))
 
 

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from inc_core.errors import ConfigError
 from inc_torch._compat import quiet
 from inc_torch._inputs import Inputs
 
-__all__ = ["CompiledQuantizedModule", "drop_unread_state"]
+__all__ = ["CompiledQuantizedModule", "RUNTIMES", "drop_unread_state"]
+
+log = logging.getLogger("inc")
+
+# How the INT8 graph is run: "compile" runs it through torch.compile (dynamo guards and inductor's Python
+# wrapper on each call); "aoti" compiles it ahead of time into a C++ library (AOTInductor) and calls that
+# directly. Both use the same inductor passes and oneDNN INT8 kernels, so their outputs agree.
+RUNTIMES = ("compile", "aoti")
 
 
 def drop_unread_state(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -44,13 +55,61 @@ def drop_unread_state(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModul
     return graph_module
 
 
+def _signature(value: Any) -> Any:
+    """A hashable key for one call's inputs: what an ahead-of-time compiled program is specialized to."""
+    if isinstance(value, torch.Tensor):
+        return (value.shape, value.stride(), value.dtype, value.device)
+    if isinstance(value, (tuple, list)):
+        return (type(value), *(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return (dict, *((k, _signature(v)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        return (type(value), repr(value))
+    return (type(value), value)
+
+
+class _AotiProgram:
+    """One input signature's AOTInductor library, called without Python-side guards."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        program = torch.export.export(graph_module, args, kwargs)
+        with tempfile.TemporaryDirectory(prefix="inc_aoti_") as work:
+            # Freezing folds the int8 weights into constants, so oneDNN's weight prepacking happens once here.
+            with torch._inductor.config.patch(freezing=True):
+                package = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(work) / "model.pt2"))
+            self.compiled = torch._inductor.aoti_load_package(package)  # extracts what it needs; work can go
+        # Positional tensors only (the usual case) go straight to the library, skipping the per-call
+        # (de)serialization of the input/output specs AOTICompiledModel.__call__ does.
+        self.positional = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+        loader = getattr(self.compiled, "loader", None)
+        self.run_flat = getattr(loader, "boxed_run", None)
+        if self.run_flat is not None:
+            from torch.utils import _pytree
+
+            self.out_spec = _pytree.treespec_loads(loader.get_call_spec()[1])
+            self.unflatten = _pytree.tree_unflatten
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.positional and self.run_flat is not None:
+            return self.unflatten(self.run_flat(list(args)), self.out_spec)
+        return self.compiled(*args, **kwargs)
+
+
 class CompiledQuantizedModule(nn.Module):
-    """A PT2E INT8 model that runs through ``torch.compile`` with inductor's freezing passes.
+    """A PT2E INT8 model compiled by inductor with freezing, on first call.
 
     The converted graph (``graph_module``) holds int8 weights between quantize/dequantize ops; inductor's
     x86 passes fuse those patterns into oneDNN INT8 convolutions and matmuls once weights are frozen
-    as constants. Compilation happens on the first call (and again for each new input shape, since
-    freezing specializes shapes), under ``torch.no_grad()``: this module is for inference.
+    as constants. Compilation happens on the first call, and again for each new input shape (freezing
+    specializes shapes), under ``torch.no_grad()``: this module is for inference.
+
+    ``runtime`` picks how it runs. ``"compile"`` (the default) goes through ``torch.compile``.
+    ``"aoti"`` compiles the graph ahead of time with AOTInductor into a C++ library that each call
+    enters directly, without dynamo's guard checks and inductor's Python wrapper: faster at small
+    batches, where that per-call cost weighs most (benchmarks/results/torch.md), but its first call per input shape compiles 3-5x longer, so it pays off for a model that serves many
+    calls, not for a one-off evaluation. Set it on a returned model: ``q.runtime = "aoti"``.
 
     The FP32 weights ``convert_pt2e`` leaves behind, which the graph no longer reads, are removed from
     ``graph_module`` (see :func:`drop_unread_state`): the module, and the file :func:`inc.save` writes,
@@ -60,29 +119,61 @@ class CompiledQuantizedModule(nn.Module):
         graph_module: the model ``convert_pt2e`` returned.
         example: example inputs ``(args, kwargs)``, kept so that :func:`inc.save` can export the model.
         inductor: run through inductor (``True``) or run ``graph_module`` as is (reference numerics, slow).
+        runtime: ``"compile"`` (``torch.compile``, the default) or ``"aoti"`` (AOTInductor).
+
+    Raises:
+        ConfigError: ``runtime`` (here or set later) is not one of :data:`RUNTIMES`.
 
     Attributes:
         graph_module: the converted graph; ``inc_torch.quantized_ops`` and ``torch.export`` read it.
     """
 
-    def __init__(self, graph_module: torch.fx.GraphModule, example: Inputs | None = None, *, inductor: bool = True) -> None:
+    def __init__(
+        self, graph_module: torch.fx.GraphModule, example: Inputs | None = None, *, inductor: bool = True, runtime: str = "compile"
+    ) -> None:
         super().__init__()
+        self.runtime = runtime  # validated before graph_module is touched
         self.graph_module = drop_unread_state(graph_module)
         self.example = example
         self.inductor = inductor
-        # Not a registered submodule: the compiled wrapper shares graph_module's parameters and would
-        # otherwise list them twice in state_dict().
+        self._reset_compiled()
+
+    @property
+    def runtime(self) -> str:
+        """``"compile"`` (torch.compile) or ``"aoti"`` (AOTInductor); settable, the next call compiles for it."""
+        return str(self.__dict__["_runtime"])
+
+    @runtime.setter
+    def runtime(self, value: str) -> None:
+        if value not in RUNTIMES:
+            raise ConfigError(
+                f"CompiledQuantizedModule: runtime must be one of {', '.join(map(repr, RUNTIMES))}, got {value!r}; "
+                "'aoti' is faster per call, 'compile' compiles faster."
+            )
+        self.__dict__["_runtime"] = value
+
+    def _reset_compiled(self) -> None:
+        # Not registered submodules: the compiled wrapper shares graph_module's parameters and would
+        # otherwise list them twice in state_dict(); compiled libraries are not picklable.
         self.__dict__["_compiled"] = None
+        self.__dict__["_programs"] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.inductor:
             with torch.no_grad():
                 return self.graph_module(*args, **kwargs)
+        if self.runtime == "aoti":
+            programs = self.__dict__["_programs"]
+            key = (_signature(args), _signature(kwargs))
+            if key not in programs:  # None: AOTI failed for this signature, torch.compile runs it
+                programs[key] = self._compile_aoti(args, kwargs)
+            program = programs[key]
+            if program is not None:
+                with torch.no_grad():
+                    return program(args, kwargs)
         compiled = self.__dict__["_compiled"]
         if compiled is None:
-            # Setting the thread count (to its current value) initializes torch's OpenMP pool before
-            # inductor's kernels first run; without it they were measured 10-40x slower on some hosts.
-            torch.set_num_threads(torch.get_num_threads())
+            self._init_threads()
             # Static shapes per compilation: inductor's weight prepacking for INT8 needs them.
             compiled = torch.compile(self.graph_module, dynamic=False)
             self.__dict__["_compiled"] = compiled
@@ -90,10 +181,39 @@ class CompiledQuantizedModule(nn.Module):
         with torch.no_grad(), torch._inductor.config.patch(freezing=True), quiet():
             return compiled(*args, **kwargs)
 
+    @staticmethod
+    def _init_threads() -> None:
+        # Setting the thread count (to its current value) initializes torch's OpenMP pool before
+        # inductor's kernels first run; without it they were measured 10-40x slower on some hosts.
+        torch.set_num_threads(torch.get_num_threads())
+
+    def _compile_aoti(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _AotiProgram | None:
+        """The AOTInductor program for these inputs, or None (run through torch.compile) where AOTI fails."""
+        self._init_threads()
+        try:
+            with torch.no_grad(), quiet():
+                return _AotiProgram(self.graph_module, args, kwargs)
+        except Exception as exc:  # the same graph still runs through torch.compile; say why it is slower
+            if isinstance(exc, (MemoryError, KeyboardInterrupt)):
+                raise
+            log.warning(
+                "AOTInductor could not compile this INT8 model (%s: %s); running it through torch.compile instead "
+                "(runtime='compile'), which costs more per call.",
+                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+            )
+            return None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_compiled"], state["_programs"] = None, {}
+        return state
+
     def __deepcopy__(self, memo: dict[int, Any]) -> CompiledQuantizedModule:
         import copy
 
-        return CompiledQuantizedModule(copy.deepcopy(self.graph_module, memo), copy.deepcopy(self.example, memo), inductor=self.inductor)
+        return CompiledQuantizedModule(
+            copy.deepcopy(self.graph_module, memo), copy.deepcopy(self.example, memo), inductor=self.inductor, runtime=self.runtime
+        )
 
     def extra_repr(self) -> str:
-        return f"inductor={self.inductor}"
+        return f"inductor={self.inductor}, runtime={self.runtime!r}"

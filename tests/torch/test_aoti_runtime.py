@@ -1,0 +1,65 @@
+"""The PT2E model's AOTInductor runtime (``runtime="aoti"``): same INT8 kernels and outputs, no Python guards."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch_helpers import accuracy, calib_data, relative_loss, split, trained_cnn
+
+import inc_core as inc
+import inc_torch
+
+
+@pytest.fixture(scope="module")
+def quantized() -> inc_torch.CompiledQuantizedModule:
+    return inc.quantize(trained_cnn(), inc.QuantConfig(), dataset=calib_data())
+
+
+@pytest.fixture(scope="module")
+def on_aoti(quantized: inc_torch.CompiledQuantizedModule) -> inc_torch.CompiledQuantizedModule:
+    model = copy.deepcopy(quantized)
+    model.runtime = "aoti"
+    return model
+
+
+def test_default_runtime_is_torch_compile(quantized: inc_torch.CompiledQuantizedModule) -> None:
+    assert quantized.runtime == "compile"
+    assert "runtime='compile'" in repr(quantized)
+
+
+def test_aoti_runs_the_same_int8_graph_as_torch_compile(
+    quantized: inc_torch.CompiledQuantizedModule, on_aoti: inc_torch.CompiledQuantizedModule
+) -> None:
+    x = torch.from_numpy(split()[2])  # held-out digits, one shape for both runtimes
+    with torch.no_grad():
+        expected = quantized(x)
+        got = on_aoti(x)
+    assert on_aoti.__dict__["_programs"], "runtime='aoti' did not build an AOTInductor program"
+    assert all(program is not None for program in on_aoti.__dict__["_programs"].values()), "AOTInductor fell back to torch.compile"
+    # Same inductor lowering and oneDNN INT8 kernels: equal up to float summation order.
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), float((got - expected).abs().max())
+    assert relative_loss(accuracy(trained_cnn()), accuracy(on_aoti)) < 0.02
+
+
+def test_aoti_model_saves_and_loads(on_aoti: inc_torch.CompiledQuantizedModule, tmp_path: Path) -> None:
+    x = torch.from_numpy(split()[2])
+    path = tmp_path / "model.pt2"
+    inc.save(on_aoti, path)
+    loaded = inc.load(path)
+    assert isinstance(loaded, inc_torch.CompiledQuantizedModule)
+    with torch.no_grad():
+        # the loaded model runs the saved graph on the default runtime; int8 kernels on both sides
+        np.testing.assert_allclose(loaded(x).numpy(), on_aoti(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_runtime_is_a_config_error(quantized: inc_torch.CompiledQuantizedModule) -> None:
+    model = copy.deepcopy(quantized)
+    with pytest.raises(inc.errors.ConfigError, match="runtime must be one of 'compile', 'aoti', got 'jit'"):
+        model.runtime = "jit"
+    assert model.runtime == "compile"
+    with pytest.raises(inc.errors.ConfigError, match="got 'ort'"):
+        inc_torch.CompiledQuantizedModule(quantized.graph_module, quantized.example, runtime="ort")
