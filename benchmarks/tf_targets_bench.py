@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10, help="timed calls per round at batch 1 (fewer batched)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    # The commit measured: read before the run, as the tree may move on while it runs.
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
 
     model = resnet18()
     rng = np.random.default_rng(0)
@@ -104,7 +106,6 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     report = {
         "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
