@@ -18,6 +18,7 @@ POSITIONS = 64
 SEQ = 16
 BATCH = 8
 SMALL = ("bert", "roberta", "gpt2", "t5_encoder")
+WIDE_INIT = 0.2
 
 # Forty ordinary English sentences: the real MiniLM is calibrated on one half and scored on the other.
 SENTENCES = (
@@ -68,6 +69,9 @@ def small_model(kind: str) -> torch.nn.Module:
     """A small-config HF model of one of :data:`SMALL` in eval mode (weights from a fixed seed).
 
     GPT-2 keeps its config's ``use_cache=True`` (its output then holds a DynamicCache), as a user's would.
+    Weights are drawn 10x wider than HF's default init (std 0.2; T5: factor 4): at the default the
+    residual stream is the LayerNorm'd embedding and the Linear layers barely move the output (cosine
+    0.99998 under 10% weight noise), so a broken INT8 layer could not fail a fidelity test.
     """
     import transformers as tf
 
@@ -76,21 +80,22 @@ def small_model(kind: str) -> torch.nn.Module:
     if kind == "bert":
         model = tf.BertModel(tf.BertConfig(
             vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            intermediate_size=ffn, max_position_embeddings=POSITIONS,
+            intermediate_size=ffn, max_position_embeddings=POSITIONS, initializer_range=WIDE_INIT,
         ))
     elif kind == "roberta":
         model = tf.RobertaModel(tf.RobertaConfig(
             vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            intermediate_size=ffn, max_position_embeddings=POSITIONS + 2, pad_token_id=1,
+            intermediate_size=ffn, max_position_embeddings=POSITIONS + 2, pad_token_id=1, initializer_range=WIDE_INIT,
         ))
     elif kind == "gpt2":
         model = tf.GPT2Model(tf.GPT2Config(
             vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=POSITIONS,
-            bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+            bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, initializer_range=WIDE_INIT,
         ))
     elif kind == "t5_encoder":
         model = tf.T5EncoderModel(tf.T5Config(
             vocab_size=VOCAB, d_model=hidden, d_kv=hidden // heads, d_ff=ffn, num_layers=layers, num_heads=heads,
+            initializer_factor=4.0,
         ))
     else:
         raise ValueError(f"unknown small model {kind!r}; choose one of {SMALL}")
