@@ -193,3 +193,18 @@ def test_residual_add_and_relu_fused_into_the_int8_conv(digits, calib):
     assert sorted(q.int8_layers()) == ["block_a", "block_b", "logits", "stem"]
     fp32 = models.accuracy(model, x_test, y_test)
     assert fp32 > 0.9 and models.accuracy(q, x_test, y_test) >= fp32 - 0.01
+
+
+def test_cli_quantizes_a_savedmodel_directory(tmp_path, capsys):
+    from inc_core.cli import main
+
+    source = tmp_path / "export"
+    models.cnn().export(str(source), verbose=False)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=models.digits()[0][:64])
+    out = tmp_path / "cnn.int8.savedmodel"
+    code = main(["quantize", str(source), "-o", str(out), "--calib", str(calib), "--calib-batch-size", "16"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "2 _FusedQuantizedConv2D" in printed.out, printed.out
+    assert _loaded_op_counts(out).get("_FusedQuantizedConv2D") == 2

@@ -10,7 +10,7 @@ from inc_core import Dataset, QuantConfig
 from inc_core.backend import Backend, TuningSpace
 from inc_core.errors import CalibrationError, ConfigError, ModelLoadError, SaveError, UnsupportedModelError
 from inc_tf._calibrate import TfCalibration, collect
-from inc_tf._frozen import freeze_keras, freeze_savedmodel, is_savedmodel_dir, is_savedmodel_object
+from inc_tf._frozen import FrozenGraph, freeze_keras, freeze_savedmodel, is_savedmodel_dir, is_savedmodel_object
 from inc_tf._keras_model import (
     KerasGraph,
     as_input_list,
@@ -95,11 +95,16 @@ class TfBackend(Backend):
         cached = self._plans.get(id(model))
         if cached is not None and cached[0] is model:
             return cached[1]
-        if isinstance(model, (LiteRTModel, TFSavedModel)):
+        if isinstance(model, LiteRTModel) or isinstance(model, TFSavedModel) and model.int8_nodes():
             raise UnsupportedModelError(
                 f"This model is already quantized ({type(model).__name__}); quantize the model it came from instead."
             )
-        if _is_savedmodel_input(model):
+        if isinstance(model, TFSavedModel):  # a float SavedModel read by inc.load (the CLI loads before quantizing)
+            plan = plan_graph(
+                FrozenGraph(model.graph_def, model.input_tensors, model.input_keys, model.input_shapes,
+                            model.output_tensors, model.output_keys)
+            )
+        elif _is_savedmodel_input(model):
             where = f"The SavedModel {str(model)!r}" if isinstance(model, (str, Path)) else "The SavedModel object"
             plan = plan_graph(freeze_savedmodel(model, where=where))
         else:
@@ -254,7 +259,7 @@ class TfBackend(Backend):
 
 
 def _is_savedmodel_input(model: Any) -> bool:
-    return is_savedmodel_dir(model) or is_savedmodel_object(model)
+    return is_savedmodel_dir(model) or is_savedmodel_object(model) or isinstance(model, TFSavedModel)
 
 
 def _check_static(config: QuantConfig) -> None:
