@@ -82,11 +82,14 @@ class _ActivationMixin:
 class _WeightMixin:
     """Symmetric int8 weight qparams (``scale = amax / 127``), per output channel or per tensor."""
 
-    def _setup(self, per_channel: bool) -> None:
+    def _setup(self, per_channel: bool, reduce_range: bool = False) -> None:
         self.per_channel = per_channel
         self.qscheme = torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric
         self.ch_axis = 0
-        self.quant_min, self.quant_max = -128, 127
+        # reduce_range: 7-bit weights (-64..64), for a kernel that adds pairs of u8 x s8 products in int16
+        # (FBGEMM's depthwise convolutions): 255 * 64 * 2 still fits, 255 * 127 * 2 saturates.
+        self.reduce_range = reduce_range
+        self.quant_min, self.quant_max = (-64, 64) if reduce_range else (-128, 127)
         self.weight: torch.Tensor | None = None
 
     def forward(self, x: Any) -> Any:
@@ -99,11 +102,13 @@ class _WeightMixin:
             raise CalibrationError("A weight observer saw no weight; the op's weight did not reach it.")
         qp = weight_qparams(self.weight.float().cpu().numpy(), axis=0 if self.per_channel else None)
         scale = torch.from_numpy(qp.scale.reshape(-1).copy()).to(torch.float32)
+        if self.reduce_range:
+            scale = scale * 2.0  # the same range on half the levels
         zero_point = torch.zeros(scale.shape, dtype=torch.int64)
         return scale, zero_point
 
     def extra_repr(self) -> str:
-        return f"per_channel={self.per_channel}"
+        return f"per_channel={self.per_channel}, reduce_range={self.reduce_range}"
 
 
 class FxActivationObserver(_ActivationMixin, _AOObserverBase):
@@ -119,9 +124,9 @@ class FxActivationObserver(_ActivationMixin, _AOObserverBase):
 class FxWeightObserver(_WeightMixin, _AOObserverBase):
     """Weight observer for the FX path (qint8, symmetric)."""
 
-    def __init__(self, per_channel: bool = True, **_: Any) -> None:
+    def __init__(self, per_channel: bool = True, reduce_range: bool = False, **_: Any) -> None:
         _AOObserverBase.__init__(self, dtype=torch.qint8)
-        self._setup(per_channel)
+        self._setup(per_channel, reduce_range)
 
 
 @functools.cache

@@ -99,7 +99,24 @@ def _pt2e_qat_config(config: QATConfig) -> Any:
     return ao.QuantizationConfig(act, act, weight, None, True)
 
 
-def _fx_qat_qconfig(config: QATConfig) -> Any:
+def _reduce_depthwise_fake_quant(prepared: nn.Module, config: QATConfig) -> None:
+    """7-bit weight fake quantization for the convs that run on FBGEMM's depthwise kernels after convert.
+
+    The same rule as post-training FX quantization (:func:`inc_torch._fx.reduce_depthwise_weights`): those
+    kernels saturate on full-range int8 weights, so training sees the grid the INT8 model will use.
+    """
+    from inc_torch._fx import FBGEMM_DEPTHWISE_GROUPS
+
+    for module in prepared.modules():
+        if (
+            isinstance(module, nn.modules.conv._ConvNd)
+            and module.groups > FBGEMM_DEPTHWISE_GROUPS
+            and isinstance(getattr(module, "weight_fake_quant", None), nn.Module)
+        ):
+            module.weight_fake_quant = _fx_qat_qconfig(config, weight_range=(-64, 63)).weight()
+
+
+def _fx_qat_qconfig(config: QATConfig, *, weight_range: tuple[int, int] = (-128, 127)) -> Any:
     from torch.ao.quantization import QConfig
     from torch.ao.quantization.fake_quantize import FusedMovingAvgObsFakeQuantize
     from torch.ao.quantization.observer import (
@@ -117,8 +134,8 @@ def _fx_qat_qconfig(config: QATConfig) -> Any:
     per_channel = config.granularity == "per_channel"
     weight = FusedMovingAvgObsFakeQuantize.with_args(
         observer=MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver,
-        quant_min=-128,
-        quant_max=127,
+        quant_min=weight_range[0],
+        quant_max=weight_range[1],
         dtype=torch.qint8,
         qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
         averaging_constant=WEIGHT_AVERAGING,
@@ -226,6 +243,7 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
     else:
         mapping = apply_fx_settings(_fx_qat_mapping(config), fx_table, dict.fromkeys(excluded))
         prepared = fx_prepare(work, mapping, positional(work, example), qat=True)
+        _reduce_depthwise_fake_quant(prepared, config)
     state = _QatState(format=fmt, config=config, example=example)
     setattr(prepared, _STATE, state)
     handle = prepared.register_forward_pre_hook(_step_hook)
