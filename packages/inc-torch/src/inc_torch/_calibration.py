@@ -247,6 +247,29 @@ def _non_finite_message(prepared: torch.fx.GraphModule, tensor: str, cause: str,
     return f"The quantized graph observes tensor {tensor!r}, which held non-finite values in calibration ({cause}); {way_out}."
 
 
+def _constant_histogram(prepared: torch.fx.GraphModule, name: str) -> HistogramObserver | None:
+    """The histogram of a parameter or buffer the graph reads (``get_attr``): its value is its statistics.
+
+    A layer scale or a position embedding is the same tensor for every batch; it needs no calibration data.
+    """
+    node = next((n for n in prepared.graph.nodes if n.name == name), None)
+    if node is None or node.op != "get_attr":
+        return None
+    value: Any = prepared
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return None
+    histogram = HistogramObserver(HISTOGRAM_BINS, name=name)
+    histogram.update(value.detach().float().cpu().numpy())
+    return histogram
+
+
+def _stored_or_constant(calibration: TorchCalibration, prepared: torch.fx.GraphModule, name: str) -> HistogramObserver | None:
+    stored = calibration.histograms.get(name)
+    return stored if stored is not None else _constant_histogram(prepared, name)
+
+
 def load_statistics(prepared: torch.fx.GraphModule, calibration: TorchCalibration, ops: frozenset[str] = frozenset()) -> None:
     """Fill every observer of a trial's prepared graph from the calibration pass (no data is run).
 
@@ -275,17 +298,18 @@ def load_statistics(prepared: torch.fx.GraphModule, calibration: TorchCalibratio
         poisoned = [name for name in sources if name in calibration.non_finite]
         if poisoned:
             raise CalibrationError(_non_finite_message(prepared, poisoned[0], calibration.non_finite[poisoned[0]], ops))
-        missing = [name for name in sources if name not in calibration.histograms]
+        found = {name: _stored_or_constant(calibration, prepared, name) for name in sources}
+        missing = [name for name, seen in found.items() if seen is None]
         if missing:
             raise CalibrationError(
                 f"No calibration statistics for tensor {missing[0]!r}, which the quantized graph observes; "
                 "the calibration batches never produced it. Calibrate with data that runs through every branch."
             )
-        histogram = calibration.histograms[sources[0]]
+        histogram = found[sources[0]]
         if len(sources) > 1:
             # a fresh observer: merging into the stored one would change the statistics of other trials
             histogram = HistogramObserver(histogram.bins, name=" | ".join(sources))
             for name in sources:
-                histogram.merge(calibration.histograms[name])
+                histogram.merge(found[name])
         module.label = " | ".join(sources)
         module.load_histogram(histogram)
