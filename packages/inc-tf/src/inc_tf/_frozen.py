@@ -79,6 +79,11 @@ def freeze_keras(model: Any, input_names: tuple[str, ...], input_shapes: tuple[t
     """The inference graph of a Keras model (``training=False``), batch dimension left free."""
     import tensorflow as tf
 
+    if not input_shapes:
+        raise UnsupportedModelError(
+            f"Keras model {getattr(model, 'name', '?')!r} does not say its input shape, which the SavedModel target "
+            "needs to trace it before calibration. Build it with model.build((None, ...)) first, or use format='tflite'."
+        )
     specs = [tf.TensorSpec([None, *shape], tf.float32, name=f"input_{i}") for i, shape in enumerate(input_shapes)]
     if len(specs) == 1:
         fn = tf.function(lambda x: model(x, training=False))
@@ -89,12 +94,20 @@ def freeze_keras(model: Any, input_names: tuple[str, ...], input_shapes: tuple[t
             concrete = fn.get_concrete_function(*specs)
     except Exception as exc:  # tracing errors surface as many TF/Python exception types
         raise UnsupportedModelError(
-            f"Keras model {getattr(model, 'name', '?')!r} could not be traced to a TF graph: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}. Make its call() traceable by tf.function."
+            f"Keras model {getattr(model, 'name', '?')!r} could not be traced to a TF graph: {_last_line(exc)} "
+            "Make its call() traceable by tf.function (no Python reads of tensor values)."
         ) from exc
     keys = tuple(n.split(":")[0] for n in input_names) if len(input_names) == len(specs) else ()
     output_count = len(tf.nest.flatten(concrete.structured_outputs))
     return _freeze(concrete, keys, tuple(f"output_{i}" for i in range(output_count)))
+
+
+def _last_line(exc: BaseException) -> str:
+    """The line of a TF error that says what failed (TF puts "in user code:" and a traceback first)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    stated = [line for line in lines if "Error:" in line or "error:" in line]
+    line = (stated or lines or [""])[-1][:300]
+    return line if type(exc).__name__ in line else f"{type(exc).__name__}: {line}"
 
 
 def is_savedmodel_dir(path: Any) -> bool:
