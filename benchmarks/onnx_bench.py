@@ -205,6 +205,22 @@ def openvino_models(fp32: onnx.ModelProto, ours: onnx.ModelProto) -> dict[str, M
     return {"fp32_ov": OnRuntime(fp32), "inc_ov": OnRuntime(ours), "inc_ov_default": OnRuntime(ours, "default")}
 
 
+def openvino_int8_layers(model: onnx.ModelProto, threads: int) -> str:
+    """How many of the Convolution/FullyConnected/MatMul nodes OpenVINO compiled ``model`` into run in int8.
+
+    Read from the compiled model's runtime graph: OpenVINO folds static QDQ groups into int8 kernels, but it
+    may execute other INT8 encodings (DynamicQuantizeLinear + MatMulInteger) as float ops.
+    """
+    compiled = inc_onnx.create_session(model, runtime="openvino", threads=threads).compiled_model
+    kinds = ("Convolution", "FullyConnected", "MatMul")
+    found = [
+        info["runtimePrecision"].astype(str)
+        for info in (op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops())
+        if "layerType" in info and info["layerType"].astype(str) in kinds and "runtimePrecision" in info
+    ]
+    return f"{sum(p in ('u8', 'i8') for p in found)}/{len(found)}"
+
+
 def auto_choice(model: onnx.ModelProto, inputs: Any, threads: int) -> dict[str, Any]:
     """What inc_onnx's runtime="auto" picks for ``model`` on this CPU, and the latencies it measured."""
     choice = inc_onnx.choose_runtime(model, inputs, threads=threads)
@@ -348,6 +364,7 @@ def bench_convnet(
         row = _row(head, timed, "logit_cosine", score)
         if on_ov:
             row["auto"] = auto_choice(ours, x, threads)
+            row["inc_ov_int8_layers"] = openvino_int8_layers(ours, threads)
         rows.append(row)
     return rows, peer
 
@@ -383,6 +400,7 @@ def bench_minilm(
         row = _row({"model": "all-MiniLM-L6-v2", "input": f"{batch}x{seq} tokens", "batch": batch}, timed, "min_cosine", score)
         if on_ov:
             row["auto"] = auto_choice(int8["inc"], x, threads)
+            row["inc_ov_int8_layers"] = openvino_int8_layers(int8["inc"], threads)
         rows.append(row)
     return rows, peer
 
@@ -403,12 +421,15 @@ def runtime_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]
         "ONNX file; CPU plugin, LATENCY hint, same thread count, `INFERENCE_PRECISION_HINT=f32` so float ops stay FP32), "
         "timed in the same side-by-side runs as the table above. \"OV default precision\": the same without the "
         "precision hint (OpenVINO then runs float ops in bf16 on CPUs with AVX512-BF16/AMX). \"auto\": what "
-        "`runtime=\"auto\"` picks for the inc INT8 file on this CPU (its own short measurement, median ms).",
+        "`runtime=\"auto\"` picks for the inc INT8 file on this CPU (its own short measurement, median ms). \"int8 "
+        "layers on OV\": of the Convolution/FullyConnected/MatMul nodes in OpenVINO's compiled graph, those that run "
+        "in u8/i8; OpenVINO folds static QDQ (the convnet) into int8 kernels, but runs dynamic quantization "
+        "(DynamicQuantizeLinear + MatMulInteger, the MiniLM rows) as float MatMuls.",
         "",
         "| model | input | FP32 ORT | FP32 OV | INT8 inc on ORT | INT8 inc on OV | INT8 inc on OV, default precision "
         "| OV/ORT same INT8 file | INT8/FP32 on ORT | INT8/FP32 on OV | INT8 OV / FP32 ORT | min cosine vs FP32 "
-        "(INT8 ORT / INT8 OV / INT8 OV default / FP32 OV) | auto picks |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "(INT8 ORT / INT8 OV / INT8 OV default / FP32 OV) | auto picks | int8 conv/matmul layers on OV |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in rows:
         kind = "min_cosine" if "inc_min_cosine" in r else "logit_cosine"
@@ -422,7 +443,7 @@ def runtime_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]
             f"| {r['model']} | {r['input']} | {sps(r['fp32'])} | {sps(r.get('fp32_ov'))} | {sps(r['inc_int8'])} | "
             f"{sps(r.get('inc_ov'))} | {sps(r.get('inc_ov_default'))} | {_fmt(r.get('inc_ov_vs_inc_ort'), '.2f', 'x')} | "
             f"{_fmt(r.get('inc_vs_fp32'), '.2f', 'x')} | {_fmt(r.get('inc_ov_vs_fp32_ov'), '.2f', 'x')} | "
-            f"{_fmt(r.get('inc_ov_vs_fp32_ort'), '.2f', 'x')} | {acc} | {picked} |"
+            f"{_fmt(r.get('inc_ov_vs_fp32_ort'), '.2f', 'x')} | {acc} | {picked} | {r.get('inc_ov_int8_layers', 'n/a')} |"
         )
     return lines
 
