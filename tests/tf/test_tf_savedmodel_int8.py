@@ -208,3 +208,32 @@ def test_cli_quantizes_a_savedmodel_directory(tmp_path, capsys):
     assert code == 0, printed.err
     assert "2 _FusedQuantizedConv2D" in printed.out, printed.out
     assert _loaded_op_counts(out).get("_FusedQuantizedConv2D") == 2
+
+
+class _SubclassedMLP(keras.Model):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat = keras.layers.Flatten()
+        self.hidden = keras.layers.Dense(32, activation="relu")
+        self.out = keras.layers.Dense(10)
+
+    def call(self, x):
+        return self.out(self.hidden(self.flat(x)))
+
+
+class _ReadsValues(_SubclassedMLP):
+    def call(self, x):
+        return super().call(x) * float(np.asarray(x).mean())  # a Python read of a tensor: not traceable
+
+
+def test_subclassed_models_traced_or_explained(digits, calib):
+    x = digits[1][:64]
+    model = _SubclassedMLP()
+    model.build((None, 8, 8, 1))
+    q = inc.quantize(model, inc.QuantConfig(format="savedmodel", calib_samples=64), dataset=calib)
+    assert sorted(q.int8_layers()) == sorted([model.hidden.name, model.out.name])
+    assert np.mean(np.argmax(q(x), 1) == np.argmax(np.asarray(model(x)), 1)) > 0.9
+    untraceable = _ReadsValues()
+    untraceable(x[:2])
+    with pytest.raises(UnsupportedModelError, match="could not be traced.*tf.function"):
+        inc.quantize(untraceable, inc.QuantConfig(format="savedmodel"), dataset=calib)

@@ -85,10 +85,13 @@ def freeze_keras(model: Any, input_names: tuple[str, ...], input_shapes: tuple[t
             "needs to trace it before calibration. Build it with model.build((None, ...)) first, or use format='tflite'."
         )
     specs = [tf.TensorSpec([None, *shape], tf.float32, name=f"input_{i}") for i, shape in enumerate(input_shapes)]
-    if len(specs) == 1:
-        fn = tf.function(lambda x: model(x, training=False))
-    else:
-        fn = tf.function(lambda *xs: model(list(xs), training=False))
+    def call(*xs: Any) -> Any:
+        # Inside a scope of ours: Keras opens the model's name as a scope, and a name such as "_net"
+        # (a class called _Net) is not a valid root scope for TF.
+        with tf.name_scope("inc"):
+            return model(xs[0] if len(xs) == 1 else list(xs), training=False)
+
+    fn = tf.function(call)
     try:
         with _tf_quiet():
             concrete = fn.get_concrete_function(*specs)
