@@ -52,6 +52,7 @@ def test_int8_kernels_in_the_saved_graph_and_accuracy(digits, calib, tmp_path):
         "_FusedQuantizedConv2D": 2,
         "QuantizedMatMulWithBiasAndReluAndRequantize": 1,
         "QuantizedMatMulWithBiasAndDequantize": 1,
+        "QuantizedMaxPool": 1,  # runs on conv2's int8 output
     }
     fp32 = models.accuracy(model, x_test, y_test)
     served = _served_accuracy(path, x_test, y_test)
@@ -115,12 +116,12 @@ def test_savedmodel_directory_is_accepted_and_quantized(how, digits, calib, tmp_
     before = sorted((p.relative_to(source), p.stat().st_mtime_ns) for p in source.rglob("*"))
     q = inc.quantize(source, inc.QuantConfig(calib_samples=128), dataset=calib)  # found from the directory alone
     assert isinstance(q, TFSavedModel)
-    assert len(q.int8_nodes()) == 4, q.op_counts()
+    assert len(q.int8_layers()) == 4, q.op_counts()
     assert models.accuracy(q, x_test, y_test) >= models.accuracy(model, x_test, y_test) - 0.01
     assert sorted((p.relative_to(source), p.stat().st_mtime_ns) for p in source.rglob("*")) == before
     # A SavedModel as tf.saved_model.load returns it is taken too.
     loaded = tf.saved_model.load(str(source))
-    assert len(inc.quantize(loaded, inc.QuantConfig(calib_samples=32), dataset=calib).int8_nodes()) == 4
+    assert len(inc.quantize(loaded, inc.QuantConfig(calib_samples=32), dataset=calib).int8_layers()) == 4
 
 
 def test_savedmodel_without_serving_signature_is_explained(tmp_path, calib):

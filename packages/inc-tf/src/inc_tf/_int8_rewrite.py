@@ -136,6 +136,16 @@ def rewrite_int8(
             fusing.add(u.name)
             claimed.add(u.output_node)
     replaced = {name for u in chosen for name in (u.nodes if u.name in fusing else u.core_nodes or u.nodes)}
+    # A MaxPool reading a unit's int8 output runs on it too (QuantizedMaxPool keeps the range): no round trip.
+    effective = {u.output if u.name in fusing or not u.summand else u.core_output for u in chosen}
+    pools: dict[str, list[Any]] = {}
+    for node in graph_def.node:
+        if (
+            node.op == "MaxPool" and node.attr["data_format"].s in (b"", b"NHWC") and node.attr["T"].type == _FLOAT
+            and tensor_name(node.input[0]) in effective
+        ):
+            pools.setdefault(tensor_name(node.input[0]), []).append(node)
+            replaced.add(node.name)
     build = _Builder(graph_def)
     for node in graph_def.node:
         if node.name not in replaced:
@@ -169,8 +179,8 @@ def rewrite_int8(
         def quantized(tensor: str, want: tuple[int, tuple[float, float]], qname: str) -> _QTensor:
             """``tensor`` in int8: a producer's requantized output at the same range, else one QuantizeV2 per range."""
             ready = produced.get(tensor)
-            if ready is not None and (ready.dtype, ready.bounds) == want:
-                return ready
+            if ready is not None and ready.dtype == want[0]:
+                return ready  # the producer requantized this very tensor to a calibrated range: read it as it is
             key = (tensor, want[0], want[1])
             if key not in quantized_inputs:
                 lo_ref = build.const(f"{qname}/min", np.float32(want[1][0]))
@@ -231,6 +241,15 @@ def rewrite_int8(
             continue
         build.node(unit.output_node, "Dequantize", [f"{kernel}:0", f"{kernel}:1", f"{kernel}:2"], T=out_type, mode="SCALED")
         produced[unit.output] = _QTensor(f"{kernel}:0", f"{kernel}:1", f"{kernel}:2", out_type, out_bounds)
+        for pool in pools.get(unit.output, []):
+            qpool = f"{pool.name}/inc_int8"
+            build.node(
+                qpool, "QuantizedMaxPool", [f"{kernel}:0", f"{kernel}:1", f"{kernel}:2"], T=out_type,
+                ksize=list(pool.attr["ksize"].list.i), strides=list(pool.attr["strides"].list.i),
+                padding=pool.attr["padding"].s.decode(),
+            )
+            build.node(pool.name, "Dequantize", [f"{qpool}:0", f"{qpool}:1", f"{qpool}:2"], T=out_type, mode="SCALED")
+            produced[f"{pool.name}:0"] = _QTensor(f"{qpool}:0", f"{qpool}:1", f"{qpool}:2", out_type, out_bounds)
     from tensorflow.python.framework.graph_util_impl import extract_sub_graph
 
     # Drop what no output needs any more (the float weights the rewrite replaced).

@@ -29,6 +29,7 @@ INT8_OPS = (
     "QuantizedAvgPool",
 )
 _ASSET = "inc_tf_layers.json"
+_POOLS = ("QuantizedMaxPool", "QuantizedAvgPool")
 
 
 @dataclass(eq=False)
@@ -114,7 +115,8 @@ class TFSavedModel:
         """The user's layers (Keras layer names, or node names for a SavedModel input) that run in int8."""
         found: dict[str, None] = {}
         for node in self.int8_nodes():
-            found[self.layer_names.get(node.name, node.name)] = None
+            if node.op not in _POOLS:  # a pool follows its producer's range: not a layer of its own
+                found[self.layer_names.get(node.name, node.name)] = None
         return list(found)
 
     def save(self, path: Path) -> None:
