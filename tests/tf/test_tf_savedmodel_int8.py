@@ -234,6 +234,8 @@ def test_subclassed_models_traced_or_explained(digits, calib):
     q = inc.quantize(model, inc.QuantConfig(format="savedmodel", calib_samples=64), dataset=calib)
     assert sorted(q.int8_layers()) == sorted([model.hidden.name, model.out.name])
     assert np.mean(np.argmax(q(x), 1) == np.argmax(np.asarray(model(x)), 1)) > 0.9
+    # The class name makes the model "__subclassed_mlp", no valid root scope for TF: LiteRT traces it too.
+    assert inc.quantize(model, inc.QuantConfig(format="tflite", calib_samples=32), dataset=calib).int8_layers()
     untraceable = _ReadsValues()
     untraceable(x[:2])
     with pytest.raises(UnsupportedModelError, match="could not be traced.*tf.function"):

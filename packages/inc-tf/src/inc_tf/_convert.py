@@ -37,7 +37,9 @@ def _converter(model: Any, example: list[np.ndarray] | None = None) -> Any:
             if getattr(model, "inputs", None):
                 return tf.lite.TFLiteConverter.from_keras_model(model)
             specs = _subclassed_specs(model, example)
-            fn = tf.function(lambda *xs: model(xs[0] if len(xs) == 1 else list(xs), training=False))
+            from inc_tf._frozen import keras_call
+
+            fn = tf.function(keras_call(model))
             from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
             # Frozen weights: a concrete function's resource variables would become LiteRT variable ops.

@@ -25,6 +25,7 @@ __all__ = [
     "graph_function",
     "is_savedmodel_dir",
     "is_savedmodel_object",
+    "keras_call",
 ]
 
 #: the signature a SavedModel is served by (what `tf.saved_model.save` and `model.export` write)
@@ -85,13 +86,7 @@ def freeze_keras(model: Any, input_names: tuple[str, ...], input_shapes: tuple[t
             "needs to trace it before calibration. Build it with model.build((None, ...)) first, or use format='tflite'."
         )
     specs = [tf.TensorSpec([None, *shape], tf.float32, name=f"input_{i}") for i, shape in enumerate(input_shapes)]
-    def call(*xs: Any) -> Any:
-        # Inside a scope of ours: Keras opens the model's name as a scope, and a name such as "_net"
-        # (a class called _Net) is not a valid root scope for TF.
-        with tf.name_scope("inc"):
-            return model(xs[0] if len(xs) == 1 else list(xs), training=False)
-
-    fn = tf.function(call)
+    fn = tf.function(keras_call(model))
     try:
         with _tf_quiet():
             concrete = fn.get_concrete_function(*specs)
@@ -111,6 +106,21 @@ def _last_line(exc: BaseException) -> str:
     stated = [line for line in lines if "Error:" in line or "error:" in line]
     line = (stated or lines or [""])[-1][:300]
     return line if type(exc).__name__ in line else f"{type(exc).__name__}: {line}"
+
+
+def keras_call(model: Any) -> Any:
+    """``model``'s inference call on positional inputs, for ``tf.function`` to trace.
+
+    It runs inside a name scope of ours: Keras opens the model's name as a scope, and a name such as
+    ``"_net"`` (a class called ``_Net``) is not a valid root scope for TF.
+    """
+    import tensorflow as tf
+
+    def call(*xs: Any) -> Any:
+        with tf.name_scope("inc"):
+            return model(xs[0] if len(xs) == 1 else list(xs), training=False)
+
+    return call
 
 
 def is_savedmodel_dir(path: Any) -> bool:
