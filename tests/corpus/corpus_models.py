@@ -94,6 +94,7 @@ def _builder(name: str) -> Callable[[], nn.Module]:
 
 TORCHVISION_MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet18": _builder("resnet18"),
+    "mobilenet_v2": _builder("mobilenet_v2"),  # depthwise convs with up to 960 groups (FBGEMM's kernels on the FX path)
     "mobilenet_v3_small": _builder("mobilenet_v3_small"),
     "efficientnet_b0": _builder("efficientnet_b0"),
     "regnet_x_400mf": _builder("regnet_x_400mf"),
