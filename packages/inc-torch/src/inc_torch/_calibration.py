@@ -194,6 +194,7 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
     }
     histograms: dict[str, HistogramObserver] = {}
     non_finite: dict[str, str] = {}
+    placed: set[str] = set()  # non-finite records already prefixed with their batch
     _instrument(base, histograms, non_finite, fmt)
     samples = 0
     for index, batch in enumerate(itertools.chain([first], batches)):
@@ -214,6 +215,9 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
                 "Every batch must have the shape and dtype of the first one (the batch size may differ)."
             ) from exc
+        for name in [n for n in non_finite if n not in placed]:
+            non_finite[name] = f"Calibration batch {index} ({describe_inputs(inputs)}): {non_finite[name]}"
+            placed.add(name)
         samples += batch_size(inputs)
     return TorchCalibration(
         format=fmt,
