@@ -94,8 +94,8 @@ def test_roberta_integer_position_ids_stay_float() -> None:
     assert all(n.args[0].meta["val"].is_floating_point() for n in quantized_inputs if "val" in n.args[0].meta)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "t5_encoder"])
-def test_static_model_save_load_round_trip(kind: str, tmp_path: Path) -> None:
+def test_static_model_save_load_round_trip(tmp_path: Path) -> None:
+    kind = "gpt2"
     _, result, scored = _tuned(kind)
     path = tmp_path / f"{kind}.pt2"
     inc.save(result.model, path)
