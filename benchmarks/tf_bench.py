@@ -283,6 +283,10 @@ def main() -> None:
         "--cache", type=Path, default=None,
         help="keep the peers' artifacts here (keyed by weights, calibration and versions) and reuse them in later runs",
     )
+    parser.add_argument(
+        "--no-timing", metavar="REASON", default="",
+        help="build, check fidelity and digits accuracy, time nothing (the reason goes into the results)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where tf.json and tf.md go")
     parser.add_argument("--render-only", action="store_true", help="rewrite tf.md from the committed tf.json")
     args = parser.parse_args()
@@ -306,11 +310,19 @@ def main() -> None:
     prepared = [prepare(name, args.batches, args.cache) for name in args.models]
     digits = bench_digits()
     rows = []
-    with bench_lock():
-        meta["load_average_at_start"] = os.getloadavg()[0]
-        meta["timing_started"] = time.strftime("%H:%M:%S UTC", time.gmtime())
+    if args.no_timing:
+        # Fidelity and accuracy only: what a run can still establish while the benchmarks' lock is taken.
+        meta["timing"] = args.no_timing
         for item in prepared:
-            rows += time_prepared(item, args.batches, args.iterations, args.iterations_batched)
+            rows += [{"model": item["name"], "input": f"{b}x{item['shape']}", "batch": b, "litert_approach": item["approach"],
+                      "timed": {}, "min_cosine": item["cosines"], "notes": item["notes"], "build_s": item["seconds"]}
+                     for b in args.batches]
+    else:
+        with bench_lock():
+            meta["load_average_at_start"] = os.getloadavg()[0]
+            meta["timing_started"] = time.strftime("%H:%M:%S UTC", time.gmtime())
+            for item in prepared:
+                rows += time_prepared(item, args.batches, args.iterations, args.iterations_batched)
     meta["load_average_at_end"] = os.getloadavg()[0]
     write(args.results, rows, digits, meta)
     print((args.results / "tf.md").read_text())
