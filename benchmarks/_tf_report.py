@@ -90,7 +90,8 @@ def write(results: Path, rows: list[dict[str, Any]], digits: dict[str, Any], met
         f"at the end, on {meta['threads']} cores (a machine shared with other work: absolute figures are low and noisy, "
         "the ratios within a row are what the side-by-side timing is for)."
         + (" The peers' artifacts came from a cache of an earlier build of the same weights, calibration samples and "
-           "tool versions." if meta.get("peer_cache") else ""),
+           "tool versions." if meta.get("peer_cache") else "")
+        + (f" {meta['note']}" if meta.get("note") else ""),
         "",
         "Throughput in samples/s (batch / median latency; models of a row timed side by side in alternating blocks, "
         f"{meta['iterations']} timed calls each at batch 1, {meta['iterations_batched']} at batch 16). "
