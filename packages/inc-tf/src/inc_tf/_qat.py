@@ -1,11 +1,12 @@
-"""Quantization-aware training for Keras 3: fake-quant wrappers, a Keras callback, conversion to LiteRT int8.
+"""Quantization-aware training for Keras 3: fake-quant wrappers, a Keras callback, conversion to int8.
 
 ``prepare_qat`` clones the model with every layer wrapped in :class:`FakeQuant`: Dense and Conv2D
 kernels go through per-channel symmetric int8 fake quantization, and each layer's output through an
 activation fake quant whose range follows an exponential moving average of the batch min/max (what
 LiteRT's int8 kernels will see). ``convert`` puts the trained weights back into the user's
 architecture, has the TF converter fold batch norm as usual, and writes the *learned* ranges into the
-calibrated flatbuffer before the int8 quantizer runs.
+calibrated flatbuffer before the int8 quantizer runs; ``format="savedmodel"`` gives them to the
+SavedModel target's graph rewrite in place of calibration observers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ __all__ = ["FakeQuant", "QATCallback", "convert", "prepare_qat"]
 
 _KERNEL_TYPES = ("Dense", "Conv2D")
 _EMA = 0.99
+#: the int8 targets ``convert`` builds (the names of ``QuantConfig.format``)
+_FORMATS = ("tflite", "savedmodel")
 
 
 @keras.saving.register_keras_serializable(package="inc_tf")
@@ -285,18 +288,23 @@ class QATCallback(keras.callbacks.Callback):
             logs["qat_ranges_frozen"], logs["qat_bn_frozen"] = self._frozen
 
 
-def convert(model: keras.Model, *, dataset: Any = None) -> Any:
-    """The int8 LiteRT model of a QAT-trained model, with the ranges it learned.
+def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") -> Any:
+    """The int8 model of a QAT-trained model, with the ranges it learned.
 
     Args:
         model: what :func:`prepare_qat` returned, after training.
         dataset: optional representative inputs; tensors without a learned range (none for the layers
             ``prepare_qat`` wraps) get their range from these. Without it, the model input's range is
             the one seen by the first wrapped layer.
+        format: ``"tflite"`` (a LiteRT int8 model) or ``"savedmodel"`` (a :class:`TFSavedModel` on TF's
+            oneDNN int8 kernels), the same targets as ``QuantConfig(format=...)``.
 
     Raises:
+        ConfigError: ``format`` is not one of the targets.
         UnsupportedModelError: ``model`` has no fake quant, or was never trained.
     """
+    if format not in _FORMATS:
+        raise ConfigError(f"convert: format must be one of {list(_FORMATS)}, got {format!r}.")
     from inc_core import Dataset
     from inc_tf._calibrate import collect
     from inc_tf._convert import quantize_flatbuffer
@@ -324,7 +332,10 @@ def convert(model: keras.Model, *, dataset: Any = None) -> Any:
     graph = prepare_graph(fp32)
     if dataset is None:
         dataset = Dataset(_synthetic_inputs(graph, input_range or (0.0, 1.0)), batch_size=4)
-    calibration = collect(graph, dataset if isinstance(dataset, Dataset) else Dataset(dataset), samples=64)
+    dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    if format == "savedmodel":
+        return _convert_savedmodel(graph, dataset, config, learned, input_range)
+    calibration = collect(graph, dataset, samples=64)
     producer = {out: record for record in calibration.records for out in record.outputs}
     ranges = {}
     for tensor in calibration.observers:
@@ -347,6 +358,57 @@ def convert(model: keras.Model, *, dataset: Any = None) -> Any:
         denylisted_nodes=excluded_nodes,
     )
     return LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed)
+
+
+def _convert_savedmodel(
+    graph: Any,
+    dataset: Any,
+    config: QATConfig,
+    learned: dict[str, tuple[float, float] | None],
+    input_range: tuple[float, float] | None,
+) -> Any:
+    """The SavedModel int8 target: PTQ's graph rewrite (batch norm folded) fed the learned ranges.
+
+    A tensor takes the range of the wrapper whose layer writes it as its final output; the model input
+    takes the first wrapper's input range. Anything else (a tensor inside a layer) is observed on ``dataset``.
+    """
+    from inc_core import QuantConfig
+    from inc_tf._frozen import freeze_keras
+    from inc_tf._savedmodel_quantize import calibrate_plan, plan_graph, quantize_plan
+
+    plan = plan_graph(freeze_keras(graph.model, graph.input_names, graph.input_shapes), graph)
+    layer_of_node = {}
+    for node in plan.frozen.graph_def.node:
+        found = graph.layers_in([node.name])
+        if found:
+            layer_of_node[node.name] = max(found)
+    # A tensor read by another node of its own layer is not that layer's output (whose range was learned).
+    inner = {
+        ref.lstrip("^").split(":")[0]
+        for node in plan.frozen.graph_def.node
+        for ref in node.input
+        if node.name in layer_of_node and layer_of_node.get(ref.lstrip("^").split(":")[0]) == layer_of_node[node.name]
+    }
+    ranges: dict[str, tuple[float, float]] = {}
+    for unit in plan.units:
+        for tensor in (unit.input, unit.output, unit.core_output, unit.summand):
+            if tensor is None:
+                continue
+            node = tensor.split(":")[0]
+            if tensor in plan.frozen.input_tensors:
+                found = input_range
+            elif node in layer_of_node and node not in inner and tensor.endswith(":0"):
+                found = learned.get(graph.layer_names[layer_of_node[node]])
+            else:
+                found = None
+            if found is not None:
+                ranges[tensor] = found
+    ptq = QuantConfig(
+        format="savedmodel", calibration="minmax", granularity=config.granularity, scheme=config.scheme,
+        exclude=config.exclude,
+    )
+    calibration = calibrate_plan(plan, dataset, samples=64)
+    return quantize_plan(plan, ptq, calibration, ranges=ranges)
 
 
 def _synthetic_inputs(graph: Any, span: tuple[float, float]) -> np.ndarray:

@@ -8,6 +8,7 @@ fallback set) only picks ranges from those observers and rewrites the graph.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,14 +156,28 @@ def _as_list(batch: Any, frozen: FrozenGraph) -> list[np.ndarray]:
     return list(batch) if isinstance(batch, (tuple, list)) else [batch]
 
 
-def quantize_plan(plan: GraphPlan, config: QuantConfig, calibration: GraphCalibration) -> TFSavedModel:
-    """The int8 graph for one trial: ranges from ``config``'s per-op settings, excluded ops left in float."""
+def quantize_plan(
+    plan: GraphPlan,
+    config: QuantConfig,
+    calibration: GraphCalibration,
+    *,
+    ranges: Mapping[str, tuple[float, float]] | None = None,
+) -> TFSavedModel:
+    """The int8 graph for one trial: ranges from ``config``'s per-op settings, excluded ops left in float.
+
+    ``ranges`` (tensor name -> (min, max)) are taken as they are in place of the observers' answer: QAT
+    passes the ranges its fake quant learned, and the observers only cover the tensors it has none for.
+    """
+    given = dict(ranges or {})
     excluded = set(config.exclude.select(describe_plan(plan).ops)) if config.exclude else set()
     producers = {t: u for u in plan.units for t in (u.output, u.core_output)}
     settings: dict[str, UnitSettings] = {}
 
     def tensor_range(tensor: str, reader: Unit) -> tuple[float, float]:
         # A tensor's range follows the unit that writes it, so producer and reader agree on it exactly.
+        if tensor in given:
+            low, high = given[tensor]
+            return float(low), float(high)
         owner = producers.get(tensor, reader)
         name, op_type = plan.op_names[owner.name], plan.op_types[owner.name]
         method = config.setting(name, op_type, "calibration")
