@@ -213,7 +213,8 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
             raise DatasetError(
                 f"Calibration batch {index} ({describe_inputs(inputs)}) does not fit the model: "
                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
-                "Every batch must have the shape and dtype of the first one (the batch size may differ)."
+                "Every batch must have the shape and dtype of the first one (the batch size, and the sequence length of "
+                "integer token inputs where the model allows it, may differ)."
             ) from exc
         for name in [n for n in non_finite if n not in placed]:
             non_finite[name] = f"Calibration batch {index} ({describe_inputs(inputs)}): {non_finite[name]}"

@@ -15,7 +15,7 @@ from torch import nn
 
 from inc_core.errors import DatasetError, UnsupportedModelError
 from inc_torch._compat import quiet
-from inc_torch._inputs import Inputs, describe_inputs, widened
+from inc_torch._inputs import Inputs, describe_inputs, dynamic_shapes, widened
 
 __all__ = ["eval_copy", "check_runs", "export_graph", "positional", "fx_prepare"]
 
@@ -47,17 +47,8 @@ def check_runs(model: nn.Module, inputs: Inputs, what: str) -> None:
         ) from exc
 
 
-def _batch_dynamic_shapes(model: nn.Module, inputs: Inputs) -> Any:
-    args, kwargs = inputs
-    collection = torch.export.ShapesCollection()
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            collection[value] = {0: torch.export.Dim.AUTO}
-    return collection.dynamic_shapes(model, args, kwargs)
-
-
 def export_graph(model: nn.Module, inputs: Inputs, *, train: bool = False) -> torch.fx.GraphModule:
-    """``torch.export`` the model with a dynamic batch dimension and return its graph module.
+    """``torch.export`` the model with dynamic batch (and token-sequence) dimensions; return its graph module.
 
     Raises:
         UnsupportedModelError: export failed (data-dependent control flow, unsupported Python); the
@@ -72,7 +63,7 @@ def export_graph(model: nn.Module, inputs: Inputs, *, train: bool = False) -> to
     for example, dynamic, strict in attempts:
         args, kwargs = example
         try:
-            shapes = _batch_dynamic_shapes(model, example) if dynamic else None
+            shapes = dynamic_shapes(model, example) if dynamic else None
             with quiet():
                 exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=strict)
             return exported.module()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from inc_core.errors import ConfigError
+from inc_core.errors import ConfigError, DatasetError
 from inc_torch._compat import quiet
 from inc_torch._inputs import Inputs
 
@@ -68,6 +68,35 @@ def _signature(value: Any) -> Any:
     except TypeError:
         return (type(value), repr(value))
     return (type(value), value)
+
+
+def _guard_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the exported graph's check of its inputs against the sizes export fixed."""
+    return isinstance(exc, AssertionError) and str(exc).startswith("Guard failed")
+
+
+def _fixed_size_message(graph_module: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], exc: AssertionError) -> str:
+    """What the call gave against the sizes the captured graph fixed, and what to do about it."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    given = dict(zip((n.name for n in placeholders), args))
+    given.update(kwargs)
+    fixed = []
+    for node in placeholders:
+        captured, value = node.meta.get("val"), given.get(node.name)
+        if not (isinstance(captured, torch.Tensor) and isinstance(value, torch.Tensor)) or captured.dim() != value.dim():
+            continue
+        for dim in range(1, captured.dim()):
+            size = captured.shape[dim]
+            if is_concrete_int(size) and int(size) != value.shape[dim]:
+                fixed.append(f"{node.name!r} dimension {dim} of size {int(size)} (got {value.shape[dim]})")
+    where = "; ".join(fixed) if fixed else str(exc).strip().splitlines()[0]
+    return (
+        f"This INT8 model was captured for {where}: torch.export fixed that size because the model's "
+        "forward needs it static (or calibration only showed that size). Calibrate with batches of the "
+        "lengths it will run at, or pad/truncate inputs to the captured length."
+    )
 
 
 class _AotiProgram:
@@ -159,6 +188,16 @@ class CompiledQuantizedModule(nn.Module):
         self.__dict__["_programs"] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._run(args, kwargs)
+        except AssertionError as exc:
+            # The exported graph checks its inputs against the sizes export fixed ("Guard failed: ...");
+            # only that check is turned into a message about the inputs, every other error is the model's.
+            if not _guard_failure(exc):
+                raise
+            raise DatasetError(_fixed_size_message(self.graph_module, args, kwargs, exc)) from exc
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.inductor:
             with torch.no_grad():
                 return self.graph_module(*args, **kwargs)
@@ -194,8 +233,8 @@ class CompiledQuantizedModule(nn.Module):
             with torch.no_grad(), quiet():
                 return _AotiProgram(self.graph_module, args, kwargs)
         except Exception as exc:  # the same graph still runs through torch.compile; say why it is slower
-            if isinstance(exc, (MemoryError, KeyboardInterrupt)):
-                raise
+            if isinstance(exc, (MemoryError, KeyboardInterrupt)) or _guard_failure(exc):
+                raise  # a guard failure is the inputs' fault: forward reports it, torch.compile would fail alike
             log.warning(
                 "AOTInductor could not compile this INT8 model (%s: %s); running it through torch.compile instead "
                 "(runtime='compile'), which costs more per call.",

@@ -10,7 +10,7 @@ import torch
 
 from inc_core.errors import DatasetError
 
-__all__ = ["Inputs", "float_dtype", "to_inputs", "describe_inputs", "batch_size", "widened"]
+__all__ = ["Inputs", "float_dtype", "to_inputs", "describe_inputs", "batch_size", "widened", "dynamic_shapes"]
 
 # (positional args, keyword args) of one forward call.
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -85,3 +85,24 @@ def widened(inputs: Inputs, size: int = 2) -> Inputs:
 
     args, kwargs = inputs
     return tuple(grow(v) for v in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+def _free_dims(value: torch.Tensor) -> dict[int, Any]:
+    # The batch, and the sequence dimension of integer inputs (token ids, attention masks, token type
+    # ids), whose users expect any length up to the model's limit. AUTO lets export keep a dimension
+    # static where the model needs it, so float inputs of convnets (whose spatial size is fixed by
+    # their weights) are never marked.
+    dims = {0: torch.export.Dim.AUTO}
+    if value.dim() >= 2 and not value.dtype.is_floating_point and not value.dtype.is_complex and value.dtype != torch.bool:
+        dims[1] = torch.export.Dim.AUTO
+    return dims
+
+
+def dynamic_shapes(module: Any, inputs: Inputs) -> Any:
+    """torch.export ``dynamic_shapes`` for ``inputs``: batch and token-sequence dimensions marked ``Dim.AUTO``."""
+    args, kwargs = inputs
+    collection = torch.export.ShapesCollection()
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            collection[value] = _free_dims(value)
+    return collection.dynamic_shapes(module, args, kwargs)

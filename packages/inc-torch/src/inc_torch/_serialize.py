@@ -29,7 +29,7 @@ from inc_torch._compiled import CompiledQuantizedModule
 from inc_torch._fx import EXAMPLE_ATTR
 from inc_torch._hf import is_hf_model
 from inc_torch._hf_files import is_state_archive, load_hf_state, save_hf_state
-from inc_torch._inputs import Inputs, widened
+from inc_torch._inputs import Inputs, dynamic_shapes, widened
 
 __all__ = ["METADATA_FILE", "save_model", "load_model"]
 
@@ -40,13 +40,9 @@ METADATA_FILE = "inc.json"
 
 
 def _export_dynamic(graph_module: torch.fx.GraphModule, example: Inputs) -> torch.export.ExportedProgram:
-    wide = widened(example)
-    args, kwargs = wide
-    collection = torch.export.ShapesCollection()
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            collection[value] = {0: torch.export.Dim.AUTO}
-    return torch.export.export(graph_module, args, kwargs, dynamic_shapes=collection.dynamic_shapes(graph_module, args, kwargs))
+    args, kwargs = widened(example)
+    shapes = dynamic_shapes(graph_module, (args, kwargs))
+    return torch.export.export(graph_module, args, kwargs, dynamic_shapes=shapes)
 
 
 def save_model(model: nn.Module, path: Path) -> None:
