@@ -28,32 +28,16 @@ import inc_core as inc  # noqa: E402
 from inc_core import benchmark_callable  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+import _tf_models  # noqa: E402
 from _machine import cpu_flags, cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def resnet18() -> keras.Model:
-    """ResNet-18 (basic blocks 2-2-2-2), random weights, batch-norm statistics from one batch."""
+    """The benchmark's ResNet-18 (``_tf_models.resnet18``), random weights, batch-norm statistics from one batch."""
     keras.utils.set_random_seed(0)
-
-    def conv_bn(x: Any, filters: int, k: int, stride: int, relu: bool) -> Any:
-        x = keras.layers.Conv2D(filters, k, strides=stride, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization()(x)
-        return keras.layers.ReLU()(x) if relu else x
-
-    inputs = keras.Input((224, 224, 3))
-    x = conv_bn(inputs, 64, 7, 2, True)
-    x = keras.layers.MaxPooling2D(3, 2, padding="same")(x)
-    for stage, filters in enumerate((64, 128, 256, 512)):
-        for block in range(2):
-            stride = 2 if stage > 0 and block == 0 else 1
-            shortcut = conv_bn(x, filters, 1, stride, False) if stride != 1 or x.shape[-1] != filters else x
-            y = conv_bn(x, filters, 3, stride, True)
-            y = conv_bn(y, filters, 3, 1, False)
-            x = keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inputs, keras.layers.Dense(1000)(x), name="resnet18")
+    model = _tf_models.resnet18()
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in bns:
         layer.momentum = 0.0
