@@ -35,13 +35,13 @@ def test_token_ids_outside_the_vocabulary_in_a_later_batch() -> None:
         _quantize(small_model("bert"), batches)
     message = str(info.value)
     assert "Calibration batch 1" in message
-    assert f"token id {VOCAB + 5}" in message and f"vocab_size={VOCAB}" in message
+    assert f"'input_ids' holds id {VOCAB + 5}" in message and f"vocab_size={VOCAB}" in message
 
 
 def test_negative_token_ids() -> None:
     batches = token_batches(1, seed=0, batch=2)
     batches[0]["input_ids"][1, 3] = -1
-    with pytest.raises(DatasetError, match=r"input_ids holds token id -1"):
+    with pytest.raises(DatasetError, match=r"'input_ids' holds id -1"):
         _quantize(small_model("t5_encoder"), batches)
 
 
@@ -51,7 +51,7 @@ def test_a_sample_of_padding_only() -> None:
     with pytest.raises(DatasetError) as info:
         _quantize(small_model("bert"), batches)
     message = str(info.value)
-    assert "attention_mask is all zeros" in message and "sample(s) [2]" in message
+    assert "sample(s) [2] of input 'attention_mask' are all padding" in message
 
 
 def test_input_names_the_model_does_not_take() -> None:

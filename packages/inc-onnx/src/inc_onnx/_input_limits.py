@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from inc_core.errors import DatasetError
+from inc_core.calibration import check_no_empty_samples, check_sequence_length, check_token_ids
 from inc_onnx._masks import analyse_masks
 
 __all__ = ["InputLimits", "input_limits"]
@@ -27,7 +27,6 @@ _SAME_VALUES = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity",
 
 @dataclass(frozen=True)
 class _Table:
-    gather: str
     table: str
     rows: int
 
@@ -60,7 +59,7 @@ class InputLimits:
         for node in graph.node:
             if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
                 continue
-            table = _Table(node.name, node.input[0], tables[node.input[0]])
+            table = _Table(node.input[0], tables[node.input[0]])
             direct = _through_same_values(node.input[1], producers)
             if direct in integer_inputs:
                 self.ids.setdefault(direct, []).append(table)
@@ -80,26 +79,15 @@ class InputLimits:
             values = feeds.get(name)
             if values is None or values.size == 0:
                 continue
-            low, high = int(values.min()), int(values.max())
             for table in tables:
-                if low < 0 or high >= table.rows:
-                    bad = high if high >= table.rows else low
-                    raise DatasetError(
-                        f"{where}: input {name!r} holds id {bad}, outside the model's table {table.table!r} of "
-                        f"{table.rows} rows (ids 0..{table.rows - 1}, looked up by {table.gather!r}). Tokenize with the "
-                        "model's own tokenizer (its vocabulary matches the table), or map unknown tokens to its unk id."
-                    )
+                check_token_ids(
+                    values, name=name, rows=table.rows, where=where,
+                    table=f"the model's table {table.table!r} of {table.rows} rows",
+                )
         for name in self.masks:
             values = feeds.get(name)
-            if values is None or values.ndim < 2:
-                continue
-            empty = np.flatnonzero(~values.reshape(values.shape[0], -1).any(axis=1))
-            if empty.size:
-                raise DatasetError(
-                    f"{where}: sample(s) {empty.tolist()[:5]} of input {name!r} are all padding (every mask value 0): "
-                    "such a sample has no token, so every attention score is masked and there is nothing to "
-                    "calibrate on. Drop empty sequences from the data."
-                )
+            if values is not None:
+                check_no_empty_samples(values, name=name, where=where)
         if self.positions:
             self._check_positions(feeds, where)
 
@@ -126,12 +114,9 @@ class InputLimits:
             if offset is None:
                 continue  # not indexed by position (a constant lookup such as token types)
             limit = position.table.rows - offset
-            if length <= limit:
-                continue
-            raise DatasetError(
-                f"{where}: input {position.source!r} has sequences of {length} tokens, but the model's position table "
-                f"{position.table.table!r} ({position.table.rows} rows) allows at most {limit}. Truncate the data to "
-                f"{limit} tokens (e.g. tokenizer(..., truncation=True, max_length={limit}))."
+            check_sequence_length(
+                length, name=position.source, limit=limit, where=where,
+                table=f"the model's position table {position.table.table!r} ({position.table.rows} rows)",
             )
 
     def _run_positions(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

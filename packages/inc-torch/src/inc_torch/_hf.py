@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from inc_core.calibration import check_no_empty_samples, check_sequence_length, check_token_ids
 from inc_core.errors import DatasetError
 from inc_torch._inputs import Inputs
 
@@ -160,26 +161,17 @@ def check_hf_inputs(model: nn.Module, inputs: Inputs, where: str) -> None:
     named = _named(inputs, model)
     ids = named.get("input_ids")
     if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
+        cls = type(model).__name__
         vocab = _vocab_size(model)
-        low, high = int(ids.min()), int(ids.max())
-        if vocab is not None and (low < 0 or high >= vocab):
-            bad = low if low < 0 else high
-            raise DatasetError(
-                f"{where}: input_ids holds token id {bad}, outside the vocabulary of {type(model).__name__} "
-                f"(ids 0..{vocab - 1}, vocab_size={vocab}); tokenize with this model's own tokenizer."
-            )
+        if vocab is not None:
+            values = ids.detach().cpu().numpy()
+            check_token_ids(values, name="input_ids", rows=vocab, where=where, table=f"the vocabulary of {cls} (vocab_size={vocab})")
         limit = _position_limit(model)
-        if limit is not None and ids.dim() >= 2 and ids.shape[-1] > limit:
-            raise DatasetError(
-                f"{where}: input_ids has sequences of {ids.shape[-1]} tokens, longer than the {limit} positions "
-                f"{type(model).__name__} takes (max_position_embeddings); truncate to at most {limit} tokens "
-                "(tokenizer(..., truncation=True, max_length=...))."
+        if limit is not None and ids.dim() >= 2:
+            check_sequence_length(
+                int(ids.shape[-1]), name="input_ids", limit=limit, where=where,
+                table=f"{cls}, which takes {limit} positions (max_position_embeddings)",
             )
     mask = named.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() >= 2 and mask.numel():
-        empty = (mask.reshape(mask.shape[0], -1) == 0).all(dim=1).nonzero().flatten().tolist()
-        if empty:
-            raise DatasetError(
-                f"{where}: attention_mask is all zeros (padding only) for sample(s) {empty[:5]} of {mask.shape[0]}; "
-                "every sample needs at least one real token. Drop empty texts before tokenizing."
-            )
+    if isinstance(mask, torch.Tensor):
+        check_no_empty_samples(mask.detach().cpu().numpy(), name="attention_mask", where=where)

@@ -36,6 +36,7 @@ from inc_core.calibration._qparams import (
     quantize,
     weight_qparams,
 )
+from inc_core.calibration._token_inputs import check_no_empty_samples, check_sequence_length, check_token_ids
 
 __all__ = [
     "HistogramObserver",
@@ -46,6 +47,9 @@ __all__ = [
     "PercentileObserver",
     "QParams",
     "check_finite_activation",
+    "check_no_empty_samples",
+    "check_sequence_length",
+    "check_token_ids",
     "compute_qparams",
     "dequantize",
     "fake_quantize",
