@@ -58,8 +58,10 @@ def quantize(
     impl = resolve_backend(model, backend)
     impl.check_format(config.format)
     impl.check_smooth_quant(config)
+    impl.check_bf16(config)
     space = impl.describe(model, config)
     config.exclude.select(space.ops)  # validates names/patterns before calibration work starts
+    config.bf16.select(space.ops)
     calibration = None
     if config.approach == "static":
         data = as_dataset(dataset, what="quantize(dataset=...)")

@@ -95,6 +95,9 @@ class QuantConfig(SerializableConfig):
         calib_samples: how many calibration samples (not batches) to feed.
         percentile: the percentile used by ``calibration="percentile"``.
         exclude: ops kept in FP32.
+        bf16: ops kept out of INT8 that run in BF16 instead of FP32 (mixed precision on CPUs with
+            AVX512-BF16 or AMX-BF16, on backends that support it: torch PT2E, ONNX run by OpenVINO).
+            An op matched by both ``exclude`` and ``bf16`` stays FP32.
         overrides: per op name or op type, settings that differ from the above, e.g.
             ``{"MatMul": {"calibration": "percentile"}}``. Names win over types.
         format: backend-specific output format (``"qdq"``/``"qoperator"`` for ONNX, ``"pt2e"``/``"fx"``
@@ -115,6 +118,7 @@ class QuantConfig(SerializableConfig):
     overrides: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     format: str = "default"
     smooth_quant: SmoothQuant | None = None
+    bf16: LayerFilter = field(default_factory=LayerFilter)
 
     def __post_init__(self) -> None:
         owner = "QuantConfig"
@@ -128,6 +132,18 @@ class QuantConfig(SerializableConfig):
             raise ConfigError(f"{owner}: percentile must be in (50, 100], got {self.percentile!r}.")
         object.__setattr__(self, "overrides", _frozen_overrides(owner, self.overrides))
         _check_smooth_quant(owner, self)
+        if not isinstance(self.bf16, LayerFilter):
+            raise ConfigError(
+                f"{owner}: bf16 must be an inc.LayerFilter of the ops to run in BF16, got {type(self.bf16).__name__}."
+            )
+
+    def precision(self, op_name: str, op_type: str) -> str:
+        """What one op of ``describe`` runs in under this config: ``"fp32"``, ``"bf16"`` or ``"int8"``."""
+        if self.exclude.matches(op_name, op_type):
+            return "fp32"  # exclude wins: FP32 is the safe choice when both filters match
+        if self.bf16.matches(op_name, op_type):
+            return "bf16"
+        return "int8"
 
     def setting(self, op_name: str, op_type: str, key: str) -> str:
         """The effective value of an overridable setting for one op (name override > type override > global)."""

@@ -84,12 +84,15 @@ class Backend(abc.ABC):
         formats: output formats ``QuantConfig.format`` may name; the first is what ``"default"`` means.
         supports_smooth_quant: whether :meth:`calibrate` and :meth:`quantize` honour
             ``QuantConfig.smooth_quant``; the core refuses a SmoothQuant config for a backend without it.
+        supports_bf16: whether :meth:`quantize` can run the ops ``QuantConfig.bf16`` selects in BF16; a
+            backend that can only on some CPUs, formats or runtimes says so in :meth:`check_bf16`.
     """
 
     name: ClassVar[str]
     package: ClassVar[str]
     formats: ClassVar[tuple[str, ...]] = ("default",)
     supports_smooth_quant: ClassVar[bool] = False
+    supports_bf16: ClassVar[bool] = False
 
     # --- model handling -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -177,6 +180,30 @@ class Backend(abc.ABC):
             raise ConfigError(
                 f"QuantConfig: smooth_quant={config.smooth_quant!r} is not implemented by the {self.name} backend "
                 "(SmoothQuant is available on the onnx and torch backends); set smooth_quant=None."
+            )
+
+    def bf16_unavailable(self, config: QuantConfig) -> str | None:
+        """Why ops of ``config`` cannot run in BF16 here (a sentence that says what to change), or ``None``.
+
+        Backends with :attr:`supports_bf16` override this with what else BF16 needs: the CPU's BF16
+        instructions, an output format or runtime that has BF16 kernels.
+        """
+        if self.supports_bf16:
+            return None
+        return (
+            f"the {self.name} backend does not implement BF16 ops (BF16 mixed precision is available on the torch "
+            "(PT2E) and onnx (OpenVINO) backends)"
+        )
+
+    def check_bf16(self, config: QuantConfig) -> None:
+        """Raise ConfigError when ``config.bf16`` selects ops that cannot run in BF16 (see :meth:`bf16_unavailable`)."""
+        if not config.bf16:
+            return
+        reason = self.bf16_unavailable(config)
+        if reason is not None:
+            raise ConfigError(
+                f"QuantConfig: bf16={config.bf16!r} asks for BF16 ops, but {reason}. "
+                "Keep those ops in FP32 with exclude= instead."
             )
 
     def check_format(self, config_format: str) -> str:

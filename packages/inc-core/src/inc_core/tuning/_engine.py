@@ -94,6 +94,14 @@ def autotune(
     base = config.base
     impl.check_format(base.format)
     impl.check_smooth_quant(base)
+    impl.check_bf16(base)
+    if config.fallback_precision == "bf16":
+        reason = impl.bf16_unavailable(base)
+        if reason is not None:
+            raise ConfigError(
+                f"autotune: fallback_precision='bf16' puts ops that lose accuracy in INT8 into BF16, but {reason}. "
+                "Use fallback_precision='fp32'."
+            )
     if config.smooth_quant_alphas and not impl.supports_smooth_quant:
         raise ConfigError(
             f"autotune: smooth_quant_alphas={list(config.smooth_quant_alphas)} but the {impl.name} backend does not "
@@ -101,16 +109,22 @@ def autotune(
         )
     described = impl.describe(model, base)
     base.exclude.select(described.ops)  # a typo in exclude names fails here, before any work
+    base.bf16.select(described.ops)
     if not described.ops:
         raise TuningError(
             f"autotune: the {impl.name} backend found no quantizable op in the model (approach={base.approach!r}); "
             "there is nothing to tune. Check the model, or try the other approach."
         )
-    space = SearchSpace(base, described.restricted(config.search_space), config.smooth_quant_alphas)
+    space = SearchSpace(
+        base,
+        described.restricted(config.search_space),
+        config.smooth_quant_alphas,
+        fallback_precision=config.fallback_precision,
+    )
     if not space.quantized:
         raise ConfigError(
-            f"autotune: config.base.exclude keeps every op of the model in FP32 ({list(described.names)}); "
-            "there is nothing to quantize. Exclude fewer ops."
+            f"autotune: config.base.exclude keeps every op of the model in FP32 or config.base.bf16 in BF16 "
+            f"({list(described.names)}); there is nothing to quantize. Exclude fewer ops."
         )
     data = _dataset_for(config, dataset)
     calibration = _Calibration(impl, model, data, base)
@@ -498,6 +512,7 @@ class _Run:
             elapsed_s=time.monotonic() - self.started,
             executor=str(getattr(self.executor, "description", type(self.executor).__name__)),
             backend=self.impl,
+            precisions={op.name: config.precision(op.name, op.op_type) for op in self.space.ops},
         )
 
     def _nothing_produced(self, reason: str) -> TuningError:

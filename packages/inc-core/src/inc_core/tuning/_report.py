@@ -99,10 +99,25 @@ def render_markdown(result: TuningResult, *, plot: str | None = None) -> str:
             f"{'yes' if trial.met else 'no'} | {trial.status}{_on(trial)} |"
         )
     lines += _failure_lines(result)
+    lines += _precision_lines(result)
     lines += ["", f"## Chosen config (trial {result.trial_id})", "", "```json", json.dumps(result.config.to_dict(), indent=2), "```", ""]
     if plot is not None:
         lines += [f"![score per trial]({plot})", ""]
     return "\n".join(lines)
+
+
+def _precision_lines(result: TuningResult) -> list[str]:
+    """Which ops of the chosen config run in INT8, BF16 and FP32 (INT8 ops counted, the others named)."""
+    if not result.precisions:
+        return []
+    lines = ["", f"## Precision per op (trial {result.trial_id})", "", "| precision | ops |", "|---|---|"]
+    for precision in ("int8", "bf16", "fp32"):
+        names = [name for name, p in result.precisions.items() if p == precision]
+        if not names:
+            continue
+        listed = f"{len(names)} ops" if precision == "int8" else f"{len(names)}: " + ", ".join(names)
+        lines.append(f"| {precision} | {_cell(listed)} |")
+    return lines
 
 
 def _on(trial: Trial) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ class TuningResult:
         elapsed_s: wall time of the run, baseline included.
         backend: the backend that quantized the model (used by :meth:`save`).
         executor: what ran the trials (``"sequential (in this process)"``, ``"ray (4 workers, ...)"``).
+        precisions: op name -> what it runs in under ``config`` (``"int8"``, ``"bf16"`` or ``"fp32"``), for
+            every op ``inc.describe`` lists, in model order.
     """
 
     model: Any = field(repr=False)
@@ -53,6 +56,7 @@ class TuningResult:
     elapsed_s: float = field(repr=False)
     backend: Backend | None = field(default=None, repr=False, compare=False)
     executor: str = field(default="sequential (in this process)", repr=False, compare=False)
+    precisions: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def criterion(self) -> Criterion:
@@ -107,5 +111,6 @@ class TuningResult:
             "failed_trials": sum(1 for t in self.trials if t.failed),
             "elapsed_s": self.elapsed_s,
             "config": self.config.to_dict(),
+            "precisions": dict(self.precisions),
             "trials": [t.to_dict() for t in self.trials],
         }

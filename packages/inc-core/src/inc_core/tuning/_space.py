@@ -1,4 +1,4 @@
-"""The search space the strategies walk: op-type settings and per-op FP32 fallback around a base config."""
+"""The search space the strategies walk: op-type settings and per-op FP32/BF16 fallback around a base config."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ class SearchSpace:
     """Turns strategy-level points (settings + fallback set) into full, canonical QuantConfigs.
 
     Every config the strategies propose is built here, from the base with ``dataclasses.replace``:
-    op-type settings become ``overrides`` keyed by op type, fallbacks are added to ``exclude`` as
-    names. Building configs in one place keeps equal points equal as JSON, which is how trials are
+    op-type settings become ``overrides`` keyed by op type, fallbacks are added by name to ``exclude``
+    (FP32) or to ``bf16`` (with ``fallback_precision="bf16"``). Building configs in one place keeps equal points equal as JSON, which is how trials are
     recognised when a history file is resumed.
 
     Args:
@@ -55,12 +55,23 @@ class SearchSpace:
         smooth_quant_alphas: SmoothQuant alphas to try model-wide (``TuningConfig.smooth_quant_alphas``);
             they become the first tunable (``model.smooth_quant``, with ``"off"``), so strategies that walk
             the settings try SmoothQuant before per-op-type changes.
+        fallback_precision: ``"fp32"`` or ``"bf16"``: what fallback ops run in (``TuningConfig.fallback_precision``).
     """
 
-    def __init__(self, base: QuantConfig, space: TuningSpace, smooth_quant_alphas: tuple[float, ...] = ()) -> None:
+    def __init__(
+        self,
+        base: QuantConfig,
+        space: TuningSpace,
+        smooth_quant_alphas: tuple[float, ...] = (),
+        *,
+        fallback_precision: str = "fp32",
+    ) -> None:
         self.base = base
+        self.fallback_precision = fallback_precision
         self.ops: tuple[Op, ...] = tuple(space.ops)
-        self.quantized: tuple[str, ...] = tuple(op.name for op in space.ops if not base.exclude.matches(op.name, op.op_type))
+        self.quantized: tuple[str, ...] = tuple(
+            op.name for op in space.ops if base.precision(op.name, op.op_type) == "int8"
+        )
         live_types = {op.op_type for op in space.ops if op.name in set(self.quantized)}
         tunables: list[Tunable] = []
         if smooth_quant_alphas:
@@ -108,7 +119,7 @@ class SearchSpace:
         return settings.get(tunable.key, self.current(tunable.op_type, tunable.setting))
 
     def config(self, settings: Settings | None = None, fallback: Iterable[str] = ()) -> QuantConfig:
-        """The full QuantConfig for a point: the base plus ``settings`` plus ``fallback`` ops in FP32.
+        """The full QuantConfig for a point: the base plus ``settings`` plus ``fallback`` ops in FP32 (or BF16).
 
         Raises:
             ValueError: a fallback name that is not a quantized op (a strategy bug, not user input).
@@ -126,14 +137,21 @@ class SearchSpace:
         if unknown:
             raise TuningError(f"SearchSpace.config: fallback names {sorted(unknown)} are not quantized ops of the model.")
         names = tuple(name for name in self.quantized if name in wanted)  # model order: one JSON per set
-        exclude = self.base.exclude.union(LayerFilter(names=names)) if names else self.base.exclude
-        return dataclasses.replace(self.base, overrides=overrides, exclude=exclude, smooth_quant=smooth_quant)
+        exclude, bf16 = self.base.exclude, self.base.bf16
+        if names and self.fallback_precision == "bf16":
+            bf16 = bf16.union(LayerFilter(names=names))
+        elif names:
+            exclude = exclude.union(LayerFilter(names=names))
+        return dataclasses.replace(
+            self.base, overrides=overrides, exclude=exclude, bf16=bf16, smooth_quant=smooth_quant
+        )
 
 
 def config_delta(base: QuantConfig, config: QuantConfig) -> dict[str, Any]:
     """What ``config`` changes relative to ``base``, as plain JSON (unchanged fields left out).
 
-    Ops added to ``exclude`` by name appear under ``"fallback"``; changed override entries under
+    Ops added to ``exclude`` or ``bf16`` by name appear under ``"fallback"`` (with ``"fallback_precision":
+    "bf16"`` for the latter, so strategies count fallbacks alike); changed override entries under
     ``"overrides"`` (a removed entry maps to ``None``); any other changed field under its own name.
     """
     old, new = base.to_dict(), config.to_dict()
@@ -141,17 +159,19 @@ def config_delta(base: QuantConfig, config: QuantConfig) -> dict[str, Any]:
     for key, value in new.items():
         if old.get(key) == value:
             continue
-        if key == "exclude":
-            before = old["exclude"]
+        if key in ("exclude", "bf16"):
+            before = old[key]
             added = [n for n in value["names"] if n not in before["names"]]
             if added:
-                delta["fallback"] = added
+                delta["fallback"] = [*delta.get("fallback", []), *added]
+                if key == "bf16":
+                    delta["fallback_precision"] = "bf16"
             rest = {k: v for k, v in value.items() if k != "names" and before.get(k) != v}
             removed = [n for n in before["names"] if n not in value["names"]]
             if removed:
                 rest["names_removed"] = removed
             if rest:
-                delta["exclude"] = rest
+                delta[key] = rest
         elif key == "overrides":
             changed: dict[str, Any] = {}
             for selector in dict.fromkeys([*old["overrides"], *value]):
@@ -174,8 +194,8 @@ def describe_delta(delta: Mapping[str, Any]) -> str:
     for key, value in delta.items():
         if key == SMOOTH_QUANT:
             parts.append(f"smooth_quant(alpha={value['alpha']:g})" if isinstance(value, Mapping) else "smooth_quant=off")
-        elif key not in ("overrides", "fallback"):
+        elif key not in ("overrides", "fallback", "fallback_precision"):
             parts.append(f"{key}={value}")
     if delta.get("fallback"):
-        parts.append("fp32: " + ", ".join(delta["fallback"]))
+        parts.append(f"{delta.get('fallback_precision', 'fp32')}: " + ", ".join(delta["fallback"]))
     return "; ".join(parts) if parts else "base"
