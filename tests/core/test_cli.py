@@ -154,6 +154,20 @@ def test_unknown_excluded_op_fails_before_writing(model_file, calib_file, tmp_pa
     assert not out.exists()
 
 
+def test_bf16_ops_on_a_backend_without_bf16_fail_before_writing(model_file, calib_file, tmp_path, capsys):
+    out = tmp_path / f"q{nb.SUFFIX}"
+    args = ["quantize", str(model_file), "-o", str(out), "--calib", str(calib_file), "--bf16", "fc1"]
+    err = _error(capsys, 2, main(args))
+    assert "asks for BF16 ops, but the" in err and "does not implement BF16 ops" in err and "exclude=" in err
+    assert not out.exists()
+
+
+def test_fallback_precision_without_eval_is_rejected(model_file, calib_file, tmp_path, capsys):
+    args = ["quantize", str(model_file), "-o", str(tmp_path / "q.npmat"), "--calib", str(calib_file)]
+    err = _error(capsys, 2, main([*args, "--fallback-precision", "bf16"]))
+    assert "--fallback-precision only apply to accuracy-driven tuning" in err
+
+
 def test_tuning_flags_without_eval_are_rejected(model_file, calib_file, tmp_path, capsys):
     args = ["quantize", str(model_file), "-o", str(tmp_path / "q.npmat"), "--calib", str(calib_file)]
     err = _error(capsys, 2, main([*args, "--strategy", "basic", "--max-trials", "3"]))

@@ -37,6 +37,7 @@ _TUNING_FLAGS = {
     "seed": "--seed",
     "history": "--history",
     "report": "--report",
+    "fallback_precision": "--fallback-precision",
 }
 # CLI flag -> QuantConfig field; flags left unset keep QuantConfig's defaults.
 _QUANT_FLAGS = ("approach", "calibration", "granularity", "scheme", "activation_dtype", "calib_samples", "format")
@@ -124,7 +125,8 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
     exclude = LayerFilter(
         names=tuple(args.exclude), patterns=tuple(args.exclude_pattern), types=tuple(args.exclude_type)
     )
-    return QuantConfig(**given, exclude=exclude)
+    bf16 = LayerFilter(names=tuple(args.bf16), types=tuple(args.bf16_type))
+    return QuantConfig(**given, exclude=exclude, bf16=bf16)
 
 
 def _tuning_config(args: argparse.Namespace, base: QuantConfig) -> TuningConfig:
@@ -136,6 +138,7 @@ def _tuning_config(args: argparse.Namespace, base: QuantConfig) -> TuningConfig:
         "timeout_s": args.timeout,
         "seed": args.seed,
         "history": args.history,
+        "fallback_precision": args.fallback_precision,
     }
     if args.lower_is_better:
         given["higher_is_better"] = False
@@ -148,17 +151,21 @@ def _op_summary(model: Any, quantized: Any, config: QuantConfig, backend: str | 
     impl = resolve_backend(model, backend)
     space = impl.describe(model, config)
     excluded = config.exclude.select(space.ops)
+    in_bf16 = [op.name for op in space.ops if config.precision(op.name, op.op_type) == "bf16"]
     total = len(space.ops)
     # What the output model holds, counted from it; what was selected is only what was asked for.
     counts = impl.int8_op_counts(quantized)
+    selected = total - len(excluded) - len(in_bf16)
     if counts is None:
-        text = f"{total - len(excluded)} of {total} quantizable ops quantized"
+        text = f"{selected} of {total} quantizable ops quantized"
     else:
         by_type = ", ".join(f"{n} {op_type}" for op_type, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
         text = f"{sum(counts.values())} INT8 ops in the output model ({by_type or 'none'}); "
-        text += f"{total - len(excluded)} of {total} quantizable ops selected"
+        text += f"{selected} of {total} quantizable ops selected"
     if excluded:
         text += f", {len(excluded)} kept in FP32: {', '.join(excluded)}"
+    if in_bf16:
+        text += f", {len(in_bf16)} in BF16: {', '.join(in_bf16)}"
     return text
 
 

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Sequence
 
 from inc_core._quant_config import APPROACHES, CALIBRATIONS, DTYPES, GRANULARITIES, SCHEMES
-from inc_core._tuning_config import LOSS_TYPES, STRATEGIES
+from inc_core._tuning_config import FALLBACK_PRECISIONS, LOSS_TYPES, STRATEGIES
 from inc_core.errors import IncError
 
 __all__ = ["build_parser", "main"]
@@ -73,6 +73,11 @@ def _add_quantize(sub: argparse._SubParsersAction[argparse.ArgumentParser], comm
         help="regular expressions (full match) of op names kept in FP32",
     )
     p.add_argument("--exclude-type", nargs="+", action="extend", default=[], metavar="TYPE", help="op types kept in FP32")
+    p.add_argument(
+        "--bf16", nargs="+", action="extend", default=[], metavar="NAME",
+        help="op names run in BF16 instead of INT8 (CPUs with AVX512-BF16/AMX-BF16; torch PT2E, ONNX on OpenVINO)",
+    )
+    p.add_argument("--bf16-type", nargs="+", action="extend", default=[], metavar="TYPE", help="op types run in BF16")
     tune = p.add_argument_group("accuracy-driven tuning (needs --eval)")
     tune.add_argument(
         "--eval", metavar="FILE.py:FUNCTION",
@@ -85,6 +90,10 @@ def _add_quantize(sub: argparse._SubParsersAction[argparse.ArgumentParser], comm
     tune.add_argument("--max-trials", type=int, metavar="N", help="stop after N trials")
     tune.add_argument("--timeout", type=float, metavar="SECONDS", help="stop tuning after this many seconds")
     tune.add_argument("--seed", type=int, metavar="N", help="seed of the randomized strategies")
+    tune.add_argument(
+        "--fallback-precision", choices=FALLBACK_PRECISIONS,
+        help="what ops the search takes out of INT8 run in (default fp32)",
+    )
     tune.add_argument("--history", metavar="TUNING.json", help="trial history; given again, tuning resumes from it")
     tune.add_argument("--report", metavar="PATH", help="write the tuning report here")
     p.set_defaults(handler=cmd_quantize)
