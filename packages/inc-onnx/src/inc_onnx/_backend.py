@@ -12,6 +12,7 @@ import onnxruntime as ort
 from inc_core import Dataset, QuantConfig
 from inc_core.backend import Backend, TuningSpace
 from inc_core.errors import CalibrationError, DatasetError, ModelLoadError
+from inc_onnx._bf16 import bf16_unavailable, int8_config, record_bf16_ops
 from inc_onnx._collect import OnnxCalibration, collect, tensors_to_observe
 from inc_onnx._describe import describe_prepared, nothing_to_quantize, op_types_for
 from inc_onnx._feeds import to_feeds
@@ -44,6 +45,8 @@ class OnnxBackend(Backend):
     package: ClassVar[str] = "inc-onnx"
     formats: ClassVar[tuple[str, ...]] = ("qdq", "qoperator")
     supports_smooth_quant: ClassVar[bool] = True
+    # QuantConfig(bf16=...): the ops stay float in the standard file and run in BF16 on OpenVINO.
+    supports_bf16: ClassVar[bool] = True
 
     def __init__(self, *, runtime: str = "auto", openvino_precision: str = "f32") -> None:
         """
@@ -68,6 +71,19 @@ class OnnxBackend(Backend):
 
     def options(self) -> dict[str, Any]:
         return {"runtime": self.runtime, "openvino_precision": self.openvino_precision}
+
+    def bf16_unavailable(self, config: QuantConfig) -> str | None:
+        """BF16 ops run on OpenVINO's CPU plugin: it must be installed and the CPU must have BF16 instructions.
+
+        ``OnnxBackend(runtime="ort")`` refuses them: ONNX Runtime's CPU provider has no BF16 kernels for
+        them, so it would measure and run them in FP32.
+        """
+        if self.runtime == "ort":
+            return (
+                "OnnxBackend(runtime='ort') runs models on ONNX Runtime's CPU provider, which has no BF16 kernels for "
+                "these ops (they would run in FP32); use OnnxBackend(runtime='openvino') or runtime='auto'"
+            )
+        return bf16_unavailable()
 
     def accepts(self, model: Any) -> bool:
         return is_onnx_model(model)
@@ -96,11 +112,14 @@ class OnnxBackend(Backend):
             )
         fmt = self.check_format(config.format)
         prepared = prepare(model)
+        # BF16 ops stay float nodes in the file, listed in its metadata (see inc_onnx._bf16).
+        int8, bf16_ops = int8_config(config, describe_prepared(prepared.model, config, fmt).ops)
         # SmoothQuant: the rescaled graph and its statistics take the place of the user's graph.
-        graph, applied, calibration = unwrap(prepared, config, calibration, fmt)
+        graph, applied, calibration = unwrap(prepared, int8, calibration, fmt)
         result = quantize_prepared(graph, applied, fmt, calibration)
         if applied is not config:
-            _stamp(result, config, fmt)  # the user's recipe, not the exclusions SmoothQuant added
+            _stamp(result, config, fmt)  # the user's recipe, not the exclusions SmoothQuant or BF16 added
+        record_bf16_ops(result, bf16_ops)
         # Never hand out a model ORT refuses, or one with no INT8 op (see inc_onnx._verify).
         mode = "dynamic" if config.approach == "dynamic" else f"static {fmt}"
         check_runs(result, mode, calibration.sample if calibration is not None else None)
@@ -116,7 +135,8 @@ class OnnxBackend(Backend):
         fmt = self.check_format(config.format)
         if config.approach == "static" and calibration is None:
             calibration = self.calibrate(model, dataset, config)
-        graph, applied, calibration = unwrap(prepared, config, calibration, fmt)
+        int8, _ = int8_config(config, describe_prepared(prepared.model, config, fmt).ops)
+        graph, applied, calibration = unwrap(prepared, int8, calibration, fmt)
         return op_output_errors(graph, applied, fmt, calibration, dataset)
 
     def int8_op_counts(self, model: Any) -> dict[str, int]:

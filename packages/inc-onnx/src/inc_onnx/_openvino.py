@@ -9,6 +9,7 @@ INT8 model inc writes is not changed or converted by the user. The ``openvino`` 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -19,9 +20,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from inc_core.errors import BackendNotFoundError, ConfigError, DatasetError, ModelLoadError
+from inc_core.errors import BackendNotFoundError, ConfigError, DatasetError, IncError, ModelLoadError
 
 __all__ = ["INSTALL_HINT", "PRECISIONS", "OpenVinoSession", "TensorInfo", "compile_openvino", "import_openvino"]
+
+log = logging.getLogger("inc")
 
 INSTALL_HINT = "pip install 'inc-onnx[openvino]'"
 # "f32": activations and float ops stay FP32 around the int8 kernels, as on ONNX Runtime (the default:
@@ -74,10 +77,12 @@ class OpenVinoSession:
 
     runtime = "openvino"
 
-    def __init__(self, compiled: Any, properties: Mapping[str, str]) -> None:
+    def __init__(self, compiled: Any, properties: Mapping[str, str], bf16_ops: Sequence[str] = ()) -> None:
         self._compiled = compiled
         self._request = compiled.create_infer_request()
         self.properties = dict(properties)
+        # The ONNX ops this session runs in bf16 (the model's BF16 list; empty when it has none or runs them in f32).
+        self.bf16_ops = tuple(bf16_ops)
         self._inputs = [_info(port) for port in compiled.inputs]
         self._outputs = [_info(port) for port in compiled.outputs]
         self._output_ports = {}
@@ -157,11 +162,21 @@ def compile_openvino(model: Any, proto: onnx.ModelProto, *, threads: int, precis
         threads: ``INFERENCE_NUM_THREADS``.
         precision: one of :data:`PRECISIONS`.
 
+    The ops the model's metadata lists for BF16 (``QuantConfig(bf16=...)``) run in bf16 whatever
+    ``precision`` is, on CPUs with BF16 instructions (see :mod:`inc_onnx._bf16`); elsewhere in f32.
+
     Raises:
         BackendNotFoundError: openvino is not installed.
         ModelLoadError: OpenVINO cannot read or compile the model.
     """
+    from inc_onnx._bf16 import bf16_unavailable, convert_to_bf16, recorded_bf16_ops
+
     ov = import_openvino()
+    bf16_ops = recorded_bf16_ops(proto)
+    reason = bf16_unavailable() if bf16_ops else None
+    if reason is not None:
+        log.info("OpenVINO runs the model's %d BF16 ops in f32: %s.", len(bf16_ops), reason)
+        bf16_ops = ()
     properties = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)}
     if precision != "default":
         properties["INFERENCE_PRECISION_HINT"] = precision
@@ -174,11 +189,15 @@ def compile_openvino(model: Any, proto: onnx.ModelProto, *, threads: int, precis
                 path = Path(tmp) / "model.onnx"
                 onnx.save_model(proto, str(path))
                 read = _core().read_model(str(path))
+        if bf16_ops:
+            convert_to_bf16(read, bf16_ops, [node.name for node in proto.graph.node])
         compiled = _core().compile_model(read, "CPU", properties)
+    except IncError:
+        raise
     except Exception as exc:  # OpenVINO raises RuntimeError (and others from its frontends) with the reason as text
         text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:500]
         raise ModelLoadError(
             f"OpenVINO {ov.__version__} cannot compile the model for its CPU plugin: {text}. Use runtime='ort' for "
             "this model."
         ) from exc
-    return OpenVinoSession(compiled, properties)
+    return OpenVinoSession(compiled, properties, bf16_ops)

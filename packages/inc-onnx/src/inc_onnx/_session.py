@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -12,6 +13,8 @@ from inc_core.errors import ConfigError, ModelLoadError
 from inc_onnx._model_io import as_model_proto
 
 __all__ = ["create_session", "session_options"]
+
+log = logging.getLogger("inc")
 
 _LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -99,7 +102,9 @@ def create_session(
         threads: intra-op / inference threads (``None``: every CPU this process may use).
         openvino_precision: precision OpenVINO runs float ops in: ``"f32"`` (the default: outputs as close
             to ONNX Runtime's as the int8 kernels allow), ``"bf16"``, or ``"default"`` (OpenVINO's own
-            choice, bf16 on CPUs with AVX512-BF16 or AMX).
+            choice, bf16 on CPUs with AVX512-BF16 or AMX). The ops a model quantized with
+            ``QuantConfig(bf16=...)`` lists run in bf16 on OpenVINO whatever this is (on CPUs with BF16
+            instructions), and in FP32 on ONNX Runtime, whose CPU provider has no BF16 kernels for them.
 
     Raises:
         ConfigError: an unknown runtime or precision, or ``options`` with runtime="openvino".
@@ -122,6 +127,12 @@ def create_session(
         raise ConfigError(f"create_session: threads must be an int >= 1 or None, got {threads!r}.")
     proto = as_model_proto(model)
     if options is not None or runtime == "ort":
+        from inc_onnx._bf16 import recorded_bf16_ops
+
+        bf16_ops = recorded_bf16_ops(proto)
+        if bf16_ops:
+            # The file stays standard ONNX; ORT's CPU provider has no BF16 kernels for these ops.
+            log.info("ONNX Runtime runs the model's %d BF16 ops in FP32 (OpenVINO runs them in BF16).", len(bf16_ops))
         return ort_session(proto, options, threads=threads)
     if runtime == "openvino":
         return compile_openvino(model, proto, threads=threads or available_cpus(), precision=openvino_precision)
