@@ -165,12 +165,17 @@ def rewrite_int8(
         low, high = s.input_range
         bias = unit.bias.astype(np.float64)
         source = unit.input
+        q_weight, limit = _quantized_weights(unit.weight, s.per_channel and unit.op == "Conv2D")
         if unit.op == "MatMul":
             if low < 0.0:
-                # x @ W == (x - low) @ W + low * colsum(W): read the shifted input as unsigned.
+                # x @ W == (x - low) @ W + low * colsum(W): read the shifted input as unsigned. The kernel
+                # multiplies by the int8 weights, so the shift is undone with *their* column sums: with the
+                # float weights' sums, each column keeps low * (its rounding error summed over the inputs), a
+                # constant offset as large as the signal on a wide layer (a BERT's 1536-input FFN).
                 shift = build.const(f"{base}/shift", np.float32(low))
                 source = build.node(f"{base}/shifted", "Sub", [source, shift], T=_FLOAT).name + ":0"
-                bias = bias + low * unit.weight.astype(np.float64).sum(axis=0)
+                dequantized = q_weight.astype(np.float64) * (limit.astype(np.float64) / 127.0)
+                bias = bias + low * dequantized.sum(axis=0)
                 want = (_QUINT8, (0.0, max(high - low, _TINY)))
             else:
                 want = (_QUINT8, (0.0, max(high, _TINY)))
@@ -190,7 +195,6 @@ def rewrite_int8(
             return quantized_inputs[key]
 
         qin = quantized(source, want, f"{base}/quantize")
-        q_weight, limit = _quantized_weights(unit.weight, s.per_channel and unit.op == "Conv2D")
         w_ref = build.const(f"{base}/weight", q_weight, dtype=dtypes.qint8)
         wmin = build.const(f"{base}/weight_min", -limit)
         wmax = build.const(f"{base}/weight_max", limit)
