@@ -19,6 +19,7 @@ Pruning and distillation hook into the same loop::
 from __future__ import annotations
 
 from inc_torch._backend import TorchBackend
+from inc_torch._bf16 import bf16_ops
 from inc_torch._compiled import CompiledQuantizedModule
 from inc_torch._convert import convert
 from inc_torch._inspect import quantized_ops
@@ -35,6 +36,7 @@ __all__ = [
     "IpexBackend",
     "TorchBackend",
     "__version__",
+    "bf16_ops",
     "convert",
     "prepare",
     "prepare_qat",

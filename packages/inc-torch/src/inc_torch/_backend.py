@@ -109,6 +109,7 @@ class TorchBackend(Backend):
     package: ClassVar[str] = "inc-torch"
     formats: ClassVar[tuple[str, ...]] = ("pt2e", "fx")
     supports_smooth_quant: ClassVar[bool] = True
+    supports_bf16: ClassVar[bool] = True
 
     def __init__(self, *, dynamic_activations: str = "auto") -> None:
         self.dynamic_activations = check_dynamic_activations(dynamic_activations)
@@ -122,12 +123,19 @@ class TorchBackend(Backend):
         fmt = self.check_format(config.format)
         ops = quantizable_ops(model, config, fmt)
         excluded = set(config.exclude.select(ops))  # unknown names/patterns/types -> ConfigError before any work
+        excluded |= set(config.bf16.select(ops))  # BF16 ops leave INT8 as excluded ones do
         check_overrides(config, self.describe(model, config))
         check_supported(config, ops)
         check_something_quantized(config, fmt, ops, excluded)
         if config.approach == "static":
             check_constructs(model, fmt, excluded)
         return fmt, ops
+
+    def bf16_unavailable(self, config: QuantConfig) -> str | None:
+        """BF16 runs on the PT2E static path, on CPUs with AVX512-BF16 or AMX-BF16 (see :mod:`inc_torch._bf16`)."""
+        from inc_torch._bf16 import bf16_unavailable
+
+        return bf16_unavailable(self.name, self.check_format(config.format), config.approach)
 
     def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
         model = _check_model(model)
@@ -145,6 +153,7 @@ class TorchBackend(Backend):
 
     def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> nn.Module:
         model = _check_model(model)
+        self.check_bf16(config)  # also when called without inc.quantize
         fmt, ops = self._ops(model, config)
         with framework_errors(_step(fmt, config), "dynamic" if config.approach == "dynamic" else fmt, model, frozenset(op.name for op in ops)):
             return self._quantize(model, config, fmt, ops, calibration, inplace)
@@ -172,9 +181,10 @@ class TorchBackend(Backend):
             raise CalibrationError("The calibration was collected on a different model (its parameters differ).")
         quantized: nn.Module
         if fmt == "pt2e":
+            from inc_torch._bf16 import bf16_names, int8_view, run_in_bf16
             from inc_torch._pt2e import quantize_pt2e
 
-            quantized = quantize_pt2e(config, ops, calibration)
+            quantized = run_in_bf16(quantize_pt2e(int8_view(config), ops, calibration), bf16_names(config, ops))
         else:
             from inc_torch._fx import quantize_fx
 
@@ -191,7 +201,9 @@ class TorchBackend(Backend):
         with framework_errors("Measuring per-op errors", fmt, model, frozenset(op.name for op in ops)):
             if config.approach == "static" and calibration is not None:
                 model, calibration = unwrap(model, config, calibration)
-            return op_errors(model, config, ops, calibration, dataset, activations=self.dynamic_activations)
+            from inc_torch._bf16 import int8_view
+
+            return op_errors(model, int8_view(config), ops, calibration, dataset, activations=self.dynamic_activations)
 
     def int8_op_counts(self, model: Any) -> dict[str, int] | None:
         """Per op type, the ops of a quantized model that compute on INT8 data (see :mod:`inc_torch._int8_ops`)."""
