@@ -97,16 +97,23 @@ def inc_onnx_dynamic(path: Path) -> tuple[Any, dict[str, Any]]:
 
 def ort_paths(path: Path, work: Workload, workdir: Path) -> dict[str, Callable[[], tuple[Any, dict[str, Any]]]]:
     import onnx
-    from onnx_bench import ort_dynamic, ort_static
+    from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
 
-    fp32 = onnx.load_model(str(path))
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(work.calibration)
+
+        def get_next(self) -> Batch | None:
+            return next(self._batches, None)
 
     def static() -> tuple[Any, dict[str, Any]]:
-        model = ort_static(fp32, work.calibration, workdir)
+        quantize_static(str(path), str(workdir / "ort_static.onnx"), Reader())  # default settings, as a user calls it
+        model = onnx.load_model(str(workdir / "ort_static.onnx"))
         return model, {"int8_matmuls": onnx_int8_matmuls(model)}
 
     def dynamic() -> tuple[Any, dict[str, Any]]:
-        model = ort_dynamic(fp32, workdir)
+        quantize_dynamic(str(path), str(workdir / "ort_dynamic.onnx"))
+        model = onnx.load_model(str(workdir / "ort_dynamic.onnx"))
         return model, {"int8_matmuls": onnx_int8_matmuls(model)}
 
     return {"ORT quantize_static (defaults)": static, "ORT quantize_dynamic (defaults)": dynamic}
@@ -172,6 +179,18 @@ def _calibrate(prepared: Any, work: Workload) -> None:
             prepared(*_positional(batch))
 
 
+def _without_dead_code(graph_module: Any) -> Any:
+    """Drop ops whose results nothing reads (MiniLM's pooler: a Linear + tanh the wrapper does not return).
+
+    Left in, they stop X86InductorQuantizer (torchao 0.18, and neural-compressor-pt 3.10 through it) with
+    ``IndexError: list index out of range`` in ``_get_output_nodes_of_partitions``: a Linear-unary partition
+    with no output node.
+    """
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
+    return graph_module
+
+
 def torchao_pt2e(work: Workload) -> tuple[Any, dict[str, Any]]:
     """torchao's documented x86 recipe: export, X86InductorQuantizer defaults, calibrate, convert, compile."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -180,7 +199,7 @@ def torchao_pt2e(work: Workload) -> tuple[Any, dict[str, Any]]:
     import inc_torch
 
     wrapped, args, dynamic = _exported(work)
-    exported = torch.export.export(wrapped, args, dynamic_shapes=dynamic).module()
+    exported = _without_dead_code(torch.export.export(wrapped, args, dynamic_shapes=dynamic).module())
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported, quantizer)
     _calibrate(prepared, work)
@@ -196,7 +215,7 @@ def neural_compressor_pt2e(work: Workload, dynamic: bool) -> tuple[Any, dict[str
     import inc_torch
 
     wrapped, args, shapes = _exported(work)
-    exported = export(wrapped, example_inputs=args, dynamic_shapes=shapes)
+    exported = _without_dead_code(export(wrapped, example_inputs=args, dynamic_shapes=shapes))
     prepared = prepare(exported, quant_config=DynamicQuantConfig() if dynamic else StaticQuantConfig())
     _calibrate(prepared, work)
     return inc_torch.CompiledQuantizedModule(convert(prepared), (args, {}), runtime="compile"), {}

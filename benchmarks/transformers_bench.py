@@ -259,7 +259,9 @@ def markdown(out: dict[str, Any]) -> str:
         if entry is None:
             continue
         lines += [f"## {entry['label']}, {entry['shape']}", "",
-                  f"Measured {entry['date']}, git commit {entry['commit']}; {entry['versions']}.", "",
+                  "Measured: " + "; ".join(f"{b} {entry[b].get('date', entry.get('date'))}, git commit "
+                                           f"{entry[b].get('commit', entry.get('commit'))}"
+                                           for b in ("onnx", "torch") if b in entry) + f"; {entry['versions']}.", "",
                   "| backend | path | bs1 samples/s | bs1 vs FP32 | bs8 samples/s | bs8 vs FP32 | cosine min | cosine mean "
                   "| notes |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for backend in ("onnx", "torch"):
@@ -318,13 +320,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="inc-hf-bench-") as tmp:
         for name in args.models:
             work = workload(name)
-            entry: dict[str, Any] = {
-                "label": work.label, "shape": work.shape, "commit": git_commit("packages", "benchmarks"),
-                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "versions": _versions(), "scored_samples": sum(len(next(iter(b.values()))) for b in work.scored),
-                "errors": {},
-            }
+            # --merge: the backends this run does not measure keep their earlier results (each names its commit)
+            entry: dict[str, Any] = out["models"].get(name, {}) if args.merge else {}
+            entry.update({"label": work.label, "shape": work.shape, "versions": _versions(),
+                          "scored_samples": sum(len(next(iter(b.values()))) for b in work.scored)})
+            entry.setdefault("errors", {})
             for backend in args.backends:
+                measured = {"commit": git_commit("packages", "benchmarks"),
+                            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
                 log.info("%s on %s", name, backend)
                 started = time.perf_counter()
                 run = (lambda w=work: bench_onnx(w, args, Path(tmp))) if backend == "onnx" else (lambda w=work: bench_torch(w, args))
@@ -332,8 +335,10 @@ def main() -> None:
                 got = attempt(run, failure, backend)
                 if got is None:
                     entry["errors"][backend] = failure["error"]
+                    entry.pop(backend, None)
                 else:
-                    entry[backend] = {**got, "seconds": time.perf_counter() - started}
+                    entry["errors"].pop(backend, None)
+                    entry[backend] = {**got, **measured, "seconds": time.perf_counter() - started}
             out["models"][name] = entry
             # written after every model, so an interrupted run keeps what it finished
             out_json.write_text(json.dumps(out, indent=2) + "\n")
