@@ -4,7 +4,8 @@ Each unit (see ``_int8_units``) becomes:
 
 * Conv2D: ``QuantizeV2`` of its input (quint8 after a Relu, else symmetric qint8), then
   ``_FusedQuantizedConv2D`` with ``fused_ops=[BiasAdd, (Relu,) Requantize]`` (per-channel int8 weights,
-  float bias, the calibrated output range frozen in), then ``Dequantize``.
+  float bias, the calibrated output range frozen in), then ``Dequantize``. A depthwise conv is the same
+  with ``_FusedQuantizedDepthwiseConv2D``; a Relu6 is the fused Relu with the output range capped at 6.
 * MatMul: ``QuantizeV2`` of its input to quint8, then ``QuantizedMatMulWithBiasAndReluAndRequantize``
   (+ ``Dequantize``) or ``QuantizedMatMulWithBiasAndDequantize`` (per-tensor int8 weights). A signed
   input is shifted by its calibrated minimum first and the shift folded into the bias, so it is still
@@ -105,12 +106,15 @@ class _Types(tuple):  # a list(type) attribute, told apart from list(int)
     pass
 
 
-def _quantized_weights(weight: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    axes = tuple(range(weight.ndim - 1))
-    limit = np.abs(weight).max(axis=axes) if per_channel else np.abs(weight).max(keepdims=False)
+def _quantized_weights(weight: np.ndarray, per_channel: bool, depthwise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weights and their limits: one per output channel (a depthwise conv's are its last two axes)."""
+    axes = tuple(range(weight.ndim - (2 if depthwise else 1)))
+    limit = np.abs(weight).max(axis=axes).reshape(-1) if per_channel else np.abs(weight).max(keepdims=False)
+    if per_channel and depthwise:
+        limit = limit.reshape(weight.shape[-2:])  # broadcasts over the filter's last two axes
     limit = np.maximum(np.asarray(limit, dtype=np.float32), _TINY)
     q = np.clip(np.rint(weight / limit * 127.0), -127, 127).astype(np.int8)
-    return q, limit.astype(np.float32)
+    return q, limit.reshape(-1).astype(np.float32) if per_channel else limit.astype(np.float32)
 
 
 def _signed_bounds(low: float, high: float) -> tuple[float, float]:
@@ -165,7 +169,9 @@ def rewrite_int8(
         low, high = s.input_range
         bias = unit.bias.astype(np.float64)
         source = unit.input
-        q_weight, limit = _quantized_weights(unit.weight, s.per_channel and unit.op == "Conv2D")
+        q_weight, limit = _quantized_weights(
+            unit.weight, s.per_channel and unit.op != "MatMul", depthwise=unit.op == "DepthwiseConv2dNative"
+        )
         if unit.op == "MatMul":
             if low < 0.0:
                 # x @ W == (x - low) @ W + low * colsum(W): read the shifted input as unsigned. The kernel
@@ -201,7 +207,8 @@ def rewrite_int8(
         b_ref = build.const(f"{base}/bias", bias.astype(np.float32))
         out_low, out_high = s.output_range
         if unit.relu:
-            out_type, out_bounds = _QUINT8, (0.0, max(out_high, _TINY))
+            # a Relu6 is the kernel's Relu with the requantized output saturating at 6
+            out_type, out_bounds = _QUINT8, (0.0, max(min(out_high, 6.0) if unit.relu6 else out_high, _TINY))
         else:
             out_type, out_bounds = _QINT8, _signed_bounds(out_low, out_high)
         omin = build.const(f"{base}/output_min", np.float32(out_bounds[0]))
@@ -217,10 +224,11 @@ def rewrite_int8(
                 strides=unit.attrs["strides"], padding=unit.attrs["padding"],
             ).name
             kernels[kernel] = unit.name
-        elif unit.op == "Conv2D":
+        elif unit.op in ("Conv2D", "DepthwiseConv2dNative"):
             fused = ["BiasAdd", "Relu", "Requantize"] if unit.relu else ["BiasAdd", "Requantize"]
+            kernel_op = "_FusedQuantizedConv2D" if unit.op == "Conv2D" else "_FusedQuantizedDepthwiseConv2D"
             build.node(
-                f"{base}/conv", "_FusedQuantizedConv2D", inputs,
+                f"{base}/conv", kernel_op, inputs,
                 Thost_inputs=_Types((qin.dtype, _QINT8) + (_FLOAT,) * 7), Thost_outputs=_Types((out_type, _FLOAT, _FLOAT)),
                 Tdevice_inputs=_Types(()), Tdevice_outputs=_Types(()), Tinput=qin.dtype, Tfilter=_QINT8, Tbias=_FLOAT,
                 Tsummand=out_type, out_type=out_type, strides=unit.attrs["strides"], padding=unit.attrs["padding"],

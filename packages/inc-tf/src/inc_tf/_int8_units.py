@@ -1,8 +1,9 @@
-"""The units the SavedModel int8 rewrite quantizes: a Conv2D or MatMul with constant weights and what follows it.
+"""The units the SavedModel int8 rewrite quantizes: a Conv2D, depthwise conv or MatMul with constant weights and what follows it.
 
-A unit is a Conv2D (NHWC) or MatMul node whose weights are constant, plus the chain of single-consumer
-ops after it that fold into one oneDNN int8 kernel: BiasAdd, and Add/Sub/Mul by a per-channel constant
-(how Keras' BatchNormalization runs at inference) folded into the weights and bias, then a Relu. The
+A unit is a Conv2D or DepthwiseConv2dNative (NHWC) or MatMul node whose weights are constant, plus the chain
+of single-consumer ops after it that fold into one oneDNN int8 kernel: BiasAdd, and Add/Sub/Mul by a
+per-channel constant (how Keras' BatchNormalization runs at inference) folded into the weights and bias,
+then a Relu or Relu6 (MobileNet's; the kernel's Relu with an output range capped at 6 computes it). The
 unit's output is the last op of that chain. A Conv2D chain that ends in ``Relu(Add(conv, other))`` (a
 residual block) also records ``other`` as its summand, which the rewrite may fuse into the kernel.
 """
@@ -93,15 +94,17 @@ class Unit:
     """One quantizable node with the ops folded into it.
 
     Attributes:
-        name: the Conv2D/MatMul node's name (what per-layer settings and fallback refer to).
-        op: ``"Conv2D"`` or ``"MatMul"``.
+        name: the Conv2D/DepthwiseConv2dNative/MatMul node's name (what per-layer settings and fallback refer to).
+        op: ``"Conv2D"``, ``"DepthwiseConv2dNative"`` or ``"MatMul"``.
         input: the float tensor the unit reads.
         output: the tensor the unit's last folded op writes (output 0 of node ``output_node``).
         output_node: that node's name; the rewrite gives the unit's float output this name.
         nodes: every node the unit replaces.
-        weight: folded float weights (HWIO for Conv2D, (in, out) for MatMul).
+        weight: folded float weights (HWIO for Conv2D, (h, w, in, multiplier) for a depthwise conv, (in, out)
+            for MatMul).
         bias: folded float bias, one per output channel.
-        relu: whether a Relu ends the unit.
+        relu: whether a Relu or Relu6 ends the unit.
+        relu6: whether that is a Relu6 (its output never exceeds 6).
         attrs: strides/padding/dilations of a Conv2D.
         summand: the tensor a residual ``Add`` adds before the final Relu (``None`` without one).
         core_nodes: the nodes up to the residual Add (all of :attr:`nodes` without a summand).
@@ -118,6 +121,7 @@ class Unit:
     attrs: dict[str, Any] = field(default_factory=dict, repr=False)
     summand: str | None = None
     core_nodes: list[str] = field(default_factory=list)
+    relu6: bool = False
 
     @property
     def output(self) -> str:
@@ -165,7 +169,7 @@ def find_units(graph_def: Any, folder: ConstantFolder, outputs: tuple[str, ...])
     candidates = []
     for node in graph_def.node:
         data = [i for i in node.input if not i.startswith("^")]
-        if node.op == "Conv2D" and len(data) == 2:
+        if node.op in ("Conv2D", "DepthwiseConv2dNative") and len(data) == 2:
             if node.attr["data_format"].s not in (b"", b"NHWC") or list(node.attr["dilations"].list.i or [1, 1, 1, 1]) != [1, 1, 1, 1]:
                 continue
             if node.attr["padding"].s == b"EXPLICIT":
@@ -184,9 +188,11 @@ def find_units(graph_def: Any, folder: ConstantFolder, outputs: tuple[str, ...])
         weight = weights[tensor_name(data[1])].astype(np.float64)
         if node.op == "MatMul" and node.attr["transpose_b"].b:
             weight = weight.T
-        channels = weight.shape[-1]
+        depthwise = node.op == "DepthwiseConv2dNative"
+        # a depthwise conv's output channel c*multiplier+m comes from weight[..., c, m]
+        channels = weight.shape[-2] * weight.shape[-1] if depthwise else weight.shape[-1]
         bias = np.zeros(channels, dtype=np.float64)
-        chain, relu, current = [node.name], False, f"{node.name}:0"
+        chain, relu, relu6, current = [node.name], False, False, f"{node.name}:0"
         summand, core = None, None
         while True:
             users = consumers.get(_node_of(current), [])
@@ -194,9 +200,9 @@ def find_units(graph_def: Any, folder: ConstantFolder, outputs: tuple[str, ...])
                 break
             user = users[0]
             other = _other_input(user, current)
-            if user.op in ("Relu",):
+            if user.op in ("Relu", "Relu6"):
                 chain.append(user.name)
-                relu, current = True, f"{user.name}:0"
+                relu, relu6, current = True, user.op == "Relu6", f"{user.name}:0"
                 break
             if user.op not in ("BiasAdd", "Add", "AddV2", "Sub", "Mul") or other is None:
                 break
@@ -216,7 +222,8 @@ def find_units(graph_def: Any, folder: ConstantFolder, outputs: tuple[str, ...])
             if vector is None:
                 break
             if user.op == "Mul":
-                weight = weight * vector  # scales every output channel: weights and bias alike
+                # scales every output channel: weights and bias alike
+                weight = (weight.reshape(*weight.shape[:-2], channels) * vector).reshape(weight.shape) if depthwise else weight * vector
                 bias = bias * vector
             elif user.op == "Sub":
                 bias = bias - vector
@@ -225,10 +232,10 @@ def find_units(graph_def: Any, folder: ConstantFolder, outputs: tuple[str, ...])
             chain.append(user.name)
             current = f"{user.name}:0"
         attrs: dict[str, Any] = {}
-        if node.op == "Conv2D":
+        if node.op != "MatMul":
             attrs = {"strides": list(node.attr["strides"].list.i), "padding": node.attr["padding"].s.decode()}
         units.append(
             Unit(node.name, node.op, tensor_name(data[0]), _node_of(current), chain,
-                 weight.astype(np.float32), bias.astype(np.float32), relu, attrs, summand, core or [])
+                 weight.astype(np.float32), bias.astype(np.float32), relu, attrs, summand, core or [], relu6)
         )
     return units

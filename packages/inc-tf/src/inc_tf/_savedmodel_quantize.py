@@ -29,7 +29,7 @@ __all__ = ["GraphCalibration", "GraphPlan", "calibrate_plan", "describe_plan", "
 log = logging.getLogger("inc")
 
 #: op types of the tuning space for a SavedModel input (Keras inputs use their layer classes)
-_OP_TYPES = {"Conv2D": "Conv2D", "MatMul": "MatMul"}
+_OP_TYPES = {"Conv2D": "Conv2D", "DepthwiseConv2dNative": "DepthwiseConv2D", "MatMul": "MatMul"}
 
 
 @dataclass(eq=False)
@@ -77,7 +77,7 @@ def describe_plan(plan: GraphPlan) -> TuningSpace:
     conv_settings = {**settings, "granularity": ("per_channel", "per_tensor")}
     by_type = {}
     for unit in plan.units:
-        by_type[plan.op_types[unit.name]] = conv_settings if unit.op == "Conv2D" else settings
+        by_type[plan.op_types[unit.name]] = conv_settings if unit.op != "MatMul" else settings
     return TuningSpace(ops, by_type)
 
 
@@ -110,7 +110,7 @@ def calibrate_plan(plan: GraphPlan, dataset: Dataset, *, samples: int, model_id:
     )
     if not watched:
         raise UnsupportedModelError(
-            "The model has no Conv2D or MatMul with constant weights, so the SavedModel int8 target has nothing "
+            "The model has no Conv2D, DepthwiseConv2D or MatMul with constant weights, so the SavedModel int8 target has nothing "
             "to quantize. Quantize it with QuantConfig(format='tflite') instead."
         )
     run = graph_function(frozen.graph_def, frozen.input_tensors, watched)
