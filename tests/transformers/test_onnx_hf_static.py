@@ -46,6 +46,29 @@ def _int8_matmuls(model: onnx.ModelProto) -> int:
     return sum(counts.get(kind, 0) for kind in INT8_MATMULS)
 
 
+def _pairs_without_int8_reader(model: onnx.ModelProto) -> list[str]:
+    """Activations quantized (QuantizeLinear -> DequantizeLinear) that no INT8 kernel reads: a reader runs an
+    integer kernel when it is a MatMul/Gemm/Conv, or a QDQ group whose every output goes to QuantizeLinear."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def int8_reader(node: onnx.NodeProto) -> bool:
+        return node.op_type in ("MatMul", "Gemm", "Conv") or all(
+            readers.get(out) and all(r.op_type == "QuantizeLinear" for r in readers[out]) for out in node.output
+        )
+
+    return [
+        dq.input[0]
+        for dq in model.graph.node
+        if dq.op_type == "DequantizeLinear"
+        and getattr(producers.get(dq.input[0]), "op_type", None) == "QuantizeLinear"
+        and not any(int8_reader(r) for r in readers.get(dq.output[0], []))
+    ]
+
+
 def _check_save_load(model: onnx.ModelProto, tmp_path: Path, scored: list) -> None:
     path = tmp_path / "int8.onnx"
     inc.save(model, path)
@@ -85,11 +108,16 @@ def test_minilm_tunes_to_cosine_goal_on_real_sentences(onnx_minilm_export, tmp_p
     scored = hf.onnx_sentence_batches(tokenizer, hf.SENTENCES[16:])
     result, _ = _tune(path, calib, scored, fmt, max_trials=12)
     assert result.met and result.score >= GOAL, [(t.change, t.score) for t in result.trials]
-    # Plain static INT8 misses the goal (about 0.86: the residual stream and the feed-forward outputs hold
-    # outliers); the fallback ranked by measured op error reaches it. On AMD EPYC 64 of the 150 ops go to
-    # FP32 and 31 (QDQ) / 23 (QOperator) of the 48 MatMuls stay INT8; a CPU whose INT8 kernels round
-    # differently may need the next doubling step (128 ops in FP32), which still keeps 6.
-    assert result.trials[0].score < GOAL
+    if fmt == "qoperator":
+        # Plain static QOperator misses the goal (about 0.86: each QLinearMatMul rounds its output, and the
+        # residual stream and feed-forward outputs hold outliers); the fallback ranked by measured op error
+        # reaches it. QDQ keeps a pair only where an INT8 kernel reads it (the residual stream and the
+        # MatMul outputs before their float bias stay exact) and starts near the goal (0.988 on AMD EPYC).
+        assert result.trials[0].score < GOAL
+    else:
+        assert _pairs_without_int8_reader(result.model) == []
+    # On AMD EPYC 23 (QOperator) and most (QDQ) of the 48 MatMuls stay INT8; a CPU whose INT8 kernels round
+    # differently may need a further doubling step of the fallback, which still keeps 6.
     assert _int8_matmuls(result.model) >= 6, inc.get_backend("onnx").int8_op_counts(result.model)
     _check_save_load(result.model, tmp_path, scored)
 

@@ -1,0 +1,158 @@
+"""Keep a QDQ pair only where an INT8 kernel reads it.
+
+ORT's QDQ quantizer puts a QuantizeLinear/DequantizeLinear pair on every tensor a quantized node reads
+or writes, and hands the DequantizeLinear's output to *every* reader of the tensor. Two things follow
+that cost speed and fidelity and buy nothing:
+
+- a pair whose readers all run in float (the output of a MatMul read by its float bias Add, the output
+  of an Add read by a float LayerNormalization) rounds the tensor to 8 bits and back: ONNX Runtime
+  cannot fuse it into any INT8 kernel, runs both ops, and the float reader sees the rounding error;
+- a float reader of a tensor that also feeds an INT8 op (the residual Add next to the query/key/value
+  MatMuls reading a LayerNormalization's output) gets the rounded copy instead of the exact one.
+
+:func:`drop_unread_qdq` rewires every float reader to the exact tensor and removes pairs that no INT8
+reader is left for, repeating until nothing changes (removing an Add's output pair makes the Add a float
+op, which in turn frees its input pairs). A node reads INT8 when ONNX Runtime and OpenVINO fuse it with
+the DequantizeLinear before it: a Conv/MatMul/Gemm (their integer kernels write float output where no
+QuantizeLinear follows), a QuantizeLinear (requantization), or any other node whose every output goes to
+QuantizeLinear nodes only (a QDQ group, run as QLinearAdd, an int8 Transpose, ...), or an ArgMax.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["INT8_WITH_FLOAT_OUTPUT", "drop_unread_qdq", "reads_int8"]
+
+# Ops whose integer kernels read dequantized inputs and may write a float output.
+INT8_WITH_FLOAT_OUTPUT = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Ops that read 8-bit values as they are: requantization, and ArgMax (ORT drops the DequantizeLinear before
+# it, as dequantization keeps the order of values).
+_READS_8BIT_AS_IS = frozenset({"QuantizeLinear", "ArgMax"})
+
+
+def reads_int8(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]], graph_outputs: set[str]) -> bool:
+    """True when ``node`` consumes its DequantizeLinear inputs in an INT8 kernel (see the module docstring)."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in INT8_WITH_FLOAT_OUTPUT or node.op_type in _READS_8BIT_AS_IS:
+        return True
+    outputs = [name for name in node.output if name]
+    return bool(outputs) and all(
+        name not in graph_outputs and readers.get(name) and all(r.op_type == "QuantizeLinear" for r in readers[name])
+        for name in outputs
+    )
+
+
+def drop_unread_qdq(model: onnx.ModelProto) -> int:
+    """Rewire float readers of activation QDQ pairs to the float tensor and remove unread pairs (in place).
+
+    A DequantizeLinear of a constant that no INT8 reader is left for is replaced by its float values, so
+    the float op reads a constant, not a dequantization it would run on every call. Returns how many
+    QuantizeLinear/DequantizeLinear nodes were removed.
+    """
+    graph = model.graph
+    graph_outputs = {o.name for o in graph.output}
+    initializers = {init.name: init for init in graph.initializer}
+    removed = 0
+    changed = True
+    while changed:
+        changed = False
+        producers = {out: node for node in graph.node for out in node.output}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        dead: list[onnx.NodeProto] = []
+        for dq in graph.node:
+            if dq.op_type != "DequantizeLinear":
+                continue
+            q = producers.get(dq.input[0])
+            source = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+            if dq.output[0] in graph_outputs:
+                # A model output read through Q/DQ: unless an INT8 op reads it too, the user gets a rounded
+                # copy for nothing.
+                int8_readers = [r for r in readers.get(dq.output[0], []) if reads_int8(r, readers, graph_outputs)]
+                if source is not None and source in producers and source not in graph_outputs and not int8_readers:
+                    _rename_tensor(graph, source, dq.output[0], skip=q)
+                    dead.append(dq)
+                continue
+            if source is None and dq.input[0] not in initializers:
+                continue  # an input that arrives quantized: not ours to change
+            float_readers = [r for r in readers.get(dq.output[0], []) if not reads_int8(r, readers, graph_outputs)]
+            if source is not None:
+                for reader in float_readers:
+                    _replace_input(reader, dq.output[0], source)
+                    changed = True
+            if len(float_readers) == len(readers.get(dq.output[0], [])):
+                if source is None:
+                    if not float_readers:
+                        continue
+                    _materialize(graph, dq, initializers)
+                dead.append(dq)
+        for dq in dead:
+            graph.node.remove(dq)
+            removed += 1
+            changed = True
+        if dead:
+            live = _names_read(graph) | graph_outputs
+            for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and n.output[0] not in live]:
+                graph.node.remove(q)
+                removed += 1
+    _drop_unused_initializers(graph)
+    return removed
+
+
+def _rename_tensor(graph: onnx.GraphProto, old: str, new: str, *, skip: onnx.NodeProto) -> None:
+    """Let the producer of ``old`` write ``new`` (a graph output) and every reader but ``skip`` read it."""
+    for node in graph.node:
+        if node is skip:
+            continue
+        _replace_input(node, old, new)
+        for index, name in enumerate(node.output):
+            if name == old:
+                node.output[index] = new
+
+
+def _replace_input(node: onnx.NodeProto, old: str, new: str) -> None:
+    for index, name in enumerate(node.input):
+        if name == old:
+            node.input[index] = new
+
+
+def _materialize(graph: onnx.GraphProto, dq: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> None:
+    """Replace a DequantizeLinear of constants by a float initializer holding its output."""
+    import numpy as np
+
+    values = numpy_helper.to_array(initializers[dq.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float32)
+    zero = numpy_helper.to_array(initializers[dq.input[2]]).astype(np.float32) if len(dq.input) > 2 and dq.input[2] else 0.0
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    if np.ndim(scale) == 1 and values.ndim > 1:
+        shape = [1] * values.ndim
+        shape[axis % values.ndim] = -1
+        scale = scale.reshape(shape)
+        zero = np.reshape(zero, shape) if np.ndim(zero) == 1 else zero
+    result = ((values - zero) * scale).astype(np.float32)
+    graph.initializer.append(numpy_helper.from_array(result, dq.output[0]))
+    initializers[dq.output[0]] = graph.initializer[-1]
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = _names_read(graph) | {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of ``graph`` or of its subgraphs (If/Loop bodies) reads."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for sub in (attribute.g, *attribute.graphs) if attribute.HasField("g") else attribute.graphs:
+                names |= _names_read(sub)
+    return names

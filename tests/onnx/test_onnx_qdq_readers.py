@@ -1,0 +1,131 @@
+"""Static QDQ keeps a QuantizeLinear/DequantizeLinear pair only where an INT8 kernel reads it.
+
+The graph is a transformer block's shape on the digits features: a linear layer with a float bias Add, a
+residual Add, a LayerNormalization (float in ORT's quantizers), and a second linear layer whose input is
+the LayerNormalization's output, which the residual path reads too. ORT's QDQ quantizer would round the
+first layer's output to 8 bits before the float bias Add and hand the rounded LayerNormalization output to
+the residual Add as well; neither has an INT8 reader.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_testmodels as models
+from onnx import TensorProto, helper, numpy_helper
+
+import inc_core as inc
+
+FEATURES = 64
+# Ops whose ORT kernels read dequantized inputs directly (MatMulIntegerToFloat, QGemm, ...).
+INT8_READERS = ("MatMul", "Gemm", "Conv")
+
+
+def _block() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+
+    def init(name: str, shape: tuple[int, ...], scale: float) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.normal(0, scale, size=shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("MatMul", ["pixels", "w1"], ["h"], name="dense1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="dense1_bias"),
+        helper.make_node("Add", ["hb", "pixels"], ["res1"], name="residual1"),
+        helper.make_node("LayerNormalization", ["res1", "gamma", "beta"], ["ln"], name="norm", axis=-1),
+        helper.make_node("MatMul", ["ln", "w2"], ["g"], name="dense2"),
+        helper.make_node("Add", ["g", "b2"], ["gb"], name="dense2_bias"),
+        helper.make_node("Add", ["gb", "ln"], ["y"], name="residual2"),
+    ]
+    inits = [
+        init("w1", (FEATURES, FEATURES), 0.2), init("b1", (FEATURES,), 0.1),
+        numpy_helper.from_array(np.ones(FEATURES, np.float32), "gamma"), numpy_helper.from_array(np.zeros(FEATURES, np.float32), "beta"),
+        init("w2", (FEATURES, FEATURES), 0.15), init("b2", (FEATURES,), 0.1),
+    ]
+    graph = helper.make_graph(
+        nodes, "block", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", FEATURES])], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", models.OPSET)])
+    model.ir_version = 8
+    return model
+
+
+def _pairs_without_int8_reader(model: onnx.ModelProto) -> list[str]:
+    """Activations quantized (Q -> DQ) although no reader of the DequantizeLinear runs an INT8 kernel."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def int8_reader(node: onnx.NodeProto) -> bool:
+        # Either an integer-kernel op, or a QDQ group: every output goes to QuantizeLinear only.
+        return node.op_type in INT8_READERS or all(
+            readers.get(out) and all(r.op_type == "QuantizeLinear" for r in readers[out]) for out in node.output
+        )
+
+    return [
+        dq.input[0]
+        for dq in model.graph.node
+        if dq.op_type == "DequantizeLinear"
+        and getattr(producers.get(dq.input[0]), "op_type", None) == "QuantizeLinear"
+        and not any(int8_reader(r) for r in readers.get(dq.output[0], []))
+    ]
+
+
+def _float_readers_of_dequantized(model: onnx.ModelProto) -> list[str]:
+    """Float ops (no INT8 kernel) that read a dequantized activation instead of the exact tensor."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    return [
+        f"{node.name} <- {name}"
+        for node in model.graph.node
+        if node.op_type in ("LayerNormalization",) or node.name.startswith("residual") or node.name.endswith("_bias")
+        for name in node.input
+        if getattr(producers.get(name), "op_type", None) == "DequantizeLinear"
+        and getattr(producers.get(producers[name].input[0]), "op_type", None) == "QuantizeLinear"
+    ]
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return models.run(model, x)
+
+
+def test_static_qdq_quantizes_only_what_int8_kernels_read(digits):
+    x_train, x_test, _, _ = digits
+    fp32 = _block()
+    int8 = inc.quantize(fp32, inc.QuantConfig(format="qdq"), dataset=inc.Dataset(x_train[:256], batch_size=32))
+    assert _pairs_without_int8_reader(int8) == []
+    assert _float_readers_of_dequantized(int8) == []
+    # Both linear layers still run INT8 kernels (ORT fuses MatMul + bias Add of a 2-D input into a QGemm
+    # with float output).
+    counts = inc.get_backend("onnx").int8_op_counts(int8)
+    assert sum(counts.get(k, 0) for k in ("MatMulIntegerToFloat", "QLinearMatMul", "QGemm")) == 2, counts
+    assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) == 2  # the two MatMul inputs, nothing else
+    # Only the MatMul inputs and weights are rounded: the outputs stay close to FP32.
+    ref, got = _run(fp32, x_test), _run(int8, x_test)
+    cosine = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert cosine.min() >= 0.999, cosine.min()
+
+
+def test_a_tensor_between_two_linear_layers_stays_quantized_and_the_output_does_not(digits):
+    """x -> linear -> linear: the hidden tensor feeds an INT8 kernel and keeps its pair; the model output has none."""
+    x_train, x_test, _, _ = digits
+    fp32 = _block()
+    graph = fp32.graph
+    kept = [n for n in graph.node if n.name in ("dense1", "dense1_bias", "dense2", "dense2_bias")]
+    kept[2].input[0] = "hb"  # dense2 reads the first layer's output directly
+    kept[3].output[0] = "y"
+    del graph.node[:]
+    graph.node.extend(kept)
+    int8 = inc.quantize(fp32, inc.QuantConfig(format="qdq"), dataset=inc.Dataset(x_train[:256], batch_size=32))
+    assert _pairs_without_int8_reader(int8) == []
+    producers = {out: node for node in int8.graph.node for out in node.output}
+    quantized = sorted(n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear")
+    assert quantized == ["hb", "pixels"], quantized
+    # The model output comes from the second layer itself, not from a DequantizeLinear.
+    assert producers["y"].op_type in ("Gemm", "Add", "MatMul"), producers["y"].op_type
+    counts = inc.get_backend("onnx").int8_op_counts(int8)
+    assert sum(counts.get(k, 0) for k in ("MatMulIntegerToFloat", "QLinearMatMul", "QGemm")) == 2, counts
+    ref, got = _run(fp32, x_test), _run(int8, x_test)
+    cosine = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert cosine.min() >= 0.999, cosine.min()
