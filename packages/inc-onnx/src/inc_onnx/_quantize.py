@@ -31,6 +31,7 @@ from inc_onnx._collect import OnnxCalibration
 from inc_onnx._describe import WEIGHTED_OPS, describe_prepared, nothing_to_quantize, op_types_for, weight_axis
 from inc_onnx._masks import analyse_masks
 from inc_onnx._preprocess import Prepared
+from inc_onnx._qdq_readers import drop_unread_qdq
 from inc_onnx._verify import failed_quantizer_node
 
 __all__ = ["METADATA_KEY", "quantize_prepared"]
@@ -77,6 +78,9 @@ def quantize_prepared(
     except Exception as exc:  # ORT's quantizers raise builtins (ValueError, KeyError, AssertionError, ...)
         raise _quantizer_failed(exc, mode, config) from exc
     result: onnx.ModelProto = quantizer.model.model
+    if config.approach == "static" and fmt == "qdq":
+        removed = drop_unread_qdq(result)
+        log.debug("QDQ: %d QuantizeLinear/DequantizeLinear nodes had no INT8 reader and were removed", removed)
     _name_like_qoperator(result, [op.name for op in space.ops if op.op_type == "Gemm"])
     _keep_users_shapes(result, prepared.value_info)
     _stamp(result, config, fmt)
