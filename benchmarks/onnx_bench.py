@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _onnx_static_minilm as static_minilm
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -392,15 +393,34 @@ def bench_minilm(
         return float(np.min(np.sum(e * ref, 1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref, axis=1))))
 
     on_ov = openvino_models(model, int8["inc"])
-    score = {key: min_cosine(m) for key, m in {**int8, **on_ov}.items()}
+    # Static INT8 (calibrated on other sentences than the scored ones), on ORT and the same files on OpenVINO.
+    calib_enc = [
+        tokenizer(CALIBRATION_SENTENCES[i : i + 4], padding=True, return_tensors="np") for i in range(0, len(CALIBRATION_SENTENCES), 4)
+    ]
+    calibration = [{k: e[k].astype(np.int64) for k in feeds} for e in calib_enc]
+
+    def embed_batch(m: Model, batch: dict[str, np.ndarray]) -> np.ndarray:
+        hidden = _session(m, threads).run(None, batch)[0]
+        mask = batch["attention_mask"][..., None].astype(np.float32)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    static, static_info = static_minilm.static_models(model, calibration, embed_batch)
+    static_ov = {f"{k}_ov": OnRuntime(m) for k, m in static.items()} if on_ov else {}
+    score = {key: min_cosine(m) for key, m in {**int8, **on_ov, **static, **static_ov}.items()}
     rows = []
     for batch in (1, 8):
         x = {k: v[:batch] for k, v in feeds.items()}
-        timed = side_by_side({"fp32": model, **int8, **on_ov}, x, iterations, threads, spinning)
+        timed = side_by_side({"fp32": model, **int8, **on_ov, **static, **static_ov}, x, iterations, threads, spinning)
         row = _row({"model": "all-MiniLM-L6-v2", "input": f"{batch}x{seq} tokens", "batch": batch}, timed, "min_cosine", score)
+        for key in (*static, *static_ov):
+            row[key] = timed.get(key)
+            row[f"{key}_min_cosine"] = score.get(key)
         if on_ov:
             row["auto"] = auto_choice(int8["inc"], x, threads)
             row["inc_ov_int8_layers"] = openvino_int8_layers(int8["inc"], threads)
+            for key, m in static.items():
+                row[f"{key}_ov_int8_layers"] = openvino_int8_layers(m, threads)
+        row["static_info"] = static_info
         rows.append(row)
     return rows, peer
 
@@ -484,6 +504,9 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> Path:
             f"{_fmt(r['inc_vs_ort'], '.2f')} | {_fmt(r['inc_vs_onc'], '.2f')} | {acc} |"
         )
     lines += runtime_table(rows, meta)
+    static_rows = [r for r in rows if "static_info" in r]
+    if static_rows:
+        lines += static_minilm.static_table(static_rows, static_rows[0]["static_info"])
     lines += ["", f"Measured {meta['date']}, git commit {meta.get('commit', 'unknown')}."]
     (out / "onnx.md").write_text("\n".join(lines) + "\n")
     return out / "onnx.md"
