@@ -32,6 +32,7 @@ from inc_onnx._describe import WEIGHTED_OPS, describe_prepared, nothing_to_quant
 from inc_onnx._masks import analyse_masks
 from inc_onnx._preprocess import Prepared
 from inc_onnx._qdq_readers import drop_unread_qdq
+from inc_onnx._softmax_scale import calibrate_softmax_outputs
 from inc_onnx._verify import failed_quantizer_node
 
 __all__ = ["METADATA_KEY", "quantize_prepared"]
@@ -81,6 +82,9 @@ def quantize_prepared(
     if config.approach == "static" and fmt == "qdq":
         removed = drop_unread_qdq(result)
         log.debug("QDQ: %d QuantizeLinear/DequantizeLinear nodes had no INT8 reader and were removed", removed)
+    if config.approach == "static" and fmt == "qoperator" and calibration is not None:
+        # ORT fixes every QLinearSoftmax output at scale 1/256; calibration knows the real range.
+        calibrate_softmax_outputs(result, config, calibration)
     _name_like_qoperator(result, [op.name for op in space.ops if op.op_type == "Gemm"])
     _keep_users_shapes(result, prepared.value_info)
     _stamp(result, config, fmt)
