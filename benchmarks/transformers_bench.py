@@ -207,6 +207,12 @@ def _notes(row: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
+def _measured(backend: str, entry: dict[str, Any]) -> str:
+    got = entry[backend]
+    load = f", load average {got['load_average_1m']:.1f} on start" if "load_average_1m" in got else ""
+    return f"{backend} {got.get('date', entry.get('date'))}, git commit {got.get('commit', entry.get('commit'))}{load}"
+
+
 def verdicts(name: str, entry: dict[str, Any]) -> list[str]:
     """The issue's goals for one model: static at cosine >= 0.99 and faster than every dynamic path; MiniLM >= 3x."""
     lines = []
@@ -252,6 +258,8 @@ def markdown(out: dict[str, Any]) -> str:
         "here. A path that failed keeps its row, with the reason.",
         "",
     ]
+    if meta.get("note"):
+        lines += [meta["note"], ""]
     if meta.get("quick"):
         lines += ["**Quick run (few iterations): a check that every path runs, not a measurement.**", ""]
     for name in MODELS:
@@ -259,9 +267,8 @@ def markdown(out: dict[str, Any]) -> str:
         if entry is None:
             continue
         lines += [f"## {entry['label']}, {entry['shape']}", "",
-                  "Measured: " + "; ".join(f"{b} {entry[b].get('date', entry.get('date'))}, git commit "
-                                           f"{entry[b].get('commit', entry.get('commit'))}"
-                                           for b in ("onnx", "torch") if b in entry) + f"; {entry['versions']}.", "",
+                  "Measured: " + "; ".join(_measured(b, entry) for b in ("onnx", "torch") if b in entry)
+                  + f"; {entry['versions']}.", "",
                   "| backend | path | bs1 samples/s | bs1 vs FP32 | bs8 samples/s | bs8 vs FP32 | cosine min | cosine mean "
                   "| notes |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for backend in ("onnx", "torch"):
@@ -304,7 +311,16 @@ def main() -> None:
     parser.add_argument("--onc-python", type=Path, default=None, help="python of a venv with onnx-neural-compressor")
     parser.add_argument("--merge", action="store_true", help="keep the other models of an existing results file")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render-only", action="store_true", help="only rewrite transformers.md from transformers.json")
+    parser.add_argument("--note", default=None, help="a remark on the run for the markdown (with --render-only)")
     args = parser.parse_args()
+    if args.render_only:
+        out = json.loads((args.out / "transformers.json").read_text())
+        if args.note is not None:
+            out["meta"]["note"] = args.note
+            (args.out / "transformers.json").write_text(json.dumps(out, indent=2) + "\n")
+        (args.out / "transformers.md").write_text(markdown(out) + "\n")
+        return
     if args.quick:
         args.iterations, args.max_trials = min(args.iterations, 10), min(args.max_trials, 3)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -326,7 +342,7 @@ def main() -> None:
                           "scored_samples": sum(len(next(iter(b.values()))) for b in work.scored)})
             entry.setdefault("errors", {})
             for backend in args.backends:
-                measured = {"commit": git_commit("packages", "benchmarks"),
+                measured = {"commit": git_commit("packages", "benchmarks"), "load_average_1m": os.getloadavg()[0],
                             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
                 log.info("%s on %s", name, backend)
                 started = time.perf_counter()
