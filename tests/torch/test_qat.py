@@ -153,3 +153,33 @@ def test_excluded_layer_stays_fp32_after_qat() -> None:
     int8 = inc_torch.convert(qat_model)
     assert inc_torch.quantized_ops(int8) == ["conv1", "conv2", "fc1"]
     assert type(int8.fc2) is nn.Linear
+
+
+class _LinearBnMLP(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU -> Linear on flattened digits: FX QAT fuses the pair into a LinearBn1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.bn = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(torch.flatten(x, 1)))))
+
+
+def test_fx_qat_freezes_linear_batch_norm_statistics() -> None:
+    torch.manual_seed(0)
+    qat_model = inc_torch.prepare_qat(_LinearBnMLP(), inc.QATConfig(format="fx", freeze_bn_step=2), _example())
+    fused = [m for m in qat_model.modules() if isinstance(m, torch.ao.nn.intrinsic.qat.LinearBn1d)]
+    assert len(fused) == 1
+    x, _, _, _ = split()
+    batches = [torch.from_numpy(x[i : i + 16]) for i in range(0, 80, 16)]
+    for batch in batches[:2]:
+        qat_model(batch).sum().backward()
+    assert not fused[0].freeze_bn
+    frozen = fused[0].bn.running_mean.clone()
+    for batch in batches[2:]:
+        qat_model(batch).sum().backward()
+    assert fused[0].freeze_bn
+    torch.testing.assert_close(fused[0].bn.running_mean, frozen, rtol=0, atol=0)

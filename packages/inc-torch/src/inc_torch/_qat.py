@@ -37,6 +37,8 @@ QAT_FORMATS = ("pt2e", "fx")
 # training, so they are clipped in the forward and quantized with another scale at convert.
 WEIGHT_AVERAGING = 1.0
 _STATE = "_inc_qat_state"
+# The FX QAT modules that carry a batch norm (conv-bn(-relu) of every rank, linear-bn1d).
+_FUSED_BN_QAT = (torch.ao.nn.intrinsic.qat.modules.conv_fused._ConvBnNd, torch.ao.nn.intrinsic.qat.LinearBn1d)
 
 
 @dataclass
@@ -197,7 +199,11 @@ def _freeze_bn(module: nn.Module, state: _QatState) -> None:
 
         export_utils._replace_batchnorm(module, train_to_eval=True)
     else:
-        module.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+        # torch.ao's freeze_bn_stats helper only knows the ConvBn modules; a Linear + BatchNorm1d pair
+        # becomes a LinearBn1d, which has the same method, so every fused module is frozen here.
+        for sub in module.modules():
+            if isinstance(sub, _FUSED_BN_QAT):
+                sub.freeze_bn_stats()
 
 
 @wrap_framework_errors("QAT preparation (prepare_qat)")
