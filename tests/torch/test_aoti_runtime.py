@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,19 @@ from torch_helpers import accuracy, calib_data, relative_loss, split, trained_cn
 
 import inc_core as inc
 import inc_torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def aoti_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A cache folder of this module's own, so that the first compilation here is a real one."""
+    folder = tmp_path_factory.mktemp("aoti_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INC_AOTI_CACHE_DIR", str(folder))
+        yield folder
+
+
+def programs(model: inc_torch.CompiledQuantizedModule) -> list:
+    return list(model.__dict__["_programs"].values())
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +59,44 @@ def test_aoti_runs_the_same_int8_graph_as_torch_compile(
     assert relative_loss(accuracy(trained_cnn()), accuracy(on_aoti)) < 0.02
 
 
-def test_aoti_model_saves_and_loads(on_aoti: inc_torch.CompiledQuantizedModule, tmp_path: Path) -> None:
+def test_aoti_model_saves_and_loads_on_aoti_from_the_cache(on_aoti: inc_torch.CompiledQuantizedModule, aoti_cache: Path, tmp_path: Path) -> None:
     x = torch.from_numpy(split()[2])
     path = tmp_path / "model.pt2"
     inc.save(on_aoti, path)
     loaded = inc.load(path)
     assert isinstance(loaded, inc_torch.CompiledQuantizedModule)
+    assert loaded.runtime == "aoti", "the runtime recorded in the .pt2 was not restored"
     with torch.no_grad():
-        # the loaded model runs the saved graph on the default runtime; int8 kernels on both sides
-        np.testing.assert_allclose(loaded(x).numpy(), on_aoti(x).numpy(), rtol=1e-4, atol=1e-4)
+        first = loaded(x)
+        # int8 kernels on both sides: the loaded graph compiles to the same library code
+        np.testing.assert_allclose(first.numpy(), on_aoti(x).numpy(), rtol=1e-4, atol=1e-4)
+    assert [p.from_cache for p in programs(loaded)] == [False], "a graph never compiled before came from the cache"
+    entries = sorted(aoti_cache.glob("*.pt2"))
+    assert len(entries) == 2, entries  # on_aoti's graph and the loaded one
+
+    again = inc.load(path)  # e.g. a service restarting: the package is loaded, not compiled
+    with torch.no_grad():
+        second = again(x)
+    assert [p.from_cache for p in programs(again)] == [True]
+    np.testing.assert_allclose(second.numpy(), first.numpy(), rtol=1e-5, atol=1e-5)
+
+    for entry in entries:  # a damaged entry is compiled again, never trusted
+        entry.write_bytes(b"not a package")
+    damaged = inc.load(path)
+    with torch.no_grad():
+        third = damaged(x)
+    assert [p.from_cache for p in programs(damaged)] == [False]
+    np.testing.assert_allclose(third.numpy(), first.numpy(), rtol=1e-5, atol=1e-5)
+    restored = inc.load(path)  # the package compiled in place of the damaged entry serves the next load
+    with torch.no_grad():
+        restored(x)
+    assert [p.from_cache for p in programs(restored)] == [True]
+
+
+def test_default_runtime_model_loads_on_the_default(quantized: inc_torch.CompiledQuantizedModule, tmp_path: Path) -> None:
+    path = tmp_path / "model.pt2"
+    inc.save(quantized, path)
+    assert inc.load(path).runtime == "compile"
 
 
 def test_unknown_runtime_is_a_config_error(quantized: inc_torch.CompiledQuantizedModule) -> None:

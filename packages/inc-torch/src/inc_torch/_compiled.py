@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from inc_core.errors import ConfigError, DatasetError
+from inc_torch._aoti_cache import load_or_compile
 from inc_torch._compat import quiet
 from inc_torch._inputs import Inputs
 
@@ -102,13 +101,9 @@ def _fixed_size_message(graph_module: torch.fx.GraphModule, args: tuple[Any, ...
 class _AotiProgram:
     """One input signature's AOTInductor library, called without Python-side guards."""
 
-    def __init__(self, graph_module: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        program = torch.export.export(graph_module, args, kwargs)
-        with tempfile.TemporaryDirectory(prefix="inc_aoti_") as work:
-            # Freezing folds the int8 weights into constants, so oneDNN's weight prepacking happens once here.
-            with torch._inductor.config.patch(freezing=True):
-                package = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(work) / "model.pt2"))
-            self.compiled = torch._inductor.aoti_load_package(package)  # extracts what it needs; work can go
+    def __init__(self, graph_module: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], signature: Any) -> None:
+        # From the disk cache when this graph, with these weights, was compiled for these inputs before.
+        self.compiled, self.from_cache = load_or_compile(graph_module, args, kwargs, signature)
         # Positional tensors only (the usual case) go straight to the library, skipping the per-call
         # (de)serialization of the input/output specs AOTICompiledModel.__call__ does.
         self.positional = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
@@ -137,8 +132,12 @@ class CompiledQuantizedModule(nn.Module):
     ``runtime`` picks how it runs. ``"compile"`` (the default) goes through ``torch.compile``.
     ``"aoti"`` compiles the graph ahead of time with AOTInductor into a C++ library that each call
     enters directly, without dynamo's guard checks and inductor's Python wrapper: faster at small
-    batches, where that per-call cost weighs most (benchmarks/results/torch.md), but its first call per input shape compiles 3-5x longer, so it pays off for a model that serves many
-    calls, not for a one-off evaluation. Set it on a returned model: ``q.runtime = "aoti"``.
+    batches, where that per-call cost weighs most (benchmarks/results/torch.md). Its first call per
+    input shape compiles 3-5x longer than torch.compile's, so it pays off for a model that serves many
+    calls, not for a one-off evaluation; each compiled library is kept in a disk cache
+    (:mod:`inc_torch._aoti_cache`, ``$INC_AOTI_CACHE_DIR``), so the same model with the same weights,
+    loaded again in any process, starts in about a second instead. Set it on a returned model:
+    ``q.runtime = "aoti"``; :func:`inc.save` records it in the ``.pt2`` and :func:`inc.load` restores it.
 
     The FP32 weights ``convert_pt2e`` leaves behind, which the graph no longer reads, are removed from
     ``graph_module`` (see :func:`drop_unread_state`): the module, and the file :func:`inc.save` writes,
@@ -205,7 +204,7 @@ class CompiledQuantizedModule(nn.Module):
             programs = self.__dict__["_programs"]
             key = (_signature(args), _signature(kwargs))
             if key not in programs:  # None: AOTI failed for this signature, torch.compile runs it
-                programs[key] = self._compile_aoti(args, kwargs)
+                programs[key] = self._compile_aoti(args, kwargs, key)
             program = programs[key]
             if program is not None:
                 with torch.no_grad():
@@ -226,12 +225,12 @@ class CompiledQuantizedModule(nn.Module):
         # inductor's kernels first run; without it they were measured 10-40x slower on some hosts.
         torch.set_num_threads(torch.get_num_threads())
 
-    def _compile_aoti(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _AotiProgram | None:
+    def _compile_aoti(self, args: tuple[Any, ...], kwargs: dict[str, Any], signature: Any) -> _AotiProgram | None:
         """The AOTInductor program for these inputs, or None (run through torch.compile) where AOTI fails."""
         self._init_threads()
         try:
             with torch.no_grad(), quiet():
-                return _AotiProgram(self.graph_module, args, kwargs)
+                return _AotiProgram(self.graph_module, args, kwargs, signature)
         except Exception as exc:  # the same graph still runs through torch.compile; say why it is slower
             if isinstance(exc, (MemoryError, KeyboardInterrupt)) or _guard_failure(exc):
                 raise  # a guard failure is the inputs' fault: forward reports it, torch.compile would fail alike

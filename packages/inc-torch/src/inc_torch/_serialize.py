@@ -5,6 +5,8 @@ config and state dict (see :mod:`inc_torch._hf_files`) and rebuilt as the same t
 
 A TorchScript file also carries ``inc.json`` (an extra file of the archive) recording what the model
 needs from the CPU that runs it: the activation range of its dynamic Linear layers. Loading checks it.
+A ``.pt2`` carries ``inc.json`` too, naming the runtime the PT2E model was set to (``"compile"`` or
+``"aoti"``); loading gives the model back on it (files without the record load on the default).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 from inc_core.errors import ModelLoadError, SaveError
 from inc_torch import _dynamic
 from inc_torch._compat import quiet
-from inc_torch._compiled import CompiledQuantizedModule
+from inc_torch._compiled import RUNTIMES, CompiledQuantizedModule
 from inc_torch._fx import EXAMPLE_ATTR
 from inc_torch._hf import is_hf_model
 from inc_torch._hf_files import is_state_archive, load_hf_state, save_hf_state
@@ -60,8 +62,10 @@ def save_model(model: nn.Module, path: Path) -> None:
         if model.example is None:
             raise SaveError("This PT2E model carries no example inputs, which torch.export needs to save it.")
         try:
+            # The record names the runtime the model was set to, so inc.load gives it back on the same one.
+            record = {**_base_metadata(), "runtime": model.runtime}
             with quiet():
-                torch.export.save(_export_dynamic(model.graph_module, model.example), path)
+                torch.export.save(_export_dynamic(model.graph_module, model.example), path, extra_files={METADATA_FILE: json.dumps(record)})
         except Exception as exc:
             raise SaveError(f"torch.export could not save the PT2E model to {str(path)!r}: {type(exc).__name__}: {exc}") from exc
         return
@@ -100,8 +104,12 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def _base_metadata() -> dict[str, Any]:
+    return {"saved_by": f"inc-torch {_version()}", "torch": torch.__version__}
+
+
 def _metadata(model: nn.Module) -> dict[str, Any]:
-    record: dict[str, Any] = {"saved_by": f"inc-torch {_version()}", "torch": torch.__version__}
+    record = _base_metadata()
     activations = _dynamic.activation_range(model)
     if activations is not None:
         record["dynamic_activations"] = activations
@@ -151,13 +159,16 @@ def load_model(path: Path) -> Any:
         from inc_torch._compat import torchao_pt2e
 
         torchao_pt2e()  # registers the quantize/dequantize ops the program refers to
+        extra = {METADATA_FILE: ""}
         try:
-            program = torch.export.load(path)
+            program = torch.export.load(path, extra_files=extra)
             example = getattr(program, "example_inputs", None)
             inputs: Inputs | None = (tuple(example[0]), dict(example[1])) if example else None
-            return CompiledQuantizedModule(program.module(), inputs)
+            model = CompiledQuantizedModule(program.module(), inputs)
         except Exception as exc:
             raise ModelLoadError(f"{str(path)!r} is not a readable torch.export program: {type(exc).__name__}: {exc}") from exc
+        model.runtime = _saved_runtime(_parse_metadata(extra[METADATA_FILE], path), path)
+        return model
     if suffix == ".pt":
         if importlib.util.find_spec("intel_extension_for_pytorch") is not None:
             import intel_extension_for_pytorch  # noqa: F401  (registers the ops of IPEX INT8 graphs)
@@ -176,6 +187,16 @@ def load_model(path: Path) -> Any:
         _fit_to_this_cpu(model, _parse_metadata(extra[METADATA_FILE], path), path)
         return model
     raise ModelLoadError(f"Cannot tell the format of {str(path)!r}: the torch backend reads '.pt2' (ExportedProgram) and '.pt' (TorchScript).")
+
+
+def _saved_runtime(record: dict[str, Any], path: Path) -> str:
+    """The runtime a ``.pt2`` was saved on; files without the record (plain torch.export.save, older inc-torch) get the default."""
+    runtime = record.get("runtime", RUNTIMES[0])
+    if runtime in RUNTIMES:
+        return str(runtime)
+    # A runtime this inc-torch does not know (a newer version wrote the file): the graph itself is standard.
+    log.warning("%r was saved to run on runtime %r, which this inc-torch does not offer (%s); it runs on %r.", str(path), runtime, ", ".join(RUNTIMES), RUNTIMES[0])
+    return RUNTIMES[0]
 
 
 def _parse_metadata(raw: str | bytes, path: Path) -> dict[str, Any]:
