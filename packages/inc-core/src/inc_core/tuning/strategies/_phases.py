@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Generator, Sequence
 
 from inc_core._quant_config import QuantConfig
-from inc_core.tuning._space import Settings
+from inc_core.tuning._space import MODEL_WIDE, SearchSpace, Settings
 from inc_core.tuning.strategies._base import Strategy
 
 __all__ = ["op_type_wise", "single_fallbacks", "accumulated_fallbacks", "doubling_fallbacks", "space_size"]
@@ -14,16 +14,19 @@ __all__ = ["op_type_wise", "single_fallbacks", "accumulated_fallbacks", "doublin
 def op_type_wise(strategy: Strategy, settings: Settings) -> Generator[list[QuantConfig], None, dict[tuple[str, str], str]]:
     """Tune each op type's settings one change at a time; the best change per type is kept if it helps.
 
-    For each op type (model order), one batch holds every single change of one setting to one of its
-    other choices, on top of what earlier op types kept. The best-scoring change of the batch is kept
-    when it beats the current point, so changes accumulate across op types.
+    For each op type, one batch holds every single change of one setting to one of its other choices,
+    on top of what earlier op types kept. The best-scoring change of the batch is kept when it beats
+    the current point, so changes accumulate across op types. Op types holding more quantized ops come
+    first (ties in model order): a change to them moves more of the model, and under a trial budget the
+    search must not spend it on a transformer's single patch-embedding Conv or Concat while its dozens
+    of MatMuls and Adds wait.
 
     Returns (as the generator's value): the accumulated settings.
     """
     space = strategy.space
     current = dict(settings)
     current_score = strategy.score_of(space.config(current))
-    for op_type in space.op_types:
+    for op_type in sorted(space.op_types, key=lambda t: -_ops_moved(space, t)):
         points: list[dict[tuple[str, str], str]] = []
         for tunable in space.tunables_of(op_type):
             now = space.value(current, tunable)
@@ -39,6 +42,11 @@ def op_type_wise(strategy: Strategy, settings: Settings) -> Generator[list[Quant
         if current_score is None or strategy.history.criterion.better(score, current_score):
             current, current_score = point, score
     return current
+
+
+def _ops_moved(space: SearchSpace, op_type: str) -> int:
+    """How many quantized ops a setting of ``op_type`` changes (a model-wide setting, SmoothQuant, changes all)."""
+    return len(space.quantized) if op_type == MODEL_WIDE else len(space.ops_of(op_type))
 
 
 def single_fallbacks(strategy: Strategy, settings: Settings) -> list[QuantConfig]:
