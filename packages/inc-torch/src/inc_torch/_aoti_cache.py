@@ -5,8 +5,8 @@ build); loading the finished package takes a fraction of a second. The same mode
 a new process (a service restarting, ``inc.load`` of the same file, a benchmark's second run), so each
 package is kept under a key made of everything the compiled library depends on: the graph's code, the
 bytes of every tensor it reads (the int8 weights are folded into the library), the input signature,
-torch's version and inductor's configuration, and the CPU's instruction-set flags (the kernels are
-compiled for this CPU's vector ISA). Any change to one of them is a new key, so a stale entry is never
+torch's version and inductor's configuration, the thread count, and the CPU's instruction-set flags
+(the kernels are compiled for this CPU's vector ISA). Any change to one of them is a new key, so a stale entry is never
 used; a damaged entry is deleted and compiled again.
 
 Where: ``$INC_AOTI_CACHE_DIR`` if set, else ``inc_aoti/`` under inductor's cache directory
@@ -119,6 +119,7 @@ def package_key(graph_module: torch.fx.GraphModule, signature: Any) -> str:
     add(torch.backends.cpu.get_cpu_capability())
     add(" ".join(sorted(cpu_flags())))
     add(_inductor_config())
+    add(str(torch.get_num_threads()))  # inductor writes the thread count into its C++ kernels' OpenMP pragmas
     add(repr(signature))
     for name, module in graph_module.named_modules():
         if isinstance(module, torch.fx.GraphModule):
