@@ -119,7 +119,7 @@ def package_key(graph_module: torch.fx.GraphModule, signature: Any) -> str:
     add(torch.backends.cpu.get_cpu_capability())
     add(" ".join(sorted(cpu_flags())))
     add(_inductor_config())
-    add(str(torch.get_num_threads()))  # inductor writes the thread count into its C++ kernels' OpenMP pragmas
+    add(str(torch.get_num_threads()))  # inductor's C++ code generation plans its loops' parallelism for it
     add(repr(signature))
     for name, module in graph_module.named_modules():
         if isinstance(module, torch.fx.GraphModule):
