@@ -35,26 +35,36 @@ def _loaded_op_counts(path) -> dict[str, int]:
 
 
 def test_static_int8_keeps_the_sentence_embedding(encoder_and_text):
-    """Every FFN matmul in int8, on signed LayerNorm/GELU inputs with the real checkpoint's outliers.
+    """Every projection and FFN matmul in int8, on signed LayerNorm/GELU inputs with the real checkpoint's outliers.
 
     A constant per-column offset in a signed-input MatMul (the input shift undone with the float weights'
     column sums instead of the int8 ones) took this encoder to a mean cosine of 0.73.
     """
     model, calib, probe = encoder_and_text
     q = inc.quantize(model, inc.QuantConfig(format="savedmodel", calib_samples=32), dataset=inc.Dataset(calib, batch_size=8))
-    expected = [f"layer{i}_{kind}" for i in range(LAYERS) for kind in ("intermediate", "output")]
+    expected = [f"layer{i}_{kind}" for i in range(LAYERS) for kind in ("attention", "intermediate", "output")]
     assert sorted(q.int8_layers()) == sorted(expected), q.op_counts()
+    counts = q.op_counts()
+    # per layer: query, key, value and output projections (Keras' BatchMatMulV2 by a constant), two FFN matmuls;
+    # the two attention einsums between activations (scores, weighted values) have no int8 kernel in TF: float
+    assert counts.get("QuantizedMatMulWithBiasAndDequantize") == 6 * LAYERS, counts
+    assert "BatchMatMulV2" not in counts and "MatMul" not in counts and counts.get("Einsum") == 2 * LAYERS, counts
     cosines = _cosines(q, model(probe), probe)
     # all-int8 static: the GELU outputs (range ~24, most values near 0) cost fidelity; 0.97 measured
     assert cosines.mean() >= 0.95 and cosines.min() >= 0.93, cosines
 
 
 def test_autotune_reaches_cosine_goal_with_int8_in_the_saved_graph(encoder_and_text, tmp_path):
+    """The basic strategy tries calibrations per layer type, then falls back layer by layer.
+
+    Measured (AMD EPYC): no calibration choice passes 0.972; the first FFN output matmul (its input the GELU
+    output, range ~24 with most values near 0) in float reaches 0.994 at trial 12, every other layer int8.
+    """
     model, calib, probe = encoder_and_text
     reference = np.asarray(model(probe))
     tuning = inc.TuningConfig(
-        base=inc.QuantConfig(format="savedmodel", calib_samples=32), strategy="mse",
-        tolerable_loss=0.01, loss_type="absolute", max_trials=8, history=None,
+        base=inc.QuantConfig(format="savedmodel", calib_samples=32), strategy="basic",
+        tolerable_loss=0.01, loss_type="absolute", max_trials=16, history=None,
     )
     result = autotune(
         model, tuning, eval_fn=lambda m: float(_cosines(m, reference, probe).mean()), dataset=inc.Dataset(calib, batch_size=8)

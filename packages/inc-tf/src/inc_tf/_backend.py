@@ -50,7 +50,7 @@ class TfBackend(Backend):
       ``Dequantize``); ``inc.save(q, "dir")`` writes a SavedModel directory with a ``serving_default``
       signature for ``tf.saved_model.load`` and TF Serving. Static PTQ only; Conv2D, DepthwiseConv2D and
       Dense/MatMul run in int8, BatchNormalization after a convolution is folded into it, a ReLU/ReLU6 fused,
-      other ops stay float (attention's BatchMatMul/Einsum among them).
+      MultiHeadAttention's projections run as int8 MatMuls, other ops stay float (attention scores among them).
     * ``"tflite"``: an int8 ``.tflite`` flatbuffer from the TF converter (Keras inputs), run by the
       ``ai-edge-litert`` interpreter, as a :class:`~inc_tf.LiteRTModel`.
     * ``"default"``: the first of :attr:`formats` (the faster one on the CPUs measured, see the README);

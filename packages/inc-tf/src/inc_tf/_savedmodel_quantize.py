@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from inc_core import Dataset, QuantConfig
 from inc_core.backend import Op, TuningSpace
 from inc_core.calibration import HistogramObserver, check_finite_activation
 from inc_core.errors import CalibrationError, DatasetError, UnsupportedModelError
+from inc_tf._einsum_lowering import lower_einsums
 from inc_tf._frozen import FrozenGraph, check_batch, graph_function
 from inc_tf._int8_rewrite import UnitSettings, rewrite_int8
 from inc_tf._int8_units import ConstantFolder, Unit, find_units
@@ -51,6 +52,9 @@ class GraphPlan:
 
 def plan_graph(frozen: FrozenGraph, keras_graph: KerasGraph | None = None) -> GraphPlan:
     """Find the units of ``frozen``; with ``keras_graph``, name each after the Keras layer that holds it."""
+    lowered, count = lower_einsums(frozen.graph_def)
+    if count:
+        frozen = replace(frozen, graph_def=lowered)
     folder = ConstantFolder(frozen.graph_def)
     units = find_units(frozen.graph_def, folder, frozen.output_tensors)
     names, types = {}, {}
