@@ -508,8 +508,22 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> Path:
     if static_rows:
         lines += static_minilm.static_table(static_rows, static_rows[0]["static_info"])
     lines += ["", f"Measured {meta['date']}, git commit {meta.get('commit', 'unknown')}."]
+    if meta.get("convnet_rows_from"):
+        lines[-1] += f" The convnet rows are those of the earlier run ({meta['convnet_rows_from']}), kept with --reuse-convnet."
     (out / "onnx.md").write_text("\n".join(lines) + "\n")
     return out / "onnx.md"
+
+
+def reused_convnet_rows(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The convnet rows of an earlier run's onnx.json in ``out``, with when and at which commit they were measured."""
+    earlier = json.loads((out / "onnx.json").read_text())
+    machine = earlier["machine"]
+    rows = [r for r in earlier["results"] if r["model"].startswith("resnet18")]
+    measured = f"{machine.get('date', '?')}, git commit {machine.get('commit', '?')}"
+    for row in rows:
+        row["measured"] = measured
+    peer_models = {k: v for k, v in machine.get("peer", {}).get("models", {}).items() if k == "convnet"}
+    return rows, {"measured": measured, "peer_models": peer_models}
 
 
 def _openvino_version() -> str | None:
@@ -524,6 +538,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=100, help="timed calls at batch 1 (a quarter at batch 16)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    parser.add_argument(
+        "--reuse-convnet", action="store_true",
+        help="keep the convnet rows of the onnx.json already in --out (named as measured then) and run MiniLM only",
+    )
     parser.add_argument("--skip-minilm", action="store_true", help="only the convnet (no torch/transformers needed)")
     parser.add_argument(
         "--no-spinning", action="store_true",
@@ -545,7 +563,11 @@ def main() -> None:
     }
     peers: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="inc-onnx-bench-") as tmp:
-        rows, peers["convnet"] = bench_convnet(Path(tmp), args.iterations, args.threads, not args.no_spinning, args.onc_python)
+        carried: dict[str, Any] = {}
+        if args.reuse_convnet:
+            rows, carried = reused_convnet_rows(args.out)
+        else:
+            rows, peers["convnet"] = bench_convnet(Path(tmp), args.iterations, args.threads, not args.no_spinning, args.onc_python)
         if not args.skip_minilm:
             more, peers["minilm"] = bench_minilm(
                 Path(tmp), args.iterations, args.threads, spinning=not args.no_spinning, onc_python=args.onc_python
@@ -553,6 +575,9 @@ def main() -> None:
             rows += more
     # Per model: the settings the peer reported, or why its column is n/a.
     meta["peer"] = {"name": PEER_NAME, "models": {k: p.settings if p.model is not None else p.reason for k, p in peers.items()}}
+    if carried:
+        meta["peer"]["models"] = {**carried["peer_models"], **meta["peer"]["models"]}
+        meta["convnet_rows_from"] = carried["measured"]
     print(write(rows, meta, args.out).read_text())
 
 
