@@ -179,6 +179,11 @@ def _calibrate(prepared: Any, work: Workload) -> None:
             prepared(*_positional(batch))
 
 
+def _int8_weights(graph_module: Any) -> dict[str, int]:
+    """How many weights the converted graph holds in INT8 (one per-channel dequantize each): 0 = nothing quantized."""
+    return {"int8_weights": sum("dequantize_per_channel" in str(n.target) for n in graph_module.graph.nodes)}
+
+
 def _without_dead_code(graph_module: Any) -> Any:
     """Drop ops whose results nothing reads (MiniLM's pooler: a Linear + tanh the wrapper does not return).
 
@@ -203,8 +208,9 @@ def torchao_pt2e(work: Workload) -> tuple[Any, dict[str, Any]]:
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported, quantizer)
     _calibrate(prepared, work)
+    converted = convert_pt2e(prepared)
     # compiled as inc's own PT2E models are (inductor, freezing), so the runtime is the same
-    return inc_torch.CompiledQuantizedModule(convert_pt2e(prepared), (args, {}), runtime="compile"), {}
+    return inc_torch.CompiledQuantizedModule(converted, (args, {}), runtime="compile"), _int8_weights(converted)
 
 
 def neural_compressor_pt2e(work: Workload, dynamic: bool) -> tuple[Any, dict[str, Any]]:
@@ -218,7 +224,8 @@ def neural_compressor_pt2e(work: Workload, dynamic: bool) -> tuple[Any, dict[str
     exported = _without_dead_code(export(wrapped, example_inputs=args, dynamic_shapes=shapes))
     prepared = prepare(exported, quant_config=DynamicQuantConfig() if dynamic else StaticQuantConfig())
     _calibrate(prepared, work)
-    return inc_torch.CompiledQuantizedModule(convert(prepared), (args, {}), runtime="compile"), {}
+    converted = convert(prepared)
+    return inc_torch.CompiledQuantizedModule(converted, (args, {}), runtime="compile"), _int8_weights(converted)
 
 
 def fp32_compiled(work: Workload) -> torch.nn.Module:

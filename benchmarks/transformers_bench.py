@@ -196,6 +196,8 @@ def _notes(row: dict[str, Any]) -> str:
         notes.append(f"{row['trials']} trial(s), {row['kept_fp32']} op(s) kept FP32, goal {'met' if row['met'] else 'MISSED'}")
     if "int8_matmuls" in row:
         notes.append(f"{row['int8_matmuls']} INT8 MatMul kernels")
+    if "int8_weights" in row:
+        notes.append(f"{row['int8_weights']} INT8 weights")
     if "int8_layers" in row:
         notes.append(f"INT8 layers {row['int8_layers']}")
     if "quantize_s" in row:
