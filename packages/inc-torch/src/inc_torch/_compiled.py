@@ -136,7 +136,7 @@ class CompiledQuantizedModule(nn.Module):
     input shape compiles 3-5x longer than torch.compile's, so it pays off for a model that serves many
     calls, not for a one-off evaluation; each compiled library is kept in a disk cache
     (:mod:`inc_torch._aoti_cache`, ``$INC_AOTI_CACHE_DIR``), so the same model with the same weights,
-    loaded again in any process, starts in about a second instead. Set it on a returned model:
+    loaded again in any process, starts in seconds instead of recompiling. Set it on a returned model:
     ``q.runtime = "aoti"``; :func:`inc.save` records it in the ``.pt2`` and :func:`inc.load` restores it.
 
     The FP32 weights ``convert_pt2e`` leaves behind, which the graph no longer reads, are removed from
