@@ -114,6 +114,7 @@ def markdown(out: dict[str, Any]) -> str:
         f"torch {meta['torch']}; commit {meta['commit']}; {meta['date']}. `benchmarks/torch_bf16_bench.py`: samples/s, "
         f"median of {meta['rounds']} interleaved rounds, sequence 128; cosine of mean-pooled embeddings vs FP32 on "
         "8 held-out sentences. Same ops kept out of INT8 in each fp32/bf16 pair.",
+        *(["", meta["note"]] if meta.get("note") else []),
         "",
         "| model | int8 ops | bf16 ops | bs1 samples/s | bs16 samples/s | cosine min | cosine mean | first call s (bs1/bs16) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -151,9 +152,15 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=None, help="fallback sets to measure (default: all)")
     parser.add_argument("--lock", type=Path, default=Path("/tmp/bench.lock"), help="lock file held while timing")
     parser.add_argument("--no-lock", action="store_true")
+    parser.add_argument("--render-only", action="store_true", help="rewrite torch_bf16.md from torch_bf16.json")
     args = parser.parse_args()
+    if args.render_only:
+        out = json.loads((args.output / "torch_bf16.json").read_text())
+        (args.output / "torch_bf16.md").write_text(markdown(out))
+        return
     if args.quick:
         args.iterations, args.warmup, args.rounds = 3, 1, 1
+    commit = git_commit("packages", "benchmarks/torch_bf16_bench.py")  # the code this process imports
     model, tokenizer = minilm()
     calib = [minilm_inputs(tokenizer, CALIBRATION_SENTENCES[i : i + 4]) for i in range(0, len(CALIBRATION_SENTENCES), 4)]
     probe = minilm_inputs(tokenizer, SENTENCES)
@@ -186,7 +193,7 @@ def main() -> None:
             "cpu": cpu_name(), "cpu_flags": _flags(), "cpus": os.cpu_count(),
             "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": git_commit("packages", "benchmarks/torch_bf16_bench.py"),
+            "commit": commit,
             "iterations": args.iterations, "rounds": args.rounds, "quick": args.quick,
         },
         "fallback_sets": {label: list(names) for label, names in sets.items()},
