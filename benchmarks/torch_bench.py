@@ -452,7 +452,7 @@ def markdown(out: dict[str, Any], other: dict[str, Any] | None = None) -> str:
         if out[key].get("aoti_cached_first_call_s"):
             lines += ["", f"First call of {INC_PT2E_AOTI} on a model whose AOTInductor package is already in inc's cache (the "
                       "same model loaded again, e.g. after a restart; the row above compiled it into an empty cache): "
-                      + ", ".join(f"{c} {v:.1f} s" for c, v in out[key]["aoti_cached_first_call_s"].items()) + "."]
+                      + ", ".join(f"{c} {v:.2f} s" for c, v in out[key]["aoti_cached_first_call_s"].items()) + "."]
         if out[key].get("quantize_s"):
             lines += ["", "Seconds to quantize (export, calibration, conversion, and for inc the check run, which compiles "
                       "the calibration batch's shape): " + ", ".join(f"{k} {v:.0f}" for k, v in out[key]["quantize_s"].items()) + "."]
@@ -473,7 +473,7 @@ def comparison(out: dict[str, Any], other: dict[str, Any]) -> list[str]:
         f"{torch_run['meta']['date']} (commit {torch_run['meta'].get('commit', 'unknown')}) and torch "
         f"{ipex_run['meta']['torch']} + IPEX at {ipex_run['meta']['date']} (commit {ipex_run['meta'].get('commit', 'unknown')}). "
         "Load from other processes differs between the two runs, so each path is also given as a speedup over its own "
-        "run's FP32 eager."
+        "run's FP32 eager. `torch_vs_ipex.md` has the same comparison interleaved across the two venvs, under one load."
     )
     lines += ["", "| model | batch | inc PT2E runtime | samples/s | inc ipex samples/s | ipex defaults samples/s | vs inc ipex | "
               "vs ipex defaults | same, each over its run's FP32 eager |", "| --- " * 9 + "|"]
