@@ -475,6 +475,10 @@ def comparison(out: dict[str, Any], other: dict[str, Any]) -> list[str]:
         "Load from other processes differs between the two runs, so each path is also given as a speedup over its own "
         "run's FP32 eager. `torch_vs_ipex.md` has the same comparison interleaved across the two venvs, under one load."
     )
+    apart = _minutes_apart(torch_run["meta"]["date"], ipex_run["meta"]["date"])
+    if apart is not None and apart > MAX_MINUTES_APART:
+        return lines + ["", f"The two convnet runs are {apart:.0f} minutes apart, too far apart on a shared machine for their "
+                        "ratios to mean anything; `torch_vs_ipex.md` has the comparison interleaved under one load.", ""]
     lines += ["", "| model | batch | inc PT2E runtime | samples/s | inc ipex samples/s | ipex defaults samples/s | vs inc ipex | "
               "vs ipex defaults | same, each over its run's FP32 eager |", "| --- " * 9 + "|"]
     for key in ("convnet", "minilm"):
@@ -496,6 +500,19 @@ def comparison(out: dict[str, Any], other: dict[str, Any]) -> list[str]:
                     normalized.append(f"{(pt2e / fp_ours) / (tp / fp_theirs):.2f}x vs {name}")
             lines.append(f"| {key} | {c[2:]} | " + " | ".join(cells + ratios) + f" | {', '.join(normalized) or '-'} |")
     return lines + [""]
+
+
+# Back-to-back runs further apart than this are not compared (the load on a shared machine has changed).
+MAX_MINUTES_APART = 30
+
+
+def _minutes_apart(first: str, second: str) -> float | None:
+    """Minutes between two results' dates (each starts "YYYY-MM-DD HH:MM UTC"), None where one cannot be read."""
+    try:
+        times = [datetime.datetime.strptime(d[:16], "%Y-%m-%d %H:%M") for d in (first, second)]
+    except ValueError:
+        return None
+    return abs((times[0] - times[1]).total_seconds()) / 60
 
 
 def load_other(output: Path, ipex: bool) -> dict[str, Any] | None:
