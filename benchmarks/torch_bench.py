@@ -353,7 +353,7 @@ def bench_convnet(args: argparse.Namespace, out: dict[str, Any]) -> None:
         x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
         for name, tp in measure_all(candidates, x, args, f"bs{batch}", errors, first_call_s).items():
             rows.setdefault(name, {})[f"bs{batch}"] = tp
-        if candidates.get(INC_PT2E_AOTI) is not None:  # the same model again (a restart): its package is in the cache
+        if candidates.get(INC_PT2E_AOTI) is not None:  # the same model again: its package is in the cache
             again = copy.deepcopy(candidates[INC_PT2E_AOTI])
             started = time.perf_counter()
             if attempt(f"{INC_PT2E_AOTI} bs{batch} cached", lambda m=again, x=x: first_call(m, x), errors) is not None:
@@ -451,7 +451,8 @@ def markdown(out: dict[str, Any], other: dict[str, Any] | None = None) -> str:
                       f"{len(CALIBRATION_SENTENCES)} other sentences."]
         if out[key].get("aoti_cached_first_call_s"):
             lines += ["", f"First call of {INC_PT2E_AOTI} on a model whose AOTInductor package is already in inc's cache (the "
-                      "same model loaded again, e.g. after a restart; the row above compiled it into an empty cache): "
+                      "same model again, as a second copy in this process; the row above compiled it into an empty cache; a new "
+                      "process also pays its own start-up): "
                       + ", ".join(f"{c} {v:.2f} s" for c, v in out[key]["aoti_cached_first_call_s"].items()) + "."]
         if out[key].get("quantize_s"):
             lines += ["", "Seconds to quantize (export, calibration, conversion, and for inc the check run, which compiles "
