@@ -129,3 +129,32 @@ def test_a_tensor_between_two_linear_layers_stays_quantized_and_the_output_does_
     ref, got = _run(fp32, x_test), _run(int8, x_test)
     cosine = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
     assert cosine.min() >= 0.999, cosine.min()
+
+
+def test_a_conv_read_only_by_float_ops_keeps_its_output_pair_and_runs_int8(digits):
+    """ORT has no Conv kernel with float output: dropping the pair after a Conv would leave it in float."""
+    x_train, x_test, _, _ = digits
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Reshape", ["pixels", "image_shape"], ["image"], name="to_image"),
+        helper.make_node("Conv", ["image", "kernel", "kernel_bias"], ["features"], name="conv", strides=[2, 2], kernel_shape=[2, 2]),
+        helper.make_node("Softplus", ["features"], ["y"], name="head"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([-1, 1, 8, 8], np.int64), "image_shape"),
+        numpy_helper.from_array(rng.normal(0, 0.2, size=(4, 1, 2, 2)).astype(np.float32), "kernel"),
+        numpy_helper.from_array(rng.normal(0, 0.1, size=(4,)).astype(np.float32), "kernel_bias"),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 4, 4])], initializer=inits,
+    )
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", models.OPSET)])
+    fp32.ir_version = 8
+    int8 = inc.quantize(fp32, inc.QuantConfig(format="qdq"), dataset=inc.Dataset(x_train[:256], batch_size=32))
+    counts = inc.get_backend("onnx").int8_op_counts(int8)
+    assert counts.get("QLinearConv", 0) == 1, counts
+    ref, got = _run(fp32, x_test), _run(int8, x_test)
+    ref, got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+    cosine = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert cosine.min() >= 0.99, cosine.min()

@@ -27,6 +27,9 @@ __all__ = ["INT8_WITH_FLOAT_OUTPUT", "drop_unread_qdq", "reads_int8"]
 
 # Ops whose integer kernels read dequantized inputs and may write a float output.
 INT8_WITH_FLOAT_OUTPUT = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Of those, the ops whose ONNX Runtime INT8 kernel (QLinearConv) needs its output quantized too: without the
+# QuantizeLinear after it, ORT runs the op in float on dequantized inputs, so that pair is always kept.
+_NEEDS_QUANTIZED_OUTPUT = frozenset({"Conv", "ConvTranspose"})
 # Ops that read 8-bit values as they are: requantization, and ArgMax (ORT drops the DequantizeLinear before
 # it, as dequantization keeps the order of values).
 _READS_8BIT_AS_IS = frozenset({"QuantizeLinear", "ArgMax"})
@@ -70,6 +73,8 @@ def drop_unread_qdq(model: onnx.ModelProto) -> int:
                 continue
             q = producers.get(dq.input[0])
             source = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+            if source is not None and _int8_needs_output_pair(producers.get(source), producers):
+                continue
             if dq.output[0] in graph_outputs:
                 # A model output read through Q/DQ: unless an INT8 op reads it too, the user gets a rounded
                 # copy for nothing.
@@ -102,6 +107,14 @@ def drop_unread_qdq(model: onnx.ModelProto) -> int:
                 removed += 1
     _drop_unused_initializers(graph)
     return removed
+
+
+def _int8_needs_output_pair(producer: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto]) -> bool:
+    """True for a Conv/ConvTranspose reading a DequantizeLinear: its QLinearConv fusion needs the output pair."""
+    if producer is None or producer.op_type not in _NEEDS_QUANTIZED_OUTPUT or producer.domain not in ("", "ai.onnx"):
+        return False
+    first = producers.get(producer.input[0]) if producer.input else None
+    return first is not None and first.op_type == "DequantizeLinear"
 
 
 def _rename_tensor(graph: onnx.GraphProto, old: str, new: str, *, skip: onnx.NodeProto) -> None:
