@@ -158,3 +158,50 @@ def test_a_conv_read_only_by_float_ops_keeps_its_output_pair_and_runs_int8(digit
     ref, got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
     cosine = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
     assert cosine.min() >= 0.99, cosine.min()
+
+
+def _attention() -> onnx.ModelProto:
+    """Digits rows as 8 tokens of 8 features: scores = (x Wq)(x Wk)^T, Softmax, context = probs x."""
+    rng = np.random.default_rng(2)
+    nodes = [
+        helper.make_node("Reshape", ["pixels", "tokens_shape"], ["tokens"], name="to_tokens"),
+        helper.make_node("MatMul", ["tokens", "wq"], ["q"], name="query"),
+        helper.make_node("MatMul", ["tokens", "wk"], ["k"], name="key"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="key_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+        helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "tokens"], ["y"], name="context"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([-1, 8, 8], np.int64), "tokens_shape"),
+        numpy_helper.from_array(rng.normal(0, 0.05, size=(8, 8)).astype(np.float32), "wq"),
+        numpy_helper.from_array(rng.normal(0, 0.05, size=(8, 8)).astype(np.float32), "wk"),
+    ]
+    graph = helper.make_graph(
+        nodes, "attention", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 8])], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", models.OPSET)])
+    model.ir_version = 8
+    return model
+
+
+def test_an_excluded_softmax_reads_the_exact_scores_and_is_not_fused_back_into_int8(digits):
+    x_train, x_test, _, _ = digits
+    fp32 = _attention()
+    data = inc.Dataset(x_train[:256], batch_size=32)
+    assert "softmax" in inc.describe(fp32, inc.QuantConfig(format="qdq")).names
+    onnx_backend = inc.get_backend("onnx")
+    plain = inc.quantize(fp32, inc.QuantConfig(format="qdq"), dataset=data)
+    assert onnx_backend.int8_op_counts(plain).get("QLinearSoftmax", 0) == 1  # what exclusion has to undo
+    kept = inc.quantize(fp32, inc.QuantConfig(format="qdq", exclude=inc.LayerFilter(names=("softmax",))), dataset=data)
+    producers = {out: node for node in kept.graph.node for out in node.output}
+    softmax = next(n for n in kept.graph.node if n.name == "softmax")
+    assert producers[softmax.input[0]].op_type == "MatMul"  # the exact scores, no DequantizeLinear in between
+    counts = onnx_backend.int8_op_counts(kept)
+    assert counts.get("QLinearSoftmax", 0) == 0, counts
+    assert sum(counts.get(k, 0) for k in ("MatMulIntegerToFloat", "QLinearMatMul")) >= 1, counts
+    ref, got = _run(fp32, x_test), _run(kept, x_test)
+    ref, got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+    cosine = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert cosine.min() >= 0.99, cosine.min()

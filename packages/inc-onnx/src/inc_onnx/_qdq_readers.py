@@ -35,9 +35,18 @@ _NEEDS_QUANTIZED_OUTPUT = frozenset({"Conv", "ConvTranspose"})
 _READS_8BIT_AS_IS = frozenset({"QuantizeLinear", "ArgMax"})
 
 
-def reads_int8(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]], graph_outputs: set[str]) -> bool:
-    """True when ``node`` consumes its DequantizeLinear inputs in an INT8 kernel (see the module docstring)."""
-    if node.domain not in ("", "ai.onnx"):
+def reads_int8(
+    node: onnx.NodeProto,
+    readers: dict[str, list[onnx.NodeProto]],
+    graph_outputs: set[str],
+    float_nodes: frozenset[str] = frozenset(),
+) -> bool:
+    """True when ``node`` consumes its DequantizeLinear inputs in an INT8 kernel (see the module docstring).
+
+    Nodes named in ``float_nodes`` (ops the user keeps in FP32) never do: left between a DequantizeLinear and
+    a QuantizeLinear, ONNX Runtime would fuse them into an INT8 kernel anyway (QLinearSoftmax, QLinearAdd).
+    """
+    if node.domain not in ("", "ai.onnx") or node.name in float_nodes:
         return False
     if node.op_type in INT8_WITH_FLOAT_OUTPUT or node.op_type in _READS_8BIT_AS_IS:
         return True
@@ -48,8 +57,11 @@ def reads_int8(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]], g
     )
 
 
-def drop_unread_qdq(model: onnx.ModelProto) -> int:
+def drop_unread_qdq(model: onnx.ModelProto, *, float_nodes: frozenset[str] = frozenset()) -> int:
     """Rewire float readers of activation QDQ pairs to the float tensor and remove unread pairs (in place).
+
+    ``float_nodes``: names of nodes kept in FP32 (``exclude=``); they read exact tensors, never a DequantizeLinear
+    whose float source is at hand, so ONNX Runtime cannot fuse them back into INT8 kernels.
 
     A DequantizeLinear of a constant that no INT8 reader is left for is replaced by its float values, so
     the float op reads a constant, not a dequantization it would run on every call. Returns how many
@@ -78,14 +90,18 @@ def drop_unread_qdq(model: onnx.ModelProto) -> int:
             if dq.output[0] in graph_outputs:
                 # A model output read through Q/DQ: unless an INT8 op reads it too, the user gets a rounded
                 # copy for nothing.
-                int8_readers = [r for r in readers.get(dq.output[0], []) if reads_int8(r, readers, graph_outputs)]
+                int8_readers = [
+                    r for r in readers.get(dq.output[0], []) if reads_int8(r, readers, graph_outputs, float_nodes)
+                ]
                 if source is not None and source in producers and source not in graph_outputs and not int8_readers:
                     _rename_tensor(graph, source, dq.output[0], skip=q)
                     dead.append(dq)
                 continue
             if source is None and dq.input[0] not in initializers:
                 continue  # an input that arrives quantized: not ours to change
-            float_readers = [r for r in readers.get(dq.output[0], []) if not reads_int8(r, readers, graph_outputs)]
+            float_readers = [
+                r for r in readers.get(dq.output[0], []) if not reads_int8(r, readers, graph_outputs, float_nodes)
+            ]
             if source is not None:
                 for reader in float_readers:
                     _replace_input(reader, dq.output[0], source)

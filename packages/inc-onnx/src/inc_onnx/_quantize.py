@@ -80,7 +80,7 @@ def quantize_prepared(
         raise _quantizer_failed(exc, mode, config) from exc
     result: onnx.ModelProto = quantizer.model.model
     if config.approach == "static" and fmt == "qdq":
-        removed = drop_unread_qdq(result)
+        removed = drop_unread_qdq(result, float_nodes=frozenset(excluded))
         log.debug("QDQ: %d QuantizeLinear/DequantizeLinear nodes had no INT8 reader and were removed", removed)
     if config.approach == "static" and fmt == "qoperator" and calibration is not None:
         # ORT fixes every QLinearSoftmax output at scale 1/256; calibration knows the real range.
