@@ -87,6 +87,15 @@ def test_exclude_wins_over_bf16() -> None:
     assert inc_torch.quantized_ops(q) == ["conv1", "conv2"]  # fc1 is neither INT8 nor BF16: FP32
 
 
+def test_every_op_out_of_int8_is_refused_and_the_message_counts_the_bf16_ones() -> None:
+    from inc_core.errors import UnsupportedModelError
+
+    model = trained_cnn()
+    config = inc.QuantConfig(bf16=inc.LayerFilter(types=("Linear",)), exclude=inc.LayerFilter(types=("Conv2d",)))
+    with pytest.raises(UnsupportedModelError, match=r"Every quantizable op \(4\) is excluded \(exclude=\) or run in BF16 \(bf16=: 2\)"):
+        inc.quantize(model, config, dataset=calib_data(32))
+
+
 def test_formats_without_bf16_ops_refuse_it_and_name_pt2e() -> None:
     model = trained_mlp()
     with pytest.raises(ConfigError, match=r"format='fx'.*format='pt2e'.*exclude="):

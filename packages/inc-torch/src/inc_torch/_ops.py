@@ -141,8 +141,10 @@ def check_something_quantized(config: QuantConfig, fmt: str, ops: tuple[Op, ...]
     if config.approach == "dynamic" or fmt == "pt2e":
         kinds += ", HF Conv1D"
     if ops:
+        in_bf16 = sum(config.precision(op.name, op.op_type) == "bf16" for op in ops)
+        which = f"excluded (exclude=) or run in BF16 (bf16=: {in_bf16})" if in_bf16 else "excluded"
         raise UnsupportedModelError(
-            f"Every quantizable op ({len(ops)}) is excluded, so nothing would be quantized; exclude fewer ops."
+            f"Every quantizable op ({len(ops)}) is {which}, so nothing would be quantized; keep fewer ops out of INT8."
         )
     way_out = (
         "Use approach='static' (it quantizes Conv and Linear layers with calibration data)."
