@@ -78,21 +78,35 @@ def write(results: Path, rows: list[dict[str, Any]], digits: dict[str, Any], met
     def f(v: float | None, spec: str = ".1f") -> str:
         return "n/a" if v is None else format(v, spec)
 
+    def run_text(run: dict[str, Any]) -> str:
+        return (
+            f"Commit measured: {run['commit']}. Run of {run['date']}, "
+            + (f"no timing: {run['timing']}" if run.get("timing") else f"timing from {run.get('timing_started', '?')}")
+            + f"; 1-minute load average {run['load_average_at_start']:.1f} at the start and "
+            f"{run['load_average_at_end']:.1f} at the end."
+            + (" The peers' artifacts came from a cache of an earlier build of the same weights, calibration samples "
+               "and tool versions." if run.get("peer_cache") else "")
+            + (f" {run['note']}" if run.get("note") else "")
+        )
+
+    # Rows merged from several runs (meta["runs"], each row's "run" its index) name each run; a row's models
+    # were all timed side by side in one run, rows of different runs are not.
+    runs = meta.get("runs")
+    provenance = (
+        [f"**{', '.join(run['models'])}** rows: {run_text(run)}" for run in runs] if runs else [run_text(meta)]
+    )
     lines = [
         "# TensorFlow / Keras 3 INT8 benchmark",
         "",
-        f"CPU: {meta['cpu']} ({meta['threads']} threads; {', '.join(meta['flags'])}). Commit measured: {meta['commit']}. "
+        f"CPU: {meta['cpu']} ({meta['threads']} threads; {', '.join(meta['flags'])}). "
         f"tensorflow {meta['tensorflow']}, keras {meta['keras']}, ai-edge-litert {meta['litert']}, ai-edge-quantizer "
-        f"{meta['ai_edge_quantizer']}, neural-compressor-tf {meta['neural_compressor_tf']}, inc-tf {meta['inc_tf']}. "
-        f"Run of {meta['date']}, "
-        + (f"no timing: {meta['timing']}" if meta.get("timing") else f"timing from {meta.get('timing_started', '?')}")
-        + f"; 1-minute load average {meta['load_average_at_start']:.1f} at the start and {meta['load_average_at_end']:.1f} "
-        f"at the end, on {meta['threads']} cores (a machine shared with other work: absolute figures are low and noisy, "
-        "the ratios within a row are what the side-by-side timing is for)."
-        + (" The peers' artifacts came from a cache of an earlier build of the same weights, calibration samples and "
-           "tool versions." if meta.get("peer_cache") else "")
-        + (f" {meta['note']}" if meta.get("note") else ""),
+        f"{meta['ai_edge_quantizer']}, neural-compressor-tf {meta['neural_compressor_tf']}, inc-tf {meta['inc_tf']}, "
+        f"on {meta['threads']} cores (a machine shared with other work: absolute figures are low and noisy, "
+        "the ratios within a row are what the side-by-side timing is for"
+        + ("; rows of different runs are not comparable with each other" if runs else "") + ").",
         "",
+        *[line for text in provenance for line in (f"- {text}" if runs else text, "")],
+        *([f"{meta['merge_note']}", ""] if meta.get("merge_note") else []),
         "Throughput in samples/s (batch / median latency; models of a row timed side by side in alternating blocks, "
         f"{meta['iterations']} timed calls each at batch 1, {meta['iterations_batched']} at batch 16). "
         "Convnets: random weights, batch-norm statistics from one batch, calibrated on "
