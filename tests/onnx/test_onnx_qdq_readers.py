@@ -205,3 +205,55 @@ def test_an_excluded_softmax_reads_the_exact_scores_and_is_not_fused_back_into_i
     ref, got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
     cosine = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
     assert cosine.min() >= 0.99, cosine.min()
+
+
+def test_a_relu_folded_into_its_quantize_pair_still_applies_when_a_float_op_reads_it(digits):
+    """ResNet's last block: Add -> Relu -> global average pool. ORT's quantizer drops the Relu (the uint8
+    QuantizeLinear after it clips at zero anyway); the pair that does its work must stay for the float reader."""
+    x_train, x_test, _, _ = digits
+    rng = np.random.default_rng(3)
+    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Reshape", ["pixels", "image_shape"], ["image"], name="to_image"),
+        helper.make_node("Conv", ["image", "k1", "b1"], ["f1"], name="conv1", **conv),
+        helper.make_node("Conv", ["image", "k2", "b2"], ["f2"], name="conv2", **conv),
+        helper.make_node("Add", ["f1", "f2"], ["sum"], name="residual"),
+        helper.make_node("Relu", ["sum"], ["act"], name="relu"),
+        helper.make_node("ReduceMean", ["act"], ["y"], name="pool", axes=[2, 3], keepdims=0),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([-1, 1, 8, 8], np.int64), "image_shape"),
+        numpy_helper.from_array(rng.normal(0, 0.3, size=(8, 1, 3, 3)).astype(np.float32), "k1"),
+        numpy_helper.from_array(np.full(8, -0.3, np.float32), "b1"),  # about half of the sums are negative
+        numpy_helper.from_array(rng.normal(0, 0.3, size=(8, 1, 3, 3)).astype(np.float32), "k2"),
+        numpy_helper.from_array(np.full(8, -0.3, np.float32), "b2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "resnet_tail", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], initializer=inits,
+    )
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    fp32.ir_version = 8
+    int8 = inc.quantize(fp32, inc.QuantConfig(format="qdq"), dataset=inc.Dataset(x_train[:256], batch_size=32))
+    assert "Relu" not in {n.op_type for n in int8.graph.node}  # what ORT's quantizer did: the pair clips instead
+    pool = next(n for n in int8.graph.node if n.name == "pool")
+    producers = {out: node for node in int8.graph.node for out in node.output}
+    assert producers[pool.input[0]].op_type == "DequantizeLinear"
+    assert inc.get_backend("onnx").int8_op_counts(int8).get("QLinearConv", 0) == 2
+    ref, got = _run(fp32, x_test), _run(int8, x_test)
+    assert got.min() >= 0.0, got.min()  # a mean of Relu outputs
+    cosine = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert cosine.min() >= 0.99, cosine.min()
+
+
+def test_op_errors_of_a_qoperator_config_count_the_uint8_output_of_a_residual_add(digits):
+    """QOperator runs the residual Add as QLinearAdd, writing uint8 that the float LayerNormalization reads;
+    static QDQ leaves that Add in float. The mse strategy's ranking has to see the difference."""
+    x_train, _, _, _ = digits
+    backend = inc.get_backend("onnx")
+    data = inc.Dataset(x_train[:256], batch_size=32)
+    qoperator = backend.op_errors(_block(), inc.QuantConfig(format="qoperator"), calibration=None, dataset=data)
+    qdq = backend.op_errors(_block(), inc.QuantConfig(format="qdq"), calibration=None, dataset=data)
+    assert set(qoperator) == set(inc.describe(_block(), inc.QuantConfig(format="qoperator")).names)
+    assert qoperator["residual1"] > 1e-6, qoperator
+    assert qdq["residual1"] == 0.0, qdq  # read by a float op only: no pair, no rounding

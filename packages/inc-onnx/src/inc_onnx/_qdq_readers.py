@@ -16,6 +16,11 @@ op, which in turn frees its input pairs). A node reads INT8 when ONNX Runtime an
 the DequantizeLinear before it: a Conv/MatMul/Gemm (their integer kernels write float output where no
 QuantizeLinear follows), a QuantizeLinear (requantization), or any other node whose every output goes to
 QuantizeLinear nodes only (a QDQ group, run as QLinearAdd, an int8 Transpose, ...), or an ArgMax.
+
+One pair is never touched: one that stands in for a Relu or Clip. ORT's quantizer removes a Relu/Clip whose
+output range the QuantizeLinear clips to anyway and lets the op before it write the activation's output name
+(:func:`folded_activations` finds those tensors); the float tensor there is the value *before* the
+activation, so a float reader must keep reading the dequantized one.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["INT8_WITH_FLOAT_OUTPUT", "drop_unread_qdq", "reads_int8"]
+__all__ = ["INT8_WITH_FLOAT_OUTPUT", "drop_unread_qdq", "folded_activations", "reads_int8"]
 
 # Ops whose integer kernels read dequantized inputs and may write a float output.
 INT8_WITH_FLOAT_OUTPUT = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -57,11 +62,23 @@ def reads_int8(
     )
 
 
-def drop_unread_qdq(model: onnx.ModelProto, *, float_nodes: frozenset[str] = frozenset()) -> int:
+def folded_activations(original: onnx.ModelProto, quantized: onnx.ModelProto) -> frozenset[str]:
+    """Outputs of Relu/Clip nodes of ``original`` that another op writes in ``quantized`` (the activation was
+    folded into the QuantizeLinear after it)."""
+    activations = {n.output[0]: n.op_type for n in original.graph.node if n.op_type in ("Relu", "Clip") and n.output}
+    return frozenset(
+        out for node in quantized.graph.node for out in node.output if out in activations and node.op_type != activations[out]
+    )
+
+
+def drop_unread_qdq(
+    model: onnx.ModelProto, *, float_nodes: frozenset[str] = frozenset(), folded: frozenset[str] = frozenset()
+) -> int:
     """Rewire float readers of activation QDQ pairs to the float tensor and remove unread pairs (in place).
 
     ``float_nodes``: names of nodes kept in FP32 (``exclude=``); they read exact tensors, never a DequantizeLinear
     whose float source is at hand, so ONNX Runtime cannot fuse them back into INT8 kernels.
+    ``folded``: tensors whose pair also applies a folded Relu/Clip (:func:`folded_activations`); left as they are.
 
     A DequantizeLinear of a constant that no INT8 reader is left for is replaced by its float values, so
     the float op reads a constant, not a dequantization it would run on every call. Returns how many
@@ -85,6 +102,8 @@ def drop_unread_qdq(model: onnx.ModelProto, *, float_nodes: frozenset[str] = fro
                 continue
             q = producers.get(dq.input[0])
             source = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+            if source in folded:
+                continue
             if source is not None and _int8_needs_output_pair(producers.get(source), producers):
                 continue
             if dq.output[0] in graph_outputs:

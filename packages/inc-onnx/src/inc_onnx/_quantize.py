@@ -31,7 +31,7 @@ from inc_onnx._collect import OnnxCalibration
 from inc_onnx._describe import WEIGHTED_OPS, describe_prepared, nothing_to_quantize, op_types_for, weight_axis
 from inc_onnx._masks import analyse_masks
 from inc_onnx._preprocess import Prepared
-from inc_onnx._qdq_readers import drop_unread_qdq
+from inc_onnx._qdq_readers import drop_unread_qdq, folded_activations
 from inc_onnx._softmax_scale import calibrate_softmax_outputs
 from inc_onnx._verify import failed_quantizer_node
 
@@ -44,9 +44,18 @@ _QTYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 
 
 def quantize_prepared(
-    prepared: Prepared, config: QuantConfig, fmt: str, calibration: OnnxCalibration | None
+    prepared: Prepared,
+    config: QuantConfig,
+    fmt: str,
+    calibration: OnnxCalibration | None,
+    *,
+    keep_every_qdq_pair: bool = False,
 ) -> onnx.ModelProto:
     """The INT8 model for ``config`` (a new ModelProto; ``prepared`` is not touched).
+
+    ``keep_every_qdq_pair``: static QDQ as ORT's quantizer writes it, a pair on every tensor a quantized op
+    reads or writes, i.e. the QOperator model's quantization points (op errors of a QOperator config are
+    measured on it); by default pairs no INT8 kernel reads are removed (:mod:`inc_onnx._qdq_readers`).
 
     Raises:
         ConfigError: an exclude/override names no op, an override is not supported in this mode, or
@@ -79,8 +88,9 @@ def quantize_prepared(
     except Exception as exc:  # ORT's quantizers raise builtins (ValueError, KeyError, AssertionError, ...)
         raise _quantizer_failed(exc, mode, config) from exc
     result: onnx.ModelProto = quantizer.model.model
-    if config.approach == "static" and fmt == "qdq":
-        removed = drop_unread_qdq(result, float_nodes=frozenset(excluded))
+    if config.approach == "static" and fmt == "qdq" and not keep_every_qdq_pair:
+        folded = folded_activations(prepared.model, result)
+        removed = drop_unread_qdq(result, float_nodes=frozenset(excluded), folded=folded)
         log.debug("QDQ: %d QuantizeLinear/DequantizeLinear nodes had no INT8 reader and were removed", removed)
     if config.approach == "static" and fmt == "qoperator" and calibration is not None:
         # ORT fixes every QLinearSoftmax output at scale 1/256; calibration knows the real range.
