@@ -1,8 +1,9 @@
 """Per-op output error of a quantization config, for the ``mse`` tuning strategy.
 
 Static configs are measured on their QDQ form: it has the same scales and zero points as the
-QOperator form, and keeps every original node, so each op's output can be read in both graphs (in the
-INT8 graph after its QuantizeLinear/DequantizeLinear pair, i.e. as the next op sees it). Every
+QOperator form (for a QOperator config, with every pair ORT's quantizer writes), and keeps every
+original node, so each op's output can be read in both graphs (in the INT8 graph after its
+QuantizeLinear/DequantizeLinear pair, i.e. as the next op sees it). Every
 QuantizeLinear of the INT8 graph is fed the FP32 graph's value of its tensor, so each op's error is
 its own, not the sum of the ops upstream. The error of an op is the mean squared difference of
 its output, INT8 graph vs FP32 graph, divided by the mean square of the FP32 output: comparable
@@ -32,11 +33,14 @@ def op_output_errors(
     prepared: Prepared, config: QuantConfig, fmt: str, calibration: OnnxCalibration | None, dataset: Dataset
 ) -> dict[str, float]:
     """Relative output MSE per quantizable op (ops whose output cannot be matched are left out)."""
+    # A QOperator model quantizes every tensor its QLinear ops read or write (a residual Add's output, read by
+    # a float LayerNormalization, is a QLinearAdd's uint8 output): its QDQ twin keeps all of ORT's pairs.
+    keep_every_pair = fmt == "qoperator"
+    space = describe_prepared(prepared.model, config, fmt)  # the ops of the format asked for
     if config.approach == "static":
         fmt = "qdq"
         config = dataclasses.replace(config, format="qdq")
-    space = describe_prepared(prepared.model, config, fmt)
-    quantized = quantize_prepared(prepared, config, fmt, calibration)
+    quantized = quantize_prepared(prepared, config, fmt, calibration, keep_every_qdq_pair=keep_every_pair)
     nodes = {node.name: node for node in prepared.model.graph.node}
     produced = {o for node in quantized.graph.node for o in node.output}
     watched: dict[str, str] = {}
