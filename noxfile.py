@@ -6,6 +6,11 @@ Framework pins live in constraints/<framework>.txt so each venv is reproducible.
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+from collections.abc import Callable
+
 import nox
 
 nox.options.sessions = ["lint", "core", "onnx", "openvino", "torch", "ipex", "tf", "mxnet", "ray", "corpus", "transformers"]
@@ -17,12 +22,30 @@ CORE = "packages/inc-core"
 CORE_TEST_DEPS = ["pytest", "scipy", "scikit-learn"]
 
 
+def _session(func: Callable[[nox.Session], None]) -> Callable[[nox.Session], None]:
+    """`nox.session` on PYTHON; with INC_NOX_DROP_VENVS=1 (set by .ci/run) the venv is removed when the session ends.
+
+    The test venvs add up to about 17 GB (IPEX alone brings a 7 GB CUDA torch); a CI machine runs them one after
+    the other on one disk, so each is dropped once its tests have run, pass or fail.
+    """
+
+    @functools.wraps(func)
+    def run_then_drop(session: nox.Session) -> None:
+        try:
+            func(session)
+        finally:
+            if os.environ.get("INC_NOX_DROP_VENVS") == "1":
+                shutil.rmtree(session.virtualenv.location, ignore_errors=True)
+
+    return nox.session(python=PYTHON)(run_then_drop)
+
+
 def _install_core(session: nox.Session, *extras: str) -> None:
     spec = f"{CORE}[{','.join(extras)}]" if extras else CORE
     session.install("-e", spec)
 
 
-@nox.session(python=PYTHON)
+@_session
 def core(session: nox.Session) -> None:
     """inc-core alone: no framework installed, so an accidental framework import fails here."""
     _install_core(session, "bayesian", "plot")
@@ -38,7 +61,7 @@ def core(session: nox.Session) -> None:
     session.run("pytest", "-q", "tests/core", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def onnx(session: nox.Session) -> None:
     """inc-onnx with onnx + onnxruntime; the core tests run here too."""
     _install_core(session, "bayesian", "plot")
@@ -46,7 +69,7 @@ def onnx(session: nox.Session) -> None:
     session.run("pytest", "-q", "tests/core", "tests/onnx", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def openvino(session: nox.Session) -> None:
     """inc-onnx with OpenVINO as a second runtime for the same ONNX file (tests/openvino); ORT stays installed."""
     _install_core(session)
@@ -55,7 +78,7 @@ def openvino(session: nox.Session) -> None:
     session.run("pytest", "-q", "tests/openvino", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def torch(session: nox.Session) -> None:
     """inc-torch on the torch 2.13 CPU wheel + torchao (PT2E, FX, dynamic, QAT); no IPEX needed. Core tests too."""
     _install_core(session, "bayesian", "plot")
@@ -64,7 +87,7 @@ def torch(session: nox.Session) -> None:
     session.run("pytest", "-q", "tests/core", "tests/torch", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def ipex(session: nox.Session) -> None:
     """The IPEX backend: torch 2.8.0 + intel-extension-for-pytorch 2.8.0 in a venv of their own."""
     _install_core(session, "bayesian", "plot")
@@ -72,7 +95,7 @@ def ipex(session: nox.Session) -> None:
     session.run("pytest", "-q", "tests/core", "tests/ipex", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def mxnet(session: nox.Session) -> None:
     """inc-mxnet on MXNet 1.9.1 (oneDNN INT8) in a venv of its own: MXNet needs numpy<1.24. Core tests too."""
     # One resolve under the pins: an unconstrained inc-core install would first pull numpy 2 and a
@@ -81,14 +104,14 @@ def mxnet(session: nox.Session) -> None:
     session.run("pytest", "-q", "tests/core", "tests/mxnet", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def bench_mxnet(session: nox.Session) -> None:
     """FP32 vs inc INT8 vs MXNet's quantize_net on ResNet-18/50 and MobileNetV2 shapes (not in `nox`)."""
     session.install("-c", "constraints/mxnet.txt", "-e", CORE, "-e", "packages/inc-mxnet[test]")
     session.run("python", "benchmarks/mxnet_bench.py", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def tf(session: nox.Session) -> None:
     """inc-tf on tensorflow-cpu 2.21 + Keras 3 + the ai-edge-litert interpreter (LiteRT int8, QAT); core tests too."""
     _install_core(session, "bayesian", "plot")
@@ -99,7 +122,7 @@ def tf(session: nox.Session) -> None:
     session.run("pytest", "-q", "tests/core", "tests/tf", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def bench_onnx(session: nox.Session) -> None:
     """INT8 vs FP32 vs ORT's quantizer vs onnx-neural-compressor, on ORT and OpenVINO: ResNet-18-shaped, all-MiniLM-L6-v2 (not in `nox`)."""
     import sys
@@ -127,7 +150,7 @@ def bench_onnx(session: nox.Session) -> None:
     session.run("python", "benchmarks/onnx_bench.py", "--onc-python", str(peer_python), *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def bench_torch(session: nox.Session) -> None:
     """PT2E/FX/dynamic INT8 vs FP32 vs torchao defaults vs neural-compressor-pt (not in `nox`)."""
     _install_core(session)
@@ -138,7 +161,7 @@ def bench_torch(session: nox.Session) -> None:
     session.run("python", "benchmarks/torch_bench.py", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def bench_compress(session: nox.Session) -> None:
     """Pruning (patterns, criteria, +PTQ/+QAT, MiniLM) and distillation evidence on PyTorch (not in `nox`)."""
     _install_core(session, "plot")
@@ -146,7 +169,7 @@ def bench_compress(session: nox.Session) -> None:
     session.run("python", "benchmarks/prune_distill_bench.py", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def bench_tf_compress(session: nox.Session) -> None:
     """Pruning callback and Distiller evidence on Keras 3, the counterpart of bench_compress (not in `nox`)."""
     _install_core(session, "plot")
@@ -154,7 +177,7 @@ def bench_tf_compress(session: nox.Session) -> None:
     session.run("python", "benchmarks/tf_prune_distill_bench.py", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def bench_ipex(session: nox.Session) -> None:
     """The same benchmark through the IPEX backend, in the torch 2.8 + IPEX venv (not in `nox`)."""
     _install_core(session)
@@ -162,7 +185,7 @@ def bench_ipex(session: nox.Session) -> None:
     session.run("python", "benchmarks/torch_bench.py", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def ray(session: nox.Session) -> None:
     """Distributed tuning on a local multi-node Ray cluster (inc-core[ray]) with the numpy toy backend."""
     _install_core(session, "ray", "bayesian")
@@ -175,7 +198,7 @@ def ray(session: nox.Session) -> None:
     session.run("pytest", "-q", "tests/ray", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def bench_ray(session: nox.Session) -> None:
     """Tuning wall time with 1, 2 and 4 Ray workers on an eval-dominated workload (not in `nox`)."""
     _install_core(session, "ray", "bayesian")
@@ -183,7 +206,7 @@ def bench_ray(session: nox.Session) -> None:
     session.run("python", "benchmarks/ray_bench.py", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def corpus(session: nox.Session) -> None:
     """Architectures users bring (torchvision, skl2onnx) through every torch and ONNX path + the bad-input catalogue.
 
@@ -198,7 +221,7 @@ def corpus(session: nox.Session) -> None:
     session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/corpus", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def transformers(session: nox.Session) -> None:
     """Hugging Face transformers (small configs, the real all-MiniLM-L6-v2) through static/dynamic INT8 on ONNX and torch."""
     _install_core(session, "bayesian", "plot")
@@ -209,7 +232,7 @@ def transformers(session: nox.Session) -> None:
     session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/transformers", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def bench_transformers(session: nox.Session) -> None:
     """Static INT8 of HF transformers (MiniLM + small configs) via inc.autotune vs dynamic and the peers (not in `nox`)."""
     import sys
@@ -236,7 +259,7 @@ def bench_transformers(session: nox.Session) -> None:
     session.run("python", "benchmarks/transformers_bench.py", "--onc-python", str(peer_python), *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def bench_tf(session: nox.Session) -> None:
     """inc's int8 targets vs TF FP32 and the TF peers: ResNet-18/50, MobileNetV2, all-MiniLM-L6-v2 in Keras (not in `nox`)."""
     _install_core(session)
@@ -253,7 +276,7 @@ def bench_tf(session: nox.Session) -> None:
     session.run("python", "benchmarks/tf_bench.py", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@_session
 def lint(session: nox.Session) -> None:
     """ruff everywhere (with the no-framework-import rule for inc-core) and mypy on inc-core."""
     session.install("ruff", "mypy", "numpy", "tqdm", "pytest")
@@ -261,7 +284,7 @@ def lint(session: nox.Session) -> None:
     session.run("mypy", f"{CORE}/src")
 
 
-@nox.session(python=PYTHON)
+@_session
 def demo(session: nox.Session) -> None:
     """The main job: train a digits classifier, export to ONNX, autotune to INT8, print the accuracy/speed row."""
     _install_core(session, "plot")
