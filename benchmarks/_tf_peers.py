@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 import inc_tf
-from inc_tf._convert import float_flatbuffer
+from inc_tf.ptq._convert import float_flatbuffer
 
 
 def reason(exc: BaseException) -> str:

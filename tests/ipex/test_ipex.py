@@ -123,7 +123,7 @@ def test_ipex_rejects_the_pt2e_format(cnn: torch.nn.Module) -> None:
 
 
 def test_dynamic_activation_range_is_a_backend_setting(tmp_path: Path) -> None:
-    from inc_torch._dynamic import activation_range
+    from inc_torch.ptq._dynamic import activation_range
 
     backend = inc_torch.IpexBackend(dynamic_activations="reduce_range")
     quantized = inc.quantize(trained_mlp(), inc.QuantConfig(approach="dynamic"), backend=backend)

@@ -24,7 +24,7 @@ import inc_core as inc
 from inc_core.errors import CalibrationError
 from inc_onnx import OnnxBackend
 from inc_onnx._preprocess import prepare
-from inc_onnx._quantize import METADATA_KEY
+from inc_onnx.ptq._quantize import METADATA_KEY
 
 OUTLIERS = [2, 7, 12]
 SQ = inc.SmoothQuant(alpha=0.5)

@@ -15,7 +15,7 @@ import onnx_testmodels as models
 import pytest
 
 import inc_core as inc
-import inc_onnx._collect as collect_module
+import inc_onnx.ptq._collect as collect_module
 from inc_core.testing import cosine
 from inc_core.tuning import autotune
 

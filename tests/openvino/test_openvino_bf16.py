@@ -14,7 +14,7 @@ from onnx import numpy_helper
 import inc_core as inc
 import inc_onnx
 from inc_core.errors import ConfigError, ModelLoadError
-from inc_onnx import _bf16, _openvino
+from inc_onnx.runtime import _bf16, _openvino
 
 requires_bf16 = pytest.mark.skipif(
     inc_onnx.OnnxBackend(runtime="openvino").bf16_unavailable(inc.QuantConfig()) is not None,

@@ -14,7 +14,7 @@ import inc_core as inc
 import inc_onnx
 from inc_core.cli import main
 from inc_core.errors import BackendNotFoundError, ConfigError, DatasetError
-from inc_onnx import _openvino, _runtime
+from inc_onnx.runtime import _openvino, _runtime
 
 
 def _runtime_precisions(session: inc_onnx.OpenVinoSession) -> dict[str, set[str]]:

@@ -15,8 +15,8 @@ import inc_core as inc
 import inc_torch
 from inc_core.errors import ConfigError
 from inc_core.testing import cosine
-from inc_torch import _dynamic
-from inc_torch._dynamic import activation_range, has_vnni
+from inc_torch.ptq import _dynamic
+from inc_torch.ptq._dynamic import activation_range, has_vnni
 
 
 class Transducer(nn.Module):

@@ -185,16 +185,16 @@ class _Broken(nn.Module):
 
 
 def test_a_returned_model_that_does_not_run_is_an_error_naming_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    import inc_torch._fx
+    import inc_torch.ptq._fx
 
-    real = inc_torch._fx.quantize_fx
+    real = inc_torch.ptq._fx.quantize_fx
 
     def broken_conv2(*args: object, **kwargs: object) -> nn.Module:
         converted = real(*args, **kwargs)  # type: ignore[arg-type]
         converted.conv2 = _Broken()
         return converted
 
-    monkeypatch.setattr(inc_torch._fx, "quantize_fx", broken_conv2)
+    monkeypatch.setattr(inc_torch.ptq._fx, "quantize_fx", broken_conv2)
     with pytest.raises(UnsupportedModelError, match=r"does not run on the first calibration batch at op 'conv2'.*no kernel"):
         inc.quantize(trained_cnn(), inc.QuantConfig(format="fx"), dataset=calib_data(8))
 

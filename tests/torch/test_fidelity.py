@@ -18,11 +18,11 @@ from torch_helpers import split
 
 import inc_core as inc
 from inc_core.testing import cosine
-from inc_torch._calibration import calibrate, load_statistics
-from inc_torch._capture import fx_prepare, positional
-from inc_torch._fx import op_table, qconfig_mapping
-from inc_torch._observers import is_activation_observer
-from inc_torch._ops import quantizable_ops
+from inc_torch.ptq._calibration import calibrate, load_statistics
+from inc_torch.ptq._capture import fx_prepare, positional
+from inc_torch.ptq._fx import op_table, qconfig_mapping
+from inc_torch.ptq._observers import is_activation_observer
+from inc_torch.ptq._ops import quantizable_ops
 
 CALIBRATION = 100
 BATCH = 25

@@ -124,7 +124,7 @@ def test_torchscript_file_records_what_it_needs_from_the_cpu(tmp_path: Path) -> 
     extra = {"inc.json": ""}
     torch.jit.load(str(path), _extra_files=extra)
     record = json.loads(extra["inc.json"])
-    from inc_torch._dynamic import activation_range
+    from inc_torch.ptq._dynamic import activation_range
 
     assert record["dynamic_activations"] == activation_range(quantized)
     assert record["saved_by"].startswith("inc-torch ")
@@ -167,7 +167,7 @@ def test_benchmark_a_quantized_model_leaves_the_thread_count() -> None:
 def test_a_record_that_cannot_be_honoured_is_a_model_load_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, record: str, message: str
 ) -> None:
-    from inc_torch import _dynamic
+    from inc_torch.ptq import _dynamic
 
     monkeypatch.setattr(_dynamic, "cpu_flags", lambda: frozenset({"avx2"}))  # no VNNI here
     path = tmp_path / "model.pt"

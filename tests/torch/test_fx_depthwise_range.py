@@ -13,7 +13,7 @@ from torch import nn
 from torch_helpers import split
 
 import inc_core as inc
-import inc_torch._fx as inc_fx
+import inc_torch.ptq._fx as inc_fx
 
 CHANNELS = 128  # > inc_fx.FBGEMM_DEPTHWISE_GROUPS: FBGEMM's depthwise kernel on every x86 CPU
 

@@ -9,7 +9,7 @@ from torch_helpers import accuracy, calib_data, split, trained_cnn, trained_mlp
 import inc_core as inc
 import inc_torch
 from inc_core.errors import ConfigError
-from inc_torch import _bf16
+from inc_torch.ptq import _bf16
 
 pytestmark = pytest.mark.skipif(
     _bf16.cpu_bf16_missing() is not None, reason=f"BF16 kernels unavailable: {_bf16.cpu_bf16_missing()}"

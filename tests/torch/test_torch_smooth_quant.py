@@ -20,7 +20,7 @@ import inc_core as inc
 import inc_torch
 from inc_core.errors import CalibrationError
 from inc_torch import TorchBackend
-from inc_torch._smooth_quant import SmoothedLinear
+from inc_torch.ptq._smooth_quant import SmoothedLinear
 
 OUTLIERS = [2, 7, 12]
 SQ = inc.SmoothQuant(alpha=0.5)

@@ -9,11 +9,11 @@ provider or on OpenVINO (``pip install 'inc-onnx[openvino]'``), chosen by measur
 from __future__ import annotations
 
 from inc_onnx._backend import OnnxBackend
-from inc_onnx._collect import OnnxCalibration
-from inc_onnx._openvino import OpenVinoSession
-from inc_onnx._quantize import METADATA_KEY
-from inc_onnx._runtime import RUNTIMES, RuntimeChoice, choose_runtime
-from inc_onnx._session import create_session, session_options
+from inc_onnx.ptq._collect import OnnxCalibration
+from inc_onnx.ptq._quantize import METADATA_KEY
+from inc_onnx.runtime._openvino import OpenVinoSession
+from inc_onnx.runtime._runtime import RUNTIMES, RuntimeChoice, choose_runtime
+from inc_onnx.runtime._session import create_session, session_options
 
 __version__ = "0.1.0"
 

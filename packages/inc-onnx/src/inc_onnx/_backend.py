@@ -12,20 +12,20 @@ import onnxruntime as ort
 from inc_core import Dataset, QuantConfig
 from inc_core.backend import Backend, TuningSpace
 from inc_core.errors import CalibrationError, DatasetError, ModelLoadError
-from inc_onnx._bf16 import bf16_unavailable, int8_config, record_bf16_ops
-from inc_onnx._collect import OnnxCalibration, collect, tensors_to_observe
-from inc_onnx._describe import describe_prepared, nothing_to_quantize, op_types_for
 from inc_onnx._feeds import to_feeds
 from inc_onnx._int8_ops import int8_op_counts
 from inc_onnx._model_io import as_model_proto, is_onnx_model, save_model
-from inc_onnx._op_errors import op_output_errors
-from inc_onnx._openvino import check_precision
 from inc_onnx._preprocess import _input_specs, prepare
-from inc_onnx._quantize import _stamp, quantize_prepared
-from inc_onnx._runtime import RuntimeChoice, check_runtime, choose_runtime
-from inc_onnx._session import create_session, session_options
-from inc_onnx._smooth_quant import SmoothedCalibration, calibrate_smoothed, unwrap
-from inc_onnx._verify import check_has_int8_ops, check_runs
+from inc_onnx.ptq._collect import OnnxCalibration, collect, tensors_to_observe
+from inc_onnx.ptq._describe import describe_prepared, nothing_to_quantize, op_types_for
+from inc_onnx.ptq._op_errors import op_output_errors
+from inc_onnx.ptq._quantize import _stamp, quantize_prepared
+from inc_onnx.ptq._smooth_quant import SmoothedCalibration, calibrate_smoothed, unwrap
+from inc_onnx.ptq._verify import check_has_int8_ops, check_runs
+from inc_onnx.runtime._bf16 import bf16_unavailable, int8_config, record_bf16_ops
+from inc_onnx.runtime._openvino import check_precision
+from inc_onnx.runtime._runtime import RuntimeChoice, check_runtime, choose_runtime
+from inc_onnx.runtime._session import create_session, session_options
 
 __all__ = ["OnnxBackend"]
 
@@ -112,7 +112,7 @@ class OnnxBackend(Backend):
             )
         fmt = self.check_format(config.format)
         prepared = prepare(model)
-        # BF16 ops stay float nodes in the file, listed in its metadata (see inc_onnx._bf16).
+        # BF16 ops stay float nodes in the file, listed in its metadata (see inc_onnx.runtime._bf16).
         int8, bf16_ops = int8_config(config, describe_prepared(prepared.model, config, fmt).ops)
         # SmoothQuant: the rescaled graph and its statistics take the place of the user's graph.
         graph, applied, calibration = unwrap(prepared, int8, calibration, fmt)
@@ -120,7 +120,7 @@ class OnnxBackend(Backend):
         if applied is not config:
             _stamp(result, config, fmt)  # the user's recipe, not the exclusions SmoothQuant or BF16 added
         record_bf16_ops(result, bf16_ops)
-        # Never hand out a model ORT refuses, or one with no INT8 op (see inc_onnx._verify).
+        # Never hand out a model ORT refuses, or one with no INT8 op (see inc_onnx.ptq._verify).
         mode = "dynamic" if config.approach == "dynamic" else f"static {fmt}"
         check_runs(result, mode, calibration.sample if calibration is not None else None)
         selected = [op.name for op in describe_prepared(prepared.model, config, fmt).ops]

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from inc_onnx._describe import PASS_THROUGH, op_types_for
+from inc_onnx.ptq._describe import PASS_THROUGH, op_types_for
 
 __all__ = ["int8_op_counts", "int8_ops", "runtime_graph"]
 

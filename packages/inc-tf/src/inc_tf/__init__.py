@@ -16,12 +16,12 @@ for knowledge distillation with ``compile``/``fit``.
 from __future__ import annotations
 
 from inc_tf._backend import TfBackend
-from inc_tf._calibrate import TfCalibration
 from inc_tf._litert import METADATA_KEY, LiteRTModel
-from inc_tf._qat import FakeQuant, QATCallback, convert, prepare_qat
 from inc_tf._savedmodel import TFSavedModel
 from inc_tf.distill import Distiller
 from inc_tf.prune import PruningCallback, sparsity_report, strip
+from inc_tf.ptq._calibrate import TfCalibration
+from inc_tf.qat._qat import FakeQuant, QATCallback, convert, prepare_qat
 
 __version__ = "0.1.0"
 

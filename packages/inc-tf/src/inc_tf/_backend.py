@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 from inc_core import Dataset, QuantConfig
 from inc_core.backend import Backend, TuningSpace
 from inc_core.errors import CalibrationError, ConfigError, ModelLoadError, SaveError, UnsupportedModelError
-from inc_tf._calibrate import TfCalibration, collect
 from inc_tf._frozen import FrozenGraph, freeze_keras, freeze_savedmodel, is_savedmodel_dir, is_savedmodel_object
 from inc_tf._keras_model import (
     KerasGraph,
@@ -21,9 +20,10 @@ from inc_tf._keras_model import (
     prepare_graph,
 )
 from inc_tf._litert import LiteRTModel
-from inc_tf._quantize import describe_graph, quantize_dynamic, quantize_static
 from inc_tf._savedmodel import TFSavedModel
-from inc_tf._savedmodel_quantize import (
+from inc_tf.ptq._calibrate import TfCalibration, collect
+from inc_tf.ptq._quantize import describe_graph, quantize_dynamic, quantize_static
+from inc_tf.ptq._savedmodel_quantize import (
     GraphCalibration,
     GraphPlan,
     calibrate_plan,
@@ -160,7 +160,7 @@ class TfBackend(Backend):
         return quantize_static(graph, config, calibration)
 
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
-        from inc_tf._op_errors import layer_output_errors
+        from inc_tf.ptq._op_errors import layer_output_errors
 
         if self._target(model, config.format) == "savedmodel":
             raise NotImplementedError("per-layer errors are measured for the tflite target only on the tf backend")

@@ -19,14 +19,14 @@ Pruning and distillation hook into the same loop::
 from __future__ import annotations
 
 from inc_torch._backend import TorchBackend
-from inc_torch._bf16 import bf16_ops
-from inc_torch._compiled import CompiledQuantizedModule
 from inc_torch._convert import convert
 from inc_torch._inspect import quantized_ops
-from inc_torch._ipex import IpexBackend
-from inc_torch._qat import prepare_qat
 from inc_torch.distill import DistillationLoss
 from inc_torch.prune import prepare, sparsity_report
+from inc_torch.ptq._bf16 import bf16_ops
+from inc_torch.ptq._compiled import CompiledQuantizedModule
+from inc_torch.ptq._ipex import IpexBackend
+from inc_torch.qat._qat import prepare_qat
 
 __version__ = "0.1.0"
 

@@ -14,12 +14,13 @@ from inc_core._dataset import Dataset
 from inc_core._quant_config import QuantConfig
 from inc_core.backend import Backend, Op, TuningSpace
 from inc_core.errors import CalibrationError, ConfigError, UnsupportedModelError
-from inc_torch._calibration import TorchCalibration, calibrate, model_signature
-from inc_torch._compiled import CompiledQuantizedModule
-from inc_torch._dynamic import check_dynamic_activations, quantize_dynamic
 from inc_torch._failures import check_constructs, check_returned_model, framework_errors
 from inc_torch._inputs import float_dtype, to_inputs
-from inc_torch._ops import (
+from inc_torch._serialize import load_model, save_model
+from inc_torch.ptq._calibration import TorchCalibration, calibrate, model_signature
+from inc_torch.ptq._compiled import CompiledQuantizedModule
+from inc_torch.ptq._dynamic import check_dynamic_activations, quantize_dynamic
+from inc_torch.ptq._ops import (
     check_overrides,
     check_something_quantized,
     check_supported,
@@ -27,8 +28,7 @@ from inc_torch._ops import (
     require_int8_ops,
     tuning_space,
 )
-from inc_torch._serialize import load_model, save_model
-from inc_torch._smooth_quant import SmoothedCalibration, calibrate_smoothed, unwrap
+from inc_torch.ptq._smooth_quant import SmoothedCalibration, calibrate_smoothed, unwrap
 
 __all__ = ["TorchBackend", "make_runner"]
 
@@ -132,8 +132,8 @@ class TorchBackend(Backend):
         return fmt, ops
 
     def bf16_unavailable(self, config: QuantConfig) -> str | None:
-        """BF16 runs on the PT2E static path, on CPUs with AVX512-BF16 or AMX-BF16 (see :mod:`inc_torch._bf16`)."""
-        from inc_torch._bf16 import bf16_unavailable
+        """BF16 runs on the PT2E static path, on CPUs with AVX512-BF16 or AMX-BF16 (see :mod:`inc_torch.ptq._bf16`)."""
+        from inc_torch.ptq._bf16 import bf16_unavailable
 
         return bf16_unavailable(self.name, self.check_format(config.format), config.approach)
 
@@ -181,12 +181,12 @@ class TorchBackend(Backend):
             raise CalibrationError("The calibration was collected on a different model (its parameters differ).")
         quantized: nn.Module
         if fmt == "pt2e":
-            from inc_torch._bf16 import bf16_names, int8_view, run_in_bf16
-            from inc_torch._pt2e import quantize_pt2e
+            from inc_torch.ptq._bf16 import bf16_names, int8_view, run_in_bf16
+            from inc_torch.ptq._pt2e import quantize_pt2e
 
             quantized = run_in_bf16(quantize_pt2e(int8_view(config), ops, calibration), bf16_names(config, ops))
         else:
-            from inc_torch._fx import quantize_fx
+            from inc_torch.ptq._fx import quantize_fx
 
             quantized = quantize_fx(model, config, ops, calibration, inplace=inplace)
         check_returned_model(quantized, calibration.example, fmt, model, frozenset(op.name for op in ops))
@@ -194,14 +194,14 @@ class TorchBackend(Backend):
         return quantized
 
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
-        from inc_torch._op_errors import op_errors
+        from inc_torch.ptq._op_errors import op_errors
 
         model = _check_model(model)
         fmt, ops = self._ops(model, config)
         with framework_errors("Measuring per-op errors", fmt, model, frozenset(op.name for op in ops)):
             if config.approach == "static" and calibration is not None:
                 model, calibration = unwrap(model, config, calibration)
-            from inc_torch._bf16 import int8_view
+            from inc_torch.ptq._bf16 import int8_view
 
             return op_errors(model, int8_view(config), ops, calibration, dataset, activations=self.dynamic_activations)
 

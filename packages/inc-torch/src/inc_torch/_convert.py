@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from inc_core.errors import UnsupportedModelError
-from inc_torch._qat import _STATE as _QAT_STATE
-from inc_torch._qat import convert as _convert_qat
 from inc_torch.prune import finish_pruning, is_pruning
+from inc_torch.qat._qat import _STATE as _QAT_STATE
+from inc_torch.qat._qat import convert as _convert_qat
 
 __all__ = ["convert"]
 

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from inc_core.errors import ModelLoadError, SaveError
-from inc_torch import _dynamic
 from inc_torch._compat import quiet
 from inc_torch._hf import CONV1D_AS_LINEAR_ATTR, linearize_conv1d
+from inc_torch.ptq import _dynamic
 
 __all__ = ["FORMAT", "is_state_archive", "load_hf_state", "save_hf_state"]
 

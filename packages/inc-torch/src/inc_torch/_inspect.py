@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inc_torch._compiled import CompiledQuantizedModule
+from inc_torch.ptq._compiled import CompiledQuantizedModule
 
 __all__ = ["quantized_ops"]
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from inc_torch._compiled import CompiledQuantizedModule
+from inc_torch.ptq._compiled import CompiledQuantizedModule
 
 __all__ = ["int8_op_counts"]
 

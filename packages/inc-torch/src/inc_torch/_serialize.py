@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from inc_core.errors import ModelLoadError, SaveError
-from inc_torch import _dynamic
 from inc_torch._compat import quiet
-from inc_torch._compiled import RUNTIMES, CompiledQuantizedModule
-from inc_torch._fx import EXAMPLE_ATTR
 from inc_torch._hf import is_hf_model
 from inc_torch._hf_files import is_state_archive, load_hf_state, save_hf_state
 from inc_torch._inputs import Inputs, dynamic_shapes, widened
+from inc_torch.ptq import _dynamic
+from inc_torch.ptq._compiled import RUNTIMES, CompiledQuantizedModule
+from inc_torch.ptq._fx import EXAMPLE_ATTR
 
 __all__ = ["METADATA_FILE", "save_model", "load_model"]
 

@@ -1,0 +1,1 @@
+"""Post-training INT8 of ONNX models with ONNX Runtime's quantizers, fed with inc's calibration."""

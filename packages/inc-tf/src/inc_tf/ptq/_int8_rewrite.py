@@ -1,0 +1,289 @@
+"""The int8 rewrite of a frozen float graph into TensorFlow's own oneDNN INT8 kernels.
+
+Each unit (see ``_int8_units``) becomes:
+
+* Conv2D: ``QuantizeV2`` of its input (quint8 after a Relu, else symmetric qint8), then
+  ``_FusedQuantizedConv2D`` with ``fused_ops=[BiasAdd, (Relu,) Requantize]`` (per-channel int8 weights,
+  float bias, the calibrated output range frozen in), then ``Dequantize``. A depthwise conv is the same
+  with ``_FusedQuantizedDepthwiseConv2D``; a Relu6 is the fused Relu with the output range capped at 6.
+* MatMul: ``QuantizeV2`` of its input to quint8, then ``QuantizedMatMulWithBiasAndReluAndRequantize``
+  (+ ``Dequantize``) or ``QuantizedMatMulWithBiasAndDequantize`` (per-tensor int8 weights). A signed
+  input is shifted by its calibrated minimum first and the shift folded into the bias, so it is still
+  read as unsigned 8-bit (the kernels' own MIN_FIRST compensation is wrong with a float bias in TF 2.21).
+
+The float output of a unit keeps the name of the op it replaces, so every other node is copied
+unchanged. A unit that reads another unit's requantized output at the same range takes the int8
+tensor directly, so conv -> conv chains stay in int8 with no Dequantize/QuantizeV2 in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from inc_tf.ptq._int8_units import Unit, tensor_name
+
+__all__ = ["UnitSettings", "rewrite_int8"]
+
+# DataType enum values (tensorflow/core/framework/types.proto)
+_FLOAT, _QINT8, _QUINT8 = 1, 11, 12
+_TINY = 1e-6  # a range never collapses to a point (a dead channel or an all-zero tensor)
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    """How one unit is quantized in a trial: its ranges and weight granularity.
+
+    ``output_range`` is the unit's final output's; ``core_output_range`` and ``summand_range`` are those of
+    the tensor before a residual Add and of the Add's other input (``None`` without a summand).
+    """
+
+    input_range: tuple[float, float]
+    output_range: tuple[float, float]
+    per_channel: bool
+    core_output_range: tuple[float, float] | None = None
+    summand_range: tuple[float, float] | None = None
+
+
+def _fuses_sum(unit: Unit, s: UnitSettings) -> bool:
+    """Whether the residual Add goes into the conv kernel: TF's fused sum kernel takes unsigned input and summand."""
+    return bool(
+        unit.summand and s.summand_range is not None and s.summand_range[0] >= 0.0 and s.input_range[0] >= 0.0
+    )
+
+
+@dataclass(frozen=True)
+class _QTensor:
+    ref: str
+    min_ref: str
+    max_ref: str
+    dtype: int
+    bounds: tuple[float, float]
+
+
+class _Builder:
+    def __init__(self, graph_def: Any) -> None:
+        from tensorflow.core.framework import graph_pb2
+
+        self.graph = graph_pb2.GraphDef()
+        self.graph.versions.CopyFrom(graph_def.versions)
+        self.graph.library.CopyFrom(graph_def.library)
+
+    def const(self, name: str, value: Any, dtype: Any = None) -> str:
+        from tensorflow.python.framework import tensor_util
+
+        proto = tensor_util.make_tensor_proto(value, dtype=dtype)
+        node = self.graph.node.add(name=name, op="Const")
+        node.attr["dtype"].type = proto.dtype
+        node.attr["value"].tensor.CopyFrom(proto)
+        return name
+
+    def node(self, name: str, op: str, inputs: list[str], **attrs: Any) -> Any:
+        node = self.graph.node.add(name=name, op=op)
+        node.input.extend(inputs)
+        for key, value in attrs.items():
+            attr = node.attr[key]
+            if isinstance(value, bool):
+                attr.b = value
+            elif isinstance(value, str):
+                attr.s = value.encode()
+            elif isinstance(value, _Types):
+                attr.list.type.extend(value)
+            elif isinstance(value, list) and value and isinstance(value[0], str):
+                attr.list.s.extend(v.encode() for v in value)
+            elif isinstance(value, list):
+                attr.list.i.extend(value)
+            elif isinstance(value, int):
+                attr.type = value
+            else:  # pragma: no cover - programming error
+                raise TypeError(f"attribute {key}={value!r}")
+        return node
+
+
+class _Types(tuple):  # a list(type) attribute, told apart from list(int)
+    pass
+
+
+def _quantized_weights(weight: np.ndarray, per_channel: bool, depthwise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weights and their limits: one per output channel (a depthwise conv's are its last two axes)."""
+    axes = tuple(range(weight.ndim - (2 if depthwise else 1)))
+    limit = np.abs(weight).max(axis=axes).reshape(-1) if per_channel else np.abs(weight).max(keepdims=False)
+    if per_channel and depthwise:
+        limit = limit.reshape(weight.shape[-2:])  # broadcasts over the filter's last two axes
+    limit = np.maximum(np.asarray(limit, dtype=np.float32), _TINY)
+    q = np.clip(np.rint(weight / limit * 127.0), -127, 127).astype(np.int8)
+    return q, limit.reshape(-1).astype(np.float32) if per_channel else limit.astype(np.float32)
+
+
+def _signed_bounds(low: float, high: float) -> tuple[float, float]:
+    m = max(abs(low), abs(high), _TINY)
+    return -m, m
+
+
+def rewrite_int8(
+    graph_def: Any, units: list[Unit], settings: dict[str, UnitSettings], outputs: tuple[str, ...]
+) -> tuple[Any, dict[str, str]]:
+    """``graph_def`` with every unit in ``settings`` running on int8 kernels; the rest is copied as it is.
+
+    Returns:
+        The new graph, and the name of each int8 kernel node mapped to the unit it computes.
+    """
+    from tensorflow.python.framework import dtypes
+
+    chosen = [u for u in units if u.name in settings]
+    fusing: set[str] = set()
+    claimed: set[str] = set()
+    for u in chosen:  # two convs feeding one Add may both qualify: the first one takes it
+        if _fuses_sum(u, settings[u.name]) and u.output_node not in claimed:
+            fusing.add(u.name)
+            claimed.add(u.output_node)
+    replaced = {name for u in chosen for name in (u.nodes if u.name in fusing else u.core_nodes or u.nodes)}
+    # A MaxPool reading a unit's int8 output runs on it too (QuantizedMaxPool keeps the range): no round trip.
+    effective = {u.output if u.name in fusing or not u.summand else u.core_output for u in chosen}
+    pools: dict[str, list[Any]] = {}
+    for node in graph_def.node:
+        if (
+            node.op == "MaxPool" and node.attr["data_format"].s in (b"", b"NHWC") and node.attr["T"].type == _FLOAT
+            and tensor_name(node.input[0]) in effective
+        ):
+            pools.setdefault(tensor_name(node.input[0]), []).append(node)
+            replaced.add(node.name)
+    build = _Builder(graph_def)
+    for node in graph_def.node:
+        if node.name not in replaced:
+            build.graph.node.add().CopyFrom(node)
+    produced: dict[str, _QTensor] = {}  # a unit's float output -> its requantized int8 tensor
+    quantized_inputs: dict[tuple[str, int, tuple[float, float]], _QTensor] = {}
+    kernels: dict[str, str] = {}
+    for unit in _in_order(chosen):
+        s = settings[unit.name]
+        fused_sum = unit.name in fusing
+        if unit.summand and not fused_sum:
+            # The residual Add and its Relu stay float; the unit ends before them.
+            unit = Unit(unit.name, unit.op, unit.input, unit.core_output.split(":")[0], unit.core_nodes,
+                        unit.weight, unit.bias, False, unit.attrs)
+            s = UnitSettings(s.input_range, s.core_output_range or s.output_range, s.per_channel)
+        base = f"{unit.name}/inc_int8"
+        low, high = s.input_range
+        bias = unit.bias.astype(np.float64)
+        source = unit.input
+        q_weight, limit = _quantized_weights(
+            unit.weight, s.per_channel and unit.op != "MatMul", depthwise=unit.op == "DepthwiseConv2dNative"
+        )
+        if unit.op == "MatMul":
+            if low < 0.0:
+                # x @ W == (x - low) @ W + low * colsum(W): read the shifted input as unsigned. The kernel
+                # multiplies by the int8 weights, so the shift is undone with *their* column sums: with the
+                # float weights' sums, each column keeps low * (its rounding error summed over the inputs), a
+                # constant offset as large as the signal on a wide layer (a BERT's 1536-input FFN).
+                shift = build.const(f"{base}/shift", np.float32(low))
+                source = build.node(f"{base}/shifted", "Sub", [source, shift], T=_FLOAT).name + ":0"
+                dequantized = q_weight.astype(np.float64) * (limit.astype(np.float64) / 127.0)
+                bias = bias + low * dequantized.sum(axis=0)
+                want = (_QUINT8, (0.0, max(high - low, _TINY)))
+            else:
+                want = (_QUINT8, (0.0, max(high, _TINY)))
+        else:
+            want = (_QUINT8, (0.0, max(high, _TINY))) if low >= 0.0 else (_QINT8, _signed_bounds(low, high))
+        def quantized(tensor: str, want: tuple[int, tuple[float, float]], qname: str) -> _QTensor:
+            """``tensor`` in int8: a producer's requantized output at the same range, else one QuantizeV2 per range."""
+            ready = produced.get(tensor)
+            if ready is not None and ready.dtype == want[0]:
+                return ready  # the producer requantized this very tensor to a calibrated range: read it as it is
+            key = (tensor, want[0], want[1])
+            if key not in quantized_inputs:
+                lo_ref = build.const(f"{qname}/min", np.float32(want[1][0]))
+                hi_ref = build.const(f"{qname}/max", np.float32(want[1][1]))
+                build.node(qname, "QuantizeV2", [tensor, lo_ref, hi_ref], T=want[0], mode="SCALED", round_mode="HALF_TO_EVEN")
+                quantized_inputs[key] = _QTensor(f"{qname}:0", f"{qname}:1", f"{qname}:2", want[0], want[1])
+            return quantized_inputs[key]
+
+        qin = quantized(source, want, f"{base}/quantize")
+        w_ref = build.const(f"{base}/weight", q_weight, dtype=dtypes.qint8)
+        wmin = build.const(f"{base}/weight_min", -limit)
+        wmax = build.const(f"{base}/weight_max", limit)
+        b_ref = build.const(f"{base}/bias", bias.astype(np.float32))
+        out_low, out_high = s.output_range
+        if unit.relu:
+            # a Relu6 is the kernel's Relu with the requantized output saturating at 6
+            out_type, out_bounds = _QUINT8, (0.0, max(min(out_high, 6.0) if unit.relu6 else out_high, _TINY))
+        else:
+            out_type, out_bounds = _QINT8, _signed_bounds(out_low, out_high)
+        omin = build.const(f"{base}/output_min", np.float32(out_bounds[0]))
+        omax = build.const(f"{base}/output_max", np.float32(out_bounds[1]))
+        inputs = [qin.ref, w_ref, b_ref, qin.min_ref, qin.max_ref, wmin, wmax, omin, omax]
+        if fused_sum:
+            summand, summand_high = unit.summand or "", (s.summand_range or (0.0, 0.0))[1]  # both set: _fuses_sum
+            qsum = quantized(summand, (_QUINT8, (0.0, max(summand_high, _TINY))), f"{base}/quantize_summand")
+            kernel = build.node(
+                f"{base}/conv_sum", "QuantizedConv2DWithBiasSumAndReluAndRequantize",
+                [*inputs, qsum.ref, qsum.min_ref, qsum.max_ref],
+                Tinput=_QUINT8, Tfilter=_QINT8, Tbias=_FLOAT, Tsummand=_QUINT8, out_type=_QUINT8,
+                strides=unit.attrs["strides"], padding=unit.attrs["padding"],
+            ).name
+            kernels[kernel] = unit.name
+        elif unit.op in ("Conv2D", "DepthwiseConv2dNative"):
+            fused = ["BiasAdd", "Relu", "Requantize"] if unit.relu else ["BiasAdd", "Requantize"]
+            kernel_op = "_FusedQuantizedConv2D" if unit.op == "Conv2D" else "_FusedQuantizedDepthwiseConv2D"
+            build.node(
+                f"{base}/conv", kernel_op, inputs,
+                Thost_inputs=_Types((qin.dtype, _QINT8) + (_FLOAT,) * 7), Thost_outputs=_Types((out_type, _FLOAT, _FLOAT)),
+                Tdevice_inputs=_Types(()), Tdevice_outputs=_Types(()), Tinput=qin.dtype, Tfilter=_QINT8, Tbias=_FLOAT,
+                Tsummand=out_type, out_type=out_type, strides=unit.attrs["strides"], padding=unit.attrs["padding"],
+                data_format="NHWC", fused_ops=fused, is_filter_const=True, is_bias_const=True,
+            )
+            kernel = f"{base}/conv"
+            kernels[kernel] = unit.name
+        elif unit.relu:
+            kernel = build.node(
+                f"{base}/matmul", "QuantizedMatMulWithBiasAndReluAndRequantize", inputs,
+                T1=_QUINT8, T2=_QINT8, Tbias=_FLOAT, Toutput=_QUINT8, transpose_a=False, transpose_b=False,
+                input_quant_mode="SCALED",
+            ).name
+            kernels[kernel] = unit.name
+        else:
+            build.node(
+                unit.output_node, "QuantizedMatMulWithBiasAndDequantize", inputs,
+                T1=_QUINT8, T2=_QINT8, Tbias=_FLOAT, Toutput=_FLOAT, transpose_a=False, transpose_b=False,
+                input_quant_mode="SCALED",
+            )
+            kernels[unit.output_node] = unit.name
+            continue
+        build.node(unit.output_node, "Dequantize", [f"{kernel}:0", f"{kernel}:1", f"{kernel}:2"], T=out_type, mode="SCALED")
+        produced[unit.output] = _QTensor(f"{kernel}:0", f"{kernel}:1", f"{kernel}:2", out_type, out_bounds)
+        for pool in pools.get(unit.output, []):
+            qpool = f"{pool.name}/inc_int8"
+            build.node(
+                qpool, "QuantizedMaxPool", [f"{kernel}:0", f"{kernel}:1", f"{kernel}:2"], T=out_type,
+                ksize=list(pool.attr["ksize"].list.i), strides=list(pool.attr["strides"].list.i),
+                padding=pool.attr["padding"].s.decode(),
+            )
+            build.node(pool.name, "Dequantize", [f"{qpool}:0", f"{qpool}:1", f"{qpool}:2"], T=out_type, mode="SCALED")
+            produced[f"{pool.name}:0"] = _QTensor(f"{qpool}:0", f"{qpool}:1", f"{qpool}:2", out_type, out_bounds)
+    from tensorflow.python.framework.graph_util_impl import extract_sub_graph
+
+    # Drop what no output needs any more (the float weights the rewrite replaced).
+    return extract_sub_graph(build.graph, [tensor_name(o).split(":")[0] for o in outputs]), kernels
+
+
+def _in_order(units: list[Unit]) -> list[Unit]:
+    """Producers before consumers, so a consumer sees its producer's int8 output (graph order already is)."""
+    outputs = {t: u for u in units for t in (u.output, u.core_output)}
+    done: set[str] = set()
+    ordered: list[Unit] = []
+
+    def visit(unit: Unit) -> None:
+        if unit.name in done:
+            return
+        done.add(unit.name)
+        for tensor in (unit.input, unit.summand):
+            producer = outputs.get(tensor or "")
+            if producer is not None:
+                visit(producer)
+        ordered.append(unit)
+
+    for unit in units:
+        visit(unit)
+    return ordered

@@ -1,0 +1,102 @@
+"""From a calibration and a QuantConfig to a LiteRT int8 model; the layers inc lists as quantizable."""
+
+from __future__ import annotations
+
+from inc_core import QuantConfig
+from inc_core.backend import Op, TuningSpace
+from inc_core.errors import ConfigError
+from inc_tf._flatbuffer import OpRecord
+from inc_tf._keras_model import KerasGraph
+from inc_tf._litert import LiteRTModel
+from inc_tf.ptq._calibrate import TfCalibration
+from inc_tf.ptq._convert import dynamic_flatbuffer, quantize_flatbuffer
+
+__all__ = ["QUANTIZABLE", "describe_graph", "layer_of_op", "quantize_dynamic", "quantize_static"]
+
+#: Keras layers whose kernels LiteRT runs in int8 (everything else follows its neighbours' scales).
+QUANTIZABLE = (
+    "Dense",
+    "EinsumDense",
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "DepthwiseConv2D",
+    "SeparableConv2D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+)
+
+
+#: the TF converter's dynamic-range mode leaves weights with fewer elements than this in float
+DYNAMIC_MIN_ELEMENTS = 1024
+
+
+def describe_graph(graph: KerasGraph, approach: str = "static") -> TuningSpace:
+    minimum = DYNAMIC_MIN_ELEMENTS if approach == "dynamic" else 1
+    ops = tuple(
+        Op(name, op_type)
+        for name, op_type, size in zip(graph.layer_names, graph.layer_types, graph.weight_sizes)
+        if op_type in QUANTIZABLE and size >= minimum
+    )
+    # The LiteRT quantizer takes per-channel/per-tensor and the activation dtype for the whole model only,
+    # so per-layer tuning covers the range choice: calibration method and scheme.
+    settings = {"calibration": ("minmax", "kl", "percentile", "mse"), "scheme": ("asym", "sym")}
+    return TuningSpace(ops, {op_type: settings for op_type in dict.fromkeys(op.op_type for op in ops)})
+
+
+def layer_of_op(graph: KerasGraph, record: OpRecord) -> int | None:
+    """The user's layer an op computes: the latest layer its names mention (conv+BN+ReLU maps to the ReLU)."""
+    found = graph.layers_in((*record.output_names, *record.constant_inputs))
+    return max(found) if found else None
+
+
+def layers_of_op(graph: KerasGraph, record: OpRecord) -> set[int]:
+    return graph.layers_in((*record.output_names, *record.constant_inputs))
+
+
+def _excluded(graph: KerasGraph, config: QuantConfig) -> set[int]:
+    ops = describe_graph(graph).ops
+    names = set(config.exclude.select(ops)) if config.exclude else set()
+    return {graph.layer_names.index(n) for n in names}
+
+
+def quantize_static(graph: KerasGraph, config: QuantConfig, calibration: TfCalibration) -> LiteRTModel:
+    """Write inc's ranges into the calibrated flatbuffer and run the LiteRT int8 quantizer."""
+    from inc_tf._flatbuffer import with_ranges
+
+    producer = {out: record for record in calibration.records for out in record.outputs}
+    ranges: dict[int, tuple[float, float]] = {}
+    for tensor in calibration.observers:
+        record = producer.get(tensor)
+        owner = layer_of_op(graph, record) if record is not None else None
+        if owner is None:
+            method, scheme = config.calibration, config.scheme
+        else:
+            name, op_type = graph.layer_names[owner], graph.layer_types[owner]
+            method = config.setting(name, op_type, "calibration")
+            scheme = config.setting(name, op_type, "scheme")
+        ranges[tensor] = calibration.range(
+            tensor, method, percentile=float(config.percentile), dtype=config.activation_dtype, scheme=scheme
+        )
+    excluded = _excluded(graph, config)
+    denylist = [
+        name
+        for record in calibration.records
+        if layers_of_op(graph, record) & excluded
+        for name in record.output_names
+    ]
+    content = quantize_flatbuffer(
+        with_ranges(calibration.calibrated, ranges),
+        per_channel=config.granularity == "per_channel",
+        denylisted_nodes=denylist,
+    )
+    return LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed)
+
+
+def quantize_dynamic(graph: KerasGraph, config: QuantConfig) -> LiteRTModel:
+    if config.exclude:
+        raise ConfigError(
+            "QuantConfig: exclude is not supported with approach='dynamic' on the tf backend: the TF converter's "
+            "dynamic-range mode quantizes every large weight. Use approach='static' to keep layers in float."
+        )
+    return LiteRTModel.with_layers(dynamic_flatbuffer(graph.model), graph.layer_names, renamed=graph.renamed)

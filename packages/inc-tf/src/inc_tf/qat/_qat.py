@@ -1,0 +1,422 @@
+"""Quantization-aware training for Keras 3: fake-quant wrappers, a Keras callback, conversion to int8.
+
+``prepare_qat`` clones the model with every layer wrapped in :class:`FakeQuant`: Dense and Conv2D
+kernels go through per-channel symmetric int8 fake quantization, and each layer's output through an
+activation fake quant whose range follows an exponential moving average of the batch min/max (what
+LiteRT's int8 kernels will see). ``convert`` puts the trained weights back into the user's
+architecture, has the TF converter fold batch norm as usual, and writes the *learned* ranges into the
+calibrated flatbuffer before the int8 quantizer runs; ``format="savedmodel"`` gives them to the
+SavedModel target's graph rewrite in place of calibration observers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from inc_core import QATConfig
+from inc_core.errors import ConfigError, UnsupportedModelError
+
+__all__ = ["FakeQuant", "QATCallback", "convert", "prepare_qat"]
+
+_KERNEL_TYPES = ("Dense", "Conv2D")
+_EMA = 0.99
+#: the int8 targets ``convert`` builds (the names of ``QuantConfig.format``)
+_FORMATS = ("tflite", "savedmodel")
+
+
+@keras.saving.register_keras_serializable(package="inc_tf")
+class FakeQuant(keras.layers.Layer):
+    """Wraps one layer: int8 fake quant of its kernel (Dense, Conv2D) and of its output.
+
+    Args:
+        layer: the wrapped layer (its weights are trained in place of the original's).
+        quantize_kernel: fake-quantize the kernel per output channel (symmetric, narrow range).
+        quantize_output: fake-quantize the output with a learned (EMA) range.
+        per_channel: per-channel kernel ranges (else one range per kernel).
+        symmetric: symmetric activation range (``scheme="sym"``).
+    """
+
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        *,
+        quantize_kernel: bool = True,
+        quantize_output: bool = True,
+        per_channel: bool = True,
+        symmetric: bool = False,
+        quantize_input: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name=kwargs.pop("name", layer.name), **kwargs)
+        self.layer = layer
+        self.quantize_kernel = quantize_kernel and type(layer).__name__ in _KERNEL_TYPES
+        self.quantize_output = quantize_output
+        self.per_channel = per_channel
+        self.symmetric = symmetric
+        self.quantize_input = quantize_input
+
+    def build(self, input_shape: Any) -> None:
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self.range_min = self.add_weight(name="range_min", shape=(), initializer="zeros", trainable=False)
+        self.range_max = self.add_weight(name="range_max", shape=(), initializer="zeros", trainable=False)
+        self.range_seen = self.add_weight(name="range_seen", shape=(), initializer="zeros", trainable=False)
+        self.ranges_frozen = self.add_weight(name="ranges_frozen", shape=(), initializer="zeros", trainable=False)
+        self.bn_frozen = self.add_weight(name="bn_frozen", shape=(), initializer="zeros", trainable=False)
+        self.input_min = self.add_weight(name="input_min", shape=(), initializer="zeros", trainable=False)
+        self.input_max = self.add_weight(name="input_max", shape=(), initializer="zeros", trainable=False)
+        super().build(input_shape)
+
+    def _kernel_forward(self, inputs: Any) -> Any:
+        layer = self.layer
+        kernel = layer.kernel
+        axes = list(range(len(kernel.shape) - 1))
+        bound = tf.stop_gradient(tf.reduce_max(tf.abs(kernel), axis=axes if self.per_channel else None))
+        bound = tf.maximum(bound, 1e-8)
+        if self.per_channel:
+            kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(kernel, -bound, bound, narrow_range=True)
+        else:
+            kernel = tf.quantization.fake_quant_with_min_max_vars(kernel, -bound, bound, narrow_range=True)
+        if isinstance(layer, keras.layers.Dense):
+            y = tf.matmul(inputs, kernel) if len(inputs.shape) == 2 else tf.tensordot(inputs, kernel, axes=1)
+        else:
+            y = keras.ops.conv(
+                inputs, kernel, strides=layer.strides, padding=layer.padding,
+                data_format=layer.data_format, dilation_rate=layer.dilation_rate,
+            )
+        if layer.use_bias:
+            channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
+            bias = tf.reshape(layer.bias, (1, -1) + (1,) * (len(y.shape) - 2)) if channels_first else layer.bias
+            y = y + bias
+        return layer.activation(y) if layer.activation is not None else y
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        if self.quantize_input:
+            inputs = self._quantize_model_input(inputs, training)
+        if self.quantize_kernel:
+            y = self._kernel_forward(inputs)
+        elif isinstance(self.layer, keras.layers.BatchNormalization):
+            frozen = self.bn_frozen > 0.5
+            y = tf.cond(
+                tf.logical_and(tf.constant(bool(training)), tf.logical_not(frozen)),
+                lambda: self.layer(inputs, training=True),
+                lambda: self.layer(inputs, training=False),
+            )
+        else:
+            y = self.layer(inputs, training=training)
+        if not self.quantize_output or not isinstance(y, tf.Tensor) or not y.dtype.is_floating:
+            return y
+        if training:
+            self._update_range(y)
+        lo, hi = self._range()
+        return tf.cond(self.range_seen > 0.5, lambda: tf.quantization.fake_quant_with_min_max_vars(y, lo, hi), lambda: y)
+
+    def _quantize_model_input(self, x: Any, training: bool | None) -> Any:
+        """The model input, as LiteRT's QUANTIZE op will see it (its range learned like any activation)."""
+        if training:
+            first = self.range_seen < 0.5
+            frozen = self.ranges_frozen > 0.5
+            lo, hi = tf.stop_gradient(tf.reduce_min(x)), tf.stop_gradient(tf.reduce_max(x))
+            self.input_min.assign(tf.where(frozen, self.input_min, tf.where(first, lo, tf.minimum(self.input_min, lo))))
+            self.input_max.assign(tf.where(frozen, self.input_max, tf.where(first, hi, tf.maximum(self.input_max, hi))))
+        lo = tf.minimum(self.input_min, 0.0)
+        hi = tf.maximum(self.input_max, lo + 1e-6)
+        return tf.cond(self.range_seen > 0.5, lambda: tf.quantization.fake_quant_with_min_max_vars(x, lo, hi), lambda: x)
+
+    def learned_input_range(self) -> tuple[float, float] | None:
+        if not self.quantize_input or float(self.range_seen.numpy()) < 0.5:
+            return None
+        return min(float(self.input_min.numpy()), 0.0), max(float(self.input_max.numpy()), 0.0)
+
+    def _range(self) -> tuple[Any, Any]:
+        lo = tf.minimum(self.range_min, 0.0)
+        hi = tf.maximum(self.range_max, lo + 1e-6)
+        if self.symmetric:
+            bound = tf.maximum(-lo, hi)
+            return -bound, bound
+        return lo, hi
+
+    def _update_range(self, y: Any) -> None:
+        batch_min = tf.stop_gradient(tf.reduce_min(y))
+        batch_max = tf.stop_gradient(tf.reduce_max(y))
+        first = self.range_seen < 0.5
+        frozen = self.ranges_frozen > 0.5
+        new_min = tf.where(first, batch_min, _EMA * self.range_min + (1 - _EMA) * batch_min)
+        new_max = tf.where(first, batch_max, _EMA * self.range_max + (1 - _EMA) * batch_max)
+        self.range_min.assign(tf.where(frozen, self.range_min, new_min))
+        self.range_max.assign(tf.where(frozen, self.range_max, new_max))
+        self.range_seen.assign(1.0)
+
+    def learned_range(self) -> tuple[float, float] | None:
+        """The (min, max) this wrapper learned, or ``None`` before any training step."""
+        if not self.quantize_output or float(self.range_seen.numpy()) < 0.5:
+            return None
+        lo, hi = self._range()
+        return float(lo.numpy()), float(hi.numpy())
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            layer=keras.saving.serialize_keras_object(self.layer),
+            quantize_kernel=self.quantize_kernel,
+            quantize_output=self.quantize_output,
+            per_channel=self.per_channel,
+            symmetric=self.symmetric,
+            quantize_input=self.quantize_input,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> FakeQuant:
+        config = dict(config)
+        config["layer"] = keras.saving.deserialize_keras_object(config["layer"])
+        return cls(**config)
+
+
+def _wrappers(model: keras.Model) -> list[FakeQuant]:
+    return [layer for layer in model.layers if isinstance(layer, FakeQuant)]
+
+
+def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Model:
+    """A copy of ``model`` with int8 fake quant, ready for the user's ``compile`` and ``fit``.
+
+    The user's model is not modified. Layers that ``config.exclude`` selects (by the names and types
+    ``inc.describe`` reports) are wrapped without fake quant of their kernel.
+
+    Raises:
+        UnsupportedModelError: the model is not a functional or Sequential Keras model.
+        ConfigError: ``config`` is not a QATConfig, or an exclude name matches no layer.
+    """
+    from inc_tf._keras_model import check_keras_model
+    from inc_tf.ptq._quantize import QUANTIZABLE
+
+    config = config or QATConfig()
+    if not isinstance(config, QATConfig):
+        raise ConfigError(f"prepare_qat: config must be an inc.QATConfig, got {type(config).__name__}.")
+    model = check_keras_model(model)
+    from inc_core.backend import Op
+
+    ops = [Op(layer.name, type(layer).__name__) for layer in model.layers if type(layer).__name__ in QUANTIZABLE]
+    excluded = set(config.exclude.select(ops)) if config.exclude else set()
+    per_channel = config.granularity == "per_channel"
+    symmetric = config.scheme == "sym"
+
+    input_ids = {id(t) for t in model.inputs}
+
+    def reads_model_input(layer: keras.layers.Layer) -> bool:
+        return any(id(t) in input_ids for node in layer._inbound_nodes for t in node.input_tensors)
+
+    def wrap(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if isinstance(layer, keras.layers.InputLayer):
+            return layer
+        clone = type(layer).from_config(layer.get_config())
+        return FakeQuant(
+            clone,
+            quantize_kernel=layer.name not in excluded,
+            per_channel=per_channel,
+            symmetric=symmetric,
+            quantize_input=reads_model_input(layer),
+        )
+
+    try:
+        qat = keras.models.clone_model(model, clone_function=wrap)
+    except Exception as exc:  # subclassed models cannot be cloned layer by layer
+        raise UnsupportedModelError(
+            f"prepare_qat could not clone Keras model {model.name!r} ({type(model).__qualname__}) layer by layer: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}. QAT needs a functional or Sequential model."
+        ) from exc
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        qat.get_layer(layer.name).layer.set_weights(layer.get_weights())
+    qat._inc_qat_config = config
+    # convert() rebuilds the user's architecture from this and fills in the trained weights.
+    qat._inc_qat_source = model.to_json()
+    return qat
+
+
+class QATCallback(keras.callbacks.Callback):
+    """Freezes activation ranges and batch-norm statistics at the configured optimizer steps.
+
+    Reads ``freeze_observer_step`` and ``freeze_bn_step`` from the :class:`~inc_core.QATConfig` given
+    here or, when omitted, the one ``prepare_qat`` was called with. Adds ``qat_ranges_frozen`` and
+    ``qat_bn_frozen`` (0/1) to Keras' ``logs``, so they show in the progress bar and the History.
+    """
+
+    def __init__(self, config: QATConfig | None = None) -> None:
+        super().__init__()
+        if config is not None and not isinstance(config, QATConfig):
+            raise ConfigError(f"QATCallback: config must be an inc.QATConfig, got {type(config).__name__}.")
+        self.config = config
+        self.step = 0
+        self._frozen = (0.0, 0.0)
+
+    def _config(self) -> QATConfig:
+        if self.config is not None:
+            return self.config
+        return getattr(self.model, "_inc_qat_config", None) or QATConfig()
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if not _wrappers(self.model):
+            raise UnsupportedModelError(
+                "QATCallback is attached to a model without fake quant; pass the model inc_tf.prepare_qat returned."
+            )
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.step += 1
+        config = self._config()
+        freeze_ranges = config.freeze_observer_step is not None and self.step >= config.freeze_observer_step
+        freeze_bn = config.freeze_bn_step is not None and self.step >= config.freeze_bn_step
+        for wrapper in _wrappers(self.model):
+            if freeze_ranges:
+                wrapper.ranges_frozen.assign(1.0)
+            if freeze_bn:
+                wrapper.bn_frozen.assign(1.0)
+        self._frozen = (float(freeze_ranges), float(freeze_bn))
+        if logs is not None:
+            logs["qat_ranges_frozen"], logs["qat_bn_frozen"] = self._frozen
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None:  # the epoch logs are what History keeps
+            logs["qat_ranges_frozen"], logs["qat_bn_frozen"] = self._frozen
+
+
+def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") -> Any:
+    """The int8 model of a QAT-trained model, with the ranges it learned.
+
+    Args:
+        model: what :func:`prepare_qat` returned, after training.
+        dataset: optional representative inputs; tensors without a learned range (none for the layers
+            ``prepare_qat`` wraps) get their range from these. Without it, the model input's range is
+            the one seen by the first wrapped layer.
+        format: ``"tflite"`` (a LiteRT int8 model) or ``"savedmodel"`` (a :class:`TFSavedModel` on TF's
+            oneDNN int8 kernels), the same targets as ``QuantConfig(format=...)``.
+
+    Raises:
+        ConfigError: ``format`` is not one of the targets.
+        UnsupportedModelError: ``model`` has no fake quant, or was never trained.
+    """
+    if format not in _FORMATS:
+        raise ConfigError(f"convert: format must be one of {list(_FORMATS)}, got {format!r}.")
+    from inc_core import Dataset
+    from inc_tf._flatbuffer import with_ranges
+    from inc_tf._keras_model import prepare_graph
+    from inc_tf._litert import LiteRTModel
+    from inc_tf.ptq._calibrate import collect
+    from inc_tf.ptq._convert import quantize_flatbuffer
+    from inc_tf.ptq._quantize import describe_graph, layer_of_op, layers_of_op
+
+    wrappers = _wrappers(model) if isinstance(model, keras.Model) else []
+    if not wrappers:
+        raise UnsupportedModelError(
+            f"convert takes the model inc_tf.prepare_qat returned; got {type(model).__qualname__} without fake quant."
+        )
+    learned = {w.name: w.learned_range() for w in wrappers}
+    if all(r is None for r in learned.values()):
+        raise UnsupportedModelError("convert: the QAT model was never trained (no learned range); fit it first.")
+    config: QATConfig = getattr(model, "_inc_qat_config", None) or QATConfig()
+    input_range = next((r for w in wrappers if (r := w.learned_input_range()) is not None), None)
+    source = getattr(model, "_inc_qat_source", None)
+    if source is None:
+        raise UnsupportedModelError("convert: this QAT model lost its source architecture; call prepare_qat again.")
+    fp32 = keras.models.model_from_json(source)
+    for wrapper in wrappers:
+        fp32.get_layer(wrapper.name).set_weights(wrapper.layer.get_weights())
+    graph = prepare_graph(fp32)
+    if dataset is None:
+        dataset = Dataset(_synthetic_inputs(graph, input_range or (0.0, 1.0)), batch_size=4)
+    dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    if format == "savedmodel":
+        return _convert_savedmodel(graph, dataset, config, learned, input_range)
+    calibration = collect(graph, dataset, samples=64)
+    producer = {out: record for record in calibration.records for out in record.outputs}
+    ranges = {}
+    for tensor in calibration.observers:
+        record = producer.get(tensor)
+        owner = layer_of_op(graph, record) if record is not None else None
+        found = learned.get(graph.layer_names[owner]) if owner is not None else None
+        if record is None and input_range is not None:  # no producer: a model input
+            found = input_range
+        ranges[tensor] = found or calibration.range(tensor, "minmax", percentile=100.0, dtype="uint8", scheme=config.scheme)
+    # Layers the config excluded trained without kernel fake quant: they stay float in LiteRT too.
+    excluded = {
+        graph.layer_names.index(op.name) for op in describe_graph(graph).ops if config.exclude.matches(op.name, op.op_type)
+    }
+    excluded_nodes = [
+        name for record in calibration.records if layers_of_op(graph, record) & excluded for name in record.output_names
+    ]
+    content = quantize_flatbuffer(
+        with_ranges(calibration.calibrated, ranges),
+        per_channel=config.granularity == "per_channel",
+        denylisted_nodes=excluded_nodes,
+    )
+    return LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed)
+
+
+def _convert_savedmodel(
+    graph: Any,
+    dataset: Any,
+    config: QATConfig,
+    learned: dict[str, tuple[float, float] | None],
+    input_range: tuple[float, float] | None,
+) -> Any:
+    """The SavedModel int8 target: PTQ's graph rewrite (batch norm folded) fed the learned ranges.
+
+    A tensor takes the range of the wrapper whose layer writes it as its final output; the model input
+    takes the first wrapper's input range. Anything else (a tensor inside a layer) is observed on ``dataset``.
+    """
+    from inc_core import QuantConfig
+    from inc_tf._frozen import freeze_keras
+    from inc_tf.ptq._savedmodel_quantize import calibrate_plan, plan_graph, quantize_plan
+
+    plan = plan_graph(freeze_keras(graph.model, graph.input_names, graph.input_shapes), graph)
+    layer_of_node = {}
+    for node in plan.frozen.graph_def.node:
+        found = graph.layers_in([node.name])
+        if found:
+            layer_of_node[node.name] = max(found)
+    # A tensor read by another node of its own layer is not that layer's output (whose range was learned).
+    inner = {
+        ref.lstrip("^").split(":")[0]
+        for node in plan.frozen.graph_def.node
+        for ref in node.input
+        if node.name in layer_of_node and layer_of_node.get(ref.lstrip("^").split(":")[0]) == layer_of_node[node.name]
+    }
+    ranges: dict[str, tuple[float, float]] = {}
+    for unit in plan.units:
+        for tensor in (unit.input, unit.output, unit.core_output, unit.summand):
+            if tensor is None:
+                continue
+            node = tensor.split(":")[0]
+            if tensor in plan.frozen.input_tensors:
+                found = input_range
+            elif node in layer_of_node and node not in inner and tensor.endswith(":0"):
+                found = learned.get(graph.layer_names[layer_of_node[node]])
+            else:
+                found = None
+            if found is not None:
+                ranges[tensor] = found
+    ptq = QuantConfig(
+        format="savedmodel", calibration="minmax", granularity=config.granularity, scheme=config.scheme,
+        exclude=config.exclude,
+    )
+    calibration = calibrate_plan(plan, dataset, samples=64)
+    return quantize_plan(plan, ptq, calibration, ranges=ranges)
+
+
+def _synthetic_inputs(graph: Any, span: tuple[float, float]) -> np.ndarray:
+    """Inputs spanning the learned input range: the converter needs a few to create its range fields, which
+    inc then overwrites with the learned ranges."""
+    if len(graph.input_shapes) != 1 or any(d is None for d in graph.input_shapes[0]):
+        raise UnsupportedModelError(
+            "convert needs dataset=... (a few representative inputs) for a model with several or variable-shape inputs."
+        )
+    rng = np.random.default_rng(0)
+    return rng.uniform(span[0], span[1], size=(16, *graph.input_shapes[0])).astype(np.float32)

@@ -1,0 +1,257 @@
+"""The INT8 module the PT2E path returns: the converted graph, compiled by inductor on first call."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from inc_core.errors import ConfigError, DatasetError
+from inc_torch._compat import quiet
+from inc_torch._inputs import Inputs
+from inc_torch.ptq._aoti_cache import load_or_compile
+
+__all__ = ["CompiledQuantizedModule", "RUNTIMES", "drop_unread_state"]
+
+log = logging.getLogger("inc")
+
+# How the INT8 graph is run: "compile" runs it through torch.compile (dynamo guards and inductor's Python
+# wrapper on each call); "aoti" compiles it ahead of time into a C++ library (AOTInductor) and calls that
+# directly. Both use the same inductor passes and oneDNN INT8 kernels, so their outputs agree.
+RUNTIMES = ("compile", "aoti")
+
+
+def drop_unread_state(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Delete the parameters, buffers and submodules that no node of the graph reads.
+
+    ``convert_pt2e`` folds each quantized weight into a new int8 constant (``_frozen_param*``) but leaves
+    the FP32 weight it came from on the module. ``torch.export`` lifts every attribute of the module into
+    the program, so a saved INT8 model would carry both copies (1.25x the FP32 size instead of 0.25x),
+    and the model in memory would keep the FP32 weights alive. Changes ``graph_module`` in place.
+    """
+    graph = graph_module.graph
+    # A tensor is in use when a get_attr reads it or a called submodule (or a get_attr'd subgraph,
+    # e.g. a torch.cond branch) owns it.
+    used = {str(n.target) for n in graph.nodes if n.op in ("get_attr", "call_module")}
+
+    def in_use(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1))
+
+    unread = [
+        name
+        for name, _ in (*graph_module.named_parameters(remove_duplicate=False), *graph_module.named_buffers(remove_duplicate=False))
+        if not in_use(name)
+    ]
+    for name in unread:
+        owner_path, _, attr = name.rpartition(".")
+        owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+        if hasattr(owner, attr):  # a tensor shared under two names is gone after the first
+            delattr(owner, attr)
+    graph_module.delete_all_unused_submodules()
+    return graph_module
+
+
+def _signature(value: Any) -> Any:
+    """A hashable key for one call's inputs: what an ahead-of-time compiled program is specialized to."""
+    if isinstance(value, torch.Tensor):
+        return (value.shape, value.stride(), value.dtype, value.device)
+    if isinstance(value, (tuple, list)):
+        return (type(value), *(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return (dict, *((k, _signature(v)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        return (type(value), repr(value))
+    return (type(value), value)
+
+
+def _guard_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the exported graph's check of its inputs against the sizes export fixed."""
+    return isinstance(exc, AssertionError) and str(exc).startswith("Guard failed")
+
+
+def _fixed_size_message(graph_module: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], exc: AssertionError) -> str:
+    """What the call gave against the sizes the captured graph fixed, and what to do about it."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    given = dict(zip((n.name for n in placeholders), args))
+    given.update(kwargs)
+    fixed = []
+    for node in placeholders:
+        captured, value = node.meta.get("val"), given.get(node.name)
+        if not (isinstance(captured, torch.Tensor) and isinstance(value, torch.Tensor)) or captured.dim() != value.dim():
+            continue
+        for dim in range(1, captured.dim()):
+            size = captured.shape[dim]
+            if is_concrete_int(size) and int(size) != value.shape[dim]:
+                fixed.append(f"{node.name!r} dimension {dim} of size {int(size)} (got {value.shape[dim]})")
+    where = "; ".join(fixed) if fixed else str(exc).strip().splitlines()[0]
+    return (
+        f"This INT8 model was captured for {where}: torch.export fixed that size because the model's "
+        "forward needs it static (or calibration only showed that size). Calibrate with batches of the "
+        "lengths it will run at, or pad/truncate inputs to the captured length."
+    )
+
+
+class _AotiProgram:
+    """One input signature's AOTInductor library, called without Python-side guards."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], signature: Any) -> None:
+        # From the disk cache when this graph, with these weights, was compiled for these inputs before.
+        self.compiled, self.from_cache = load_or_compile(graph_module, args, kwargs, signature)
+        # Positional tensors only (the usual case) go straight to the library, skipping the per-call
+        # (de)serialization of the input/output specs AOTICompiledModel.__call__ does.
+        self.positional = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+        loader = getattr(self.compiled, "loader", None)
+        self.run_flat = getattr(loader, "boxed_run", None)
+        if self.run_flat is not None:
+            from torch.utils import _pytree
+
+            self.out_spec = _pytree.treespec_loads(loader.get_call_spec()[1])
+            self.unflatten = _pytree.tree_unflatten
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.positional and self.run_flat is not None:
+            return self.unflatten(self.run_flat(list(args)), self.out_spec)
+        return self.compiled(*args, **kwargs)
+
+
+class CompiledQuantizedModule(nn.Module):
+    """A PT2E INT8 model compiled by inductor with freezing, on first call.
+
+    The converted graph (``graph_module``) holds int8 weights between quantize/dequantize ops; inductor's
+    x86 passes fuse those patterns into oneDNN INT8 convolutions and matmuls once weights are frozen
+    as constants. Compilation happens on the first call, and again for each new input shape (freezing
+    specializes shapes), under ``torch.no_grad()``: this module is for inference.
+
+    ``runtime`` picks how it runs. ``"compile"`` (the default) goes through ``torch.compile``.
+    ``"aoti"`` compiles the graph ahead of time with AOTInductor into a C++ library that each call
+    enters directly, without dynamo's guard checks and inductor's Python wrapper: faster at small
+    batches, where that per-call cost weighs most (benchmarks/results/torch.md). Its first call per
+    input shape compiles 3-5x longer than torch.compile's, so it pays off for a model that serves many
+    calls, not for a one-off evaluation; each compiled library is kept in a disk cache
+    (:mod:`inc_torch.ptq._aoti_cache`, ``$INC_AOTI_CACHE_DIR``), so the same model with the same weights,
+    loaded again in any process, starts in seconds instead of recompiling. Set it on a returned model:
+    ``q.runtime = "aoti"``; :func:`inc.save` records it in the ``.pt2`` and :func:`inc.load` restores it.
+
+    The FP32 weights ``convert_pt2e`` leaves behind, which the graph no longer reads, are removed from
+    ``graph_module`` (see :func:`drop_unread_state`): the module, and the file :func:`inc.save` writes,
+    hold the int8 weights only.
+
+    Args:
+        graph_module: the model ``convert_pt2e`` returned.
+        example: example inputs ``(args, kwargs)``, kept so that :func:`inc.save` can export the model.
+        inductor: run through inductor (``True``) or run ``graph_module`` as is (reference numerics, slow).
+        runtime: ``"compile"`` (``torch.compile``, the default) or ``"aoti"`` (AOTInductor).
+
+    Raises:
+        ConfigError: ``runtime`` (here or set later) is not one of :data:`RUNTIMES`.
+
+    Attributes:
+        graph_module: the converted graph; ``inc_torch.quantized_ops`` and ``torch.export`` read it.
+    """
+
+    def __init__(
+        self, graph_module: torch.fx.GraphModule, example: Inputs | None = None, *, inductor: bool = True, runtime: str = "compile"
+    ) -> None:
+        super().__init__()
+        self.runtime = runtime  # validated before graph_module is touched
+        self.graph_module = drop_unread_state(graph_module)
+        self.example = example
+        self.inductor = inductor
+        self._reset_compiled()
+
+    @property
+    def runtime(self) -> str:
+        """``"compile"`` (torch.compile) or ``"aoti"`` (AOTInductor); settable, the next call compiles for it."""
+        return str(self.__dict__["_runtime"])
+
+    @runtime.setter
+    def runtime(self, value: str) -> None:
+        if value not in RUNTIMES:
+            raise ConfigError(
+                f"CompiledQuantizedModule: runtime must be one of {', '.join(map(repr, RUNTIMES))}, got {value!r}; "
+                "'aoti' is faster per call, 'compile' compiles faster."
+            )
+        self.__dict__["_runtime"] = value
+
+    def _reset_compiled(self) -> None:
+        # Not registered submodules: the compiled wrapper shares graph_module's parameters and would
+        # otherwise list them twice in state_dict(); compiled libraries are not picklable.
+        self.__dict__["_compiled"] = None
+        self.__dict__["_programs"] = {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._run(args, kwargs)
+        except AssertionError as exc:
+            # The exported graph checks its inputs against the sizes export fixed ("Guard failed: ...");
+            # only that check is turned into a message about the inputs, every other error is the model's.
+            if not _guard_failure(exc):
+                raise
+            raise DatasetError(_fixed_size_message(self.graph_module, args, kwargs, exc)) from exc
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self.inductor:
+            with torch.no_grad():
+                return self.graph_module(*args, **kwargs)
+        if self.runtime == "aoti":
+            programs = self.__dict__["_programs"]
+            key = (_signature(args), _signature(kwargs))
+            if key not in programs:  # None: AOTI failed for this signature, torch.compile runs it
+                programs[key] = self._compile_aoti(args, kwargs, key)
+            program = programs[key]
+            if program is not None:
+                with torch.no_grad():
+                    return program(args, kwargs)
+        compiled = self.__dict__["_compiled"]
+        if compiled is None:
+            self._init_threads()
+            # Static shapes per compilation: inductor's weight prepacking for INT8 needs them.
+            compiled = torch.compile(self.graph_module, dynamic=False)
+            self.__dict__["_compiled"] = compiled
+        # Freezing turns weights into constants so the INT8 weight prepack is done once at compile time.
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True), quiet():
+            return compiled(*args, **kwargs)
+
+    @staticmethod
+    def _init_threads() -> None:
+        # Setting the thread count (to its current value) initializes torch's OpenMP pool before
+        # inductor's kernels first run; without it they were measured 10-40x slower on some hosts.
+        torch.set_num_threads(torch.get_num_threads())
+
+    def _compile_aoti(self, args: tuple[Any, ...], kwargs: dict[str, Any], signature: Any) -> _AotiProgram | None:
+        """The AOTInductor program for these inputs, or None (run through torch.compile) where AOTI fails."""
+        self._init_threads()
+        try:
+            with torch.no_grad(), quiet():
+                return _AotiProgram(self.graph_module, args, kwargs, signature)
+        except Exception as exc:  # the same graph still runs through torch.compile; say why it is slower
+            if isinstance(exc, (MemoryError, KeyboardInterrupt)) or _guard_failure(exc):
+                raise  # a guard failure is the inputs' fault: forward reports it, torch.compile would fail alike
+            log.warning(
+                "AOTInductor could not compile this INT8 model (%s: %s); running it through torch.compile instead "
+                "(runtime='compile'), which costs more per call.",
+                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+            )
+            return None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_compiled"], state["_programs"] = None, {}
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledQuantizedModule:
+        import copy
+
+        return CompiledQuantizedModule(
+            copy.deepcopy(self.graph_module, memo), copy.deepcopy(self.example, memo), inductor=self.inductor, runtime=self.runtime
+        )
+
+    def extra_repr(self) -> str:
+        return f"inductor={self.inductor}, runtime={self.runtime!r}"

@@ -1,0 +1,280 @@
+"""IpexBackend: INT8 through intel-extension-for-pytorch (prepare, calibrate, convert, trace, freeze).
+
+Static calibration runs once: IPEX's prepared model carries inc observers (core histograms) keyed by
+IPEX tensor ids. Each trial prepares a fresh model and loads a quantization summary (IPEX's
+``qconf_summary`` JSON) whose scales and zero points come from those histograms under the trial's
+settings, with the inputs of FP32 fallback ops forced to float32. The converted model is traced and
+frozen, so IPEX's oneDNN INT8 fusions run.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from inc_core._dataset import Dataset
+from inc_core._quant_config import CALIBRATIONS, SCHEMES, QuantConfig
+from inc_core.backend import TuningSpace
+from inc_core.calibration import HistogramObserver, compute_qparams
+from inc_core.errors import BackendNotFoundError, CalibrationError, DatasetError
+from inc_torch._backend import TorchBackend, _check_model
+from inc_torch._compat import quiet
+from inc_torch._failures import framework_errors
+from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
+from inc_torch.ptq._calibration import model_signature
+from inc_torch.ptq._capture import check_runs, eval_copy
+from inc_torch.ptq._dynamic import quantize_dynamic
+from inc_torch.ptq._ops import ACTIVATION_DTYPES, tuning_space
+from inc_torch.ptq._settings import OpSettings, plan
+
+__all__ = ["IpexBackend", "IpexCalibration", "import_ipex"]
+
+IPEX_INSTALL_HINT = "pip install inc-torch[ipex]"
+
+
+def import_ipex() -> Any:
+    """intel_extension_for_pytorch, or BackendNotFoundError saying how to install it."""
+    try:
+        return importlib.import_module("intel_extension_for_pytorch")
+    except ImportError as exc:
+        raise BackendNotFoundError(
+            f"backend='ipex' needs intel-extension-for-pytorch, which is not installed ({exc}). Install it with "
+            f"`{IPEX_INSTALL_HINT}` (IPEX 2.8 requires torch 2.8 exactly: use a separate environment), or use the "
+            "default torch backend (backend=None), which needs no IPEX."
+        ) from exc
+
+
+@dataclass(eq=False)
+class IpexCalibration:
+    """IPEX's quantization summary plus one core histogram per (state, tensor id)."""
+
+    summary: dict[str, Any]
+    histograms: dict[tuple[str, str], HistogramObserver]
+    example: Inputs
+    samples: int
+    signature: tuple[Any, ...] = ()
+    granularity: str = "per_channel"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _mapping(settings: OpSettings) -> Any:
+    from torch.ao.quantization import QConfig, QConfigMapping
+
+    from inc_torch.ptq._observers import FxActivationObserver, FxWeightObserver
+
+    return QConfigMapping().set_global(
+        QConfig(
+            activation=FxActivationObserver.with_args(
+                method=settings.calibration, percentile=settings.percentile, scheme=settings.scheme
+            ),
+            weight=FxWeightObserver.with_args(per_channel=settings.granularity == "per_channel"),
+        )
+    )
+
+
+def _standard_observers(granularity: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Observer entries of a trial's summary: IPEX rebuilds observers by torch class name when loading it,
+    and only their declared dtype/scheme matter there, since the summary carries the scales."""
+    activation = {
+        "name": "MinMaxObserver", "dtype": "torch.quint8", "qscheme": "torch.per_tensor_affine",
+        "reduce_range": False, "quant_min": 0, "quant_max": 255, "is_dynamic": False,
+    }
+    per_channel = granularity == "per_channel"
+    weight = {
+        "name": "PerChannelMinMaxObserver" if per_channel else "MinMaxObserver",
+        "dtype": "torch.qint8",
+        "qscheme": "torch.per_channel_symmetric" if per_channel else "torch.per_tensor_symmetric",
+        "reduce_range": False, "quant_min": -128, "quant_max": 127, "is_dynamic": False,
+    }
+    if per_channel:
+        weight["ch_axis"] = 0
+    return activation, weight
+
+
+def _standard_mapping(granularity: str) -> Any:
+    from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
+
+    weight = (
+        PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        if granularity == "per_channel"
+        else MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    )
+    activation = MinMaxObserver.with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
+
+
+def _prepare(ipex: Any, model: nn.Module, mapping: Any, example: Inputs) -> Any:
+    args, kwargs = example
+    with quiet():
+        if kwargs:
+            return ipex.quantization.prepare(model, mapping, example_kwarg_inputs=kwargs, inplace=True)
+        return ipex.quantization.prepare(model, mapping, example_inputs=args, inplace=True)
+
+
+def _summary(prepared: Any) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "qconf.json"
+        prepared.save_qconf_summary(qconf_summary=str(path))
+        return dict(json.loads(path.read_text()))
+
+
+class IpexBackend(TorchBackend):
+    """The ``backend="ipex"`` choice: IPEX static INT8 (TorchScript, frozen) and dynamic INT8.
+
+    Args:
+        dynamic_activations: as for :class:`TorchBackend` (the dynamic path is the same).
+
+    Raises on construction:
+        BackendNotFoundError: intel-extension-for-pytorch is not installed (``pip install inc-torch[ipex]``).
+        ConfigError: a bad ``dynamic_activations``.
+    """
+
+    name: ClassVar[str] = "ipex"
+    package: ClassVar[str] = "inc-torch[ipex]"
+    formats: ClassVar[tuple[str, ...]] = ("torchscript",)
+    supports_smooth_quant: ClassVar[bool] = False  # IPEX prepares its own graph; inc's rescaling is not wired in
+
+    def __init__(self, *, dynamic_activations: str = "auto") -> None:
+        super().__init__(dynamic_activations=dynamic_activations)
+        self._ipex = import_ipex()
+
+    def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
+        space = tuning_space(_check_model(model), config, "torchscript")
+        if config.approach == "dynamic":
+            return space
+        # Weight granularity is fixed when IPEX prepares the model; activation settings are per tensor.
+        options = {t: {"calibration": CALIBRATIONS, "scheme": SCHEMES, "activation_dtype": ACTIVATION_DTYPES} for t in space.options}
+        return TuningSpace(space.ops, options)
+
+    def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> IpexCalibration:  # type: ignore[override]
+        model = _check_model(model)
+        _, ops = self._ops(model, config)
+        with framework_errors("IPEX calibration (ipex.quantization.prepare)", "torchscript", model, frozenset(op.name for op in ops)):
+            return self._calibrate(model, dataset, config)
+
+    def _calibrate(self, model: nn.Module, dataset: Dataset, config: QuantConfig) -> IpexCalibration:
+        work = eval_copy(model)
+        dtype = float_dtype(work)
+        batches = iter(dataset.inputs(limit=config.calib_samples))
+        first = next(batches)
+        example = to_inputs(first, dtype)
+        check_runs(work, example, "the first calibration batch")
+        prepared = _prepare(self._ipex, work, _mapping(OpSettings.of(config)), example)
+        samples = 0
+        for index, batch in enumerate([first, *batches]):
+            inputs = to_inputs(batch, dtype)
+            try:
+                with torch.no_grad():
+                    prepared(*inputs[0], **inputs[1])
+            except CalibrationError as exc:
+                raise CalibrationError(f"Calibration batch {index} ({describe_inputs(inputs)}): {exc}") from exc
+            except Exception as exc:
+                raise DatasetError(f"Calibration batch {index} ({describe_inputs(inputs)}) does not fit the model: {exc}") from exc
+            samples += batch_size(inputs)
+        histograms: dict[tuple[str, str], HistogramObserver] = {}
+        for state_name, state in prepared._fqn_to_auto_quant_state_map.items():
+            for tensor_id, observer in state.tensor_id_to_observer.items():
+                if getattr(observer, "histogram", None) is not None and observer.histogram.count:
+                    histograms[(state_name, str(tensor_id))] = observer.histogram
+        return IpexCalibration(
+            summary=_summary(prepared),
+            histograms=histograms,
+            example=example,
+            samples=samples,
+            signature=model_signature(model),
+            granularity=config.granularity,
+        )
+
+    def _trial_summary(self, config: QuantConfig, calibration: IpexCalibration, ops: Any) -> dict[str, Any]:
+        default, per_op = plan(config, ops)
+        summary = copy.deepcopy(calibration.summary)
+        activation_observer, weight_observer = _standard_observers(calibration.granularity)
+        for state_name, state in summary.items():
+            infos = state.get("q_op_infos", {})
+            for info in infos.values():
+                info["activation_observer"] = dict(activation_observer)
+                info["weight_observer"] = dict(weight_observer)
+            chosen: dict[str, OpSettings] = {}
+            for info in infos.values():
+                settings = per_op.get(info.get("fqn", ""), default)
+                for tensor in info.get("input_tensor_infos", []):
+                    if settings is None:
+                        tensor["force_dtype"] = "torch.float32"
+                        tensor["inf_dtype"] = "torch.float32"
+                    else:
+                        chosen.setdefault(str(tensor.get("id")), settings)
+                if settings is None:
+                    for tensor in info.get("weight_tensor_infos", []):
+                        tensor["inf_dtype"] = "torch.float32"
+            for info in infos.values():
+                for tensor in [*info.get("input_tensor_infos", []), *info.get("output_tensor_infos", [])]:
+                    key = (state_name, str(tensor.get("id")))
+                    histogram = calibration.histograms.get(key)
+                    if histogram is None:
+                        continue
+                    settings = chosen.get(key[1], default)
+                    lo, hi = histogram.range(settings.calibration, percentile=settings.percentile, dtype="uint8", scheme=settings.scheme)
+                    qp = compute_qparams(lo, hi, dtype="uint8", scheme=settings.scheme)
+                    tensor["scale"] = [float(qp.scale)]
+                    tensor["zero_point"] = [int(qp.zero_point)]
+        return summary
+
+    def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> nn.Module:
+        model = _check_model(model)
+        _, ops = self._ops(model, config)
+        if config.approach == "dynamic":
+            with framework_errors("Dynamic quantization (torch.ao quantize_dynamic)", "dynamic", model, frozenset(op.name for op in ops)):
+                return quantize_dynamic(model, config, ops, inplace=inplace, activations=self.dynamic_activations)
+        step = "IPEX quantization (ipex.quantization.prepare/convert, torch.jit.trace/freeze)"
+        with framework_errors(step, "torchscript", model, frozenset(op.name for op in ops)):
+            return self._quantize_static(model, config, ops, calibration, inplace)
+
+    def _quantize_static(self, model: nn.Module, config: QuantConfig, ops: Any, calibration: Any, inplace: bool) -> nn.Module:
+        if not isinstance(calibration, IpexCalibration):
+            raise CalibrationError(
+                f"Static IPEX quantization needs the result of IpexBackend.calibrate(); got {type(calibration).__name__}. "
+                "Call inc.quantize(model, config, dataset=..., backend='ipex')."
+            )
+        if calibration.signature != model_signature(model):
+            raise CalibrationError("The calibration was collected on a different model (its parameters differ).")
+        work = model if inplace else copy.deepcopy(model)
+        work.eval()
+        prepared = _prepare(self._ipex, work, _standard_mapping(calibration.granularity), calibration.example)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "qconf.json"
+            path.write_text(json.dumps(self._trial_summary(config, calibration, ops)))
+            prepared.load_qconf_summary(qconf_summary=str(path))
+        args, kwargs = calibration.example
+        with quiet(), torch.no_grad(), warnings.catch_warnings():
+            # Tracing IPEX's converted model reads its fixed scales as constants, as intended.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=r".*JIT pass will be deprecated.*")
+            converted = self._ipex.quantization.convert(prepared)
+            if kwargs:
+                traced = torch.jit.trace(converted, example_kwarg_inputs=kwargs, check_trace=False, strict=False)
+            else:
+                traced = torch.jit.trace(converted, args, check_trace=False, strict=False)
+            frozen = torch.jit.freeze(traced)
+            # IPEX's fusion passes run on the first calls of a frozen module.
+            for _ in range(2):
+                frozen(*args, **kwargs)
+        return frozen
+
+    def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
+        raise NotImplementedError("the ipex backend does not report per-op errors; use the torch backend for strategy='mse'")
+
+    def runner(self, model: Any, inputs: Any, *, threads: int | None = None) -> Callable[[], Any]:
+        return super().runner(model, inputs, threads=threads)
+
+    def version(self) -> str:
+        return f"{super().version()}, intel-extension-for-pytorch {getattr(self._ipex, '__version__', 'unknown')}"

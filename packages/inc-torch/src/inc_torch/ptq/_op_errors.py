@@ -1,0 +1,139 @@
+"""Per-op output error of the INT8 version of each op against FP32, for the ``mse`` tuning strategy.
+
+Each op is measured alone on the FP32 model's real inputs to it: static ops recompute their output from
+fake-quantized input and weight (inc-core's qparams from the calibration histograms, torch's fake-quant
+kernels, which round like the INT8 kernels); dynamic ops run torch.ao's dynamically quantized layer.
+Errors do not compound through the network, so they rank the ops by their own sensitivity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inc_core._dataset import Dataset
+from inc_core._quant_config import QuantConfig
+from inc_core.backend import Op
+from inc_core.calibration import compute_qparams, weight_qparams
+from inc_core.errors import CalibrationError, DatasetError
+from inc_torch._hf import linearize_conv1d
+from inc_torch._inputs import float_dtype, to_inputs
+from inc_torch.ptq._calibration import TorchCalibration
+from inc_torch.ptq._capture import eval_copy
+from inc_torch.ptq._dynamic import quantize_one
+from inc_torch.ptq._settings import OpSettings, plan
+
+__all__ = ["op_errors"]
+
+# Ops measured one by one: the weighted layers static paths quantize, the layers dynamic paths swap.
+_MEASURED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _fake_weight(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    qp = weight_qparams(weight.detach().float().cpu().numpy(), axis=0 if per_channel else None)
+    scale = torch.from_numpy(qp.scale.reshape(-1).copy())
+    if per_channel:
+        zero = torch.zeros(scale.shape, dtype=torch.int32)
+        return torch.fake_quantize_per_channel_affine(weight.float(), scale, zero, 0, -128, 127).to(weight.dtype)
+    return torch.fake_quantize_per_tensor_affine(weight.float(), float(scale[0]), 0, -128, 127).to(weight.dtype)
+
+
+def _static_simulator(module: nn.Module, settings: OpSettings, calibration: TorchCalibration, name: str) -> Callable[..., Any] | None:
+    key = calibration.op_inputs.get(name)
+    histogram = calibration.histograms.get(key) if key else None
+    if histogram is None:
+        return None  # the op never ran on the calibration data: it contributes no error
+    lo, hi = histogram.range(settings.calibration, percentile=settings.percentile, dtype="uint8", scheme=settings.scheme)
+    qp = compute_qparams(lo, hi, dtype="uint8", scheme=settings.scheme)
+    scale, zero = float(qp.scale), int(qp.zero_point)
+    weight = _fake_weight(module.weight, settings.granularity == "per_channel")  # type: ignore[arg-type]
+
+    def simulate(x: torch.Tensor) -> torch.Tensor:
+        xq = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
+        if isinstance(module, nn.Linear):
+            return F.linear(xq, weight, module.bias)
+        return module._conv_forward(xq, weight, module.bias)  # type: ignore[operator]
+
+    return simulate
+
+
+def op_errors(
+    model: nn.Module,
+    config: QuantConfig,
+    ops: tuple[Op, ...],
+    calibration: TorchCalibration | None,
+    dataset: Dataset,
+    *,
+    activations: str = "auto",
+) -> dict[str, float]:
+    """Mean squared error of each quantized op's output vs FP32, over up to ``config.calib_samples`` samples.
+
+    ``activations`` is the backend's ``dynamic_activations`` setting, so that dynamic ops are measured
+    with the activation range the quantized model will use.
+
+    Raises:
+        CalibrationError: static config without a calibration.
+        DatasetError: no data, or data the model cannot take.
+    """
+    if config.approach == "static" and calibration is None:
+        raise CalibrationError("op_errors for a static config needs the calibration from calibrate().")
+    work = eval_copy(model)
+    linearize_conv1d(work)  # HF Conv1D is measured as the Linear the quantized model runs
+    modules = dict(work.named_modules())
+    default, per_op = plan(config, ops)
+    sums = {op.name: 0.0 for op in ops}
+    counts = {op.name: 0 for op in ops}
+    handles = []
+    for op in ops:
+        settings = per_op.get(op.name, default)
+        if settings is None:
+            continue  # kept in FP32: no quantization error
+        module = modules.get(op.name)
+        if not isinstance(module, _MEASURED):
+            continue  # activations, add/mul, pooling (FX): no weight, rounding only; measured through their consumers
+        quantized: Callable[..., Any] | None
+        if calibration is not None and config.approach == "static":
+            quantized = _static_simulator(module, settings, calibration, op.name)
+        else:
+            quantized = quantize_one(module, settings.granularity, activations)
+        if quantized is None:
+            continue
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, *, name: str = op.name,
+                 fn: Callable[..., Any] = quantized) -> None:
+            reference = _first_tensor(output)
+            approx = _first_tensor(fn(*args, **kwargs) if config.approach == "dynamic" else fn(args[0]))
+            if reference is None or approx is None:
+                return
+            sums[name] += float(((approx.float() - reference.float()) ** 2).sum())
+            counts[name] += reference.numel()
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    dtype = float_dtype(work)
+    try:
+        for index, batch in enumerate(dataset.inputs(limit=config.calib_samples)):
+            args, kwargs = to_inputs(batch, dtype)
+            try:
+                with torch.no_grad():
+                    work(*args, **kwargs)
+            except Exception as exc:
+                raise DatasetError(f"op_errors: batch {index} does not fit the model: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (sums[name] / counts[name] if counts[name] else 0.0) for name in sums}

@@ -1,0 +1,192 @@
+"""Which modules of a model are quantizable, per approach and format, and the options each supports."""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+from inc_core._quant_config import CALIBRATIONS, GRANULARITIES, SCHEMES, QuantConfig
+from inc_core.backend import Op, TuningSpace
+from inc_core.errors import ConfigError, UnsupportedModelError
+from inc_torch._hf import is_hf_conv1d
+
+__all__ = [
+    "STATIC_TYPES",
+    "DYNAMIC_TYPES",
+    "quantizable_ops",
+    "tuning_space",
+    "check_supported",
+    "check_overrides",
+    "check_something_quantized",
+    "require_int8_ops",
+]
+
+# Module types whose weights and input activations become INT8, per static format. The x86 PT2E
+# quantizer recognises conv1d/conv2d/linear; the FX x86 backend config also covers conv3d.
+STATIC_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
+    "pt2e": (nn.Conv1d, nn.Conv2d, nn.Linear),
+    "fx": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear),
+    # IPEX's static flow (traced TorchScript) covers the same module types as FX.
+    "torchscript": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear),
+}
+# Dynamic quantization swaps these for torch.ao's dynamically quantized modules.
+DYNAMIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+# Recurrent layers are quantized per tensor by torch.ao's dynamic kernels.
+_PER_TENSOR_ONLY = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+# x86 INT8 kernels (oneDNN/FBGEMM) take unsigned 8-bit activations.
+ACTIVATION_DTYPES = ("uint8",)
+
+
+def _types(config: QuantConfig, fmt: str) -> tuple[type[nn.Module], ...]:
+    return DYNAMIC_TYPES if config.approach == "dynamic" else STATIC_TYPES[fmt]
+
+
+def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op, ...]:
+    """The ops the given approach/format quantizes.
+
+    Static FX: every op torch.ao's x86 flow quantizes (conv/linear, activations, add/mul, pooling,
+    reshapes, fixed-range ops), in graph order (see :mod:`inc_torch.ptq._fx_ops`). Otherwise: the leaf
+    modules of the quantizable types, in definition order, named as in ``named_modules``.
+    """
+    if config.approach == "static" and fmt == "fx":
+        from inc_torch.ptq._fx import op_table
+
+        return tuple(entry.op for entry in op_table(model).values())
+    types = _types(config, fmt)
+    # HF Conv1D is the Linear it computes (weight [in, out]); the PT2E and dynamic paths swap it for one.
+    conv1d = config.approach == "dynamic" or fmt == "pt2e"
+    ops = []
+    for name, module in model.named_modules():
+        # exact type match: subclasses (e.g. NonDynamicallyQuantizableLinear inside MultiheadAttention)
+        # are not swapped by torch.ao, so they are not offered either.
+        if name and (type(module) in types or (conv1d and is_hf_conv1d(module))):
+            ops.append(Op(name=name, op_type=type(module).__name__))
+    return tuple(ops)
+
+
+def tuning_space(model: nn.Module, config: QuantConfig, fmt: str) -> TuningSpace:
+    """The ops and, per op type, the settings the torch paths support."""
+    if config.approach == "static" and fmt == "fx":
+        return _fx_tuning_space(model)
+    ops = quantizable_ops(model, config, fmt)
+    options: dict[str, dict[str, tuple[str, ...]]] = {}
+    for op_type in dict.fromkeys(op.op_type for op in ops):
+        if config.approach == "dynamic":
+            per_tensor = op_type in {t.__name__ for t in _PER_TENSOR_ONLY}
+            options[op_type] = {"granularity": ("per_tensor",) if per_tensor else GRANULARITIES}
+        else:
+            options[op_type] = {
+                "calibration": CALIBRATIONS,
+                "granularity": GRANULARITIES,
+                "scheme": SCHEMES,
+                "activation_dtype": ACTIVATION_DTYPES,
+            }
+    return TuningSpace(ops, options)
+
+
+_CHOICES = {"calibration": CALIBRATIONS, "granularity": GRANULARITIES, "scheme": SCHEMES, "activation_dtype": ACTIVATION_DTYPES}
+
+
+def _fx_tuning_space(model: nn.Module) -> TuningSpace:
+    from inc_torch.ptq._fx import op_table
+    from inc_torch.ptq._fx_ops import ROLE_OPTIONS
+
+    table = op_table(model)
+    options: dict[str, dict[str, tuple[str, ...]]] = {}
+    for entry in table.values():
+        options.setdefault(entry.op.op_type, {key: _CHOICES[key] for key in ROLE_OPTIONS[entry.role]})
+    return TuningSpace(tuple(entry.op for entry in table.values()), options)
+
+
+def check_overrides(config: QuantConfig, space: TuningSpace) -> None:
+    """Every ``overrides`` key names an op or an op type of the model, and sets only what that op supports.
+
+    Raises:
+        ConfigError: a key naming nothing (listing close names, the op types and where names come
+            from), or a setting the op type does not have (e.g. granularity of an add).
+    """
+    by_name = {op.name: op.op_type for op in space.ops}
+    types = list(dict.fromkeys(by_name.values()))
+    for key, settings in config.overrides.items():
+        op_type = by_name.get(key, key if key in types else None)
+        if op_type is None:
+            close = difflib.get_close_matches(key, [*by_name, *types], n=3)
+            raise ConfigError(
+                f"QuantConfig: overrides key {key!r} is neither an op name nor an op type that the torch backend "
+                f"quantizes in this model (approach={config.approach!r}); close: {close or 'none'}. Op types: {types}; "
+                "op names are listed by inc.describe(model, config)."
+            )
+        allowed = space.options.get(op_type, {})
+        for setting in settings:
+            if setting == "calibration" and config.approach == "dynamic":
+                continue  # nothing is calibrated in dynamic mode; the setting is harmless
+            if setting not in allowed:
+                raise ConfigError(
+                    f"QuantConfig: overrides[{key!r}] sets {setting!r}, which {op_type} ops do not have here "
+                    f"(they take {list(allowed) or 'no settings'}); set it for the whole model on the QuantConfig "
+                    "instead, or use exclude= to keep them in FP32."
+                )
+
+
+def check_something_quantized(config: QuantConfig, fmt: str, ops: tuple[Op, ...], excluded: set[str]) -> None:
+    """Refuse a run that would quantize no op at all (it would return the FP32 model as if quantized).
+
+    Raises:
+        UnsupportedModelError: no op of the kinds this path quantizes, or every one excluded.
+    """
+    if any(op.name not in excluded for op in ops):
+        return
+    kinds = ", ".join(t.__name__ for t in _types(config, fmt))
+    if config.approach == "dynamic" or fmt == "pt2e":
+        kinds += ", HF Conv1D"
+    if ops:
+        in_bf16 = sum(config.precision(op.name, op.op_type) == "bf16" for op in ops)
+        which = f"excluded (exclude=) or run in BF16 (bf16=: {in_bf16})" if in_bf16 else "excluded"
+        raise UnsupportedModelError(
+            f"Every quantizable op ({len(ops)}) is {which}, so nothing would be quantized; keep fewer ops out of INT8."
+        )
+    way_out = (
+        "Use approach='static' (it quantizes Conv and Linear layers with calibration data)."
+        if config.approach == "dynamic"
+        else "Use approach='dynamic' for recurrent models, or another format."
+    )
+    path = "dynamic quantization" if config.approach == "dynamic" else f"static quantization (format={fmt!r})"
+    raise UnsupportedModelError(
+        f"The model has no op that {path} can quantize: it looked for "
+        f"{kinds} layers and found none. {way_out}"
+    )
+
+
+def require_int8_ops(quantized: nn.Module, config: QuantConfig, fmt: str) -> None:
+    """The returned model must hold int8 ops; a model with none is an error, never a silent FP32 result.
+
+    Raises:
+        UnsupportedModelError: the framework quantized nothing.
+    """
+    from inc_torch._inspect import quantized_ops
+
+    if not quantized_ops(quantized):
+        raise UnsupportedModelError(
+            f"{config.approach.capitalize()} quantization (format={fmt!r}) produced a model without int8 ops: "
+            f"the framework matched none of the {', '.join(t.__name__ for t in _types(config, fmt))} layers. "
+            "Check inc.describe(model, config) and exclude=, or try the other format."
+        )
+
+
+def check_supported(config: QuantConfig, ops: tuple[Op, ...]) -> None:
+    """Reject settings the x86 kernels cannot run, before any work starts.
+
+    Raises:
+        ConfigError: ``activation_dtype="int8"`` for a static op (x86 INT8 kernels take uint8 activations).
+    """
+    if config.approach != "static":
+        return
+    for op in ops:
+        dtype = config.setting(op.name, op.op_type, "activation_dtype")
+        if dtype not in ACTIVATION_DTYPES:
+            raise ConfigError(
+                f"QuantConfig: activation_dtype={dtype!r} for {op.name!r} ({op.op_type}) is not supported by the "
+                f"torch backend; x86 INT8 kernels take {', '.join(map(repr, ACTIVATION_DTYPES))} activations. "
+                "Use activation_dtype='uint8' (scheme='sym' gives a symmetric range with zero point 128)."
+            )

@@ -1,0 +1,295 @@
+"""Quantization-aware training in the user's own loop: ``prepare_qat`` -> train as usual -> ``convert``.
+
+``prepare_qat`` returns a copy of the model with fake quantization (PT2E by default, FX on request). It
+trains with the user's optimizer (built on the returned model's parameters) and loss, unchanged. Steps
+are counted as forward passes in training mode, so QATConfig's ``freeze_observer_step`` (activation and
+weight ranges stop moving) and ``freeze_bn_step`` (batch norm uses its running statistics, which stop
+updating) take effect without an extra line in the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from inc_core._quant_config import QATConfig, QuantConfig
+from inc_core.backend import Op
+from inc_core.errors import ConfigError, UnsupportedModelError
+from inc_torch._compat import quiet, torchao_pt2e
+from inc_torch._failures import wrap_framework_errors
+from inc_torch._inputs import Inputs, float_dtype, to_inputs
+from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
+from inc_torch.ptq._compiled import CompiledQuantizedModule
+from inc_torch.ptq._fx_ops import apply_fx_settings, fx_ops
+from inc_torch.ptq._ops import ACTIVATION_DTYPES, quantizable_ops
+from inc_torch.ptq._settings import OpSettings
+
+__all__ = ["prepare_qat", "convert", "QAT_FORMATS"]
+
+QAT_FORMATS = ("pt2e", "fx")
+# Weight fake-quant ranges follow the current weights at every step (averaging constant 1), as
+# ``convert`` quantizes them: a slow average (torch's default 0.01) lags weights that grew during
+# training, so they are clipped in the forward and quantized with another scale at convert.
+WEIGHT_AVERAGING = 1.0
+_STATE = "_inc_qat_state"
+# The FX QAT modules that carry a batch norm (conv-bn(-relu) of every rank, linear-bn1d).
+_FUSED_BN_QAT = (torch.ao.nn.intrinsic.qat.modules.conv_fused._ConvBnNd, torch.ao.nn.intrinsic.qat.LinearBn1d)
+
+
+@dataclass
+class _QatState:
+    format: str
+    config: QATConfig
+    example: Inputs = field(repr=False)
+    steps: int = 0
+    observers_frozen: bool = False
+    bn_frozen: bool = False
+    hook_id: int | None = None
+
+
+def _check(model: Any, config: Any) -> str:
+    if not isinstance(config, QATConfig):
+        raise ConfigError(f"prepare_qat: config must be an inc.QATConfig, got {type(config).__name__}.")
+    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(f"prepare_qat takes a torch.nn.Module, got {type(model).__name__}.")
+    fmt = "pt2e" if config.format == "default" else config.format
+    if fmt not in QAT_FORMATS:
+        raise ConfigError(
+            f"QATConfig: format={config.format!r} is not supported by the torch backend; choose one of "
+            f"{', '.join(map(repr, ('default', *QAT_FORMATS)))}."
+        )
+    if config.activation_dtype not in ACTIVATION_DTYPES:
+        raise ConfigError(
+            f"QATConfig: activation_dtype={config.activation_dtype!r} is not supported; x86 INT8 kernels take "
+            f"{', '.join(map(repr, ACTIVATION_DTYPES))} activations."
+        )
+    return fmt
+
+
+def _excluded(model: nn.Module, config: QATConfig, ops: tuple[Op, ...]) -> list[str]:
+    return config.exclude.select(ops) if config.exclude else []
+
+
+def _pt2e_qat_config(config: QATConfig) -> Any:
+    ao = torchao_pt2e()
+    act = ao.QuantizationSpec(
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=255,
+        qscheme=torch.per_tensor_symmetric if config.scheme == "sym" else torch.per_tensor_affine,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=ao.FusedMovingAvgObsFakeQuantize.with_args(eps=2**-12),
+    )
+    per_channel = config.granularity == "per_channel"
+    weight_observer = ao.MovingAveragePerChannelMinMaxObserver if per_channel else ao.MovingAverageMinMaxObserver
+    weight = ao.QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+        ch_axis=0,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=ao.FusedMovingAvgObsFakeQuantize.with_args(
+            observer=weight_observer, eps=2**-12, averaging_constant=WEIGHT_AVERAGING
+        ),
+    )
+    return ao.QuantizationConfig(act, act, weight, None, True)
+
+
+def _reduce_depthwise_fake_quant(prepared: nn.Module, config: QATConfig) -> None:
+    """7-bit weight fake quantization for the convs that run on FBGEMM's depthwise kernels after convert.
+
+    The same rule as post-training FX quantization (:func:`inc_torch.ptq._fx.reduce_depthwise_weights`): those
+    kernels saturate on full-range int8 weights, so training sees the grid the INT8 model will use.
+    """
+    from inc_torch.ptq._fx import FBGEMM_DEPTHWISE_GROUPS
+
+    for module in prepared.modules():
+        if (
+            isinstance(module, nn.modules.conv._ConvNd)
+            and module.groups > FBGEMM_DEPTHWISE_GROUPS
+            and isinstance(getattr(module, "weight_fake_quant", None), nn.Module)
+        ):
+            module.weight_fake_quant = _fx_qat_qconfig(config, weight_range=(-64, 63)).weight()
+
+
+def _fx_qat_qconfig(config: QATConfig, *, weight_range: tuple[int, int] = (-128, 127)) -> Any:
+    from torch.ao.quantization import QConfig
+    from torch.ao.quantization.fake_quantize import FusedMovingAvgObsFakeQuantize
+    from torch.ao.quantization.observer import (
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+    )
+
+    activation = FusedMovingAvgObsFakeQuantize.with_args(
+        observer=MovingAverageMinMaxObserver,
+        quant_min=0,
+        quant_max=255,
+        dtype=torch.quint8,
+        qscheme=torch.per_tensor_symmetric if config.scheme == "sym" else torch.per_tensor_affine,
+    )
+    per_channel = config.granularity == "per_channel"
+    weight = FusedMovingAvgObsFakeQuantize.with_args(
+        observer=MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver,
+        quant_min=weight_range[0],
+        quant_max=weight_range[1],
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+        averaging_constant=WEIGHT_AVERAGING,
+    )
+    return QConfig(activation=activation, weight=weight)
+
+
+def _fx_qat_mapping(config: QATConfig) -> Any:
+    from inc_torch.ptq._fx import base_mapping
+
+    return base_mapping(OpSettings.of(QuantConfig(format="fx")), qat_qconfig=_fx_qat_qconfig(config))
+
+
+def _pt2e_train_eval(model: torch.fx.GraphModule) -> None:
+    """Make ``train()``/``eval()`` switch the exported graph's dropout and batch norm, keeping frozen BN frozen."""
+    from torchao.quantization.pt2e import export_utils
+
+    def train(self: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModule:
+        if mode:
+            export_utils._move_exported_model_to_train(self)
+            if getattr(self, _STATE).bn_frozen:
+                export_utils._replace_batchnorm(self, train_to_eval=True)
+        else:
+            export_utils._move_exported_model_to_eval(self)
+        self.training = mode
+        return self
+
+    def eval_(self: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return train(self, False)
+
+    model.train = types.MethodType(train, model)  # type: ignore[method-assign]
+    model.eval = types.MethodType(eval_, model)  # type: ignore[method-assign]
+
+
+def _step_hook(module: nn.Module, args: Any) -> None:
+    state: _QatState = getattr(module, _STATE)
+    if not (module.training and torch.is_grad_enabled()):
+        return
+    state.steps += 1
+    config = state.config
+    if config.freeze_observer_step is not None and not state.observers_frozen and state.steps > config.freeze_observer_step:
+        _freeze_observers(module, state)
+    if config.freeze_bn_step is not None and not state.bn_frozen and state.steps > config.freeze_bn_step:
+        _freeze_bn(module, state)
+
+
+def _freeze_observers(module: nn.Module, state: _QatState) -> None:
+    if state.format == "pt2e":
+        module.apply(torchao_pt2e().pt2e.disable_observer)
+    else:
+        module.apply(torch.ao.quantization.disable_observer)
+    state.observers_frozen = True
+
+
+def _freeze_bn(module: nn.Module, state: _QatState) -> None:
+    state.bn_frozen = True
+    if state.format == "pt2e":
+        from torchao.quantization.pt2e import export_utils
+
+        export_utils._replace_batchnorm(module, train_to_eval=True)
+    else:
+        # torch.ao's freeze_bn_stats helper only knows the ConvBn modules; a Linear + BatchNorm1d pair
+        # becomes a LinearBn1d, which has the same method, so every fused module is frozen here.
+        for sub in module.modules():
+            if isinstance(sub, _FUSED_BN_QAT):
+                sub.freeze_bn_stats()
+
+
+@wrap_framework_errors("QAT preparation (prepare_qat)")
+def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` with fake quantization, to train in your own loop.
+
+    Args:
+        model: the FP32 model (left unchanged unless ``inplace``).
+        config: the QAT recipe; ``format`` ``"default"``/``"pt2e"`` (torch.export graph, converts to an
+            inductor INT8 model) or ``"fx"`` (torch.ao FX, converts to x86 quantized modules).
+        example_inputs: one batch: a tensor/array, a tuple of them, or a mapping of keyword inputs.
+        inplace: allow FX preparation to reuse ``model``'s modules instead of copying them.
+
+    Returns:
+        The model to train. Build the optimizer on its parameters; call ``train()``/``eval()`` as usual.
+
+    Raises:
+        ConfigError: bad config, or ``exclude`` naming layers the model lacks.
+        DatasetError: ``example_inputs`` do not fit the model.
+        UnsupportedModelError: the model cannot be captured by the chosen path.
+    """
+    fmt = _check(model, config)
+    fx_table: dict[str, Any] = {}
+    if fmt == "fx":
+        fx_table = {entry.op.name: entry for entry in fx_ops(model, _fx_qat_mapping(config), qat=True)}
+        ops = tuple(entry.op for entry in fx_table.values())
+    else:
+        ops = quantizable_ops(model, QuantConfig(format=fmt), fmt)
+    excluded = _excluded(model, config, ops)
+    example = to_inputs(example_inputs, float_dtype(model))
+    check_runs(eval_copy(model), example, "example_inputs")
+    work = model if inplace and fmt == "fx" else copy.deepcopy(model)
+    work.train()
+    if fmt == "pt2e":
+        ao = torchao_pt2e()
+        graph = export_graph(work, example, train=True)
+        quantizer = ao.X86InductorQuantizer().set_global(_pt2e_qat_config(config))
+        for name in excluded:
+            quantizer.set_module_name_qconfig(name, None)
+        with quiet():
+            prepared = ao.prepare_qat_pt2e(graph, quantizer)
+        _pt2e_train_eval(prepared)
+    else:
+        mapping = apply_fx_settings(_fx_qat_mapping(config), fx_table, dict.fromkeys(excluded))
+        prepared = fx_prepare(work, mapping, positional(work, example), qat=True)
+        _reduce_depthwise_fake_quant(prepared, config)
+    state = _QatState(format=fmt, config=config, example=example)
+    setattr(prepared, _STATE, state)
+    handle = prepared.register_forward_pre_hook(_step_hook)
+    state.hook_id = handle.id
+    prepared.train()
+    return prepared
+
+
+@wrap_framework_errors("QAT conversion to INT8 (convert)")
+def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The INT8 model of a model returned by :func:`prepare_qat` (after training).
+
+    Returns:
+        PT2E: a :class:`CompiledQuantizedModule`; FX: a GraphModule of x86 quantized modules.
+
+    Raises:
+        UnsupportedModelError: ``model`` was not prepared by :func:`prepare_qat`.
+    """
+    state: _QatState | None = getattr(model, _STATE, None)
+    if state is None:
+        raise UnsupportedModelError(
+            f"convert() takes a model returned by inc_torch.prepare_qat, got a {type(model).__name__} without QAT "
+            "state. For post-training quantization use inc.quantize(model, inc.QuantConfig(), dataset=...)."
+        )
+    with quiet():
+        work = model if inplace else copy.deepcopy(model)
+    if state.hook_id is not None:
+        work._forward_pre_hooks.pop(state.hook_id, None)
+    work.eval()
+    with quiet():
+        if state.format == "pt2e":
+            converted = torchao_pt2e().convert_pt2e(work)
+            for attr in ("train", "eval", _STATE):
+                converted.__dict__.pop(attr, None)
+            return CompiledQuantizedModule(converted, state.example)
+        from torch.ao.quantization.quantize_fx import convert_fx
+
+        from inc_torch.ptq._fx import EXAMPLE_ATTR
+
+        converted = convert_fx(work)  # type: ignore[arg-type]  # prepare_qat_fx returned a GraphModule
+    converted.__dict__.pop(_STATE, None)
+    setattr(converted, EXAMPLE_ATTR, state.example)
+    return converted
