@@ -29,10 +29,14 @@ def cpu_flags() -> list[str]:
 
 
 def git_commit(*paths: str) -> str:
-    """The commit measured (short hash), with "+dirty" when ``paths`` hold uncommitted changes."""
+    """The commit measured (short hash), with "+dirty" when ``paths`` hold uncommitted changes.
+
+    benchmarks/results/ never counts: a benchmark that merges its rows into a results file it has already
+    written would otherwise mark its own later rows dirty.
+    """
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths, ":(exclude)benchmarks/results"], cwd=root, capture_output=True, text=True, check=False)
     return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")

@@ -265,7 +265,7 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "benchmarks", "packages/inc-tf", "packages/inc-core"],
+            ["git", "status", "--porcelain", "--", "benchmarks", "packages/inc-tf", "packages/inc-core", ":(exclude)benchmarks/results"],
             cwd=root, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
