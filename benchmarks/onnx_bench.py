@@ -248,6 +248,10 @@ def ort_dynamic(model: onnx.ModelProto, workdir: Path) -> onnx.ModelProto:
     return onnx.load_model(str(dst))
 
 
+#: pause before each timed block, longer than ORT's and OpenVINO's worker threads spin when idle
+_PARK_S = 0.05
+
+
 def side_by_side(
     models: dict[str, Model], inputs: Any, iterations: int, threads: int, spinning: bool = True
 ) -> dict[str, dict[str, float]]:
@@ -272,7 +276,11 @@ def side_by_side(
     order = list(runners)
     for round_ in range(-(-iterations // block)):
         for name in order if round_ % 2 == 0 else reversed(order):
-            runners[name]()  # settles the thread pool after the previous model's block
+            # The previous model's worker threads spin for a while after its last call and would take the
+            # cores from this block's first calls (on 2 cores a model timed after another lost up to 40%
+            # against its time alone); a pause lets them park before this model's untimed first call.
+            time.sleep(_PARK_S)
+            runners[name]()
             for _ in range(block):
                 start = time.perf_counter()
                 runners[name]()

@@ -71,8 +71,9 @@ def attempt(fn: Callable[[], Any], row: dict[str, Any], what: str) -> Any:
 def interleaved(runners: dict[str, Callable[[], Any]], batch: int, iterations: int) -> dict[str, dict[str, float]]:
     """Throughput of each runner, timed side by side in alternating blocks of calls (as onnx_bench.side_by_side).
 
-    Blocks rather than single alternating calls: ORT's worker threads keep spinning for a while after a call and
-    would steal the cores from the next runner. The first call of each block is not timed.
+    Blocks rather than single alternating calls: ORT's (and OpenMP's) worker threads keep spinning for a while
+    after a call and would steal the cores from the next runner; a short pause before each block lets them park
+    (without it a runner timed after another lost up to 40% on 2 cores). The first call of each block is not timed.
     """
     for run in runners.values():
         for _ in range(max(3, iterations // 10)):
@@ -82,6 +83,7 @@ def interleaved(runners: dict[str, Callable[[], Any]], batch: int, iterations: i
     order = list(runners)
     for round_ in range(-(-iterations // block)):
         for name in order if round_ % 2 == 0 else reversed(order):
+            time.sleep(0.05)
             runners[name]()
             for _ in range(block):
                 start = time.perf_counter()
