@@ -131,8 +131,14 @@ def main() -> None:
             first_call_s.setdefault(key, {})[f"bs{batch}"] = worker.measure(name, batch, 0)["elapsed"]
             worker.measure(name, batch, 3)  # warm-up
         for _ in range(args.rounds):
+            previous = None
             for worker, name in rows:
                 key = f"{worker.info['side']}: {name}"
+                if worker is not previous:
+                    # The other process's OpenMP threads spin after its last call (Intel OpenMP, which IPEX
+                    # uses, for 200 ms by default) and would take the cores from this block.
+                    time.sleep(0.3)
+                    previous = worker
                 result = worker.measure(name, batch, calls)
                 samples.setdefault(key, {}).setdefault(f"bs{batch}", []).append(batch * calls / result["elapsed"])
                 latencies.setdefault(key, {}).setdefault(f"bs{batch}", []).extend(result["latencies"])
