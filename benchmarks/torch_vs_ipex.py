@@ -37,12 +37,29 @@ MARK = "@@torch_vs_ipex@@ "
 def _worker() -> None:
     import numpy as np
     import torch
-    from torch_bench import INC_PT2E, have, paths, resnet18, with_aoti_row
+    from torch_bench import (
+        CALIBRATION_SENTENCES,
+        INC_PT2E,
+        SENTENCES,
+        have,
+        minilm,
+        minilm_inputs,
+        paths,
+        resnet18,
+        with_aoti_row,
+    )
 
     torch.manual_seed(0)
-    model = resnet18()
     rng = np.random.default_rng(0)
-    calib = [rng.standard_normal((4, 3, 224, 224)).astype(np.float32) for _ in range(4)]
+    which = os.environ.get("INC_TORCH_VS_IPEX_MODEL", "convnet")
+    if which == "minilm":
+        model, tokenizer = minilm()
+        calib: list[Any] = [
+            minilm_inputs(tokenizer, CALIBRATION_SENTENCES[i : i + 4]) for i in range(0, len(CALIBRATION_SENTENCES), 4)
+        ]
+    else:
+        model = resnet18()
+        calib = [rng.standard_normal((4, 3, 224, 224)).astype(np.float32) for _ in range(4)]
     built: dict[str, Any] = {"fp32 eager": model}
     for name, build in paths(include_fx=False).items():
         if name in (INC_PT2E, "inc ipex", "ipex defaults"):
@@ -50,23 +67,35 @@ def _worker() -> None:
     built = with_aoti_row(built)
     side = "ipex" if have("intel_extension_for_pytorch") else "torch"
     print(MARK + json.dumps({"side": side, "torch": torch.__version__, "rows": list(built)}), flush=True)
+
+    def make_input(batch: int) -> Any:
+        if which == "minilm":
+            return {k: torch.from_numpy(v) for k, v in minilm_inputs(tokenizer, (SENTENCES * batch)[:batch]).items()}
+        return torch.from_numpy(rng.standard_normal((batch, 3, 224, 224)).astype(np.float32))
+
     inputs = {}
     for line in sys.stdin:
         name, batch, calls = line.split("\t")
         batch, calls = int(batch), int(calls)
-        x = inputs.setdefault(batch, torch.from_numpy(rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)))
+        x = inputs.setdefault(batch, make_input(batch))
         model_ = built[name]
+        call = _caller(model_, x)
         latencies = []
         with torch.no_grad():
             started = time.perf_counter()
             if calls == 0:  # first call: compilation for this shape
-                model_(x)
+                call()
             for _ in range(calls):
                 t = time.perf_counter()
-                model_(x)
+                call()
                 latencies.append(time.perf_counter() - t)
             elapsed = time.perf_counter() - started
         print(MARK + json.dumps({"elapsed": elapsed, "latencies": latencies}), flush=True)
+
+
+def _caller(model: Any, x: Any) -> Any:
+    """One call of ``model`` on ``x``: keyword tensors (a tokenized batch) or one positional tensor."""
+    return (lambda: model(**x)) if isinstance(x, dict) else (lambda: model(x))
 
 
 class Worker:
@@ -106,6 +135,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20, help="calls per timed block at batch 1 (a quarter at batch 16)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--model", choices=("convnet", "minilm"), default="convnet",
+        help="the ResNet-18-shaped convnet at 224, or all-MiniLM-L6-v2 at sequence 128 (results torch_vs_ipex_minilm.*)",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if args.worker:
@@ -119,6 +152,7 @@ def main() -> None:
 
     # A fresh AOTInductor cache: the first call below is a real compilation, not a cached package.
     os.environ["INC_AOTI_CACHE_DIR"] = tempfile.mkdtemp(prefix="inc_aoti_bench_")
+    os.environ["INC_TORCH_VS_IPEX_MODEL"] = args.model
     workers = [Worker(sys.executable), Worker(args.ipex_python)]
     rows = [(w, name) for w in workers for name in w.info["rows"]]
     first_call_s: dict[str, dict[str, float]] = {}
@@ -156,14 +190,16 @@ def main() -> None:
             "rounds": args.rounds,
             "calls": args.calls,
             "quick": args.quick,
+            "model": args.model,
         },
         "median_samples_per_s": {k: {c: statistics.median(v) for c, v in cols.items()} for k, cols in samples.items()},
         "min_latency_ms": {k: {c: min(v) * 1e3 for c, v in cols.items()} for k, cols in latencies.items()},
         "first_call_s": first_call_s,
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "torch_vs_ipex.json").write_text(json.dumps(out, indent=2) + "\n")
-    (args.output / "torch_vs_ipex.md").write_text(markdown(out) + "\n")
+    stem = "torch_vs_ipex" if args.model == "convnet" else f"torch_vs_ipex_{args.model}"
+    (args.output / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (args.output / f"{stem}.md").write_text(markdown(out) + "\n")
     print(markdown(out))
 
 
@@ -172,7 +208,8 @@ def markdown(out: dict[str, Any]) -> str:
     med, low, first = out["median_samples_per_s"], out["min_latency_ms"], out["first_call_s"]
     reference = "ipex: inc ipex"
     lines = [
-        "# inc PT2E (upstream torch) vs IPEX, interleaved",
+        "# inc PT2E (upstream torch) vs IPEX, interleaved: "
+        + ("all-MiniLM-L6-v2, sequence 128" if meta.get("model") == "minilm" else "ResNet-18-shaped convnet, 224x224"),
         "",
         f"CPU: {meta['cpu']} ({meta['cpus']} logical CPUs; INT8 flags: {', '.join(meta['cpu_flags']) or 'n/a'}); torch "
         f"{meta['torch'].get('torch')} and torch {meta['torch'].get('ipex')} + IPEX, one worker process each; {meta['date']}; "
