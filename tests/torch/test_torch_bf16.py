@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch_helpers import accuracy, calib_data, split, trained_cnn, trained_mlp
+from torch_helpers import accuracy, calib_data, int8_breaking_mlp, split, trained_cnn, trained_mlp
 
 import inc_core as inc
 import inc_torch
@@ -113,25 +113,8 @@ def test_cpu_without_bf16_instructions_is_refused(monkeypatch: pytest.MonkeyPatc
         inc.quantize(trained_mlp(), inc.QuantConfig(bf16=inc.LayerFilter(names=("fc1",))), dataset=calib_data(32))
 
 
-def _sensitive_mlp() -> torch.nn.Module:
-    """The digits MLP with one hidden unit scaled up 1000x and fc2's weights reading it scaled down alike.
-
-    The FP32 function is unchanged, but fc2's input now spans a range where a uint8 step is wider than every
-    other unit's activations: fc2 cannot run INT8, while BF16 (a relative precision) computes it as FP32 does.
-    """
-    model = trained_mlp()
-    x, _, _, _ = split()
-    with torch.no_grad():
-        hidden = torch.relu(model.fc1(torch.flatten(torch.from_numpy(x), 1)))
-        unit = int(hidden.mean(0).argmax())
-        model.fc1.weight[unit] *= 1000.0
-        model.fc1.bias[unit] *= 1000.0
-        model.fc2.weight[:, unit] /= 1000.0
-    return model
-
-
 def test_autotune_puts_the_layer_int8_breaks_into_bf16(tmp_path) -> None:
-    model = _sensitive_mlp()
+    model = int8_breaking_mlp()
     base = inc.QuantConfig()
     fixed = {key: (str(getattr(base, key)),) for key in ("calibration", "granularity", "scheme", "activation_dtype")}
     config = inc.TuningConfig(  # settings held at the base: only the fallback is searched

@@ -114,3 +114,20 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def relative_loss(fp32: float, int8: float) -> float:
     return (fp32 - int8) / fp32
+
+
+def int8_breaking_mlp() -> torch.nn.Module:
+    """The digits MLP with one hidden unit scaled up 1000x and fc2's weights reading it scaled down alike.
+
+    The FP32 function is unchanged, but fc2's input now spans a range where a uint8 step is wider than every
+    other unit's activations: fc2 cannot run INT8, while BF16 (a relative precision) computes it as FP32 does.
+    """
+    model = trained_mlp()
+    x, _, _, _ = split()
+    with torch.no_grad():
+        hidden = torch.relu(model.fc1(torch.flatten(torch.from_numpy(x), 1)))
+        unit = int(hidden.mean(0).argmax())
+        model.fc1.weight[unit] *= 1000.0
+        model.fc1.bias[unit] *= 1000.0
+        model.fc2.weight[:, unit] /= 1000.0
+    return model

@@ -216,7 +216,11 @@ def _script_graph_ops(graph: Any) -> collections.Counter[str]:
     counts: collections.Counter[str] = collections.Counter()
 
     def dequantized(value: Any) -> bool:
-        return bool(value.node().kind() == "aten::dequantize")
+        # IPEX 2.8's traced graphs put an aten::alias between each dequantize and the op reading it.
+        node = value.node()
+        while node.kind() == "aten::alias":
+            node = node.input().node()
+        return bool(node.kind() == "aten::dequantize")
 
     for node in _script_nodes(graph):
         namespace, _, op = node.kind().partition("::")

@@ -7,6 +7,8 @@ model (half the FP32 size), and hands a float32 output to its neighbours: the re
 FP32 ops) sees the same dtypes as before. Inductor lowers those BF16 conv/linear ops to oneDNN BF16 kernels
 (AVX512-BF16 or AMX-BF16), and ``torch.export`` keeps them, with their BF16 constants, in the ``.pt2`` file.
 
+The IPEX backend makes the same rewrite on its traced TorchScript graph (:mod:`inc_torch.ptq._bf16_script`).
+
 A per-op rewrite is used rather than ``torch.autocast``: autocast regions are traced away by ``torch.export``
 (the casts they imply are not attached to ops named by a config), and what a saved program runs must be
 visible in its graph.
@@ -66,18 +68,19 @@ def cpu_bf16_missing() -> str | None:
 def bf16_unavailable(backend: str, fmt: str, approach: str) -> str | None:
     """Why the ops of a config cannot run in BF16 on ``backend``/``fmt``/``approach`` here, or None.
 
-    Only the PT2E static path has BF16 ops: FX and IPEX graphs are torch.ao/IPEX INT8 modules around FP32
-    ones, and dynamic quantization swaps Linear layers without a graph to rewrite.
+    The static PT2E graph (torch backend) and the traced IPEX graph (``backend="ipex"``) have BF16 ops: FX
+    graphs are torch.ao INT8 modules around FP32 ones, and dynamic quantization swaps Linear layers without a
+    graph to rewrite.
     """
     if approach != "static":
         return (
             f"approach={approach!r} has no BF16 ops (BF16 mixed precision runs with approach='static' on the "
-            "torch backend's format='pt2e', its default)"
+            "torch backend's format='pt2e', its default, and on backend='ipex')"
         )
-    if fmt != "pt2e":
+    if (backend, fmt) not in (("torch", "pt2e"), ("ipex", "torchscript")):
         return (
             f"format={fmt!r} of the {backend} backend has no BF16 ops (BF16 mixed precision runs on the torch "
-            "backend's format='pt2e', its default: use backend='torch', format='pt2e')"
+            "backend's format='pt2e', its default, and on backend='ipex': use backend='torch', format='pt2e')"
         )
     return cpu_bf16_missing()
 
@@ -237,9 +240,13 @@ def _bf16_weight(graph_module: torch.fx.GraphModule, node: Any) -> bool:
 def bf16_ops(model: nn.Module) -> list[str]:
     """Names of the conv/linear ops of a PT2E model that run in BF16 (a BF16 weight), named by their module.
 
-    Works on what ``inc.quantize``/``inc.autotune`` return on the PT2E path and on a ``.pt2`` file read back
-    by ``inc.load``; any other model (FX, dynamic, TorchScript) has none.
+    Works on what ``inc.quantize``/``inc.autotune`` return on the PT2E and IPEX paths and on their files read
+    back by ``inc.load``; any other model (FX, dynamic) has none.
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        from inc_torch.ptq._bf16_script import script_bf16_ops
+
+        return script_bf16_ops(model)
     if isinstance(model, CompiledQuantizedModule):
         graph_module = model.graph_module
     elif isinstance(model, torch.fx.GraphModule):

@@ -3,8 +3,9 @@
 Static calibration runs once: IPEX's prepared model carries inc observers (core histograms) keyed by
 IPEX tensor ids. Each trial prepares a fresh model and loads a quantization summary (IPEX's
 ``qconf_summary`` JSON) whose scales and zero points come from those histograms under the trial's
-settings, with the inputs of FP32 fallback ops forced to float32. The converted model is traced and
-frozen, so IPEX's oneDNN INT8 fusions run.
+settings, with the inputs of FP32 fallback ops forced to float32. The converted model is traced, the ops
+of ``QuantConfig.bf16`` are rewritten to run in BF16 (:mod:`inc_torch.ptq._bf16_script`), and it is frozen,
+so IPEX's oneDNN INT8 (and BF16) fusions run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from inc_torch._backend import TorchBackend, _check_model
 from inc_torch._compat import quiet
 from inc_torch._failures import framework_errors
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
+from inc_torch.ptq._bf16 import bf16_names, int8_view
+from inc_torch.ptq._bf16_script import run_script_ops_in_bf16
 from inc_torch.ptq._calibration import model_signature
 from inc_torch.ptq._capture import check_runs, eval_copy
 from inc_torch.ptq._dynamic import quantize_dynamic
@@ -231,6 +234,7 @@ class IpexBackend(TorchBackend):
 
     def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> nn.Module:
         model = _check_model(model)
+        self.check_bf16(config)  # also when called without inc.quantize
         _, ops = self._ops(model, config)
         if config.approach == "dynamic":
             with framework_errors("Dynamic quantization (torch.ao quantize_dynamic)", "dynamic", model, frozenset(op.name for op in ops)):
@@ -252,7 +256,8 @@ class IpexBackend(TorchBackend):
         prepared = _prepare(self._ipex, work, _standard_mapping(calibration.granularity), calibration.example)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "qconf.json"
-            path.write_text(json.dumps(self._trial_summary(config, calibration, ops)))
+            # BF16 ops leave INT8 as excluded ones do; the traced graph runs them in BF16 below.
+            path.write_text(json.dumps(self._trial_summary(int8_view(config), calibration, ops)))
             prepared.load_qconf_summary(qconf_summary=str(path))
         args, kwargs = calibration.example
         with quiet(), torch.no_grad(), warnings.catch_warnings():
@@ -264,6 +269,7 @@ class IpexBackend(TorchBackend):
                 traced = torch.jit.trace(converted, example_kwarg_inputs=kwargs, check_trace=False, strict=False)
             else:
                 traced = torch.jit.trace(converted, args, check_trace=False, strict=False)
+            run_script_ops_in_bf16(traced, bf16_names(config, ops))
             frozen = torch.jit.freeze(traced)
             # IPEX's fusion passes run on the first calls of a frozen module.
             for _ in range(2):
