@@ -76,6 +76,53 @@ def test_autotune_on_the_savedmodel_target(digits):
     assert int8 >= fp32 - 0.01, f"tuned int8 {int8:.4f} vs FP32 {fp32:.4f}"
 
 
+def _int8_breaking_cnn() -> keras.Model:
+    """The digits CNN with one fc1 unit scaled up 1000x and the logits weights that read it scaled down alike.
+
+    The FP32 function is the same (ReLU commutes with a positive scale), but fc1's output, the logits' input,
+    now spans a range where one 8-bit step is wider than every other unit's activations.
+    """
+    source = models.cnn()
+    model = keras.models.clone_model(source)
+    model.set_weights(source.get_weights())
+    hidden = keras.Model(model.inputs, model.get_layer("fc1").output)(models.digits()[0][:256])
+    unit = int(np.argmax(np.mean(np.asarray(hidden), axis=0)))
+    kernel, bias = model.get_layer("fc1").get_weights()
+    kernel[:, unit] *= 1000.0
+    bias[unit] *= 1000.0
+    model.get_layer("fc1").set_weights([kernel, bias])
+    kernel, bias = model.get_layer("logits").get_weights()
+    kernel[unit, :] /= 1000.0
+    model.get_layer("logits").set_weights([kernel, bias])
+    return model
+
+
+def test_mse_strategy_ranks_savedmodel_layers_and_finds_the_one_int8_breaks(digits):
+    x_train, _, y_train, _ = digits
+    x_val, y_val = x_train[-300:], y_train[-300:]
+    model = _int8_breaking_cnn()
+    fp32 = models.accuracy(model, x_val, y_val)
+    assert abs(fp32 - models.accuracy(models.cnn(), x_val, y_val)) < 0.005  # the same function in FP32
+    data = inc.Dataset(x_train[:256], batch_size=32)
+    backend = inc.get_backend("tf")
+    errors = backend.op_errors(model, SAVEDMODEL, calibration=None, dataset=data)
+    assert set(errors) == {"conv1", "conv2", "fc1", "logits"}
+    assert max(errors, key=errors.__getitem__) in ("fc1", "logits"), errors  # the broken range, not the convs
+    assert min(errors["fc1"], errors["logits"]) > 100 * max(errors["conv1"], errors["conv2"]), errors
+    kept = inc.QuantConfig(format="savedmodel", calib_samples=128, exclude=inc.LayerFilter(names=("conv2",)))
+    assert set(backend.op_errors(model, kept, calibration=None, dataset=data)) == {"conv1", "fc1", "logits"}
+
+    fixed = {key: (str(getattr(SAVEDMODEL, key)),) for key in ("calibration", "scheme", "granularity")}
+    tuning = inc.TuningConfig(  # settings held at the base: only the fallback is searched
+        base=SAVEDMODEL, strategy="mse", tolerable_loss=0.01, loss_type="absolute", max_trials=5, history=None,
+        search_space=fixed,
+    )
+    result = autotune(model, tuning, eval_fn=lambda m: models.accuracy(m, x_val, y_val), dataset=data)
+    assert result.trials[0].change == "base" and result.trials[0].score < fp32 - 0.1, result.trials[0]  # all-int8 breaks
+    assert result.met, [(t.change, t.score) for t in result.trials]
+    assert isinstance(result.model, TFSavedModel) and "conv1" in result.model.int8_layers()
+
+
 def test_excluded_layer_stays_float(calib, digits):
     q = inc.quantize(models.cnn(), inc.QuantConfig(format="savedmodel", exclude=inc.LayerFilter(names=("conv2",))), dataset=calib)
     assert sorted(q.int8_layers()) == ["conv1", "fc1", "logits"]

@@ -160,10 +160,14 @@ class TfBackend(Backend):
         return quantize_static(graph, config, calibration)
 
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
-        from inc_tf.ptq._op_errors import layer_output_errors
+        from inc_tf.ptq._op_errors import layer_output_errors, unit_output_errors
 
         if self._target(model, config.format) == "savedmodel":
-            raise NotImplementedError("per-layer errors are measured for the tflite target only on the tf backend")
+            _check_static(config)
+            plan = self._plan(model)
+            if not isinstance(calibration, GraphCalibration):
+                calibration = calibrate_plan(plan, dataset, samples=config.calib_samples, model_id=id(model))
+            return unit_output_errors(plan, config, quantize_plan(plan, config, calibration, keep_unit_outputs=True), dataset)
         graph = self._graph(model)
         if config.approach != "static":
             raise NotImplementedError("per-layer errors are measured for approach='static' only on the tf backend")

@@ -123,9 +123,13 @@ def _signed_bounds(low: float, high: float) -> tuple[float, float]:
 
 
 def rewrite_int8(
-    graph_def: Any, units: list[Unit], settings: dict[str, UnitSettings], outputs: tuple[str, ...]
+    graph_def: Any, units: list[Unit], settings: dict[str, UnitSettings], outputs: tuple[str, ...],
+    *, keep: tuple[str, ...] = (),
 ) -> tuple[Any, dict[str, str]]:
     """``graph_def`` with every unit in ``settings`` running on int8 kernels; the rest is copied as it is.
+
+    ``keep`` names nodes to keep though no output needs them (per-op error measurement reads each unit's
+    float output, which int8 -> int8 chains otherwise leave unused and drop).
 
     Returns:
         The new graph, and the name of each int8 kernel node mapped to the unit it computes.
@@ -265,7 +269,8 @@ def rewrite_int8(
     from tensorflow.python.framework.graph_util_impl import extract_sub_graph
 
     # Drop what no output needs any more (the float weights the rewrite replaced).
-    return extract_sub_graph(build.graph, [tensor_name(o).split(":")[0] for o in outputs]), kernels
+    needed = [tensor_name(o).split(":")[0] for o in outputs] + [n for n in keep if n not in outputs]
+    return extract_sub_graph(build.graph, needed), kernels
 
 
 def _in_order(units: list[Unit]) -> list[Unit]:

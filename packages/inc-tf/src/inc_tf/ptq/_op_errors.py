@@ -1,16 +1,23 @@
-"""Per-layer output error of the int8 LiteRT model against the float one (what the ``mse`` strategy ranks)."""
+"""Per-layer output error of the int8 model against the float one (what the ``mse`` strategy ranks).
+
+LiteRT target: each layer's output tensor in the int8 and the float flatbuffer. SavedModel target: each
+int8 unit's float output, which keeps the name of the op it replaced in the rewritten graph.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from inc_core import Dataset, QuantConfig
+from inc_tf._frozen import check_batch, graph_function
 from inc_tf._keras_model import KerasGraph, as_input_list
 from inc_tf._litert import Invoker, LiteRTModel, interpreter
+from inc_tf._savedmodel import TFSavedModel
 from inc_tf.ptq._calibrate import TfCalibration
 from inc_tf.ptq._quantize import describe_graph, layers_of_op
+from inc_tf.ptq._savedmodel_quantize import GraphPlan, as_input_arrays, describe_plan
 
-__all__ = ["layer_output_errors"]
+__all__ = ["layer_output_errors", "unit_output_errors"]
 
 _SAMPLES = 32
 
@@ -58,3 +65,39 @@ def layer_output_errors(
             sums[layer] += float(np.mean(diff * diff))
         batches += 1
     return {graph.layer_names[layer]: total / max(batches, 1) for layer, total in sums.items()}
+
+
+def unit_output_errors(plan: GraphPlan, config: QuantConfig, quantized: TFSavedModel, dataset: Dataset) -> dict[str, float]:
+    """Mean squared error of each int8 op's float output, rewritten graph vs float graph, on up to 32 samples.
+
+    An op kept in float (``exclude``) has no error entry, as on the LiteRT target; an op of two units (a
+    custom layer with two matmuls) gets the mean of their errors.
+    """
+    import tensorflow as tf
+
+    excluded = set(config.exclude.select(describe_plan(plan).ops)) if config.exclude else set()
+    present = {node.name for node in quantized.graph_def.node}
+    units = [u for u in plan.units if plan.op_names[u.name] not in excluded and u.output.split(":")[0] in present]
+    watched = tuple(dict.fromkeys(u.output for u in units))
+    if not watched:
+        return {}
+    frozen = plan.frozen
+    float_run = graph_function(frozen.graph_def, frozen.input_tensors, watched)
+    int8_run = graph_function(quantized.graph_def, quantized.input_tensors, watched)
+    sums = dict.fromkeys(watched, 0.0)
+    batches = 0
+    for index, batch in enumerate(dataset.inputs(limit=_SAMPLES)):
+        arrays = [tf.constant(a) for a in check_batch(as_input_arrays(batch, frozen), frozen, where=f"error batch {index}")]
+        reference, measured = (_as_tuple(run(*arrays)) for run in (float_run, int8_run))
+        for name, a, b in zip(watched, reference, measured):
+            diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+            sums[name] += float(np.mean(diff * diff))
+        batches += 1
+    per_op: dict[str, list[float]] = {}
+    for unit in units:
+        per_op.setdefault(plan.op_names[unit.name], []).append(sums[unit.output] / max(batches, 1))
+    return {name: float(np.mean(values)) for name, values in per_op.items()}
+
+
+def _as_tuple(values: object) -> tuple:
+    return tuple(values) if isinstance(values, (list, tuple)) else (values,)

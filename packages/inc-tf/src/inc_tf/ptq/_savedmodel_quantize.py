@@ -25,7 +25,7 @@ from inc_tf.ptq._einsum_lowering import lower_einsums
 from inc_tf.ptq._int8_rewrite import UnitSettings, rewrite_int8
 from inc_tf.ptq._int8_units import ConstantFolder, Unit, find_units
 
-__all__ = ["GraphCalibration", "GraphPlan", "calibrate_plan", "describe_plan", "plan_graph", "quantize_plan"]
+__all__ = ["GraphCalibration", "GraphPlan", "as_input_arrays", "calibrate_plan", "describe_plan", "plan_graph", "quantize_plan"]
 
 log = logging.getLogger("inc")
 
@@ -121,7 +121,7 @@ def calibrate_plan(plan: GraphPlan, dataset: Dataset, *, samples: int, model_id:
     observers = {name: HistogramObserver(name=name) for name in watched}
     seen = 0
     for index, batch in enumerate(dataset.inputs(limit=samples)):
-        arrays = check_batch(_as_list(batch, frozen), frozen, where=f"calibration batch {index}")
+        arrays = check_batch(as_input_arrays(batch, frozen), frozen, where=f"calibration batch {index}")
         for i, array in enumerate(arrays):
             if not np.all(np.isfinite(array)):
                 raise CalibrationError(
@@ -146,7 +146,7 @@ def calibrate_plan(plan: GraphPlan, dataset: Dataset, *, samples: int, model_id:
     return GraphCalibration(observers, seen, model_id)
 
 
-def _as_list(batch: Any, frozen: FrozenGraph) -> list[np.ndarray]:
+def as_input_arrays(batch: Any, frozen: FrozenGraph) -> list[np.ndarray]:
     if isinstance(batch, dict):
         if len(batch) == 1 and len(frozen.input_keys) == 1:
             return [next(iter(batch.values()))]
@@ -166,11 +166,13 @@ def quantize_plan(
     calibration: GraphCalibration,
     *,
     ranges: Mapping[str, tuple[float, float]] | None = None,
+    keep_unit_outputs: bool = False,
 ) -> TFSavedModel:
     """The int8 graph for one trial: ranges from ``config``'s per-op settings, excluded ops left in float.
 
     ``ranges`` (tensor name -> (min, max)) are taken as they are in place of the observers' answer: QAT
     passes the ranges its fake quant learned, and the observers only cover the tensors it has none for.
+    ``keep_unit_outputs`` keeps each int8 unit's float output in the graph, read or not (for per-op errors).
     """
     given = dict(ranges or {})
     excluded = set(config.exclude.select(describe_plan(plan).ops)) if config.exclude else set()
@@ -202,7 +204,8 @@ def quantize_plan(
             core_output_range=tensor_range(unit.core_output, unit),
             summand_range=tensor_range(unit.summand, unit) if unit.summand else None,
         )
-    graph_def, kernels = rewrite_int8(plan.frozen.graph_def, plan.units, settings, plan.frozen.output_tensors)
+    keep = tuple(u.output.split(":")[0] for u in plan.units if u.name in settings) if keep_unit_outputs else ()
+    graph_def, kernels = rewrite_int8(plan.frozen.graph_def, plan.units, settings, plan.frozen.output_tensors, keep=keep)
     frozen = plan.frozen
     layers = {node: plan.op_names[unit] for node, unit in kernels.items()}
     return TFSavedModel(
