@@ -97,30 +97,22 @@ def _int8_breaking_cnn() -> keras.Model:
     return model
 
 
-def test_mse_strategy_ranks_savedmodel_layers_and_finds_the_one_int8_breaks(digits):
+def test_savedmodel_op_errors_are_each_layers_own(digits):
     x_train, _, y_train, _ = digits
-    x_val, y_val = x_train[-300:], y_train[-300:]
     model = _int8_breaking_cnn()
-    fp32 = models.accuracy(model, x_val, y_val)
-    assert abs(fp32 - models.accuracy(models.cnn(), x_val, y_val)) < 0.005  # the same function in FP32
+    assert abs(models.accuracy(model, x_train, y_train) - models.accuracy(models.cnn(), x_train, y_train)) < 0.005
     data = inc.Dataset(x_train[:256], batch_size=32)
     backend = inc.get_backend("tf")
+    assert models.accuracy(inc.quantize(model, SAVEDMODEL, dataset=data), x_train, y_train) < 0.3  # all-int8 breaks
     errors = backend.op_errors(model, SAVEDMODEL, calibration=None, dataset=data)
     assert set(errors) == {"conv1", "conv2", "fc1", "logits"}
-    assert max(errors, key=errors.__getitem__) in ("fc1", "logits"), errors  # the broken range, not the convs
-    assert min(errors["fc1"], errors["logits"]) > 100 * max(errors["conv1"], errors["conv2"]), errors
+    # Each layer is fed the float model's input, so the error shows where it arises: the logits' input range,
+    # whose one huge unit leaves every other unit below an 8-bit step. fc1's own output keeps that unit (and
+    # most of its energy); without isolation every layer after conv1 would carry conv1's error too.
+    assert errors["logits"] > 0.5, errors
+    assert max(errors["conv1"], errors["conv2"], errors["fc1"]) < 0.01, errors
     kept = inc.QuantConfig(format="savedmodel", calib_samples=128, exclude=inc.LayerFilter(names=("conv2",)))
     assert set(backend.op_errors(model, kept, calibration=None, dataset=data)) == {"conv1", "fc1", "logits"}
-
-    fixed = {key: (str(getattr(SAVEDMODEL, key)),) for key in ("calibration", "scheme", "granularity")}
-    tuning = inc.TuningConfig(  # settings held at the base: only the fallback is searched
-        base=SAVEDMODEL, strategy="mse", tolerable_loss=0.01, loss_type="absolute", max_trials=5, history=None,
-        search_space=fixed,
-    )
-    result = autotune(model, tuning, eval_fn=lambda m: models.accuracy(m, x_val, y_val), dataset=data)
-    assert result.trials[0].change == "base" and result.trials[0].score < fp32 - 0.1, result.trials[0]  # all-int8 breaks
-    assert result.met, [(t.change, t.score) for t in result.trials]
-    assert isinstance(result.model, TFSavedModel) and "conv1" in result.model.int8_layers()
 
 
 def test_excluded_layer_stays_float(calib, digits):

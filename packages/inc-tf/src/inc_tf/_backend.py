@@ -167,7 +167,7 @@ class TfBackend(Backend):
             plan = self._plan(model)
             if not isinstance(calibration, GraphCalibration):
                 calibration = calibrate_plan(plan, dataset, samples=config.calib_samples, model_id=id(model))
-            return unit_output_errors(plan, config, quantize_plan(plan, config, calibration, keep_unit_outputs=True), dataset)
+            return unit_output_errors(plan, config, quantize_plan(plan, config, calibration, probe=True), dataset)
         graph = self._graph(model)
         if config.approach != "static":
             raise NotImplementedError("per-layer errors are measured for approach='static' only on the tf backend")

@@ -25,7 +25,7 @@ import numpy as np
 
 from inc_tf.ptq._int8_units import Unit, tensor_name
 
-__all__ = ["UnitSettings", "rewrite_int8"]
+__all__ = ["UnitSettings", "probe_name", "rewrite_int8"]
 
 # DataType enum values (tensorflow/core/framework/types.proto)
 _FLOAT, _QINT8, _QUINT8 = 1, 11, 12
@@ -124,17 +124,20 @@ def _signed_bounds(low: float, high: float) -> tuple[float, float]:
 
 def rewrite_int8(
     graph_def: Any, units: list[Unit], settings: dict[str, UnitSettings], outputs: tuple[str, ...],
-    *, keep: tuple[str, ...] = (),
+    *, keep: tuple[str, ...] = (), probe: bool = False,
 ) -> tuple[Any, dict[str, str]]:
     """``graph_def`` with every unit in ``settings`` running on int8 kernels; the rest is copied as it is.
 
     ``keep`` names nodes to keep though no output needs them (per-op error measurement reads each unit's
-    float output, which int8 -> int8 chains otherwise leave unused and drop).
+    float output, which int8 -> int8 chains otherwise leave unused and drop). ``probe`` builds the graph
+    per-op errors are measured on: each unit reads its float input (and summand) from its own placeholder,
+    :func:`probe_name` of the tensor, never from another unit's int8 output, so feeding the float graph's
+    values there measures each unit's own error, not the sum of the units upstream.
 
     Returns:
         The new graph, and the name of each int8 kernel node mapped to the unit it computes.
     """
-    from tensorflow.python.framework import dtypes
+    from tensorflow.python.framework import dtypes, tensor_shape
 
     chosen = [u for u in units if u.name in settings]
     fusing: set[str] = set()
@@ -161,6 +164,19 @@ def rewrite_int8(
     produced: dict[str, _QTensor] = {}  # a unit's float output -> its requantized int8 tensor
     quantized_inputs: dict[tuple[str, int, tuple[float, float]], _QTensor] = {}
     kernels: dict[str, str] = {}
+
+    placeholders: set[str] = set()
+    shapes = _tensor_shapes(graph_def, [t for u in chosen for t in (u.input, u.summand) if t]) if probe else {}
+
+    def probe_input(tensor: str) -> str:
+        name = probe_name(tensor)
+        if name not in placeholders:
+            node = build.node(name, "Placeholder", [], dtype=_FLOAT)
+            # oneDNN's int8 kernels are set up for the input's rank: give the placeholder the tensor's shape
+            node.attr["shape"].shape.CopyFrom(shapes.get(tensor, tensor_shape.TensorShape(None)).as_proto())
+            placeholders.add(name)
+        return f"{name}:0"
+
     for unit in _in_order(chosen):
         s = settings[unit.name]
         fused_sum = unit.name in fusing
@@ -172,7 +188,7 @@ def rewrite_int8(
         base = f"{unit.name}/inc_int8"
         low, high = s.input_range
         bias = unit.bias.astype(np.float64)
-        source = unit.input
+        source = probe_input(unit.input) if probe else unit.input
         q_weight, limit = _quantized_weights(
             unit.weight, s.per_channel and unit.op != "MatMul", depthwise=unit.op == "DepthwiseConv2dNative"
         )
@@ -193,7 +209,7 @@ def rewrite_int8(
             want = (_QUINT8, (0.0, max(high, _TINY))) if low >= 0.0 else (_QINT8, _signed_bounds(low, high))
         def quantized(tensor: str, want: tuple[int, tuple[float, float]], qname: str) -> _QTensor:
             """``tensor`` in int8: a producer's requantized output at the same range, else one QuantizeV2 per range."""
-            ready = produced.get(tensor)
+            ready = None if probe else produced.get(tensor)
             if ready is not None and ready.dtype == want[0]:
                 return ready  # the producer requantized this very tensor to a calibrated range: read it as it is
             key = (tensor, want[0], want[1])
@@ -220,7 +236,7 @@ def rewrite_int8(
         inputs = [qin.ref, w_ref, b_ref, qin.min_ref, qin.max_ref, wmin, wmax, omin, omax]
         if fused_sum:
             summand, summand_high = unit.summand or "", (s.summand_range or (0.0, 0.0))[1]  # both set: _fuses_sum
-            qsum = quantized(summand, (_QUINT8, (0.0, max(summand_high, _TINY))), f"{base}/quantize_summand")
+            qsum = quantized(probe_input(summand) if probe else summand, (_QUINT8, (0.0, max(summand_high, _TINY))), f"{base}/quantize_summand")
             kernel = build.node(
                 f"{base}/conv_sum", "QuantizedConv2DWithBiasSumAndReluAndRequantize",
                 [*inputs, qsum.ref, qsum.min_ref, qsum.max_ref],
@@ -271,6 +287,20 @@ def rewrite_int8(
     # Drop what no output needs any more (the float weights the rewrite replaced).
     needed = [tensor_name(o).split(":")[0] for o in outputs] + [n for n in keep if n not in outputs]
     return extract_sub_graph(build.graph, needed), kernels
+
+
+def _tensor_shapes(graph_def: Any, tensors: list[str]) -> dict[str, Any]:
+    """The static shapes TF infers for ``tensors`` of ``graph_def`` (batch dimension unknown)."""
+    import tensorflow as tf
+
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        return {t: graph.get_tensor_by_name(t).shape for t in dict.fromkeys(tensors)}
+
+
+def probe_name(tensor: str) -> str:
+    """The placeholder a probe graph (``rewrite_int8(..., probe=True)``) reads float ``tensor`` from."""
+    return "inc_probe/" + tensor.replace(":", "_")
 
 
 def _in_order(units: list[Unit]) -> list[Unit]:

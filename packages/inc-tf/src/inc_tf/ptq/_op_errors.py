@@ -1,7 +1,7 @@
 """Per-layer output error of the int8 model against the float one (what the ``mse`` strategy ranks).
 
 LiteRT target: each layer's output tensor in the int8 and the float flatbuffer. SavedModel target: each
-int8 unit's float output, which keeps the name of the op it replaced in the rewritten graph.
+int8 unit alone, fed the float graph's values (see :func:`unit_output_errors`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from inc_tf._keras_model import KerasGraph, as_input_list
 from inc_tf._litert import Invoker, LiteRTModel, interpreter
 from inc_tf._savedmodel import TFSavedModel
 from inc_tf.ptq._calibrate import TfCalibration
+from inc_tf.ptq._int8_rewrite import probe_name
 from inc_tf.ptq._quantize import describe_graph, layers_of_op
 from inc_tf.ptq._savedmodel_quantize import GraphPlan, as_input_arrays, describe_plan
 
@@ -67,35 +68,44 @@ def layer_output_errors(
     return {graph.layer_names[layer]: total / max(batches, 1) for layer, total in sums.items()}
 
 
-def unit_output_errors(plan: GraphPlan, config: QuantConfig, quantized: TFSavedModel, dataset: Dataset) -> dict[str, float]:
-    """Mean squared error of each int8 op's float output, rewritten graph vs float graph, on up to 32 samples.
+def unit_output_errors(plan: GraphPlan, config: QuantConfig, probe: TFSavedModel, dataset: Dataset) -> dict[str, float]:
+    """Relative output error of each int8 op on its own, on up to 32 samples.
 
-    An op kept in float (``exclude``) has no error entry, as on the LiteRT target; an op of two units (a
-    custom layer with two matmuls) gets the mean of their errors.
+    ``probe`` is the config's graph built with ``quantize_plan(..., probe=True)``: each int8 unit reads its
+    float input (and residual summand) from a placeholder, which is fed the float graph's value of that
+    tensor, so an op's error is its own, not the sum of the ops upstream (as on the ONNX and torch backends).
+    The error is the mean squared difference of the unit's float output, int8 vs float graph, divided by the
+    mean square of the float output: comparable across layers of very different scales. An op kept in float
+    (``exclude``) has no entry; an op of two units (a custom layer with two matmuls) gets their mean.
     """
     import tensorflow as tf
 
     excluded = set(config.exclude.select(describe_plan(plan).ops)) if config.exclude else set()
-    present = {node.name for node in quantized.graph_def.node}
+    present = {node.name for node in probe.graph_def.node}
     units = [u for u in plan.units if plan.op_names[u.name] not in excluded and u.output.split(":")[0] in present]
-    watched = tuple(dict.fromkeys(u.output for u in units))
-    if not watched:
+    if not units:
         return {}
+    fed = tuple(dict.fromkeys(t for u in units for t in (u.input, u.summand) if t and probe_name(t) in present))
+    outputs = tuple(dict.fromkeys(u.output for u in units))
     frozen = plan.frozen
-    float_run = graph_function(frozen.graph_def, frozen.input_tensors, watched)
-    int8_run = graph_function(quantized.graph_def, quantized.input_tensors, watched)
-    sums = dict.fromkeys(watched, 0.0)
-    batches = 0
+    fetched = tuple(dict.fromkeys(fed + outputs))  # one unit's output is often the next one's input
+    float_run = graph_function(frozen.graph_def, frozen.input_tensors, fetched)
+    probe_run = graph_function(probe.graph_def, (*probe.input_tensors, *(f"{probe_name(t)}:0" for t in fed)), outputs)
+    squared = dict.fromkeys(outputs, 0.0)
+    energy = dict.fromkeys(outputs, 0.0)
     for index, batch in enumerate(dataset.inputs(limit=_SAMPLES)):
         arrays = [tf.constant(a) for a in check_batch(as_input_arrays(batch, frozen), frozen, where=f"error batch {index}")]
-        reference, measured = (_as_tuple(run(*arrays)) for run in (float_run, int8_run))
-        for name, a, b in zip(watched, reference, measured):
-            diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-            sums[name] += float(np.mean(diff * diff))
-        batches += 1
+        reference = dict(zip(fetched, _as_tuple(float_run(*arrays))))
+        measured = _as_tuple(probe_run(*arrays, *(reference[t] for t in fed)))
+        for name, value in zip(outputs, measured):
+            ref = np.asarray(reference[name], dtype=np.float64)
+            diff = ref - np.asarray(value, dtype=np.float64)
+            squared[name] += float(np.mean(diff * diff))
+            energy[name] += float(np.mean(ref * ref))
     per_op: dict[str, list[float]] = {}
     for unit in units:
-        per_op.setdefault(plan.op_names[unit.name], []).append(sums[unit.output] / max(batches, 1))
+        relative = squared[unit.output] / max(energy[unit.output], 1e-12)
+        per_op.setdefault(plan.op_names[unit.name], []).append(relative)
     return {name: float(np.mean(values)) for name, values in per_op.items()}
 
 

@@ -166,13 +166,14 @@ def quantize_plan(
     calibration: GraphCalibration,
     *,
     ranges: Mapping[str, tuple[float, float]] | None = None,
-    keep_unit_outputs: bool = False,
+    probe: bool = False,
 ) -> TFSavedModel:
     """The int8 graph for one trial: ranges from ``config``'s per-op settings, excluded ops left in float.
 
     ``ranges`` (tensor name -> (min, max)) are taken as they are in place of the observers' answer: QAT
     passes the ranges its fake quant learned, and the observers only cover the tensors it has none for.
-    ``keep_unit_outputs`` keeps each int8 unit's float output in the graph, read or not (for per-op errors).
+    ``probe`` builds the graph per-op errors are measured on (see ``rewrite_int8``): each unit reads its float
+    input from a placeholder, and keeps its float output, read or not.
     """
     given = dict(ranges or {})
     excluded = set(config.exclude.select(describe_plan(plan).ops)) if config.exclude else set()
@@ -204,8 +205,12 @@ def quantize_plan(
             core_output_range=tensor_range(unit.core_output, unit),
             summand_range=tensor_range(unit.summand, unit) if unit.summand else None,
         )
-    keep = tuple(u.output.split(":")[0] for u in plan.units if u.name in settings) if keep_unit_outputs else ()
-    graph_def, kernels = rewrite_int8(plan.frozen.graph_def, plan.units, settings, plan.frozen.output_tensors, keep=keep)
+    keep: tuple[str, ...] = ()
+    if probe:  # the model inputs too: the units that read them now read placeholders
+        keep = tuple(t.split(":")[0] for t in (*plan.frozen.input_tensors, *(u.output for u in plan.units if u.name in settings)))
+    graph_def, kernels = rewrite_int8(
+        plan.frozen.graph_def, plan.units, settings, plan.frozen.output_tensors, keep=keep, probe=probe
+    )
     frozen = plan.frozen
     layers = {node: plan.op_names[unit] for node, unit in kernels.items()}
     return TFSavedModel(
