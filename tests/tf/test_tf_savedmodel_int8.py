@@ -80,7 +80,8 @@ def _int8_breaking_cnn() -> keras.Model:
     """The digits CNN with one fc1 unit scaled up 1000x and the logits weights that read it scaled down alike.
 
     The FP32 function is the same (ReLU commutes with a positive scale), but fc1's output, the logits' input,
-    now spans a range where one 8-bit step is wider than every other unit's activations.
+    now spans a range where one 8-bit step is wider than every other unit's activations (and fc1's per-tensor
+    int8 weights keep only that unit's column).
     """
     source = models.cnn()
     model = keras.models.clone_model(source)
@@ -107,12 +108,32 @@ def test_savedmodel_op_errors_are_each_layers_own(digits):
     errors = backend.op_errors(model, SAVEDMODEL, calibration=None, dataset=data)
     assert set(errors) == {"conv1", "conv2", "fc1", "logits"}
     # Each layer is fed the float model's input, so the error shows where it arises: the logits' input range,
-    # whose one huge unit leaves every other unit below an 8-bit step. fc1's own output keeps that unit (and
-    # most of its energy); without isolation every layer after conv1 would carry conv1's error too.
+    # whose one huge unit leaves every other unit below an 8-bit step. fc1's output keeps that unit and with
+    # it nearly all of its energy, so its relative error stays small (a limit of output-MSE ranking).
     assert errors["logits"] > 0.5, errors
     assert max(errors["conv1"], errors["conv2"], errors["fc1"]) < 0.01, errors
     kept = inc.QuantConfig(format="savedmodel", calib_samples=128, exclude=inc.LayerFilter(names=("conv2",)))
     assert set(backend.op_errors(model, kept, calibration=None, dataset=data)) == {"conv1", "fc1", "logits"}
+
+
+def test_a_relu_layer_read_only_by_float_ops_gives_a_float_output(digits):
+    """fc1 with the logits kept in float: its kernel dequantizes and the Relu runs in float, so its output is
+    not rounded to 8 bits (a requantized output holds at most 256 values) though nothing int8 reads it."""
+    from inc_tf._frozen import graph_function
+
+    x_train, x_test, _, y_test = digits
+    model = models.cnn()
+    config = inc.QuantConfig(format="savedmodel", calib_samples=128, exclude=inc.LayerFilter(names=("logits",)))
+    q = inc.quantize(model, config, dataset=inc.Dataset(x_train[:256], batch_size=32))
+    assert sorted(q.int8_layers()) == ["conv1", "conv2", "fc1"]
+    counts = q.op_counts()
+    assert counts.get("QuantizedMatMulWithBiasAndDequantize") == 1 and "QuantizedMatMulWithBiasAndReluAndRequantize" not in counts, counts
+    assert counts.get("MatMul") == 1, counts  # the logits
+    (kernel,) = [n.name for n in q.graph_def.node if n.op == "QuantizedMatMulWithBiasAndDequantize"]
+    (relu,) = [n.name for n in q.graph_def.node if n.op == "Relu" and n.input[0] == f"{kernel}:0"]
+    fc1 = np.asarray(graph_function(q.graph_def, q.input_tensors, (f"{relu}:0",))(tf.constant(x_test)))
+    assert len(np.unique(fc1)) > 1000, len(np.unique(fc1))
+    assert models.accuracy(q, x_test, y_test) >= models.accuracy(model, x_test, y_test) - 0.01
 
 
 def test_excluded_layer_stays_float(calib, digits):

@@ -7,7 +7,8 @@ Each unit (see ``_int8_units``) becomes:
   float bias, the calibrated output range frozen in), then ``Dequantize``. A depthwise conv is the same
   with ``_FusedQuantizedDepthwiseConv2D``; a Relu6 is the fused Relu with the output range capped at 6.
 * MatMul: ``QuantizeV2`` of its input to quint8, then ``QuantizedMatMulWithBiasAndReluAndRequantize``
-  (+ ``Dequantize``) or ``QuantizedMatMulWithBiasAndDequantize`` (per-tensor int8 weights). A signed
+  (+ ``Dequantize``) when an int8 kernel reads its Relu output, else ``QuantizedMatMulWithBiasAndDequantize``
+  (+ a float Relu) (per-tensor int8 weights). A signed
   input is shifted by its calibrated minimum first and the shift folded into the bias, so it is still
   read as unsigned 8-bit (the kernels' own MIN_FIRST compensation is wrong with a float bias in TF 2.21).
 
@@ -157,6 +158,8 @@ def rewrite_int8(
         ):
             pools.setdefault(tensor_name(node.input[0]), []).append(node)
             replaced.add(node.name)
+    # Tensors an int8 kernel reads: a unit whose output none of them reads has no use for an 8-bit output.
+    int8_read = {t for u in chosen for t in (u.input, u.summand) if t} | set(pools)
     build = _Builder(graph_def)
     for node in graph_def.node:
         if node.name not in replaced:
@@ -256,6 +259,18 @@ def rewrite_int8(
             )
             kernel = f"{base}/conv"
             kernels[kernel] = unit.name
+        elif unit.relu and unit.output not in int8_read:
+            # Only float ops read it: the kernel dequantizes and the Relu runs in float, with no 8-bit rounding of
+            # the output (a requantized output loses what its calibrated range cannot resolve, even when the
+            # layer reading it was kept in float).
+            kernel = build.node(
+                f"{base}/matmul", "QuantizedMatMulWithBiasAndDequantize", inputs,
+                T1=_QUINT8, T2=_QINT8, Tbias=_FLOAT, Toutput=_FLOAT, transpose_a=False, transpose_b=False,
+                input_quant_mode="SCALED",
+            ).name
+            kernels[kernel] = unit.name
+            build.node(unit.output_node, "Relu6" if unit.relu6 else "Relu", [f"{kernel}:0"], T=_FLOAT)
+            continue
         elif unit.relu:
             kernel = build.node(
                 f"{base}/matmul", "QuantizedMatMulWithBiasAndReluAndRequantize", inputs,
