@@ -227,11 +227,12 @@ def test_unwritable_output_leaves_no_partial_directory(tmp_path, calib, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.savedmodel"]
 
 
-def _residual_cnn() -> keras.Model:
-    """conv+ReLU, then a residual block whose Add+ReLU the SavedModel target fuses into the second conv."""
+def _residual_cnn(stem_relu: bool = True) -> keras.Model:
+    """conv+ReLU, then a residual block whose Add+ReLU the SavedModel target fuses into the second conv (only
+    with ``stem_relu``: TF's fused sum kernel takes an unsigned summand, so a signed one leaves the Add float)."""
     keras.utils.set_random_seed(2)
     inputs = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="stem")(inputs)
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu" if stem_relu else None, name="stem")(inputs)
     y = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="block_a")(h)
     y = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="block_b")(y)
     y = keras.layers.BatchNormalization(name="block_bn")(y)
@@ -254,6 +255,18 @@ def test_residual_add_and_relu_fused_into_the_int8_conv(digits, calib):
     assert sorted(q.int8_layers()) == ["block_a", "block_b", "logits", "stem"]
     fp32 = models.accuracy(model, x_test, y_test)
     assert fp32 > 0.9 and models.accuracy(q, x_test, y_test) >= fp32 - 0.01
+
+
+@pytest.mark.parametrize("stem_relu", [True, False], ids=["fused-sum", "float-add"])
+def test_residual_op_errors_are_each_convs_own(digits, calib, stem_relu):
+    """With the Add left in float it reads the summand from upstream int8 layers: block_b's error is read before it."""
+    model = _residual_cnn(stem_relu)
+    q = inc.quantize(model, SAVEDMODEL, dataset=calib)
+    fused = q.op_counts().get("QuantizedConv2DWithBiasSumAndReluAndRequantize") == 1
+    assert fused == stem_relu and ("AddV2" in q.op_counts()) != stem_relu, q.op_counts()
+    errors = inc.get_backend("tf").op_errors(model, SAVEDMODEL, calibration=None, dataset=calib)
+    assert set(errors) == {"stem", "block_a", "block_b", "logits"}
+    assert all(0.0 < value < 0.05 for value in errors.values()), errors
 
 
 def test_cli_quantizes_a_savedmodel_directory(tmp_path, capsys):

@@ -15,6 +15,7 @@ from inc_tf._litert import Invoker, LiteRTModel, interpreter
 from inc_tf._savedmodel import TFSavedModel
 from inc_tf.ptq._calibrate import TfCalibration
 from inc_tf.ptq._int8_rewrite import probe_name
+from inc_tf.ptq._int8_units import Unit
 from inc_tf.ptq._quantize import describe_graph, layers_of_op
 from inc_tf.ptq._savedmodel_quantize import GraphPlan, as_input_arrays, describe_plan
 
@@ -86,7 +87,8 @@ def unit_output_errors(plan: GraphPlan, config: QuantConfig, probe: TFSavedModel
     if not units:
         return {}
     fed = tuple(dict.fromkeys(t for u in units for t in (u.input, u.summand) if t and probe_name(t) in present))
-    outputs = tuple(dict.fromkeys(u.output for u in units))
+    measured_at = {u.name: _own_output(u, present) for u in units}
+    outputs = tuple(dict.fromkeys(measured_at.values()))
     frozen = plan.frozen
     fetched = tuple(dict.fromkeys(fed + outputs))  # one unit's output is often the next one's input
     float_run = graph_function(frozen.graph_def, frozen.input_tensors, fetched)
@@ -104,9 +106,18 @@ def unit_output_errors(plan: GraphPlan, config: QuantConfig, probe: TFSavedModel
             energy[name] += float(np.mean(ref * ref))
     per_op: dict[str, list[float]] = {}
     for unit in units:
-        relative = squared[unit.output] / max(energy[unit.output], 1e-12)
+        relative = squared[measured_at[unit.name]] / max(energy[measured_at[unit.name]], 1e-12)
         per_op.setdefault(plan.op_names[unit.name], []).append(relative)
     return {name: float(np.mean(values)) for name, values in per_op.items()}
+
+
+def _own_output(unit: Unit, present: set[str]) -> str:
+    """The tensor that holds only ``unit``'s own error: before a residual Add the rewrite left in float (the Add
+    reads the summand from upstream int8 ops), else the unit's output."""
+    core = unit.core_output
+    if unit.summand and core != unit.output and core.split(":")[0] in present:
+        return core
+    return unit.output
 
 
 def _as_tuple(values: object) -> tuple:
