@@ -171,8 +171,8 @@ def rewrite_int8(
     placeholders: set[str] = set()
     shapes = _tensor_shapes(graph_def, [t for u in chosen for t in (u.input, u.summand) if t]) if probe else {}
 
-    def probe_input(tensor: str) -> str:
-        name = probe_name(tensor)
+    def probe_input(tensor: str, summand: bool = False) -> str:
+        name = probe_name(tensor, summand=summand)
         if name not in placeholders:
             node = build.node(name, "Placeholder", [], dtype=_FLOAT)
             # oneDNN's int8 kernels are set up for the input's rank: give the placeholder the tensor's shape
@@ -239,7 +239,7 @@ def rewrite_int8(
         inputs = [qin.ref, w_ref, b_ref, qin.min_ref, qin.max_ref, wmin, wmax, omin, omax]
         if fused_sum:
             summand, summand_high = unit.summand or "", (s.summand_range or (0.0, 0.0))[1]  # both set: _fuses_sum
-            qsum = quantized(probe_input(summand) if probe else summand, (_QUINT8, (0.0, max(summand_high, _TINY))), f"{base}/quantize_summand")
+            qsum = quantized(probe_input(summand, summand=True) if probe else summand, (_QUINT8, (0.0, max(summand_high, _TINY))), f"{base}/quantize_summand")
             kernel = build.node(
                 f"{base}/conv_sum", "QuantizedConv2DWithBiasSumAndReluAndRequantize",
                 [*inputs, qsum.ref, qsum.min_ref, qsum.max_ref],
@@ -313,9 +313,13 @@ def _tensor_shapes(graph_def: Any, tensors: list[str]) -> dict[str, Any]:
         return {t: graph.get_tensor_by_name(t).shape for t in dict.fromkeys(tensors)}
 
 
-def probe_name(tensor: str) -> str:
-    """The placeholder a probe graph (``rewrite_int8(..., probe=True)``) reads float ``tensor`` from."""
-    return "inc_probe/" + tensor.replace(":", "_")
+def probe_name(tensor: str, *, summand: bool = False) -> str:
+    """The placeholder a probe graph (``rewrite_int8(..., probe=True)``) reads float ``tensor`` from.
+
+    A summand gets its own placeholder (and QuantizeV2): TF's fused-sum conv writes its output into the
+    summand's buffer, which must not be another kernel's input (shared, it crashed TF 2.21's oneDNN kernels).
+    """
+    return "inc_probe/" + tensor.replace(":", "_") + ("/summand" if summand else "")
 
 
 def _in_order(units: list[Unit]) -> list[Unit]:

@@ -86,19 +86,23 @@ def unit_output_errors(plan: GraphPlan, config: QuantConfig, probe: TFSavedModel
     units = [u for u in plan.units if plan.op_names[u.name] not in excluded and u.output.split(":")[0] in present]
     if not units:
         return {}
-    fed = tuple(dict.fromkeys(t for u in units for t in (u.input, u.summand) if t and probe_name(t) in present))
+    # placeholder -> the float tensor it is fed (a summand has a placeholder of its own)
+    feeds = {probe_name(u.input): u.input for u in units}
+    feeds.update({probe_name(u.summand, summand=True): u.summand for u in units if u.summand})
+    feeds = {placeholder: tensor for placeholder, tensor in feeds.items() if placeholder in present}
+    fed = tuple(dict.fromkeys(feeds.values()))
     measured_at = {u.name: _own_output(u, present) for u in units}
     outputs = tuple(dict.fromkeys(measured_at.values()))
     frozen = plan.frozen
     fetched = tuple(dict.fromkeys(fed + outputs))  # one unit's output is often the next one's input
     float_run = graph_function(frozen.graph_def, frozen.input_tensors, fetched)
-    probe_run = graph_function(probe.graph_def, (*probe.input_tensors, *(f"{probe_name(t)}:0" for t in fed)), outputs)
+    probe_run = graph_function(probe.graph_def, (*probe.input_tensors, *(f"{p}:0" for p in feeds)), outputs)
     squared = dict.fromkeys(outputs, 0.0)
     energy = dict.fromkeys(outputs, 0.0)
     for index, batch in enumerate(dataset.inputs(limit=_SAMPLES)):
         arrays = [tf.constant(a) for a in check_batch(as_input_arrays(batch, frozen), frozen, where=f"error batch {index}")]
         reference = dict(zip(fetched, _as_tuple(float_run(*arrays))))
-        measured = _as_tuple(probe_run(*arrays, *(reference[t] for t in fed)))
+        measured = _as_tuple(probe_run(*arrays, *(reference[t] for t in feeds.values())))
         for name, value in zip(outputs, measured):
             ref = np.asarray(reference[name], dtype=np.float64)
             diff = ref - np.asarray(value, dtype=np.float64)
