@@ -259,19 +259,7 @@ def rewrite_int8(
             )
             kernel = f"{base}/conv"
             kernels[kernel] = unit.name
-        elif unit.relu and unit.output not in int8_read:
-            # Only float ops read it: the kernel dequantizes and the Relu runs in float, with no 8-bit rounding of
-            # the output (a requantized output loses what its calibrated range cannot resolve, even when the
-            # layer reading it was kept in float).
-            kernel = build.node(
-                f"{base}/matmul", "QuantizedMatMulWithBiasAndDequantize", inputs,
-                T1=_QUINT8, T2=_QINT8, Tbias=_FLOAT, Toutput=_FLOAT, transpose_a=False, transpose_b=False,
-                input_quant_mode="SCALED",
-            ).name
-            kernels[kernel] = unit.name
-            build.node(unit.output_node, "Relu6" if unit.relu6 else "Relu", [f"{kernel}:0"], T=_FLOAT)
-            continue
-        elif unit.relu:
+        elif unit.relu and unit.output in int8_read:
             kernel = build.node(
                 f"{base}/matmul", "QuantizedMatMulWithBiasAndReluAndRequantize", inputs,
                 T1=_QUINT8, T2=_QINT8, Tbias=_FLOAT, Toutput=_QUINT8, transpose_a=False, transpose_b=False,
@@ -279,12 +267,18 @@ def rewrite_int8(
             ).name
             kernels[kernel] = unit.name
         else:
+            # A float output. With a Relu that only float ops read, the Relu runs in float after the kernel: a
+            # requantized output would lose what its calibrated range cannot resolve, even when the layer
+            # reading it was kept in float.
+            kernel = f"{base}/matmul" if unit.relu else unit.output_node
             build.node(
-                unit.output_node, "QuantizedMatMulWithBiasAndDequantize", inputs,
+                kernel, "QuantizedMatMulWithBiasAndDequantize", inputs,
                 T1=_QUINT8, T2=_QINT8, Tbias=_FLOAT, Toutput=_FLOAT, transpose_a=False, transpose_b=False,
                 input_quant_mode="SCALED",
             )
-            kernels[unit.output_node] = unit.name
+            kernels[kernel] = unit.name
+            if unit.relu:
+                build.node(unit.output_node, "Relu6" if unit.relu6 else "Relu", [f"{kernel}:0"], T=_FLOAT)
             continue
         build.node(unit.output_node, "Dequantize", [f"{kernel}:0", f"{kernel}:1", f"{kernel}:2"], T=out_type, mode="SCALED")
         produced[unit.output] = _QTensor(f"{kernel}:0", f"{kernel}:1", f"{kernel}:2", out_type, out_bounds)
