@@ -227,16 +227,29 @@ def test_unwritable_output_leaves_no_partial_directory(tmp_path, calib, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.savedmodel"]
 
 
-def _residual_cnn(stem_relu: bool = True) -> keras.Model:
-    """conv+ReLU, then a residual block whose Add+ReLU the SavedModel target fuses into the second conv (only
-    with ``stem_relu``: TF's fused sum kernel takes an unsigned summand, so a signed one leaves the Add float)."""
+_RESIDUAL_VARIANTS = ("unsigned-summand", "signed-summand", "conv-shortcut", "signed-input")
+
+
+def _residual_cnn(variant: str) -> keras.Model:
+    """conv, then a residual block ``ReLU(Add(block_b(block_a(h)), shortcut))`` on digits, trained.
+
+    ``unsigned-summand``: the stem ends in a ReLU, the shortcut is ``h`` itself. ``signed-summand``: the stem has no
+    ReLU, so the summand is signed and also read by block_a. ``conv-shortcut``: the shortcut is a 1x1 conv + BN (a
+    ResNet's downsampling path), signed and read by the Add only. ``signed-input``: block_a has no ReLU, so block_b
+    reads a signed input, which TF's fused-sum kernel cannot take: the Add stays float.
+    """
     keras.utils.set_random_seed(2)
     inputs = keras.Input((8, 8, 1))
+    stem_relu = variant != "signed-summand"
     h = keras.layers.Conv2D(16, 3, padding="same", activation="relu" if stem_relu else None, name="stem")(inputs)
-    y = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="block_a")(h)
+    y = keras.layers.Conv2D(16, 3, padding="same", activation=None if variant == "signed-input" else "relu", name="block_a")(h)
     y = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="block_b")(y)
     y = keras.layers.BatchNormalization(name="block_bn")(y)
-    h = keras.layers.ReLU(name="block_relu")(keras.layers.Add(name="residual")([y, h]))
+    shortcut = h
+    if variant == "conv-shortcut":
+        shortcut = keras.layers.Conv2D(16, 1, use_bias=False, name="shortcut")(h)
+        shortcut = keras.layers.BatchNormalization(name="shortcut_bn")(shortcut)
+    h = keras.layers.ReLU(name="block_relu")(keras.layers.Add(name="residual")([y, shortcut]))
     h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
     model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="residual_cnn")
     x_train, _, y_train, _ = models.digits()
@@ -245,27 +258,40 @@ def _residual_cnn(stem_relu: bool = True) -> keras.Model:
     return model
 
 
-def test_residual_add_and_relu_fused_into_the_int8_conv(digits, calib):
+@pytest.mark.parametrize("variant", _RESIDUAL_VARIANTS[:3])
+def test_residual_add_and_relu_fused_into_the_int8_conv(digits, calib, variant):
+    """The Add + ReLU run inside the int8 conv, a signed summand shifted to unsigned (by its producing conv when
+    only the Add reads it, else by a float Sub), with outputs that stay those of the float model."""
     x_test, y_test = digits[1], digits[3]
-    model = _residual_cnn()
+    model = _residual_cnn(variant)
     q = inc.quantize(model, SAVEDMODEL, dataset=calib)
     counts = q.op_counts()
     assert counts.get("QuantizedConv2DWithBiasSumAndReluAndRequantize") == 1, counts
-    assert counts.get("_FusedQuantizedConv2D") == 2 and "AddV2" not in counts and "Relu" not in counts, counts
-    assert sorted(q.int8_layers()) == ["block_a", "block_b", "logits", "stem"]
+    convs = 3 if variant == "conv-shortcut" else 2
+    assert counts.get("_FusedQuantizedConv2D") == convs and "AddV2" not in counts and "Relu" not in counts, counts
+    # only the stem's signed output, which block_a reads too, is shifted in float
+    assert counts.get("Sub", 0) == (1 if variant == "signed-summand" else 0), counts
+    # int8 from the input's QuantizeV2 to the Dequantize before the pooling, at most the stem's output besides
+    assert counts.get("Dequantize") == (2 if variant == "signed-summand" else 1), counts
+    expected = ["block_a", "block_b", "logits", "stem"] + (["shortcut"] if variant == "conv-shortcut" else [])
+    assert sorted(q.int8_layers()) == sorted(expected)
     fp32 = models.accuracy(model, x_test, y_test)
     assert fp32 > 0.9 and models.accuracy(q, x_test, y_test) >= fp32 - 0.01
+    reference, got = np.asarray(model(x_test, training=False)), np.asarray(q(x_test))
+    cosine = np.sum(reference * got, 1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(got, axis=1))
+    assert cosine.min() > 0.99, cosine.min()
 
 
-@pytest.mark.parametrize("stem_relu", [True, False], ids=["fused-sum", "float-add"])
-def test_residual_op_errors_are_each_convs_own(digits, calib, stem_relu):
+@pytest.mark.parametrize("variant", _RESIDUAL_VARIANTS)
+def test_residual_op_errors_are_each_convs_own(digits, calib, variant):
     """With the Add left in float it reads the summand from upstream int8 layers: block_b's error is read before it."""
-    model = _residual_cnn(stem_relu)
+    model = _residual_cnn(variant)
     q = inc.quantize(model, SAVEDMODEL, dataset=calib)
     fused = q.op_counts().get("QuantizedConv2DWithBiasSumAndReluAndRequantize") == 1
-    assert fused == stem_relu and ("AddV2" in q.op_counts()) != stem_relu, q.op_counts()
+    assert fused == (variant != "signed-input") and ("AddV2" in q.op_counts()) != fused, q.op_counts()
     errors = inc.get_backend("tf").op_errors(model, SAVEDMODEL, calibration=None, dataset=calib)
-    assert set(errors) == {"stem", "block_a", "block_b", "logits"}
+    layers = {"stem", "block_a", "block_b", "logits"} | ({"shortcut"} if variant == "conv-shortcut" else set())
+    assert set(errors) == layers
     assert all(0.0 < value < 0.05 for value in errors.values()), errors
 
 

@@ -12,6 +12,12 @@ Each unit (see ``_int8_units``) becomes:
   input is shifted by its calibrated minimum first and the shift folded into the bias, so it is still
   read as unsigned 8-bit (the kernels' own MIN_FIRST compensation is wrong with a float bias in TF 2.21).
 
+A residual ``Relu(Add(conv, summand))`` whose conv reads an unsigned input is one fused-sum kernel. TF's
+kernel takes an unsigned summand only, so a signed one (a ResNet's downsampling 1x1 conv + BN) is fused
+shifted: the kernel reads ``summand - low`` (``low`` its calibrated minimum) as quint8 and the conv's bias
+gets ``+ low``, so the sum is unchanged. A conv whose output only that Add reads writes the shifted tensor
+itself (``- low`` folded into its bias); any other summand is shifted by a float ``Sub`` before it is quantized.
+
 The float output of a unit keeps the name of the op it replaces, so every other node is copied
 unchanged. A unit that reads another unit's requantized output at the same range takes the int8
 tensor directly, so conv -> conv chains stay in int8 with no Dequantize/QuantizeV2 in between.
@@ -49,10 +55,20 @@ class UnitSettings:
 
 
 def _fuses_sum(unit: Unit, s: UnitSettings) -> bool:
-    """Whether the residual Add goes into the conv kernel: TF's fused sum kernel takes unsigned input and summand."""
-    return bool(
-        unit.summand and s.summand_range is not None and s.summand_range[0] >= 0.0 and s.input_range[0] >= 0.0
-    )
+    """Whether the residual Add goes into the conv kernel: TF's fused sum kernel takes an unsigned input (a
+    signed summand is shifted to unsigned, see the module docstring)."""
+    return bool(unit.summand and s.summand_range is not None and s.input_range[0] >= 0.0)
+
+
+def _data_readers(graph_def: Any) -> dict[str, int]:
+    """How many data inputs of other nodes read each node's outputs."""
+    readers: dict[str, int] = {}
+    for node in graph_def.node:
+        for ref in node.input:
+            if not ref.startswith("^"):
+                name = ref.split(":")[0]
+                readers[name] = readers.get(name, 0) + 1
+    return readers
 
 
 @dataclass(frozen=True)
@@ -148,6 +164,23 @@ def rewrite_int8(
             fusing.add(u.name)
             claimed.add(u.output_node)
     replaced = {name for u in chosen for name in (u.nodes if u.name in fusing else u.core_nodes or u.nodes)}
+    # Signed summands: a producer unit whose output only the residual Add reads writes it shifted to unsigned.
+    # Its output is where the rewrite ends it: before the Add when the Add is another conv's to fuse (both
+    # convs of a downsampling block reach the Add; the one that fuses it reads the other's output).
+    by_output = {u.core_output if u.summand else u.output: u for u in chosen if u.name not in fusing}
+    readers = _data_readers(graph_def)
+    pinned = {tensor_name(o).split(":")[0] for o in outputs} | set(keep)
+    shifted_by: dict[str, tuple[float, float]] = {}  # producer unit -> the summand range it is shifted by
+    for u in chosen:
+        summand_range = settings[u.name].summand_range
+        if u.name not in fusing or summand_range is None or summand_range[0] >= 0.0 or probe:
+            continue
+        producer = by_output.get(u.summand or "")
+        if (
+            producer is not None and (producer.summand or not producer.relu)
+            and readers.get(producer.core_output.split(":")[0], 0) == 1 and producer.core_output.split(":")[0] not in pinned
+        ):
+            shifted_by[producer.name] = summand_range
     # A MaxPool reading a unit's int8 output runs on it too (QuantizedMaxPool keeps the range): no round trip.
     effective = {u.output if u.name in fusing or not u.summand else u.core_output for u in chosen}
     pools: dict[str, list[Any]] = {}
@@ -165,6 +198,7 @@ def rewrite_int8(
         if node.name not in replaced:
             build.graph.node.add().CopyFrom(node)
     produced: dict[str, _QTensor] = {}  # a unit's float output -> its requantized int8 tensor
+    produced_shifted: dict[str, _QTensor] = {}  # a summand -> its producer's int8 output of (summand - low)
     quantized_inputs: dict[tuple[str, int, tuple[float, float]], _QTensor] = {}
     kernels: dict[str, str] = {}
 
@@ -224,22 +258,40 @@ def rewrite_int8(
             return quantized_inputs[key]
 
         qin = quantized(source, want, f"{base}/quantize")
-        w_ref = build.const(f"{base}/weight", q_weight, dtype=dtypes.qint8)
-        wmin = build.const(f"{base}/weight_min", -limit)
-        wmax = build.const(f"{base}/weight_max", limit)
-        b_ref = build.const(f"{base}/bias", bias.astype(np.float32))
         out_low, out_high = s.output_range
-        if unit.relu:
+        summand_low, summand_high = s.summand_range or (0.0, 0.0)
+        summand_shift = shifted_by.get(unit.name)
+        if summand_shift is not None:
+            # writes (output - low) as unsigned for the fused-sum kernel that reads it as its summand
+            bias = bias - summand_shift[0]
+            out_type, out_bounds = _QUINT8, (0.0, max(summand_shift[1] - summand_shift[0], _TINY))
+        elif unit.relu:
             # a Relu6 is the kernel's Relu with the requantized output saturating at 6
             out_type, out_bounds = _QUINT8, (0.0, max(min(out_high, 6.0) if unit.relu6 else out_high, _TINY))
         else:
             out_type, out_bounds = _QINT8, _signed_bounds(out_low, out_high)
+        if fused_sum and summand_low < 0.0:
+            bias = bias + summand_low  # the kernel adds (summand - low): the bias adds low back
+        w_ref = build.const(f"{base}/weight", q_weight, dtype=dtypes.qint8)
+        wmin = build.const(f"{base}/weight_min", -limit)
+        wmax = build.const(f"{base}/weight_max", limit)
+        b_ref = build.const(f"{base}/bias", bias.astype(np.float32))
         omin = build.const(f"{base}/output_min", np.float32(out_bounds[0]))
         omax = build.const(f"{base}/output_max", np.float32(out_bounds[1]))
         inputs = [qin.ref, w_ref, b_ref, qin.min_ref, qin.max_ref, wmin, wmax, omin, omax]
         if fused_sum:
-            summand, summand_high = unit.summand or "", (s.summand_range or (0.0, 0.0))[1]  # both set: _fuses_sum
-            qsum = quantized(probe_input(summand, summand=True) if probe else summand, (_QUINT8, (0.0, max(summand_high, _TINY))), f"{base}/quantize_summand")
+            summand = unit.summand or ""  # set: _fuses_sum
+            summand_source = probe_input(summand, summand=True) if probe else summand
+            if summand_low >= 0.0:
+                qsum = quantized(summand_source, (_QUINT8, (0.0, max(summand_high, _TINY))), f"{base}/quantize_summand")
+            elif summand in produced_shifted:
+                qsum = produced_shifted[summand]
+            else:
+                low_ref = build.const(f"{base}/summand_low", np.float32(summand_low))
+                shifted = build.node(f"{base}/shift_summand", "Sub", [summand_source, low_ref], T=_FLOAT).name
+                qsum = quantized(
+                    f"{shifted}:0", (_QUINT8, (0.0, max(summand_high - summand_low, _TINY))), f"{base}/quantize_summand"
+                )
             kernel = build.node(
                 f"{base}/conv_sum", "QuantizedConv2DWithBiasSumAndReluAndRequantize",
                 [*inputs, qsum.ref, qsum.min_ref, qsum.max_ref],
@@ -279,6 +331,13 @@ def rewrite_int8(
             kernels[kernel] = unit.name
             if unit.relu:
                 build.node(unit.output_node, "Relu6" if unit.relu6 else "Relu", [f"{kernel}:0"], T=_FLOAT)
+            continue
+        if summand_shift is not None:
+            # the float output (kept for whatever else asks for it) adds the shift back
+            build.node(f"{base}/dequantize", "Dequantize", [f"{kernel}:0", f"{kernel}:1", f"{kernel}:2"], T=out_type, mode="SCALED")
+            low_ref = build.const(f"{base}/output_low", np.float32(summand_shift[0]))
+            build.node(unit.output_node, "AddV2", [f"{base}/dequantize:0", low_ref], T=_FLOAT)
+            produced_shifted[unit.output] = _QTensor(f"{kernel}:0", f"{kernel}:1", f"{kernel}:2", out_type, out_bounds)
             continue
         build.node(unit.output_node, "Dequantize", [f"{kernel}:0", f"{kernel}:1", f"{kernel}:2"], T=out_type, mode="SCALED")
         produced[unit.output] = _QTensor(f"{kernel}:0", f"{kernel}:1", f"{kernel}:2", out_type, out_bounds)
