@@ -177,7 +177,8 @@ def rewrite_int8(
             continue
         producer = by_output.get(u.summand or "")
         if (
-            producer is not None and (producer.summand or not producer.relu)
+            # a conv: a MatMul's float-output kernel has no quint8 output to write the shifted tensor to
+            producer is not None and producer.op != "MatMul" and (producer.summand or not producer.relu)
             and readers.get(producer.core_output.split(":")[0], 0) == 1 and producer.core_output.split(":")[0] not in pinned
         ):
             shifted_by[producer.name] = summand_range
