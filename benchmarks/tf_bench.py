@@ -152,6 +152,10 @@ def outputs(model: Any, x: np.ndarray) -> np.ndarray:
     return np.asarray(model(x))
 
 
+# (timed, untimed) calls of one block: at batch 1, and above
+BLOCK_AT_BATCH_1, BLOCK_BATCHED = (8, 2), (3, 1)
+
+
 def side_by_side(models: dict[str, Any], x: np.ndarray, iterations: int) -> dict[str, dict[str, float]]:
     """Blocks of back-to-back calls per model, in reversed order every other round; batch / median latency.
 
@@ -164,7 +168,7 @@ def side_by_side(models: dict[str, Any], x: np.ndarray, iterations: int) -> dict
     for run in runners.values():
         for _ in range(2):
             run()
-    block, warm = (8, 2) if len(x) == 1 else (3, 1)
+    block, warm = BLOCK_AT_BATCH_1 if len(x) == 1 else BLOCK_BATCHED
     latencies: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners)
     for round_ in range(-(-iterations // block)):
@@ -307,7 +311,8 @@ def main() -> None:
         "neural_compressor_tf": version("neural-compressor-tf"), "inc_tf": inc_tf.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "iterations": args.iterations,
         "iterations_batched": args.iterations_batched, "calib_samples": CALIB_SAMPLES, "columns": list(COLUMNS),
-        "blocks": "blocks of 8 timed calls at batch 1 after 2 untimed ones, of 3 after 1 at batch 16",
+        "blocks": "blocks of {} timed calls at batch 1 after {} untimed ones, of {} after {} at batch 16".format(
+            *BLOCK_AT_BATCH_1, *BLOCK_BATCHED),
         "load_average_at_start": os.getloadavg()[0], "peer_cache": bool(args.cache),
     }
     # Everything is built first and timed afterwards under one hold of the lock: the ratios of a table

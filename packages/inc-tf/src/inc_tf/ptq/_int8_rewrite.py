@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from inc_tf.ptq._int8_units import Unit, tensor_name
+from inc_tf.ptq._int8_units import Unit, consumers, tensor_name
 
 __all__ = ["UnitSettings", "probe_name", "rewrite_int8"]
 
@@ -58,17 +58,6 @@ def _fuses_sum(unit: Unit, s: UnitSettings) -> bool:
     """Whether the residual Add goes into the conv kernel: TF's fused sum kernel takes an unsigned input (a
     signed summand is shifted to unsigned, see the module docstring)."""
     return bool(unit.summand and s.summand_range is not None and s.input_range[0] >= 0.0)
-
-
-def _data_readers(graph_def: Any) -> dict[str, int]:
-    """How many data inputs of other nodes read each node's outputs."""
-    readers: dict[str, int] = {}
-    for node in graph_def.node:
-        for ref in node.input:
-            if not ref.startswith("^"):
-                name = ref.split(":")[0]
-                readers[name] = readers.get(name, 0) + 1
-    return readers
 
 
 @dataclass(frozen=True)
@@ -168,7 +157,7 @@ def rewrite_int8(
     # Its output is where the rewrite ends it: before the Add when the Add is another conv's to fuse (both
     # convs of a downsampling block reach the Add; the one that fuses it reads the other's output).
     by_output = {u.core_output if u.summand else u.output: u for u in chosen if u.name not in fusing}
-    readers = _data_readers(graph_def)
+    readers = consumers(graph_def)
     pinned = {tensor_name(o).split(":")[0] for o in outputs} | set(keep)
     shifted_by: dict[str, tuple[float, float]] = {}  # producer unit -> the summand range it is shifted by
     for u in chosen:
@@ -176,11 +165,12 @@ def rewrite_int8(
         if u.name not in fusing or summand_range is None or summand_range[0] >= 0.0 or probe:
             continue
         producer = by_output.get(u.summand or "")
-        if (
-            # a conv: a MatMul's float-output kernel has no quint8 output to write the shifted tensor to
-            producer is not None and producer.op != "MatMul" and (producer.summand or not producer.relu)
-            and readers.get(producer.core_output.split(":")[0], 0) == 1 and producer.core_output.split(":")[0] not in pinned
-        ):
+        # a conv (a MatMul's float-output kernel has no quint8 output to write the shifted tensor to) without a
+        # Relu of its own (the rewrite drops it from one that ends before another conv's Add)
+        if producer is None or producer.op == "MatMul" or (producer.relu and not producer.summand):
+            continue
+        node = producer.core_output.split(":")[0]
+        if len(readers.get(node, [])) == 1 and node not in pinned:
             shifted_by[producer.name] = summand_range
     # A MaxPool reading a unit's int8 output runs on it too (QuantizedMaxPool keeps the range): no round trip.
     effective = {u.output if u.name in fusing or not u.summand else u.core_output for u in chosen}

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ConstantFolder", "Unit", "find_units", "tensor_name"]
+__all__ = ["ConstantFolder", "Unit", "consumers", "find_units", "tensor_name"]
 
 _SOURCES = ("Placeholder", "PlaceholderWithDefault", "VarHandleOp", "ReadVariableOp")
 # never folded: random ops, and loop plumbing (a lowered while loop is a cycle through Merge/NextIteration)
@@ -133,7 +133,8 @@ class Unit:
         return f"{(self.core_nodes or self.nodes)[-1]}:0"
 
 
-def _consumers(graph_def: Any) -> dict[str, list[Any]]:
+def consumers(graph_def: Any) -> dict[str, list[Any]]:
+    """The nodes reading each node (by name), control inputs included."""
     out: dict[str, list[Any]] = {}
     for node in graph_def.node:
         for ref in node.input:
@@ -164,7 +165,7 @@ def _other_input(node: Any, current: str) -> str | None:
 
 def find_units(graph_def: Any, folder: ConstantFolder, outputs: tuple[str, ...]) -> list[Unit]:
     """Every Conv2D/MatMul with constant weights in ``graph_def``, with its folded chain."""
-    consumers = _consumers(graph_def)
+    readers = consumers(graph_def)
     graph_outputs = {_node_of(o) for o in outputs}
     candidates = []
     for node in graph_def.node:
@@ -195,7 +196,7 @@ def find_units(graph_def: Any, folder: ConstantFolder, outputs: tuple[str, ...])
         chain, relu, relu6, current = [node.name], False, False, f"{node.name}:0"
         summand, core = None, None
         while True:
-            users = consumers.get(_node_of(current), [])
+            users = readers.get(_node_of(current), [])
             if len(users) != 1 or _node_of(current) in graph_outputs:
                 break
             user = users[0]
@@ -207,7 +208,7 @@ def find_units(graph_def: Any, folder: ConstantFolder, outputs: tuple[str, ...])
             if user.op not in ("BiasAdd", "Add", "AddV2", "Sub", "Mul") or other is None:
                 break
             if not folder.is_constant(other):
-                after = consumers.get(user.name, [])
+                after = readers.get(user.name, [])
                 if (
                     node.op == "Conv2D" and user.op in ("Add", "AddV2") and tensor_name(other) != current
                     and len(after) == 1 and after[0].op == "Relu" and user.name not in graph_outputs
