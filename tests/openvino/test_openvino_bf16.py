@@ -16,10 +16,17 @@ import inc_onnx
 from inc_core.errors import ConfigError, ModelLoadError
 from inc_onnx.runtime import _bf16, _openvino
 
-requires_bf16 = pytest.mark.skipif(
-    inc_onnx.OnnxBackend(runtime="openvino").bf16_unavailable(inc.QuantConfig()) is not None,
-    reason="this CPU has no BF16 instructions (OpenVINO's OPTIMIZATION_CAPABILITIES lacks BF16)",
-)
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """Where this CPU lacks BF16 instructions (inc refuses BF16 there: emulated, it is slower than FP32), stand in
+    a CPU whose OpenVINO plugin lists BF16, so the rewrite and its runtime precisions are checked on every CPU:
+    OpenVINO still runs the bf16 Converts and ops it is given, emulating them with the same BF16 rounding."""
+    if "BF16" not in _bf16._cpu_capabilities():
+        monkeypatch.setattr(_bf16, "_cpu_capabilities", lambda: ("FP32", "INT8", "BF16"))
+
+
+requires_bf16 = pytest.mark.usefixtures("bf16_cpu")
 
 
 def _runtime_nodes(session: inc_onnx.OpenVinoSession) -> dict[str, tuple[str, str]]:
@@ -153,6 +160,7 @@ def test_autotune_falls_back_to_bf16_and_reports_each_precision(digits, tmp_path
     assert "fc0" in bf16_row
 
 
+@requires_bf16
 def test_bf16_names_matching_no_op_and_every_op_out_of_int8_are_config_errors(digits):
     with pytest.raises(ConfigError, match=r"\['conv_2'\] match no op"):
         _quantize(models.cnn(), digits, bf16=inc.LayerFilter(names=("conv_2",)))
@@ -170,6 +178,17 @@ def test_ort_runtime_refuses_bf16_ops(digits):
     with pytest.raises(ConfigError, match=r"fallback_precision='bf16'.*runtime='ort'"):
         inc.autotune(models.cnn(), tuning, eval_fn=lambda m: 1.0, dataset=digits[0][:64],
                      backend=inc_onnx.OnnxBackend(runtime="ort"))
+
+
+def test_openvino_lists_bf16_exactly_where_the_cpu_flags_have_it(digits):
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        flags = {word for line in cpuinfo if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert ("BF16" in _bf16._cpu_capabilities()) == has_bf16, (sorted(flags & {"avx512_bf16", "amx_bf16"}), _bf16._cpu_capabilities())
+    if not has_bf16:  # e.g. AVX-512 without BF16, or a Xeon whose hypervisor hides AVX512-BF16/AMX: refused for real
+        config = inc.QuantConfig(calib_samples=64, bf16=inc.LayerFilter(names=("conv2",)))
+        with pytest.raises(ConfigError, match=r"has no BF16 instructions.*without 'BF16'.*exclude= instead"):
+            inc.quantize(models.cnn(), config, dataset=digits[0][:64])
 
 
 def test_missing_openvino_or_bf16_instructions_are_named(digits, monkeypatch):
