@@ -148,8 +148,9 @@ def main() -> None:
     print(f"{'all-MiniLM-L6-v2 ' + args.format:<22} {args.goal:>5.3f} {result.score:>7.4f} {'yes' if result.met else 'no':>4} "
           f"{len(result.trials):>6} {matmuls:>12} {latency['fp32']:>8.2f} {latency['dynamic']:>7.2f} {latency['static']:>9.2f}")
     kept = result.config.exclude.names
-    print(f"batch 1, {args.seq} tokens; {len(kept)} of {len(inc.describe(str(fp32_path), base).ops)} ops kept in FP32 "
-          f"(those with the highest measured error), e.g. {', '.join(kept[:2])}")
+    total = len(inc.describe(str(fp32_path), base).ops)
+    which = f" (those with the highest measured error), e.g. {', '.join(kept[:2])}" if kept else ""
+    print(f"batch 1, {args.seq} tokens; {len(kept)} of {total} ops kept in FP32{which}")
 
 
 if __name__ == "__main__":
