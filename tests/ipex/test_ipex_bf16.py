@@ -6,22 +6,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch_helpers import accuracy, calib_data, int8_breaking_mlp, same_state, split, state, trained_cnn, trained_mlp
+from torch_helpers import (
+    accuracy,
+    calib_data,
+    int8_breaking_mlp,
+    same_state,
+    split,
+    stand_in_bf16_cpu,
+    state,
+    trained_cnn,
+    trained_mlp,
+)
 
 import inc_core as inc
 import inc_torch
 from inc_core.errors import ConfigError
-from inc_torch.ptq import _bf16
 
 
 @pytest.fixture(autouse=True)
 def bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where this CPU lacks BF16 instructions (inc refuses BF16 there: emulated, it is slower than FP32), stand in
-    a CPU that has them, so the rewrite, its saved form and its fidelity are checked on every CPU; oneDNN then
-    emulates the BF16 kernels with the same BF16 rounding. (tests/torch/test_torch_bf16.py checks the refusal.)"""
-    if _bf16.cpu_bf16_missing() is not None:
-        monkeypatch.setattr(_bf16, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-        monkeypatch.setattr(_bf16, "_onednn_bf16", lambda: True)
+    stand_in_bf16_cpu(monkeypatch)
 
 
 def _inputs() -> torch.Tensor:

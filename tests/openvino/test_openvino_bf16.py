@@ -26,9 +26,6 @@ def bf16_cpu(monkeypatch):
         monkeypatch.setattr(_bf16, "_cpu_capabilities", lambda: ("FP32", "INT8", "BF16"))
 
 
-requires_bf16 = pytest.mark.usefixtures("bf16_cpu")
-
-
 def _runtime_nodes(session: inc_onnx.OpenVinoSession) -> dict[str, tuple[str, str]]:
     """OpenVINO's executed graph: node name -> (layer type, runtime precision)."""
     found = {}
@@ -52,7 +49,7 @@ def _quantize(model: onnx.ModelProto, digits, **config) -> onnx.ModelProto:
     return inc.quantize(model, inc.QuantConfig(calib_samples=256, **config), dataset=inc.Dataset(digits[0][:256], batch_size=32))
 
 
-@requires_bf16
+@pytest.mark.usefixtures("bf16_cpu")
 def test_chosen_conv_runs_in_bf16_on_openvino_and_fp32_on_ort(digits, tmp_path):
     fp32 = models.cnn()
     q = _quantize(fp32, digits, bf16=inc.LayerFilter(names=("conv2",)))
@@ -89,7 +86,7 @@ def test_chosen_conv_runs_in_bf16_on_openvino_and_fp32_on_ort(digits, tmp_path):
     assert float(np.mean(np.argmax(got, 1) == y)) >= float_acc - 0.02
 
 
-@requires_bf16
+@pytest.mark.usefixtures("bf16_cpu")
 def test_exclude_wins_over_bf16(digits):
     q = _quantize(models.cnn(), digits, bf16=inc.LayerFilter(types=("Conv",)), exclude=inc.LayerFilter(names=("conv2",)))
     assert _bf16.recorded_bf16_ops(q) == ("conv1",)
@@ -100,7 +97,7 @@ def test_exclude_wins_over_bf16(digits):
     assert np.mean(np.argmax(logits, 1) == digits[3]) > 0.9
 
 
-@requires_bf16
+@pytest.mark.usefixtures("bf16_cpu")
 def test_bf16_gemm_between_int8_gemms(digits):
     # The MLP's MatMul + Add layers become Gemm nodes fc0, fc1, fc2 when inc prepares the model.
     q = _quantize(models.mlp(), digits, bf16=inc.LayerFilter(names=("fc1",)))
@@ -131,7 +128,7 @@ def _scaled(x: np.ndarray, factor: float) -> np.ndarray:
     return x
 
 
-@requires_bf16
+@pytest.mark.usefixtures("bf16_cpu")
 def test_autotune_falls_back_to_bf16_and_reports_each_precision(digits, tmp_path):
     model, factor = _outlier_mlp()
     x_calib, x_eval, y_eval = _scaled(digits[0][:256], factor), _scaled(digits[1], factor), digits[3]
@@ -160,7 +157,7 @@ def test_autotune_falls_back_to_bf16_and_reports_each_precision(digits, tmp_path
     assert "fc0" in bf16_row
 
 
-@requires_bf16
+@pytest.mark.usefixtures("bf16_cpu")
 def test_bf16_names_matching_no_op_and_every_op_out_of_int8_are_config_errors(digits):
     with pytest.raises(ConfigError, match=r"\['conv_2'\] match no op"):
         _quantize(models.cnn(), digits, bf16=inc.LayerFilter(names=("conv_2",)))
@@ -205,7 +202,7 @@ def test_missing_openvino_or_bf16_instructions_are_named(digits, monkeypatch):
         _openvino._core.cache_clear()
 
 
-@requires_bf16
+@pytest.mark.usefixtures("bf16_cpu")
 def test_a_file_with_bf16_ops_runs_in_f32_where_bf16_is_missing_and_bad_metadata_is_named(digits, monkeypatch):
     q = _quantize(models.cnn(), digits, bf16=inc.LayerFilter(names=("conv2",)))
     monkeypatch.setattr(_bf16, "_cpu_capabilities", lambda: ("FP32", "INT8"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch_helpers import accuracy, calib_data, int8_breaking_mlp, split, trained_cnn, trained_mlp
+from torch_helpers import accuracy, calib_data, int8_breaking_mlp, split, stand_in_bf16_cpu, trained_cnn, trained_mlp
 
 import inc_core as inc
 import inc_torch
@@ -14,12 +14,7 @@ from inc_torch.ptq import _bf16
 
 @pytest.fixture
 def bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where this CPU lacks BF16 instructions (inc refuses BF16 there: emulated, it is slower than FP32), stand in
-    a CPU that has them, so the rewrite, its saved form and its fidelity are checked on every CPU; oneDNN then
-    emulates the BF16 kernels with the same BF16 rounding."""
-    if _bf16.cpu_bf16_missing() is not None:
-        monkeypatch.setattr(_bf16, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-        monkeypatch.setattr(_bf16, "_onednn_bf16", lambda: True)
+    stand_in_bf16_cpu(monkeypatch)
 
 
 def _test_inputs() -> torch.Tensor:

@@ -131,3 +131,15 @@ def int8_breaking_mlp() -> torch.nn.Module:
         model.fc1.bias[unit] *= 1000.0
         model.fc2.weight[:, unit] /= 1000.0
     return model
+
+
+def stand_in_bf16_cpu(monkeypatch) -> None:
+    """Where this CPU lacks BF16 instructions (inc refuses BF16 there: emulated, it is slower than FP32), make inc's
+    CPU check see a CPU that has them, so the BF16 rewrite, its saved form and its fidelity are checked on every
+    CPU: oneDNN still runs the BF16 ops it is given, emulated with the same BF16 rounding. The refusal itself is
+    tested unpatched (test_torch_bf16.py)."""
+    from inc_torch.ptq import _bf16
+
+    if _bf16.cpu_bf16_missing() is not None:
+        monkeypatch.setattr(_bf16, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+        monkeypatch.setattr(_bf16, "_onednn_bf16", lambda: True)
