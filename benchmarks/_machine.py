@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import platform
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 _INT8_FLAGS = ("avx2", "avx512f", "amx_int8")
@@ -40,3 +45,56 @@ def git_commit(*paths: str) -> str:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=False)
     dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths, ":(exclude)benchmarks/results"], cwd=root, capture_output=True, text=True, check=False)
     return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
+
+
+#: the lock file every benchmark times under (the one ``flock /tmp/bench.lock ...`` takes), so two never time at once
+BENCH_LOCK = Path("/tmp/bench.lock")
+
+
+@contextlib.contextmanager
+def timing_lock(path: Path | None = BENCH_LOCK) -> Iterator[None]:
+    """Hold the benchmarks' lock file while timing (``None``: no lock).
+
+    A script started under ``flock /tmp/bench.lock ...`` already runs inside that lock, held by its parent
+    process; taking it again would wait for itself forever, so then it times under the parent's hold.
+    """
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        if _held_by_an_ancestor(path):
+            print(f"{path} is held by a parent process (flock): timing under its hold", flush=True)
+            yield
+            return
+        started = time.perf_counter()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        waited = time.perf_counter() - started
+        if waited > 1:
+            print(f"waited {waited:.0f} s for {path}", flush=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _held_by_an_ancestor(path: Path) -> bool:
+    """Whether a process above this one holds a flock on ``path`` (read from /proc/locks; False where unreadable)."""
+    try:
+        st = os.stat(path)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    # /proc/locks: "1: FLOCK  ADVISORY  WRITE 4242 fd:01:131 0 EOF"; waiters carry "->" and hold nothing
+    file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = {int(parts[4]) for parts in (line.split() for line in lines)
+               if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == file_id}
+    pid = os.getppid()
+    while pid > 1:
+        if pid in holders:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: the parent's pid
+    return False

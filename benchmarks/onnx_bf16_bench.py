@@ -24,9 +24,7 @@ no other benchmark runs while it times; the export, quantization and scoring bef
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -34,14 +32,13 @@ import platform
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from _machine import cpu_name
+from _machine import cpu_name, timing_lock
 from _machine import git_commit as _git_commit
 from onnx_bench import CALIBRATION_SENTENCES, SENTENCES, OnRuntime, minilm, side_by_side
 
@@ -119,27 +116,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         cos = _cosines(_embeddings(inc_onnx.create_session(m.model, runtime="openvino", threads=args.threads), scored), reference)
         fidelity[key] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
     precisions = {key: runtime_precisions(m.model, args.threads) for key, m in on_ov.items()}
-    with _timing_lock(args.lock):
+    with timing_lock(args.lock):
         rows = _timed_rows(on_ov, scored, args)
     return {
         "model": "all-MiniLM-L6-v2", "seq": args.seq, "op_types": list(args.op_types), "fallback_counts": list(args.fallback_ops),
         "fallback_ops": [{"name": n, "op_error": e} for n, e in ranked],
         "fidelity": fidelity, "runtime_precisions": precisions, "rows": rows,
     }
-
-
-@contextlib.contextmanager
-def _timing_lock(path: Path | None) -> Iterator[None]:
-    """Hold the machine's benchmark lock while timing (export, quantization and scoring run before, unlocked)."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _timed_rows(on_ov: dict[str, Any], scored: dict[str, np.ndarray], args: argparse.Namespace) -> list[dict[str, Any]]:

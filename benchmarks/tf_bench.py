@@ -23,8 +23,6 @@ Results go to benchmarks/results/tf.{json,md}.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -32,7 +30,6 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +43,7 @@ import inc_tf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _tf_peers as peers  # noqa: E402
-from _machine import cpu_flags, cpu_name  # noqa: E402
+from _machine import cpu_flags, cpu_name, timing_lock  # noqa: E402
 from _tf_models import CONVNETS, MINILM, SEQ_LEN, make_convnet, minilm, minilm_windows  # noqa: E402
 from _tf_report import COLUMNS, INT8_COLUMNS, write  # noqa: E402
 
@@ -57,26 +54,8 @@ CALIB_SAMPLES = 16
 #: activations quantized per call), as the ONNX benchmark does for MiniLM; the convnets are static.
 LITERT_APPROACH = {MINILM: "dynamic"}
 THREADS = len(os.sched_getaffinity(0))
-#: the lock every benchmark of the project times under, so two benchmarks never time at once
-BENCH_LOCK = Path("/tmp/bench.lock")
 #: peers whose artifacts are files, built once per model and calibration and reused by later runs
 CACHED = {"litert_fp32", "converter", "aeq", "nctf"}
-
-
-@contextlib.contextmanager
-def bench_lock() -> Iterator[None]:
-    """Hold the benchmarks' lock while timing only: building the int8 models (minutes of conversion and
-    calibration on a loaded machine) does not need it, and holding it then would stall every other benchmark."""
-    with BENCH_LOCK.open("a") as handle:
-        start = time.perf_counter()
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        waited = time.perf_counter() - start
-        if waited > 1:
-            print(f"  waited {waited:.0f} s for {BENCH_LOCK}", flush=True)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def fingerprint(model: keras.Model, calib: np.ndarray) -> str:
@@ -328,7 +307,7 @@ def main() -> None:
                       "timed": {}, "min_cosine": item["cosines"], "notes": item["notes"], "build_s": item["seconds"]}
                      for b in args.batches]
     else:
-        with bench_lock():
+        with timing_lock():
             meta["load_average_at_start"] = os.getloadavg()[0]
             meta["timing_started"] = time.strftime("%H:%M:%S UTC", time.gmtime())
             for item in prepared:

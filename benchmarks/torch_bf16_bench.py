@@ -30,9 +30,7 @@ benchmark does, without holding the lock through minutes of compilation.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import fcntl
 import importlib.metadata
 import json
 import os
@@ -42,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _machine import cpu_name, git_commit
+from _machine import cpu_name, git_commit, timing_lock
 from torch_bench import CALIBRATION_SENTENCES, SENTENCES, attempt, embed, first_call, measure_all, minilm, minilm_inputs
 
 import inc_core as inc
@@ -101,22 +99,6 @@ def build(
         }
         print(name, info[name], flush=True)
     return models, info
-
-
-@contextlib.contextmanager
-def bench_lock(path: Path | None) -> Any:
-    """Hold the benchmarks' flock(1) lock file while timing (None: no lock)."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as handle:
-        started = time.perf_counter()
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        print(f"lock {path} taken after {time.perf_counter() - started:.0f} s", flush=True)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def markdown(out: dict[str, Any]) -> str:
@@ -194,7 +176,7 @@ def main() -> None:
                 del models[name]
                 continue
             first_call_s.setdefault(name, {})[f"bs{batch}"] = round(time.perf_counter() - started, 1)
-    with bench_lock(None if args.no_lock else args.lock):
+    with timing_lock(None if args.no_lock else args.lock):
         for batch, inputs in batches.items():
             speeds = measure_all(models, inputs, args, f"bs{batch}", errors, {})
             for name, value in speeds.items():
