@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from _machine import cpu_name, timing_lock
+from _machine import BENCH_LOCK, cpu_name, timing_lock
 from _machine import git_commit as _git_commit
 from onnx_bench import CALIBRATION_SENTENCES, SENTENCES, OnRuntime, minilm, side_by_side
 
@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     parser.add_argument(
-        "--lock", type=Path, default=Path("/tmp/bench.lock"),
+        "--lock", type=Path, default=BENCH_LOCK,
         help="file lock held while timing, so no other benchmark runs then (the same lock `flock` takes)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for onnx_bf16.json/.md (default {RESULTS})")

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _machine import cpu_name, git_commit, timing_lock
+from _machine import BENCH_LOCK, cpu_name, git_commit, timing_lock
 from torch_bench import CALIBRATION_SENTENCES, SENTENCES, attempt, embed, first_call, measure_all, minilm, minilm_inputs
 
 import inc_core as inc
@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", type=Path, default=HERE / "results")
     parser.add_argument("--sets", nargs="+", default=None, help="fallback sets to measure (default: all)")
-    parser.add_argument("--lock", type=Path, default=Path("/tmp/bench.lock"), help="lock file held while timing")
+    parser.add_argument("--lock", type=Path, default=BENCH_LOCK, help="lock file held while timing")
     parser.add_argument("--no-lock", action="store_true")
     parser.add_argument("--backend", choices=tuple(_PATHS), default="torch", help="inc backend: torch (PT2E) or ipex (its own venv)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON")
