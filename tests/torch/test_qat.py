@@ -71,6 +71,9 @@ def test_qat_on_digits_ends_within_one_percent_of_fp32(fmt: str, optimizer_name:
     _user_loop(qat_model, optimizer_name, lr, epochs=3, seed=1)
     int8 = inc_torch.convert(qat_model)  # what users run: PT2E compiled by inductor, FX x86 modules
     assert inc_torch.quantized_ops(int8) == ["conv1", "conv2", "fc1", "fc2"]
+    if fmt == "pt2e":  # the conv2d batch norms folded into their convs (see _fold_bn)
+        targets = [str(n.target) for n in int8.graph_module.graph.nodes if n.op == "call_function"]
+        assert "aten.conv2d.default" in targets and not any("batch_norm" in t for t in targets), targets
     assert relative_loss(fp32, accuracy(int8)) <= 0.01, (fp32, accuracy(int8))
 
 
@@ -183,3 +186,35 @@ def test_fx_qat_freezes_linear_batch_norm_statistics() -> None:
         qat_model(batch).sum().backward()
     assert fused[0].freeze_bn
     torch.testing.assert_close(fused[0].bn.running_mean, frozen, rtol=0, atol=0)
+
+
+
+def test_pt2e_qat_fold_for_a_conv_kind_the_graph_lacks_leaves_the_graph_as_torchao_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """convert skips torchao's 24 pattern exports per conv kind the graph does not call (about 20 s of the 25 s its
+    convert took on the digits CNN); what the skipped fold does to the graph must be what torchao's fold does."""
+    from torchao.quantization.pt2e import qat_utils
+
+    from inc_torch.qat._fold_bn import folding_only_present_conv_kinds
+
+    qat_model = inc_torch.prepare_qat(trained_cnn(), inc.QATConfig(), _example())
+    qat_model(_example()).sum().backward()
+    example_1d = tuple(torch.randn(*shape) for shape in [(1, 1, 3), (1, 1, 1), (1,), (1,), (1,), (1,)])
+    torchao_helper = qat_utils._fold_conv_bn_qat_helper
+    theirs = torchao_helper(copy.deepcopy(qat_model), torch.nn.functional.conv_transpose1d, example_1d, is_cuda=False)
+
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a pattern was exported for a conv kind the graph does not call")
+
+    monkeypatch.setattr(qat_utils, "_get_aten_graph_module_for_pattern", no_export)
+    with folding_only_present_conv_kinds():
+        assert qat_utils._fold_conv_bn_qat_helper is not torchao_helper
+        ours = qat_utils._fold_conv_bn_qat_helper(
+            copy.deepcopy(qat_model), torch.nn.functional.conv_transpose1d, example_1d, is_cuda=False
+        )
+    assert qat_utils._fold_conv_bn_qat_helper is torchao_helper, "the block left torchao patched"
+    assert ours.code == theirs.code
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    assert all(torch.equal(ours_state[k], theirs_state[k]) for k in ours_state)

@@ -28,6 +28,7 @@ from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._fx_ops import apply_fx_settings, fx_ops
 from inc_torch.ptq._ops import ACTIVATION_DTYPES, quantizable_ops
 from inc_torch.ptq._settings import OpSettings
+from inc_torch.qat._fold_bn import folding_only_present_conv_kinds
 
 __all__ = ["prepare_qat", "convert", "QAT_FORMATS"]
 
@@ -281,7 +282,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     work.eval()
     with quiet():
         if state.format == "pt2e":
-            converted = torchao_pt2e().convert_pt2e(work)
+            with folding_only_present_conv_kinds():
+                converted = torchao_pt2e().convert_pt2e(work)
             for attr in ("train", "eval", _STATE):
                 converted.__dict__.pop(attr, None)
             return CompiledQuantizedModule(converted, state.example)
