@@ -339,3 +339,27 @@ def test_subclassed_models_traced_or_explained(digits, calib):
     untraceable(x[:2])
     with pytest.raises(UnsupportedModelError, match="could not be traced.*tf.function"):
         inc.quantize(untraceable, inc.QuantConfig(format="savedmodel"), dataset=calib)
+
+
+def test_folded_constants_are_evaluated_without_the_rest_of_the_graph():
+    """A weight computed from constants (Transpose of a Const) is evaluated on its own subgraph.
+
+    The constant carries a control input from a node that reads the placeholder: evaluating it must not need
+    the graph's input, and the value must be the one TF computes.
+    """
+    from inc_tf.ptq._int8_units import ConstantFolder
+
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, (None, 4), name="x")
+        seen = tf.identity(x, name="seen")
+        with tf.control_dependencies([seen]):
+            w = tf.transpose(tf.constant(weight, name="w"), name="w_t")
+        tf.matmul(x, w, name="y")
+    folder = ConstantFolder(graph.as_graph_def())
+    assert folder.is_constant("w_t") and not folder.is_constant("y")
+    subgraph = folder._constant_subgraph(["w_t:0"])
+    # the constants hold a control input (^seen) from the placeholder's side of the graph: dropped with it
+    assert {n.name: list(n.input) for n in subgraph.node} == {"w": [], "w_t/perm": [], "w_t": ["w", "w_t/perm"]}
+    np.testing.assert_array_equal(folder.values(["w_t"])["w_t:0"], weight.T)
