@@ -363,3 +363,21 @@ def test_folded_constants_are_evaluated_without_the_rest_of_the_graph():
     # the constants hold a control input (^seen) from the placeholder's side of the graph: dropped with it
     assert {n.name: list(n.input) for n in subgraph.node} == {"w": [], "w_t/perm": [], "w_t": ["w", "w_t/perm"]}
     np.testing.assert_array_equal(folder.values(["w_t"])["w_t:0"], weight.T)
+
+
+def test_graph_function_feeds_placeholders_or_inner_tensors_and_fetches_the_inputs_too():
+    """Placeholder inputs are mapped at import; an inner tensor fed instead (pruned path) replaces what computes it."""
+    from inc_tf._frozen import graph_function
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, (None, 3), name="x")
+        y = tf.multiply(x, 2.0, name="y")
+        tf.add(y, 1.0, name="z")
+    graph_def = graph.as_graph_def()
+    data = np.arange(6, dtype=np.float32).reshape(2, 3)
+    z, fed = graph_function(graph_def, ("x:0",), ("z:0", "x:0"))(tf.constant(data))
+    np.testing.assert_array_equal(np.asarray(z), data * 2 + 1)
+    np.testing.assert_array_equal(np.asarray(fed), data)  # a fetched input is the value fed, not a dangling placeholder
+    (z_from_y,) = graph_function(graph_def, ("y:0",), ("z:0",))(tf.constant(data))
+    np.testing.assert_array_equal(np.asarray(z_from_y), data + 1)

@@ -175,8 +175,28 @@ def freeze_savedmodel(model: Any, *, where: str = "the SavedModel") -> FrozenGra
 
 
 def graph_function(graph_def: Any, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
-    """A callable concrete function running ``graph_def`` from ``inputs`` to ``outputs`` (tensor names)."""
+    """A callable concrete function running ``graph_def`` from ``inputs`` to ``outputs`` (tensor names).
+
+    Inputs that are placeholders (every caller's) are mapped onto the function's arguments as the graph is imported,
+    and the outputs returned from the import: this skips ``prune``, which copies the whole graph once more
+    (~0.6 s of the ~1.9 s a 2-layer encoder's function took to build). Nodes the outputs do not need are left out
+    when TF instantiates the function.
+    """
     import tensorflow as tf
+
+    nodes = {n.name: n for n in graph_def.node}
+    sources = [nodes.get(name.split(":")[0]) for name in inputs]
+    if all(node is not None and node.op == "Placeholder" and name.endswith(":0") for node, name in zip(sources, inputs)):
+        specs = [
+            tf.TensorSpec(tf.TensorShape(node.attr["shape"].shape), tf.as_dtype(node.attr["dtype"].type)) for node in sources
+        ]
+
+        def _import_mapped(*args: Any) -> Any:
+            return tf.compat.v1.import_graph_def(
+                graph_def, input_map=dict(zip(inputs, args)), return_elements=list(outputs), name=""
+            )
+
+        return tf.compat.v1.wrap_function(_import_mapped, specs)
 
     def _import() -> None:
         tf.compat.v1.import_graph_def(graph_def, name="")
