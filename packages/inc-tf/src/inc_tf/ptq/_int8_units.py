@@ -89,7 +89,11 @@ class ConstantFolder:
         return {tensor_name(r): self._values[tensor_name(r)] for r in refs}
 
     def _constant_subgraph(self, tensors: list[str]) -> Any:
-        """Only the nodes ``tensors`` are computed from: importing a whole encoder's graph took ~1 s per call."""
+        """Only the nodes ``tensors`` are computed from: importing a whole encoder's graph took ~1 s per call.
+
+        Not TF's ``extract_sub_graph`` (the rewrite's pruning): it follows control inputs too, and would bring back
+        the placeholder a constant's control input hangs from, which cannot run unfed.
+        """
         from tensorflow.core.framework import graph_pb2
 
         keep: set[str] = set()
