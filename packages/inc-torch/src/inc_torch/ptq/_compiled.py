@@ -11,7 +11,7 @@ from torch import nn
 from inc_core.errors import ConfigError, DatasetError
 from inc_torch._compat import quiet
 from inc_torch._inputs import Inputs
-from inc_torch.ptq._aoti_cache import load_or_compile
+from inc_torch.ptq._aoti_cache import INT8_INDUCTOR_SETTINGS, load_or_compile
 
 __all__ = ["CompiledQuantizedModule", "RUNTIMES", "drop_unread_state"]
 
@@ -216,7 +216,7 @@ class CompiledQuantizedModule(nn.Module):
             compiled = torch.compile(self.graph_module, dynamic=False)
             self.__dict__["_compiled"] = compiled
         # Freezing turns weights into constants so the INT8 weight prepack is done once at compile time.
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True), quiet():
+        with torch.no_grad(), torch._inductor.config.patch(INT8_INDUCTOR_SETTINGS), quiet():
             return compiled(*args, **kwargs)
 
     @staticmethod
