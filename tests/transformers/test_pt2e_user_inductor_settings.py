@@ -2,9 +2,8 @@
 
 torch 2.13's CPP GEMM template (picked under ``max_autotune``) returns outputs unrelated to the model's for
 the INT8 linears of a BERT-shaped graph: on all-MiniLM-L6-v2 the compiled output's cosine against the same
-graph uncompiled is ~0.07. A user who turns ``max_autotune`` on for
-their own models must not get that silently from inc's INT8 model, so inc compiles its GEMMs on ATen's oneDNN
-kernels (``INT8_INDUCTOR_SETTINGS``).
+graph uncompiled is ~0.07. A user who turns ``max_autotune`` on for their own models must not get that
+silently from inc's INT8 model, so inc compiles its GEMMs on ATen's oneDNN kernels (``INT8_INDUCTOR_SETTINGS``).
 """
 
 from __future__ import annotations

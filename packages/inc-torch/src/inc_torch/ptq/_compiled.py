@@ -215,7 +215,7 @@ class CompiledQuantizedModule(nn.Module):
             # Static shapes per compilation: inductor's weight prepacking for INT8 needs them.
             compiled = torch.compile(self.graph_module, dynamic=False)
             self.__dict__["_compiled"] = compiled
-        # Freezing turns weights into constants so the INT8 weight prepack is done once at compile time.
+        # freezing (the INT8 weight prepack done once) and ATen GEMMs, whatever the user set: see the constant
         with torch.no_grad(), torch._inductor.config.patch(INT8_INDUCTOR_SETTINGS), quiet():
             return compiled(*args, **kwargs)
 
