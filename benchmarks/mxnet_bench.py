@@ -42,7 +42,7 @@ import inc_mxnet  # noqa: E402
 from inc_mxnet import MxnetBackend  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_flags, cpu_name  # noqa: E402
+from _machine import cpu_flags, cpu_name, git_commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("resnet18_v1", "resnet50_v1", "mobilenetv2_1.0")
@@ -256,7 +256,7 @@ def write(rows: list[dict[str, Any]], digits: dict[str, Any], meta: dict[str, An
             f"FP32 {digits['fp32']:.4f}, INT8 inc {digits['inc']:.4f} (inc.autotune, 1% relative goal, "
             f"{digits['inc_trials']} trial(s)), INT8 MXNet quantize_net {digits['mxnet']:.4f}.",
         ]
-    lines += ["", f"Measured {meta['date']}."]
+    lines += ["", f"Measured {meta['date']} at commit {meta['commit']}."]
     (out / "mxnet.md").write_text("\n".join(lines) + "\n")
     return out / "mxnet.md"
 
@@ -275,6 +275,7 @@ def main() -> None:
         "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": threads, "mxnet": mx.__version__, "numpy": np.__version__,
         "mkldnn": bool(mx.runtime.Features().is_enabled("MKLDNN")), "inc_mxnet": inc_mxnet.__version__,
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "iterations": args.iterations,
+        "commit": git_commit("packages/inc-core", "packages/inc-mxnet", "benchmarks/mxnet_bench.py"),
     }
     meta["load_average_before"] = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []

@@ -31,7 +31,7 @@ sys.path[:0] = [str(HERE), str(CORE_TESTS)]
 
 import numpy as np  # noqa: E402
 import toy_backend  # noqa: E402
-from _machine import cpu_name  # noqa: E402
+from _machine import cpu_name, git_commit  # noqa: E402
 
 import inc_core as inc  # noqa: E402
 from inc_core.tuning import RayExecutor, SequentialExecutor, autotune  # noqa: E402
@@ -137,6 +137,7 @@ def markdown(out: dict[str, Any]) -> str:
         f"{o['task_round_trip_ms_median']:.1f} / {o['task_round_trip_ms_p90']:.1f} ms |",
         f"| 64 MiB object fetched by a task on each of the {NODES} nodes | {o['fetch_64MiB_to_all_nodes_s']:.2f} s |",
         "",
+        f"Measured {out['date']} at commit {out['commit']}.",
     ]
     return "\n".join(lines)
 
@@ -192,6 +193,8 @@ def main() -> None:
 
     out = {
         "cpu": cpu_name(),
+        "commit": git_commit("packages/inc-core", "benchmarks/ray_bench.py"),
+        "date": time.strftime("%Y-%m-%d"),
         "cores": os.cpu_count(),
         "ray": ray.__version__,
         "python": sys.version.split()[0],
