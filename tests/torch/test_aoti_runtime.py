@@ -106,3 +106,21 @@ def test_unknown_runtime_is_a_config_error(quantized: inc_torch.CompiledQuantize
     assert model.runtime == "compile"
     with pytest.raises(inc.errors.ConfigError, match="got 'ort'"):
         inc_torch.CompiledQuantizedModule(quantized.graph_module, quantized.example, runtime="ort")
+
+
+def test_cache_key_follows_the_settings_the_package_is_compiled_under(quantized: inc_torch.CompiledQuantizedModule) -> None:
+    import torch._inductor.config as inductor_config
+
+    from inc_torch.ptq._aoti_cache import INT8_INDUCTOR_SETTINGS, package_key
+
+    signature = ("x", (1, 1, 8, 8))
+    key = package_key(quantized.graph_module, signature)
+    # a user's global setting that inc overrides for every INT8 compile builds the same package: same entry
+    overridden = {"freezing": False, "max_autotune_gemm_backends": "CPP,ATEN"}
+    assert set(overridden) == set(INT8_INDUCTOR_SETTINGS)
+    with inductor_config.patch(overridden):
+        assert package_key(quantized.graph_module, signature) == key
+    # one that stays in force changes the package: a different entry
+    with inductor_config.patch(max_autotune=not inductor_config.max_autotune):
+        assert package_key(quantized.graph_module, signature) != key
+    assert package_key(quantized.graph_module, ("x", (2, 1, 8, 8))) != key

@@ -93,11 +93,22 @@ def _tensor_header(name: str, tensor: torch.Tensor) -> str:
     return header
 
 
+# Inductor settings for every INT8 compile, over whatever the user set globally. Freezing folds the int8
+# weights into constants, so oneDNN's weight prepacking happens once, at compile time. GEMMs stay on ATen's
+# oneDNN kernels even under a user's max_autotune: torch 2.13's CPP GEMM template for INT8 linears returns
+# outputs unrelated to the model's on BERT-shaped graphs (all-MiniLM-L6-v2: cosine 0.07 against the same graph
+# uncompiled, torchao's own recipe alike).
+INT8_INDUCTOR_SETTINGS: dict[str, Any] = {"freezing": True, "max_autotune_gemm_backends": "ATEN"}
+
+
 def _inductor_config() -> str:
     import torch._inductor.config as inductor_config
 
     try:
-        portable = inductor_config.save_config_portable()
+        # the settings the package is compiled under: a global setting that INT8_INDUCTOR_SETTINGS overrides
+        # changes nothing in the package, so it must not change its key either
+        with inductor_config.patch(INT8_INDUCTOR_SETTINGS):
+            portable = inductor_config.save_config_portable()
     except Exception:  # an older torch: the version in the key still separates builds
         return ""
     # aoti_compile_and_package writes the built package's platform record into aot_inductor.metadata
@@ -129,14 +140,6 @@ def package_key(graph_module: torch.fx.GraphModule, signature: Any) -> str:
         add(_tensor_header(name, tensor))
         digest.update(_tensor_bytes(tensor))
     return digest.hexdigest()
-
-
-# Inductor settings for every INT8 compile, over whatever the user set globally. Freezing folds the int8
-# weights into constants, so oneDNN's weight prepacking happens once, at compile time. GEMMs stay on ATen's
-# oneDNN kernels even under a user's max_autotune: torch 2.13's CPP GEMM template for INT8 linears returns
-# outputs unrelated to the model's on BERT-shaped graphs (all-MiniLM-L6-v2: cosine 0.07 against the same graph
-# uncompiled, torchao's own recipe alike).
-INT8_INDUCTOR_SETTINGS: dict[str, Any] = {"freezing": True, "max_autotune_gemm_backends": "ATEN"}
 
 
 def _compile(graph_module: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], package_path: Path) -> None:
