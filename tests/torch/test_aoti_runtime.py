@@ -124,3 +124,37 @@ def test_cache_key_follows_the_settings_the_package_is_compiled_under(quantized:
     with inductor_config.patch(max_autotune=not inductor_config.max_autotune):
         assert package_key(quantized.graph_module, signature) != key
     assert package_key(quantized.graph_module, ("x", (2, 1, 8, 8))) != key
+
+
+class _Recorded(Exception):
+    """Stops the compile once the settings it runs under are recorded."""
+
+
+def test_aoti_compiles_under_the_int8_settings_whatever_the_user_set(
+    quantized: inc_torch.CompiledQuantizedModule, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # torch 2.13's CPP GEMM template gives wrong INT8 outputs (see INT8_INDUCTOR_SETTINGS): a user's global
+    # max_autotune with the CPP backend must not reach the package inc builds
+    import torch._inductor.config as inductor_config
+
+    from inc_torch.ptq import _aoti_cache
+
+    monkeypatch.setenv("INC_AOTI_CACHE_DIR", str(tmp_path))
+    seen: dict[str, object] = {}
+
+    def recording_compile(program: object, package_path: str) -> None:
+        seen.update(
+            freezing=inductor_config.freezing,
+            backends=inductor_config.max_autotune_gemm_backends,
+            max_autotune=inductor_config.max_autotune,
+        )
+        raise _Recorded
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", recording_compile)
+    x = torch.from_numpy(split()[2][:1])
+    user = {"freezing": False, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    with inductor_config.patch(user), pytest.raises(_Recorded):
+        _aoti_cache.load_or_compile(quantized.graph_module, (x,), {}, ("x", tuple(x.shape)))
+    assert seen == {"freezing": True, "backends": "ATEN", "max_autotune": True}, seen
+    assert inductor_config.max_autotune_gemm_backends != "CPP,ATEN"  # the user's setting ends with their block
+    assert not list(tmp_path.glob("*.pt2")), "a package that was never built was left in the cache"

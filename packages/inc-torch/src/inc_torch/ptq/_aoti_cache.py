@@ -104,13 +104,12 @@ INT8_INDUCTOR_SETTINGS: dict[str, Any] = {"freezing": True, "max_autotune_gemm_b
 def _inductor_config() -> str:
     import torch._inductor.config as inductor_config
 
-    try:
-        # the settings the package is compiled under: a global setting that INT8_INDUCTOR_SETTINGS overrides
-        # changes nothing in the package, so it must not change its key either
-        with inductor_config.patch(INT8_INDUCTOR_SETTINGS):
-            portable = inductor_config.save_config_portable()
-    except Exception:  # an older torch: the version in the key still separates builds
-        return ""
+    # the settings the package is compiled under: a global setting that INT8_INDUCTOR_SETTINGS overrides
+    # changes nothing in the package, so it must not change its key either. Every torch inc supports (>= 2.8)
+    # has save_config_portable; a failure here is a real error, reported by the caller, never an empty key
+    # that would let a package built under other settings be served.
+    with inductor_config.patch(INT8_INDUCTOR_SETTINGS):
+        portable = inductor_config.save_config_portable()
     # aoti_compile_and_package writes the built package's platform record into aot_inductor.metadata
     # (a global dict): a record of the last build, not a setting of the next one.
     return repr(sorted((str(k), repr(v)) for k, v in portable.items() if k != "aot_inductor.metadata"))
