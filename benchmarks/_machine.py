@@ -67,7 +67,11 @@ def timing_lock(path: Path | None = BENCH_LOCK) -> Iterator[None]:
             yield
             return
         started = time.perf_counter()
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another benchmark is timing: say so rather than sit silent
+            print(f"waiting for {path}: another benchmark holds it", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         waited = time.perf_counter() - started
         if waited > 1:
             print(f"waited {waited:.0f} s for {path}", flush=True)

@@ -40,7 +40,7 @@ import inc_torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _compress_report import distill_markdown, distill_rows  # noqa: E402
-from _machine import cpu_flags, cpu_name  # noqa: E402
+from _machine import cpu_flags, cpu_name, timing_lock  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 50
@@ -369,4 +369,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with timing_lock():  # one benchmark times at a time (an outer flock on the same file counts)
+        main()

@@ -31,7 +31,7 @@ sys.path[:0] = [str(HERE), str(CORE_TESTS)]
 
 import numpy as np  # noqa: E402
 import toy_backend  # noqa: E402
-from _machine import cpu_name, git_commit  # noqa: E402
+from _machine import cpu_name, git_commit, timing_lock  # noqa: E402
 
 import inc_core as inc  # noqa: E402
 from inc_core.tuning import RayExecutor, SequentialExecutor, autotune  # noqa: E402
@@ -211,4 +211,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with timing_lock():  # one benchmark times at a time (an outer flock on the same file counts)
+        main()

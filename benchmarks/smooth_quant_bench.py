@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests" / "transformers"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hf_models as hf  # noqa: E402
-from _machine import cpu_flags, cpu_name, git_commit  # noqa: E402
+from _machine import cpu_flags, cpu_name, git_commit, timing_lock  # noqa: E402
 
 import inc_core as inc  # noqa: E402
 
@@ -137,4 +137,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with timing_lock():  # one benchmark times at a time (an outer flock on the same file counts)
+        main()

@@ -32,7 +32,7 @@ import inc_tf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _compress_report import distill_markdown, distill_rows  # noqa: E402
-from _machine import cpu_flags, cpu_name  # noqa: E402
+from _machine import cpu_flags, cpu_name, timing_lock  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 50
@@ -190,4 +190,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with timing_lock():  # one benchmark times at a time (an outer flock on the same file counts)
+        main()

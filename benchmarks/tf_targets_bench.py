@@ -29,7 +29,7 @@ from inc_core import benchmark_callable  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _tf_models  # noqa: E402
-from _machine import cpu_flags, cpu_name  # noqa: E402
+from _machine import cpu_flags, cpu_name, timing_lock  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -124,4 +124,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with timing_lock():  # one benchmark times at a time (an outer flock on the same file counts)
+        main()

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _machine import cpu_flags, cpu_name, git_commit
+from _machine import cpu_flags, cpu_name, git_commit, timing_lock
 from torch import nn
 
 import inc_core as inc
@@ -580,4 +580,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with timing_lock():  # one benchmark times at a time (an outer flock on the same file counts)
+        main()

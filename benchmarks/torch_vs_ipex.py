@@ -148,6 +148,13 @@ def main() -> None:
         parser.error("--ipex-python is required")
     if args.quick:
         args.rounds, args.calls = 2, 3
+    from _machine import timing_lock
+
+    with timing_lock():  # one benchmark times at a time (an outer flock on the same file counts)
+        _drive(args)
+
+
+def _drive(args: argparse.Namespace) -> None:
     from _machine import cpu_flags, cpu_name, git_commit
 
     # A fresh AOTInductor cache: the first call below is a real compilation, not a cached package.

@@ -42,7 +42,7 @@ import _hf_paths as paths
 import numpy as np
 import torch
 from _hf_workloads import MODELS, Workload, export_onnx, workload
-from _machine import cpu_flags, cpu_name, git_commit
+from _machine import cpu_flags, cpu_name, git_commit, timing_lock
 
 import inc_core as inc
 
@@ -367,4 +367,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with timing_lock():  # one benchmark times at a time (an outer flock on the same file counts)
+        main()
