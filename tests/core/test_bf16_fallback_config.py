@@ -41,6 +41,15 @@ class Bf16Quantized:
         return total
 
 
+class Bf16ConvsOnly(Bf16SyntheticBackend):
+    """BF16 kernels for the convolutions only: a MatMul fallback gains nothing from BF16 here."""
+
+    name = "synthetic_bf16_convs"
+
+    def bf16_candidates(self, model: Any, config: QuantConfig) -> frozenset[str] | None:
+        return frozenset(name for name, op_type in model.ops if op_type == "Conv")
+
+
 class NoBf16OnThisCpu(sb.SyntheticBackend):
     name = "synthetic_no_bf16_cpu"
     supports_bf16 = True
@@ -54,6 +63,7 @@ def _backends() -> None:
     sb.register()
     register_backend("synthetic_bf16", Bf16SyntheticBackend)
     register_backend("synthetic_no_bf16_cpu", NoBf16OnThisCpu)
+    register_backend("synthetic_bf16_convs", Bf16ConvsOnly)
 
 
 def _score(model: Any) -> float:
@@ -135,3 +145,28 @@ def test_fp32_fallback_is_unchanged_by_default() -> None:
     assert result.met and not result.config.bf16
     assert "conv2" in result.config.exclude.names
     assert result.precisions["conv2"] == "fp32"
+
+
+def test_bf16_fallback_sends_ops_without_a_bf16_gain_to_fp32(tmp_path: Path) -> None:
+    # conv2 (Conv) and fc2 (MatMul) both lose accuracy in INT8; the backend's BF16 kernels speed up convolutions
+    # only, so conv2 falls back to BF16 and fc2 to FP32, and every trial line says which went where
+    model = sb.SyntheticModel()
+    tuning = inc.TuningConfig(strategy="basic", fallback_precision="bf16", history=tmp_path / "history.jsonl")
+    result = autotune(model, tuning, eval_fn=_score, dataset=sb.calib_data(), backend="synthetic_bf16_convs")
+    assert result.met
+    assert result.precisions["conv2"] == "bf16" and result.precisions["fc2"] == "fp32", result.precisions
+    assert "fc2" not in result.config.bf16.names and "fc2" in result.config.exclude.names
+    changes = [t.change for t in result.trials]
+    assert any("fp32: fc2" in c and "bf16: conv2" in c for c in changes), changes
+    assert not any("bf16: " in c and "fc2" in c.split("bf16: ", 1)[1] for c in changes), changes
+    # resumed from its history file, the search repeats no trial and ends on the same config
+    again = autotune(model, tuning, eval_fn=_score, dataset=sb.calib_data(), backend="synthetic_bf16_convs")
+    assert again.config == result.config
+
+
+def test_trial_lines_of_an_earlier_history_still_read_bf16() -> None:
+    from inc_core.tuning._space import describe_delta
+
+    assert describe_delta({"fallback": ["conv2", "fc2"], "fallback_precision": "bf16"}) == "bf16: conv2, fc2"
+    assert describe_delta({"fallback": ["conv2", "fc2"], "fallback_bf16": ["conv2"]}) == "fp32: fc2; bf16: conv2"
+    assert describe_delta({"fallback": ["fc2"]}) == "fp32: fc2"

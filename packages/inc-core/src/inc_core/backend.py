@@ -195,6 +195,17 @@ class Backend(abc.ABC):
             "(PT2E) and onnx (OpenVINO) backends)"
         )
 
+    def bf16_candidates(self, model: Any, config: QuantConfig) -> frozenset[str] | None:
+        """The ops of :meth:`describe` that run faster in BF16 than in FP32 (``None``: every op).
+
+        ``TuningConfig(fallback_precision="bf16")`` moves a fallback op into BF16 only when it is one of
+        these, and into FP32 otherwise: BF16 pays off where a compute-bound kernel (a convolution or a
+        matrix product by a weight) runs on BF16 instructions; on a lookup, an elementwise op or a product
+        of two activations it only adds conversions and rounding. A user's explicit ``QuantConfig.bf16``
+        is not filtered.
+        """
+        return None
+
     def check_bf16(self, config: QuantConfig) -> None:
         """Raise ConfigError when ``config.bf16`` selects ops that cannot run in BF16 (see :meth:`bf16_unavailable`)."""
         if not config.bf16:

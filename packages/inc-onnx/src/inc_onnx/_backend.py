@@ -22,7 +22,7 @@ from inc_onnx.ptq._op_errors import op_output_errors
 from inc_onnx.ptq._quantize import _stamp, quantize_prepared
 from inc_onnx.ptq._smooth_quant import SmoothedCalibration, calibrate_smoothed, unwrap
 from inc_onnx.ptq._verify import check_has_int8_ops, check_runs
-from inc_onnx.runtime._bf16 import bf16_unavailable, int8_config, record_bf16_ops
+from inc_onnx.runtime._bf16 import bf16_compute_ops, bf16_unavailable, int8_config, record_bf16_ops
 from inc_onnx.runtime._openvino import check_precision
 from inc_onnx.runtime._runtime import RuntimeChoice, check_runtime, choose_runtime
 from inc_onnx.runtime._session import create_session, session_options
@@ -84,6 +84,15 @@ class OnnxBackend(Backend):
                 "these ops (they would run in FP32); use OnnxBackend(runtime='openvino') or runtime='auto'"
             )
         return bf16_unavailable()
+
+    def bf16_candidates(self, model: Any, config: QuantConfig) -> frozenset[str] | None:
+        """Convolutions and matrix products by a weight: what OpenVINO's BF16 kernels speed up.
+
+        A tuner's fallback op of another kind (a Gather, an Add, a product of two activations) goes to
+        FP32 under ``fallback_precision="bf16"``.
+        """
+        prepared = prepare(model).model
+        return bf16_compute_ops(prepared, describe_prepared(prepared, config, self.check_format(config.format)).ops)
 
     def accepts(self, model: Any) -> bool:
         return is_onnx_model(model)

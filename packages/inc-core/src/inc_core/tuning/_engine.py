@@ -120,6 +120,7 @@ def autotune(
         described.restricted(config.search_space),
         config.smooth_quant_alphas,
         fallback_precision=config.fallback_precision,
+        bf16_candidates=impl.bf16_candidates(model, base) if config.fallback_precision == "bf16" else None,
     )
     if not space.quantized:
         raise ConfigError(

@@ -56,6 +56,8 @@ class SearchSpace:
             they become the first tunable (``model.smooth_quant``, with ``"off"``), so strategies that walk
             the settings try SmoothQuant before per-op-type changes.
         fallback_precision: ``"fp32"`` or ``"bf16"``: what fallback ops run in (``TuningConfig.fallback_precision``).
+        bf16_candidates: with ``"bf16"``, the ops that gain from BF16 (``Backend.bf16_candidates``); a
+            fallback op outside them goes to FP32. ``None``: every op.
     """
 
     def __init__(
@@ -65,9 +67,11 @@ class SearchSpace:
         smooth_quant_alphas: tuple[float, ...] = (),
         *,
         fallback_precision: str = "fp32",
+        bf16_candidates: frozenset[str] | None = None,
     ) -> None:
         self.base = base
         self.fallback_precision = fallback_precision
+        self.bf16_candidates = bf16_candidates
         self.ops: tuple[Op, ...] = tuple(space.ops)
         self.quantized: tuple[str, ...] = tuple(
             op.name for op in space.ops if base.precision(op.name, op.op_type) == "int8"
@@ -138,10 +142,14 @@ class SearchSpace:
             raise TuningError(f"SearchSpace.config: fallback names {sorted(unknown)} are not quantized ops of the model.")
         names = tuple(name for name in self.quantized if name in wanted)  # model order: one JSON per set
         exclude, bf16 = self.base.exclude, self.base.bf16
-        if names and self.fallback_precision == "bf16":
-            bf16 = bf16.union(LayerFilter(names=names))
-        elif names:
-            exclude = exclude.union(LayerFilter(names=names))
+        to_bf16: tuple[str, ...] = ()
+        if self.fallback_precision == "bf16":
+            to_bf16 = tuple(n for n in names if self.bf16_candidates is None or n in self.bf16_candidates)
+        to_fp32 = tuple(n for n in names if n not in to_bf16)
+        if to_bf16:
+            bf16 = bf16.union(LayerFilter(names=to_bf16))
+        if to_fp32:
+            exclude = exclude.union(LayerFilter(names=to_fp32))
         return dataclasses.replace(
             self.base, overrides=overrides, exclude=exclude, bf16=bf16, smooth_quant=smooth_quant
         )
@@ -150,8 +158,8 @@ class SearchSpace:
 def config_delta(base: QuantConfig, config: QuantConfig) -> dict[str, Any]:
     """What ``config`` changes relative to ``base``, as plain JSON (unchanged fields left out).
 
-    Ops added to ``exclude`` or ``bf16`` by name appear under ``"fallback"`` (with ``"fallback_precision":
-    "bf16"`` for the latter, so strategies count fallbacks alike); changed override entries under
+    Ops added to ``exclude`` or ``bf16`` by name appear under ``"fallback"`` (so strategies count fallbacks
+    alike), those added to ``bf16`` also under ``"fallback_bf16"``; changed override entries under
     ``"overrides"`` (a removed entry maps to ``None``); any other changed field under its own name.
     """
     old, new = base.to_dict(), config.to_dict()
@@ -165,7 +173,7 @@ def config_delta(base: QuantConfig, config: QuantConfig) -> dict[str, Any]:
             if added:
                 delta["fallback"] = [*delta.get("fallback", []), *added]
                 if key == "bf16":
-                    delta["fallback_precision"] = "bf16"
+                    delta["fallback_bf16"] = added
             rest = {k: v for k, v in value.items() if k != "names" and before.get(k) != v}
             removed = [n for n in before["names"] if n not in value["names"]]
             if removed:
@@ -194,8 +202,12 @@ def describe_delta(delta: Mapping[str, Any]) -> str:
     for key, value in delta.items():
         if key == SMOOTH_QUANT:
             parts.append(f"smooth_quant(alpha={value['alpha']:g})" if isinstance(value, Mapping) else "smooth_quant=off")
-        elif key not in ("overrides", "fallback", "fallback_precision"):
+        elif key not in ("overrides", "fallback", "fallback_bf16", "fallback_precision"):
             parts.append(f"{key}={value}")
-    if delta.get("fallback"):
-        parts.append(f"{delta.get('fallback_precision', 'fp32')}: " + ", ".join(delta["fallback"]))
+    fallback = list(delta.get("fallback", ()))
+    # "fallback_precision": "bf16" marks a whole fallback list as BF16 in history files of earlier versions
+    in_bf16 = set(fallback if delta.get("fallback_precision") == "bf16" else delta.get("fallback_bf16", ()))
+    for precision, names in (("fp32", [n for n in fallback if n not in in_bf16]), ("bf16", [n for n in fallback if n in in_bf16])):
+        if names:
+            parts.append(f"{precision}: " + ", ".join(names))
     return "; ".join(parts) if parts else "base"
