@@ -49,6 +49,9 @@ def test_static_int8_keeps_the_sentence_embedding(encoder_and_text):
     # the two attention einsums between activations (scores, weighted values) have no int8 kernel in TF: float
     assert counts.get("QuantizedMatMulWithBiasAndDequantize") == 6 * LAYERS, counts
     assert "BatchMatMulV2" not in counts and "MatMul" not in counts and counts.get("Einsum") == 2 * LAYERS, counts
+    # one QuantizeV2 per tensor read: query, key and value share the LayerNorm output's; then the attention
+    # output's, the second LayerNorm's and the GELU output's
+    assert counts.get("QuantizeV2") == 4 * LAYERS, counts
     cosines = _cosines(q, model(probe), probe)
     # all-int8 static: the GELU outputs (range ~24, most values near 0) cost fidelity; 0.97 measured
     assert cosines.mean() >= 0.95 and cosines.min() >= 0.93, cosines

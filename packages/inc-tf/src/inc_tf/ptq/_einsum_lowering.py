@@ -89,6 +89,10 @@ def lower_einsums(graph_def: Any) -> tuple[Any, int]:
         node.attr["value"].tensor.CopyFrom(proto)
         return name
 
+    # Projections reading one tensor (a layer's query, key and value) share its flattened view and leading
+    # dimensions: one Reshape for all three, so the int8 rewrite quantizes it once, and fewer nodes to optimize.
+    flattened: dict[tuple[str, int], str] = {}
+    leading: dict[tuple[str, int], str] = {}
     lowered = 0
     for node in graph_def.node:
         if node.name not in plans:
@@ -96,17 +100,24 @@ def lower_einsums(graph_def: Any) -> tuple[Any, int]:
             continue
         source, matrix, prefix, free_dims = plans[node.name]
         base = f"{node.name}/lowered"
-        flat = add(f"{base}/flatten", "Reshape", [source, const(f"{base}/flat_shape", np.asarray([-1, matrix.shape[0]], np.int32))],
-                   T=_FLOAT, Tshape=_INT32).name
+        rows = int(matrix.shape[0])
+        if (source, rows) not in flattened:
+            flattened[(source, rows)] = add(
+                f"{base}/flatten", "Reshape", [source, const(f"{base}/flat_shape", np.asarray([-1, rows], np.int32))],
+                T=_FLOAT, Tshape=_INT32,
+            ).name
+        flat = flattened[(source, rows)]
         product = add(f"{base}/matmul", "MatMul", [flat, const(f"{base}/weight", matrix.astype(np.float32))], T=_FLOAT)
         product.attr["transpose_a"].b = False
         product.attr["transpose_b"].b = False
         # the output shape: the input's leading (batch, sequence...) dimensions, then the weight's free ones
-        shape = add(f"{base}/input_shape", "Shape", [source], T=_FLOAT, out_type=_INT32).name
-        lead = add(f"{base}/lead", "StridedSlice", [
-            shape, const(f"{base}/begin", np.asarray([0], np.int32)), const(f"{base}/end", np.asarray([prefix], np.int32)),
-            const(f"{base}/step", np.asarray([1], np.int32)),
-        ], T=_INT32, Index=_INT32).name
+        if (source, prefix) not in leading:
+            shape = add(f"{base}/input_shape", "Shape", [source], T=_FLOAT, out_type=_INT32).name
+            leading[(source, prefix)] = add(f"{base}/lead", "StridedSlice", [
+                shape, const(f"{base}/begin", np.asarray([0], np.int32)), const(f"{base}/end", np.asarray([prefix], np.int32)),
+                const(f"{base}/step", np.asarray([1], np.int32)),
+            ], T=_INT32, Index=_INT32).name
+        lead = leading[(source, prefix)]
         dims = const(f"{base}/out_dims", free_dims)
         concat = add(f"{base}/out_shape", "ConcatV2", [lead, dims, const(f"{base}/axis", np.asarray(0, np.int32))],
                      T=_INT32, Tidx=_INT32)

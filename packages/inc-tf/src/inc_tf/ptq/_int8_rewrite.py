@@ -191,6 +191,7 @@ def rewrite_int8(
     produced: dict[str, _QTensor] = {}  # a unit's float output -> its requantized int8 tensor
     produced_shifted: dict[str, _QTensor] = {}  # a summand -> its producer's int8 output of (summand - low)
     quantized_inputs: dict[tuple[str, int, tuple[float, float]], _QTensor] = {}
+    shifted_inputs: dict[tuple[str, float], str] = {}  # (float tensor, low) -> that tensor minus low
     kernels: dict[str, str] = {}
 
     placeholders: set[str] = set()
@@ -226,8 +227,13 @@ def rewrite_int8(
                 # multiplies by the int8 weights, so the shift is undone with *their* column sums: with the
                 # float weights' sums, each column keeps low * (its rounding error summed over the inputs), a
                 # constant offset as large as the signal on a wide layer (a BERT's 1536-input FFN).
-                shift = build.const(f"{base}/shift", np.float32(low))
-                source = build.node(f"{base}/shifted", "Sub", [source, shift], T=_FLOAT).name + ":0"
+                # One Sub per tensor and range: the query, key and value projections read the same LayerNorm
+                # output, so they share the shifted tensor and its QuantizeV2 (fewer nodes for grappler too).
+                key = (source, float(low))
+                if key not in shifted_inputs:
+                    shift = build.const(f"{base}/shift", np.float32(low))
+                    shifted_inputs[key] = build.node(f"{base}/shifted", "Sub", [source, shift], T=_FLOAT).name + ":0"
+                source = shifted_inputs[key]
                 dequantized = q_weight.astype(np.float64) * (limit.astype(np.float64) / 127.0)
                 bias = bias + low * dequantized.sum(axis=0)
                 want = (_QUINT8, (0.0, max(high - low, _TINY)))
