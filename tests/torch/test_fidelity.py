@@ -143,3 +143,35 @@ def test_a_shared_observer_covers_every_tensor_it_watches(model: nn.Module) -> N
             seen = calibration.histograms[source]
             assert lo <= seen.min and hi >= seen.max, (source, (lo, hi), (seen.min, seen.max))
         assert np.isclose(hi, max(calibration.histograms[s].max for s in sources))
+
+
+class CeilPoolNet(nn.Module):
+    """GoogLeNet's stem pattern: conv + ReLU, then a stride-2 max-pool with ceil_mode=True, then a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.pool(nn.functional.relu(self.conv1(x))))
+
+
+def test_int8_ceil_mode_pool_keeps_its_output_size_when_compiled() -> None:
+    # 24x24 pooled by 3/2: 12x12 with ceil_mode, 11x11 without. torch 2.13's INT8 max-pool lowering drops
+    # ceil_mode, so the compiled model returned 11x11 maps here (and GoogLeNet a cosine of 0.66).
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    net = CeilPoolNet().eval()
+    data = torch.randn(32, 3, 24, 24)
+    counters.clear()  # inc.quantize compiles the model once, to check it runs
+    q = inc.quantize(net, inc.QuantConfig(), dataset=inc.Dataset(data[:16].numpy(), batch_size=8))
+    x = data[16:24]
+    with torch.no_grad():
+        expected, reference, got = net(x), q.graph_module(x), q(x)
+    assert got.shape == expected.shape == (8, 8, 12, 12), (got.shape, expected.shape)
+    assert cosine(got.numpy(), reference.numpy()) > 0.999  # the same int8 numerics, compiled
+    assert cosine(got.numpy(), expected.numpy()) > 0.99
+    assert counters["inductor"]["qmaxpool2d_matcher_count"] >= 1, "the pool no longer runs on int8 data"

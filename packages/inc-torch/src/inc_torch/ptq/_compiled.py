@@ -12,6 +12,7 @@ from inc_core.errors import ConfigError, DatasetError
 from inc_torch._compat import quiet
 from inc_torch._inputs import Inputs
 from inc_torch.ptq._aoti_cache import INT8_INDUCTOR_SETTINGS, load_or_compile
+from inc_torch.ptq._ceil_pool import pad_ceil_mode_pools
 
 __all__ = ["CompiledQuantizedModule", "RUNTIMES", "drop_unread_state"]
 
@@ -161,6 +162,7 @@ class CompiledQuantizedModule(nn.Module):
     ) -> None:
         super().__init__()
         self.runtime = runtime  # validated before graph_module is touched
+        pad_ceil_mode_pools(graph_module)  # exact, and inductor would drop their ceil_mode (see _ceil_pool)
         self.graph_module = drop_unread_state(graph_module)
         self.example = example
         self.inductor = inductor
