@@ -85,9 +85,9 @@ def _vit_small() -> nn.Module:
     return model
 
 
-def _builder(name: str) -> Callable[[], nn.Module]:
+def _builder(name: str, **options: bool) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        return getattr(torchvision_models(), name)(weights=None, num_classes=CLASSES)
+        return getattr(torchvision_models(), name)(weights=None, num_classes=CLASSES, **options)
 
     return build
 
@@ -100,6 +100,9 @@ TORCHVISION_MODELS: dict[str, Callable[[], nn.Module]] = {
     "regnet_x_400mf": _builder("regnet_x_400mf"),
     "shufflenet_v2_x0_5": _builder("shufflenet_v2_x0_5"),
     "squeezenet1_1": _builder("squeezenet1_1"),
+    # Inception blocks (four-branch cat) and stride-2 max-pools with ceil_mode=True, which at 64x64 pool to a
+    # larger map than without it (inductor's INT8 pool once dropped ceil_mode: see inc_torch.ptq._ceil_pool)
+    "googlenet": _builder("googlenet", aux_logits=False, init_weights=True),
     "convnext_tiny": _builder("convnext_tiny"),
     "vit_2layer_64px": _vit_small,
 }
