@@ -175,3 +175,25 @@ def test_int8_ceil_mode_pool_keeps_its_output_size_when_compiled() -> None:
     assert cosine(got.numpy(), reference.numpy()) > 0.999  # the same int8 numerics, compiled
     assert cosine(got.numpy(), expected.numpy()) > 0.99
     assert counters["inductor"]["qmaxpool2d_matcher_count"] >= 1, "the pool no longer runs on int8 data"
+
+
+def test_compiled_outputs_are_checked_against_the_graph_they_were_compiled_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lowering defect of inductor (a kernel that reads an argument wrongly) gives a model that runs and answers
+    # wrongly; inc.quantize compares the compiled output with the uncompiled graph's and refuses the model.
+    from inc_torch._failures import check_compiled_agrees
+    from inc_torch.ptq._compiled import CompiledQuantizedModule
+
+    x = torch.randn(4, 8)
+    check_compiled_agrees(x + 0.01 * torch.randn(4, 8), x, "pt2e")  # kernel rounding: accepted
+    with pytest.raises(inc.errors.UnsupportedModelError, match=r"output 0 has shape \(4, 7\) instead of \(4, 8\)"):
+        check_compiled_agrees(x[:, :7], x, "pt2e")
+    with pytest.raises(inc.errors.UnsupportedModelError, match=r"output 1 has cosine -1.000 .*format='fx'"):
+        check_compiled_agrees((x, -x), (x, x), "pt2e")
+
+    torch.manual_seed(0)
+    net = CeilPoolNet().eval()
+    data = torch.randn(16, 3, 24, 24).numpy()
+    compiled_run = CompiledQuantizedModule._run
+    monkeypatch.setattr(CompiledQuantizedModule, "_run", lambda self, args, kwargs: -compiled_run(self, args, kwargs))
+    with pytest.raises(inc.errors.UnsupportedModelError, match=r"compiled by inductor does not compute what its graph"):
+        inc.quantize(net, inc.QuantConfig(), dataset=inc.Dataset(data, batch_size=8))
