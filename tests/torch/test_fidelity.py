@@ -183,12 +183,14 @@ def test_compiled_outputs_are_checked_against_the_graph_they_were_compiled_from(
     from inc_torch._failures import check_compiled_agrees
     from inc_torch.ptq._compiled import CompiledQuantizedModule
 
-    x = torch.randn(4, 8)
-    check_compiled_agrees(x + 0.01 * torch.randn(4, 8), x, "pt2e")  # kernel rounding: accepted
-    with pytest.raises(inc.errors.UnsupportedModelError, match=r"output 0 has shape \(4, 7\) instead of \(4, 8\)"):
-        check_compiled_agrees(x[:, :7], x, "pt2e")
-    with pytest.raises(inc.errors.UnsupportedModelError, match=r"output 1 has cosine -1.000 .*format='fx'"):
-        check_compiled_agrees((x, -x), (x, x), "pt2e")
+    torch.manual_seed(0)
+    fp32 = torch.randn(64)
+    near, far = fp32 + 0.5 * torch.randn(64), fp32 + 0.5 * torch.randn(64)  # two roundings of one graph: ~0.9 each
+    check_compiled_agrees(near, far, fp32, "pt2e")  # as close to FP32 as the uncompiled graph: accepted
+    with pytest.raises(inc.errors.UnsupportedModelError, match=r"output 0 has shape \(63,\) instead of \(64,\)"):
+        check_compiled_agrees(near[:63], far, fp32, "pt2e")
+    with pytest.raises(inc.errors.UnsupportedModelError, match=r"output 1 has cosine -1.000 to the FP32 model's.*format='fx'"):
+        check_compiled_agrees((near, -fp32), (far, fp32), (fp32, fp32), "pt2e")
 
     torch.manual_seed(0)
     net = CeilPoolNet().eval()

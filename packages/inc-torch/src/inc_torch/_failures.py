@@ -215,12 +215,17 @@ def check_returned_model(model: nn.Module, example: Any, fmt: str, user_model: n
     graph_module = getattr(model, "graph_module", None)
     if getattr(model, "inductor", False) and isinstance(graph_module, torch.fx.GraphModule):
         with torch.no_grad():
-            check_compiled_agrees(output, graph_module(*args, **kwargs), fmt)
+            uncompiled = graph_module(*args, **kwargs)
+            fp32 = user_model(*args, **kwargs)
+        check_compiled_agrees(output, uncompiled, fp32, fmt)
 
 
-# The same INT8 graph compiled and uncompiled differs by kernel rounding only (cosine 0.99+ on every corpus
-# model); an inductor lowering that computes something else lands far below (0.07, 0.48 seen).
-COMPILED_AGREEMENT = 0.9
+# How much closer to the FP32 model the uncompiled INT8 graph may be than the compiled one. Kernel rounding
+# moves a deep random-weight network either way (efficientnet_b0 in the corpus: 0.85 compiled, 0.84 uncompiled,
+# only 0.81 to each other), so the two are compared by their distance to FP32, not to each other; a lowering
+# that computes something else loses far more (MiniLM under the CPP GEMM template: 0.98 -> 0.07; GoogLeNet's
+# ceil_mode pools: 0.96 -> 0.66).
+COMPILED_FIDELITY_DROP = 0.1
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
@@ -229,21 +234,21 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float(a @ b) / norms if norms > 0 else None
 
 
-def check_compiled_agrees(compiled: Any, reference: Any, fmt: str) -> None:
-    """The compiled model's outputs must be the graph's own, up to kernel rounding.
+def check_compiled_agrees(compiled: Any, uncompiled: Any, fp32: Any, fmt: str) -> None:
+    """The inductor-compiled INT8 model must compute what its graph computes, up to kernel rounding.
 
     Inductor lowers the INT8 graph with pattern-matched kernels; a lowering that mis-reads an argument
     (torch 2.13's INT8 max-pool dropped ``ceil_mode``; its CPP GEMM template returned unrelated values) gives
-    a model that runs and answers wrongly. Checked on the first calibration batch, against the graph run
-    with the reference numerics it was compiled from.
+    a model that runs and answers wrongly. Checked on the first calibration batch: each output must have the
+    uncompiled graph's shape, and its cosine to the FP32 model's output may be at most
+    :data:`COMPILED_FIDELITY_DROP` below the uncompiled graph's.
 
     Raises:
-        UnsupportedModelError: an output differs in shape or, as a whole, in direction (cosine below
-            :data:`COMPILED_AGREEMENT`).
+        UnsupportedModelError: an output of another shape, or one that far from the FP32 model's.
     """
     from torch.utils import _pytree
 
-    got, want = _pytree.tree_leaves(compiled), _pytree.tree_leaves(reference)
+    got, want, ideal = (_pytree.tree_leaves(x) for x in (compiled, uncompiled, fp32))
     problems = []
     if len(got) != len(want):
         problems.append(f"{len(got)} outputs instead of {len(want)}")
@@ -252,10 +257,16 @@ def check_compiled_agrees(compiled: Any, reference: Any, fmt: str) -> None:
             continue
         if a.shape != b.shape:
             problems.append(f"output {index} has shape {tuple(a.shape)} instead of {tuple(b.shape)}")
-        elif a.is_floating_point() and b.is_floating_point():
-            agreement = _cosine(a, b)
-            if agreement is not None and not agreement >= COMPILED_AGREEMENT:
-                problems.append(f"output {index} has cosine {agreement:.3f} to the uncompiled graph's")
+            continue
+        f = ideal[index] if index < len(ideal) and len(ideal) == len(want) else None
+        if not (a.is_floating_point() and isinstance(f, torch.Tensor) and f.shape == b.shape):
+            continue
+        compiled_cos, uncompiled_cos = _cosine(a, f), _cosine(b, f)
+        if compiled_cos is not None and uncompiled_cos is not None and not compiled_cos >= uncompiled_cos - COMPILED_FIDELITY_DROP:
+            problems.append(
+                f"output {index} has cosine {compiled_cos:.3f} to the FP32 model's, against {uncompiled_cos:.3f} "
+                "for the same graph uncompiled"
+            )
     if problems:
         raise UnsupportedModelError(
             f"The INT8 model ({fmt}) compiled by inductor does not compute what its graph computes on the first "
