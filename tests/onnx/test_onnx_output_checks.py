@@ -219,3 +219,30 @@ def test_benchmark_inputs_ort_cannot_run_are_a_dataset_error() -> None:
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "features"
     with pytest.raises(DatasetError, match="could not run the model"):
         inc.benchmark(model, np.zeros((2, 3), np.float32), warmup=1, iterations=1)
+
+
+def test_static_model_left_without_int8_ops_gets_static_advice() -> None:
+    # Embedding lookup, bias Add and LayerNorm: ORT's static quantizer leaves them in float when no INT8 kernel
+    # reads them; the message must speak of the static path, not send a static user to approach='static'.
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 1, (50, N)).astype(np.float32), "table"),
+        numpy_helper.from_array(rng.normal(0, 1, (N,)).astype(np.float32), "bias"),
+        numpy_helper.from_array(np.ones(N, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(N, np.float32), "beta"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("Add", ["e", "bias"], ["h"], name="add_bias"),
+        helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["y"], name="norm", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "embeddings", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", N])], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="inc-tests")
+    model.ir_version = 8
+    batches = [{"ids": rng.integers(0, 50, (2, 8))} for _ in range(4)]
+    with pytest.raises(UnsupportedModelError, match=r"static qdq: .*\(embed, add_bias, norm\).*inc\.describe") as caught:
+        inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(batches))
+    assert "try approach='static'" not in str(caught.value)

@@ -15,7 +15,7 @@ import numpy as np
 ONNX_VOCAB = 512
 ONNX_POSITIONS = 64
 ONNX_SEQ = 24
-ONNX_SMALL = ("bert", "gpt2", "t5_encoder", "distilbert", "roberta")
+ONNX_SMALL = ("bert", "gpt2", "t5_encoder", "distilbert", "roberta", "deberta_v2")
 
 
 def onnx_small_model(kind: str) -> Any:
@@ -50,6 +50,12 @@ def onnx_small_model(kind: str) -> Any:
         model = tf.T5EncoderModel(tf.T5Config(
             vocab_size=ONNX_VOCAB, d_model=hidden, d_kv=hidden // heads, d_ff=ffn, num_layers=layers,
             num_heads=heads, use_cache=False,
+        ))
+    elif kind == "deberta_v2":
+        # multiplies its embeddings by the padding mask: a Mul of the hidden states by a cast of the int mask
+        model = tf.DebertaV2Model(tf.DebertaV2Config(
+            vocab_size=ONNX_VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=ffn, max_position_embeddings=ONNX_POSITIONS,
         ))
     else:
         raise ValueError(f"unknown small model {kind!r}; choose one of {ONNX_SMALL}")

@@ -91,13 +91,15 @@ def test_small_transformer_tunes_to_cosine_goal(onnx_small_export, tmp_path, kin
     _check_save_load(result.model, tmp_path, scored)
 
 
-@pytest.mark.parametrize("kind", ["distilbert", "roberta"])
+@pytest.mark.parametrize("kind", ["distilbert", "roberta", "deberta_v2"])
 def test_more_encoders_quantize_statically(onnx_small_export, kind):
     path = onnx_small_export(kind)
     calib, scored = hf.onnx_token_batches(4, seed=1), hf.onnx_token_batches(4, seed=2)
     model = inc.quantize(str(path), inc.QuantConfig(), dataset=inc.Dataset(calib))
     cosine = hf.cosine_rows(hf.onnx_embeddings(path, scored), hf.onnx_embeddings(model, scored))
-    assert cosine.mean() >= GOAL and _int8_matmuls(model) >= 4
+    # every projection and FFN matmul of the 2 layers runs in INT8 (DeBERTa-v2 multiplies its embeddings by the
+    # padding mask; that product once counted as mask arithmetic and kept the whole encoder in float)
+    assert cosine.mean() >= GOAL and _int8_matmuls(model) >= 12, inc.get_backend("onnx").int8_op_counts(model)
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "qoperator"])

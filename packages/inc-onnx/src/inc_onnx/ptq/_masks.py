@@ -19,7 +19,11 @@ The classification is structural, from the graph alone:
 - a scalar float constant that is not finite or whose magnitude reaches :data:`MASK_MAGNITUDE` is a
   *mask value* (``-inf``, ``finfo.min``, ``-1e4``, ``-65504``);
 - a node that reads mask arithmetic, a mask value, or a *masked* tensor stays in float, and its float
-  outputs are masked in turn, up to a Softmax, whose probabilities are bounded again.
+  outputs are masked in turn, up to a Softmax, whose probabilities are bounded again;
+- except a product of signal by an *integer-valued* float tensor (a Cast of an integer or boolean tensor,
+  through reshapes): a 0/1 padding mask multiplying the hidden states (DeBERTa-v2's embeddings, mean
+  pooling) keeps them finite and within their own range, so the product is signal again. (Left masked, it
+  kept DeBERTa-v2's whole encoder out of INT8.) The Mul itself stays in float.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ __all__ = ["MASK_MAGNITUDE", "MaskAnalysis", "analyse_masks"]
 MASK_MAGNITUDE = 1e4
 # Ops whose output is bounded whatever -inf or huge values their input holds.
 _BOUNDED_OUTPUT = frozenset({"Softmax"})
+# Ops that move an integer-valued tensor's values without changing them.
+_SHAPE_ONLY = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Expand", "Transpose", "Identity", "Flatten"})
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
 
 
@@ -76,13 +82,26 @@ def analyse_masks(model: onnx.ModelProto) -> MaskAnalysis:
 
     masked: set[str] = set()
     float_only: set[str] = set()
+    integer_valued: set[str] = set()  # float tensors holding a cast of integer/boolean values
     for node in graph.node:
         if node.op_type == "Constant" or node.domain not in ("", "ai.onnx"):
             continue
         float_inputs = [name for name in node.input if name and is_float(name)]
         float_outputs = [name for name in node.output if name and is_float(name)]
+        if node.op_type == "Cast" and node.input and not is_float(node.input[0]):
+            integer_valued.update(float_outputs)
+        elif node.op_type in _SHAPE_ONLY and node.input and node.input[0] in integer_valued:
+            integer_valued.update(float_outputs)
         if any(name in signal for name in float_inputs):
             signal.update(float_outputs)
+        if (
+            node.op_type == "Mul"
+            and len(float_inputs) == 2
+            and any(name in signal and name not in masked for name in float_inputs)
+            and any(name in integer_valued for name in float_inputs)
+        ):
+            float_only.add(node.name)  # signal times a 0/1 mask: still signal (see the module docstring)
+            continue
         # A float activation that is not signal and not a constant: mask arithmetic.
         reads_mask = any(
             name in masked or name in mask_values or (name not in signal and name not in constants and name not in constant_nodes)

@@ -47,10 +47,20 @@ def check_has_int8_ops(model: onnx.ModelProto, mode: str, selected: list[str]) -
     counts = int8_op_counts(model)
     if not counts:
         shown = ", ".join(selected[:8]) + (f" and {len(selected) - 8} more" if len(selected) > 8 else "")
+        if mode.startswith("dynamic"):
+            way_out = (
+                "In dynamic mode only MatMul/Gemm with a constant weight, Conv and Gather of a constant table are "
+                "quantized; try approach='static' (with a calibration dataset) or format='qoperator'."
+            )
+        else:
+            way_out = (
+                "ORT leaves such ops in float when no INT8 kernel reads their output. Check which ops "
+                "inc.describe(model, config) lists: a MatMul or Conv missing there is kept in float, e.g. as "
+                "attention-mask arithmetic; approach='dynamic' quantizes every MatMul/Gemm with a constant weight."
+            )
         raise UnsupportedModelError(
             f"{mode}: ONNX Runtime's quantizer left every selected op in float ({shown}); the output would hold no "
-            "INT8 op. In dynamic mode only MatMul/Gemm with a constant weight, Conv and Gather of a constant "
-            "table are quantized; try approach='static' (with a calibration dataset) or format='qoperator'."
+            f"INT8 op. {way_out}"
         )
     return counts
 
