@@ -199,3 +199,14 @@ def test_compiled_outputs_are_checked_against_the_graph_they_were_compiled_from(
     monkeypatch.setattr(CompiledQuantizedModule, "_run", lambda self, args, kwargs: -compiled_run(self, args, kwargs))
     with pytest.raises(inc.errors.UnsupportedModelError, match=r"compiled by inductor does not compute what its graph"):
         inc.quantize(net, inc.QuantConfig(), dataset=inc.Dataset(data, batch_size=8))
+
+
+def test_the_compiled_check_leaves_a_training_mode_model_untouched(model: nn.Module) -> None:
+    # the check's FP32 reference is the exported graph, never the user's module: run in training mode, the module
+    # itself would update its batch-norm statistics
+    net = copy.deepcopy(model).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    inc.quantize(net, inc.QuantConfig(), dataset=inc.Dataset(split()[0][:50], batch_size=BATCH))
+    assert net.training
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key

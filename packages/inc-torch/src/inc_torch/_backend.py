@@ -189,7 +189,9 @@ class TorchBackend(Backend):
             from inc_torch.ptq._fx import quantize_fx
 
             quantized = quantize_fx(model, config, ops, calibration, inplace=inplace)
-        check_returned_model(quantized, calibration.example, fmt, model, frozenset(op.name for op in ops))
+        check_returned_model(
+            quantized, calibration.example, fmt, model, frozenset(op.name for op in ops), fp32_graph=calibration.exported
+        )
         require_int8_ops(quantized, config, fmt)
         return quantized
 

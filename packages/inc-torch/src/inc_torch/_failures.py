@@ -190,8 +190,19 @@ def check_constructs(model: nn.Module, fmt: str, excluded: set[str]) -> None:
             )
 
 
-def check_returned_model(model: nn.Module, example: Any, fmt: str, user_model: nn.Module, op_names: frozenset[str]) -> None:
+def check_returned_model(
+    model: nn.Module,
+    example: Any,
+    fmt: str,
+    user_model: nn.Module,
+    op_names: frozenset[str],
+    fp32_graph: torch.fx.GraphModule | None = None,
+) -> None:
     """Run the INT8 model once, as the user will (PT2E: compiled by inductor), on a calibration batch.
+
+    ``fp32_graph``: the exported FP32 graph the INT8 one was made from (PT2E), the reference of the
+    compiled-vs-uncompiled check; the user's module itself is never run here (a module left in training
+    mode would update its batch-norm statistics).
 
     Raises:
         UnsupportedModelError: the model does not run; names the op where that can be told.
@@ -216,7 +227,7 @@ def check_returned_model(model: nn.Module, example: Any, fmt: str, user_model: n
     if getattr(model, "inductor", False) and isinstance(graph_module, torch.fx.GraphModule):
         with torch.no_grad():
             uncompiled = graph_module(*args, **kwargs)
-            fp32 = user_model(*args, **kwargs)
+            fp32 = None if fp32_graph is None else fp32_graph(*args, **kwargs)
         check_compiled_agrees(output, uncompiled, fp32, fmt)
 
 
@@ -234,21 +245,22 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float(a @ b) / norms if norms > 0 else None
 
 
-def check_compiled_agrees(compiled: Any, uncompiled: Any, fp32: Any, fmt: str) -> None:
+def check_compiled_agrees(compiled: Any, uncompiled: Any, fp32: Any | None, fmt: str) -> None:
     """The inductor-compiled INT8 model must compute what its graph computes, up to kernel rounding.
 
     Inductor lowers the INT8 graph with pattern-matched kernels; a lowering that mis-reads an argument
     (torch 2.13's INT8 max-pool dropped ``ceil_mode``; its CPP GEMM template returned unrelated values) gives
     a model that runs and answers wrongly. Checked on the first calibration batch: each output must have the
-    uncompiled graph's shape, and its cosine to the FP32 model's output may be at most
-    :data:`COMPILED_FIDELITY_DROP` below the uncompiled graph's.
+    uncompiled graph's shape, and (given ``fp32``, the FP32 graph's outputs) its cosine to the FP32 output may
+    be at most :data:`COMPILED_FIDELITY_DROP` below the uncompiled graph's.
 
     Raises:
         UnsupportedModelError: an output of another shape, or one that far from the FP32 model's.
     """
     from torch.utils import _pytree
 
-    got, want, ideal = (_pytree.tree_leaves(x) for x in (compiled, uncompiled, fp32))
+    got, want = _pytree.tree_leaves(compiled), _pytree.tree_leaves(uncompiled)
+    ideal = [] if fp32 is None else _pytree.tree_leaves(fp32)
     problems = []
     if len(got) != len(want):
         problems.append(f"{len(got)} outputs instead of {len(want)}")
