@@ -126,3 +126,37 @@ def op_types(model: onnx.ModelProto) -> list[str]:
 
 def int8_initializers(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model.graph.initializer if i.data_type in (TensorProto.INT8, TensorProto.UINT8)]
+
+
+def attention_block() -> onnx.ModelProto:
+    """Token embedding, Q/K/V projections, scores (activation x activation), softmax, context, output projection."""
+    rng = np.random.default_rng(9)
+    vocab, hidden = 50, 16
+
+    def weight(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.normal(0, 1, shape) / np.sqrt(shape[0])).astype(np.float32), name)
+
+    inits = [weight("embedding", (vocab, hidden)), *(weight(f"w{p}", (hidden, hidden)) for p in "qkvo")]
+    inits.append(numpy_helper.from_array(np.array(1 / np.sqrt(hidden), np.float32), "scale"))
+    nodes = [
+        helper.make_node("Gather", ["embedding", "ids"], ["h"], name="embed"),
+        helper.make_node("MatMul", ["h", "wq"], ["q"], name="query"),
+        helper.make_node("MatMul", ["h", "wk"], ["k"], name="key"),
+        helper.make_node("MatMul", ["h", "wv"], ["v"], name="value"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="key_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+        helper.make_node("Mul", ["s", "scale"], ["ss"], name="scale_scores"),
+        helper.make_node("Softmax", ["ss"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["c"], name="context"),
+        helper.make_node("MatMul", ["c", "wo"], ["y"], name="output"),
+    ]
+    graph = helper.make_graph(
+        nodes, "attention",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="inc-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_testmodels as models
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -136,42 +137,8 @@ def test_excluding_every_op_is_a_config_error() -> None:
         inc.quantize(model, inc.QuantConfig(exclude=inc.LayerFilter(names=tuple(op.name for op in ops))), dataset=_data())
 
 
-def attention_block() -> onnx.ModelProto:
-    """Token embedding, Q/K/V projections, scores (activation x activation), softmax, context, output projection."""
-    rng = np.random.default_rng(9)
-    vocab, hidden = 50, N
-
-    def weight(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
-        return numpy_helper.from_array((rng.normal(0, 1, shape) / np.sqrt(shape[0])).astype(np.float32), name)
-
-    inits = [weight("embedding", (vocab, hidden)), *(weight(f"w{p}", (hidden, hidden)) for p in "qkvo")]
-    inits.append(numpy_helper.from_array(np.array(1 / np.sqrt(hidden), np.float32), "scale"))
-    nodes = [
-        helper.make_node("Gather", ["embedding", "ids"], ["h"], name="embed"),
-        helper.make_node("MatMul", ["h", "wq"], ["q"], name="query"),
-        helper.make_node("MatMul", ["h", "wk"], ["k"], name="key"),
-        helper.make_node("MatMul", ["h", "wv"], ["v"], name="value"),
-        helper.make_node("Transpose", ["k"], ["kt"], name="key_t", perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
-        helper.make_node("Mul", ["s", "scale"], ["ss"], name="scale_scores"),
-        helper.make_node("Softmax", ["ss"], ["p"], name="softmax", axis=-1),
-        helper.make_node("MatMul", ["p", "v"], ["c"], name="context"),
-        helper.make_node("MatMul", ["c", "wo"], ["y"], name="output"),
-    ]
-    graph = helper.make_graph(
-        nodes, "attention",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="inc-tests")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
 def test_dynamic_describe_lists_exactly_the_ops_that_become_integer_kernels() -> None:
-    model = attention_block()
+    model = models.attention_block()
     config = inc.QuantConfig(approach="dynamic")
     described = {op.name for op in inc.describe(model, config).ops}
     # Activation x activation products (scores, context) stay in float, so they are not listed.
@@ -199,7 +166,7 @@ def test_cli_reports_the_int8_ops_of_the_written_model_for_dynamic_attention(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source, out = tmp_path / "attention.onnx", tmp_path / "attention.int8.onnx"
-    onnx.save_model(attention_block(), str(source))
+    onnx.save_model(models.attention_block(), str(source))
     assert main(["quantize", str(source), "-o", str(out), "--approach", "dynamic"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if "ops:" in line)
     # Before, every MatMul and the Transpose counted as quantized, though scores and context stay in float.

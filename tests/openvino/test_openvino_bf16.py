@@ -216,40 +216,12 @@ def test_a_file_with_bf16_ops_runs_in_f32_where_bf16_is_missing_and_bad_metadata
         inc_onnx.create_session(broken, runtime="openvino", threads=1)
 
 
-def _attention_block() -> onnx.ModelProto:
-    """Embedding lookup + residual, weighted query/key/output projections, an activation x activation product."""
-    from onnx import TensorProto, helper
-
-    rng = np.random.default_rng(0)
-
-    def init(name: str, *shape: int) -> onnx.TensorProto:
-        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-
-    nodes = [
-        helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
-        helper.make_node("Add", ["x", "emb"], ["h"], name="residual"),
-        helper.make_node("MatMul", ["h", "w_q"], ["q"], name="query"),
-        helper.make_node("MatMul", ["h", "w_k"], ["k"], name="key"),
-        helper.make_node("Transpose", ["k"], ["k_t"], name="key_t", perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["q", "k_t"], ["scores"], name="scores"),
-        helper.make_node("Mul", ["scores", "scale"], ["scaled"], name="scale_scores"),
-        helper.make_node("MatMul", ["scaled", "w_o"], ["y"], name="output"),
-    ]
-    graph = helper.make_graph(
-        nodes, "attention",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8]), helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8])],
-        [init("table", 10, 8), init("w_q", 8, 8), init("w_k", 8, 8), init("w_o", 4, 8), numpy_helper.from_array(np.float32(0.35), "scale")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_tuner_bf16_fallback_is_offered_only_for_products_by_a_weight():
     # fallback_precision="bf16" moves these into BF16; the lookup, the elementwise ops and the product of two
     # activations (which OpenVINO keeps in f32 anyway) would only gain conversions: they fall back to FP32
-    model = _attention_block()
+    model = models.attention_block()
     backend = inc_onnx.OnnxBackend(runtime="openvino")
     config = inc.QuantConfig()
     listed = {op.name for op in backend.describe(model, config).ops}
-    assert {"embed", "residual", "scores", "scale_scores"} <= listed, listed
-    assert backend.bf16_candidates(model, config) == {"query", "key", "output"}
+    assert {"embed", "scores", "scale_scores", "context"} <= listed, listed
+    assert backend.bf16_candidates(model, config) == {"query", "key", "value", "output"}

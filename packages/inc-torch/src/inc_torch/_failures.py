@@ -239,12 +239,6 @@ def check_returned_model(
 COMPILED_FIDELITY_DROP = 0.1
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    a, b = a.detach().double().flatten(), b.detach().double().flatten()
-    norms = float(a.norm() * b.norm())
-    return float(a @ b) / norms if norms > 0 else None
-
-
 def check_compiled_agrees(compiled: Any, uncompiled: Any, fp32: Any | None, fmt: str) -> None:
     """The inductor-compiled INT8 model must compute what its graph computes, up to kernel rounding.
 
@@ -258,6 +252,8 @@ def check_compiled_agrees(compiled: Any, uncompiled: Any, fp32: Any | None, fmt:
         UnsupportedModelError: an output of another shape, or one that far from the FP32 model's.
     """
     from torch.utils import _pytree
+
+    from inc_core.testing import cosine
 
     got, want = _pytree.tree_leaves(compiled), _pytree.tree_leaves(uncompiled)
     ideal = [] if fp32 is None else _pytree.tree_leaves(fp32)
@@ -273,8 +269,10 @@ def check_compiled_agrees(compiled: Any, uncompiled: Any, fp32: Any | None, fmt:
         f = ideal[index] if index < len(ideal) and len(ideal) == len(want) else None
         if not (a.is_floating_point() and isinstance(f, torch.Tensor) and f.shape == b.shape):
             continue
-        compiled_cos, uncompiled_cos = _cosine(a, f), _cosine(b, f)
-        if compiled_cos is not None and uncompiled_cos is not None and not compiled_cos >= uncompiled_cos - COMPILED_FIDELITY_DROP:
+        reference = f.detach().double().numpy()
+        compiled_cos = cosine(a.detach().double().numpy(), reference)
+        uncompiled_cos = cosine(b.detach().double().numpy(), reference)
+        if not compiled_cos >= uncompiled_cos - COMPILED_FIDELITY_DROP:
             problems.append(
                 f"output {index} has cosine {compiled_cos:.3f} to the FP32 model's, against {uncompiled_cos:.3f} "
                 "for the same graph uncompiled"

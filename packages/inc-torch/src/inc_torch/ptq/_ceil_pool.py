@@ -38,15 +38,11 @@ def _is_dequantize(node: Any) -> bool:
     return _target(node).startswith("quantized_decomposed.dequantize_per_tensor.")
 
 
-def _pair(raw: Any, default: list[int]) -> list[int] | None:
-    if raw is None or (isinstance(raw, (list, tuple)) and len(raw) == 0):
-        return default
+def _two(raw: Any, default: list[int]) -> list[int] | None:
+    """An ``int[2]`` argument as two ints (``[]`` or one value as aten reads them), or None if not static."""
     values = list(raw) if isinstance(raw, (list, tuple)) else [raw]
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or not all(isinstance(v, int) for v in values):
-        return None
-    return [int(v) for v in values]
+    values = default if not values else values * 2 if len(values) == 1 else values
+    return [int(v) for v in values] if len(values) == 2 and all(isinstance(v, int) for v in values) else None
 
 
 def _spatial_size(node: Any) -> list[int] | None:
@@ -62,26 +58,24 @@ def _spatial_size(node: Any) -> list[int] | None:
     return None
 
 
-def _extra_padding(pool: torch.fx.Node, size: list[int]) -> list[int] | None:
-    """Rows/columns to add at the bottom/right so that ``ceil_mode=False`` gives the ``ceil_mode=True`` size."""
-    args = list(pool.args) + [None] * (6 - len(pool.args))
-    kernel = _pair(pool.kwargs.get("kernel_size", args[1]), [1, 1])
-    if kernel is None:
+def _extra_padding(arguments: dict[str, Any], size: list[int], pooled: Any) -> list[int] | None:
+    """Rows/columns to add at the bottom/right so that ``ceil_mode=False`` pools to ``pooled``'s size.
+
+    ``pooled`` is the pool's output as export recorded it (``ceil_mode=True``); ``size`` its input's.
+    """
+    kernel = _two(arguments["kernel_size"], [1, 1])
+    if kernel is None or not isinstance(pooled, torch.Tensor):
         return None
-    stride = _pair(pool.kwargs.get("stride", args[2]), kernel)
-    padding = _pair(pool.kwargs.get("padding", args[3]), [0, 0])
-    dilation = _pair(pool.kwargs.get("dilation", args[4]), [1, 1])
-    if stride is None or padding is None or dilation is None:
+    stride = _two(arguments["stride"], kernel)
+    padding = _two(arguments["padding"], [0, 0])
+    dilation = _two(arguments["dilation"], [1, 1])
+    out = [int(s) for s in pooled.shape[-2:] if isinstance(s, int)]
+    if stride is None or padding is None or dilation is None or len(out) != 2:
         return None
-    extra = []
-    for i in range(2):
-        span = size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1
-        ceil_out = -(-span // stride[i]) + 1
-        if (ceil_out - 1) * stride[i] >= size[i] + padding[i]:
-            ceil_out -= 1  # PyTorch's rule: the last window must start inside the input or the left padding
-        needed = (ceil_out - 1) * stride[i] + dilation[i] * (kernel[i] - 1) + 1 - (size[i] + 2 * padding[i])
-        extra.append(max(needed, 0))
-    return extra
+    return [
+        max((out[i] - 1) * stride[i] + dilation[i] * (kernel[i] - 1) + 1 - (size[i] + 2 * padding[i]), 0)
+        for i in range(2)
+    ]
 
 
 def pad_ceil_mode_pools(graph_module: torch.fx.GraphModule) -> int:
@@ -95,16 +89,17 @@ def pad_ceil_mode_pools(graph_module: torch.fx.GraphModule) -> int:
     for pool in list(graph.nodes):
         if pool.op != "call_function" or pool.target != torch.ops.aten.max_pool2d.default:
             continue
-        args = list(pool.args) + [None] * (6 - len(pool.args))
-        if not pool.kwargs.get("ceil_mode", args[5]):
+        normalized = pool.normalized_arguments(graph_module, normalize_to_only_use_kwargs=True)
+        arguments = dict(normalized.kwargs) if normalized is not None else {}
+        if not arguments.get("ceil_mode"):
             continue
         dequantize = pool.args[0]
         if not isinstance(dequantize, torch.fx.Node) or not _is_dequantize(dequantize):
             continue
         size = _spatial_size(dequantize)
-        extra = None if size is None else _extra_padding(pool, size)
-        if extra is None:
-            continue
+        extra = None if size is None else _extra_padding(arguments, size, pool.meta.get("val"))
+        if extra is None or extra == [0, 0]:
+            continue  # unknown sizes, or ceil_mode changes nothing here (what inductor runs is then right)
         quantized, quant_min = dequantize.args[0], dequantize.args[3]
         with graph.inserting_before(pool):
             padded = graph.call_function(
@@ -112,16 +107,8 @@ def pad_ceil_mode_pools(graph_module: torch.fx.GraphModule) -> int:
             )
             fresh = graph.call_function(dequantize.target, (padded, *dequantize.args[1:]), dict(dequantize.kwargs))
         fresh.meta.update({k: v for k, v in dequantize.meta.items() if k != "val"})
-        new_args = [fresh, *pool.args[1:]]
-        if "ceil_mode" in pool.kwargs:
-            pool.kwargs = {**pool.kwargs, "ceil_mode": False}
-        else:
-            new_args = (new_args + [None] * (6 - len(new_args)))[:6]
-            new_args[2] = new_args[2] if new_args[2] is not None else []
-            new_args[3] = new_args[3] if new_args[3] is not None else [0, 0]
-            new_args[4] = new_args[4] if new_args[4] is not None else [1, 1]
-            new_args[5] = False
-        pool.args = tuple(new_args)
+        pool.args = (fresh, arguments["kernel_size"], arguments["stride"], arguments["padding"], arguments["dilation"], False)
+        pool.kwargs = {}
         rewritten += 1
     if rewritten:
         graph.eliminate_dead_code()
