@@ -85,6 +85,14 @@ def _vit_small() -> nn.Module:
     return model
 
 
+def _swin_small() -> nn.Module:
+    # Swin's window attention hands its Linear layers' weights to a function instead of calling them,
+    # which torch.ao's dynamic swap once broke (see inc_torch.ptq._weight_readers)
+    return torchvision_models().SwinTransformer(
+        patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=CLASSES
+    )
+
+
 def _builder(name: str, **options: bool) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         return getattr(torchvision_models(), name)(weights=None, num_classes=CLASSES, **options)
@@ -105,6 +113,7 @@ TORCHVISION_MODELS: dict[str, Callable[[], nn.Module]] = {
     "googlenet": _builder("googlenet", aux_logits=False, init_weights=True),
     "convnext_tiny": _builder("convnext_tiny"),
     "vit_2layer_64px": _vit_small,
+    "swin_2stage_64px": _swin_small,
 }
 
 

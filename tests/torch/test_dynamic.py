@@ -223,3 +223,68 @@ def test_has_vnni_reads_the_cpu_flags(tmp_path: Path, flags: str, expected: bool
 
 def test_has_vnni_without_cpuinfo_keeps_seven_bits(tmp_path: Path) -> None:
     assert has_vnni(tmp_path / "missing") is False
+
+
+class WindowAttention(nn.Module):
+    """Hands its Linear layers' weights to a function and never calls them (torchvision's Swin Transformer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = nn.functional.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
+        attended = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+        return nn.functional.linear(attended, self.proj.weight, self.proj.bias)
+
+
+class DtypeReader(nn.Module):
+    """Reads its Linear layer's weight and calls it (Hugging Face T5's feed-forward casts to the weight's dtype)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = WindowAttention()
+        self.wo = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn(x)
+        if isinstance(self.wo.weight, torch.Tensor) and x.dtype != self.wo.weight.dtype:
+            x = x.to(self.wo.weight.dtype)
+        return self.wo(x)
+
+
+def test_layers_whose_weight_the_code_around_them_computes_with_stay_float() -> None:
+    torch.manual_seed(0)
+    model = DtypeReader().eval()
+    config = inc.QuantConfig(approach="dynamic")
+    assert inc.describe(model, config).names == ("wo",)
+    quantized = inc.quantize(model, config)
+    assert inc_torch.quantized_ops(quantized) == ["wo"]
+    assert isinstance(quantized.attn.qkv, nn.Linear) and isinstance(quantized.attn.proj, nn.Linear)
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():  # swapped, the window attention's layers would make F.linear refuse a method as weight
+        assert cosine(model(x).numpy(), quantized(x).numpy()) >= 0.99
+
+
+@pytest.mark.parametrize("padding_mask", [False, True], ids=["no_mask", "padding_mask"])
+def test_transformer_encoder_runs_after_dynamic_quantization(padding_mask: bool) -> None:
+    # torch's fused encoder fast path (eval, batch_first=True) reads linear1/linear2's weights as tensors
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    model = nn.Sequential()
+    model.add_module("encoder", nn.TransformerEncoder(layer, 2))
+    model.eval()
+    before = state(model)
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    assert sorted(inc_torch.quantized_ops(quantized)) == [f"encoder.layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)]
+    x = torch.randn(3, 7, 32)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[1, 4:] = True
+    kwargs = {"src_key_padding_mask": mask} if padding_mask else {}
+    with torch.no_grad():
+        want, got = model.encoder(x, **kwargs), quantized.encoder(x, **kwargs)
+    keep = ~mask if padding_mask else torch.ones_like(mask)
+    assert cosine(want[keep].numpy(), got[keep].numpy()) >= 0.99
+    assert same_state(state(model), before)
+    assert model.encoder.use_nested_tensor and not model.encoder.layers[0]._forward_pre_hooks  # the user's model is untouched

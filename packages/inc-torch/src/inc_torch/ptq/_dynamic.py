@@ -25,6 +25,7 @@ from inc_core.errors import ConfigError
 from inc_torch._compat import quiet
 from inc_torch._hf import CONV1D_AS_LINEAR_ATTR, CONV1D_TYPE, is_hf_conv1d, linearize_conv1d
 from inc_torch.ptq._settings import plan
+from inc_torch.ptq._weight_readers import keep_to_module_path, weights_read_without_calls
 
 __all__ = [
     "DYNAMIC_ACTIVATIONS",
@@ -206,11 +207,28 @@ def quantize_dynamic(
         quantized = torch.ao.quantization.quantize_dynamic(work, spec, dtype=torch.qint8, inplace=True)
     if swapped:
         setattr(quantized, CONV1D_AS_LINEAR_ATTR, tuple(swapped))
+    keep_to_module_path(quantized)
+    _log_layers_kept(model, ops)
     if chosen == "full_range":
         full_range_activations(quantized)
     if _dynamic_linears(quantized):
         log.info("dynamic Linear activations: %s (dynamic_activations=%r)", chosen, activations)
     return quantized
+
+
+def _log_layers_kept(model: nn.Module, ops: tuple[Op, ...]) -> None:
+    listed = {op.name for op in ops}
+    candidates = tuple(
+        name for name, module in model.named_modules() if name and name not in listed and type(module) is nn.Linear
+    )
+    kept = weights_read_without_calls(model, candidates)
+    if kept:
+        readers = sorted({type(model.get_submodule(owner)).__name__ for owner in kept.values()})
+        log.info(
+            "%d Linear layers stay FP32 (%s): the code around them (%s) computes with their weights itself, "
+            "never calling them, and a dynamic layer's weight is packed int8",
+            len(kept), ", ".join(list(kept)[:4]) + (", ..." if len(kept) > 4 else ""), ", ".join(readers),
+        )
 
 
 def quantize_one(module: nn.Module, granularity: str, activations: str = "auto") -> nn.Module:

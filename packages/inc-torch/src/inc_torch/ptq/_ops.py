@@ -10,6 +10,7 @@ from inc_core._quant_config import CALIBRATIONS, GRANULARITIES, SCHEMES, QuantCo
 from inc_core.backend import Op, TuningSpace
 from inc_core.errors import ConfigError, UnsupportedModelError
 from inc_torch._hf import is_hf_conv1d
+from inc_torch.ptq._weight_readers import weights_read_without_calls
 
 __all__ = [
     "STATIC_TYPES",
@@ -62,6 +63,11 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
         # are not swapped by torch.ao, so they are not offered either.
         if name and (type(module) in types or (conv1d and is_hf_conv1d(module))):
             ops.append(Op(name=name, op_type=type(module).__name__))
+    if config.approach == "dynamic" and fmt != "torchscript":
+        # A swapped layer's weight is no tensor: layers whose weight the code around them computes with
+        # stay FP32 (IPEX's traced flow, format "torchscript", sees the computation itself).
+        read = weights_read_without_calls(model, tuple(op.name for op in ops))
+        ops = [op for op in ops if op.name not in read]
     return tuple(ops)
 
 

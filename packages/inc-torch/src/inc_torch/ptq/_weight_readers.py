@@ -1,0 +1,99 @@
+"""Code that reads a layer's weight itself, which torch.ao's dynamic layers do not hold as a tensor.
+
+A dynamically quantized ``nn.Linear`` keeps its int8 weight packed: ``.weight`` becomes a method. Code around
+the layer that reads ``layer.weight`` to compute with it breaks once the layer is swapped, when the model
+runs, not when it is quantized. Two kinds are met in models users bring:
+
+- a module that never calls the layer and hands its weight to a function instead (torchvision's Swin
+  Transformer: ``shifted_window_attention(x, self.qkv.weight, self.proj.weight, ...)``). Such a layer is not
+  dynamically quantizable: :func:`weights_read_without_calls` finds it from the module's source, and the
+  dynamic path neither lists nor swaps it;
+- ``nn.TransformerEncoderLayer``'s fused fast path (eval mode, ``batch_first=True``), which collects the float
+  weights of the layers it otherwise calls (pytorch/pytorch#109987). :func:`keep_to_module_path` keeps a
+  quantized encoder layer on its module path, which calls the swapped layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["keep_to_module_path", "weights_read_without_calls"]
+
+
+_READ = re.compile(r"\bself\.([A-Za-z_][\w.]*)\.(?:weight|bias)\b")
+_CALL = re.compile(r"\bself\.([A-Za-z_][\w.]*?)(?:\.forward)?\s*\(")
+
+
+@functools.cache
+def _uses(cls: type) -> tuple[frozenset[str], frozenset[str]]:
+    """The attribute paths whose weight/bias the code of ``cls`` (and of its bases below ``nn.Module``) reads,
+    and those it calls."""
+    reads: set[str] = set()
+    calls: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        for attribute in vars(klass).values():
+            # the functions one by one: finding a whole class's source parses its whole file
+            function = getattr(attribute, "fget", None) or getattr(attribute, "__func__", attribute)
+            if not inspect.isfunction(function):
+                continue
+            try:
+                source = inspect.getsource(function)
+            except (OSError, TypeError):
+                continue  # made at run time: no source kept to read
+            reads.update(_READ.findall(source))
+            calls.update(_CALL.findall(source))
+    return frozenset(reads), frozenset(calls)
+
+
+def weights_read_without_calls(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
+    """Of the modules ``names``, those whose weight or bias an enclosing module's code reads, never calling them.
+
+    Returns:
+        Per such module, the name of the enclosing module whose code reads it (``""``: the model itself).
+    """
+    modules = dict(model.named_modules())
+    found: dict[str, str] = {}
+    for name in names:
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            owner, path = ".".join(parts[:cut]), ".".join(parts[cut:])
+            reads, calls = _uses(type(modules[owner]))
+            if path in reads and path not in calls:
+                found[name] = owner
+                break
+    return found
+
+
+def _module_path(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook that changes nothing: torch takes no fused fast path for a module with hooks."""
+    return None
+
+
+def _is_dynamic(module: nn.Module) -> bool:
+    return isinstance(module, torch.ao.nn.quantized.dynamic.Linear)
+
+
+def keep_to_module_path(model: nn.Module) -> int:
+    """Keep the encoder layers of ``model`` whose Linear layers were swapped off torch's fused fast path.
+
+    Returns:
+        How many encoder layers were changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and (_is_dynamic(module.linear1) or _is_dynamic(module.linear2)):
+            module.register_forward_pre_hook(_module_path)
+            changed += 1
+        elif isinstance(module, nn.TransformerEncoder):
+            # its own fast path (a padding mask given) packs the input into a nested tensor for the fused layers
+            if any(_is_dynamic(m) for m in module.modules()):
+                module.use_nested_tensor = False
+    return changed
