@@ -151,6 +151,15 @@ def _mlp() -> object:
     return MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=0)
 
 
+def _scaler_mlp() -> object:
+    # skl2onnx writes the scaler as an ai.onnx.ml Scaler, whose output ONNX's shape inference leaves untyped
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=0))
+
+
 def _logistic() -> object:
     from sklearn.linear_model import LogisticRegression
 
@@ -165,6 +174,7 @@ def _forest() -> object:
 
 SKLEARN_MODELS: dict[str, Callable[[], object]] = {
     "sklearn_mlp": _mlp,
+    "sklearn_scaler_mlp": _scaler_mlp,
     "sklearn_logistic": _logistic,
     "sklearn_forest": _forest,
 }

@@ -213,3 +213,42 @@ def test_static_model_left_without_int8_ops_gets_static_advice() -> None:
     with pytest.raises(UnsupportedModelError, match=r"static qdq: .*\(embed, add_bias, norm\).*inc\.describe") as caught:
         inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(batches))
     assert "try approach='static'" not in str(caught.value)
+
+
+def _mlp_around_a_contrib_op() -> onnx.ModelProto:
+    """fc1 -> com.microsoft Gelu (as ORT's transformer optimizer writes it) -> fc2."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.normal(0, 1, (16, 32)) / 4).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.normal(0, 1, (32, 8)) / 6).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["pixels", "w1"], ["h"], name="fc1"),
+        helper.make_node("Gelu", ["h"], ["g"], name="gelu", domain="com.microsoft"),
+        helper.make_node("MatMul", ["g", "w2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "contrib",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], producer_name="inc-tests"
+    )
+    model.ir_version = 8
+    return model
+
+
+def test_ops_after_a_node_of_another_domain_are_quantized_statically() -> None:
+    # What a com.microsoft (or ai.onnx.ml) node computes from signal is signal: fc2 once counted as mask arithmetic
+    model = _mlp_around_a_contrib_op()
+    assert [op.name for op in inc.describe(model, inc.QuantConfig()).ops] == ["fc1", "fc2"]
+    x = np.random.default_rng(1).normal(0, 1, (64, 16)).astype(np.float32)
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset({"pixels": x}, batch_size=16))
+    consumers = {i for n in quantized.graph.node if n.op_type == "MatMul" for i in n.input}
+    weights = {n.output[0]: n.input[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    quantized_weights = {weights[name] for name in consumers if name in weights}
+    assert {"w1", "w2"} <= {name.removesuffix("_quantized") for name in quantized_weights}, quantized_weights
+    fp32, int8 = models.run(model, x), models.run(quantized, x)
+    assert float(np.sum(fp32 * int8) / np.linalg.norm(fp32) / np.linalg.norm(int8)) >= 0.99

@@ -21,6 +21,8 @@ from skl2onnx import to_onnx
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 import inc_core as inc
@@ -38,6 +40,10 @@ def _converted(kind: str, zipmap: bool) -> bytes:
     warnings.filterwarnings("ignore", message="Stochastic Optimizer: Maximum iterations")
     estimator = {
         "mlp": lambda: MLPClassifier(hidden_layer_sizes=(32,), max_iter=150, random_state=0),
+        # the Scaler (ai.onnx.ml) output is untyped after ORT's optimizer drops skl2onnx's Cast after it
+        "scaler_mlp": lambda: make_pipeline(
+            StandardScaler(), MLPClassifier(hidden_layer_sizes=(32,), max_iter=150, random_state=0)
+        ),
         "logreg": lambda: LogisticRegression(max_iter=500),
         "forest": lambda: RandomForestClassifier(n_estimators=8, max_depth=6, random_state=0),
     }[kind]()
@@ -66,14 +72,16 @@ def _labels_and_probabilities(model: onnx.ModelProto, x: np.ndarray) -> tuple[np
 
 @pytest.mark.parametrize("zipmap", ZIPMAP, ids=["zipmap", "no_zipmap"])
 @pytest.mark.parametrize(("approach", "fmt"), PATHS, ids=["-".join(p) for p in PATHS])
-def test_mlp_reaches_int8_kernels_with_fp32_fidelity(approach: str, fmt: str, zipmap: bool) -> None:
-    model = converted("mlp", zipmap)
+@pytest.mark.parametrize("kind", ["mlp", "scaler_mlp"])
+def test_mlp_reaches_int8_kernels_with_fp32_fidelity(kind: str, approach: str, fmt: str, zipmap: bool) -> None:
+    model = converted(kind, zipmap)
     config = inc.QuantConfig(approach=approach, format=fmt)
     quantized = inc.quantize(model, config, dataset=_calib() if approach == "static" else None)
 
     counts = inc.get_backend("onnx").int8_op_counts(quantized)
-    # Both hidden and output layers (MatMul + Add fused into Gemm) run integer kernels.
-    kernels = {k: v for k, v in counts.items() if k in ("QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")}
+    # Both hidden and output layers (MatMul + Add, fused into Gemm without the scaler) run integer kernels.
+    products = ("QGemm", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger")
+    kernels = {k: v for k, v in counts.items() if k in products}
     assert sum(kernels.values()) == 2, counts
 
     _, x_test, _, y_test = models.digits()
@@ -81,10 +89,17 @@ def test_mlp_reaches_int8_kernels_with_fp32_fidelity(approach: str, fmt: str, zi
     int8_labels, int8_probs = _labels_and_probabilities(quantized, x_test)
     agreement = float(np.mean(fp32_labels == int8_labels))
     fp32_accuracy, int8_accuracy = float(np.mean(fp32_labels == y_test)), float(np.mean(int8_labels == y_test))
-    # Measured on AMD EPYC (VNNI): agreement 1.0 and a largest probability change of about 0.02 on every path.
+    # Measured on AMD EPYC (VNNI): agreement 0.996-0.998 (mlp), 0.989-0.996 (scaler_mlp).
     assert agreement >= 0.98, f"INT8 labels agree with FP32 on {agreement:.3f} of the test set"
     assert int8_accuracy >= fp32_accuracy - 0.02, (fp32_accuracy, int8_accuracy)
-    assert float(np.max(np.abs(fp32_probs - int8_probs))) < 0.2
+    change = np.abs(fp32_probs - int8_probs)
+    # Measured on AMD EPYC: mean change 0.0003-0.0007 (mlp), 0.0013-0.0027 (scaler_mlp).
+    assert float(change.mean()) < 0.005
+    if kind == "mlp":
+        assert float(change.max()) < 0.2
+    # The scaler divides pixels that are almost always blank by a tiny deviation: a test digit inked there
+    # goes past the calibrated range and one of 540 samples changes its probabilities by up to 0.98
+    # (agreement 0.996); the dynamic path scales each batch by its largest value, which that sample sets.
 
 
 @pytest.mark.parametrize("zipmap", ZIPMAP, ids=["zipmap", "no_zipmap"])

@@ -124,10 +124,39 @@ def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     # ORT's optimizer may add nodes without names; the quantizer and fallback need every node named.
     _name_nodes(prepared)
     merge_opsets(prepared)
+    prepared = _type_ml_outputs(prepared)
     flatten_row_biases(prepared)
     unshare_biases(prepared)
     add_infer_metadata(prepared)
     return prepared
+
+
+# ai.onnx.ml operators whose output is float32 whatever they read (ONNX-ML's type constraints), which ONNX's
+# shape inference leaves untyped. skl2onnx follows a StandardScaler's Scaler with a Cast to float that ORT's
+# optimizer removes, and without a type on the Scaler's output no op after it (an MLP's MatMuls) counts as
+# reading float: nothing would be quantized.
+_ML_FLOAT_OUTPUTS = frozenset({"Scaler", "Normalizer", "OneHotEncoder", "FeatureVectorizer", "LinearRegressor"})
+
+
+def _type_ml_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Type the float outputs of ai.onnx.ml operators, and infer the types after them again."""
+    graph = proto.graph
+    typed = {v.name for v in (*graph.input, *graph.value_info, *graph.output) if v.type.tensor_type.elem_type}
+    typed.update(i.name for i in graph.initializer)
+    missing = [
+        node.output[0]
+        for node in graph.node
+        if node.domain == "ai.onnx.ml" and node.op_type in _ML_FLOAT_OUTPUTS and node.output and node.output[0] not in typed
+    ]
+    if not missing:
+        return proto
+    for name in missing:
+        graph.value_info.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    try:
+        return onnx.shape_inference.infer_shapes(proto)
+    except Exception as exc:  # onnx raises InferenceError and others; the typed outputs themselves still count
+        log.info("ONNX shape inference after typing %s failed (%s)", ", ".join(missing), exc)
+        return proto
 
 
 def _symbolic_pre_process(proto: onnx.ModelProto) -> onnx.ModelProto:

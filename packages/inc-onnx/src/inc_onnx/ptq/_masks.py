@@ -23,7 +23,9 @@ The classification is structural, from the graph alone:
 - except a product of signal by an *integer-valued* float tensor (a Cast of an integer or boolean tensor,
   through reshapes): a 0/1 padding mask multiplying the hidden states (DeBERTa-v2's embeddings, mean
   pooling) keeps them finite and within their own range, so the product is signal again. (Left masked, it
-  kept DeBERTa-v2's whole encoder out of INT8.) The Mul itself stays in float.
+  kept DeBERTa-v2's whole encoder out of INT8.) The Mul itself stays in float;
+- a node of another domain (ai.onnx.ml, com.microsoft) is never quantized, but passes signal (or masked
+  values) on to its float outputs.
 """
 
 from __future__ import annotations
@@ -84,10 +86,18 @@ def analyse_masks(model: onnx.ModelProto) -> MaskAnalysis:
     float_only: set[str] = set()
     integer_valued: set[str] = set()  # float tensors holding a cast of integer/boolean values
     for node in graph.node:
-        if node.op_type == "Constant" or node.domain not in ("", "ai.onnx"):
+        if node.op_type == "Constant":
             continue
         float_inputs = [name for name in node.input if name and is_float(name)]
         float_outputs = [name for name in node.output if name and is_float(name)]
+        if node.domain not in ("", "ai.onnx"):
+            # Not quantized (ai.onnx.ml, com.microsoft), but what it computes from signal is signal: a
+            # StandardScaler's Scaler before an MLP, a fused LayerNorm before the next MatMul.
+            if any(name in masked for name in node.input):
+                masked.update(float_outputs)
+            elif any(name in signal for name in node.input):
+                signal.update(float_outputs)
+            continue
         if node.op_type == "Cast" and node.input and not is_float(node.input[0]):
             integer_valued.update(float_outputs)
         elif node.op_type in _SHAPE_ONLY and node.input and node.input[0] in integer_valued:
