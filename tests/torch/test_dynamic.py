@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -288,3 +289,38 @@ def test_transformer_encoder_runs_after_dynamic_quantization(padding_mask: bool)
     assert cosine(want[keep].numpy(), got[keep].numpy()) >= 0.99
     assert same_state(state(model), before)
     assert model.encoder.use_nested_tensor and not model.encoder.layers[0]._forward_pre_hooks  # the user's model is untouched
+
+
+class Recurrent(nn.Module):
+    def __init__(self, rnn: nn.Module, features: int) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.fc = nn.Linear(features, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(x)[0])
+
+
+@pytest.mark.parametrize(
+    ("rnn", "features", "reason"),
+    [
+        (lambda: nn.LSTM(8, 16, proj_size=6, batch_first=True), 6, "proj_size"),  # swapped, it fails when run
+        (lambda: nn.LSTM(8, 16, bias=False, batch_first=True), 16, "no biases"),  # torch.ao refuses to swap it
+        (lambda: nn.GRU(8, 16, bias=False, batch_first=True), 16, "no biases"),
+    ],
+    ids=["lstm_projection", "lstm_without_bias", "gru_without_bias"],
+)
+def test_recurrent_layers_torch_ao_cannot_swap_stay_float(
+    rnn: Any, features: int, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    model = Recurrent(rnn(), features).eval()
+    config = inc.QuantConfig(approach="dynamic")
+    assert inc.describe(model, config).names == ("fc",)
+    with caplog.at_level("INFO", logger="inc"):
+        quantized = inc.quantize(model, config)
+    assert inc_torch.quantized_ops(quantized) == ["fc"]
+    assert any("stay FP32 (rnn)" in r.getMessage() and reason in r.getMessage() for r in caplog.records), caplog.text
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert cosine(model(x).numpy(), quantized(x).numpy()) >= 0.99

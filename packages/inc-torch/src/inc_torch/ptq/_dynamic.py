@@ -25,7 +25,7 @@ from inc_core.errors import ConfigError
 from inc_torch._compat import quiet
 from inc_torch._hf import CONV1D_AS_LINEAR_ATTR, CONV1D_TYPE, is_hf_conv1d, linearize_conv1d
 from inc_torch.ptq._settings import plan
-from inc_torch.ptq._weight_readers import keep_to_module_path, weights_read_without_calls
+from inc_torch.ptq._weight_readers import keep_to_module_path
 
 __all__ = [
     "DYNAMIC_ACTIVATIONS",
@@ -217,18 +217,22 @@ def quantize_dynamic(
 
 
 def _log_layers_kept(model: nn.Module, ops: tuple[Op, ...]) -> None:
+    from inc_torch.ptq._ops import DYNAMIC_TYPES, kept_in_float
+
     listed = {op.name for op in ops}
     candidates = tuple(
-        name for name, module in model.named_modules() if name and name not in listed and type(module) is nn.Linear
+        name for name, module in model.named_modules() if name and name not in listed and type(module) in DYNAMIC_TYPES
     )
-    kept = weights_read_without_calls(model, candidates)
-    if kept:
-        readers = sorted({type(model.get_submodule(owner)).__name__ for owner in kept.values()})
-        log.info(
-            "%d Linear layers stay FP32 (%s): the code around them (%s) computes with their weights itself, "
-            "never calling them, and a dynamic layer's weight is packed int8",
-            len(kept), ", ".join(list(kept)[:4]) + (", ..." if len(kept) > 4 else ""), ", ".join(readers),
-        )
+    for reason, names in _grouped(kept_in_float(model, candidates)).items():
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        log.info("%d layer(s) stay FP32 (%s): each %s", len(names), shown, reason)
+
+
+def _grouped(reasons: dict[str, str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        grouped.setdefault(reason, []).append(name)
+    return grouped
 
 
 def quantize_one(module: nn.Module, granularity: str, activations: str = "auto") -> nn.Module:

@@ -15,6 +15,7 @@ from inc_torch.ptq._weight_readers import weights_read_without_calls
 __all__ = [
     "STATIC_TYPES",
     "DYNAMIC_TYPES",
+    "kept_in_float",
     "quantizable_ops",
     "tuning_space",
     "check_supported",
@@ -64,11 +65,28 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
         if name and (type(module) in types or (conv1d and is_hf_conv1d(module))):
             ops.append(Op(name=name, op_type=type(module).__name__))
     if config.approach == "dynamic" and fmt != "torchscript":
-        # A swapped layer's weight is no tensor: layers whose weight the code around them computes with
-        # stay FP32 (IPEX's traced flow, format "torchscript", sees the computation itself).
-        read = weights_read_without_calls(model, tuple(op.name for op in ops))
-        ops = [op for op in ops if op.name not in read]
+        kept = kept_in_float(model, tuple(op.name for op in ops))
+        ops = [op for op in ops if op.name not in kept]
     return tuple(ops)
+
+
+def kept_in_float(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
+    """Of the layers ``names``, those torch.ao's dynamic swap would break, each with the reason.
+
+    IPEX's traced flow (format "torchscript") is not subject to these: it sees the computation itself.
+    """
+    kept = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, _PER_TENSOR_ONLY) and not module.bias:
+            kept[name] = "has no biases, which torch.ao's dynamic recurrent layers need"
+        elif getattr(module, "proj_size", 0):
+            kept[name] = "projects its hidden state (proj_size), which torch.ao's dynamic LSTM cannot"
+    # A swapped layer's weight is packed, no tensor: code that computes with it itself would break.
+    for name, owner in weights_read_without_calls(model, tuple(n for n in names if n not in kept)).items():
+        reader = type(model.get_submodule(owner)).__name__
+        kept[name] = f"has its weight read by {reader}, which computes with it itself instead of calling the layer"
+    return kept
 
 
 def tuning_space(model: nn.Module, config: QuantConfig, fmt: str) -> TuningSpace:
