@@ -14,7 +14,7 @@ from torch_helpers import accuracy, relative_loss, same_state, state, trained_ml
 
 import inc_core as inc
 import inc_torch
-from inc_core.errors import ConfigError
+from inc_core.errors import ConfigError, DatasetError, UnsupportedModelError
 from inc_core.testing import cosine
 from inc_torch.ptq import _dynamic
 from inc_torch.ptq._dynamic import activation_range, has_vnni
@@ -324,3 +324,25 @@ def test_recurrent_layers_torch_ao_cannot_swap_stay_float(
     x = torch.randn(3, 5, 8)
     with torch.no_grad():
         assert cosine(model(x).numpy(), quantized(x).numpy()) >= 0.99
+
+
+def test_a_dynamic_model_that_does_not_run_on_the_given_data_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the layers torch.ao cannot swap offered anyway (the next construct inc does not know of yet), a
+    # dataset given to inc.quantize turns the broken model into an error naming the module that failed.
+    from inc_torch.ptq import _ops
+
+    monkeypatch.setattr(_ops, "kept_in_float", lambda model, names: {})
+    torch.manual_seed(0)
+    model = DtypeReader().eval()
+    before = state(model)
+    config = inc.QuantConfig(approach="dynamic")
+    x = np.random.default_rng(0).normal(size=(8, 6, 16)).astype(np.float32)
+    quantized = inc.quantize(model, config)  # no data: nothing to run it on
+    assert isinstance(quantized.attn.qkv, torch.ao.nn.quantized.dynamic.Linear)
+    with pytest.raises(UnsupportedModelError, match=r"does not run on the first batch of the dataset at op 'attn'"):
+        inc.quantize(model, config, dataset=inc.Dataset(x, batch_size=4))
+    with pytest.raises(DatasetError, match="cannot run on the first batch of the dataset"):
+        inc.quantize(model, config, dataset=inc.Dataset(x[..., :5], batch_size=4))  # wrong width: the data's fault
+    assert same_state(state(model), before)
+    monkeypatch.undo()
+    assert inc_torch.quantized_ops(inc.quantize(model, config, dataset=inc.Dataset(x, batch_size=4))) == ["wo"]

@@ -46,6 +46,7 @@ def quantize(
         model: a framework model (or a model file path, for file-based backends such as ONNX).
         config: the recipe; ``QuantConfig()`` when omitted.
         dataset: calibration samples (an :class:`inc.Dataset` or what it accepts); required for static.
+            Optional for dynamic, where the quantized model is then run once on its first batch.
         backend: a backend name (``"ipex"``) to use instead of the one found from the model's type.
         inplace: allow the backend to modify ``model`` (never done otherwise).
 
@@ -67,7 +68,10 @@ def quantize(
         data = as_dataset(dataset, what="quantize(dataset=...)")
         log.info("calibrating %s on up to %d samples", impl.name, config.calib_samples)
         calibration = impl.calibrate(model, data, config)
-    return impl.quantize(model, config, calibration=calibration, inplace=inplace)
+    quantized = impl.quantize(model, config, calibration=calibration, inplace=inplace)
+    if config.approach == "dynamic" and dataset is not None:
+        impl.check_quantized_runs(model, quantized, as_dataset(dataset, what="quantize(dataset=...)"))
+    return quantized
 
 
 def save(model: Any, path: str | os.PathLike[str], *, backend: str | Backend | None = None) -> Path:

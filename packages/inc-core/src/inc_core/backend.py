@@ -122,6 +122,20 @@ class Backend(abc.ABC):
     def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> Any:
         """Return the INT8 model for ``config``; ``model`` is left unchanged unless ``inplace``."""
 
+    def check_quantized_runs(self, model: Any, quantized: Any, dataset: Dataset) -> None:
+        """Run ``quantized`` (made from ``model``) on the first batch of ``dataset`` as the user will.
+
+        :func:`inc_core.quantize` calls it after a dynamic quantization given a dataset: no calibration ran
+        the model there, and a returned model that fails when called is a broken artifact. The default does
+        nothing, for backends whose :meth:`quantize` already loads or runs what it returns.
+
+        Raises:
+            UnsupportedModelError: the quantized model does not run where ``model`` does; names the op where
+                that can be told.
+            DatasetError: ``model`` itself does not run on the batch.
+        """
+        return None
+
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
         """Per-op output error (e.g. MSE of each op's output, quantized vs FP32) for the ``mse`` strategy.
 

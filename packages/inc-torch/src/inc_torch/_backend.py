@@ -195,6 +195,21 @@ class TorchBackend(Backend):
         require_int8_ops(quantized, config, fmt)
         return quantized
 
+    def check_quantized_runs(self, model: Any, quantized: Any, dataset: Dataset) -> None:
+        """Run the dynamic INT8 model on the dataset's first batch (see :meth:`Backend.check_quantized_runs`)."""
+        from inc_torch._inspect import quantized_ops
+        from inc_torch.ptq._capture import check_runs, eval_copy
+
+        batch = next(dataset.inputs(limit=1))  # Dataset.inputs raises DatasetError itself when it holds none
+        example = to_inputs(batch, float_dtype(quantized))
+        what = "the first batch of the dataset"
+        try:
+            check_returned_model(quantized, example, "dynamic", model, frozenset(quantized_ops(quantized)), batch=what)
+        except UnsupportedModelError:
+            if quantized is not model:
+                check_runs(eval_copy(model), example, what)  # DatasetError: the batch does not fit the model itself
+            raise
+
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
         from inc_torch.ptq._op_errors import op_errors
 

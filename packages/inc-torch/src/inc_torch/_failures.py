@@ -197,6 +197,7 @@ def check_returned_model(
     user_model: nn.Module,
     op_names: frozenset[str],
     fp32_graph: torch.fx.GraphModule | None = None,
+    batch: str = "the first calibration batch",
 ) -> None:
     """Run the INT8 model once, as the user will (PT2E: compiled by inductor), on a calibration batch.
 
@@ -220,7 +221,7 @@ def check_returned_model(
             op = op or (failing_op(exc, owner) if isinstance(owner, nn.Module) else None)
         where = f" at op {op!r}" if op else ""
         raise UnsupportedModelError(
-            f"The INT8 model ({fmt}) was built but does not run on the first calibration batch{where} "
+            f"The INT8 model ({fmt}) was built but does not run on {batch}{where} "
             f"({_first_line(exc)}). {_way_out(op, fmt, op_names)}"
         ) from exc
     graph_module = getattr(model, "graph_module", None)
