@@ -182,3 +182,17 @@ def test_block_with_two_inputs_takes_tuples_and_named_mappings() -> None:
         got = quantized(mx.nd.array(a), mx.nd.array(b)).asnumpy()
         cosine = float(np.sum(got * reference) / (np.linalg.norm(got) * np.linalg.norm(reference)))
         assert cosine > 0.99
+
+
+def test_int8_op_counts_are_read_from_the_quantized_graph(cnn: gluon.HybridBlock, calib: inc.Dataset, tmp_path: Path) -> None:
+    backend = inc.get_backend("mxnet")
+    quantized = inc.quantize(cnn, inc.QuantConfig(calib_samples=64), dataset=calib)
+    counts = backend.int8_op_counts(quantized)
+    nodes = graph_nodes(quantized)
+    assert counts["conv"] == len(_by_op(nodes, "_sg_mkldnn_conv")) == 2
+    assert counts["fully_connected"] == 2 and counts["pooling"] >= 1 and counts["flatten"] == 1
+    assert "quantize_v2" not in counts and "dequantize" not in counts  # conversions compute nothing
+    assert backend.int8_op_counts(inc.load(inc.save(quantized, tmp_path / "cnn.mxnet"))) == counts
+    excluded = inc.quantize(cnn, inc.QuantConfig(calib_samples=64, exclude=inc.LayerFilter(types=("FullyConnected",))), dataset=calib)
+    assert "fully_connected" not in backend.int8_op_counts(excluded)
+    assert backend.int8_op_counts(cnn) == {}  # the FP32 block

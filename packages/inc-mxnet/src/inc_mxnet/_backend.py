@@ -15,6 +15,7 @@ from inc_core.errors import CalibrationError, SaveError
 from inc_mxnet._blocks import export_files, import_dir, symbol_block, to_ndarrays
 from inc_mxnet._collect import MxnetCalibration, collect
 from inc_mxnet._graph import Prepared, check_block, prepare, trace
+from inc_mxnet._int8_ops import int8_op_counts
 from inc_mxnet._op_errors import op_output_errors
 from inc_mxnet._quantize import describe_prepared, quantize_prepared
 
@@ -74,6 +75,10 @@ class MxnetBackend(Backend):
         if config.approach == "static" and calibration is None:
             calibration = collect(prepared, dataset, samples=config.calib_samples)
         return op_output_errors(prepared, config, calibration, dataset)
+
+    def int8_op_counts(self, model: Any) -> dict[str, int]:
+        """Counted from the block's graph (see :mod:`inc_mxnet._int8_ops`)."""
+        return int8_op_counts(model)
 
     def save(self, model: Any, path: Path) -> None:
         if path.suffix != MODEL_SUFFIX:
