@@ -252,3 +252,48 @@ def test_ops_after_a_node_of_another_domain_are_quantized_statically() -> None:
     assert {"w1", "w2"} <= {name.removesuffix("_quantized") for name in quantized_weights}, quantized_weights
     fp32, int8 = models.run(model, x), models.run(quantized, x)
     assert float(np.sum(fp32 * int8) / np.linalg.norm(fp32) / np.linalg.norm(int8)) >= 0.99
+
+
+def _two_outputs_one_feeding_the_other() -> onnx.ModelProto:
+    """hidden = fc1(pixels) is an output and fc2's input (a BERT export's last hidden states and its pooler)."""
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array((rng.normal(0, 1, (16, 32)) / 4).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.normal(0, 1, (32, 8)) / 6).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["pixels", "w1"], ["hidden"], name="fc1"),
+        helper.make_node("MatMul", ["hidden", "w2"], ["pooled"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_outputs",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", 16])],
+        [
+            helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["n", 32]),
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["n", 8]),
+        ],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="inc-tests")
+    model.ir_version = 8
+    return model
+
+
+def test_an_output_that_an_int8_op_also_reads_stays_float() -> None:
+    # ORT's QDQ quantizer made the graph output the DequantizeLinear of the pair fc2 reads: the user got
+    # hidden rounded to 8 bits (all-MiniLM-L6-v2 exported with its pooler: token cosine 0.83 instead of 0.99).
+    model = _two_outputs_one_feeding_the_other()
+    x = np.random.default_rng(3).normal(0, 1, (64, 16)).astype(np.float32)
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset({"pixels": x}, batch_size=16))
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    assert producers["hidden"].op_type == "MatMul" and producers["pooled"].op_type == "MatMul"
+    # fc2 runs in INT8; fc1 in float: ORT has no INT8 kernel that writes both the float output and the 8-bit
+    # copy fc2 reads, so fc1 reads the float input and a float weight, not a DequantizeLinear run per call
+    assert inc.get_backend("onnx").int8_op_counts(quantized) == {"MatMulIntegerToFloat": 1}
+    assert producers["hidden"].input[0] == "pixels"
+    assert producers["hidden"].input[1] in {init.name for init in quantized.graph.initializer}
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})
+    int8 = session.run(None, {"pixels": x})
+    for want, got in zip(fp32, int8, strict=True):
+        assert float(np.sum(want * got) / np.linalg.norm(want) / np.linalg.norm(got)) >= 0.999

@@ -53,7 +53,15 @@ def reads_int8(
     """
     if node.domain not in ("", "ai.onnx") or node.name in float_nodes:
         return False
-    if node.op_type in INT8_WITH_FLOAT_OUTPUT or node.op_type in _READS_8BIT_AS_IS:
+    if node.op_type in INT8_WITH_FLOAT_OUTPUT:
+        # Except an op whose output is a model output that a QuantizeLinear reads too: ONNX Runtime fuses it
+        # into neither kernel (the 8-bit-output one needs the QuantizeLinear as its only reader, the
+        # float-output one no QuantizeLinear at all) and runs it in float on dequantized inputs.
+        return not any(
+            name in graph_outputs and any(r.op_type == "QuantizeLinear" for r in readers.get(name, []))
+            for name in node.output
+        )
+    if node.op_type in _READS_8BIT_AS_IS:
         return True
     outputs = [name for name in node.output if name]
     return bool(outputs) and all(
@@ -112,9 +120,15 @@ def drop_unread_qdq(
                 int8_readers = [
                     r for r in readers.get(dq.output[0], []) if reads_int8(r, readers, graph_outputs, float_nodes)
                 ]
-                if source is not None and source in producers and source not in graph_outputs and not int8_readers:
-                    _rename_tensor(graph, source, dq.output[0], skip=q)
-                    dead.append(dq)
+                if source is not None and source in producers and source not in graph_outputs:
+                    if not int8_readers:
+                        _rename_tensor(graph, source, dq.output[0], skip=q)
+                        dead.append(dq)
+                    else:
+                        # INT8 ops read the pair (BERT's pooler reads the last hidden states), but the user's
+                        # output is the float tensor itself, not its 8-bit rounding.
+                        _output_the_float_tensor(graph, dq, source)
+                        changed = True
                 continue
             if source is None and dq.input[0] not in initializers:
                 continue  # an input that arrives quantized: not ours to change
@@ -152,7 +166,20 @@ def _int8_needs_output_pair(producer: onnx.NodeProto | None, producers: dict[str
     return first is not None and first.op_type == "DequantizeLinear"
 
 
-def _rename_tensor(graph: onnx.GraphProto, old: str, new: str, *, skip: onnx.NodeProto) -> None:
+def _output_the_float_tensor(graph: onnx.GraphProto, dq: onnx.NodeProto, source: str) -> None:
+    """Make the graph output ``dq`` writes the float tensor ``source`` it dequantizes; ``dq``'s readers keep it."""
+    output = dq.output[0]
+    taken = {name for node in graph.node for name in (*node.input, *node.output)}
+    fresh = f"{output}_dequantized"
+    while fresh in taken:
+        fresh += "_"
+    for node in graph.node:
+        _replace_input(node, output, fresh)
+    dq.output[0] = fresh
+    _rename_tensor(graph, source, output, skip=None)
+
+
+def _rename_tensor(graph: onnx.GraphProto, old: str, new: str, *, skip: onnx.NodeProto | None) -> None:
     """Let the producer of ``old`` write ``new`` (a graph output) and every reader but ``skip`` read it."""
     for node in graph.node:
         if node is skip:
