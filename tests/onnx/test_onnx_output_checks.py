@@ -26,6 +26,7 @@ import inc_core as inc
 import inc_onnx._preprocess as preprocess
 from inc_core.cli import main
 from inc_core.errors import ConfigError, IncError, UnsupportedModelError
+from inc_core.testing import cosine
 
 N = 16
 
@@ -215,8 +216,8 @@ def test_static_model_left_without_int8_ops_gets_static_advice() -> None:
     assert "try approach='static'" not in str(caught.value)
 
 
-def _mlp_around_a_contrib_op() -> onnx.ModelProto:
-    """fc1 -> com.microsoft Gelu (as ORT's transformer optimizer writes it) -> fc2."""
+def _fc1_fc2(middle: list[onnx.NodeProto], outputs: tuple[str, ...], opsets: dict[str, int]) -> onnx.ModelProto:
+    """pixels -> fc1 (MatMul, writes "h") -> ``middle`` (reads "h", writes "g") -> fc2 (MatMul, writes "y")."""
     rng = np.random.default_rng(0)
     inits = [
         numpy_helper.from_array((rng.normal(0, 1, (16, 32)) / 4).astype(np.float32), "w1"),
@@ -224,25 +225,27 @@ def _mlp_around_a_contrib_op() -> onnx.ModelProto:
     ]
     nodes = [
         helper.make_node("MatMul", ["pixels", "w1"], ["h"], name="fc1"),
-        helper.make_node("Gelu", ["h"], ["g"], name="gelu", domain="com.microsoft"),
-        helper.make_node("MatMul", ["g", "w2"], ["y"], name="fc2"),
+        *middle,
+        helper.make_node("MatMul", ["g" if middle else "h", "w2"], ["y"], name="fc2"),
     ]
+    widths = {"h": 32, "y": 8}
     graph = helper.make_graph(
-        nodes, "contrib",
+        nodes, "fc1_fc2",
         [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", widths[name]]) for name in outputs],
         initializer=inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], producer_name="inc-tests"
-    )
+    opset_imports = [helper.make_opsetid(domain, version) for domain, version in opsets.items()]
+    model = helper.make_model(graph, opset_imports=opset_imports, producer_name="inc-tests")
     model.ir_version = 8
     return model
 
 
 def test_ops_after_a_node_of_another_domain_are_quantized_statically() -> None:
     # What a com.microsoft (or ai.onnx.ml) node computes from signal is signal: fc2 once counted as mask arithmetic
-    model = _mlp_around_a_contrib_op()
+    # the com.microsoft Gelu as ORT's transformer optimizer writes it
+    gelu = helper.make_node("Gelu", ["h"], ["g"], name="gelu", domain="com.microsoft")
+    model = _fc1_fc2([gelu], ("y",), {"": 17, "com.microsoft": 1})
     assert [op.name for op in inc.describe(model, inc.QuantConfig()).ops] == ["fc1", "fc2"]
     x = np.random.default_rng(1).normal(0, 1, (64, 16)).astype(np.float32)
     quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset({"pixels": x}, batch_size=16))
@@ -250,50 +253,25 @@ def test_ops_after_a_node_of_another_domain_are_quantized_statically() -> None:
     weights = {n.output[0]: n.input[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
     quantized_weights = {weights[name] for name in consumers if name in weights}
     assert {"w1", "w2"} <= {name.removesuffix("_quantized") for name in quantized_weights}, quantized_weights
-    fp32, int8 = models.run(model, x), models.run(quantized, x)
-    assert float(np.sum(fp32 * int8) / np.linalg.norm(fp32) / np.linalg.norm(int8)) >= 0.99
-
-
-def _two_outputs_one_feeding_the_other() -> onnx.ModelProto:
-    """hidden = fc1(pixels) is an output and fc2's input (a BERT export's last hidden states and its pooler)."""
-    rng = np.random.default_rng(2)
-    inits = [
-        numpy_helper.from_array((rng.normal(0, 1, (16, 32)) / 4).astype(np.float32), "w1"),
-        numpy_helper.from_array((rng.normal(0, 1, (32, 8)) / 6).astype(np.float32), "w2"),
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["pixels", "w1"], ["hidden"], name="fc1"),
-        helper.make_node("MatMul", ["hidden", "w2"], ["pooled"], name="fc2"),
-    ]
-    graph = helper.make_graph(
-        nodes, "two_outputs",
-        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", 16])],
-        [
-            helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["n", 32]),
-            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["n", 8]),
-        ],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="inc-tests")
-    model.ir_version = 8
-    return model
+    assert cosine(models.run(model, x), models.run(quantized, x)) >= 0.99
 
 
 def test_an_output_that_an_int8_op_also_reads_stays_float() -> None:
     # ORT's QDQ quantizer made the graph output the DequantizeLinear of the pair fc2 reads: the user got
-    # hidden rounded to 8 bits (all-MiniLM-L6-v2 exported with its pooler: token cosine 0.83 instead of 0.99).
-    model = _two_outputs_one_feeding_the_other()
+    # h rounded to 8 bits (all-MiniLM-L6-v2 exported with its pooler: token cosine 0.83 instead of 0.99).
+    # h = fc1(pixels) is an output and fc2's input (a BERT export's last hidden states and its pooler)
+    model = _fc1_fc2([], ("h", "y"), {"": 17})
     x = np.random.default_rng(3).normal(0, 1, (64, 16)).astype(np.float32)
     quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset({"pixels": x}, batch_size=16))
     producers = {out: node for node in quantized.graph.node for out in node.output}
-    assert producers["hidden"].op_type == "MatMul" and producers["pooled"].op_type == "MatMul"
+    assert producers["h"].op_type == "MatMul" and producers["y"].op_type == "MatMul"
     # fc2 runs in INT8; fc1 in float: ORT has no INT8 kernel that writes both the float output and the 8-bit
     # copy fc2 reads, so fc1 reads the float input and a float weight, not a DequantizeLinear run per call
     assert inc.get_backend("onnx").int8_op_counts(quantized) == {"MatMulIntegerToFloat": 1}
-    assert producers["hidden"].input[0] == "pixels"
-    assert producers["hidden"].input[1] in {init.name for init in quantized.graph.initializer}
+    assert producers["h"].input[0] == "pixels"
+    assert producers["h"].input[1] in {init.name for init in quantized.graph.initializer}
     session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
     fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})
     int8 = session.run(None, {"pixels": x})
     for want, got in zip(fp32, int8, strict=True):
-        assert float(np.sum(want * got) / np.linalg.norm(want) / np.linalg.norm(got)) >= 0.999
+        assert cosine(want, got) >= 0.999

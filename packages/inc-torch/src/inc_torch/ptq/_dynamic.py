@@ -10,6 +10,7 @@ so it travels with a saved TorchScript model; :func:`activation_range` reads it 
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import logging
@@ -223,16 +224,12 @@ def _log_layers_kept(model: nn.Module, ops: tuple[Op, ...]) -> None:
     candidates = tuple(
         name for name, module in model.named_modules() if name and name not in listed and type(module) in DYNAMIC_TYPES
     )
-    for reason, names in _grouped(kept_in_float(model, candidates)).items():
+    by_reason: collections.defaultdict[str, list[str]] = collections.defaultdict(list)
+    for name, reason in kept_in_float(model, candidates).items():
+        by_reason[reason].append(name)
+    for reason, names in by_reason.items():
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         log.info("%d layer(s) stay FP32 (%s): each %s", len(names), shown, reason)
-
-
-def _grouped(reasons: dict[str, str]) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for name, reason in reasons.items():
-        grouped.setdefault(reason, []).append(name)
-    return grouped
 
 
 def quantize_one(module: nn.Module, granularity: str, activations: str = "auto") -> nn.Module:
