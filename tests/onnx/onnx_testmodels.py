@@ -160,3 +160,49 @@ def attention_block() -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def static_encoder_block(batch: int = 2, seq: int = 8, hidden: int = 16) -> onnx.ModelProto:
+    """One post-norm encoder layer with fixed input shape, as the dynamo exporter writes a model exported
+    without dynamic shapes: LayerNorm, Q/K/V projections with bias Adds, attention, an output projection
+    whose bias Add feeds the residual, a second LayerNorm and a feed-forward projection."""
+    rng = np.random.default_rng(3)
+
+    def weight(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.normal(0, 1, shape) / np.sqrt(shape[0])).astype(np.float32), name)
+
+    inits = [weight(f"w{p}", (hidden, hidden)) for p in "qkvo"] + [weight(f"b{p}", (hidden,)) for p in "qkvo"]
+    inits += [
+        weight("w_ffn", (hidden, 4 * hidden)), weight("b_ffn", (4 * hidden,)),
+        numpy_helper.from_array(np.ones(hidden, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(hidden, np.float32), "beta"),
+        numpy_helper.from_array(np.array(1 / np.sqrt(hidden), np.float32), "scale"),
+    ]
+    node = helper.make_node
+    nodes = [node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1)]
+    for p in "qkv":
+        nodes += [node("MatMul", ["ln", f"w{p}"], [f"{p}_mm"], name=f"{p}_proj"),
+                  node("Add", [f"{p}_mm", f"b{p}"], [p], name=f"{p}_bias")]
+    nodes += [
+        node("Transpose", ["k"], ["kt"], name="key_t", perm=[0, 2, 1]),
+        node("MatMul", ["q", "kt"], ["s"], name="scores"),
+        node("Mul", ["s", "scale"], ["ss"], name="scale_scores"),
+        node("Softmax", ["ss"], ["p"], name="softmax", axis=-1),
+        node("MatMul", ["p", "v"], ["c"], name="context"),
+        node("MatMul", ["c", "wo"], ["o_mm"], name="o_proj"),
+        node("Add", ["o_mm", "bo"], ["o"], name="o_bias"),
+        node("Add", ["ln", "o"], ["r"], name="residual"),
+        node("LayerNormalization", ["r", "gamma", "beta"], ["ln2"], name="ln2", axis=-1),
+        node("MatMul", ["ln2", "w_ffn"], ["f_mm"], name="ffn"),
+        node("Add", ["f_mm", "b_ffn"], ["y"], name="ffn_bias"),
+    ]
+    graph = helper.make_graph(
+        nodes, "encoder_layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, seq, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, seq, 4 * hidden])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="inc-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

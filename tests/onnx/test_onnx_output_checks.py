@@ -275,3 +275,24 @@ def test_an_output_that_an_int8_op_also_reads_stays_float() -> None:
     int8 = session.run(None, {"pixels": x})
     for want, got in zip(fp32, int8, strict=True):
         assert cosine(want, got) >= 0.999
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_a_static_shape_encoder_quantizes_to_a_model_ort_loads(fmt: str) -> None:
+    # Preparation runs ORT's optimizer: it fuses the feed-forward MatMul + Add into a Gemm between two Reshapes
+    # and names the Reshape's shape initializer "gemm_input_shape" (ORT makes that name unique among node names
+    # only). Loading the quantized model, ORT fuses the output projection with its float bias Add (its attention
+    # rule kept it apart before quantization) and generated the same name again: "Attempt to replace the
+    # existing tensor". DistilBERT and DeBERTa-v2 exported by torch.onnx's dynamo exporter with fixed shapes hit it.
+    model = models.static_encoder_block()
+    x = np.random.default_rng(4).normal(0, 1, (16, 2, 8, 16)).astype(np.float32)
+    data = inc.Dataset([{"x": batch} for batch in x])
+    # the output projection's bias Add in float (as ORT's QDQ quantizer leaves it on DistilBERT) is the pair
+    # the load-time fusion takes
+    quantized = inc.quantize(model, inc.QuantConfig(format=fmt, exclude=inc.LayerFilter(names=("o_bias",))), dataset=data)
+    shapes = [init.name for init in quantized.graph.initializer if init.name.startswith(("gemm_input_shape", "gemm_output_shape"))]
+    assert shapes == ["gemm_input_shape/prepared", "gemm_output_shape/prepared"], shapes
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert cosine(fp32.run(None, {"x": x[0]})[0], session.run(None, {"x": x[0]})[0]) >= 0.99
+    assert sum(inc.get_backend("onnx").int8_op_counts(quantized).values()) >= 4

@@ -97,6 +97,23 @@ def export_onnx(model: Any, path: Path, *, seq: int = ONNX_SEQ) -> Path:
     return path
 
 
+def export_onnx_fixed_shape(model: Any, path: Path, *, batch: int = 4, seq: int = ONNX_SEQ) -> Path:
+    """Export ``model`` with torch.onnx's default (dynamo) exporter and fixed input shapes ``[batch, seq]``,
+    the way a user exports for a serving shape; the graph then holds static shapes everywhere."""
+    import torch
+
+    ids = torch.ones((batch, seq), dtype=torch.int64)
+    mask = torch.ones((batch, seq), dtype=torch.int64)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _HiddenStates(model), (ids, mask), input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"], dynamo=True, verbose=False,
+        )
+    program.save(str(path))
+    return path
+
+
 def onnx_token_batches(count: int, *, batch: int = 4, seq: int = ONNX_SEQ, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Random token batches with right padding of varied length (the padding is what exercises the masks)."""
     rng = np.random.default_rng(seed)

@@ -102,6 +102,17 @@ def test_more_encoders_quantize_statically(onnx_small_export, kind):
     assert cosine.mean() >= GOAL and _int8_matmuls(model) >= 12, inc.get_backend("onnx").int8_op_counts(model)
 
 
+def test_dynamo_export_with_fixed_shapes_quantizes_to_a_model_ort_loads(tmp_path):
+    # torch.onnx's dynamo exporter with fixed shapes: ORT's optimizer (run by preparation and again when the
+    # INT8 model loads) fused linear layers twice under one generated initializer name, and the INT8 model of
+    # DistilBERT did not load (an UnsupportedModelError where a model was due).
+    path = hf.export_onnx_fixed_shape(hf.onnx_small_model("distilbert"), tmp_path / "distilbert_fixed.onnx")
+    calib, scored = hf.onnx_token_batches(4, seed=1), hf.onnx_token_batches(4, seed=2)
+    model = inc.quantize(str(path), inc.QuantConfig(), dataset=inc.Dataset(calib))
+    cosine = hf.cosine_rows(hf.onnx_embeddings(path, scored), hf.onnx_embeddings(model, scored))
+    assert cosine.mean() >= GOAL and _int8_matmuls(model) >= 12, inc.get_backend("onnx").int8_op_counts(model)
+
+
 @pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
 def test_minilm_tunes_to_cosine_goal_on_real_sentences(onnx_minilm_export, tmp_path, fmt):
     path, tokenizer = onnx_minilm_export

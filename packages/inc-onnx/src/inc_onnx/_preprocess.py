@@ -22,7 +22,7 @@ from onnxruntime.quantization.quant_utils import add_infer_metadata
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from inc_onnx._model_io import _PROTOBUF_LIMIT, as_model_proto, check_runtime_loads, digest
-from inc_onnx._repair import flatten_row_biases, merge_opsets, unshare_biases
+from inc_onnx._repair import flatten_row_biases, merge_opsets, rename_new_initializers, unshare_biases
 
 __all__ = ["InputSpec", "Prepared", "prepare"]
 
@@ -104,6 +104,7 @@ def prepare(model: Any) -> Prepared:
 
 
 def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
+    known = _tensor_names(proto)
     _name_nodes(proto)
     merge_opsets(proto)
     try:
@@ -121,6 +122,7 @@ def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
                 prepared = onnx.ModelProto()
                 prepared.CopyFrom(proto)
     _restore_fused_names(prepared)
+    rename_new_initializers(prepared, known=known)
     # ORT's optimizer may add nodes without names; the quantizer and fallback need every node named.
     _name_nodes(prepared)
     merge_opsets(prepared)
@@ -258,6 +260,15 @@ def _restore_fused_names(proto: onnx.ModelProto) -> None:
             names.discard(node.name)
             node.name = base
             names.add(base)
+
+
+def _tensor_names(proto: onnx.ModelProto) -> set[str]:
+    graph = proto.graph
+    return {
+        *(init.name for init in graph.initializer),
+        *(value.name for value in graph.input),
+        *(name for node in graph.node for name in node.output),
+    }
 
 
 def _copy_value_info(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["BIAS_SLOTS", "flatten_row_biases", "merge_opsets", "unshare_biases"]
+__all__ = ["BIAS_SLOTS", "flatten_row_biases", "merge_opsets", "rename_new_initializers", "unshare_biases"]
 
 log = logging.getLogger("inc")
 
@@ -95,6 +95,44 @@ def flatten_row_biases(model: onnx.ModelProto) -> int:
         init.CopyFrom(flat)
         changed += 1
     return changed
+
+
+def rename_new_initializers(model: onnx.ModelProto, *, known: set[str]) -> int:
+    """Rename the initializers ORT's optimizer added during preparation; returns how many were renamed.
+
+    ORT names an initializer it creates with ``Graph::GenerateNodeName``, which makes a name unique among
+    *node* names only. When a graph that ORT already optimized once (our prepared graph) is loaded again
+    and the same fusion fires on more nodes, ORT generates the same name a second time and refuses the
+    model ("AddInitializedOrtValue Attempt to replace the existing tensor"). That happens after
+    quantization: ``MatMulAddFusion`` fuses a static-shape linear layer with its float bias ``Add`` and
+    writes a ``gemm_input_shape`` initializer for its Reshape; a layer that preparation left unfused
+    (ORT keeps attention projections for its attention fusion) is fused on load, with the same name.
+    A ``/prepared`` suffix is one ORT never generates (its names are ``base`` or ``base_token_N``).
+    """
+    graph = model.graph
+    renames = {init.name: "" for init in graph.initializer if init.name not in known}
+    if not renames:
+        return 0
+    taken = {*known, *(init.name for init in graph.initializer), *(o for node in graph.node for o in node.output)}
+    for old in renames:
+        renames[old] = _free_name(f"{old}/prepared", taken)
+    for init in graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        value.name = renames.get(value.name, value.name)
+    _rename_inputs(graph, renames)
+    return len(renames)
+
+
+def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """Rewrite node inputs of ``graph`` and of the subgraphs its nodes hold (they may read outer names)."""
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in renames:
+                node.input[k] = renames[name]
+        for attr in node.attribute:
+            for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+                _rename_inputs(sub, renames)
 
 
 def _free_name(base: str, taken: set[str]) -> str:
