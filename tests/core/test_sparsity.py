@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -490,8 +491,23 @@ def test_pruner_pattern_lock_returns_the_lock_once(rng: np.random.Generator) -> 
     assert pruner.step(1, {"w": np.ones_like(weight)}) is None
 
 
+def test_a_pattern_that_misfits_several_layers_names_them_all() -> None:
+    # a stem conv reading 3 channels, a depthwise conv (one input channel) and a 10-way head: one error with
+    # every layer and the exclusion that skips them, not one layer per attempt
+    shapes = {"stem": (16, 3, 3, 3), "dw": (16, 1, 3, 3), "pw": (32, 16, 1, 1), "head": (10, 30)}
+    with pytest.raises(ConfigError) as info:
+        Pruner(PruneConfig(pattern="2:4"), shapes)
+    message = str(info.value)
+    assert message.startswith("Pattern '2:4' does not fit 3 of the 4 layers to prune. Layer 'stem': N:M pattern")
+    assert "'stem' (16, 3, 3, 3), 'dw' (16, 1, 3, 3), 'head' (10, 30)" in message
+    assert message.endswith("To leave them dense: PruneConfig(exclude=inc.LayerFilter(names=('stem', 'dw', 'head'))).")
+    Pruner(PruneConfig(pattern="2:4"), {"pw": shapes["pw"]})  # what is left after that exclusion fits
+
+
 def test_pruner_validates_layers() -> None:
     with pytest.raises(ConfigError, match=r"Layer 'head': N:M pattern '2:4' .* multiple of 4, got 10"):
+        Pruner(PruneConfig(pattern="2:4"), {"fc": (8, 16), "head": (3, 10)})
+    with pytest.raises(ConfigError, match=re.escape("To leave it dense: PruneConfig(exclude=inc.LayerFilter(names=('head',)))")):
         Pruner(PruneConfig(pattern="2:4"), {"fc": (8, 16), "head": (3, 10)})
     with pytest.raises(ConfigError, match=r"Pruner: no weights to prune"):
         Pruner(PruneConfig(), {})

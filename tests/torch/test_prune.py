@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -270,6 +272,44 @@ def test_bad_prune_configs_name_the_layer_and_leave_the_model_alone(config: inc.
     with pytest.raises(ConfigError, match=message):
         inc_torch.prepare(model, config, optimizer=optimizer)
     _untouched(model, before, optimizer)
+
+
+class ConvStem(nn.Module):
+    """A stem conv on 3 channels, a depthwise conv, a pointwise conv and a 10-way head, as torchvision's
+    MobileNets have them: '2:4' fits the pointwise conv and the head only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 32, 1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pw(torch.relu(self.dw(torch.relu(self.stem(x)))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_the_exclusion_the_pattern_error_names_is_the_way_out() -> None:
+    torch.manual_seed(0)
+    model = ConvStem()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ConfigError, match=r"does not fit 2 of the 4 layers") as info:
+        inc_torch.prepare(model, inc.PruneConfig(pattern="2:4", end_step=4, frequency=2), optimizer=optimizer)
+    assert "'stem' (16, 3, 3, 3), 'dw' (16, 1, 3, 3)." in str(info.value)
+    suggested = re.search(r"exclude=inc\.LayerFilter\(names=(\(.*?\))\)\)", str(info.value))
+    assert suggested is not None, str(info.value)
+    names = ast.literal_eval(suggested.group(1))
+    config = inc.PruneConfig(pattern="2:4", end_step=4, frequency=2, exclude=inc.LayerFilter(names=names))
+    pruned = inc_torch.prepare(model, config, optimizer=optimizer)
+    for _ in range(6):
+        optimizer.zero_grad()
+        pruned(torch.randn(4, 3, 8, 8)).square().mean().backward()
+        optimizer.step()
+    sparse = inc_torch.convert(pruned)
+    groups = sparse.pw.weight.detach().reshape(32, 16).reshape(32, 4, 4)
+    assert bool(((groups != 0).sum(-1) <= 2).all())  # 2 of every 4 input weights kept
+    assert bool((sparse.stem.weight != 0).all() and (sparse.dw.weight != 0).all())
 
 
 @pytest.mark.parametrize("target", [1.0, -0.1, 1.5])

@@ -16,6 +16,33 @@ from inc_core.sparsity._schedule import Schedule
 __all__ = ["Pruner"]
 
 
+def _check_every_shape(pattern: object, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise one ConfigError naming every layer the pattern does not fit, with the exclusion that skips them.
+
+    Real networks rarely fit a block or N:M pattern everywhere (a stem conv reads 3 channels, a classifier
+    has 10 outputs, a depthwise conv has one input channel): the user needs the whole list, not one layer
+    per attempt.
+    """
+    misfits: list[tuple[str, tuple[int, ...], ConfigError]] = []
+    for name, shape in shapes.items():
+        try:
+            check_shape(str(pattern), shape)
+        except ConfigError as exc:
+            misfits.append((name, shape, exc))
+    if not misfits:
+        return
+    names = tuple(name for name, _, _ in misfits)
+    way_out = f"To leave {'it' if len(names) == 1 else 'them'} dense: PruneConfig(exclude=inc.LayerFilter(names={names!r}))."
+    first_name, _, first_error = misfits[0]
+    if len(misfits) == 1:
+        raise ConfigError(f"Layer {first_name!r}: {first_error} {way_out}") from first_error
+    listed = ", ".join(f"{name!r} {shape}" for name, shape, _ in misfits)
+    raise ConfigError(
+        f"Pattern '{pattern}' does not fit {len(misfits)} of the {len(shapes)} layers to prune. "
+        f"Layer {first_name!r}: {first_error} Every layer it does not fit (name, weight shape): {listed}. {way_out}"
+    ) from first_error
+
+
 class Pruner:
     """Masks for a set of named weights, following one :class:`~inc_core.PruneConfig`.
 
@@ -46,11 +73,7 @@ class Pruner:
         self.criteria: dict[str, Criterion] = {name: make_criterion(config) for name in self.shapes}
         self._lock = config.criterion == "pattern_lock"
         if not self._lock:  # pattern_lock keeps whatever pattern the weights have
-            for name, shape in self.shapes.items():
-                try:
-                    check_shape(self.pattern, shape)
-                except ConfigError as exc:
-                    raise ConfigError(f"Layer {name!r}: {exc}") from exc
+            _check_every_shape(self.pattern, self.shapes)
         self._masks: dict[str, np.ndarray] = {}
 
     @property
