@@ -39,6 +39,32 @@ def test_pt2e_counts_linears_with_int8_weights() -> None:
     assert sorted(inc_torch.quantized_ops(quantized)) == ["fc1", "fc2"]
 
 
+class _ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle: the group size is computed from the quantized tensor's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat((self.conv(x), x), dim=1)  # as ShuffleNet's units: the shuffle reads a quantized cat
+        batch, channels, height, width = x.size()
+        x = x.view(batch, 2, channels // 2, height, width).transpose(1, 2).reshape(batch, channels, height, width)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_fx_counts_no_arithmetic_on_a_quantized_tensors_size() -> None:
+    # torchvision shufflenet_v2 counted 16 "floordiv" INT8 ops: integer division of a size read from a
+    # quantized tensor, which runs in Python
+    torch.manual_seed(0)
+    data = inc.Dataset(torch.randn(16, 3, 8, 8).numpy(), batch_size=8)
+    quantized = inc.quantize(_ChannelShuffle().eval(), inc.QuantConfig(format="fx"), dataset=data)
+    counts = TORCH.int8_op_counts(quantized)
+    assert "floordiv" not in counts and "getitem" not in counts, counts
+    assert counts["QuantizedConv2d"] == 1 and counts["cat"] == 1 and counts["QuantizedLinear"] == 1, counts
+
+
 class _AttentionAndLinears(nn.Module):
     """Two Linear layers and a MultiheadAttention, whose out_proj dynamic quantization leaves in float."""
 

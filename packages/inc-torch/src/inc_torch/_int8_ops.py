@@ -42,6 +42,9 @@ _MOVES = frozenset({
     "chunk", "split", "size", "detach", "expand", "repeat", "narrow", "unflatten", "t", "getattr", "dim",
     "numel", "clone", "to", "type_as", "q_scale", "q_zero_point", "int_repr", "select", "slice", "alias",
 })
+# Calls that read a tensor's metadata: their result is a Python number or a shape, not data, so the
+# arithmetic on it (ShuffleNet's ``channels // groups``) is not an op on quantized values.
+_METADATA = frozenset({"size", "dim", "numel", "getattr", "q_scale", "q_zero_point", "stride", "shape"})
 _MOVING_MODULES = (nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten)
 _PT2E_QUANTIZE = ("quantize_per_tensor", "quantize_per_channel")
 _PT2E_DEQUANTIZE = ("dequantize_per_tensor", "dequantize_per_channel")
@@ -128,7 +131,7 @@ def _fx(graph_module: torch.fx.GraphModule) -> collections.Counter[str]:
         if str(node.target).startswith("quantized.") and "prepack" not in name:
             counts[name] += 1  # torch.ops.quantized.add / cat / mul / conv2d ...
             quantized.add(node)
-        elif reads_int8:
+        elif reads_int8 and name not in _METADATA:
             quantized.add(node)
             if name not in _MOVES:
                 counts[name] += 1
