@@ -266,8 +266,11 @@ def test_unknown_excluded_layer_names_close_names() -> None:
 
 def test_pattern_that_does_not_divide_a_layer_names_the_layer_and_shape() -> None:
     model = dense()
-    with pytest.raises(ConfigError, match=r"Layer 'fc3'.*\(10, 256\)"):
+    with pytest.raises(ConfigError, match=r"Layer 'fc3'.*\(10, 256\)") as info:
         fit(model, make_optimizer("adam"), 1, [inc_tf.PruningCallback(inc.PruneConfig(pattern="4x1"))])
+    # the way out, then the misfit layer in Keras's (in, out) layout; the layers that fit are not listed
+    assert "To leave it dense: PruneConfig(exclude=inc.LayerFilter(names=('fc3',)))." in str(info.value)
+    assert str(info.value).endswith("Their Keras kernel shapes: {'fc3': (256, 10)}.")
 
 
 def test_target_sparsity_outside_zero_one() -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from inc_core._prune_config import PruneConfig
 from inc_core.errors import ConfigError
-from inc_core.sparsity import Pruner
+from inc_core.sparsity import Pruner, check_shape
 from inc_tf.prune._layers import PrunableKernel, prunable_kernels
 
 __all__ = ["PruningCallback"]
@@ -130,8 +130,9 @@ class PruningCallback(keras.callbacks.Callback):
         try:
             pruner = Pruner(self.config, shapes)
         except ConfigError as exc:
-            keras_shapes = {k.name: k.shape for k in kernels}
-            raise ConfigError(f"PruningCallback: {exc} Keras kernel shapes: {keras_shapes}.") from exc
+            # the layers the pattern misfits, in Keras's own kernel layout ((h, w, in, out) for a Conv2D)
+            keras_shapes = {k.name: k.shape for k in kernels if not _fits(self.config.pattern, k.core_shape)}
+            raise ConfigError(f"PruningCallback: {exc} Their Keras kernel shapes: {keras_shapes}.") from exc
         needs_grad = next(iter(pruner.criteria.values())).needs_grad
         trained = {id(v) for v in model.trainable_variables}
         frozen = [k.name for k in kernels if id(k.variable) not in trained]
@@ -241,3 +242,11 @@ class PruningCallback(keras.callbacks.Callback):
         if self.pruner is None or not self.pruner.masks:
             return {}
         return {name: keras.ops.convert_to_numpy(s.mask).astype(bool) for name, s in self._states.items()}
+
+
+def _fits(pattern: str, shape: tuple[int, ...]) -> bool:
+    try:
+        check_shape(pattern, shape)
+    except ConfigError:
+        return False
+    return True
