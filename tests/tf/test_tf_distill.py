@@ -49,6 +49,42 @@ def test_loss_matches_a_hand_computation() -> None:
     assert float(parts["soft"]) == pytest.approx(-np.mean(np.sum(np.exp(lt) * ls, axis=1)) * 9.0, rel=1e-4)
 
 
+def _with_softmax(model: keras.Model, *, as_layer: bool) -> keras.Model:
+    """The same classifier ending in a softmax, sharing ``model``'s weights: a Softmax layer after it, or its last
+    Dense rebuilt with ``activation="softmax"`` (keras.applications' default head)."""
+    if as_layer:
+        return keras.Sequential([model, keras.layers.Softmax()], name=f"{model.name}_softmax")
+    last = model.layers[-1]
+    head = keras.layers.Dense(last.units, activation="softmax", name=f"{last.name}_softmax")
+    inputs = keras.Input(model.input_shape[1:])
+    features = inputs
+    for layer in model.layers[:-1]:
+        features = layer(features)
+    outputs = head(features)
+    head.set_weights(last.get_weights())
+    return keras.Model(inputs, outputs, name=f"{model.name}_softmax_dense")
+
+
+@pytest.mark.parametrize("as_layer", [True, False], ids=["softmax-layer", "dense-softmax"])
+def test_models_ending_in_softmax_distil_as_their_logits_would(as_layer: bool) -> None:
+    # keras.applications classifiers end in a softmax by default. Tempering their probabilities as if they
+    # were logits flattened the teacher's targets (a soft loss ~100x too small at T=3) and the default task
+    # loss read probabilities as logits.
+    teacher, student = mlp(12, seed=0, name="t"), mlp(6, seed=1, name="s")
+    config = inc.DistillConfig(temperature=3.0, loss_weights=(0.3, 0.7))
+    x, _, y, _ = models.digits()
+    x, y = x[:16], y[:16]
+    _, want = inc_tf.Distiller(student, teacher, config).distillation_loss(y, student(x), teacher(x))
+    teacher_p, student_p = _with_softmax(teacher, as_layer=as_layer), _with_softmax(student, as_layer=as_layer)
+    np.testing.assert_allclose(teacher_p(x).numpy().sum(axis=1), 1.0, rtol=1e-5)
+    _, got = inc_tf.Distiller(student_p, teacher_p, config).distillation_loss(y, student_p(x), teacher_p(x))
+    assert float(got["soft"]) == pytest.approx(float(want["soft"]), rel=1e-4)
+    assert float(got["hard"]) == pytest.approx(float(want["hard"]), rel=1e-4)
+    # the mixed pairs read the same way: a logits student distils from a softmax teacher
+    _, mixed = inc_tf.Distiller(student, teacher_p, config).distillation_loss(y, student(x), teacher_p(x))
+    assert float(mixed["soft"]) == pytest.approx(float(want["soft"]), rel=1e-4)
+
+
 def test_layer_mappings_add_the_mean_layer_loss() -> None:
     teacher, student = mlp(8, seed=0, name="t"), mlp(8, seed=1, name="s")
     config = inc.DistillConfig(loss_weights=(0.0, 0.0, 1.0), layer_mappings=(("hidden", "hidden"), ("logits", "logits")))

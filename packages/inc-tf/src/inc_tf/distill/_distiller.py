@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from inc_core._distill_config import DistillConfig
@@ -23,6 +24,30 @@ def _output_shape(model: keras.Model) -> tuple[Any, ...] | None:
     except (AttributeError, ValueError):  # subclassed models have no symbolic outputs
         return None
     return tuple(outputs[0].shape) if outputs and len(outputs) == 1 else None
+
+
+def _ends_in_softmax(model: keras.Model) -> bool:
+    """Whether the model's one output comes from a softmax: a ``Softmax`` layer, or a layer (``Dense``,
+    ``Activation``) whose activation is softmax, as keras.applications builds its classifiers by default."""
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):  # subclassed models have no symbolic outputs
+        return False
+    if not outputs or len(outputs) != 1:
+        return False
+    history = getattr(outputs[0], "_keras_history", None)
+    layer = history[0] if history else None
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    activation = getattr(layer, "activation", None)
+    return activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
+
+
+def _log_probabilities(probabilities: Any) -> Any:
+    """log(p) of softmax outputs: the logits up to one constant per sample, which the tempered softmax of the
+    soft loss ignores, so distilling from it equals distilling from the logits."""
+    tiny = tf.constant(np.finfo(probabilities.dtype.as_numpy_dtype).tiny, probabilities.dtype)
+    return tf.math.log(tf.maximum(probabilities, tiny))
 
 
 def _check_shapes(student: Any, teacher: Any, what: str) -> None:
@@ -72,13 +97,19 @@ class Distiller(keras.Model):
         distiller.compile(optimizer=keras.optimizers.Adam(3e-3), metrics=["accuracy"])
         distiller.fit(x, y, epochs=10)
 
+    A functional or Sequential model whose output comes from a softmax (``Dense(..., activation="softmax")``,
+    a ``Softmax`` layer: keras.applications' default ``classifier_activation``) outputs probabilities; the
+    soft loss then reads their logarithm, which equals the logits up to a per-sample constant that the
+    tempered softmax cancels, and the default task loss takes probabilities. Subclassed models are taken
+    to output logits.
+
     Args:
-        student: the Keras model to train (outputs logits).
-        teacher: the trained Keras model to learn from (logits of the student's shape).
+        student: the Keras model to train (outputs logits, or probabilities from a final softmax).
+        teacher: the trained Keras model to learn from (an output of the student's shape).
         config: temperature, loss weights, soft loss, layer mappings (student layer, teacher layer)
             matched by layer name on functional/Sequential models.
-        task_loss: the hard loss ``task_loss(y_true, student_logits)``; default: sparse categorical
-            cross-entropy from logits (integer labels).
+        task_loss: the hard loss ``task_loss(y_true, student_output)``; default: sparse categorical
+            cross-entropy (integer labels) from logits, or from probabilities for a student ending in a softmax.
 
     Raises:
         UnsupportedModelError: student or teacher is not a Keras model.
@@ -113,7 +144,16 @@ class Distiller(keras.Model):
         self.student = student
         # Not tracked: the teacher's weights stay out of this model's weights, its optimizer and its checkpoints.
         object.__setattr__(self, "_teacher", teacher)
-        self.task_loss = task_loss if task_loss is not None else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        # A classifier that ends in a softmax (keras.applications' default) outputs probabilities: the soft loss
+        # then reads their logarithm (tempering probabilities as if they were logits flattens the teacher's
+        # targets toward uniform), and the default task loss takes probabilities.
+        self._student_softmax = _ends_in_softmax(student)
+        self._teacher_softmax = _ends_in_softmax(teacher)
+        self.task_loss = (
+            task_loss
+            if task_loss is not None
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=not self._student_softmax)
+        )
         # The tap models share the student's and teacher's layers; untracked so no weight is listed twice.
         object.__setattr__(self, "_student_taps", None)
         object.__setattr__(self, "_teacher_taps", None)
@@ -168,6 +208,8 @@ class Distiller(keras.Model):
                 while the hard loss has a weight.
         """
         teacher_logits = tf.stop_gradient(tf.cast(teacher_logits, student_logits.dtype))
+        if self._teacher_softmax:
+            teacher_logits = _log_probabilities(teacher_logits)
         parts: dict[str, Any] = {}
         total = tf.zeros((), dtype=student_logits.dtype)
         if self.weights_by_part["hard"] > 0:
@@ -183,7 +225,8 @@ class Distiller(keras.Model):
         if self.weights_by_part["soft"] > 0:
             _check_shapes(student_logits.shape, teacher_logits.shape, "output")
             t = self.config.temperature
-            log_p_student = tf.nn.log_softmax(student_logits / t, axis=-1)
+            student_soft = _log_probabilities(student_logits) if self._student_softmax else student_logits
+            log_p_student = tf.nn.log_softmax(student_soft / t, axis=-1)
             log_p_teacher = tf.nn.log_softmax(teacher_logits / t, axis=-1)
             p_teacher = tf.exp(log_p_teacher)
             if self.config.soft_loss == "kl":
