@@ -47,6 +47,27 @@ def test_loss_equals_the_hand_computed_value() -> None:
     assert set(kd.last) == {"hard", "soft"}
 
 
+def test_probabilities_from_a_final_softmax_distil_as_their_logits_would() -> None:
+    # a teacher (or student) ending in nn.Softmax: tempering its probabilities as logits flattened the soft
+    # targets toward uniform, and cross-entropy read them as logits
+    rng = np.random.default_rng(2)
+    s, t = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32) * 3
+    labels = torch.from_numpy(rng.integers(0, 5, size=6))
+    want = _hand_loss(s, t, labels.numpy(), 3.0, 0.3, 0.7)
+    config = inc.DistillConfig(temperature=3.0, loss_weights=(0.3, 0.7))
+    t_probs, s_probs = torch.softmax(torch.from_numpy(t), -1), torch.softmax(torch.from_numpy(s), -1)
+    x = torch.zeros(6, 1)
+    assert float(inc_torch.DistillationLoss(Fixed(t_probs), config)(s_probs, x, labels)) == pytest.approx(want, rel=1e-4)
+    assert float(inc_torch.DistillationLoss(Fixed(t_probs), config)(torch.from_numpy(s), x, labels)) == pytest.approx(
+        want, rel=1e-4
+    )
+    # a task loss of the user's own gets the student's output as it is
+    seen = []
+    kd = inc_torch.DistillationLoss(Fixed(t_probs), config, task_loss=lambda out, y: seen.append(out) or out.sum() * 0)
+    kd(s_probs, x, labels)
+    assert torch.equal(seen[0], s_probs)
+
+
 def test_soft_cross_entropy_differs_from_kl_by_the_teacher_entropy() -> None:
     rng = np.random.default_rng(1)
     s, t = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)

@@ -31,6 +31,19 @@ def _logits(output: Any, who: str) -> torch.Tensor:
     )
 
 
+def _is_probabilities(tensor: torch.Tensor) -> bool:
+    """Rows that are non-negative and sum to 1: a model ending in ``nn.Softmax``. Logits almost never do."""
+    if tensor.ndim < 1 or tensor.shape[-1] < 2 or not tensor.is_floating_point():
+        return False
+    values = tensor.detach()
+    return bool((values >= 0).all()) and bool(torch.allclose(values.sum(dim=-1), values.new_ones(()), atol=1e-4))
+
+
+def _log_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
+    """log(p): the logits up to one constant per sample, which the tempered softmax and cross-entropy ignore."""
+    return torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))
+
+
 def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
@@ -92,10 +105,13 @@ class DistillationLoss(nn.Module):
     hooks capture the mapped layers' outputs of both models, and their mean loss (``layer_loss``) is added.
 
     Args:
-        teacher: the trained teacher; its output must have the student's logits shape.
+        teacher: the trained teacher; its output must have the student's logits shape. Outputs whose rows are
+            non-negative and sum to 1 (a model ending in ``nn.Softmax``, teacher or student) are probabilities:
+            the losses read their logarithm, equal to the logits up to a per-sample constant.
         config: temperature, loss weights, soft loss (``"kl"``/``"ce"``), layer mappings.
         student: the student module, needed only for ``layer_mappings``.
-        task_loss: ``task_loss(student_logits, labels)`` for the hard part (default: cross-entropy).
+        task_loss: ``task_loss(student_output, labels)`` for the hard part (default: cross-entropy, from the
+            log-probabilities of a student that outputs probabilities).
 
     Attributes:
         last: the unweighted parts of the latest loss (``{"hard": ..., "soft": ..., "layer": ...}``), for logging.
@@ -125,6 +141,7 @@ class DistillationLoss(nn.Module):
         # Not registered as a submodule: the teacher's parameters must stay out of the student's optimizer and state_dict.
         self.__dict__["teacher"] = teacher
         self.task_loss = task_loss if task_loss is not None else F.cross_entropy
+        self._default_task_loss = task_loss is None
         weights = config.loss_weights
         self.weights = {"hard": weights[0], "soft": weights[1], "layer": weights[2] if len(weights) == 3 else 0.0}
         self._student_capture: _Capture | None = None
@@ -146,6 +163,13 @@ class DistillationLoss(nn.Module):
         """
         student_logits = _logits(student_logits, "student")
         teacher_logits = self._teacher_logits(inputs)  # also runs the teacher's layer hooks
+        # A model ending in nn.Softmax gives probabilities: tempering them as logits would flatten the soft
+        # targets toward uniform, and cross-entropy would read them as logits. Their log is exact for both.
+        if _is_probabilities(teacher_logits):
+            teacher_logits = _log_probabilities(teacher_logits)
+        student_output = student_logits  # what a task_loss of the user's own is given
+        if _is_probabilities(student_logits):
+            student_logits = _log_probabilities(student_logits)
         if self.weights["soft"] > 0 and teacher_logits.shape != student_logits.shape:
             raise ConfigError(
                 f"DistillationLoss: the teacher's output has shape {tuple(teacher_logits.shape)} but the student's "
@@ -160,7 +184,7 @@ class DistillationLoss(nn.Module):
                     "DistillationLoss: loss_weights gives the task (hard) loss a weight but no labels were passed; "
                     "call kd(student_logits, inputs, labels) or set the hard weight to 0."
                 )
-            hard = self.task_loss(student_logits, labels)
+            hard = self.task_loss(student_logits if self._default_task_loss else student_output, labels)
             total = total + self.weights["hard"] * hard
             self.last["hard"] = float(hard.detach())
         if self.weights["soft"] > 0:
