@@ -58,10 +58,14 @@ def _check(spec: InputSpec, value: Any, where: str) -> np.ndarray:
     except Exception as exc:  # numpy raises several types for ragged or odd objects
         raise DatasetError(f"{where}: input {spec.name!r} could not be made an array ({exc}).") from exc
     if array.dtype != spec.dtype:
-        if array.dtype.kind != spec.dtype.kind or array.dtype.kind not in "fiub":
+        # An ONNX string input holds Python strings (dtype object); numpy makes str arrays of fixed width
+        # (dtype '<U5') from a list of strings, which ORT also takes: the same text, so converted.
+        text = spec.dtype.kind == "O" and array.dtype.kind in "US"
+        if not text and (array.dtype.kind != spec.dtype.kind or array.dtype.kind not in "fiub"):
+            target = "object" if spec.dtype.kind == "O" else f"np.{spec.dtype.name}"
             raise DatasetError(
                 f"{where}: input {spec.name!r} has dtype {array.dtype}, but the model expects {spec.dtype} "
-                f"({spec.describe()}). Convert the data, e.g. array.astype(np.{spec.dtype.name})."
+                f"({spec.describe()}). Convert the data, e.g. array.astype({target})."
             )
         array = array.astype(spec.dtype)
     if spec.shape is not None:

@@ -25,7 +25,8 @@ The classification is structural, from the graph alone:
   pooling) keeps them finite and within their own range, so the product is signal again. (Left masked, it
   kept DeBERTa-v2's whole encoder out of INT8.) The Mul itself stays in float;
 - a node of another domain (ai.onnx.ml, com.microsoft) is never quantized, but passes signal (or masked
-  values) on to its float outputs.
+  values) on to its float outputs; an ai.onnx.ml node's float outputs are signal even when it reads only
+  strings or integers (a OneHotEncoder of a categorical column).
 """
 
 from __future__ import annotations
@@ -93,9 +94,11 @@ def analyse_masks(model: onnx.ModelProto) -> MaskAnalysis:
         if node.domain not in ("", "ai.onnx"):
             # Not quantized (ai.onnx.ml, com.microsoft), but what it computes from signal is signal: a
             # StandardScaler's Scaler before an MLP, a fused LayerNorm before the next MatMul.
+            # ai.onnx.ml's encoders (OneHotEncoder, LabelEncoder, DictVectorizer) turn categorical data (strings,
+            # integer codes) into float features: signal whatever type they read.
             if any(name in masked for name in node.input):
                 masked.update(float_outputs)
-            elif any(name in signal for name in node.input):
+            elif node.domain == "ai.onnx.ml" or any(name in signal for name in node.input):
                 signal.update(float_outputs)
             continue
         if node.op_type == "Cast" and node.input and not is_float(node.input[0]):
