@@ -136,6 +136,23 @@ def test_a_relu_layer_read_only_by_float_ops_gives_a_float_output(digits):
     assert models.accuracy(q, x_test, y_test) >= models.accuracy(model, x_test, y_test) - 0.01
 
 
+def test_inputs_a_few_1e_4_wide_keep_their_calibrated_range():
+    # TF's QuantizeV2 widens any range below 0.01 to 0.01 unless told otherwise (ensure_minimum_range): an input
+    # 3e-4 wide kept ~8 of its 256 levels (output cosine 0.9937; ~1e-6 wide inputs became zero)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((16,)), keras.layers.Rescaling(1e-4), keras.layers.Dense(32, activation="relu", name="fc1"),
+        keras.layers.Dense(4, name="fc2"),
+    ])
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    q = inc.quantize(model, inc.QuantConfig(format="savedmodel"), dataset=inc.Dataset(x, batch_size=16))
+    assert sorted(q.int8_layers()) == ["fc1", "fc2"]
+    quantize = [n for n in q.graph_def.node if n.op == "QuantizeV2"]
+    assert quantize and all(n.attr["ensure_minimum_range"].f == 0.0 for n in quantize)
+    want, got = model.predict(x, verbose=0), np.asarray(q(x))
+    assert float((want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got)) >= 0.999
+
+
 def test_excluded_layer_stays_float(calib, digits):
     q = inc.quantize(models.cnn(), inc.QuantConfig(format="savedmodel", exclude=inc.LayerFilter(names=("conv2",))), dataset=calib)
     assert sorted(q.int8_layers()) == ["conv1", "fc1", "logits"]

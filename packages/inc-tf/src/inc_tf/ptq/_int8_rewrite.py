@@ -103,6 +103,8 @@ class _Builder:
                 attr.list.i.extend(value)
             elif isinstance(value, int):
                 attr.type = value
+            elif isinstance(value, float):
+                attr.f = value
             else:  # pragma: no cover - programming error
                 raise TypeError(f"attribute {key}={value!r}")
         return node
@@ -250,7 +252,12 @@ def rewrite_int8(
             if key not in quantized_inputs:
                 lo_ref = build.const(f"{qname}/min", np.float32(want[1][0]))
                 hi_ref = build.const(f"{qname}/max", np.float32(want[1][1]))
-                build.node(qname, "QuantizeV2", [tensor, lo_ref, hi_ref], T=want[0], mode="SCALED", round_mode="HALF_TO_EVEN")
+                # ensure_minimum_range: TF widens any range below 0.01 (its default) to 0.01, so inputs a few
+                # 1e-4 wide kept ~8 levels and ~1e-6 wide ones became zero; the calibrated range is used as it is.
+                build.node(
+                    qname, "QuantizeV2", [tensor, lo_ref, hi_ref], T=want[0], mode="SCALED", round_mode="HALF_TO_EVEN",
+                    ensure_minimum_range=0.0,
+                )
                 quantized_inputs[key] = _QTensor(f"{qname}:0", f"{qname}:1", f"{qname}:2", want[0], want[1])
             return quantized_inputs[key]
 
