@@ -91,6 +91,8 @@ class KerasGraph:
         renamed: whether :attr:`model` carries the ``incL<i>x`` names.
         input_names: the names of the model's inputs (what a mapping of calibration data is keyed by).
         input_shapes: each input's shape without the batch dimension (``None`` for a free dimension).
+        input_dtypes: each input's dtype (functional and Sequential models; empty for a subclassed model,
+            whose inputs are taken as float32).
     """
 
     model: Any
@@ -100,6 +102,7 @@ class KerasGraph:
     input_names: tuple[str, ...]
     input_shapes: tuple[tuple[int | None, ...], ...]
     weight_sizes: tuple[int, ...] = ()
+    input_dtypes: tuple[np.dtype, ...] = ()
 
     def layers_in(self, names: Iterable[str]) -> set[int]:
         """Indices of the layers that tensor/op names mention."""
@@ -155,8 +158,9 @@ def prepare_graph(model: Any) -> KerasGraph:
     if not inputs and isinstance(built_with, (tuple, list)) and built_with and not isinstance(built_with[0], (tuple, list)):
         input_shapes = (tuple(built_with[1:]),)  # a subclassed model built with model.build((None, ...))
     sizes = tuple(max((int(np.prod(w.shape)) for w in layer.weights if len(w.shape) >= 2), default=0) for layer in layers)
+    dtypes = tuple(_numpy_dtype(getattr(t, "dtype", None)) for t in inputs)
     if not _is_graph_model(model):
-        return KerasGraph(model, names, types, False, input_names, input_shapes, sizes)
+        return KerasGraph(model, names, types, False, input_names, input_shapes, sizes, dtypes)
     index = {id(layer): i for i, layer in enumerate(layers)}
 
     def rename(layer: Any) -> Any:
@@ -168,8 +172,17 @@ def prepare_graph(model: Any) -> KerasGraph:
         clone = keras.models.clone_model(model, clone_function=rename)
         clone.set_weights(model.get_weights())
     except Exception:  # a custom layer without a faithful get_config: convert the model as it is
-        return KerasGraph(model, names, types, False, input_names, input_shapes, sizes)
-    return KerasGraph(clone, names, types, True, input_names, input_shapes, sizes)
+        return KerasGraph(model, names, types, False, input_names, input_shapes, sizes, dtypes)
+    return KerasGraph(clone, names, types, True, input_names, input_shapes, sizes, dtypes)
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    """A Keras input's dtype (``"int32"``, ``"float32"``...) as numpy's; float32 when numpy has no such type."""
+    try:
+        result = np.dtype(str(dtype)) if dtype is not None else np.dtype(np.float32)
+    except TypeError:
+        return np.dtype(np.float32)
+    return result if result.kind in "fiub" else np.dtype(np.float32)
 
 
 def _is_graph_model(model: Any) -> bool:
@@ -199,7 +212,13 @@ def as_input_list(batch: Any, graph: KerasGraph, *, where: str) -> list[np.ndarr
     else:
         values = [batch]
     if len(values) != count:
-        raise DatasetError(f"{where}: got {len(values)} input array(s); the model takes {count}.")
+        named = f" ({', '.join(graph.input_names)})" if graph.input_names else ""
+        raise DatasetError(
+            f"{where}: got {len(values)} input array(s); the model takes {count}{named}. A batch is a tuple with one "
+            "array per input or a mapping input name -> array; for whole arrays, give inc.Dataset a mapping "
+            "(inc.Dataset({name: array, ...}, batch_size=...)): a tuple or list given to inc.Dataset is read as a "
+            "sequence of batches."
+        )
     arrays = []
     for i, value in enumerate(values):
         array = np.asarray(value)
@@ -216,5 +235,34 @@ def as_input_list(batch: Any, graph: KerasGraph, *, where: str) -> list[np.ndarr
                     f"{where}: input {i} has shape {array.shape}; the model expects (batch, "
                     f"{', '.join('?' if e is None else str(e) for e in expected)}). Reshape the data to match."
                 )
-        arrays.append(array.astype(np.float32, copy=False))
+        target = graph.input_dtypes[i] if i < len(graph.input_dtypes) else np.dtype(np.float32)
+        arrays.append(cast_input(array, target, where=f"{where}: input {i}"))
     return arrays
+
+
+def cast_input(array: np.ndarray, dtype: np.dtype, *, where: str) -> np.ndarray:
+    """``array`` as the input's dtype: an integer input (token ids, category codes for an Embedding) keeps
+    integers; float data for it must hold whole numbers.
+
+    Raises:
+        DatasetError: fractional or non-finite values for an integer input.
+    """
+    if dtype.kind in "iub" and array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            raise DatasetError(
+                f"{where} takes integers ({dtype}, e.g. the codes an Embedding looks up) but the data holds "
+                "fractions or non-finite values. Pass the integer codes."
+            )
+    return array.astype(dtype, copy=False)
+
+
+def feeds_by_name(runner_names: tuple[str, ...], graph: KerasGraph, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays in the Keras model's input order keyed by a LiteRT runner's input names.
+
+    The converter's signature lists the inputs sorted by name, not in the model's order, so a model with
+    inputs ``("numeric", "category")`` has the runner names ``("category", "numeric")``: matched by name, not
+    position. (A model without input names, a subclassed one, has one input or keeps the order.)
+    """
+    if set(runner_names) == set(graph.input_names) and len(runner_names) == len(arrays):
+        return dict(zip(graph.input_names, arrays))
+    return dict(zip(runner_names, arrays))

@@ -53,10 +53,14 @@ class Invoker:
         self.interp = interp
         self._signature = interp.get_signature_runner() if interp.get_signature_list() else None
         if self._signature is not None:
-            self.input_names = tuple(self._signature.get_input_details())
+            details = self._signature.get_input_details()
+            self.input_names = tuple(details)
+            self.input_dtypes = tuple(np.dtype(details[name]["dtype"]) for name in self.input_names)
         else:
-            self._inputs = {d["name"]: d["index"] for d in interp.get_input_details()}
+            raw = interp.get_input_details()
+            self._inputs = {d["name"]: d["index"] for d in raw}
             self.input_names = tuple(self._inputs)
+            self.input_dtypes = tuple(np.dtype(d["dtype"]) for d in raw)
 
     def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         if self._signature is not None:
@@ -81,11 +85,13 @@ class LiteRTModel:
 
     Attributes:
         content: the flatbuffer.
-        input_names: the signature's input names, in the Keras model's input order.
+        input_names: the signature's input names, in the Keras model's input order (a positional tuple of
+            inputs follows it; a .tflite file written elsewhere lists them sorted by name, as its signature does).
     """
 
     content: bytes = field(repr=False)
     input_names: tuple[str, ...] = field(default=(), init=False)
+    input_dtypes: tuple[np.dtype, ...] = field(default=(), init=False, repr=False)
     layer_names: tuple[str, ...] = field(default=(), init=False)
     renamed: bool = field(default=True, init=False)
     _interp: Any = field(default=None, init=False, repr=False)
@@ -93,19 +99,28 @@ class LiteRTModel:
     def __post_init__(self) -> None:
         from inc_tf._flatbuffer import read_metadata
 
-        self.input_names = Invoker(interpreter(self.content, threads=1)).input_names
+        invoker = Invoker(interpreter(self.content, threads=1))
+        self.input_names, self.input_dtypes = invoker.input_names, invoker.input_dtypes
         raw = read_metadata(self.content, METADATA_KEY)
         if raw:
             meta = json.loads(raw.decode())
             self.layer_names = tuple(meta["layers"])
             self.renamed = bool(meta.get("renamed", True))
+            order = tuple(meta.get("inputs", ()))
+            if order and sorted(order) == sorted(self.input_names):
+                # the signature lists inputs sorted by name; positional inputs follow the Keras model's order
+                dtypes = dict(zip(self.input_names, self.input_dtypes))
+                self.input_names, self.input_dtypes = order, tuple(dtypes[name] for name in order)
 
     @classmethod
-    def with_layers(cls, content: bytes, layer_names: tuple[str, ...], *, renamed: bool = True) -> LiteRTModel:
-        """A model whose flatbuffer records the Keras layer names, so a loaded file still maps ops to layers."""
+    def with_layers(
+        cls, content: bytes, layer_names: tuple[str, ...], *, renamed: bool = True, input_names: tuple[str, ...] = ()
+    ) -> LiteRTModel:
+        """A model whose flatbuffer records the Keras layer names (so a loaded file still maps ops to layers) and
+        the Keras model's input order (so positional inputs feed the inputs they would feed in Keras)."""
         from inc_tf._flatbuffer import with_metadata
 
-        payload = json.dumps({"layers": list(layer_names), "renamed": renamed}).encode()
+        payload = json.dumps({"layers": list(layer_names), "renamed": renamed, "inputs": list(input_names)}).encode()
         return cls(content=with_metadata(content, METADATA_KEY, payload))
 
     def int8_layers(self) -> list[str]:
@@ -163,11 +178,18 @@ class LiteRTModel:
                     f"Inputs are missing {missing}; the model takes {list(self.input_names)}. "
                     "Pass a mapping with every input name."
                 )
-            return {n: np.asarray(inputs[n], dtype=np.float32) for n in self.input_names}
-        values = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+            values = [inputs[n] for n in self.input_names]
+        else:
+            values = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
         if len(values) != len(self.input_names):
             raise DatasetError(f"Got {len(values)} input array(s); the model takes {list(self.input_names)}.")
-        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.input_names, values)}
+        from inc_tf._keras_model import cast_input
+
+        # each input in the interpreter's own dtype: an integer input (an Embedding's codes) stays integer
+        return {
+            name: cast_input(np.asarray(value), dtype, where=f"input {name!r}")
+            for name, value, dtype in zip(self.input_names, values, self.input_dtypes)
+        }
 
     def tensor_dtypes(self) -> dict[str, str]:
         """Every tensor's name and dtype (``"int8"`` for quantized tensors) as the interpreter reports them."""

@@ -88,7 +88,19 @@ class TFSavedModel:
         """Every output of one batch, by output name."""
         import tensorflow as tf
 
-        results = self.function(*[tf.constant(a) for a in self.feeds(inputs)])
+        arrays = self.feeds(inputs)
+        try:
+            results = self.function(*[tf.constant(a) for a in arrays])
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
+            expected = ", ".join(
+                f"{key}: (batch, {', '.join('?' if d is None else str(d) for d in shape)})"
+                for key, shape in zip(self.input_keys, self.input_shapes)
+            )
+            raise DatasetError(
+                f"TensorFlow could not run the model on inputs of shapes {[a.shape for a in arrays]}: "
+                f"{str(exc).strip().splitlines()[-1][:300]} The model takes {expected}, in this order; pass a mapping "
+                "input name -> array to feed inputs by name."
+            ) from exc
         results = results if isinstance(results, (list, tuple)) else [results]
         return {k: np.asarray(v) for k, v in zip(self.output_keys, results)}
 
@@ -147,10 +159,20 @@ class TFSavedModel:
 
         frozen = freeze_savedmodel(path, where=f"The SavedModel {str(path)!r}")
         layers: dict[str, str] = {}
+        order: tuple[str, ...] = ()
         asset = path / "assets" / _ASSET
         if asset.is_file():
-            layers = dict(json.loads(asset.read_text(encoding="utf-8")).get("layers", {}))
+            meta = json.loads(asset.read_text(encoding="utf-8"))
+            layers = dict(meta.get("layers", {}))
+            order = tuple(meta.get("inputs", ()))
         model = cls.from_frozen(frozen)
+        if order and sorted(order) == sorted(model.input_keys) and order != model.input_keys:
+            # A loaded signature lists its inputs sorted by name; positional inputs keep the order they had
+            # before saving (the Keras model's), as written in inc's asset.
+            at = {key: i for i, key in enumerate(model.input_keys)}
+            model.input_tensors = tuple(model.input_tensors[at[key]] for key in order)
+            model.input_shapes = tuple(model.input_shapes[at[key]] for key in order)
+            model.input_keys = order
         # Saved graphs are imported under the scope "inc" (and a loaded signature wraps them in a call scope).
         int8 = [n.name for n in model.int8_nodes()]
         model.layer_names = {

@@ -18,7 +18,7 @@ from inc_core import Dataset
 from inc_core.calibration import HistogramObserver, check_finite_activation
 from inc_core.errors import CalibrationError, DatasetError
 from inc_tf._flatbuffer import OpRecord, op_records, ranged_tensors
-from inc_tf._keras_model import KerasGraph, as_input_list
+from inc_tf._keras_model import KerasGraph, as_input_list, feeds_by_name
 from inc_tf._litert import Invoker, interpreter
 from inc_tf.ptq._convert import calibrated_flatbuffer
 
@@ -73,7 +73,7 @@ def collect(graph: KerasGraph, dataset: Dataset, *, samples: int, model_id: int 
     names = ranged_tensors(calibrated)
     interp = interpreter(calibrated, threads=None, preserve_all_tensors=True)
     runner = Invoker(interp)
-    input_keys = list(runner.input_names)
+    input_keys = tuple(runner.input_names)
     observers = {index: HistogramObserver(name=name) for index, name in names.items()}
     records = op_records(calibrated)
     # Every float activation is checked for NaN/Inf, also those of ops LiteRT keeps in float (no range field).
@@ -85,7 +85,7 @@ def collect(graph: KerasGraph, dataset: Dataset, *, samples: int, model_id: int 
         for index, batch in enumerate(_chain(first, batches)):
             _check_finite_inputs(batch, index)
             try:
-                runner(**dict(zip(input_keys, batch)))
+                runner(**feeds_by_name(input_keys, graph, batch))
             except (ValueError, RuntimeError) as exc:
                 raise DatasetError(
                     f"calibration batch {index}: LiteRT could not run the model on shapes "

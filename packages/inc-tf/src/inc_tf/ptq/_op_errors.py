@@ -10,7 +10,7 @@ import numpy as np
 
 from inc_core import Dataset, QuantConfig
 from inc_tf._frozen import check_batch, graph_function
-from inc_tf._keras_model import KerasGraph, as_input_list
+from inc_tf._keras_model import KerasGraph, as_input_list, feeds_by_name
 from inc_tf._litert import Invoker, LiteRTModel, interpreter
 from inc_tf._savedmodel import TFSavedModel
 from inc_tf.ptq._calibrate import TfCalibration
@@ -59,8 +59,8 @@ def layer_output_errors(
     batches = 0
     for index, batch in enumerate(dataset.inputs(limit=_SAMPLES)):
         arrays = as_input_list(batch, graph, where=f"error batch {index}")
-        float_run(**dict(zip(float_run.input_names, arrays)))
-        int8_run(**dict(zip(int8_run.input_names, arrays)))
+        float_run(**feeds_by_name(float_run.input_names, graph, arrays))
+        int8_run(**feeds_by_name(int8_run.input_names, graph, arrays))
         for layer in sums:
             name = outputs[layer]
             diff = _value(float_run, float_tensors[name]) - _value(int8_run, int8_tensors[name])

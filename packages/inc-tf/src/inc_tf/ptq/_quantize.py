@@ -90,7 +90,7 @@ def quantize_static(graph: KerasGraph, config: QuantConfig, calibration: TfCalib
         per_channel=config.granularity == "per_channel",
         denylisted_nodes=denylist,
     )
-    return LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed)
+    return LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)
 
 
 def quantize_dynamic(graph: KerasGraph, config: QuantConfig) -> LiteRTModel:
@@ -99,4 +99,4 @@ def quantize_dynamic(graph: KerasGraph, config: QuantConfig) -> LiteRTModel:
             "QuantConfig: exclude is not supported with approach='dynamic' on the tf backend: the TF converter's "
             "dynamic-range mode quantizes every large weight. Use approach='static' to keep layers in float."
         )
-    return LiteRTModel.with_layers(dynamic_flatbuffer(graph.model), graph.layer_names, renamed=graph.renamed)
+    return LiteRTModel.with_layers(dynamic_flatbuffer(graph.model), graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)

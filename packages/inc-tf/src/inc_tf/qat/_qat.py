@@ -357,7 +357,7 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         per_channel=config.granularity == "per_channel",
         denylisted_nodes=excluded_nodes,
     )
-    return LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed)
+    return LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)
 
 
 def _convert_savedmodel(
