@@ -208,7 +208,8 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
     per_channel = config.granularity == "per_channel"
     symmetric = config.scheme == "sym"
 
-    input_ids = {id(t) for t in model.inputs}
+    # Float inputs only: an integer input (an Embedding's codes) is not quantized, and LiteRT feeds it as it is.
+    input_ids = {id(t) for t in model.inputs if "float" in str(getattr(t, "dtype", "float32"))}
 
     def reads_model_input(layer: keras.layers.Layer) -> bool:
         return any(id(t) in input_ids for node in layer._inbound_nodes for t in node.input_tensors)
@@ -322,7 +323,8 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
     if all(r is None for r in learned.values()):
         raise UnsupportedModelError("convert: the QAT model was never trained (no learned range); fit it first.")
     config: QATConfig = getattr(model, "_inc_qat_config", None) or QATConfig()
-    input_range = next((r for w in wrappers if (r := w.learned_input_range()) is not None), None)
+    input_ranges = _learned_input_ranges(model, wrappers)
+    input_range = next(iter(input_ranges.values()), None) if len(input_ranges) == 1 else None
     source = getattr(model, "_inc_qat_source", None)
     if source is None:
         raise UnsupportedModelError("convert: this QAT model lost its source architecture; call prepare_qat again.")
@@ -334,7 +336,7 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         dataset = Dataset(_synthetic_inputs(graph, input_range or (0.0, 1.0)), batch_size=4)
     dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     if format == "savedmodel":
-        return _convert_savedmodel(graph, dataset, config, learned, input_range)
+        return _convert_savedmodel(graph, dataset, config, learned, input_ranges)
     calibration = collect(graph, dataset, samples=64)
     producer = {out: record for record in calibration.records for out in record.outputs}
     ranges = {}
@@ -342,8 +344,8 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         record = producer.get(tensor)
         owner = layer_of_op(graph, record) if record is not None else None
         found = learned.get(graph.layer_names[owner]) if owner is not None else None
-        if record is None and input_range is not None:  # no producer: a model input
-            found = input_range
+        if record is None:  # no producer: a model input, named "serving_default_<input name>:0" by the converter
+            found = _input_range_of(calibration.names.get(tensor, ""), input_ranges) or found
         ranges[tensor] = found or calibration.range(tensor, "minmax", percentile=100.0, dtype="uint8", scheme=config.scheme)
     # Layers the config excluded trained without kernel fake quant: they stay float in LiteRT too.
     excluded = {
@@ -365,12 +367,12 @@ def _convert_savedmodel(
     dataset: Any,
     config: QATConfig,
     learned: dict[str, tuple[float, float] | None],
-    input_range: tuple[float, float] | None,
+    input_ranges: dict[str, tuple[float, float]],
 ) -> Any:
     """The SavedModel int8 target: PTQ's graph rewrite (batch norm folded) fed the learned ranges.
 
-    A tensor takes the range of the wrapper whose layer writes it as its final output; the model input
-    takes the first wrapper's input range. Anything else (a tensor inside a layer) is observed on ``dataset``.
+    A tensor takes the range of the wrapper whose layer writes it as its final output; a model input takes
+    the input range its readers learned. Anything else (a tensor inside a layer) is observed on ``dataset``.
     """
     from inc_core import QuantConfig
     from inc_tf._frozen import freeze_keras
@@ -396,7 +398,7 @@ def _convert_savedmodel(
                 continue
             node = tensor.split(":")[0]
             if tensor in plan.frozen.input_tensors:
-                found = input_range
+                found = input_ranges.get(graph.input_names[plan.frozen.input_tensors.index(tensor)])
             elif node in layer_of_node and node not in inner and tensor.endswith(":0"):
                 found = learned.get(graph.layer_names[layer_of_node[node]])
             else:
@@ -409,6 +411,33 @@ def _convert_savedmodel(
     )
     calibration = calibrate_plan(plan, dataset, samples=64)
     return quantize_plan(plan, ptq, calibration, ranges=ranges)
+
+
+def _learned_input_ranges(model: keras.Model, wrappers: list[FakeQuant]) -> dict[str, tuple[float, float]]:
+    """Model input name -> the range learned by the fake quant of the layers reading it (their union when
+    several do). Each float input has its own: one range for all would clip the wider ones."""
+    names = {id(t): getattr(t, "name", "") for t in model.inputs}
+    ranges: dict[str, tuple[float, float]] = {}
+    for wrapper in wrappers:
+        learned = wrapper.learned_input_range()
+        if learned is None:
+            continue
+        for node in wrapper._inbound_nodes:
+            for tensor in node.input_tensors:
+                name = names.get(id(tensor))
+                if name:
+                    low, high = ranges.get(name, learned)
+                    ranges[name] = (min(low, learned[0]), max(high, learned[1]))
+    return ranges
+
+
+def _input_range_of(tensor_name: str, ranges: dict[str, tuple[float, float]]) -> tuple[float, float] | None:
+    """The learned range of the model input a LiteRT input tensor (``serving_default_numeric:0``) feeds."""
+    base = tensor_name.split(":")[0]
+    for name, found in ranges.items():
+        if base in (name, f"serving_default_{name}"):
+            return found
+    return next(iter(ranges.values())) if len(ranges) == 1 else None
 
 
 def _synthetic_inputs(graph: Any, span: tuple[float, float]) -> np.ndarray:
