@@ -218,3 +218,41 @@ def test_pt2e_qat_fold_for_a_conv_kind_the_graph_lacks_leaves_the_graph_as_torch
     ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
     assert ours_state.keys() == theirs_state.keys()
     assert all(torch.equal(ours_state[k], theirs_state[k]) for k in ours_state)
+
+
+class _EmbeddingMLP(nn.Module):
+    """Category codes looked up in an nn.Embedding next to numeric features (a tabular wide-and-deep model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, numeric: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
+        features = torch.cat([numeric, self.embed(category).flatten(1)], dim=1)
+        return self.fc2(torch.relu(self.fc1(features)))
+
+
+@pytest.mark.parametrize("fmt", ["fx", "pt2e"])
+def test_qat_on_a_model_with_an_embedding_keeps_the_lookup_float(fmt: str) -> None:
+    # FX QAT swapped nn.Embedding for torch.ao's QAT Embedding, which asserts on any weight qscheme but
+    # float_qparams: prepare_qat failed for every model with an embedding (reported as a tracing failure)
+    torch.manual_seed(0)
+    numeric, category = torch.randn(64, 4), torch.randint(0, 10, (64, 1))
+    labels = torch.randint(0, 3, (64,))
+    qat = inc_torch.prepare_qat(_EmbeddingMLP(), inc.QATConfig(format=fmt), {"numeric": numeric[:8], "category": category[:8]})
+    optimizer = torch.optim.Adam(qat.parameters(), lr=1e-3)
+    qat.train()
+    for start in range(0, 64, 16):
+        optimizer.zero_grad()
+        batch = slice(start, start + 16)
+        nn.functional.cross_entropy(qat(numeric=numeric[batch], category=category[batch]), labels[batch]).backward()
+        optimizer.step()
+    qat.eval()
+    fake_quant = qat(numeric=numeric, category=category)
+    int8 = inc_torch.convert(qat)
+    counts = inc.get_backend("torch").int8_op_counts(int8)
+    assert sum(n for op, n in counts.items() if "inear" in op) == 2, counts  # fc1, fc2; the lookup stays float
+    out = int8(numeric=numeric, category=category)
+    assert nn.functional.cosine_similarity(fake_quant.flatten(), out.flatten(), dim=0) >= 0.99

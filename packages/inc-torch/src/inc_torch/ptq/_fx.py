@@ -61,6 +61,11 @@ def base_mapping(settings: OpSettings, *, qat_qconfig: Any = None) -> Any:
     mapping.set_global(qat_qconfig if qat_qconfig is not None else qconfig(settings))
     for kind in _UNLISTED:
         mapping.set_object_type(kind, None)
+    # Embedding lookups stay float (as on the PTQ path, where no pattern takes them): torch.ao's QAT mapping
+    # would swap them for its QAT Embedding, which refuses any weight qscheme but float_qparams (an
+    # AssertionError in prepare_qat_fx for every model with an nn.Embedding).
+    for kind in (nn.Embedding, nn.EmbeddingBag):
+        mapping.set_object_type(kind, None)
     return mapping
 
 
