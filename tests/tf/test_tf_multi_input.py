@@ -94,3 +94,23 @@ def test_qat_learns_a_range_per_float_input_and_leaves_the_integer_one_alone(fmt
     qat.fit(data, labels, epochs=2, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
     int8 = inc_tf.convert(qat, dataset=inc.Dataset(data, batch_size=32), format=fmt)
     assert cosine(qat.predict(data, verbose=0), int8(data)) >= 0.99
+
+
+def test_a_savedmodel_directory_with_an_integer_input_takes_mappings_only(tmp_path: Path) -> None:
+    # model.export writes a signature that names its inputs without ordering them (inc lists them sorted: aux,
+    # category, numeric). The integer input was cast to float32 (every batch refused by TF), and a tuple in the
+    # Keras order would have fed numeric's data to aux, which has its shape.
+    model, data = _model(), _data()
+    exported = tmp_path / "exported"
+    model.export(str(exported), verbose=False)
+    tuples = inc.Dataset([tuple(data[name][i : i + 32] for name in NAMES) for i in range(0, 128, 32)])
+    with pytest.raises(DatasetError, match=r"names its inputs \['aux', 'category', 'numeric'\] but does not order them"):
+        inc.quantize(str(exported), inc.QuantConfig(format="savedmodel"), dataset=tuples)
+    quantized = inc.quantize(str(exported), inc.QuantConfig(format="savedmodel"), dataset=inc.Dataset(data, batch_size=32))
+    assert quantized.input_dtypes == (np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.float32))
+    assert cosine(model.predict(data, verbose=0), quantized(data)) >= 0.99
+    inc.save(quantized, str(tmp_path / "int8.savedmodel"))
+    loaded = inc.load(str(tmp_path / "int8.savedmodel"))
+    np.testing.assert_allclose(loaded(data), quantized(data), rtol=1e-5, atol=1e-5)
+    with pytest.raises(DatasetError, match="give a mapping input name -> array"):
+        loaded(tuple(data[name] for name in NAMES))

@@ -103,7 +103,7 @@ class TfBackend(Backend):
         if isinstance(model, TFSavedModel):  # a float SavedModel read by inc.load (the CLI loads before quantizing)
             plan = plan_graph(
                 FrozenGraph(model.graph_def, model.input_tensors, model.input_keys, model.input_shapes,
-                            model.output_tensors, model.output_keys)
+                            model.output_tensors, model.output_keys, ordered=model.ordered_inputs)
             )
         elif _is_savedmodel_input(model):
             where = f"The SavedModel {str(model)!r}" if isinstance(model, (str, Path)) else "The SavedModel object"

@@ -43,6 +43,9 @@ class FrozenGraph:
         input_shapes: each input's shape without the batch dimension (``None`` for a free dimension).
         output_tensors: graph tensor names of the outputs.
         output_keys: the signature's output names, same order.
+        ordered: whether the input order means something to the user (a Keras model's input order); a SavedModel
+            signature names its inputs without ordering them (inc lists them sorted), so with several inputs
+            positional batches are refused there.
     """
 
     graph_def: Any = field(repr=False)
@@ -51,6 +54,7 @@ class FrozenGraph:
     input_shapes: tuple[tuple[int | None, ...], ...]
     output_tensors: tuple[str, ...]
     output_keys: tuple[str, ...]
+    ordered: bool = True
 
 
 @contextlib.contextmanager
@@ -170,8 +174,34 @@ def freeze_savedmodel(model: Any, *, where: str = "the SavedModel") -> FrozenGra
         raise UnsupportedModelError(f"{where}: its serving signature takes {len(keys)} inputs, the graph has {len(frozen.input_tensors)}.")
     ordered = tuple(by_name.get(t.split(":")[0], k) for t, k in zip(frozen.input_tensors, keys))
     return FrozenGraph(
-        frozen.graph_def, frozen.input_tensors, ordered, frozen.input_shapes, frozen.output_tensors, frozen.output_keys
+        frozen.graph_def, frozen.input_tensors, ordered, frozen.input_shapes, frozen.output_tensors, frozen.output_keys,
+        ordered=len(ordered) <= 1,
     )
+
+
+def input_dtypes(graph_def: Any, input_tensors: tuple[str, ...]) -> tuple[np.dtype, ...]:
+    """Each input placeholder's numpy dtype (float32 where the graph does not say or numpy has no such type)."""
+    import tensorflow as tf
+
+    placeholders = {n.name: n for n in graph_def.node if n.op == "Placeholder"}
+    dtypes = []
+    for tensor in input_tensors:
+        node = placeholders.get(tensor.split(":")[0])
+        dtype = np.dtype(np.float32)
+        if node is not None and "dtype" in node.attr:
+            found = np.dtype(tf.as_dtype(node.attr["dtype"].type).as_numpy_dtype)
+            dtype = found if found.kind in "fiub" else dtype
+        dtypes.append(dtype)
+    return tuple(dtypes)
+
+
+def refuse_unordered_positional(batch: Any, keys: tuple[str, ...], ordered: bool, *, where: str) -> None:
+    """A tuple/list batch for a multi-input graph whose inputs have no order the user knows: a DatasetError."""
+    if not ordered and len(keys) > 1 and isinstance(batch, (tuple, list)):
+        raise DatasetError(
+            f"{where}: a tuple of {len(batch)} arrays for a SavedModel whose serving signature names its inputs "
+            f"{list(keys)} but does not order them; give a mapping input name -> array."
+        )
 
 
 def graph_function(graph_def: Any, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
@@ -207,10 +237,13 @@ def graph_function(graph_def: Any, inputs: tuple[str, ...], outputs: tuple[str, 
 
 
 def check_batch(arrays: list[np.ndarray], frozen: FrozenGraph, *, where: str) -> list[np.ndarray]:
-    """Arrays checked against the graph's input count and shapes, as float32."""
+    """Arrays checked against the graph's input count and shapes, in each input's dtype."""
+    from inc_tf._keras_model import cast_input
+
     if len(arrays) != len(frozen.input_tensors):
         raise DatasetError(f"{where}: got {len(arrays)} input array(s); the model takes {len(frozen.input_tensors)}.")
     out = []
+    dtypes = input_dtypes(frozen.graph_def, frozen.input_tensors)
     for i, (array, expected) in enumerate(zip(arrays, frozen.input_shapes)):
         array = np.asarray(array)
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
@@ -224,5 +257,5 @@ def check_batch(arrays: list[np.ndarray], frozen: FrozenGraph, *, where: str) ->
                 f"{where}: input {i} has shape {array.shape}; the model expects (batch, "
                 f"{', '.join('?' if e is None else str(e) for e in expected)}). Reshape the data to match."
             )
-        out.append(array.astype(np.float32, copy=False))
+        out.append(cast_input(array, dtypes[i], where=f"{where}: input {i}"))
     return out

@@ -59,7 +59,9 @@ class TFSavedModel:
     output_tensors: tuple[str, ...]
     output_keys: tuple[str, ...]
     layer_names: dict[str, str] = field(default_factory=dict)
+    ordered_inputs: bool = True
     _fn: Any = field(default=None, init=False, repr=False)
+    _dtypes: tuple[np.dtype, ...] | None = field(default=None, init=False, repr=False)
 
     @property
     def function(self) -> Any:
@@ -70,19 +72,37 @@ class TFSavedModel:
             self._fn = graph_function(self.graph_def, self.input_tensors, self.output_tensors)
         return self._fn
 
+    @property
+    def input_dtypes(self) -> tuple[np.dtype, ...]:
+        """Each input's dtype, as the graph's placeholders declare it (an Embedding's codes stay integer)."""
+        if self._dtypes is None:
+            from inc_tf._frozen import input_dtypes
+
+            self._dtypes = input_dtypes(self.graph_def, self.input_tensors)
+        return self._dtypes
+
     def feeds(self, inputs: Any) -> list[np.ndarray]:
         """``inputs`` (array, tuple/list in input order, or mapping by input name) as arrays in input order."""
+        from inc_tf._frozen import refuse_unordered_positional
+        from inc_tf._keras_model import cast_input
+
         if isinstance(inputs, Mapping):
             missing = [k for k in self.input_keys if k not in inputs]
             if missing and len(inputs) == len(self.input_keys) == 1:
-                return [np.asarray(next(iter(inputs.values())), dtype=np.float32)]
-            if missing:
+                values = [next(iter(inputs.values()))]
+            elif missing:
                 raise DatasetError(f"Inputs are missing {missing}; the model takes {list(self.input_keys)}.")
-            return [np.asarray(inputs[k], dtype=np.float32) for k in self.input_keys]
-        values = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+            else:
+                values = [inputs[k] for k in self.input_keys]
+        else:
+            refuse_unordered_positional(inputs, self.input_keys, self.ordered_inputs, where="Inputs")
+            values = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
         if len(values) != len(self.input_keys):
             raise DatasetError(f"Got {len(values)} input array(s); the model takes {list(self.input_keys)}.")
-        return [np.asarray(v, dtype=np.float32) for v in values]
+        return [
+            cast_input(np.asarray(v), dtype, where=f"input {key!r}")
+            for v, dtype, key in zip(values, self.input_dtypes, self.input_keys)
+        ]
 
     def run(self, inputs: Any) -> dict[str, np.ndarray]:
         """Every output of one batch, by output name."""
@@ -139,7 +159,9 @@ class TFSavedModel:
         try:
             tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
             (path / "assets").mkdir(exist_ok=True)
-            meta = {"layers": self.layer_names, "inputs": list(self.input_keys), "outputs": list(self.output_keys)}
+            # "inputs": the order positional inputs follow, when it means something (a Keras model's)
+            order = list(self.input_keys) if self.ordered_inputs else []
+            meta = {"layers": self.layer_names, "inputs": order, "outputs": list(self.output_keys)}
             (path / "assets" / _ASSET).write_text(json.dumps(meta), encoding="utf-8")
         except (OSError, ValueError, tf.errors.OpError) as exc:
             raise SaveError(f"TensorFlow could not write the SavedModel to {str(path)!r}: {exc}") from exc
@@ -149,7 +171,7 @@ class TFSavedModel:
         """A model running the graph of a :class:`~inc_tf._frozen.FrozenGraph`."""
         return cls(
             _inline(frozen.graph_def), frozen.input_tensors, frozen.input_keys, frozen.input_shapes,
-            frozen.output_tensors, frozen.output_keys, dict(layer_names or {}),
+            frozen.output_tensors, frozen.output_keys, dict(layer_names or {}), ordered_inputs=frozen.ordered,
         )
 
     @classmethod
@@ -166,6 +188,7 @@ class TFSavedModel:
             layers = dict(meta.get("layers", {}))
             order = tuple(meta.get("inputs", ()))
         model = cls.from_frozen(frozen)
+        model.ordered_inputs = bool(order) or len(model.input_keys) <= 1
         if order and sorted(order) == sorted(model.input_keys) and order != model.input_keys:
             # A loaded signature lists its inputs sorted by name; positional inputs keep the order they had
             # before saving (the Keras model's), as written in inc's asset.
@@ -205,7 +228,8 @@ def _serving_module(model: TFSavedModel) -> Any:
     import tensorflow as tf
 
     specs = [
-        tf.TensorSpec([None, *shape], tf.float32, name=key) for key, shape in zip(model.input_keys, model.input_shapes)
+        tf.TensorSpec([None, *shape], tf.as_dtype(dtype), name=key)
+        for key, shape, dtype in zip(model.input_keys, model.input_shapes, model.input_dtypes)
     ]
     graph_def = model.graph_def
     input_nodes = [t for t in model.input_tensors]

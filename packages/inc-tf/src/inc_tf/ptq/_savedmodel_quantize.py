@@ -18,7 +18,7 @@ from inc_core import Dataset, QuantConfig
 from inc_core.backend import Op, TuningSpace
 from inc_core.calibration import HistogramObserver, check_finite_activation
 from inc_core.errors import CalibrationError, DatasetError, UnsupportedModelError
-from inc_tf._frozen import FrozenGraph, check_batch, graph_function
+from inc_tf._frozen import FrozenGraph, check_batch, graph_function, refuse_unordered_positional
 from inc_tf._keras_model import KerasGraph
 from inc_tf._savedmodel import TFSavedModel
 from inc_tf.ptq._einsum_lowering import lower_einsums
@@ -147,6 +147,7 @@ def calibrate_plan(plan: GraphPlan, dataset: Dataset, *, samples: int, model_id:
 
 
 def as_input_arrays(batch: Any, frozen: FrozenGraph) -> list[np.ndarray]:
+    refuse_unordered_positional(batch, frozen.input_keys, frozen.ordered, where="calibration batch")
     if isinstance(batch, dict):
         if len(batch) == 1 and len(frozen.input_keys) == 1:
             return [next(iter(batch.values()))]
@@ -215,5 +216,5 @@ def quantize_plan(
     layers = {node: plan.op_names[unit] for node, unit in kernels.items()}
     return TFSavedModel(
         graph_def, frozen.input_tensors, frozen.input_keys, frozen.input_shapes, frozen.output_tensors,
-        frozen.output_keys, layers,
+        frozen.output_keys, layers, ordered_inputs=frozen.ordered,
     )
