@@ -77,7 +77,7 @@ def test_a_tuple_of_whole_arrays_given_to_dataset_explains_the_mapping() -> None
 def test_a_savedmodel_run_on_inputs_it_cannot_take_is_a_dataset_error() -> None:
     model, data = _model(), _data()
     quantized = inc.quantize(model, inc.QuantConfig(format="savedmodel"), dataset=inc.Dataset(data, batch_size=32))
-    with pytest.raises(DatasetError, match=r"could not run the model on inputs of shapes .* in this order"):
+    with pytest.raises(DatasetError, match=r"Input 'numeric' has shape \(128, 1\); the model expects \(batch, 4\).* in this order"):
         quantized((data["category"], data["numeric"], data["aux"]))
 
 

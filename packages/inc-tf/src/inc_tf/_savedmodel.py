@@ -99,10 +99,19 @@ class TFSavedModel:
             values = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
         if len(values) != len(self.input_keys):
             raise DatasetError(f"Got {len(values)} input array(s); the model takes {list(self.input_keys)}.")
-        return [
+        arrays = [
             cast_input(np.asarray(v), dtype, where=f"input {key!r}")
             for v, dtype, key in zip(values, self.input_dtypes, self.input_keys)
         ]
+        for array, key, shape in zip(arrays, self.input_keys, self.input_shapes):
+            # checked here: TF's int8 kernels fail on a wrong shape with errors that do not name the input
+            if shape and (array.ndim != len(shape) + 1 or any(d is not None and d != g for d, g in zip(shape, array.shape[1:]))):
+                expected = ", ".join("?" if d is None else str(d) for d in shape)
+                raise DatasetError(
+                    f"Input {key!r} has shape {array.shape}; the model expects (batch, {expected}). The inputs are "
+                    f"{list(self.input_keys)}, in this order; pass a mapping input name -> array to feed them by name."
+                )
+        return arrays
 
     def run(self, inputs: Any) -> dict[str, np.ndarray]:
         """Every output of one batch, by output name."""
@@ -111,7 +120,7 @@ class TFSavedModel:
         arrays = self.feeds(inputs)
         try:
             results = self.function(*[tf.constant(a) for a in arrays])
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
+        except (tf.errors.OpError, ValueError, TypeError) as exc:  # oneDNN kernels abort (AbortedError) on bad shapes
             expected = ", ".join(
                 f"{key}: (batch, {', '.join('?' if d is None else str(d) for d in shape)})"
                 for key, shape in zip(self.input_keys, self.input_shapes)
