@@ -25,8 +25,12 @@ __all__ = ["base_mapping", "op_table", "qconfig", "qconfig_mapping", "quantize_f
 EXAMPLE_ATTR = "_inc_example_inputs"
 
 # Ops the default x86 mapping quantizes with a histogram observer but that describe() does not list;
-# they stay FP32 so that every INT8 op is one the tuning strategies can see and fall back.
+# they stay FP32 so that every INT8 op is one the tuning strategies can see and fall back. Embedding
+# lookups too: the QAT mapping would swap them for torch.ao's QAT Embedding, which refuses any weight
+# qscheme but float_qparams (an AssertionError in prepare_qat_fx for every model with an nn.Embedding).
 _UNLISTED = (
+    nn.Embedding,
+    nn.EmbeddingBag,
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
@@ -60,11 +64,6 @@ def base_mapping(settings: OpSettings, *, qat_qconfig: Any = None) -> Any:
         mapping = get_default_qat_qconfig_mapping("x86") if qat_qconfig is not None else get_default_qconfig_mapping("x86")
     mapping.set_global(qat_qconfig if qat_qconfig is not None else qconfig(settings))
     for kind in _UNLISTED:
-        mapping.set_object_type(kind, None)
-    # Embedding lookups stay float (as on the PTQ path, where no pattern takes them): torch.ao's QAT mapping
-    # would swap them for its QAT Embedding, which refuses any weight qscheme but float_qparams (an
-    # AssertionError in prepare_qat_fx for every model with an nn.Embedding).
-    for kind in (nn.Embedding, nn.EmbeddingBag):
         mapping.set_object_type(kind, None)
     return mapping
 
