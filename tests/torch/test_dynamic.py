@@ -346,3 +346,31 @@ def test_a_dynamic_model_that_does_not_run_on_the_given_data_is_refused(monkeypa
     assert same_state(state(model), before)
     monkeypatch.undo()
     assert inc_torch.quantized_ops(inc.quantize(model, config, dataset=inc.Dataset(x, batch_size=4))) == ["wo"]
+
+
+def test_autotune_fails_a_dynamic_trial_whose_model_does_not_run_on_the_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same broken model as above, found by autotune: the trial that made it fails with the op named (the
+    # run goes on to the next trial), instead of the model reaching eval_fn and ending the run there.
+    from inc_core.tuning import autotune
+    from inc_torch.ptq import _ops
+
+    monkeypatch.setattr(_ops, "kept_in_float", lambda model, names: {})
+    torch.manual_seed(0)
+    model = DtypeReader().eval()
+    before = state(model)
+    x = np.random.default_rng(0).normal(size=(8, 6, 16)).astype(np.float32)
+    seen: list[bool] = []
+
+    def fidelity(candidate: nn.Module) -> float:
+        seen.append(isinstance(candidate.attn.qkv, torch.ao.nn.quantized.dynamic.Linear))
+        with torch.no_grad():
+            return cosine(model(torch.from_numpy(x)).numpy(), candidate(torch.from_numpy(x)).numpy())
+
+    config = inc.TuningConfig(base=inc.QuantConfig(approach="dynamic"), tolerable_loss=0.05, max_trials=6)
+    result = autotune(model, config, eval_fn=fidelity, dataset=inc.Dataset(x, batch_size=4))
+    first = result.trials[0]
+    assert first.failed and "does not run on the first batch of the dataset at op 'attn'" in (first.error or ""), first
+    assert not result.trial.failed and "attn" in result.trial.change, result.trials
+    assert inc_torch.quantized_ops(result.model) == ["wo"]
+    assert not any(seen), seen  # eval_fn never saw the broken model
+    assert same_state(state(model), before)

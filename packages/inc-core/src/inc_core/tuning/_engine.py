@@ -129,6 +129,7 @@ def autotune(
         )
     data = _dataset_for(config, dataset)
     calibration = _Calibration(impl, model, data, base)
+    probe = _first_batch(data) if base.approach == "dynamic" else None
     strategy_cls = REGISTRY.get(config.strategy)
     if strategy_cls is None:
         raise ConfigError(f"autotune: no strategy named {config.strategy!r}; choose one of {sorted(REGISTRY)}.")
@@ -145,7 +146,7 @@ def autotune(
                 batch_size=max(1, int(getattr(executor, "workers", 1) or 1)),
             )
         )
-        run = _Run(model, config, eval_fn, impl, space, strategy, history, executor, calibration, started)
+        run = _Run(model, config, eval_fn, impl, space, strategy, history, executor, calibration, started, probe)
         try:
             return run.run()
         finally:
@@ -165,6 +166,19 @@ def _dataset_for(config: TuningConfig, dataset: Any) -> Dataset | None:
             "or choose strategy='basic'."
         )
     return as_dataset(dataset) if dataset is not None else None
+
+
+def _first_batch(data: Dataset | None) -> Dataset | None:
+    """The dataset's first batch as a dataset of its own: what each dynamic trial's model is run on.
+
+    Static trials are checked on their calibration's example; a dynamic trial has no calibration, so without
+    this a model that breaks when called (a layer the code around it reads as float) would reach ``eval_fn``
+    and end the run as an :class:`~inc_core.errors.EvaluationError` instead of failing that trial alone. One
+    batch, read once here, is also all a distributed executor ships to its workers.
+    """
+    if data is None:
+        return None
+    return Dataset([next(data.inputs(limit=1))])  # Dataset.inputs raises DatasetError when it holds none
 
 
 def _fingerprint(impl: Backend, space: TuningSpace) -> str:
@@ -271,10 +285,17 @@ class _TrialFn:
     """
 
     def __init__(
-        self, impl: Backend, model: Any, eval_fn: Callable[[Any], Any], calibrations: Mapping[str, Any], base: QuantConfig
+        self,
+        impl: Backend,
+        model: Any,
+        eval_fn: Callable[[Any], Any],
+        calibrations: Mapping[str, Any],
+        base: QuantConfig,
+        probe: Dataset | None = None,
     ) -> None:
         self.impl, self.model, self.eval_fn, self.base = impl, model, eval_fn, base
         self.calibrations = dict(calibrations)  # smooth_quant_key -> that setting's calibration
+        self.probe = probe  # the first batch, for dynamic trials (see _first_batch)
 
     def __call__(self, candidate: tuple[int, QuantConfig]) -> _Outcome:
         trial_id, config = candidate
@@ -285,6 +306,8 @@ class _TrialFn:
             return _Outcome(None, None, 0.0, f"SmoothQuant calibration failed: {calibration.cause}")
         try:
             quantized = self.impl.quantize(self.model, config, calibration=calibration)
+            if config.approach == "dynamic" and self.probe is not None:
+                self.impl.check_quantized_runs(self.model, quantized, self.probe)  # as inc.quantize does with data
         except Exception as exc:  # a framework's quantizer raising, an unsupported op: a failed trial
             log.debug("trial %d (%s): the %s backend failed", trial_id, change, self.impl.name, exc_info=True)
             return _Outcome(None, None, time.perf_counter() - start, describe_failure(exc))
@@ -311,10 +334,11 @@ class _Run:
         executor: Executor,
         calibration: _Calibration,
         started: float,
+        probe: Dataset | None = None,
     ) -> None:
         self.model, self.config, self.eval_fn, self.impl = model, config, eval_fn, impl
         self.space, self.strategy, self.history, self.executor = space, strategy, history, executor
-        self.calibration, self.started = calibration, started
+        self.calibration, self.started, self.probe = calibration, started, probe
         self.criterion: Criterion | None = None
         self.kept: tuple[int, Any] | None = None  # (trial id, model): only the current choice's model is held
         self.trial_fn: _TrialFn | None = None  # one per run, so a distributed executor ships the model once
@@ -370,7 +394,7 @@ class _Run:
             # A new SmoothQuant setting needs its own calibration: a new trial function (shipped again to workers).
             known = self.trial_fn.calibrations if self.trial_fn is not None else {}
             calibrations = {**known, **{key: self.calibration.get(c) for key, c in needed.items() if key not in known}}
-            self.trial_fn = _TrialFn(self.impl, self.model, self.eval_fn, calibrations, self.space.base)
+            self.trial_fn = _TrialFn(self.impl, self.model, self.eval_fn, calibrations, self.space.base, self.probe)
         results: Iterator[_Outcome] = iter(self.executor.map(self.trial_fn, fresh) if self.trial_fn is not None else ())
         try:
             for trial_id, candidate in planned:
