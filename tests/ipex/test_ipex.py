@@ -50,6 +50,8 @@ def test_static_int8_on_digits(cnn: torch.nn.Module) -> None:
     assert sorted(_int8_kernels(quantized)) == ["_convolution", "_convolution", "linear", "linear"]
     # what the CLI and the tuning report count: IPEX's traced graph puts an alias after each dequantize
     assert inc.get_backend("ipex").int8_op_counts(quantized) == {"convolution": 2, "linear": 2}
+    # and by name: the frozen graph inlines every module, the names were put on the INT8 weights before freezing
+    assert inc_torch.quantized_ops(quantized) == ["conv1", "conv2", "fc1", "fc2"]
     assert same_state(state(cnn), before)
     fp32, int8 = accuracy(cnn), accuracy(quantized)
     assert relative_loss(fp32, int8) <= 0.01, (fp32, int8)
@@ -60,6 +62,7 @@ def test_excluded_conv_runs_fp32(cnn: torch.nn.Module) -> None:
     quantized = inc.quantize(cnn, config, dataset=calib_data(), backend="ipex")
     assert sorted(_int8_kernels(quantized)) == ["_convolution", "linear", "linear"]
     assert _fp32_kernels(quantized) == ["ipex_prepack::convolution_relu_run"]
+    assert inc_torch.quantized_ops(quantized) == ["conv1", "fc1", "fc2"]
 
 
 @pytest.mark.parametrize("method", ["minmax", "kl", "percentile", "mse"])

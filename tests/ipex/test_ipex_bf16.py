@@ -62,7 +62,8 @@ def test_chosen_ops_run_bf16_kernels_and_survive_save_and_load(tmp_path: Path) -
     q = inc.quantize(model, config, dataset=calib_data(), backend="ipex")
 
     assert inc_torch.bf16_ops(q) == ["conv2", "fc1"]
-    assert inc.get_backend("ipex").int8_op_counts(q) == {"convolution": 1, "linear": 1}  # conv1, fc2
+    assert inc.get_backend("ipex").int8_op_counts(q) == {"convolution": 1, "linear": 1}
+    assert inc_torch.quantized_ops(q) == ["conv1", "fc2"]
     assert _bf16_weights(q) == 4  # conv2 and fc1 weight + bias; freezing dropped their FP32 copies
     kernels = _kernel_inputs(q)
     assert sorted(k for k, dtypes in kernels.items() for d in dtypes if d == "bf16") == [
@@ -72,7 +73,7 @@ def test_chosen_ops_run_bf16_kernels_and_survive_save_and_load(tmp_path: Path) -
     assert same_state(state(model), before)
 
     loaded = inc.load(inc.save(q, tmp_path / "mixed.pt", backend="ipex"))
-    assert inc_torch.bf16_ops(loaded) == ["conv2", "fc1"]
+    assert inc_torch.bf16_ops(loaded) == ["conv2", "fc1"] and inc_torch.quantized_ops(loaded) == ["conv1", "fc2"]
     x = _inputs()
     with torch.no_grad():
         for _ in range(2):  # IPEX's fusion passes run on the first calls

@@ -33,7 +33,8 @@ class TestIpexConformance(torch_conformance.TestTorchConformance):
         if not isinstance(quantized, torch.jit.ScriptModule):  # dynamic: named torch.ao modules
             super().assert_exactly_quantized(quantized, ops, expected)
             return
-        # A traced IPEX graph carries no module names: check the kernels by kind, INT8 and FP32 both.
+        assert set(inc_torch.quantized_ops(quantized)) == expected  # the INT8 ops by name (see _ipex_ops) ...
+        # ... and the kernels by kind, INT8 and FP32 both (the frozen graph holds no modules to name FP32 ones).
         want_int8 = Counter(_kernel_kind(op.op_type) for op in ops if op.name in expected)
         want_fp32 = Counter(_kernel_kind(op.op_type) for op in ops if op.name not in expected)
         got_int8 = Counter(_int8_kernels(quantized))

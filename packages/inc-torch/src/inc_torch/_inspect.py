@@ -61,7 +61,8 @@ def quantized_ops(model: nn.Module) -> list[str]:
 
     Works on what the torch backend returns: a PT2E :class:`CompiledQuantizedModule` (conv/linear ops fed
     by an int8 weight through a dequantize node, named by their source module), an FX or dynamically
-    quantized module (torch.ao quantized modules), and a loaded TorchScript model.
+    quantized module (torch.ao quantized modules), a loaded TorchScript model, and an IPEX model (frozen
+    TorchScript whose INT8 ops are named after their modules, see :mod:`inc_torch.ptq._ipex_ops`).
     """
     if isinstance(model, CompiledQuantizedModule):
         return _pt2e_ops(model.graph_module)
@@ -69,4 +70,9 @@ def quantized_ops(model: nn.Module) -> list[str]:
         n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in model.graph.nodes
     ):
         return _pt2e_ops(model)
-    return [name for name, module in model.named_modules() if name and _is_quantized_module(module)]
+    modules = [name for name, module in model.named_modules() if name and _is_quantized_module(module)]
+    if isinstance(model, torch.jit.ScriptModule):
+        from inc_torch.ptq._ipex_ops import script_int8_ops
+
+        return list(dict.fromkeys(modules + script_int8_ops(model)))  # IPEX's frozen graphs hold no modules
+    return modules

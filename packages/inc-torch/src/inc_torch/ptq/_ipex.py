@@ -37,6 +37,7 @@ from inc_torch.ptq._bf16_script import run_script_ops_in_bf16
 from inc_torch.ptq._calibration import model_signature
 from inc_torch.ptq._capture import check_runs, eval_copy
 from inc_torch.ptq._dynamic import quantize_dynamic
+from inc_torch.ptq._ipex_ops import name_int8_ops
 from inc_torch.ptq._ops import ACTIVATION_DTYPES, tuning_space
 from inc_torch.ptq._settings import OpSettings, plan
 
@@ -270,6 +271,7 @@ class IpexBackend(TorchBackend):
             else:
                 traced = torch.jit.trace(converted, args, check_trace=False, strict=False)
             run_script_ops_in_bf16(traced, bf16_names(config, ops))
+            name_int8_ops(traced)  # inc_torch.quantized_ops reads the names back from the frozen graph
             frozen = torch.jit.freeze(traced)
             # IPEX's fusion passes run on the first calls of a frozen module.
             for _ in range(2):
