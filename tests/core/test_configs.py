@@ -38,6 +38,7 @@ ALL_CONFIGS = [
     ),
     inc.PruneConfig(target_sparsity=0.5, pattern="2:4", criterion="snip_momentum", ramp="cosine", end_step=50, frequency=5),
     inc.DistillConfig(temperature=4.0, loss_weights=(0.3, 0.5, 0.2), layer_mappings=(("s.l1", "t.l3"),)),
+    inc.DistillConfig(loss_weights=(1, 1, 1), layer_mappings=(("s.l1", "t.l3"),), layer_projection="linear"),
     inc.LayerFilter(names=("a", "b"), validate=False),
 ]
 
@@ -88,6 +89,8 @@ def test_configs_are_keyword_only():
         (lambda: inc.DistillConfig(temperature=0), r"temperature must be > 0"),
         (lambda: inc.DistillConfig(loss_weights=(0, 0)), r"all zero"),
         (lambda: inc.DistillConfig(layer_mappings=(("a",),), loss_weights=(1, 1, 1)), r"pair"),
+        (lambda: inc.DistillConfig(layer_projection="conv"), r"layer_projection='conv' is not supported; choose one of 'none', 'linear'"),
+        (lambda: inc.DistillConfig(layer_projection="linear"), r"layer_mappings is empty"),
         (lambda: inc.LayerFilter(patterns=("fc[",)), r"not a valid regular expression"),
         (lambda: inc.QATConfig(freeze_bn_step=-1), r"freeze_bn_step must be >= 0"),
     ],

@@ -163,10 +163,119 @@ def test_mapped_layers_of_different_shapes() -> None:
     config = inc.DistillConfig(loss_weights=(0.0, 0.0, 1.0), layer_mappings=(("0", "0"),))
     kd = inc_torch.DistillationLoss(teacher, config, student=student)
     x = torch.randn(3, 4)
-    with pytest.raises(ConfigError, match=r"student layer '0' outputs \(3, 6\) but teacher layer '0' outputs \(3, 8\)"):
+    with pytest.raises(ConfigError, match=r"student layer '0' outputs \(3, 6\) but teacher layer '0' outputs \(3, 8\).*layer_projection='linear'"):
         kd(student(x), x)
 
 
 def test_teacher_that_is_not_a_module() -> None:
     with pytest.raises(UnsupportedModelError, match="teacher must be a torch.nn.Module"):
         inc_torch.DistillationLoss(lambda x: x, inc.DistillConfig())  # type: ignore[arg-type]
+
+
+# --- layer projection: a narrower student matched to a wider teacher ---------------------------------
+
+
+class NarrowCNN(nn.Module):
+    """DigitsCNN's layout at half its widths: conv2 has 8 channels (teacher 16), fc1 16 units (32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(8 * 2 * 2, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def _projected() -> inc.DistillConfig:
+    return inc.DistillConfig(loss_weights=(0.0, 0.0, 1.0), layer_mappings=(("0", "0"),), layer_projection="linear")
+
+
+def test_a_projection_maps_the_student_width_to_the_teachers_in_the_loss() -> None:
+    torch.manual_seed(0)
+    # channels of a feature map (a 1x1 convolution) and the hidden size of a sequence, each as the one dimension
+    # that differs; other dimensions equal
+    for teacher_layer, student_layer, x in [
+        (nn.Conv2d(3, 16, 3), nn.Conv2d(3, 4, 3), torch.randn(2, 3, 6, 6)),
+        (nn.Linear(5, 12), nn.Linear(5, 6), torch.randn(2, 7, 5)),
+    ]:
+        teacher, student = nn.Sequential(teacher_layer), nn.Sequential(student_layer)
+        kd = inc_torch.DistillationLoss(teacher, _projected(), student=student)
+        assert all(isinstance(p, nn.parameter.UninitializedParameter) for p in kd.parameters())
+        loss = kd(student(x), x)
+        weight, bias = kd.projections[0].weight, kd.projections[0].bias
+        s, t = student(x).detach(), teacher(x).detach()
+        if s.ndim == 4:
+            expected = nn.functional.mse_loss(nn.functional.conv2d(s, weight[:, :, None, None], bias), t)
+        else:
+            expected = nn.functional.mse_loss(s @ weight.T + bias, t)
+        assert tuple(weight.shape) == (t.shape[1 if s.ndim == 4 else -1], s.shape[1 if s.ndim == 4 else -1])
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        loss.backward()
+        assert weight.grad is not None and student_layer.weight.grad is not None
+
+
+def test_a_projection_between_equal_widths_starts_as_the_identity() -> None:
+    torch.manual_seed(0)
+    teacher, student = nn.Sequential(nn.Linear(4, 6)), nn.Sequential(nn.Linear(4, 6))
+    kd = inc_torch.DistillationLoss(teacher, _projected(), student=student)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = nn.functional.mse_loss(student(x), teacher(x))
+    assert kd(student(x), x).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_narrower_student_learns_from_the_teachers_hidden_layers() -> None:
+    # FitNets on digits: the student's conv2 (8 channels) and fc1 (16 units) are matched to the trained teacher's
+    # (16 and 32) through learned projections, next to the soft and hard losses.
+    teacher = trained_cnn()
+    before = state(teacher)
+    torch.manual_seed(0)
+    student = NarrowCNN()
+    config = inc.DistillConfig(
+        temperature=4.0, loss_weights=(0.5, 0.5, 1.0), layer_mappings=(("conv2", "conv2"), ("fc1", "fc1")),
+        layer_projection="linear",
+    )
+    kd = inc_torch.DistillationLoss(teacher, config, student=student)
+    optimizer = torch.optim.Adam([*student.parameters(), *kd.parameters()], lr=5e-3)
+    x, y, _, _ = split()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    layer_losses = []
+    for _ in range(12):
+        for start in range(0, len(xt), 50):
+            optimizer.zero_grad()
+            xb = xt[start : start + 50]
+            kd(student(xb), xb, yt[start : start + 50]).backward()
+            optimizer.step()
+            layer_losses.append(kd.last["layer"])
+    assert [tuple(p.weight.shape) for p in kd.projections] == [(16, 8), (32, 16)]
+    assert np.mean(layer_losses[-5:]) < 0.5 * np.mean(layer_losses[:5]), (layer_losses[:5], layer_losses[-5:])
+    assert accuracy(student.eval()) >= 0.8  # 0.849 on the EPYC (hard loss alone: 0.834)
+    assert same_state(state(teacher), before)
+
+
+def test_projections_left_out_of_the_optimizer_are_an_error() -> None:
+    torch.manual_seed(0)
+    teacher, student = nn.Sequential(nn.Linear(4, 8)), nn.Sequential(nn.Linear(4, 3))
+    kd = inc_torch.DistillationLoss(teacher, _projected(), student=student)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)  # kd.parameters() forgotten
+    x = torch.randn(6, 4)
+    for _ in range(2):  # the first step trains the student alone; the next call sees it
+        optimizer.zero_grad()
+        kd(student(x), x).backward()
+        optimizer.step()
+    with pytest.raises(ConfigError, match=r"projections \(layer_projection='linear'\) have not: they are not in the optimizer"):
+        kd(student(x), x)
+
+
+def test_a_projection_maps_one_dimension_only() -> None:
+    teacher, student = nn.Sequential(nn.Conv2d(3, 8, 3)), nn.Sequential(nn.Conv2d(3, 4, 5))
+    kd = inc_torch.DistillationLoss(teacher, _projected(), student=student)
+    x = torch.randn(2, 3, 9, 9)
+    with pytest.raises(ConfigError, match=r"outputs \(2, 4, 5, 5\) and teacher layer '0' outputs \(2, 8, 7, 7\); layer_projection='linear' maps one feature dimension"):
+        kd(student(x), x)

@@ -9,10 +9,11 @@ from inc_core._checks import check_choice, check_float
 from inc_core._serde import SerializableConfig
 from inc_core.errors import ConfigError
 
-__all__ = ["DistillConfig", "SOFT_LOSSES", "LAYER_LOSSES"]
+__all__ = ["DistillConfig", "SOFT_LOSSES", "LAYER_LOSSES", "LAYER_PROJECTIONS"]
 
 SOFT_LOSSES = ("kl", "ce")
 LAYER_LOSSES = ("mse", "kl", "cosine")
+LAYER_PROJECTIONS = ("none", "linear")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +26,12 @@ class DistillConfig(SerializableConfig):
         soft_loss: ``"kl"`` or ``"ce"`` between the softened distributions.
         layer_mappings: ``(student_layer, teacher_layer)`` name pairs whose outputs are matched.
         layer_loss: ``"mse"``, ``"kl"`` or ``"cosine"`` for the mapped layers.
+        layer_projection: ``"none"``: each mapped student layer must output the teacher layer's shape.
+            ``"linear"``: a learned linear map (FitNets' regressor; a 1x1 convolution on channel-first
+            feature maps) takes each student layer's features to its teacher layer's width, so a narrower
+            student (hidden 384 against 768, 32 channels against 64) can match a wider teacher. The maps
+            train with the student: the framework's distiller holds them (in torch, pass the
+            ``DistillationLoss``'s ``parameters()`` to the optimizer too).
     """
 
     temperature: float = 2.0
@@ -32,6 +39,7 @@ class DistillConfig(SerializableConfig):
     soft_loss: str = "kl"
     layer_mappings: tuple[tuple[str, str], ...] = ()
     layer_loss: str = "mse"
+    layer_projection: str = "none"
 
     def __post_init__(self) -> None:
         owner = "DistillConfig"
@@ -48,6 +56,7 @@ class DistillConfig(SerializableConfig):
         object.__setattr__(self, "loss_weights", tuple(float(w) for w in weights))
         check_choice(owner, "soft_loss", self.soft_loss, SOFT_LOSSES)
         check_choice(owner, "layer_loss", self.layer_loss, LAYER_LOSSES)
+        check_choice(owner, "layer_projection", self.layer_projection, LAYER_PROJECTIONS)
         mappings: list[tuple[str, str]] = []
         for pair in self.layer_mappings:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
@@ -56,6 +65,11 @@ class DistillConfig(SerializableConfig):
         object.__setattr__(self, "layer_mappings", tuple(mappings))
         if mappings and len(self.loss_weights) == 2:
             raise ConfigError(f"{owner}: layer_mappings given but loss_weights has no layer weight; pass (hard, soft, layer).")
+        if self.layer_projection != "none" and not mappings:
+            raise ConfigError(
+                f"{owner}: layer_projection={self.layer_projection!r} projects mapped layers, but layer_mappings is "
+                "empty; map (student_layer, teacher_layer) pairs, or leave layer_projection='none'."
+            )
 
     @classmethod
     def _decode_field(cls, name: str, value: Any) -> Any:

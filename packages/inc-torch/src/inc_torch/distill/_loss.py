@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -90,6 +91,69 @@ class _Capture:
             handle.remove()
 
 
+class _Projection(nn.Module):
+    """A learned linear map of a student layer's features to its teacher layer's width (FitNets' regressor).
+
+    Its parameters are created uninitialised and take their shapes from the first batch, in place (the
+    way torch's lazy modules do), so an optimizer built from ``kd.parameters()`` before training holds them.
+    The feature dimension is the one dimension whose size differs between student and teacher; with equal
+    shapes it is dimension 1 of a 4-D/5-D feature map (channels) or the last one, and the map starts as the
+    identity. A 1x1 convolution over channels is this same map.
+    """
+
+    def __init__(self, student_layer: str, teacher_layer: str) -> None:
+        super().__init__()
+        self.layers = (student_layer, teacher_layer)
+        self.weight = nn.parameter.UninitializedParameter()
+        self.bias = nn.parameter.UninitializedParameter()
+        self.dim: int | None = None
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.dim is None:
+            self._materialize(student, teacher)
+        assert self.dim is not None
+        s_width, t_width = student.shape[self.dim] if student.ndim > self.dim else None, self.weight.shape[0]
+        rest_s = student.shape[: self.dim] + student.shape[self.dim + 1 :]
+        rest_t = teacher.shape[: self.dim] + teacher.shape[self.dim + 1 :]
+        if student.ndim != teacher.ndim or s_width != self.weight.shape[1] or teacher.shape[self.dim] != t_width or rest_s != rest_t:
+            raise ConfigError(
+                f"DistillationLoss: the projection of student layer {self.layers[0]!r} maps {self.weight.shape[1]} to "
+                f"{t_width} features along dimension {self.dim}, but this batch gives {tuple(student.shape)} against "
+                f"teacher layer {self.layers[1]!r}'s {tuple(teacher.shape)}; the layers' other dimensions must match."
+            )
+        moved = student.movedim(self.dim, -1)
+        return nn.functional.linear(moved, self.weight, self.bias).movedim(-1, self.dim)
+
+    def _materialize(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        s_name, t_name = self.layers
+        differ = [d for d in range(student.ndim) if student.ndim == teacher.ndim and student.shape[d] != teacher.shape[d]]
+        if student.ndim != teacher.ndim or student.ndim < 2 or len(differ) > 1:
+            raise ConfigError(
+                f"DistillationLoss: student layer {s_name!r} outputs {tuple(student.shape)} and teacher layer "
+                f"{t_name!r} outputs {tuple(teacher.shape)}; layer_projection='linear' maps one feature dimension "
+                "(channels or hidden size), so map layers whose outputs differ in that dimension alone."
+            )
+        dim = differ[0] if differ else (1 if student.ndim >= 4 else student.ndim - 1)
+        if dim == 0:
+            raise ConfigError(
+                f"DistillationLoss: student layer {s_name!r} and teacher layer {t_name!r} differ in dimension 0 "
+                f"({tuple(student.shape)} against {tuple(teacher.shape)}), the batch; call both on the same batch."
+            )
+        s_width, t_width = student.shape[dim], teacher.shape[dim]
+        factory = {"device": student.device, "dtype": student.dtype}
+        self.weight.materialize((t_width, s_width), **factory)
+        self.bias.materialize((t_width,), **factory)
+        with torch.no_grad():
+            if s_width == t_width:
+                nn.init.eye_(self.weight)
+                nn.init.zeros_(self.bias)
+            else:  # nn.Linear's initialisation
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+                bound = 1 / math.sqrt(s_width)
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.dim = dim
+
+
 class DistillationLoss(nn.Module):
     """``hard * task_loss + soft * T^2 * soft_loss + layer * sum(layer losses)``, with the teacher run inside.
 
@@ -103,6 +167,14 @@ class DistillationLoss(nn.Module):
     The teacher runs on ``inputs`` in eval mode without gradients (its training flag is restored
     afterwards; its weights are never touched). With ``layer_mappings``, pass ``student=`` too: forward
     hooks capture the mapped layers' outputs of both models, and their mean loss (``layer_loss``) is added.
+    With ``layer_projection="linear"`` a narrower student layer is first mapped to the teacher layer's width
+    by a learned projection held by this loss: give its parameters to the optimizer with the student's::
+
+        kd = inc_torch.DistillationLoss(teacher, config, student=student)
+        optimizer = torch.optim.Adam([*student.parameters(), *kd.parameters()])
+
+    A projection that does not change while the student does (left out of the optimizer) is a
+    :class:`~inc_core.errors.ConfigError` at the next call, not a silently random map.
 
     Args:
         teacher: the trained teacher; its output must have the student's logits shape. Outputs whose rows are
@@ -146,12 +218,19 @@ class DistillationLoss(nn.Module):
         self.weights = {"hard": weights[0], "soft": weights[1], "layer": weights[2] if len(weights) == 3 else 0.0}
         self._student_capture: _Capture | None = None
         self._teacher_capture: _Capture | None = None
+        self.projections = nn.ModuleList(
+            [_Projection(s, t) for s, t in config.layer_mappings] if config.layer_projection == "linear" else []
+        )
+        self._trained: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # see _check_projections_train
         if config.layer_mappings:
             assert student is not None  # checked above
             s_names = [s for s, _ in config.layer_mappings]
             t_names = [t for _, t in config.layer_mappings]
-            self._student_capture = _Capture(_modules(student, s_names, "student"))
+            student_modules = _modules(student, s_names, "student")
+            self._student_capture = _Capture(student_modules)
             self._teacher_capture = _Capture(_modules(teacher, t_names, "teacher"))
+            watched = [p for m in student_modules.values() for p in m.parameters() if p.requires_grad]
+            self.__dict__["_watched"] = watched or [p for p in student.parameters() if p.requires_grad]
         self.last: dict[str, float] = {}
 
     def forward(self, student_logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,16 +296,44 @@ class DistillationLoss(nn.Module):
             loss = -(log_p_teacher.exp() * log_p_student).sum(dim=-1).mean()
         return loss * t * t  # T^2 keeps the soft gradients' scale independent of T (Hinton et al., 2015)
 
+    def _check_projections_train(self) -> None:
+        """Raise once the student has changed since the projections were made while they have not."""
+        if not self.projections or not torch.is_grad_enabled():
+            return
+        params = [p for projection in self.projections for p in projection.parameters()]
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in params):
+            return  # made on this first batch
+        watched: list[torch.Tensor] = self.__dict__["_watched"]
+        if self._trained is None:
+            self._trained = ([p.detach().clone() for p in params], [p.detach().clone() for p in watched])
+            return
+        if not self._trained[1]:
+            return  # checked already
+        student_moved = any(not torch.equal(p.detach(), q) for p, q in zip(watched, self._trained[1]))
+        if not student_moved:
+            return  # no optimizer step yet (gradient accumulation, warm-up at lr 0)
+        if all(torch.equal(p.detach(), q) for p, q in zip(params, self._trained[0])):
+            raise ConfigError(
+                "DistillationLoss: the student has changed since the first batch but the layer projections "
+                "(layer_projection='linear') have not: they are not in the optimizer. Build it with both: "
+                "torch.optim.Adam([*student.parameters(), *kd.parameters()])."
+            )
+        self._trained = (self._trained[0], [])  # they train: nothing more to watch
+
     def _layers(self) -> torch.Tensor:
         assert self._student_capture is not None and self._teacher_capture is not None
+        self._check_projections_train()
         losses = []
-        for s_name, t_name in self.config.layer_mappings:
+        for index, (s_name, t_name) in enumerate(self.config.layer_mappings):
             s = self._student_capture.take(s_name, "student")
             t = self._teacher_capture.take(t_name, "teacher").to(s.dtype)
+            if self.projections:
+                s = self.projections[index](s, t)
             if s.shape != t.shape:
                 raise ConfigError(
                     f"DistillationLoss: student layer {s_name!r} outputs {tuple(s.shape)} but teacher layer {t_name!r} "
-                    f"outputs {tuple(t.shape)}; map layers whose outputs have the same shape."
+                    f"outputs {tuple(t.shape)}; map layers whose outputs have the same shape, or set "
+                    "DistillConfig(layer_projection='linear') to learn a map from the student's width to the teacher's."
                 )
             if self.config.layer_loss == "mse":
                 losses.append(F.mse_loss(s, t))
