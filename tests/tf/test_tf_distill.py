@@ -143,7 +143,7 @@ def test_unknown_mapped_layer_lists_close_names() -> None:
 
 def test_mapped_layers_of_different_shapes() -> None:
     config = inc.DistillConfig(loss_weights=(0.0, 1.0, 1.0), layer_mappings=(("hidden", "hidden"),))
-    with pytest.raises(ConfigError, match=r"teacher's layer 'hidden' .* has shape \(None, 8\) but the student's has shape \(None, 6\)"):
+    with pytest.raises(ConfigError, match=r"teacher's layer 'hidden' .* has shape \(None, 8\) but the student's has shape \(None, 6\).*layer_projection='linear'"):
         inc_tf.Distiller(mlp(6, seed=0, name="s"), mlp(8, seed=1, name="t"), config)
 
 
@@ -172,3 +172,64 @@ def test_subclassed_teacher_of_another_shape_fails_at_the_first_step() -> None:
     x, _, y, _ = models.digits()
     with pytest.raises(ConfigError, match=r"teacher's output has shape \(\w+, 7\) but the student's has shape \(\w+, 10\)"):
         distiller.fit(x[:8], y[:8], epochs=1, verbose=0)
+
+
+# --- layer projection: a narrower student matched to a wider teacher ---------------------------------
+
+
+def narrow_cnn(seed: int) -> keras.Model:
+    """The test CNN's layout at a quarter of its widths: conv2 8 channels (teacher 32), fc1 16 units (64)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv1")(inputs)
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv2")(h)
+    h = keras.layers.Flatten()(keras.layers.MaxPooling2D()(h))
+    h = keras.layers.Dense(16, activation="relu", name="fc1")(h)
+    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="narrow")
+
+
+def test_a_projection_maps_the_student_width_to_the_teachers_in_the_loss() -> None:
+    teacher, student = models.cnn(), narrow_cnn(0)
+    config = inc.DistillConfig(
+        loss_weights=(0.0, 0.0, 1.0), layer_mappings=(("conv2", "conv2"), ("fc1", "fc1")), layer_projection="linear"
+    )
+    distiller = inc_tf.Distiller(student, teacher, config)
+    assert [tuple(p.kernel.shape) for p in distiller.projections] == [(8, 32), (16, 64)]
+    projection_vars = {id(v) for p in distiller.projections for v in p.trainable_variables}
+    assert projection_vars <= {id(v) for v in distiller.trainable_variables}  # fit trains them with the student
+    x = models.digits()[0][:10]
+    distiller.compile(optimizer="sgd")
+    result = distiller.evaluate(x, np.zeros(10), batch_size=10, verbose=0, return_dict=True)
+    tap = lambda m, name: keras.Model(m.inputs, m.get_layer(name).output).predict(x, verbose=0)  # noqa: E731
+    expected = []
+    for projection, name in zip(distiller.projections, ("conv2", "fc1")):
+        kernel, bias = projection.kernel.numpy(), projection.bias.numpy()
+        expected.append(np.mean((tap(student, name) @ kernel + bias - tap(teacher, name)) ** 2))  # a 1x1 conv on conv2
+    assert result["layer_loss"] == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+def test_a_narrower_student_learns_from_the_teachers_hidden_layers() -> None:
+    teacher = models.cnn()
+    before = models.fingerprint(teacher)
+    student = narrow_cnn(0)
+    config = inc.DistillConfig(
+        temperature=4.0, loss_weights=(0.5, 0.5, 1.0), layer_mappings=(("conv2", "conv2"), ("fc1", "fc1")),
+        layer_projection="linear",
+    )
+    distiller = inc_tf.Distiller(student, teacher, config)
+    start = [p.kernel.numpy().copy() for p in distiller.projections]
+    distiller.compile(optimizer=keras.optimizers.Adam(5e-3), metrics=["accuracy"])
+    x_train, x_test, y_train, y_test = models.digits()
+    keras.utils.set_random_seed(0)
+    history = distiller.fit(x_train, y_train, batch_size=50, epochs=10, verbose=0)
+    assert history.history["layer_loss"][-1] < 0.5 * history.history["layer_loss"][0], history.history["layer_loss"]
+    assert all(not np.allclose(p.kernel.numpy(), k) for p, k in zip(distiller.projections, start))
+    assert models.accuracy(student, x_test, y_test) >= 0.85
+    assert models.fingerprint(teacher) == before
+
+
+def test_a_projection_maps_one_axis_only() -> None:
+    teacher, student = models.cnn(), narrow_cnn(0)
+    config = inc.DistillConfig(loss_weights=(0.0, 1.0, 1.0), layer_mappings=(("conv2", "fc1"),), layer_projection="linear")
+    with pytest.raises(ConfigError, match=r"outputs \(None, 8, 8, 8\) and teacher layer 'fc1' outputs \(None, 64\); layer_projection='linear' maps one feature axis"):
+        inc_tf.Distiller(student, teacher, config)

@@ -55,8 +55,46 @@ def _check_shapes(student: Any, teacher: Any, what: str) -> None:
     if len(s) != len(t) or any(a is not None and b is not None and a != b for a, b in zip(s, t)):
         raise ConfigError(
             f"Distiller: the teacher's {what} has shape {t} but the student's has shape {s}; distil between models "
-            "with the same output (same number of classes), or map layers whose outputs have the same shape."
+            "with the same output (same number of classes), or map layers whose outputs have the same shape "
+            "(or set DistillConfig(layer_projection='linear') to learn a map from a student layer's width to its "
+            "teacher layer's)."
         )
+
+
+class _Projection(keras.layers.Layer):
+    """A learned linear map of a student layer's features to its teacher layer's width (FitNets' regressor).
+
+    It maps one axis: the one whose size differs between the two layers' outputs, or the last (Keras
+    feature maps are channels-last) when they are equal, where it starts as the identity. On a
+    channels-last feature map it is a 1x1 convolution.
+    """
+
+    def __init__(self, student_shape: tuple[Any, ...], teacher_shape: tuple[Any, ...], layers: tuple[str, str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        s_name, t_name = layers
+        differ = [d for d, (a, b) in enumerate(zip(student_shape, teacher_shape)) if a is not None and b is not None and a != b]
+        if len(student_shape) != len(teacher_shape) or len(student_shape) < 2 or len(differ) > 1 or differ == [0]:
+            raise ConfigError(
+                f"Distiller: student layer {s_name!r} outputs {student_shape} and teacher layer {t_name!r} outputs "
+                f"{teacher_shape}; layer_projection='linear' maps one feature axis (channels or hidden size), so map "
+                "layers whose outputs differ in that axis alone."
+            )
+        self.axis = differ[0] if differ else len(student_shape) - 1
+        s_width, t_width = student_shape[self.axis], teacher_shape[self.axis]
+        if s_width is None or t_width is None:
+            raise ConfigError(
+                f"Distiller: student layer {s_name!r} ({student_shape}) or teacher layer {t_name!r} ({teacher_shape}) "
+                "has no fixed size on its feature axis, which a projection needs; map layers whose width is known."
+            )
+        same = s_width == t_width
+        self.kernel = self.add_weight(
+            shape=(s_width, t_width), initializer="identity" if same else "glorot_uniform", name="kernel"
+        )
+        self.bias = self.add_weight(shape=(t_width,), initializer="zeros", name="bias")
+
+    def call(self, x: Any) -> Any:
+        moved = keras.ops.moveaxis(x, self.axis, -1)
+        return keras.ops.moveaxis(keras.ops.matmul(moved, self.kernel) + self.bias, -1, self.axis)
 
 
 def _intermediate_model(model: keras.Model, names: list[str], who: str) -> keras.Model:
@@ -107,7 +145,9 @@ class Distiller(keras.Model):
         student: the Keras model to train (outputs logits, or probabilities from a final softmax).
         teacher: the trained Keras model to learn from (an output of the student's shape).
         config: temperature, loss weights, soft loss, layer mappings (student layer, teacher layer)
-            matched by layer name on functional/Sequential models.
+            matched by layer name on functional/Sequential models. With ``layer_projection="linear"``
+            each mapped student layer is first taken to its teacher layer's width by a learned projection
+            (:attr:`projections`) that ``fit`` trains with the student.
         task_loss: the hard loss ``task_loss(y_true, student_output)``; default: sparse categorical
             cross-entropy (integer labels) from logits, or from probabilities for a student ending in a softmax.
 
@@ -157,15 +197,24 @@ class Distiller(keras.Model):
         # The tap models share the student's and teacher's layers; untracked so no weight is listed twice.
         object.__setattr__(self, "_student_taps", None)
         object.__setattr__(self, "_teacher_taps", None)
+        # Tracked: the projections train with the student and are saved with the Distiller.
+        self.projections: list[_Projection] = []
         if config.layer_mappings:
             s_names, t_names = [s for s, _ in config.layer_mappings], [t for _, t in config.layer_mappings]
             object.__setattr__(self, "_student_taps", _intermediate_model(student, s_names, "student"))
             object.__setattr__(self, "_teacher_taps", _intermediate_model(teacher, t_names, "teacher"))
             assert self._student_taps is not None and self._teacher_taps is not None
+            projections = []
             for (s_name, t_name), s_out, t_out in zip(
                 config.layer_mappings, self._student_taps.outputs[1:], self._teacher_taps.outputs[1:]
             ):
-                _check_shapes(s_out.shape, t_out.shape, f"layer {t_name!r} (student layer {s_name!r}) output")
+                if config.layer_projection == "linear":
+                    projections.append(
+                        _Projection(tuple(s_out.shape), tuple(t_out.shape), (s_name, t_name), name=f"projection_{len(projections)}")
+                    )
+                else:
+                    _check_shapes(s_out.shape, t_out.shape, f"layer {t_name!r} (student layer {s_name!r}) output")
+            self.projections = projections
         self.total_tracker = keras.metrics.Mean(name="loss")
         self.part_trackers = {
             part: keras.metrics.Mean(name=f"{part}_loss") for part in _PARTS if self.weights_by_part[part] > 0
@@ -189,7 +238,10 @@ class Distiller(keras.Model):
         if self._student_taps is not None and self._teacher_taps is not None:
             s_out = self._student_taps(x, training=training)
             t_out = self._teacher_taps(x, training=False)
-            return s_out[0], t_out[0], list(s_out[1:]), list(t_out[1:])
+            s_layers = list(s_out[1:])
+            if self.projections:
+                s_layers = [projection(layer) for projection, layer in zip(self.projections, s_layers)]
+            return s_out[0], t_out[0], s_layers, list(t_out[1:])
         return self.student(x, training=training), self.teacher(x, training=False), [], []
 
     def distillation_loss(
@@ -268,7 +320,7 @@ class Distiller(keras.Model):
             total, parts = self.distillation_loss(y, student_logits, teacher_logits, s_layers, t_layers, sample_weight)
             regularization = self.student.losses
             loss = total + tf.add_n(regularization) if regularization else total
-        variables = self.student.trainable_variables
+        variables = self.student.trainable_variables + [v for p in self.projections for v in p.trainable_variables]
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         self._update_trackers(total, parts)
         return self.compute_metrics(x, y, student_logits, sample_weight=sample_weight)
