@@ -7,6 +7,7 @@ rewrite quantizes. Inputs and outputs keep the serving signature's names and ord
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,11 @@ class FrozenGraph:
     output_tensors: tuple[str, ...]
     output_keys: tuple[str, ...]
     ordered: bool = True
+
+    @functools.cached_property
+    def input_dtypes(self) -> tuple[np.dtype, ...]:
+        """Each input's numpy dtype, read from the graph's placeholders once (every batch is checked against it)."""
+        return input_dtypes(self.graph_def, self.input_tensors)
 
 
 @contextlib.contextmanager
@@ -243,7 +249,7 @@ def check_batch(arrays: list[np.ndarray], frozen: FrozenGraph, *, where: str) ->
     if len(arrays) != len(frozen.input_tensors):
         raise DatasetError(f"{where}: got {len(arrays)} input array(s); the model takes {len(frozen.input_tensors)}.")
     out = []
-    dtypes = input_dtypes(frozen.graph_def, frozen.input_tensors)
+    dtypes = frozen.input_dtypes
     for i, (array, expected) in enumerate(zip(arrays, frozen.input_shapes)):
         array = np.asarray(array)
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
