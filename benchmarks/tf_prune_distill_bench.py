@@ -2,7 +2,9 @@
 
 The Keras counterpart of ``prune_distill_bench.py`` (same digits split, same recipes): a CNN pruned to 70%
 with ``inc_tf.PruningCallback`` (magnitude and snip-momentum), 2:4, then int8 LiteRT with the zeros
-counted in the int8 weights; and a small student trained alone and with ``inc_tf.Distiller`` over seeds.
+counted in the int8 weights; and a small student trained alone and with ``inc_tf.Distiller`` over seeds, and
+a CNN student at a quarter of the teacher's widths on 150 samples, also taught the teacher's hidden layers
+through learned projections (``layer_projection="linear"``).
 
     nox -s bench_tf_compress [-- --seeds 3]
 """
@@ -36,6 +38,7 @@ from _machine import cpu_flags, cpu_name, timing_lock  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 50
+FEW = 150  # training samples of the narrow student (the teacher learns from all of them), as in prune_distill_bench
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
@@ -46,14 +49,15 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x_fit, y_fit, x_test, y_test
 
 
-def cnn(seed: int = 0) -> keras.Model:
+def cnn(seed: int = 0, widths: tuple[int, int, int] = (32, 64, 128)) -> keras.Model:
     keras.utils.set_random_seed(seed)  # the weights are created here, with the model
+    c1, c2, hidden = widths
     return keras.Sequential([
         keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(32, 3, padding="same", name="conv1"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.Conv2D(c1, 3, padding="same", name="conv1"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
         keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2"), keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(), keras.layers.Dense(128, activation="relu", name="fc1"), keras.layers.Dense(10, name="fc2"),
+        keras.layers.Conv2D(c2, 3, padding="same", activation="relu", name="conv2"), keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(), keras.layers.Dense(hidden, activation="relu", name="fc1"), keras.layers.Dense(10, name="fc2"),
     ])
 
 
@@ -144,6 +148,25 @@ def distillation(rows: list[dict[str, Any]], seeds: int) -> None:
         distiller.fit(data[0], data[1], batch_size=BATCH, epochs=15, verbose=0)
         results["distilled"].append(accuracy(student, data))
     rows.extend(distill_rows(results))
+    # The teacher's layout at a quarter of its widths on 150 samples: alone, with the teacher's logits, and with its
+    # hidden layers too through learned projections (16 -> 64 channels, 32 -> 128 units), cosine layer loss.
+    few = (data[0][:FEW], data[1][:FEW], data[2], data[3])
+    hinted = inc.DistillConfig(
+        temperature=4.0, loss_weights=(0.5, 0.5, 1.0), layer_mappings=(("conv2", "conv2"), ("fc1", "fc1")),
+        layer_projection="linear", layer_loss="cosine",
+    )
+    narrow: dict[str, list[float]] = {"alone": [], "distilled": [], "distilled + hidden layers (projected)": []}
+    for seed in range(seeds):
+        narrow["alone"].append(accuracy(fit(cnn(100 + seed, (8, 16, 32)), 3e-3, few, 40, seed=seed), few))
+        for variant, config in (("distilled", inc.DistillConfig(temperature=4.0, loss_weights=(0.5, 0.5))),
+                                ("distilled + hidden layers (projected)", hinted)):
+            student = cnn(100 + seed, (8, 16, 32))
+            distiller = inc_tf.Distiller(student, teacher, config)
+            distiller.compile(optimizer=keras.optimizers.Adam(3e-3))
+            keras.utils.set_random_seed(seed)
+            distiller.fit(few[0], few[1], batch_size=BATCH, epochs=40, verbose=0)
+            narrow[variant].append(accuracy(student, few))
+    rows.extend(distill_rows(narrow, student=f"student CNN (8-16-32) on {FEW} samples"))
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
