@@ -135,3 +135,47 @@ def test_cli_summary_reports_the_counted_ops() -> None:
     line = _op_summary(model, quantized, config, None)
     assert line.startswith("2 INT8 ops in the output model (2 QuantizedLinear); 2 of 3 quantizable ops selected"), line
     assert "kept in FP32: fc3" in line, line
+
+
+class Conv3dSimple(nn.Conv3d):
+    """A Conv3d subclass defined outside torch.nn (torchvision's video ResNets): FX traces into it, so torch.ao
+    quantizes its convolution as a function call, not as a quantized module."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, kernel_size=3, padding=1)
+
+
+class VideoNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(Conv3dSimple(8, 8))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.block(torch.relu(self.stem(x))))
+        return self.fc(x.mean(dim=(2, 3, 4)))
+
+
+def _clips() -> inc.Dataset:
+    return inc.Dataset(torch.randn(4, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0)).numpy(), batch_size=2)
+
+
+def test_fx_names_convolutions_it_quantizes_as_calls() -> None:
+    torch.manual_seed(0)
+    quantized = inc.quantize(VideoNet().eval(), inc.QuantConfig(format="fx"), dataset=_clips())
+    calls = [n for n in quantized.graph.nodes if n.op == "call_function" and str(n.target) == "quantized.conv3d"]
+    assert len(calls) == 1  # block.0, traced into
+    assert sorted(inc_torch.quantized_ops(quantized)) == ["block.0", "fc", "stem"]
+
+
+def test_pt2e_says_which_conv3d_layers_it_leaves_in_float(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="inc"):
+        quantized = inc.quantize(VideoNet().eval(), inc.QuantConfig(), dataset=_clips())
+    assert inc_torch.quantized_ops(quantized) == ["fc"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "FP32" in r.getMessage()]
+    assert warnings == [
+        "format='pt2e' leaves 2 Conv3d/Conv3dSimple layer(s) in FP32 (its x86 quantizer has no INT8 kernel for them): "
+        "stem, block.0. format='fx' quantizes them."
+    ], caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +30,8 @@ from inc_torch.ptq._ops import (
     tuning_space,
 )
 from inc_torch.ptq._smooth_quant import SmoothedCalibration, calibrate_smoothed, unwrap
+
+log = logging.getLogger("inc")
 
 __all__ = ["TorchBackend", "make_runner"]
 
@@ -71,6 +74,27 @@ def make_runner(model: Any, inputs: Any, threads: int | None) -> Callable[[], An
                 torch.set_num_threads(previous)
 
     return run
+
+
+def warn_left_in_float(model: nn.Module, fmt: str) -> None:
+    """Warn of layers ``fmt`` leaves in FP32 that another format quantizes (PT2E has no INT8 Conv3d; FX has)."""
+    from inc_torch.ptq._ops import STATIC_TYPES
+
+    def handled(module: nn.Module, f: str) -> bool:
+        return isinstance(module, STATIC_TYPES[f])
+
+    others = [f for f in TorchBackend.formats if f != fmt]
+    left = {name: m for name, m in model.named_modules() if not handled(m, fmt) and any(handled(m, f) for f in others)}
+    if not left:
+        return
+    better = [f for f in others if all(handled(m, f) for m in left.values())]
+    kinds = "/".join(sorted({type(m).__name__ for m in left.values()}))
+    names = list(left)
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    log.warning(
+        "format=%r leaves %d %s layer(s) in FP32 (its x86 quantizer has no INT8 kernel for them): %s.%s",
+        fmt, len(names), kinds, shown, f" format={better[0]!r} quantizes them." if better else "",
+    )
 
 
 def _step(fmt: str, config: QuantConfig) -> str:
@@ -146,6 +170,7 @@ class TorchBackend(Backend):
     def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> TorchCalibration | SmoothedCalibration:
         model = _check_model(model)
         fmt, ops = self._ops(model, config)
+        warn_left_in_float(model, fmt)  # here: once per quantize or tuning run, not once per trial
         with framework_errors(f"Calibration for {_step(fmt, config)}", fmt, model, frozenset(op.name for op in ops)):
             if config.smooth_quant is not None:
                 return calibrate_smoothed(model, dataset, config, fmt)

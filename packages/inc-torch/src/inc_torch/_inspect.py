@@ -40,6 +40,21 @@ def _pt2e_ops(graph_module: torch.fx.GraphModule) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _fx_functional_ops(graph_module: torch.fx.GraphModule) -> list[str]:
+    """FX-converted calls of ``quantized::conv*``/``quantized::linear*`` with packed int8 weights, named after the
+    module they were traced from: torch.ao quantizes a conv/linear *call* inside a module FX traces through
+    (torchvision's ``Conv3DSimple``, a subclass of ``nn.Conv3d``) as a function, not as a quantized module."""
+    names = []
+    for node in graph_module.graph.nodes:
+        namespace, _, op = str(node.target).partition(".")
+        if node.op != "call_function" or namespace != "quantized" or not op.startswith(("conv", "linear")):
+            continue
+        if "prepack" in op or "unpack" in op:
+            continue
+        names.append(_module_path(node) or node.name)
+    return names
+
+
 _QUANTIZED_ROOTS = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 
 
@@ -71,6 +86,8 @@ def quantized_ops(model: nn.Module) -> list[str]:
     ):
         return _pt2e_ops(model)
     modules = [name for name, module in model.named_modules() if name and _is_quantized_module(module)]
+    if isinstance(model, torch.fx.GraphModule):
+        return list(dict.fromkeys(modules + _fx_functional_ops(model)))
     if isinstance(model, torch.jit.ScriptModule):
         from inc_torch.ptq._ipex_ops import script_int8_ops
 
