@@ -76,24 +76,27 @@ def make_runner(model: Any, inputs: Any, threads: int | None) -> Callable[[], An
     return run
 
 
-def warn_left_in_float(model: nn.Module, fmt: str) -> None:
-    """Warn of layers ``fmt`` leaves in FP32 that another format quantizes (PT2E has no INT8 Conv3d; FX has)."""
+def warn_left_in_float(model: nn.Module, fmt: str, *, label: str, alternatives: dict[str, str]) -> None:
+    """Warn of layers ``fmt`` leaves in FP32 that another way quantizes (PT2E has no INT8 Conv3d, IPEX no Conv1d).
+
+    ``label`` names the path in the message (``"format='pt2e'"``); ``alternatives`` maps the other formats'
+    keys in ``STATIC_TYPES`` to how the user asks for them.
+    """
     from inc_torch.ptq._ops import STATIC_TYPES
 
     def handled(module: nn.Module, f: str) -> bool:
         return isinstance(module, STATIC_TYPES[f])
 
-    others = [f for f in TorchBackend.formats if f != fmt]
-    left = {name: m for name, m in model.named_modules() if not handled(m, fmt) and any(handled(m, f) for f in others)}
+    left = {name: m for name, m in model.named_modules() if not handled(m, fmt) and any(handled(m, f) for f in alternatives)}
     if not left:
         return
-    better = [f for f in others if all(handled(m, f) for m in left.values())]
+    better = [how for f, how in alternatives.items() if all(handled(m, f) for m in left.values())]
     kinds = "/".join(sorted({type(m).__name__ for m in left.values()}))
     names = list(left)
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     log.warning(
-        "format=%r leaves %d %s layer(s) in FP32 (its x86 quantizer has no INT8 kernel for them): %s.%s",
-        fmt, len(names), kinds, shown, f" format={better[0]!r} quantizes them." if better else "",
+        "%s leaves %d %s layer(s) in FP32 (no INT8 kernel for them there): %s.%s",
+        label, len(names), kinds, shown, f" They become INT8 with {better[0]}." if better else "",
     )
 
 
@@ -170,7 +173,9 @@ class TorchBackend(Backend):
     def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> TorchCalibration | SmoothedCalibration:
         model = _check_model(model)
         fmt, ops = self._ops(model, config)
-        warn_left_in_float(model, fmt)  # here: once per quantize or tuning run, not once per trial
+        # here: once per quantize or tuning run, not once per trial
+        others = {f: f"format={f!r}" for f in self.formats if f != fmt}
+        warn_left_in_float(model, fmt, label=f"format={fmt!r}", alternatives=others)
         with framework_errors(f"Calibration for {_step(fmt, config)}", fmt, model, frozenset(op.name for op in ops)):
             if config.smooth_quant is not None:
                 return calibrate_smoothed(model, dataset, config, fmt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,11 @@ from torch import nn
 
 from inc_core import Op
 from inc_core._prune_config import PruneConfig
+from inc_core.errors import ConfigError
 from inc_core.sparsity import select_layers
+from inc_torch._parametrized import parametrized_layers
+
+log = logging.getLogger("inc")
 
 __all__ = ["PrunableLayer", "prunable_layers"]
 
@@ -70,6 +75,18 @@ def prunable_layers(model: nn.Module, config: PruneConfig) -> list[PrunableLayer
         elif isinstance(module, _SKIPPED_BY_DEFAULT):
             continue
         candidates.append(PrunableLayer(name, op_type, weight, _is_transposed(module)))
+    computed = parametrized_layers(model)
+    if computed:
+        # Masks zero a weight parameter in place; these layers compute theirs from other parameters on every call.
+        listed = ", ".join(f"{name} ({how})" for name, how in computed.items())
+        advice = (
+            "To prune them, fold the norm into a plain weight first: torch.nn.utils.parametrize."
+            "remove_parametrizations(layer, 'weight') (torch.nn.utils.remove_weight_norm / remove_spectral_norm "
+            "for the older hook-based ones)."
+        )
+        if not candidates:
+            raise ConfigError(f"PruneConfig: every weight layer of {type(model).__name__} computes its weight: {listed}. {advice}")
+        log.warning("pruning leaves %d layer(s) dense, whose weight is computed: %s. %s", len(computed), listed, advice)
     ops = [Op(layer.name, layer.op_type) for layer in candidates]
     types = [type(m).__name__ for n, m in model.named_modules() if n]
     selected = set(select_layers(ops, config, model_types=types, model=type(model).__name__))

@@ -128,7 +128,7 @@ def pt2e_observed_targets() -> frozenset[Any]:
 
     aten = torch.ops.aten
     ops = {*xiq.quantizable_ops, *xiq.propagation_quantizable_ops, aten.conv3d.default, aten.add.Tensor, aten.add_.Tensor}
-    ops.discard(aten.mul.Tensor)  # inc keeps elementwise mul in FP32 (see _pt2e._float_only_quantizer_class)
+    ops.discard(aten.mul.Tensor)  # inc keeps elementwise mul in FP32 (see _pt2e.float_only_quantizer_class)
     return frozenset(ops)
 
 

@@ -16,13 +16,15 @@ from torch import nn
 from inc_core.errors import DatasetError, UnsupportedModelError
 from inc_torch._compat import quiet
 from inc_torch._inputs import Inputs, describe_inputs, dynamic_shapes, widened
+from inc_torch._parametrized import fold_parametrizations
 
 __all__ = ["eval_copy", "check_runs", "export_graph", "positional", "fx_prepare"]
 
 
 def eval_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode: calibration must not update the user's batch-norm statistics."""
-    return copy.deepcopy(model).eval()
+    """A deep copy in eval mode, computed weights folded: calibration must not update the user's batch-norm
+    statistics, and INT8 kernels take plain weights (see :mod:`inc_torch._parametrized`)."""
+    return fold_parametrizations(copy.deepcopy(model).eval())
 
 
 def _first_line(exc: BaseException) -> str:

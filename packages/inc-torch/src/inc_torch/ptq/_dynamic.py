@@ -25,6 +25,7 @@ from inc_core.backend import Op
 from inc_core.errors import ConfigError
 from inc_torch._compat import quiet
 from inc_torch._hf import CONV1D_AS_LINEAR_ATTR, CONV1D_TYPE, is_hf_conv1d, linearize_conv1d
+from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._settings import plan
 from inc_torch.ptq._weight_readers import keep_to_module_path
 
@@ -199,8 +200,7 @@ def quantize_dynamic(
         ConfigError: ``activations="full_range"`` on a CPU without VNNI/AMX.
     """
     chosen = resolve_activation_range(activations)
-    work = model if inplace else copy.deepcopy(model)
-    work.eval()
+    work = fold_parametrizations((model if inplace else copy.deepcopy(model)).eval())
     spec = _spec(config, ops)
     # HF Conv1D layers become the nn.Linear they compute, which torch.ao's dynamic Linear replaces.
     swapped = linearize_conv1d(work, tuple(name for name in spec))

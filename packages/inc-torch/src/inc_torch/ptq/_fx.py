@@ -13,6 +13,7 @@ from torch import nn
 from inc_core._quant_config import QuantConfig
 from inc_core.backend import Op
 from inc_torch._compat import quiet
+from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._calibration import TorchCalibration, load_statistics
 from inc_torch.ptq._capture import fx_prepare, positional
 from inc_torch.ptq._fx_ops import FxOp, apply_fx_settings, fx_ops
@@ -157,8 +158,7 @@ def quantize_fx(
     """Prepare (trace + fuse + observers), fill observers from ``calibration``, convert to quantized modules."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    work = model if inplace else copy.deepcopy(model)
-    work.eval()
+    work = fold_parametrizations((model if inplace else copy.deepcopy(model)).eval())
     table = op_table(model)
     mapping = qconfig_mapping(config, ops, table)
     _, per_op = plan(config, ops)

@@ -32,6 +32,7 @@ from torch.ao.quantization.observer import ObserverBase
 
 from inc_core.backend import Op
 from inc_core.errors import ConfigError
+from inc_torch._parametrized import fold_parametrizations
 
 __all__ = ["FxOp", "fx_ops", "apply_fx_settings", "ROLE_OPTIONS"]
 
@@ -92,7 +93,7 @@ def fx_ops(model: nn.Module, mapping: Any, *, qat: bool = False) -> tuple[FxOp, 
     """
     from inc_torch.ptq._capture import fx_prepare
 
-    work = copy.deepcopy(model)
+    work = fold_parametrizations(copy.deepcopy(model).eval())
     work.train(qat)
     # prepare_fx documents its example inputs as unused; tracing is symbolic.
     prepared = fx_prepare(work, mapping, (), qat=qat)

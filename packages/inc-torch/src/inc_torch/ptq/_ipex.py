@@ -27,17 +27,18 @@ from inc_core._dataset import Dataset
 from inc_core._quant_config import CALIBRATIONS, SCHEMES, QuantConfig
 from inc_core.backend import TuningSpace
 from inc_core.calibration import HistogramObserver, compute_qparams
-from inc_core.errors import BackendNotFoundError, CalibrationError, DatasetError
-from inc_torch._backend import TorchBackend, _check_model
+from inc_core.errors import BackendNotFoundError, CalibrationError, DatasetError, UnsupportedModelError
+from inc_torch._backend import TorchBackend, _check_model, warn_left_in_float
 from inc_torch._compat import quiet
 from inc_torch._failures import framework_errors
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
+from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._bf16 import bf16_names, int8_view
 from inc_torch.ptq._bf16_script import run_script_ops_in_bf16
 from inc_torch.ptq._calibration import model_signature
 from inc_torch.ptq._capture import check_runs, eval_copy
 from inc_torch.ptq._dynamic import quantize_dynamic
-from inc_torch.ptq._ipex_ops import name_int8_ops
+from inc_torch.ptq._ipex_ops import name_int8_ops, script_int8_ops
 from inc_torch.ptq._ops import ACTIVATION_DTYPES, tuning_space
 from inc_torch.ptq._settings import OpSettings, plan
 
@@ -163,6 +164,8 @@ class IpexBackend(TorchBackend):
     def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> IpexCalibration:  # type: ignore[override]
         model = _check_model(model)
         _, ops = self._ops(model, config)
+        alternatives = {"pt2e": "the torch backend (backend=None, format='pt2e')", "fx": "the torch backend with format='fx'"}
+        warn_left_in_float(model, "torchscript", label="backend='ipex'", alternatives=alternatives)
         with framework_errors("IPEX calibration (ipex.quantization.prepare)", "torchscript", model, frozenset(op.name for op in ops)):
             return self._calibrate(model, dataset, config)
 
@@ -252,8 +255,7 @@ class IpexBackend(TorchBackend):
             )
         if calibration.signature != model_signature(model):
             raise CalibrationError("The calibration was collected on a different model (its parameters differ).")
-        work = model if inplace else copy.deepcopy(model)
-        work.eval()
+        work = fold_parametrizations((model if inplace else copy.deepcopy(model)).eval())
         prepared = _prepare(self._ipex, work, _standard_mapping(calibration.granularity), calibration.example)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "qconf.json"
@@ -276,6 +278,12 @@ class IpexBackend(TorchBackend):
             # IPEX's fusion passes run on the first calls of a frozen module.
             for _ in range(2):
                 frozen(*args, **kwargs)
+        if not script_int8_ops(frozen):
+            raise UnsupportedModelError(
+                f"IPEX quantized none of the layers inc listed ({', '.join(op.name for op in ops)}): its traced "
+                "graph holds no INT8 convolution or linear op. Check inc.describe(model, backend='ipex') and "
+                "exclude=, or use the torch backend (backend=None), whose PT2E and FX paths cover more layers."
+            )
         return frozen
 
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:

@@ -10,6 +10,7 @@ from inc_core._quant_config import CALIBRATIONS, GRANULARITIES, SCHEMES, QuantCo
 from inc_core.backend import Op, TuningSpace
 from inc_core.errors import ConfigError, UnsupportedModelError
 from inc_torch._hf import is_hf_conv1d
+from inc_torch._parametrized import plain_type
 from inc_torch.ptq._weight_readers import weights_read_without_calls
 
 __all__ = [
@@ -29,8 +30,8 @@ __all__ = [
 STATIC_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "pt2e": (nn.Conv1d, nn.Conv2d, nn.Linear),
     "fx": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear),
-    # IPEX's static flow (traced TorchScript) covers the same module types as FX.
-    "torchscript": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear),
+    # IPEX's static flow (traced TorchScript): IPEX 2.8 leaves Conv1d in FP32 (measured: no INT8 op in its graph).
+    "torchscript": (nn.Conv2d, nn.Conv3d, nn.Linear),
 }
 # Dynamic quantization swaps these for torch.ao's dynamically quantized modules.
 DYNAMIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
@@ -62,8 +63,9 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
     for name, module in model.named_modules():
         # exact type match: subclasses (e.g. NonDynamicallyQuantizableLinear inside MultiheadAttention)
         # are not swapped by torch.ao, so they are not offered either.
-        if name and (type(module) in types or (conv1d and is_hf_conv1d(module))):
-            ops.append(Op(name=name, op_type=type(module).__name__))
+        # A weight-normed layer (ParametrizedConv1d) counts as its own class: inc folds the norm first.
+        if name and (plain_type(module) in types or (conv1d and is_hf_conv1d(module))):
+            ops.append(Op(name=name, op_type=plain_type(module).__name__))
     if config.approach == "dynamic" and fmt != "torchscript":
         kept = kept_in_float(model, tuple(op.name for op in ops))
         ops = [op for op in ops if op.name not in kept]
@@ -170,12 +172,16 @@ def check_something_quantized(config: QuantConfig, fmt: str, ops: tuple[Op, ...]
         raise UnsupportedModelError(
             f"Every quantizable op ({len(ops)}) is {which}, so nothing would be quantized; keep fewer ops out of INT8."
         )
-    way_out = (
-        "Use approach='static' (it quantizes Conv and Linear layers with calibration data)."
-        if config.approach == "dynamic"
-        else "Use approach='dynamic' for recurrent models, or another format."
-    )
-    path = "dynamic quantization" if config.approach == "dynamic" else f"static quantization (format={fmt!r})"
+    if config.approach == "dynamic":
+        way_out = "Use approach='static' (it quantizes Conv and Linear layers with calibration data)."
+    elif fmt == "torchscript":
+        way_out = "Use the torch backend (backend=None): its PT2E and FX paths also quantize Conv1d."
+    else:
+        way_out = "Use approach='dynamic' for recurrent models, or another format."
+    if config.approach == "dynamic":
+        path = "dynamic quantization"
+    else:
+        path = "IPEX static quantization" if fmt == "torchscript" else f"static quantization (format={fmt!r})"
     raise UnsupportedModelError(
         f"The model has no op that {path} can quantize: it looked for "
         f"{kinds} layers and found none. {way_out}"

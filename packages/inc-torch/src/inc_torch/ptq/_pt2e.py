@@ -17,7 +17,7 @@ from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._observers import pt2e_observer_classes
 from inc_torch.ptq._settings import OpSettings, plan
 
-__all__ = ["quantization_config", "build_quantizer", "quantize_pt2e"]
+__all__ = ["quantization_config", "build_quantizer", "float_only_quantizer_class", "quantize_pt2e"]
 
 
 @functools.cache
@@ -56,7 +56,7 @@ def _float_tensor(node: Any) -> bool:
 
 
 @functools.cache
-def _float_only_quantizer_class() -> type:
+def float_only_quantizer_class() -> type:
     """X86InductorQuantizer that quantizes only float tensors and only the ops ``inc.describe`` lists.
 
     torchao's x86 recipe also annotates every same-shape ``aten.mul``, integer ones included (RoBERTa's
@@ -67,10 +67,19 @@ def _float_only_quantizer_class() -> type:
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     mul = torch.ops.aten.mul.Tensor
+    conv1d = torch.ops.aten.conv1d.default
 
     class FloatOnlyX86InductorQuantizer(torchao_pt2e().X86InductorQuantizer):  # type: ignore[misc]
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             model = super().annotate(model)
+            # torchao annotates a conv1d only when a ReLU follows it; inductor lowers any dequantize -> conv1d
+            # to oneDNN's INT8 convolution, as for conv2d, so each remaining conv1d inc lists is annotated here
+            # the way torchao annotates a lone conv2d.
+            for node in model.graph.nodes:
+                if node.op == "call_function" and node.target == conv1d and xiq.QUANT_ANNOTATION_KEY not in node.meta:
+                    config = self._config_of(node)
+                    if config is not None:
+                        self._annotate_conv_node_helper(node, True, config)
             for node in model.graph.nodes:
                 annotation = node.meta.get(xiq.QUANT_ANNOTATION_KEY)
                 if annotation is None or not (annotation.input_qspec_map or annotation.output_qspec):
@@ -80,13 +89,22 @@ def _float_only_quantizer_class() -> type:
                     xiq._annotate_nodes_not_quantize(node)
             return model
 
+        def _config_of(self, node: torch.fx.Node) -> Any:
+            """The node's module-name config (``None``: kept in FP32), else the global one."""
+            stack = node.meta.get("nn_module_stack") or {}
+            paths = [str(path) for path, _ in stack.values()]
+            for name, config in self.module_name_qconfig.items():
+                if any(path == name or path.startswith(name + ".") for path in paths):
+                    return config
+            return self.global_config
+
     return FloatOnlyX86InductorQuantizer
 
 
 def build_quantizer(config: QuantConfig, ops: tuple[Op, ...]) -> Any:
     """An x86 inductor quantizer with the global settings, per-op overrides and FP32 fallbacks."""
     default, per_op = plan(config, ops)
-    quantizer = _float_only_quantizer_class()()
+    quantizer = float_only_quantizer_class()()
     quantizer.set_global(quantization_config(default))
     for name, settings in per_op.items():
         quantizer.set_module_name_qconfig(name, None if settings is None else quantization_config(settings))

@@ -23,10 +23,12 @@ from inc_core.errors import ConfigError, UnsupportedModelError
 from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch._failures import wrap_framework_errors
 from inc_torch._inputs import Inputs, float_dtype, to_inputs
+from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
 from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._fx_ops import apply_fx_settings, fx_ops
 from inc_torch.ptq._ops import ACTIVATION_DTYPES, quantizable_ops
+from inc_torch.ptq._pt2e import float_only_quantizer_class
 from inc_torch.ptq._settings import OpSettings
 from inc_torch.qat._fold_bn import folding_only_present_conv_kinds
 
@@ -236,12 +238,13 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
     excluded = _excluded(model, config, ops)
     example = to_inputs(example_inputs, float_dtype(model))
     check_runs(eval_copy(model), example, "example_inputs")
-    work = model if inplace and fmt == "fx" else copy.deepcopy(model)
+    work = fold_parametrizations((model if inplace and fmt == "fx" else copy.deepcopy(model)).eval())
     work.train()
     if fmt == "pt2e":
         ao = torchao_pt2e()
         graph = export_graph(work, example, train=True)
-        quantizer = ao.X86InductorQuantizer().set_global(_pt2e_qat_config(config))
+        # The PTQ quantizer class: float tensors only, and every conv1d (torchao's takes one only before a ReLU).
+        quantizer = float_only_quantizer_class()().set_global(_pt2e_qat_config(config))
         for name in excluded:
             quantizer.set_module_name_qconfig(name, None)
         with quiet():
