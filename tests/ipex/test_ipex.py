@@ -161,14 +161,14 @@ def test_conv1d_layers_ipex_leaves_in_float_are_named(caplog: pytest.LogCaptureF
     # IPEX 2.8 runs Conv1d in FP32 whatever its qconfig; inc lists what IPEX quantizes, and says what it leaves.
     torch.manual_seed(0)
     audio = torch.nn.Sequential(torch.nn.Conv1d(8, 16, 7, padding=3), torch.nn.ReLU(), torch.nn.Conv1d(16, 4, 3, padding=1))
-    with pytest.raises(inc.errors.UnsupportedModelError, match=r"no op that IPEX static quantization can quantize.*also quantize Conv1d"):
+    with pytest.raises(inc.errors.UnsupportedModelError, match=r"no op that IPEX static quantization can quantize.*also quantizes Conv1d"):
         inc.quantize(audio.eval(), inc.QuantConfig(), dataset=_signal((4, 8, 16)), backend="ipex")
     head = torch.nn.Sequential(audio, torch.nn.Flatten(), torch.nn.Linear(64, 3)).eval()
     assert inc.describe(head, backend="ipex").names == ("2",)
     with caplog.at_level("WARNING", logger="inc"):
         quantized = inc.quantize(head, inc.QuantConfig(), dataset=_signal((4, 8, 16)), backend="ipex")
     assert inc_torch.quantized_ops(quantized) == ["2"]
-    assert "backend='ipex' leaves 2 Conv1d layer(s) in FP32 (no INT8 kernel for them there): 0.0, 0.2. They become INT8 with the torch backend (backend=None, format='pt2e')." in caplog.text
+    assert "backend='ipex' leaves 2 Conv1d layer(s) in FP32: 0.0, 0.2. They become INT8 with the torch backend with format='fx'." in caplog.text
 
 
 def test_a_model_ipex_quantizes_nothing_of_is_an_error(cnn: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -77,7 +77,7 @@ def make_runner(model: Any, inputs: Any, threads: int | None) -> Callable[[], An
 
 
 def warn_left_in_float(model: nn.Module, fmt: str, *, label: str, alternatives: dict[str, str]) -> None:
-    """Warn of layers ``fmt`` leaves in FP32 that another way quantizes (PT2E has no INT8 Conv3d, IPEX no Conv1d).
+    """Warn of layers ``fmt`` leaves in FP32 that another way quantizes (PT2E: Conv1d, Conv3d; IPEX: Conv1d).
 
     ``label`` names the path in the message (``"format='pt2e'"``); ``alternatives`` maps the other formats'
     keys in ``STATIC_TYPES`` to how the user asks for them.
@@ -95,7 +95,7 @@ def warn_left_in_float(model: nn.Module, fmt: str, *, label: str, alternatives: 
     names = list(left)
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     log.warning(
-        "%s leaves %d %s layer(s) in FP32 (no INT8 kernel for them there): %s.%s",
+        "%s leaves %d %s layer(s) in FP32: %s.%s",
         label, len(names), kinds, shown, f" They become INT8 with {better[0]}." if better else "",
     )
 

@@ -44,11 +44,13 @@ CONV1D_AS_LINEAR_ATTR = "_inc_conv1d_as_linear"
 def is_hf_conv1d(module: nn.Module) -> bool:
     """True for ``transformers.pytorch_utils.Conv1D`` (a Linear with its weight stored ``[in, out]``)."""
     cls = type(module)
+    if cls.__name__ != CONV1D_TYPE or not cls.__module__.startswith("transformers."):
+        # Checked first: reading ``weight`` of a parametrized layer computes it, and a spectral norm in train
+        # mode then updates its power-iteration buffers in the user's model.
+        return False
     weight = getattr(module, "weight", None)
     return (
-        cls.__name__ == CONV1D_TYPE
-        and cls.__module__.startswith("transformers.")
-        and isinstance(weight, torch.Tensor)
+        isinstance(weight, torch.Tensor)
         and weight.dim() == 2
         and hasattr(module, "nf")
     )

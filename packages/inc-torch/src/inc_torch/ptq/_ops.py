@@ -25,10 +25,11 @@ __all__ = [
     "require_int8_ops",
 ]
 
-# Module types whose weights and input activations become INT8, per static format. The x86 PT2E
-# quantizer recognises conv1d/conv2d/linear; the FX x86 backend config also covers conv3d.
+# Module types whose weights and input activations become INT8, per static format. PT2E: conv2d and
+# linear (torchao has no conv3d; conv1d is kept FP32, see _pt2e.float_only_quantizer_class); the FX x86
+# backend config covers conv1d/2d/3d.
 STATIC_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
-    "pt2e": (nn.Conv1d, nn.Conv2d, nn.Linear),
+    "pt2e": (nn.Conv2d, nn.Linear),
     "fx": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear),
     # IPEX's static flow (traced TorchScript): IPEX 2.8 leaves Conv1d in FP32 (measured: no INT8 op in its graph).
     "torchscript": (nn.Conv2d, nn.Conv3d, nn.Linear),
@@ -175,7 +176,7 @@ def check_something_quantized(config: QuantConfig, fmt: str, ops: tuple[Op, ...]
     if config.approach == "dynamic":
         way_out = "Use approach='static' (it quantizes Conv and Linear layers with calibration data)."
     elif fmt == "torchscript":
-        way_out = "Use the torch backend (backend=None): its PT2E and FX paths also quantize Conv1d."
+        way_out = "Use the torch backend with format='fx' (backend=None): it also quantizes Conv1d."
     else:
         way_out = "Use approach='dynamic' for recurrent models, or another format."
     if config.approach == "dynamic":

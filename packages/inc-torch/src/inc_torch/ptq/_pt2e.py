@@ -72,14 +72,12 @@ def float_only_quantizer_class() -> type:
     class FloatOnlyX86InductorQuantizer(torchao_pt2e().X86InductorQuantizer):  # type: ignore[misc]
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             model = super().annotate(model)
-            # torchao annotates a conv1d only when a ReLU follows it; inductor lowers any dequantize -> conv1d
-            # to oneDNN's INT8 convolution, as for conv2d, so each remaining conv1d inc lists is annotated here
-            # the way torchao annotates a lone conv2d.
+            # Conv1d stays FP32 here (torchao annotates it only before an nn.ReLU): inductor's INT8 conv1d lowering
+            # gives a buffer of the wrong length when a group_norm reads it (wav2vec2's feature encoder fails at
+            # its first call), so inc does not list Conv1d for PT2E and keeps every one float; FX quantizes them.
             for node in model.graph.nodes:
-                if node.op == "call_function" and node.target == conv1d and xiq.QUANT_ANNOTATION_KEY not in node.meta:
-                    config = self._config_of(node)
-                    if config is not None:
-                        self._annotate_conv_node_helper(node, True, config)
+                if node.op == "call_function" and node.target == conv1d:
+                    xiq._annotate_nodes_not_quantize(node)
             for node in model.graph.nodes:
                 annotation = node.meta.get(xiq.QUANT_ANNOTATION_KEY)
                 if annotation is None or not (annotation.input_qspec_map or annotation.output_qspec):
@@ -88,15 +86,6 @@ def float_only_quantizer_class() -> type:
                 if node.target == mul or not all(_float_tensor(t) for t in tensors):
                     xiq._annotate_nodes_not_quantize(node)
             return model
-
-        def _config_of(self, node: torch.fx.Node) -> Any:
-            """The node's module-name config (``None``: kept in FP32), else the global one."""
-            stack = node.meta.get("nn_module_stack") or {}
-            paths = [str(path) for path, _ in stack.values()]
-            for name, config in self.module_name_qconfig.items():
-                if any(path == name or path.startswith(name + ".") for path in paths):
-                    return config
-            return self.global_config
 
     return FloatOnlyX86InductorQuantizer
 
