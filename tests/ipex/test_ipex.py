@@ -178,3 +178,31 @@ def test_a_model_ipex_quantizes_nothing_of_is_an_error(cnn: torch.nn.Module, mon
     monkeypatch.setattr(_ipex, "name_int8_ops", lambda traced: None)  # no INT8 op found by name
     with pytest.raises(inc.errors.UnsupportedModelError, match=r"IPEX quantized none of the layers inc listed \(conv1, conv2, fc1, fc2\)"):
         inc.quantize(cnn, inc.QuantConfig(calib_samples=16), dataset=calib_data(16), backend="ipex")
+
+
+class EncoderClassifier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(16, 32)
+        self.enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+        self.out = torch.nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.enc(self.inp(x)).mean(1))
+
+
+def test_listed_layers_ipex_runs_in_float_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    # IPEX's trace turns each nn.TransformerEncoderLayer into torch's fused encoder op: its Linears stay float.
+    torch.manual_seed(0)
+    model = EncoderClassifier().eval()
+    with caplog.at_level("WARNING", logger="inc"):
+        quantized = inc.quantize(model, inc.QuantConfig(), dataset=_signal((8, 10, 16)), backend="ipex")
+    assert inc_torch.quantized_ops(quantized) == ["inp", "out"]
+    assert (
+        "IPEX left 4 of the 6 layers inc listed in FP32 (its traced graph runs them in float): enc.layers.0.linear1, "
+        "enc.layers.0.linear2, enc.layers.1.linear1, enc.layers.1.linear2." in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="inc"):
+        inc.quantize(model, inc.QuantConfig(exclude=inc.LayerFilter(patterns=(r"enc\..*",))), dataset=_signal((8, 10, 16)), backend="ipex")
+    assert "IPEX left" not in caplog.text  # what the user excluded is not reported

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import logging
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -44,7 +45,22 @@ from inc_torch.ptq._settings import OpSettings, plan
 
 __all__ = ["IpexBackend", "IpexCalibration", "import_ipex"]
 
+log = logging.getLogger("inc")
+
 IPEX_INSTALL_HINT = "pip install inc-torch[ipex]"
+
+
+def _warn_left_in_float(config: QuantConfig, ops: Any, int8: list[str]) -> None:
+    """Name the listed layers IPEX's graph runs in float (e.g. the Linears inside nn.TransformerEncoderLayer,
+    which its trace turns into torch's fused encoder op)."""
+    kept = set(config.exclude.select(ops)) | set(config.bf16.select(ops))
+    left = [op.name for op in ops if op.name not in kept and op.name not in set(int8)]
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        log.warning(
+            "IPEX left %d of the %d layers inc listed in FP32 (its traced graph runs them in float): %s. "
+            "The torch backend's PT2E path (backend=None) quantizes them.", len(left), len(ops), shown,
+        )
 
 
 def import_ipex() -> Any:
@@ -278,12 +294,14 @@ class IpexBackend(TorchBackend):
             # IPEX's fusion passes run on the first calls of a frozen module.
             for _ in range(2):
                 frozen(*args, **kwargs)
-        if not script_int8_ops(frozen):
+        int8 = script_int8_ops(frozen)
+        if not int8:
             raise UnsupportedModelError(
                 f"IPEX quantized none of the layers inc listed ({', '.join(op.name for op in ops)}): its traced "
                 "graph holds no INT8 convolution or linear op. Check inc.describe(model, backend='ipex') and "
                 "exclude=, or use the torch backend (backend=None), whose PT2E and FX paths cover more layers."
             )
+        _warn_left_in_float(config, ops, int8)
         return frozen
 
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
