@@ -81,6 +81,7 @@ def fold_parametrizations(model: nn.Module) -> nn.Module:
             folded.append(name)
     if folded:
         shown = ", ".join(folded[:5]) + (f" and {len(folded) - 5} more" if len(folded) > 5 else "")
-        log.info("%d layer(s) compute their weight (weight/spectral norm): folded into a plain weight for INT8: %s",
-                 len(folded), shown)
+        # debug: inc folds on each copy it makes (calibration, checks), the same layers each time
+        log.debug("%d layer(s) compute their weight (weight/spectral norm): folded into a plain weight for INT8: %s",
+                  len(folded), shown)
     return model

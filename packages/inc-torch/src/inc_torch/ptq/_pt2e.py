@@ -78,6 +78,9 @@ def float_only_quantizer_class() -> type:
             for node in model.graph.nodes:
                 if node.op == "call_function" and node.target == conv1d:
                     xiq._annotate_nodes_not_quantize(node)
+                    for user in node.users:  # the ReLU of torchao's pattern no longer ends a quantized pattern
+                        if getattr(user.meta.get(xiq.QUANT_ANNOTATION_KEY), "_is_output_of_quantized_pattern", False):
+                            xiq._annotate_nodes_not_quantize(user)
             for node in model.graph.nodes:
                 annotation = node.meta.get(xiq.QUANT_ANNOTATION_KEY)
                 if annotation is None or not (annotation.input_qspec_map or annotation.output_qspec):
