@@ -6,6 +6,27 @@ from typing import Any
 
 import numpy as np
 
+import inc_core as inc
+
+# The narrow-student study both benches run: the teacher's layout at a quarter of its widths, trained on FEW of the
+# training samples (where a teacher trained on all of them has most to give): alone, with the teacher's logits, and
+# with its hidden layers too through learned projections (16 -> 64 channels, 32 -> 128 units), cosine layer loss.
+FEW = 150
+NARROW = (8, 16, 32)  # conv1, conv2 channels, fc1 units
+NARROW_STUDENT = f"student CNN ({'-'.join(map(str, NARROW))}) on {FEW} samples"
+
+
+def narrow_study_configs() -> dict[str, inc.DistillConfig | None]:
+    """Variant -> its distillation recipe (``None``: the student trained alone)."""
+    return {
+        "alone": None,
+        "distilled": inc.DistillConfig(temperature=4.0, loss_weights=(0.5, 0.5)),
+        "distilled + hidden layers (projected)": inc.DistillConfig(
+            temperature=4.0, loss_weights=(0.5, 0.5, 1.0), layer_mappings=(("conv2", "conv2"), ("fc1", "fc1")),
+            layer_projection="linear", layer_loss="cosine",
+        ),
+    }
+
 
 def distill_rows(results: dict[str, list[float]], student: str = "student MLP (64-24-10)") -> list[dict[str, Any]]:
     """One row per variant ("alone", "distilled", ...): mean, spread and per-seed accuracy of ``student``."""

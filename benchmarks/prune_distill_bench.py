@@ -41,12 +41,11 @@ import inc_core as inc
 import inc_torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _compress_report import distill_markdown, distill_rows  # noqa: E402
+from _compress_report import FEW, NARROW, NARROW_STUDENT, distill_markdown, distill_rows, narrow_study_configs  # noqa: E402
 from _machine import cpu_flags, cpu_name, timing_lock  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 50
-FEW = 150  # training samples of the narrow student (the teacher learns from all of them)
 
 
 # --- data and models -----------------------------------------------------------------------------
@@ -60,14 +59,15 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 class CNN(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128)) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        c1, c2, hidden = widths
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         self.pool = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(64 * 2 * 2, 128)
-        self.fc2 = nn.Linear(128, 10)
+        self.fc1 = nn.Linear(c2 * 2 * 2, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(torch.relu(self.bn1(self.conv1(x))))
@@ -77,19 +77,6 @@ class CNN(nn.Module):
 
 def student_net() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
-
-
-class NarrowCNN(CNN):
-    """The teacher's layout at a quarter of its widths (conv 8/16 channels, fc1 32 units): 1/14 of its weights."""
-
-    def __init__(self) -> None:
-        nn.Module.__init__(self)
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(16 * 2 * 2, 32)
-        self.fc2 = nn.Linear(32, 10)
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, data: tuple, epochs: int, *, seed: int, loss_fn: Any = None) -> nn.Module:
@@ -324,28 +311,18 @@ def distillation(rows: list[dict[str, Any]], seeds: int) -> None:
             fit(student, optimizer, data, 15, seed=seed, loss_fn=kd)
             results[variant].append(accuracy(student, data))
     rows.extend(distill_rows(results))
-    # A student of the teacher's layout at a quarter of its widths, trained on 150 of the training samples (where a
-    # teacher trained on all of them has most to give), also taught by the teacher's hidden layers through learned
-    # projections (16 -> 64 conv channels, 32 -> 128 units: DistillConfig.layer_projection), cosine layer loss.
     few = (data[0][:FEW], data[1][:FEW], data[2], data[3])
-    hinted = inc.DistillConfig(
-        temperature=4.0, loss_weights=(0.5, 0.5, 1.0), layer_mappings=(("conv2", "conv2"), ("fc1", "fc1")),
-        layer_projection="linear", layer_loss="cosine",
-    )
-    narrow: dict[str, list[float]] = {"alone": [], "distilled": [], "distilled + hidden layers (projected)": []}
+    configs = narrow_study_configs()
+    narrow: dict[str, list[float]] = {variant: [] for variant in configs}
     for seed in range(seeds):
-        for variant in narrow:
+        for variant, config in configs.items():
             torch.manual_seed(100 + seed)
-            student = NarrowCNN()
-            kd = None
-            if variant == "distilled":
-                kd = inc_torch.DistillationLoss(teacher, inc.DistillConfig(temperature=4.0, loss_weights=(0.5, 0.5)))
-            elif variant != "alone":
-                kd = inc_torch.DistillationLoss(teacher, hinted, student=student)
+            student = CNN(NARROW)
+            kd = None if config is None else inc_torch.DistillationLoss(teacher, config, student=student)
             params = [*student.parameters(), *(kd.parameters() if kd is not None else ())]
             fit(student, torch.optim.Adam(params, lr=3e-3), few, 40, seed=seed, loss_fn=kd)
             narrow[variant].append(accuracy(student, few))
-    rows.extend(distill_rows(narrow, student=f"student CNN (8-16-32) on {FEW} samples"))
+    rows.extend(distill_rows(narrow, student=NARROW_STUDENT))
 
 
 # --- report --------------------------------------------------------------------------------------

@@ -33,12 +33,11 @@ import inc_core as inc  # noqa: E402
 import inc_tf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _compress_report import distill_markdown, distill_rows  # noqa: E402
+from _compress_report import FEW, NARROW, NARROW_STUDENT, distill_markdown, distill_rows, narrow_study_configs  # noqa: E402
 from _machine import cpu_flags, cpu_name, timing_lock  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 50
-FEW = 150  # training samples of the narrow student (the teacher learns from all of them), as in prune_distill_bench
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
@@ -148,25 +147,21 @@ def distillation(rows: list[dict[str, Any]], seeds: int) -> None:
         distiller.fit(data[0], data[1], batch_size=BATCH, epochs=15, verbose=0)
         results["distilled"].append(accuracy(student, data))
     rows.extend(distill_rows(results))
-    # The teacher's layout at a quarter of its widths on 150 samples: alone, with the teacher's logits, and with its
-    # hidden layers too through learned projections (16 -> 64 channels, 32 -> 128 units), cosine layer loss.
     few = (data[0][:FEW], data[1][:FEW], data[2], data[3])
-    hinted = inc.DistillConfig(
-        temperature=4.0, loss_weights=(0.5, 0.5, 1.0), layer_mappings=(("conv2", "conv2"), ("fc1", "fc1")),
-        layer_projection="linear", layer_loss="cosine",
-    )
-    narrow: dict[str, list[float]] = {"alone": [], "distilled": [], "distilled + hidden layers (projected)": []}
+    configs = narrow_study_configs()
+    narrow: dict[str, list[float]] = {variant: [] for variant in configs}
     for seed in range(seeds):
-        narrow["alone"].append(accuracy(fit(cnn(100 + seed, (8, 16, 32)), 3e-3, few, 40, seed=seed), few))
-        for variant, config in (("distilled", inc.DistillConfig(temperature=4.0, loss_weights=(0.5, 0.5))),
-                                ("distilled + hidden layers (projected)", hinted)):
-            student = cnn(100 + seed, (8, 16, 32))
+        for variant, config in configs.items():
+            if config is None:
+                narrow[variant].append(accuracy(fit(cnn(100 + seed, NARROW), 3e-3, few, 40, seed=seed), few))
+                continue
+            student = cnn(100 + seed, NARROW)
             distiller = inc_tf.Distiller(student, teacher, config)
             distiller.compile(optimizer=keras.optimizers.Adam(3e-3))
             keras.utils.set_random_seed(seed)
             distiller.fit(few[0], few[1], batch_size=BATCH, epochs=40, verbose=0)
             narrow[variant].append(accuracy(student, few))
-    rows.extend(distill_rows(narrow, student=f"student CNN (8-16-32) on {FEW} samples"))
+    rows.extend(distill_rows(narrow, student=NARROW_STUDENT))
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:

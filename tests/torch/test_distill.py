@@ -37,6 +37,22 @@ class Fixed(nn.Module):
         return self.logits * self.scale
 
 
+def _train(student: nn.Module, kd: inc_torch.DistillationLoss, optimizer: torch.optim.Optimizer, *, epochs: int) -> list[float]:
+    """A plain loop over the digits training split in batches of 50; the layer loss of each step (if any)."""
+    x, y, _, _ = split()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    layer_losses = []
+    for _ in range(epochs):
+        for start in range(0, len(xt), 50):
+            optimizer.zero_grad()
+            xb = xt[start : start + 50]
+            kd(student(xb), xb, yt[start : start + 50]).backward()
+            optimizer.step()
+            if "layer" in kd.last:
+                layer_losses.append(kd.last["layer"])
+    return layer_losses
+
+
 def test_loss_equals_the_hand_computed_value() -> None:
     rng = np.random.default_rng(0)
     s, t = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32) * 3
@@ -118,15 +134,7 @@ def test_distilled_student_trains_in_a_plain_loop() -> None:
     torch.manual_seed(0)
     student = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     kd = inc_torch.DistillationLoss(teacher, inc.DistillConfig(temperature=4.0, loss_weights=(0.5, 0.5)))
-    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
-    x, y, _, _ = split()
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(8):
-        for start in range(0, len(xt), 50):
-            optimizer.zero_grad()
-            xb = xt[start : start + 50]
-            kd(student(xb), xb, yt[start : start + 50]).backward()
-            optimizer.step()
+    _train(student, kd, torch.optim.Adam(student.parameters(), lr=3e-3), epochs=8)
     assert accuracy(student.eval()) >= 0.85
 
 
@@ -243,16 +251,7 @@ def test_a_narrower_student_learns_from_the_teachers_hidden_layers() -> None:
     )
     kd = inc_torch.DistillationLoss(teacher, config, student=student)
     optimizer = torch.optim.Adam([*student.parameters(), *kd.parameters()], lr=5e-3)
-    x, y, _, _ = split()
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    layer_losses = []
-    for _ in range(12):
-        for start in range(0, len(xt), 50):
-            optimizer.zero_grad()
-            xb = xt[start : start + 50]
-            kd(student(xb), xb, yt[start : start + 50]).backward()
-            optimizer.step()
-            layer_losses.append(kd.last["layer"])
+    layer_losses = _train(student, kd, optimizer, epochs=12)
     assert [tuple(p.weight.shape) for p in kd.projections] == [(16, 8), (32, 16)]
     assert np.mean(layer_losses[-5:]) < 0.5 * np.mean(layer_losses[:5]), (layer_losses[:5], layer_losses[-5:])
     assert accuracy(student.eval()) >= 0.8  # 0.849 on the EPYC (hard loss alone: 0.834)

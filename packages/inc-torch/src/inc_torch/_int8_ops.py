@@ -216,15 +216,9 @@ def _script_graph_ops(graph: Any) -> collections.Counter[str]:
 
     Calls into submodules are not followed: their quantized modules are counted by type above.
     """
+    from inc_torch.ptq._ipex_ops import dequantized  # through IPEX 2.8's aliases after each dequantize
+
     counts: collections.Counter[str] = collections.Counter()
-
-    def dequantized(value: Any) -> bool:
-        # IPEX 2.8's traced graphs put an aten::alias between each dequantize and the op reading it.
-        node = value.node()
-        while node.kind() == "aten::alias":
-            node = node.input().node()
-        return bool(node.kind() == "aten::dequantize")
-
     for node in _script_nodes(graph):
         namespace, _, op = node.kind().partition("::")
         if namespace == "quantized":

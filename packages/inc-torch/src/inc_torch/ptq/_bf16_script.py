@@ -21,21 +21,28 @@ import torch
 
 from inc_core.errors import UnsupportedModelError
 
-__all__ = ["run_script_ops_in_bf16", "script_bf16_ops"]
+__all__ = ["WEIGHTED_OPS", "module_debug_name", "module_of", "named_module", "run_script_ops_in_bf16", "script_bf16_ops"]
 
 # Traced forms of conv/linear calls; the weight is their second input.
-_WEIGHTED = frozenset({"aten::linear", "aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d"})
+WEIGHTED_OPS = frozenset({"aten::linear", "aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d"})
 _PREFIX = "inc_bf16_input_"
 # torch's ScalarType codes, the form aten::to takes a dtype in.
 _DTYPE_CODES = {torch.bfloat16: 15, torch.float32: 6, torch.float16: 5, torch.float64: 7}
 
 
-def _debug_name(module_path: str) -> str:
+def module_debug_name(module_path: str, prefix: str = _PREFIX) -> str:
+    """A graph value name carrying ``module_path``: it survives freezing and ``torch.jit.save``/``load``."""
     # Module paths hold dots, and a value name ending in ".<digits>" is read back as a uniquing suffix.
-    return _PREFIX + module_path.replace(".", "__")
+    return prefix + module_path.replace(".", "__")
 
 
-def _module_of(value: Any) -> str | None:
+def named_module(value: Any, prefix: str = _PREFIX) -> str | None:
+    """The module path :func:`module_debug_name` put on ``value`` (``None`` for a value it did not name)."""
+    name = re.sub(r"\.\d+$", "", value.debugName())
+    return name[len(prefix):].replace("__", ".") if name.startswith(prefix) else None
+
+
+def module_of(value: Any) -> str | None:
     """The module path a traced value reads its tensor from (``encoder.0.fc`` for ``self.encoder.0.fc.weight``)."""
     parts = []
     node = value.node()
@@ -81,7 +88,7 @@ def _rewrite(graph: Any, node: Any, module_path: str) -> None:
         cast = _cast(graph, value, torch.bfloat16, node)
         node.replaceInput(index, cast.output())
         if index == 0:
-            cast.output().setDebugName(_debug_name(module_path))
+            cast.output().setDebugName(module_debug_name(module_path))
     out = node.output()
     kind = out.type()
     known = isinstance(kind, torch._C.TensorType) and kind.dtype() is not None
@@ -108,9 +115,9 @@ def run_script_ops_in_bf16(traced: torch.jit.ScriptModule, names: tuple[str, ...
     torch._C._jit_pass_inline(graph)  # calls into submodules become their ops, each reading its GetAttr chain
     wanted, found = set(names), set()
     for node in list(graph.nodes()):
-        if node.kind() not in _WEIGHTED:
+        if node.kind() not in WEIGHTED_OPS:
             continue
-        module_path = _module_of(node.inputsAt(1))
+        module_path = module_of(node.inputsAt(1))
         if module_path in wanted:  # every call of a module called more than once
             _rewrite(graph, node, module_path)
             found.add(module_path)
@@ -129,11 +136,5 @@ def script_bf16_ops(model: torch.jit.ScriptModule) -> list[str]:
         graph = model.graph
     except (AttributeError, RuntimeError):
         return []
-    names = []
-    for node in graph.nodes():
-        if node.kind() != "aten::to":
-            continue
-        name = re.sub(r"\.\d+$", "", node.output().debugName())
-        if name.startswith(_PREFIX):
-            names.append(name[len(_PREFIX):].replace("__", "."))
-    return list(dict.fromkeys(names))
+    names = [named_module(node.output()) for node in graph.nodes() if node.kind() == "aten::to"]
+    return list(dict.fromkeys(name for name in names if name is not None))

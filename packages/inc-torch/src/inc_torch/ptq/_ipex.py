@@ -50,11 +50,11 @@ log = logging.getLogger("inc")
 IPEX_INSTALL_HINT = "pip install inc-torch[ipex]"
 
 
-def _warn_left_in_float(config: QuantConfig, ops: Any, int8: list[str]) -> None:
+def _warn_listed_ops_left_float(config: QuantConfig, ops: Any, int8: list[str]) -> None:
     """Name the listed layers IPEX's graph runs in float (e.g. the Linears inside nn.TransformerEncoderLayer,
     which its trace turns into torch's fused encoder op)."""
-    kept = set(config.exclude.select(ops)) | set(config.bf16.select(ops))
-    left = [op.name for op in ops if op.name not in kept and op.name not in set(int8)]
+    kept = set(config.exclude.select(ops)) | set(config.bf16.select(ops)) | set(int8)
+    left = [op.name for op in ops if op.name not in kept]
     if left:
         shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
         log.warning(
@@ -301,7 +301,7 @@ class IpexBackend(TorchBackend):
                 "graph holds no INT8 convolution or linear op. Check inc.describe(model, backend='ipex') and "
                 "exclude=, or use the torch backend (backend=None), whose PT2E and FX paths cover more layers."
             )
-        _warn_left_in_float(config, ops, int8)
+        _warn_listed_ops_left_float(config, ops, int8)
         return frozen
 
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:

@@ -10,16 +10,14 @@ found again), so :func:`script_int8_ops` can list a frozen or reloaded model's I
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
-from inc_torch.ptq._bf16_script import _module_of
+from inc_torch.ptq._bf16_script import WEIGHTED_OPS, module_debug_name, module_of, named_module
 
-__all__ = ["name_int8_ops", "script_int8_ops"]
+__all__ = ["dequantized", "name_int8_ops", "script_int8_ops"]
 
-_WEIGHTED = frozenset({"aten::linear", "aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d"})
 _QUANTIZE = frozenset({"aten::quantize_per_channel", "aten::quantize_per_tensor"})
 _PREFIX = "inc_int8_weight_"
 
@@ -31,7 +29,8 @@ def _skip_aliases(value: Any) -> Any:
     return value
 
 
-def _dequantized(value: Any) -> bool:
+def dequantized(value: Any) -> bool:
+    """Whether ``value`` comes from an ``aten::dequantize`` (through IPEX's aliases)."""
     return bool(_skip_aliases(value).node().kind() == "aten::dequantize")
 
 
@@ -40,14 +39,14 @@ def name_int8_ops(traced: torch.jit.ScriptModule) -> None:
     graph = traced.graph
     torch._C._jit_pass_inline(graph)  # calls into submodules become their ops, each reading its GetAttr chain
     for node in graph.nodes():
-        if node.kind() not in _WEIGHTED or not _dequantized(node.inputsAt(0)):
+        if node.kind() not in WEIGHTED_OPS or not dequantized(node.inputsAt(0)):
             continue  # an FP32 op (excluded, or kept in float by IPEX) reads a float input
         weight = _skip_aliases(node.inputsAt(1))
         if weight.node().kind() != "aten::dequantize" or weight.node().input().node().kind() not in _QUANTIZE:
             continue
-        module_path = _module_of(weight.node().input().node().inputsAt(0))
+        module_path = module_of(weight.node().input().node().inputsAt(0))
         if module_path is not None:
-            weight.setDebugName(_PREFIX + module_path.replace(".", "__"))
+            weight.setDebugName(module_debug_name(module_path, _PREFIX))
 
 
 def script_int8_ops(model: torch.jit.ScriptModule) -> list[str]:
@@ -56,11 +55,9 @@ def script_int8_ops(model: torch.jit.ScriptModule) -> list[str]:
         graph = model.graph
     except (AttributeError, RuntimeError):
         return []
-    names = []
-    for node in graph.nodes():
-        if node.kind() not in _WEIGHTED or len(list(node.inputs())) < 2 or not _dequantized(node.inputsAt(0)):
-            continue
-        name = re.sub(r"\.\d+$", "", _skip_aliases(node.inputsAt(1)).debugName())
-        if name.startswith(_PREFIX):
-            names.append(name[len(_PREFIX):].replace("__", "."))
-    return list(dict.fromkeys(names))
+    names = [
+        named_module(_skip_aliases(node.inputsAt(1)), _PREFIX)
+        for node in graph.nodes()
+        if node.kind() in WEIGHTED_OPS and len(list(node.inputs())) > 1 and dequantized(node.inputsAt(0))
+    ]
+    return list(dict.fromkeys(name for name in names if name is not None))
