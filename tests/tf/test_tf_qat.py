@@ -68,3 +68,38 @@ def test_excluded_layer_trains_and_converts_in_float(digits):
     int8 = inc_tf.convert(qat)
     layers = set(int8.int8_layers())
     assert "fc1" not in layers and {"conv1", "conv2", "logits"} <= layers
+
+
+def _attention_model(digits) -> keras.Model:
+    """Rows of the digit as 8 tokens, one self-attention block: MultiHeadAttention is called as mha(query, value)."""
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((8, 8), name="rows")
+    h = keras.layers.Dense(16, name="embed")(tokens)
+    attended = keras.layers.MultiHeadAttention(2, 8, name="mha")(h, h)
+    h = keras.layers.LayerNormalization(name="norm")(keras.layers.Add(name="residual")([attended, h]))
+    model = keras.Model(tokens, keras.layers.Dense(10, name="logits")(keras.layers.Flatten(name="flat")(h)))
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(digits[0].reshape(-1, 8, 8), digits[2], epochs=4, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "savedmodel"])
+def test_qat_of_a_model_with_attention_keeps_its_trained_weights(digits, fmt):
+    model = _attention_model(digits)
+    x_train, x_test = digits[0].reshape(-1, 8, 8), digits[1].reshape(-1, 8, 8)
+    qat = inc_tf.prepare_qat(model, inc.QATConfig())
+    assert type(qat.get_layer("mha")).__name__ == "MultiHeadAttention"  # trains unwrapped, with its own weights
+    qat.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x_train, digits[2], epochs=2, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
+    q = inc_tf.convert(qat, format=fmt)
+    counts = inc.resolve_backend(q).int8_op_counts(q)
+    # embed, the attention's query/key/value/output projections, logits
+    assert counts.get("FULLY_CONNECTED", counts.get("QuantizedMatMulWithBiasAndDequantize")) == 6, counts
+
+    def agreement(a, b):
+        return float((a.argmax(1) == b.argmax(1)).mean())
+
+    int8 = q(x_test)
+    # the attention weights QAT trained reach the converted model (not the ones it started from)
+    assert agreement(int8, qat.predict(x_test, verbose=0)) > agreement(int8, model.predict(x_test, verbose=0))
+    assert agreement(int8, qat.predict(x_test, verbose=0)) >= 0.97

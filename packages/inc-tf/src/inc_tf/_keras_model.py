@@ -144,6 +144,12 @@ def layer_tokens(index: int) -> str:
     return f"incL{index}x"
 
 
+def layer_index(token: str) -> int | None:
+    """The layer index a :func:`layer_tokens` name stands for; None for any other name."""
+    match = _TOKEN.fullmatch(token)
+    return int(match.group(1)) if match else None
+
+
 def prepare_graph(model: Any) -> KerasGraph:
     """The converter's view of a checked Keras model (see the module docstring)."""
     import keras

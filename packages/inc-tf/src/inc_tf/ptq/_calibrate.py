@@ -69,7 +69,7 @@ def collect(graph: KerasGraph, dataset: Dataset, *, samples: int, model_id: int 
     if first is None:
         raise DatasetError("Dataset: no samples were produced; calibration needs at least one batch.")
     _check_finite_inputs(first, 0)
-    calibrated = calibrated_flatbuffer(graph.model, _converter_samples(first))
+    calibrated = calibrated_flatbuffer(graph.model, _converter_samples(first), layer_names=graph.layer_names)
     names = ranged_tensors(calibrated)
     interp = interpreter(calibrated, threads=None, preserve_all_tensors=True)
     runner = Invoker(interp)

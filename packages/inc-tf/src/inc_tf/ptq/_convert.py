@@ -75,7 +75,73 @@ def _untraceable(model: Any, exc: BaseException) -> UnsupportedModelError:
     )
 
 
-def calibrated_flatbuffer(model: Any, samples: Iterable[list[np.ndarray]]) -> bytes:
+@contextlib.contextmanager
+def _rnns_unrolled(model: Any, layer_names: tuple[str, ...] = ()) -> Iterator[None]:
+    """Every Keras RNN layer of ``model`` unrolled while the converter traces it; restored afterwards.
+
+    Keras 3 runs an RNN as a ``while`` loop over TensorList ops, which the LiteRT converter can only lower with a
+    static batch size (and then cannot quantize). Unrolled over its known number of time steps, the same layer is
+    a chain of MatMuls and gate ops that LiteRT runs in INT8 at any batch size. The weights are the layer's own:
+    only the ``unroll`` flag its ``call`` reads is set, on the user's layers, for the duration of the trace.
+    ``layer_names`` maps the converter copy's ``incL<i>x`` names back to the user's, for errors.
+    """
+    import keras
+
+    rnns = [layer for layer in _sublayers(model) if isinstance(layer, keras.layers.RNN) and not layer.unroll]
+    for layer in rnns:
+        _check_unrollable(model, layer, _user_name(layer.name, layer_names))
+    try:
+        for layer in rnns:
+            layer.unroll = True
+        yield
+    finally:
+        for layer in rnns:
+            layer.unroll = False
+
+
+def _sublayers(model: Any) -> list[Any]:
+    flatten = getattr(model, "_flatten_layers", None)
+    return list(flatten(include_self=False, recursive=True)) if flatten else []
+
+
+def _user_name(name: str, layer_names: tuple[str, ...]) -> str:
+    from inc_tf._keras_model import layer_index
+
+    index = layer_index(name)
+    return layer_names[index] if index is not None and index < len(layer_names) else name
+
+
+def _check_unrollable(model: Any, layer: Any, name: str) -> None:
+    """An RNN unrolls only over a known number of time steps and without state carried between calls."""
+    if getattr(layer, "stateful", False):
+        raise UnsupportedModelError(
+            f"Keras model {getattr(model, 'name', '?')!r}: RNN layer {name!r} is stateful; LiteRT INT8 needs "
+            "its state reset per call. Build the inference model with stateful=False (same weights), or use "
+            "QuantConfig(format='savedmodel')."
+        )
+    steps = _time_steps(layer)
+    if steps is None:
+        raise UnsupportedModelError(
+            f"Keras model {getattr(model, 'name', '?')!r}: RNN layer {name!r} reads sequences of unknown "
+            "length, and LiteRT converts a Keras RNN only unrolled over a fixed number of time steps. Give the "
+            "model's Input a fixed length (keras.Input((steps, features)), padding shorter sequences), or use "
+            "QuantConfig(format='savedmodel'), which runs the RNN in float and its Dense/Conv layers in INT8."
+        )
+
+
+def _time_steps(layer: Any) -> int | None:
+    """The time dimension of ``layer``'s input (time-major layers read it first), None if unknown."""
+    try:
+        shape = layer.input.shape
+    except (AttributeError, ValueError):  # a layer of a subclassed model has no symbolic input
+        shape = getattr(layer, "_build_shapes_dict", {}) or {}
+        shape = next(iter(shape.values()), None)
+    if shape is None or len(shape) < 3:
+        return None
+    return shape[0] if getattr(layer, "time_major", False) else shape[1]
+
+
+def calibrated_flatbuffer(model: Any, samples: Iterable[list[np.ndarray]], *, layer_names: tuple[str, ...] = ()) -> bytes:
     """A float ``.tflite`` whose activations carry calibration min/max fields, ready for :func:`quantize_flatbuffer`.
 
     ``samples`` only has to make the converter create the fields: inc overwrites every range with
@@ -84,33 +150,31 @@ def calibrated_flatbuffer(model: Any, samples: Iterable[list[np.ndarray]]) -> by
     import tensorflow as tf
 
     fixed = list(samples)
-    converter = _converter(model, fixed[0] if fixed else None)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: iter(fixed)
-    converter._experimental_calibrate_only = True  # the documented path of TF's own QuantizationDebugger
-    try:
-        with _quiet():
-            return bytes(converter.convert())
-    except Exception as exc:
-        raise _untraceable(model, exc) from exc
+    with _rnns_unrolled(model, layer_names):
+        converter = _converter(model, fixed[0] if fixed else None)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: iter(fixed)
+        converter._experimental_calibrate_only = True  # the documented path of TF's own QuantizationDebugger
+        return _convert(model, converter)
 
 
-def dynamic_flatbuffer(model: Any) -> bytes:
+def dynamic_flatbuffer(model: Any, *, layer_names: tuple[str, ...] = ()) -> bytes:
     """Dynamic-range quantization: int8 weights, activations quantized at run time by LiteRT's hybrid kernels."""
     import tensorflow as tf
 
-    converter = _converter(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    try:
-        with _quiet():
-            return bytes(converter.convert())
-    except Exception as exc:
-        raise _untraceable(model, exc) from exc
+    with _rnns_unrolled(model, layer_names):
+        converter = _converter(model)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        return _convert(model, converter)
 
 
 def float_flatbuffer(model: Any) -> bytes:
     """The FP32 ``.tflite`` (for comparisons and benchmarks)."""
-    converter = _converter(model)
+    with _rnns_unrolled(model):
+        return _convert(model, _converter(model))
+
+
+def _convert(model: Any, converter: Any) -> bytes:
     try:
         with _quiet():
             return bytes(converter.convert())

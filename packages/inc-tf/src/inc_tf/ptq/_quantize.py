@@ -24,6 +24,11 @@ QUANTIZABLE = (
     "SeparableConv2D",
     "Conv1DTranspose",
     "Conv2DTranspose",
+    # recurrent layers: converted unrolled (ptq/_convert.py), each step's input and recurrent MatMul in int8
+    "LSTM",
+    "GRU",
+    "SimpleRNN",
+    "Bidirectional",
 )
 
 
@@ -99,4 +104,4 @@ def quantize_dynamic(graph: KerasGraph, config: QuantConfig) -> LiteRTModel:
             "QuantConfig: exclude is not supported with approach='dynamic' on the tf backend: the TF converter's "
             "dynamic-range mode quantizes every large weight. Use approach='static' to keep layers in float."
         )
-    return LiteRTModel.with_layers(dynamic_flatbuffer(graph.model), graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)
+    return LiteRTModel.with_layers(dynamic_flatbuffer(graph.model, layer_names=graph.layer_names), graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)

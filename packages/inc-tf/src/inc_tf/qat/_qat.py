@@ -180,6 +180,17 @@ class FakeQuant(keras.layers.Layer):
         return cls(**config)
 
 
+def _takes_several_arguments(layer: keras.layers.Layer) -> bool:
+    """Whether the model calls ``layer`` with more than one tensor argument (a list of tensors counts as one)."""
+    for node in layer._inbound_nodes:
+        arguments = node.arguments
+        tensor_kwargs = [v for v in arguments.kwargs.values() if keras.tree.flatten(v) and all(
+            isinstance(t, keras.KerasTensor) for t in keras.tree.flatten(v))]
+        if len(arguments.args) + len(tensor_kwargs) > 1:
+            return True
+    return False
+
+
 def _wrappers(model: keras.Model) -> list[FakeQuant]:
     return [layer for layer in model.layers if isinstance(layer, FakeQuant)]
 
@@ -218,6 +229,10 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
         if isinstance(layer, keras.layers.InputLayer):
             return layer
         clone = type(layer).from_config(layer.get_config())
+        if _takes_several_arguments(layer):
+            # MultiHeadAttention(query, value) and the like: FakeQuant forwards one input. Left unwrapped, the
+            # layer trains as it is and convert takes its output range from calibration.
+            return clone
         return FakeQuant(
             clone,
             quantize_kernel=layer.name not in excluded,
@@ -236,7 +251,8 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
-        qat.get_layer(layer.name).layer.set_weights(layer.get_weights())
+        copy = qat.get_layer(layer.name)
+        (copy.layer if isinstance(copy, FakeQuant) else copy).set_weights(layer.get_weights())
     qat._inc_qat_config = config
     # convert() rebuilds the user's architecture from this and fills in the trained weights.
     qat._inc_qat_source = model.to_json()
@@ -329,8 +345,10 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
     if source is None:
         raise UnsupportedModelError("convert: this QAT model lost its source architecture; call prepare_qat again.")
     fp32 = keras.models.model_from_json(source)
-    for wrapper in wrappers:
-        fp32.get_layer(wrapper.name).set_weights(wrapper.layer.get_weights())
+    for layer in model.layers:  # the trained weights, of wrapped and unwrapped layers alike
+        if layer.weights and not isinstance(layer, keras.layers.InputLayer):
+            trained = layer.layer if isinstance(layer, FakeQuant) else layer
+            fp32.get_layer(layer.name).set_weights(trained.get_weights())
     graph = prepare_graph(fp32)
     if dataset is None:
         dataset = Dataset(_synthetic_inputs(graph, input_range or (0.0, 1.0)), batch_size=4)
