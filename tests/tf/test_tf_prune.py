@@ -335,3 +335,72 @@ def test_masks_follow_the_steps_in_every_execution_mode(compile_options: dict) -
     assert callback.step == 2 * STEPS_PER_EPOCH  # optimizer steps, also when one execution runs several
     for layer in inc_tf.sparsity_report(model).layers:
         assert layer.sparsity == pytest.approx(0.6, abs=1 / layer.size)
+
+
+# --- recurrent layers ----------------------------------------------------------------------------------
+
+
+def row_lstm() -> keras.Model:
+    """Digits as 8 rows of 8 pixels read by a bidirectional LSTM: its kernels hold most of the weights."""
+    inputs = keras.Input((8, 8, 1))
+    rows = keras.layers.Reshape((8, 8), name="rows")(inputs)
+    h = keras.layers.Bidirectional(keras.layers.LSTM(64, return_sequences=True, name="lstm"), name="rnn")(rows)
+    h = keras.layers.GlobalAveragePooling1D(name="pool")(h)
+    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="row_lstm")
+
+
+@functools.cache
+def _dense_lstm_weights() -> tuple[np.ndarray, ...]:
+    keras.utils.set_random_seed(0)
+    model = row_lstm()
+    fit(model, keras.optimizers.Adam(1e-2), 10, seed=0)
+    return tuple(model.get_weights())
+
+
+def dense_lstm() -> keras.Model:
+    model = row_lstm()
+    model.set_weights(list(_dense_lstm_weights()))
+    return model
+
+
+RECURRENT = [f"{direction}_lstm.{kernel}" for direction in ("forward", "backward") for kernel in ("kernel", "recurrent_kernel")]
+
+
+def test_recurrent_kernels_are_pruned_each_to_the_target_and_stay_zero_in_int8(calib: inc.Dataset) -> None:
+    reference = dense_lstm()
+    fit(reference, make_optimizer("adam"), 5)
+    model = dense_lstm()
+    # half: a recurrent net this small has less slack than wide_mlp
+    config = inc.PruneConfig(target_sparsity=0.5, schedule="iterative", start_step=0, end_step=2 * STEPS_PER_EPOCH, frequency=9)
+    fit(model, make_optimizer("adam"), 5, [inc_tf.PruningCallback(config)])
+    sparse = inc_tf.strip(model)
+    report = {layer.name: (layer.op_type, layer.sparsity, layer.size) for layer in inc_tf.sparsity_report(sparse).layers}
+    assert sorted(report) == sorted([*RECURRENT, "logits"])
+    for name in RECURRENT:
+        op_type, sparsity, size = report[name]
+        assert op_type == "LSTM" and sparsity == pytest.approx(0.5, abs=1 / size), name
+    assert accuracy(sparse) >= accuracy(reference) - 0.02
+    # unrolled for LiteRT, each step's input and recurrent MatMul reads the pruned kernel with its zeros
+    q = inc.quantize(sparse, inc.QuantConfig(), dataset=calib)
+    interp = q.interpreter(threads=1)
+    constants = [
+        interp.get_tensor(d["index"]) for d in interp.get_tensor_details()
+        if np.dtype(d["dtype"]) == np.int8 and tuple(d["shape"]) == (256, 64)  # recurrent kernels, (out, in)
+    ]
+    for direction in ("forward_layer", "backward_layer"):
+        kernel = core_view(keras.ops.convert_to_numpy(getattr(sparse.get_layer("rnn"), direction).cell.recurrent_kernel))
+        assert any(np.all(c[kernel == 0] == 0) and np.mean(c == 0) >= 0.5 for c in constants), direction
+    assert accuracy(sparse) - accuracy(q) <= 0.02
+
+
+def test_recurrent_kernels_take_two_of_four_and_are_excluded_by_type() -> None:
+    model = dense_lstm()
+    callback = inc_tf.PruningCallback(inc.PruneConfig(pattern="2:4", schedule="oneshot", start_step=0))
+    fit(model, make_optimizer("adam"), 1, [callback])
+    for name in RECURRENT:
+        assert np.all(core_view(callback.masks[name]).reshape(-1, 4).sum(axis=1) == 2), name
+    model = dense_lstm()
+    config = inc.PruneConfig(target_sparsity=0.5, schedule="oneshot", exclude=inc.LayerFilter(types=("LSTM",)))
+    callback = inc_tf.PruningCallback(config)
+    fit(model, make_optimizer("adam"), 1, [callback])
+    assert sorted(callback.masks) == ["logits"]

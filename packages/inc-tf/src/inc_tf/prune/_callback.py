@@ -37,6 +37,11 @@ __all__ = ["PruningCallback"]
 log = logging.getLogger("inc")
 
 
+def _variable_name(kernel: str, what: str) -> str:
+    # Keras variable names cannot hold "/" (a kernel found again under another layer is named by its path)
+    return f"{kernel.replace('/', '_')}_{what}"
+
+
 class _KernelState:
     """The mask (and captured gradient) variables of one pruned kernel."""
 
@@ -44,10 +49,10 @@ class _KernelState:
         self.kernel = kernel
         variable = kernel.variable
         self.mask = keras.Variable(
-            np.ones(kernel.shape, dtype=variable.dtype), trainable=False, name=f"{kernel.name}_prune_mask"
+            np.ones(kernel.shape, dtype=variable.dtype), trainable=False, name=_variable_name(kernel.name, "prune_mask")
         )
         self.grad = (
-            keras.Variable(np.zeros(kernel.shape, dtype=variable.dtype), trainable=False, name=f"{kernel.name}_prune_grad")
+            keras.Variable(np.zeros(kernel.shape, dtype=variable.dtype), trainable=False, name=_variable_name(kernel.name, "prune_grad"))
             if needs_grad
             else None
         )
@@ -59,8 +64,9 @@ class PruningCallback(keras.callbacks.Callback):
     Use it as ``model.fit(x, y, epochs=..., callbacks=[inc_tf.PruningCallback(inc.PruneConfig(...))])``
     on a compiled model. Steps of the schedule are optimizer steps (the first one is 0), counted from
     the first ``fit`` the callback joins; reuse the same callback object to continue a schedule over
-    several ``fit`` calls. Pruned layers: Dense, EinsumDense, Conv1D/2D/3D and DepthwiseConv2D kernels
-    (biases are never pruned), picked with ``include_types`` (Keras class names) and ``exclude``
+    several ``fit`` calls. Pruned layers: Dense, EinsumDense, Conv1D/2D/3D and DepthwiseConv2D kernels,
+    and the ``kernel`` and ``recurrent_kernel`` of LSTM, GRU and SimpleRNN layers (``<layer>.kernel``...;
+    biases are never pruned), picked with ``include_types`` (Keras class names) and ``exclude``
     (a ``LayerFilter`` over layer names). The current sparsity of the pruned kernels is added to the
     ``logs`` as ``"sparsity"`` (progress bar and ``History``). Finish with :func:`inc_tf.strip`.
 

@@ -22,7 +22,11 @@ __all__ = ["PRUNABLE_TYPES", "PrunableKernel", "prunable_kernels"]
 
 # Layer types whose kernel pruning understands. Embedding is left out on purpose (its table is not a
 # GEMM operand, as in inc-torch); Conv*Transpose store (in, out) swapped and are not handled yet.
-PRUNABLE_TYPES = ("Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D")
+PRUNABLE_TYPES = ("Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "LSTM", "GRU", "SimpleRNN")
+
+# Recurrent layers keep two (in, gates * units) matrices in their cell: one entry each, named <layer>.<weight>.
+_RECURRENT_TYPES = ("LSTM", "GRU", "SimpleRNN")
+_RECURRENT_KERNELS = ("kernel", "recurrent_kernel")
 
 
 @dataclass(eq=False)
@@ -96,6 +100,21 @@ def _layers(model: keras.Model) -> list[keras.layers.Layer]:
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
+def _recurrent_kernels(layer: keras.layers.Layer, op_type: str, seen: set[str]) -> list[PrunableKernel]:
+    """An LSTM/GRU/SimpleRNN's input and recurrent kernels, each ``(in, gates * units)`` like a Dense kernel."""
+    kernels = []
+    for attribute in _RECURRENT_KERNELS:
+        variable = getattr(layer.cell, attribute, None)
+        if variable is None:
+            continue
+        name = f"{layer.name}.{attribute}"
+        name = name if name not in seen else variable.path
+        seen.add(name)
+        shape = tuple(int(s) for s in variable.shape)
+        kernels.append(PrunableKernel(name, op_type, variable, (1, 0), (shape[1], shape[0])))
+    return kernels
+
+
 def prunable_kernels(model: keras.Model, config: PruneConfig, *, who: str = "PruningCallback") -> list[PrunableKernel]:
     """The kernels ``config`` prunes: those of :data:`PRUNABLE_TYPES`, filtered by ``include_types``/``exclude``.
 
@@ -123,6 +142,10 @@ def prunable_kernels(model: keras.Model, config: PruneConfig, *, who: str = "Pru
     seen: set[str] = set()
     for layer in _layers(model):
         op_type = type(layer).__name__
+        if op_type in _RECURRENT_TYPES:
+            if op_type in wanted:
+                candidates.extend(_recurrent_kernels(layer, op_type, seen))
+            continue
         if op_type not in wanted or getattr(layer, "kernel", None) is None:
             continue
         if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):

@@ -56,8 +56,24 @@ def _is_transposed(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" or isinstance(module, nn.modules.conv._ConvTransposeNd)
 
 
+def _recurrent_weights(name: str, module: nn.RNNBase) -> list[PrunableLayer]:
+    """Each input, recurrent (and projection) matrix of an LSTM/GRU/RNN, per layer and direction.
+
+    They are stored output-first, ``(gates * hidden, in)``, like a Linear's; each is its own entry, named
+    ``<module>.weight_ih_l0``, ``<module>.weight_hh_l0_reverse``..., of the module's type.
+    """
+    op_type = type(module).__name__
+    return [
+        PrunableLayer(f"{name}.{param}", op_type, getattr(module, param), False)
+        for param in module._flat_weights_names
+        if param.startswith("weight_")
+    ]
+
+
 def prunable_layers(model: nn.Module, config: PruneConfig) -> list[PrunableLayer]:
     """The layers ``config`` prunes: modules owning a ``weight`` of rank >= 2, filtered by ``include_types``/``exclude``.
+
+    A recurrent module (LSTM, GRU, RNN) gives one entry per weight matrix (:func:`_recurrent_weights`).
 
     Raises:
         ConfigError: ``include_types`` or ``exclude`` name nothing in the model, or nothing is left to prune
@@ -65,6 +81,10 @@ def prunable_layers(model: nn.Module, config: PruneConfig) -> list[PrunableLayer
     """
     candidates: list[PrunableLayer] = []
     for name, module in model.named_modules():
+        if isinstance(module, nn.RNNBase) and name:
+            if not config.include_types or type(module).__name__ in config.include_types:
+                candidates.extend(_recurrent_weights(name, module))
+            continue
         weight = module._parameters.get("weight")
         if not isinstance(weight, nn.Parameter) or weight.dim() < 2 or not name:
             continue
