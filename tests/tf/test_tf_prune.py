@@ -232,15 +232,16 @@ def test_kernel_layouts_round_trip_to_output_first() -> None:
     inputs = keras.Input((6, 6, 4))
     h = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(inputs)
     h = keras.layers.Conv2D(8, 3, name="conv")(h)
-    h = keras.layers.Reshape((2, 2 * 8))(h)
-    h = keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 3, 4), name="einsum")(h)
-    model = keras.Model(inputs, h)
+    up = keras.layers.Conv2DTranspose(5, 3, name="up")(h)  # kernel (kh, kw, out, in)
+    h = keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 3, 4), name="einsum")(keras.layers.Reshape((2, 2 * 8))(h))
+    model = keras.Model(inputs, [h, up])
     from inc_tf.prune._layers import prunable_kernels
 
     kernels = {k.name: k for k in prunable_kernels(model, inc.PruneConfig())}
     assert kernels["dw"].core_shape == (8, 1, 3, 3)
     assert kernels["conv"].core_shape == (8, 8, 3, 3)
     assert kernels["einsum"].core_shape == (12, 16)
+    assert kernels["up"].core_shape == (5, 8, 3, 3)
     for k in kernels.values():
         w = keras.ops.convert_to_numpy(k.variable)
         np.testing.assert_array_equal(k.from_core(k.to_core(w)), w)
@@ -248,6 +249,8 @@ def test_kernel_layouts_round_trip_to_output_first() -> None:
     np.testing.assert_array_equal(kernels["conv"].to_core(conv), np.transpose(conv, (3, 2, 0, 1)))
     dw = keras.ops.convert_to_numpy(model.get_layer("dw").kernel)  # (kh, kw, in, mult): output channel c*mult+m
     np.testing.assert_array_equal(kernels["dw"].to_core(dw)[5, 0], dw[:, :, 2, 1])
+    up = keras.ops.convert_to_numpy(model.get_layer("up").kernel)
+    np.testing.assert_array_equal(kernels["up"].to_core(up), np.transpose(up, (2, 3, 0, 1)))
 
 
 # --- bad input -------------------------------------------------------------------------------------
@@ -404,3 +407,22 @@ def test_recurrent_kernels_take_two_of_four_and_are_excluded_by_type() -> None:
     callback = inc_tf.PruningCallback(config)
     fit(model, make_optimizer("adam"), 1, [callback])
     assert sorted(callback.masks) == ["logits"]
+
+
+def test_channel_pattern_on_a_transposed_conv_zeroes_whole_output_channels() -> None:
+    """Conv2DTranspose stores (kh, kw, out, in): a pruned channel is one slice along axis 2, not axis 3."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="down"),
+        keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same", name="up"),
+        keras.layers.Conv2D(1, 1, name="out"),
+    ])
+    x = models.digits()[0]
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    config = inc.PruneConfig(pattern="channel", target_sparsity=0.5, schedule="oneshot", include_types=("Conv2DTranspose",))
+    model.fit(x, x, batch_size=BATCH, epochs=1, verbose=0, callbacks=[inc_tf.PruningCallback(config)])
+    kernel = keras.ops.convert_to_numpy(model.get_layer("up").kernel)
+    zero_channels = np.all(kernel == 0, axis=(0, 1, 3))
+    assert zero_channels.sum() == 4
+    assert np.all(np.any(kernel[:, :, ~zero_channels, :] != 0, axis=(0, 1, 3)))

@@ -21,8 +21,11 @@ from inc_core.sparsity import select_layers
 __all__ = ["PRUNABLE_TYPES", "PrunableKernel", "prunable_kernels"]
 
 # Layer types whose kernel pruning understands. Embedding is left out on purpose (its table is not a
-# GEMM operand, as in inc-torch); Conv*Transpose store (in, out) swapped and are not handled yet.
-PRUNABLE_TYPES = ("Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "LSTM", "GRU", "SimpleRNN")
+# GEMM operand, as in inc-torch).
+PRUNABLE_TYPES = (
+    "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D",
+    "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "LSTM", "GRU", "SimpleRNN",
+)
 
 # Recurrent layers keep two (in, gates * units) matrices in their cell: one entry each, named <layer>.<weight>.
 _RECURRENT_TYPES = ("LSTM", "GRU", "SimpleRNN")
@@ -91,6 +94,9 @@ def _layout(layer: keras.layers.Layer, op_type: str, shape: tuple[int, ...]) -> 
         # each seeing one input channel (the layout of torch's depthwise Conv2d weight).
         kh, kw, channels, mult = shape
         return (2, 3, 0, 1), (channels * mult, 1, kh, kw)
+    if op_type.endswith("Transpose"):  # ConvNDTranspose: (*kernel, out, in) -> (out, in, *kernel)
+        perm = (rank - 2, rank - 1, *range(rank - 2))
+        return perm, tuple(shape[axis] for axis in perm)
     # ConvND: (*kernel, in, out) -> (out, in, *kernel)
     perm = (rank - 1, rank - 2, *range(rank - 2))
     return perm, tuple(shape[axis] for axis in perm)
