@@ -24,6 +24,8 @@ The classification is structural, from the graph alone:
   through reshapes): a 0/1 padding mask multiplying the hidden states (DeBERTa-v2's embeddings, mean
   pooling) keeps them finite and within their own range, so the product is signal again. (Left masked, it
   kept DeBERTa-v2's whole encoder out of INT8.) The Mul itself stays in float;
+- a small finite fill shaped at run time (``ConstantOfShape``, a scalar ``Expand``-ed: an RNN's zero initial
+  state) is neither signal nor mask: a node reading it with signal computes signal;
 - a node of another domain (ai.onnx.ml, com.microsoft) is never quantized, but passes signal (or masked
   values) on to its float outputs; an ai.onnx.ml node's float outputs are signal even when it reads only
   strings or integers (a OneHotEncoder of a categorical column).
@@ -47,6 +49,8 @@ MASK_MAGNITUDE = 1e4
 _BOUNDED_OUTPUT = frozenset({"Softmax"})
 # Ops that move an integer-valued tensor's values without changing them.
 _SHAPE_ONLY = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Expand", "Transpose", "Identity", "Flatten"})
+# Ops whose first input's values reach the output unchanged (a subset of them, or repeated).
+_MOVES_VALUES = _SHAPE_ONLY | {"Slice", "Split", "Gather", "Tile"}
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
 
 
@@ -86,8 +90,15 @@ def analyse_masks(model: onnx.ModelProto) -> MaskAnalysis:
     masked: set[str] = set()
     float_only: set[str] = set()
     integer_valued: set[str] = set()  # float tensors holding a cast of integer/boolean values
+    fills = {name for name, init in constants.items() if _is_fill(init)}  # small finite constants (see below)
+    fills.update(name for name, node in constant_nodes.items() if _is_fill(_attribute_tensor(node)))
     for node in graph.node:
         if node.op_type == "Constant":
+            continue
+        if _fills_a_shape(node, fills):
+            # A finite fill shaped at run time (an RNN's zero initial state: ConstantOfShape, or a scalar
+            # Expanded to the batch) holds no mask value; reading it is not reading a mask.
+            fills.update(name for name in node.output if name and is_float(name))
             continue
         float_inputs = [name for name in node.input if name and is_float(name)]
         float_outputs = [name for name in node.output if name and is_float(name)]
@@ -117,7 +128,9 @@ def analyse_masks(model: onnx.ModelProto) -> MaskAnalysis:
             continue
         # A float activation that is not signal and not a constant: mask arithmetic.
         reads_mask = any(
-            name in masked or name in mask_values or (name not in signal and name not in constants and name not in constant_nodes)
+            name in masked
+            or name in mask_values
+            or (name not in signal and name not in constants and name not in constant_nodes and name not in fills)
             for name in float_inputs
         )
         writes_mask = any(name not in signal for name in float_outputs)
@@ -126,6 +139,30 @@ def analyse_masks(model: onnx.ModelProto) -> MaskAnalysis:
             if node.op_type not in _BOUNDED_OUTPUT or not any(name in signal for name in float_inputs):
                 masked.update(float_outputs)
     return MaskAnalysis(signal=frozenset(signal), float_only=frozenset(float_only), masked=frozenset(masked))
+
+
+def _attribute_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    return next((a.t for a in node.attribute if a.name == "value"), None)
+
+
+def _is_fill(tensor: onnx.TensorProto | None) -> bool:
+    """A float scalar (or one-element) constant that is finite and below :data:`MASK_MAGNITUDE`."""
+    if tensor is None or tensor.data_type not in _FLOAT_TYPES or int(np.prod(tensor.dims)) > 1:
+        return False
+    value = numpy_helper.to_array(tensor)
+    return bool(np.all(np.isfinite(value)) and np.all(np.abs(value) < MASK_MAGNITUDE))
+
+
+def _fills_a_shape(node: onnx.NodeProto, fills: set[str]) -> bool:
+    """ConstantOfShape of a small finite value (0 when unset), or a reshape/slice/concat of such fills."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "ConstantOfShape":
+        value = _attribute_tensor(node)
+        return value is None or _is_fill(value)
+    if node.op_type == "Concat":
+        return bool(node.input) and all(name in fills for name in node.input if name)
+    return node.op_type in _MOVES_VALUES and bool(node.input) and node.input[0] in fills
 
 
 def _classify_constant(name: str, tensor: onnx.TensorProto, signal: set[str], mask_values: set[str]) -> None:
