@@ -70,6 +70,13 @@ class MxnetBackend(Backend):
         # A Gluon block cannot become a SymbolBlock in place: inplace=True also returns a new block.
         return quantize_prepared(self._prepare(model), config, calibration)
 
+    def check_quantized_runs(self, model: Any, quantized: Any, dataset: Dataset) -> None:
+        """Run the dynamic INT8 block on the dataset's first batch (see :meth:`Backend.check_quantized_runs`)."""
+        from inc_mxnet._quantize import check_runs
+
+        batch = next(dataset.inputs(limit=1))  # Dataset.inputs raises DatasetError itself when it holds none
+        check_runs(quantized, self._prepare(model), batch, "the first batch of the dataset")
+
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
         prepared = self._prepare(model)
         if config.approach == "static" and calibration is None:

@@ -34,6 +34,9 @@ def symbol_block(
     aux_names = set(aux) or set(symbol.list_auxiliary_states())
     saved = {("aux:" if k in aux_names else "arg:") + k: v for k, v in params.items()}
     block.collect_params().load_dict(saved, ctx=mx.cpu(), ignore_extra=True, cast_dtype=True, dtype_source="saved")
+    # For inference only: with gradients requested, MXNet refuses to build a graph holding an op without
+    # one (a quantized LSTM: "_contrib_quantized_rnn is non-differentiable") at the block's first call.
+    block.collect_params().setattr("grad_req", "null")
     return block
 
 

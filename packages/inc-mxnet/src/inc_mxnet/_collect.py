@@ -41,6 +41,7 @@ class MxnetCalibration:
     observers: dict[str, HistogramObserver] = field(repr=False)
     samples: int
     batches: int
+    probe: Any = field(default=None, repr=False)  # the first batch, on which the quantized block is run once
 
     def range(self, tensor: str, method: str, *, percentile: float, dtype: str, scheme: str) -> tuple[float, float]:
         """The (lo, hi) a calibration method picks for ``tensor`` (the observer memoizes each answer)."""
@@ -78,10 +79,12 @@ def collect(prepared: Prepared, dataset: Dataset, *, samples: int) -> MxnetCalib
     block = symbol_block(mx.sym.Group([internals[n] for n in tensors]), prepared.inputs, prepared.params)
     observers: dict[str, HistogramObserver] = {}
     seen = batches = 0
+    probe = None
     bar = _progress(samples)
     try:
         for index, batch in enumerate(dataset.inputs(limit=samples)):
             arrays = to_ndarrays(batch, prepared.inputs, where=f"calibration batch {index}")
+            probe = batch if probe is None else probe
             try:
                 outputs = _run(block, arrays)
             except mx.base.MXNetError as exc:  # shape/type inference failures surface on asnumpy()
@@ -105,7 +108,7 @@ def collect(prepared: Prepared, dataset: Dataset, *, samples: int) -> MxnetCalib
         if bar is not None:
             bar.close()
     log.info("calibration: %d samples in %d batches, %d tensors observed", seen, batches, len(observers))
-    return MxnetCalibration(digest=prepared.digest, observers=observers, samples=seen, batches=batches)
+    return MxnetCalibration(digest=prepared.digest, observers=observers, samples=seen, batches=batches, probe=probe)
 
 
 def _progress(total: int) -> Any:

@@ -66,6 +66,7 @@ class Prepared:
     aux_params: dict[str, mx.nd.NDArray] = field(repr=False)
     layers: tuple[Layer, ...]
     digest: str
+    float_only: tuple[str, ...] = ()
 
     @property
     def params(self) -> dict[str, mx.nd.NDArray]:
@@ -156,12 +157,23 @@ def _copied_params(block: gluon.HybridBlock, symbol: mx.sym.Symbol) -> tuple[dic
     return args, aux
 
 
-def _layers(symbol: mx.sym.Symbol, fused: mx.sym.Symbol, params: set[str]) -> tuple[Layer, ...]:
+def float_only_nodes(fused: mx.sym.Symbol) -> tuple[str, ...]:
+    """Nodes MXNet's pass would quantize but a Gluon block cannot run in INT8: the recurrent (RNN) layers.
+
+    MXNet 1.9's pass marks every RNN node, but has a quantized kernel for LSTM only (GRU and vanilla RNN
+    fail in the pass: ``Quantized RNN only supports LSTM mode``), and that kernel registers no gradient,
+    which Gluon's CachedOp builds for every block: a SymbolBlock holding it fails at its first call
+    (``_contrib_quantized_rnn is non-differentiable``). These layers stay FP32 whatever the config says.
+    """
+    return tuple(n["name"] for n in json.loads(fused.tojson())["nodes"] if n["op"] == "RNN")
+
+
+def _layers(symbol: mx.sym.Symbol, fused: mx.sym.Symbol, params: set[str], float_only: tuple[str, ...]) -> tuple[Layer, ...]:
     """The layers MXNet's quantization pass would quantize, named as in the block's own symbol."""
     op_types = {n["name"]: n["op"] for n in json.loads(symbol.tojson())["nodes"] if n["op"] != "null"}
     # The pass run on the symbol alone (no parameter is touched) says which fused nodes it quantizes.
     qsym, _ = mxq._quantize_symbol(
-        fused, mx.cpu(), excluded_symbols=[], excluded_operators=[], offline_params=list(params),
+        fused, mx.cpu(), excluded_symbols=list(float_only), excluded_operators=[], offline_params=list(params),
         quantized_dtype="auto", quantize_mode="full",
     )
     quantized = {n["name"][len("quantized_"):] for n in json.loads(qsym.tojson())["nodes"] if n["name"].startswith("quantized_")}
@@ -209,13 +221,14 @@ def prepare(model: Any) -> Prepared:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fused = symbol.get_backend_symbol(FUSION_BACKEND)
-        layers = _layers(symbol, fused, set(args))
+        float_only = float_only_nodes(fused)
+        layers = _layers(symbol, fused, set(args), float_only)
     except mx.base.MXNetError as exc:
         raise UnsupportedModelError(
             f"MXNet's oneDNN fusion or quantization pass could not read the graph of {type(block).__qualname__}: "
             f"{_line(exc)}. The block's ops must be ones MXNet 1.9's CPU backend knows."
         ) from exc
-    return Prepared(symbol, fused, names, args, aux, layers, _digest(symbol, {**args, **aux}))
+    return Prepared(symbol, fused, names, args, aux, layers, _digest(symbol, {**args, **aux}), float_only)
 
 
 def _line(exc: BaseException) -> str:

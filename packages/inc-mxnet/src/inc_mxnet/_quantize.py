@@ -111,6 +111,7 @@ def quantize_prepared(prepared: Prepared, config: QuantConfig, calibration: Mxne
     dtype = mxnet_dtype(config)
     # Name the fused node and every op it runs: MXNet's pass matches either.
     excluded_names = sorted({n for layer in prepared.layers if layer.name in excluded for n in (layer.node, *layer.fused)})
+    excluded_names += prepared.float_only
     static = config.approach == "static"
     granularity = "channel-wise" if config.granularity == "per_channel" else "tensor-wise"
     if not static and granularity == "channel-wise":
@@ -140,8 +141,31 @@ def quantize_prepared(prepared: Prepared, config: QuantConfig, calibration: Mxne
             f"{granularity} weights): {text}. Keep the layer it names in FP32 with exclude=inc.LayerFilter(names=...) "
             "(layer names: inc.describe(model)), or try another activation_dtype/scheme or granularity."
         ) from exc
+    if static and calibration.probe is not None:
+        check_runs(block, prepared, calibration.probe, "the first calibration batch")
     log.info("quantized %d of %d layers (%s activations)", len(space.ops) - len(excluded), len(space.ops), dtype)
     return block
+
+
+def check_runs(block: Any, prepared: Prepared, batch: Any, what: str) -> None:
+    """Run the INT8 ``block`` once on ``batch``, as the user will, before it is returned.
+
+    Raises:
+        UnsupportedModelError: MXNet cannot build or run the quantized graph.
+    """
+    from inc_mxnet._blocks import to_ndarrays
+
+    arrays = to_ndarrays(batch, prepared.inputs, where=what)
+    try:
+        outputs = block(*arrays)
+        for output in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+            output.wait_to_read()  # MXNet runs asynchronously: errors surface when a result is read
+    except mx.base.MXNetError as exc:
+        text = next((ln for ln in str(exc).splitlines() if ln.startswith("MXNetError")), str(exc).splitlines()[0])
+        raise UnsupportedModelError(
+            f"The INT8 block MXNet's pass built does not run on {what}: {text[:300]}. Keep the layer it names in "
+            "FP32 with exclude=inc.LayerFilter(names=...) (layer names: inc.describe(model))."
+        ) from exc
 
 
 def _build(
