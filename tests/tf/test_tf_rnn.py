@@ -122,3 +122,74 @@ def test_a_stateful_rnn_is_refused() -> None:
     model = _recurrent("lstm", stateful=True)
     with pytest.raises(UnsupportedModelError, match=r"RNN layer 'rnn' is stateful.*stateful=False"):
         inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+
+
+# --- masked sequences ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _pixel_tokens() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each digit pooled to 4x4 and read as 16 tokens (its rounded intensity, 0..16); 0 is padding to the LSTM."""
+    x_train, x_test, y_train, y_test = models.digits()
+
+    def tokens(x: np.ndarray) -> np.ndarray:
+        pooled = x.reshape(-1, 4, 2, 4, 2).mean(axis=(2, 4))
+        return np.rint(pooled * 16).astype(np.int32).reshape(-1, 16)
+
+    return tokens(x_train), tokens(x_test), y_train, y_test
+
+
+@functools.cache
+def _masked_lstm() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((16,), dtype="int32", name="ids")
+    h = keras.layers.Embedding(17, 16, mask_zero=True, name="embed")(ids)
+    h = keras.layers.LSTM(32, name="rnn")(h)
+    model = keras.Model(ids, keras.layers.Dense(10, name="logits")(h), name="masked_lstm")
+    x_train, _, y_train, _ = _pixel_tokens()
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_train, y_train, epochs=8, batch_size=32, verbose=0)
+    return model
+
+
+def test_a_masked_lstm_runs_in_int8_and_keeps_its_predictions() -> None:
+    """The initial state, and its product with the recurrent kernel, are zero on every calibration sample."""
+    model = _masked_lstm()
+    x_train, x_test, _, _ = _pixel_tokens()
+    q = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(x_train[:128], batch_size=32))
+    assert inc.resolve_backend(q).int8_op_counts(q).get("FULLY_CONNECTED") == 2 * 16 + 1
+    fp32, int8 = model.predict(x_test, verbose=0), q(x_test)
+    assert float(np.mean(fp32.argmax(1) == int8.argmax(1))) >= 0.97
+
+
+def test_a_litert_model_that_does_not_run_is_an_error_not_a_result(monkeypatch) -> None:
+    """The check behind the test above: with empty ranges written as they are (what inc did before), XNNPACK
+    refuses the model at its first run; quantize says so instead of returning it."""
+    import inc_tf._flatbuffer as flatbuffer
+
+    written = flatbuffer.with_ranges
+
+    def empty_ranges_kept(content: bytes, ranges: dict) -> bytes:
+        model = flatbuffer._model(written(content, ranges))
+        for index, (low, high) in ranges.items():
+            if max(high, 0.0) - min(low, 0.0) <= 0.0:
+                model.subgraphs[0].tensors[index].quantization.max = np.array([0.0], dtype=np.float32)
+        from tensorflow.lite.tools import flatbuffer_utils
+
+        return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+    monkeypatch.setattr(flatbuffer, "with_ranges", empty_ranges_kept)
+    x_train = _pixel_tokens()[0]
+    with pytest.raises(UnsupportedModelError, match=r"LiteRT INT8 model does not run on the first calibration batch.*XNNPACK"):
+        inc.quantize(_masked_lstm(), inc.QuantConfig(), dataset=inc.Dataset(x_train[:128], batch_size=32))
+
+
+def test_dynamic_quantize_runs_the_model_on_the_data_it_is_given() -> None:
+    from inc_core.errors import DatasetError
+
+    model = _trained("lstm")
+    x_test = _rows()[1]
+    q = inc.quantize(model, inc.QuantConfig(approach="dynamic"), dataset=inc.Dataset(x_test[:32]))
+    assert q(x_test[:4]).shape == (4, 10)
+    with pytest.raises(DatasetError, match=r"first batch.*shape"):  # rows of 4 steps: not what the model reads
+        inc.quantize(model, inc.QuantConfig(approach="dynamic"), dataset=inc.Dataset(x_test[:32, :4]))

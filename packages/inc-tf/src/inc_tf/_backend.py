@@ -159,6 +159,16 @@ class TfBackend(Backend):
             )
         return quantize_static(graph, config, calibration)
 
+    def check_quantized_runs(self, model: Any, quantized: Any, dataset: Dataset) -> None:
+        """Run a dynamic-range LiteRT model on the dataset's first batch (see :meth:`Backend.check_quantized_runs`)."""
+        from inc_tf._keras_model import as_input_list
+        from inc_tf._litert import check_runs
+
+        if not isinstance(quantized, LiteRTModel):
+            return
+        batch = next(dataset.inputs(limit=1))  # Dataset.inputs raises DatasetError itself when it holds none
+        check_runs(quantized, as_input_list(batch, self._graph(model), where="the first batch"), "the first batch of the dataset")
+
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
         from inc_tf.ptq._op_errors import layer_output_errors, unit_output_errors
 

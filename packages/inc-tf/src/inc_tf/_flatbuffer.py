@@ -94,10 +94,19 @@ def with_ranges(content: bytes, ranges: Mapping[int, tuple[float, float]]) -> by
 
     model = _model(content)
     tensors = model.subgraphs[0].tensors
+    spans = [max(high, 0.0) - min(low, 0.0) for low, high in ranges.values()]
+    typical = float(np.median([s for s in spans if s > 0])) if any(s > 0 for s in spans) else 1.0
     for index, (low, high) in ranges.items():
+        low, high = min(float(low), 0.0), max(float(high), 0.0)
+        if high - low <= 0.0:
+            # Zero throughout calibration (an RNN's initial state, its product with the recurrent kernel): any
+            # scale holds 0 exactly, but the quantizer turns an empty range into a scale near 1e-8, and XNNPACK
+            # refuses to add or multiply tensors whose scales differ that much (the model fails at its first run).
+            # The model's typical activation range keeps them within its limits.
+            high = typical
         quant = tensors[index].quantization
-        quant.min = np.array([min(float(low), 0.0)], dtype=np.float32)
-        quant.max = np.array([max(float(high), 0.0)], dtype=np.float32)
+        quant.min = np.array([low], dtype=np.float32)
+        quant.max = np.array([high], dtype=np.float32)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from inc_core.errors import DatasetError, ModelLoadError
+from inc_core.errors import DatasetError, ModelLoadError, UnsupportedModelError
 
 __all__ = ["METADATA_KEY", "Invoker", "LiteRTModel", "interpreter"]
 
@@ -201,6 +201,24 @@ class LiteRTModel:
         from inc_tf._flatbuffer import op_records
 
         return [record.op for record in op_records(self.content)]
+
+
+def check_runs(model: LiteRTModel, batch: list[np.ndarray], what: str) -> None:
+    """Run ``model`` once on ``batch`` (inputs in model order), as the user will, before it is returned.
+
+    Raises:
+        UnsupportedModelError: LiteRT refuses to prepare or run the INT8 model (a delegate rejecting a kernel).
+    """
+    try:
+        model(batch)
+    except DatasetError:
+        raise
+    except (RuntimeError, ValueError) as exc:
+        raise UnsupportedModelError(
+            f"The LiteRT INT8 model does not run on {what}: {_line(exc)}. Keep the layers around the failing "
+            "op in float with QuantConfig(exclude=inc.LayerFilter(names=(...))), or use "
+            "QuantConfig(format='savedmodel')."
+        ) from exc
 
 
 def _line(exc: BaseException) -> str:

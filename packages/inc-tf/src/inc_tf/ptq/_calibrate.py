@@ -45,6 +45,7 @@ class TfCalibration:
     records: list[OpRecord] = field(repr=False)
     samples: int
     model_id: int = 0
+    probe: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def range(self, tensor: int, method: str, *, percentile: float, dtype: str, scheme: str) -> tuple[float, float]:
         low, high = self.observers[tensor].range(method, percentile=percentile, dtype=dtype, scheme=scheme)
@@ -104,7 +105,7 @@ def collect(graph: KerasGraph, dataset: Dataset, *, samples: int, model_id: int 
         if bar is not None:
             bar.close()
     log.info("calibration: %d samples, %d activations observed", seen, len(observers))
-    return TfCalibration(calibrated, observers, names, records, seen, model_id)
+    return TfCalibration(calibrated, observers, names, records, seen, model_id, probe=first)
 
 
 def _chain(first: list[np.ndarray], rest: Any) -> Any:

@@ -7,7 +7,7 @@ from inc_core.backend import Op, TuningSpace
 from inc_core.errors import ConfigError
 from inc_tf._flatbuffer import OpRecord
 from inc_tf._keras_model import KerasGraph
-from inc_tf._litert import LiteRTModel
+from inc_tf._litert import LiteRTModel, check_runs
 from inc_tf.ptq._calibrate import TfCalibration
 from inc_tf.ptq._convert import dynamic_flatbuffer, quantize_flatbuffer
 
@@ -95,7 +95,9 @@ def quantize_static(graph: KerasGraph, config: QuantConfig, calibration: TfCalib
         per_channel=config.granularity == "per_channel",
         denylisted_nodes=denylist,
     )
-    return LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)
+    quantized = LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)
+    check_runs(quantized, calibration.probe, "the first calibration batch")
+    return quantized
 
 
 def quantize_dynamic(graph: KerasGraph, config: QuantConfig) -> LiteRTModel:

@@ -325,7 +325,7 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
     from inc_core import Dataset
     from inc_tf._flatbuffer import with_ranges
     from inc_tf._keras_model import prepare_graph
-    from inc_tf._litert import LiteRTModel
+    from inc_tf._litert import LiteRTModel, check_runs
     from inc_tf.ptq._calibrate import collect
     from inc_tf.ptq._convert import quantize_flatbuffer
     from inc_tf.ptq._quantize import describe_graph, layer_of_op, layers_of_op
@@ -377,7 +377,9 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         per_channel=config.granularity == "per_channel",
         denylisted_nodes=excluded_nodes,
     )
-    return LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)
+    quantized = LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)
+    check_runs(quantized, calibration.probe, "the first batch of the conversion data")
+    return quantized
 
 
 def _convert_savedmodel(
