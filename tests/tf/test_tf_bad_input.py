@@ -139,3 +139,13 @@ def test_dynamic_with_exclude_is_explained():
     config = inc.QuantConfig(approach="dynamic", exclude=inc.LayerFilter(names=("fc1",)))
     with pytest.raises(ConfigError, match="static"):
         inc.quantize(models.cnn(), config)
+
+
+def test_dynamic_quantization_of_a_model_without_a_large_weight_says_nothing_would_change():
+    """The TF converter's dynamic-range mode leaves weights under 1024 values in float: such a model came back
+    unchanged, with no INT8 op and no word."""
+    inputs = keras.Input((8, 8))
+    h = keras.layers.Flatten()(keras.layers.Conv1D(8, 3, name="conv")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(h))
+    with pytest.raises(UnsupportedModelError, match=r"Nothing to quantize.*at least 1024 values.*'logits'\) holds 480.*approach='static'"):
+        inc.quantize(model, inc.QuantConfig(approach="dynamic"))

@@ -233,8 +233,12 @@ def test_kernel_layouts_round_trip_to_output_first() -> None:
     h = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(inputs)
     h = keras.layers.Conv2D(8, 3, name="conv")(h)
     up = keras.layers.Conv2DTranspose(5, 3, name="up")(h)  # kernel (kh, kw, out, in)
+    seq = keras.layers.Reshape((36, 4))(inputs)
+    seq = keras.layers.DepthwiseConv1D(3, depth_multiplier=2, name="dw1d")(seq)  # (k, in, mult)
+    seq = keras.layers.SeparableConv1D(6, 3, name="sep")(seq)  # depthwise (k, in, 1) + pointwise (1, in, out)
+    frames = keras.layers.ConvLSTM1D(4, 3, name="convlstm")(keras.layers.Reshape((8, 4, 6))(seq))  # cell kernels (k, in, 4 * units)
     h = keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 3, 4), name="einsum")(keras.layers.Reshape((2, 2 * 8))(h))
-    model = keras.Model(inputs, [h, up])
+    model = keras.Model(inputs, [h, up, frames])
     from inc_tf.prune._layers import prunable_kernels
 
     kernels = {k.name: k for k in prunable_kernels(model, inc.PruneConfig())}
@@ -242,6 +246,9 @@ def test_kernel_layouts_round_trip_to_output_first() -> None:
     assert kernels["conv"].core_shape == (8, 8, 3, 3)
     assert kernels["einsum"].core_shape == (12, 16)
     assert kernels["up"].core_shape == (5, 8, 3, 3)
+    assert kernels["dw1d"].core_shape == (8, 1, 3)
+    assert (kernels["sep.depthwise_kernel"].core_shape, kernels["sep.pointwise_kernel"].core_shape) == ((8, 1, 3), (6, 8, 1))
+    assert (kernels["convlstm.kernel"].core_shape, kernels["convlstm.recurrent_kernel"].core_shape) == ((16, 6, 3), (16, 4, 3))
     for k in kernels.values():
         w = keras.ops.convert_to_numpy(k.variable)
         np.testing.assert_array_equal(k.from_core(k.to_core(w)), w)

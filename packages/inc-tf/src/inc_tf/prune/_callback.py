@@ -64,9 +64,10 @@ class PruningCallback(keras.callbacks.Callback):
     Use it as ``model.fit(x, y, epochs=..., callbacks=[inc_tf.PruningCallback(inc.PruneConfig(...))])``
     on a compiled model. Steps of the schedule are optimizer steps (the first one is 0), counted from
     the first ``fit`` the callback joins; reuse the same callback object to continue a schedule over
-    several ``fit`` calls. Pruned layers: Dense, EinsumDense, Conv1D/2D/3D(Transpose) and DepthwiseConv2D kernels,
-    and the ``kernel`` and ``recurrent_kernel`` of LSTM, GRU and SimpleRNN layers (``<layer>.kernel``...;
-    biases are never pruned), picked with ``include_types`` (Keras class names) and ``exclude``
+    several ``fit`` calls. Pruned layers: Dense, EinsumDense, Conv1D/2D/3D(Transpose) and DepthwiseConv1D/2D
+    kernels; each kernel of SeparableConv1D/2D (``<layer>.depthwise_kernel``, ``<layer>.pointwise_kernel``) and
+    of LSTM, GRU, SimpleRNN and ConvLSTM1D/2D/3D layers (``<layer>.kernel``, ``<layer>.recurrent_kernel``);
+    biases are never pruned; picked with ``include_types`` (Keras class names) and ``exclude``
     (a ``LayerFilter`` over layer names). The current sparsity of the pruned kernels is added to the
     ``logs`` as ``"sparsity"`` (progress bar and ``History``). Finish with :func:`inc_tf.strip`.
 

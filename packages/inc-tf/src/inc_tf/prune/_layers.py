@@ -23,13 +23,18 @@ __all__ = ["PRUNABLE_TYPES", "PrunableKernel", "prunable_kernels"]
 # Layer types whose kernel pruning understands. Embedding is left out on purpose (its table is not a
 # GEMM operand, as in inc-torch).
 PRUNABLE_TYPES = (
-    "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D",
-    "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "LSTM", "GRU", "SimpleRNN",
+    "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv2D",
+    "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "SeparableConv1D", "SeparableConv2D",
+    "LSTM", "GRU", "SimpleRNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D",
 )
 
-# Recurrent layers keep two (in, gates * units) matrices in their cell: one entry each, named <layer>.<weight>.
-_RECURRENT_TYPES = ("LSTM", "GRU", "SimpleRNN")
-_RECURRENT_KERNELS = ("kernel", "recurrent_kernel")
+# Layers holding more than one kernel: one entry each, named <layer>.<weight>, with the layout it is stored in.
+# Recurrent cells keep (in, gates * units) matrices ("Dense" layout); ConvLSTM cells conv kernels.
+_SEVERAL_KERNELS: dict[str, tuple[tuple[str, str], ...]] = {
+    **dict.fromkeys(("LSTM", "GRU", "SimpleRNN"), (("cell.kernel", "Dense"), ("cell.recurrent_kernel", "Dense"))),
+    **dict.fromkeys(("ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D"), (("cell.kernel", "Conv"), ("cell.recurrent_kernel", "Conv"))),
+    **dict.fromkeys(("SeparableConv1D", "SeparableConv2D"), (("depthwise_kernel", "Depthwise"), ("pointwise_kernel", "Conv"))),
+}
 
 
 @dataclass(eq=False)
@@ -89,11 +94,11 @@ def _layout(layer: keras.layers.Layer, op_type: str, shape: tuple[int, ...]) -> 
         return (1, 0), (shape[1], shape[0])
     if op_type == "EinsumDense":
         return _einsum_layout(layer, shape)
-    if op_type == "DepthwiseConv2D":
-        # (kh, kw, in, mult) -> (in, mult, kh, kw) -> (in*mult, 1, kh, kw): output channel c*mult+m, as Keras orders them,
-        # each seeing one input channel (the layout of torch's depthwise Conv2d weight).
-        kh, kw, channels, mult = shape
-        return (2, 3, 0, 1), (channels * mult, 1, kh, kw)
+    if op_type.startswith("Depthwise"):
+        # (*k, in, mult) -> (in, mult, *k) -> (in*mult, 1, *k): output channel c*mult+m, as Keras orders them,
+        # each seeing one input channel (the layout of torch's depthwise ConvNd weight).
+        *kernel, channels, mult = shape
+        return (rank - 2, rank - 1, *range(rank - 2)), (channels * mult, 1, *kernel)
     if op_type.endswith("Transpose"):  # ConvNDTranspose: (*kernel, out, in) -> (out, in, *kernel)
         perm = (rank - 2, rank - 1, *range(rank - 2))
         return perm, tuple(shape[axis] for axis in perm)
@@ -106,18 +111,19 @@ def _layers(model: keras.Model) -> list[keras.layers.Layer]:
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
-def _recurrent_kernels(layer: keras.layers.Layer, op_type: str, seen: set[str]) -> list[PrunableKernel]:
-    """An LSTM/GRU/SimpleRNN's input and recurrent kernels, each ``(in, gates * units)`` like a Dense kernel."""
+def _several_kernels(layer: keras.layers.Layer, op_type: str, seen: set[str]) -> list[PrunableKernel]:
+    """Each kernel of a layer listed in :data:`_SEVERAL_KERNELS` (an RNN's input and recurrent kernels...)."""
     kernels = []
-    for attribute in _RECURRENT_KERNELS:
-        variable = getattr(layer.cell, attribute, None)
+    for path, layout in _SEVERAL_KERNELS[op_type]:
+        owner, _, attribute = path.rpartition(".")
+        variable = getattr(getattr(layer, owner) if owner else layer, attribute, None)
         if variable is None:
             continue
         name = f"{layer.name}.{attribute}"
         name = name if name not in seen else variable.path
         seen.add(name)
-        shape = tuple(int(s) for s in variable.shape)
-        kernels.append(PrunableKernel(name, op_type, variable, (1, 0), (shape[1], shape[0])))
+        perm, core_shape = _layout(layer, layout, tuple(int(s) for s in variable.shape))
+        kernels.append(PrunableKernel(name, op_type, variable, perm, core_shape))
     return kernels
 
 
@@ -148,9 +154,9 @@ def prunable_kernels(model: keras.Model, config: PruneConfig, *, who: str = "Pru
     seen: set[str] = set()
     for layer in _layers(model):
         op_type = type(layer).__name__
-        if op_type in _RECURRENT_TYPES:
+        if op_type in _SEVERAL_KERNELS:
             if op_type in wanted:
-                candidates.extend(_recurrent_kernels(layer, op_type, seen))
+                candidates.extend(_several_kernels(layer, op_type, seen))
             continue
         if op_type not in wanted or getattr(layer, "kernel", None) is None:
             continue

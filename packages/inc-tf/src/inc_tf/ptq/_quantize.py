@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from inc_core import QuantConfig
 from inc_core.backend import Op, TuningSpace
-from inc_core.errors import ConfigError
+from inc_core.errors import ConfigError, UnsupportedModelError
 from inc_tf._flatbuffer import OpRecord
 from inc_tf._keras_model import KerasGraph
 from inc_tf._litert import LiteRTModel, check_runs
@@ -24,12 +24,24 @@ QUANTIZABLE = (
     "SeparableConv2D",
     "Conv1DTranspose",
     "Conv2DTranspose",
+    "Conv3DTranspose",
+    "SeparableConv1D",
+    "DepthwiseConv1D",
+    "TimeDistributed",
+    "MultiHeadAttention",
+    "GroupedQueryAttention",
     # recurrent layers: converted unrolled (ptq/_convert.py), each step's input and recurrent MatMul in int8
     "LSTM",
     "GRU",
     "SimpleRNN",
     "Bidirectional",
+    "ConvLSTM1D",
+    "ConvLSTM2D",
+    "ConvLSTM3D",
 )
+
+#: Layers without weights whose products LiteRT runs in int8 (query x key, scores x value): listed in static mode.
+ACTIVATION_PRODUCTS = ("Attention", "AdditiveAttention")
 
 
 #: the TF converter's dynamic-range mode leaves weights with fewer elements than this in float
@@ -41,7 +53,7 @@ def describe_graph(graph: KerasGraph, approach: str = "static") -> TuningSpace:
     ops = tuple(
         Op(name, op_type)
         for name, op_type, size in zip(graph.layer_names, graph.layer_types, graph.weight_sizes)
-        if op_type in QUANTIZABLE and size >= minimum
+        if (op_type in QUANTIZABLE and size >= minimum) or (op_type in ACTIVATION_PRODUCTS and approach == "static")
     )
     # The LiteRT quantizer takes per-channel/per-tensor and the activation dtype for the whole model only,
     # so per-layer tuning covers the range choice: calibration method and scheme.
@@ -105,5 +117,16 @@ def quantize_dynamic(graph: KerasGraph, config: QuantConfig) -> LiteRTModel:
         raise ConfigError(
             "QuantConfig: exclude is not supported with approach='dynamic' on the tf backend: the TF converter's "
             "dynamic-range mode quantizes every large weight. Use approach='static' to keep layers in float."
+        )
+    if not describe_graph(graph, "dynamic").ops:
+        largest = max(range(len(graph.layer_names)), key=lambda i: graph.weight_sizes[i], default=None)
+        held = (
+            f"its largest weight ({graph.layer_names[largest]!r}) holds {graph.weight_sizes[largest]}"
+            if largest is not None and graph.weight_sizes[largest] else "it holds no weight matrix"
+        )
+        raise UnsupportedModelError(
+            f"Nothing to quantize: the TF converter's dynamic-range mode makes int8 only the weights of "
+            f"{'/'.join(QUANTIZABLE[:4])}... layers with at least {DYNAMIC_MIN_ELEMENTS} values, and {held}. "
+            "Use approach='static' (calibration data), which quantizes every layer inc.describe lists."
         )
     return LiteRTModel.with_layers(dynamic_flatbuffer(graph.model, layer_names=graph.layer_names), graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)

@@ -206,7 +206,7 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
         ConfigError: ``config`` is not a QATConfig, or an exclude name matches no layer.
     """
     from inc_tf._keras_model import check_keras_model
-    from inc_tf.ptq._quantize import QUANTIZABLE
+    from inc_tf.ptq._quantize import ACTIVATION_PRODUCTS, QUANTIZABLE
 
     config = config or QATConfig()
     if not isinstance(config, QATConfig):
@@ -214,7 +214,8 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
     model = check_keras_model(model)
     from inc_core.backend import Op
 
-    ops = [Op(layer.name, type(layer).__name__) for layer in model.layers if type(layer).__name__ in QUANTIZABLE]
+    listed = (*QUANTIZABLE, *ACTIVATION_PRODUCTS)
+    ops = [Op(layer.name, type(layer).__name__) for layer in model.layers if type(layer).__name__ in listed]
     excluded = set(config.exclude.select(ops)) if config.exclude else set()
     per_channel = config.granularity == "per_channel"
     symmetric = config.scheme == "sym"
@@ -223,7 +224,13 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
     input_ids = {id(t) for t in model.inputs if "float" in str(getattr(t, "dtype", "float32"))}
 
     def reads_model_input(layer: keras.layers.Layer) -> bool:
-        return any(id(t) in input_ids for node in layer._inbound_nodes for t in node.input_tensors)
+        # One tensor argument only: a layer fed a list ([query, value] to Attention, [x, skip] to Add) passes it
+        # on as it is, and the converter takes the input's range from calibration instead.
+        return any(
+            id(t) in input_ids and len(node.arguments.keras_tensors) == 1
+            for node in layer._inbound_nodes
+            for t in node.input_tensors
+        )
 
     def wrap(layer: keras.layers.Layer) -> keras.layers.Layer:
         if isinstance(layer, keras.layers.InputLayer):
@@ -357,11 +364,24 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         return _convert_savedmodel(graph, dataset, config, learned, input_ranges)
     calibration = collect(graph, dataset, samples=64)
     producer = {out: record for record in calibration.records for out in record.outputs}
+    owners = {out: layer_of_op(graph, record) for record in calibration.records for out in record.outputs}
+    readers: dict[int, set[int | None]] = {}
+    for record in calibration.records:
+        for tensor in record.inputs:
+            readers.setdefault(tensor, set()).add(layer_of_op(graph, record))
+
+    def leaves_its_layer(tensor: int, owner: int) -> bool:
+        # A learned range is that of the layer's output. The ops inside a layer that LiteRT runs as several
+        # (SeparableConv's depthwise step, GroupNormalization's statistics, TimeDistributed's reshapes) keep
+        # the calibrated ranges of their own tensors.
+        found = readers.get(tensor, set())
+        return not found or any(reader != owner for reader in found)
+
     ranges = {}
     for tensor in calibration.observers:
         record = producer.get(tensor)
-        owner = layer_of_op(graph, record) if record is not None else None
-        found = learned.get(graph.layer_names[owner]) if owner is not None else None
+        owner = owners.get(tensor)
+        found = learned.get(graph.layer_names[owner]) if owner is not None and leaves_its_layer(tensor, owner) else None
         if record is None:  # no producer: a model input, named "serving_default_<input name>:0" by the converter
             found = _input_range_of(calibration.names.get(tensor, ""), input_ranges) or found
         ranges[tensor] = found or calibration.range(tensor, "minmax", percentile=100.0, dtype="uint8", scheme=config.scheme)
