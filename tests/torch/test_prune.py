@@ -446,3 +446,21 @@ def test_recurrent_weights_take_two_of_four_and_are_excluded_by_type() -> None:
     sparse = inc_torch.convert(model)
     sparsity = {layer.name: layer.sparsity for layer in inc_torch.sparsity_report(sparse).layers}
     assert sparsity == {**dict.fromkeys(RECURRENT, 0.0), "head": pytest.approx(0.5, abs=1 / 1280)}
+
+
+def test_attention_projections_are_pruned_with_the_rest_of_a_transformer_layer() -> None:
+    """nn.MultiheadAttention keeps its query/key/value projections in ``in_proj_weight``, not in a ``weight``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True), nn.Flatten(), nn.Linear(128, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    inc_torch.prepare(model, inc.PruneConfig(pattern="2:4", schedule="oneshot"), optimizer=optimizer)
+    x = torch.randn(4, 8, 16)
+    model(x).sum().backward()
+    optimizer.step()
+    sparse = inc_torch.convert(model).eval()
+    names = [(layer.name, layer.op_type) for layer in inc_torch.sparsity_report(sparse).layers]
+    assert ("0.self_attn.in_proj_weight", "MultiheadAttention") in names and len(names) == 5  # + out_proj, linear1/2, head
+    groups = sparse[0].self_attn.in_proj_weight.detach().reshape(-1, 4)
+    assert torch.all((groups != 0).sum(dim=1) <= 2)
+    with torch.no_grad():
+        assert torch.isfinite(sparse(x)).all()

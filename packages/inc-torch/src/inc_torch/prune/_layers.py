@@ -56,24 +56,27 @@ def _is_transposed(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" or isinstance(module, nn.modules.conv._ConvTransposeNd)
 
 
-def _recurrent_weights(name: str, module: nn.RNNBase) -> list[PrunableLayer]:
-    """Each input, recurrent (and projection) matrix of an LSTM/GRU/RNN, per layer and direction.
+def _matrices(name: str, module: nn.Module) -> list[PrunableLayer]:
+    """The weight matrices of a module that holds several and no ``weight``: each its own entry, of the module's type.
 
-    They are stored output-first, ``(gates * hidden, in)``, like a Linear's; each is its own entry, named
-    ``<module>.weight_ih_l0``, ``<module>.weight_hh_l0_reverse``..., of the module's type.
+    An LSTM/GRU/RNN's input, recurrent (and projection) matrices, per layer and direction
+    (``<module>.weight_ih_l0``, ``<module>.weight_hh_l0_reverse``...), and a MultiheadAttention's packed query/key/
+    value projection (``<module>.in_proj_weight``, or ``q_proj_weight``... when key and value widths differ; its
+    ``out_proj`` is a Linear of its own). All are stored output-first, like a Linear's weight.
     """
     op_type = type(module).__name__
     return [
-        PrunableLayer(f"{name}.{param}", op_type, getattr(module, param), False)
-        for param in module._flat_weights_names
-        if param.startswith("weight_")
+        PrunableLayer(f"{name}.{param}", op_type, weight, False)
+        for param, weight in module.named_parameters(recurse=False)
+        if param.endswith("weight") or param.startswith("weight_")
+        if weight.dim() == 2
     ]
 
 
 def prunable_layers(model: nn.Module, config: PruneConfig) -> list[PrunableLayer]:
     """The layers ``config`` prunes: modules owning a ``weight`` of rank >= 2, filtered by ``include_types``/``exclude``.
 
-    A recurrent module (LSTM, GRU, RNN) gives one entry per weight matrix (:func:`_recurrent_weights`).
+    A recurrent module (LSTM, GRU, RNN) or a MultiheadAttention gives one entry per weight matrix (:func:`_matrices`).
 
     Raises:
         ConfigError: ``include_types`` or ``exclude`` name nothing in the model, or nothing is left to prune
@@ -81,9 +84,9 @@ def prunable_layers(model: nn.Module, config: PruneConfig) -> list[PrunableLayer
     """
     candidates: list[PrunableLayer] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.RNNBase) and name:
+        if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)) and name:
             if not config.include_types or type(module).__name__ in config.include_types:
-                candidates.extend(_recurrent_weights(name, module))
+                candidates.extend(_matrices(name, module))
             continue
         weight = module._parameters.get("weight")
         if not isinstance(weight, nn.Parameter) or weight.dim() < 2 or not name:
