@@ -82,7 +82,8 @@ def _rnns_unrolled(model: Any, layer_names: tuple[str, ...] = ()) -> Iterator[No
     Keras 3 runs an RNN as a ``while`` loop over TensorList ops, which the LiteRT converter can only lower with a
     static batch size (and then cannot quantize). Unrolled over its known number of time steps, the same layer is
     a chain of MatMuls and gate ops that LiteRT runs in INT8 at any batch size. The weights are the layer's own:
-    only the ``unroll`` flag its ``call`` reads is set, on the user's layers, for the duration of the trace.
+    only the ``unroll`` flag its ``call`` reads is set, for the duration of the trace, on the layers of the model
+    the converter reads (inc's renamed copy of a functional model; a subclassed model's own layers).
     ``layer_names`` maps the converter copy's ``incL<i>x`` names back to the user's, for errors.
     """
     import keras
