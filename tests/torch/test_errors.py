@@ -198,3 +198,25 @@ def test_a_returned_model_that_does_not_run_is_an_error_naming_the_op(monkeypatc
     with pytest.raises(UnsupportedModelError, match=r"does not run on the first calibration batch at op 'conv2'.*no kernel"):
         inc.quantize(trained_cnn(), inc.QuantConfig(format="fx"), dataset=calib_data(8))
 
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fmt", "approach"),
+    [(torch.float16, "pt2e", "static"), (torch.float16, "fx", "static"), (torch.float16, "pt2e", "dynamic"),
+     (torch.bfloat16, "fx", "static"), (torch.bfloat16, "pt2e", "dynamic")],
+)
+def test_a_half_precision_model_is_refused_with_the_fp32_way(dtype: torch.dtype, fmt: str, approach: str) -> None:
+    """These paths failed deep in inductor or torch.ao ("expects a Float Tensor, got Half") and pointed at an op."""
+    model = trained_cnn().to(dtype)
+    before = state(model)
+    config = inc.QuantConfig(format=fmt, approach=approach)
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(UnsupportedModelError, match=rf"holds {name} parameters.*starts from the FP32 model\. Pass model\.float\(\)"):
+        inc.quantize(model, config, dataset=calib_data(32, 16))
+    assert same_state(state(model), before) and model.conv1.weight.dtype == dtype
+
+
+def test_a_bfloat16_model_quantizes_on_pt2e() -> None:
+    model = trained_cnn().to(torch.bfloat16)
+    q = inc.quantize(model, inc.QuantConfig(), dataset=calib_data(32, 16))
+    assert inc.resolve_backend(q).int8_op_counts(q).get("conv2d", 0) >= 1

@@ -51,6 +51,24 @@ def _check_model(model: Any) -> nn.Module:
     return model
 
 
+def _check_precision(model: nn.Module, fmt: str, approach: str) -> None:
+    """INT8 quantization starts from FP32 weights: a half-precision model fails deep in torch.ao or inductor.
+
+    PT2E static quantizes a bfloat16 model (its observers and inductor's lowering take it); every other path
+    needs the FP32 model.
+    """
+    dtype = float_dtype(model)
+    if dtype not in (torch.float16, torch.bfloat16) or (dtype == torch.bfloat16 and fmt == "pt2e" and approach == "static"):
+        return
+    name = str(dtype).replace("torch.", "")
+    path = "dynamic INT8 quantization" if approach == "dynamic" else f"static INT8 quantization with format={fmt!r}"
+    raise UnsupportedModelError(
+        f"{type(model).__name__} holds {name} parameters; {path} starts from "
+        f"the FP32 model. Pass model.float() (the INT8 model then takes float32 inputs); to keep layers that stay "
+        "out of INT8 in BF16, use QuantConfig(bf16=inc.LayerFilter(...)) or TuningConfig(fallback_precision='bf16')."
+    )
+
+
 def make_runner(model: Any, inputs: Any, threads: int | None) -> Callable[[], Any]:
     """One-inference callable: inputs converted once, autograd off, ``threads`` in effect during each call.
 
@@ -167,6 +185,7 @@ class TorchBackend(Backend):
     def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
         model = _check_model(model)
         fmt = self.check_format(config.format)
+        _check_precision(model, fmt, config.approach)
         with framework_errors("Listing the quantizable ops", fmt, model):
             return tuning_space(model, config, fmt)
 
@@ -184,6 +203,7 @@ class TorchBackend(Backend):
     def quantize(self, model: Any, config: QuantConfig, *, calibration: Any | None, inplace: bool = False) -> nn.Module:
         model = _check_model(model)
         self.check_bf16(config)  # also when called without inc.quantize
+        _check_precision(model, self.check_format(config.format), config.approach)
         fmt, ops = self._ops(model, config)
         with framework_errors(_step(fmt, config), "dynamic" if config.approach == "dynamic" else fmt, model, frozenset(op.name for op in ops)):
             return self._quantize(model, config, fmt, ops, calibration, inplace)
