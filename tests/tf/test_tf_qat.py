@@ -103,3 +103,25 @@ def test_qat_of_a_model_with_attention_keeps_its_trained_weights(digits, fmt):
     # the attention weights QAT trained reach the converted model (not the ones it started from)
     assert agreement(int8, qat.predict(x_test, verbose=0)) > agreement(int8, model.predict(x_test, verbose=0))
     assert agreement(int8, qat.predict(x_test, verbose=0)) >= 0.97
+
+
+def test_qat_of_a_mixed_precision_model_trains_in_float32_and_converts(digits):
+    """Fake quant of a bfloat16 activation met a float32 range ("Input 'y' of 'AddV2' Op has type bfloat16")."""
+    x_train, x_test, y_train, y_test = digits
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 1))
+        h = keras.layers.Flatten()(keras.layers.Conv2D(16, 3, activation="relu", name="conv")(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(10, dtype="float32", name="logits")(h))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_train, y_train, epochs=3, verbose=0)
+    qat = inc_tf.prepare_qat(model, inc.QATConfig())
+    assert qat.get_layer("conv").layer.dtype_policy.name == "float32"
+    qat.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x_train, y_train, epochs=1, verbose=0, callbacks=[inc_tf.QATCallback()])
+    q = inc_tf.convert(qat)
+    assert inc.resolve_backend(q).int8_op_counts(q).get("CONV_2D") == 1
+    assert models.accuracy(q, x_test, y_test) >= models.accuracy(qat, x_test, y_test) - 0.02

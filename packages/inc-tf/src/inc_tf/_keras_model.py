@@ -150,6 +150,19 @@ def layer_index(token: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def full_precision_config(layer: Any) -> dict[str, Any]:
+    """``layer``'s config, computing in its variables' dtype where a mixed-precision policy has it compute in 16 bits.
+
+    mixed_float16/mixed_bfloat16 layers keep float32 variables; INT8 quantization (and QAT's fake quant, and the
+    LiteRT converter, which cannot take 16-bit convolutions) starts from the float32 computation.
+    """
+    config = layer.get_config()
+    policy = getattr(layer, "dtype_policy", None)
+    if policy is not None and policy.compute_dtype != policy.variable_dtype:
+        config["dtype"] = policy.variable_dtype
+    return config
+
+
 def prepare_graph(model: Any) -> KerasGraph:
     """The converter's view of a checked Keras model (see the module docstring)."""
     import keras
@@ -170,7 +183,7 @@ def prepare_graph(model: Any) -> KerasGraph:
     index = {id(layer): i for i, layer in enumerate(layers)}
 
     def rename(layer: Any) -> Any:
-        config = layer.get_config()
+        config = full_precision_config(layer)
         config["name"] = layer_tokens(index[id(layer)])
         return type(layer).from_config(config)
 

@@ -205,7 +205,7 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
         UnsupportedModelError: the model is not a functional or Sequential Keras model.
         ConfigError: ``config`` is not a QATConfig, or an exclude name matches no layer.
     """
-    from inc_tf._keras_model import check_keras_model
+    from inc_tf._keras_model import check_keras_model, full_precision_config
     from inc_tf.ptq._quantize import ACTIVATION_PRODUCTS, QUANTIZABLE
 
     config = config or QATConfig()
@@ -235,7 +235,7 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
     def wrap(layer: keras.layers.Layer) -> keras.layers.Layer:
         if isinstance(layer, keras.layers.InputLayer):
             return layer
-        clone = type(layer).from_config(layer.get_config())
+        clone = type(layer).from_config(full_precision_config(layer))
         if _takes_several_arguments(layer):
             # MultiHeadAttention(query, value) and the like: FakeQuant forwards one input. Left unwrapped, the
             # layer trains as it is and convert takes its output range from calibration.
