@@ -53,17 +53,22 @@ def accuracy(model: keras.Model) -> float:
 
 
 @functools.cache
-def _dense_weights() -> tuple[np.ndarray, ...]:
+def _trained_weights(build, learning_rate: float, epochs: int) -> tuple[np.ndarray, ...]:  # noqa: ANN001
     keras.utils.set_random_seed(0)
-    model = wide_mlp()
-    fit(model, keras.optimizers.Adam(2e-3), 12, seed=0)
+    model = build()
+    fit(model, keras.optimizers.Adam(learning_rate), epochs, seed=0)
     return tuple(model.get_weights())
 
 
-def dense() -> keras.Model:
-    model = wide_mlp()
-    model.set_weights(list(_dense_weights()))
+def trained(build, learning_rate: float, epochs: int) -> keras.Model:  # noqa: ANN001
+    """A fresh ``build()`` holding the weights of one training run, trained once per process."""
+    model = build()
+    model.set_weights(list(_trained_weights(build, learning_rate, epochs)))
     return model
+
+
+def dense() -> keras.Model:
+    return trained(wide_mlp, 2e-3, 12)
 
 
 @functools.cache
@@ -359,18 +364,8 @@ def row_lstm() -> keras.Model:
     return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="row_lstm")
 
 
-@functools.cache
-def _dense_lstm_weights() -> tuple[np.ndarray, ...]:
-    keras.utils.set_random_seed(0)
-    model = row_lstm()
-    fit(model, keras.optimizers.Adam(1e-2), 10, seed=0)
-    return tuple(model.get_weights())
-
-
 def dense_lstm() -> keras.Model:
-    model = row_lstm()
-    model.set_weights(list(_dense_lstm_weights()))
-    return model
+    return trained(row_lstm, 1e-2, 10)
 
 
 RECURRENT = [f"{direction}_lstm.{kernel}" for direction in ("forward", "backward") for kernel in ("kernel", "recurrent_kernel")]

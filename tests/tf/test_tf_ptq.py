@@ -101,17 +101,8 @@ def test_cli_quantizes_a_keras_file(tmp_path, capsys):
 def test_a_mixed_precision_model_quantizes_every_layer(policy, digits):
     """Layers computing in 16 bits did not convert to LiteRT ("Could not translate MLIR to FlatBuffer"), and the
     SavedModel target left them out of INT8. inc converts the float32 the variables are kept in."""
-    x_train, x_test, y_train, _ = digits
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        keras.utils.set_random_seed(0)
-        inputs = keras.Input((8, 8, 1))
-        h = keras.layers.Flatten()(keras.layers.Conv2D(16, 3, activation="relu", name="conv")(inputs))
-        model = keras.Model(inputs, keras.layers.Dense(10, dtype="float32", name="logits")(h))
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x_train, y_train, epochs=3, verbose=0)
+    x_train, x_test, _, _ = digits
+    model = models.build_mixed_precision_cnn(policy)
     reference = model.predict(x_test, verbose=0).argmax(1)
     calib = inc.Dataset(x_train[:64], batch_size=32)
     for config, kernels in [(inc.QuantConfig(), {"CONV_2D": 1, "FULLY_CONNECTED": 1}),

@@ -108,16 +108,7 @@ def test_qat_of_a_model_with_attention_keeps_its_trained_weights(digits, fmt):
 def test_qat_of_a_mixed_precision_model_trains_in_float32_and_converts(digits):
     """Fake quant of a bfloat16 activation met a float32 range ("Input 'y' of 'AddV2' Op has type bfloat16")."""
     x_train, x_test, y_train, y_test = digits
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        keras.utils.set_random_seed(0)
-        inputs = keras.Input((8, 8, 1))
-        h = keras.layers.Flatten()(keras.layers.Conv2D(16, 3, activation="relu", name="conv")(inputs))
-        model = keras.Model(inputs, keras.layers.Dense(10, dtype="float32", name="logits")(h))
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x_train, y_train, epochs=3, verbose=0)
+    model = models.build_mixed_precision_cnn("mixed_bfloat16")
     qat = inc_tf.prepare_qat(model, inc.QATConfig())
     assert qat.get_layer("conv").layer.dtype_policy.name == "float32"
     qat.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))

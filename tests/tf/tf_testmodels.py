@@ -61,6 +61,20 @@ def build_mlp() -> keras.Model:
     )
 
 
+def build_mixed_precision_cnn(policy: str) -> keras.Model:
+    """conv -> dense digits model built under a mixed-precision ``policy`` (its logits layer in float32, as Keras
+    advises); the global policy is set back to float32 afterwards."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 1))
+        h = keras.layers.Flatten()(keras.layers.Conv2D(16, 3, activation="relu", name="conv")(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(10, dtype="float32", name="logits")(h))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return _compile_and_fit(model, epochs=3)
+
+
 @functools.cache
 def cnn() -> keras.Model:
     """A functional conv net (conv+BN+ReLU, conv, pool, two dense layers), ~98% test accuracy."""

@@ -364,11 +364,13 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         return _convert_savedmodel(graph, dataset, config, learned, input_ranges)
     calibration = collect(graph, dataset, samples=64)
     producer = {out: record for record in calibration.records for out in record.outputs}
-    owners = {out: layer_of_op(graph, record) for record in calibration.records for out in record.outputs}
+    owners: dict[int, int | None] = {}
     readers: dict[int, set[int | None]] = {}
     for record in calibration.records:
+        owner = layer_of_op(graph, record)
+        owners.update(dict.fromkeys(record.outputs, owner))
         for tensor in record.inputs:
-            readers.setdefault(tensor, set()).add(layer_of_op(graph, record))
+            readers.setdefault(tensor, set()).add(owner)
 
     def leaves_its_layer(tensor: int, owner: int) -> bool:
         # A learned range is that of the layer's output. The ops inside a layer that LiteRT runs as several
