@@ -18,6 +18,7 @@ from inc_tf._keras_model import (
     is_keras_model,
     load_keras_file,
     prepare_graph,
+    refuse_table_layers,
 )
 from inc_tf._litert import LiteRTModel
 from inc_tf._savedmodel import TFSavedModel
@@ -110,12 +111,13 @@ class TfBackend(Backend):
             plan = plan_graph(freeze_savedmodel(model, where=where))
         else:
             graph = self._graph(model)
-            plan = plan_graph(freeze_keras(graph.model, graph.input_names, graph.input_shapes), graph)
+            plan = plan_graph(freeze_keras(graph.model, graph.input_names, graph.input_shapes, graph.input_dtypes), graph)
         self._plans = {id(model): (model, plan)}  # one entry: never keep an old model alive
         return plan
 
-    def _graph(self, model: Any) -> KerasGraph:
-        """The converter's view of ``model``, built once per model object (tuning asks for it every trial)."""
+    def _graph(self, model: Any, *, quantizing: bool = True) -> KerasGraph:
+        """The converter's view of ``model``, built once per model object (tuning asks for it every trial);
+        ``quantizing``: refuse what no INT8 target can carry (the float model still runs in benchmarks)."""
         if isinstance(model, LiteRTModel):
             raise UnsupportedModelError(
                 "This model is already a LiteRT model; quantize the Keras model it came from instead."
@@ -124,9 +126,12 @@ class TfBackend(Backend):
             check_keras_backend()
         cached = self._graphs.get(id(model))
         if cached is not None and cached[0] is model:
-            return cached[1]
-        graph = prepare_graph(check_keras_model(model))
-        self._graphs = {id(model): (model, graph)}  # one entry: never keep an old model alive
+            graph = cached[1]
+        else:
+            graph = prepare_graph(check_keras_model(model))
+            self._graphs = {id(model): (model, graph)}  # one entry: never keep an old model alive
+        if quantizing:
+            refuse_table_layers(graph.model, graph.layer_names if graph.renamed else ())
         return graph
 
     def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
@@ -254,7 +259,7 @@ class TfBackend(Backend):
             feeds = model.feeds(inputs)
             return lambda: run(**feeds)
         keras_model = check_keras_model(model)
-        graph = self._graph(keras_model)
+        graph = self._graph(keras_model, quantizing=False)
         arrays = as_input_list(inputs, graph, where="benchmark inputs")
         import tensorflow as tf
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["OpRecord", "op_records", "ranged_tensors", "with_ranges"]
+__all__ = ["OpRecord", "kept_float_nodes", "op_records", "ranged_tensors", "with_ranges"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,54 @@ def op_records(content: bytes) -> list[OpRecord]:
             )
         )
     return records
+
+
+# Ops that move, select or round values without computing new ones: a value they carry into a cast to integers is
+# still an integer code (a category index, a bucket number), whatever of them it crossed.
+_CODE_CARRIERS = frozenset({
+    "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "STRIDED_SLICE", "SLICE", "GATHER", "CONCATENATION", "PACK",
+    "UNPACK", "SPLIT", "TILE", "FLOOR", "ROUND", "MAXIMUM", "MINIMUM",
+})
+
+
+def kept_float_nodes(records: list[OpRecord]) -> list[str]:
+    """Output names of the ops whose INT8 form would be wrong: :func:`_integer_code_nodes`, and every ``ONE_HOT``.
+
+    The quantizer gives a ``ONE_HOT``'s on and off values scales of their own (the off value 0.0 gets a scale near
+    1e-9 and zero point 0) while the kernel copies their raw int8 values into an output with another scale and
+    zero point (-128 for the range [0, 1]): every off position reads 0.5, not 0. In float the op is exact and
+    costs nothing; the quantize op after it represents 0 and 1 exactly.
+    """
+    one_hot = [name for record in records if record.op == "ONE_HOT" for name in record.output_names]
+    return [*_integer_code_nodes(records), *one_hot]
+
+
+def _integer_code_nodes(records: list[OpRecord]) -> list[str]:
+    """Output names of the ops that carry integer codes in float tensors on their way to a cast to integers.
+
+    Keras' ``CategoryEncoding`` (and ``Embedding`` fed by a float input) casts its integer input to float, reshapes
+    it, and casts it back to integers for ``one_hot``/``gather``. The quantizer makes the reshape int8, and
+    dequantized codes are a hair off: 3 comes back as 2.99999, which the cast truncates to 2, so every sample of
+    category 3 is encoded as category 2. These ops stay float (they cost nothing); what follows the cast is
+    quantized as before.
+    """
+    producer = {tensor: record for record in records for tensor in record.outputs}
+    pending = [
+        record.inputs[0]
+        for record in records
+        if record.op == "CAST" and record.inputs
+        and record.input_dtypes[0].startswith("float") and record.output_dtypes[0].startswith(("int", "uint"))
+    ]
+    seen: set[int] = set()
+    found: list[str] = []
+    while pending:
+        record = producer.get(pending.pop())
+        if record is None or record.index in seen or record.op not in _CODE_CARRIERS:
+            continue
+        seen.add(record.index)
+        found.extend(record.output_names)
+        pending.extend(t for t, dtype in zip(record.inputs, record.input_dtypes) if dtype.startswith("float"))
+    return found
 
 
 def ranged_tensors(content: bytes) -> dict[int, str]:

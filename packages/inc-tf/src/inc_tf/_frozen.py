@@ -86,8 +86,14 @@ def _freeze(concrete: Any, input_keys: tuple[str, ...], output_keys: tuple[str, 
     )
 
 
-def freeze_keras(model: Any, input_names: tuple[str, ...], input_shapes: tuple[tuple[int | None, ...], ...]) -> FrozenGraph:
-    """The inference graph of a Keras model (``training=False``), batch dimension left free."""
+def freeze_keras(
+    model: Any,
+    input_names: tuple[str, ...],
+    input_shapes: tuple[tuple[int | None, ...], ...],
+    input_dtypes: tuple[np.dtype, ...] = (),
+) -> FrozenGraph:
+    """The inference graph of a Keras model (``training=False``), batch dimension left free; each input in its
+    dtype (float32 where not known; strings for a ``TextVectorization``/``StringLookup`` input)."""
     import tensorflow as tf
 
     if not input_shapes:
@@ -95,7 +101,11 @@ def freeze_keras(model: Any, input_names: tuple[str, ...], input_shapes: tuple[t
             f"Keras model {getattr(model, 'name', '?')!r} does not say its input shape, which the SavedModel target "
             "needs to trace it before calibration. Build it with model.build((None, ...)) first, or use format='tflite'."
         )
-    specs = [tf.TensorSpec([None, *shape], tf.float32, name=f"input_{i}") for i, shape in enumerate(input_shapes)]
+    def tf_dtype(i: int) -> Any:
+        dtype = input_dtypes[i] if i < len(input_dtypes) else np.dtype(np.float32)
+        return tf.string if dtype.kind == "O" else tf.as_dtype(dtype)
+
+    specs = [tf.TensorSpec([None, *shape], tf_dtype(i), name=f"input_{i}") for i, shape in enumerate(input_shapes)]
     fn = tf.function(keras_call(model))
     try:
         with _tf_quiet():
@@ -186,7 +196,8 @@ def freeze_savedmodel(model: Any, *, where: str = "the SavedModel") -> FrozenGra
 
 
 def input_dtypes(graph_def: Any, input_tensors: tuple[str, ...]) -> tuple[np.dtype, ...]:
-    """Each input placeholder's numpy dtype (float32 where the graph does not say or numpy has no such type)."""
+    """Each input placeholder's numpy dtype (object for strings; float32 where the graph does not say or numpy has no
+    such type)."""
     import tensorflow as tf
 
     placeholders = {n.name: n for n in graph_def.node if n.op == "Placeholder"}
@@ -196,7 +207,7 @@ def input_dtypes(graph_def: Any, input_tensors: tuple[str, ...]) -> tuple[np.dty
         dtype = np.dtype(np.float32)
         if node is not None and "dtype" in node.attr:
             found = np.dtype(tf.as_dtype(node.attr["dtype"].type).as_numpy_dtype)
-            dtype = found if found.kind in "fiub" else dtype
+            dtype = found if found.kind in "fiubO" else dtype
         dtypes.append(dtype)
     return tuple(dtypes)
 
@@ -244,7 +255,7 @@ def graph_function(graph_def: Any, inputs: tuple[str, ...], outputs: tuple[str, 
 
 def check_batch(arrays: list[np.ndarray], frozen: FrozenGraph, *, where: str) -> list[np.ndarray]:
     """Arrays checked against the graph's input count and shapes, in each input's dtype."""
-    from inc_tf._keras_model import cast_input
+    from inc_tf._keras_model import cast_input, check_input_kind
 
     if len(arrays) != len(frozen.input_tensors):
         raise DatasetError(f"{where}: got {len(arrays)} input array(s); the model takes {len(frozen.input_tensors)}.")
@@ -252,11 +263,7 @@ def check_batch(arrays: list[np.ndarray], frozen: FrozenGraph, *, where: str) ->
     dtypes = frozen.input_dtypes
     for i, (array, expected) in enumerate(zip(arrays, frozen.input_shapes)):
         array = np.asarray(array)
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise DatasetError(
-                f"{where}: input {i} has dtype {array.dtype}; the model takes float32 numbers. "
-                "Convert the data to a numeric numpy array first."
-            )
+        check_input_kind(array, dtypes[i], where=f"{where}: input {i}")
         shape = array.shape[1:]
         if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
             raise DatasetError(

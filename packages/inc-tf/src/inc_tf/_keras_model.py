@@ -17,7 +17,16 @@ import numpy as np
 
 from inc_core.errors import DatasetError, ModelLoadError, UnsupportedModelError
 
-__all__ = ["KerasGraph", "check_keras_backend", "check_keras_model", "is_keras_model", "layer_tokens", "prepare_graph"]
+__all__ = [
+    "KerasGraph",
+    "check_keras_backend",
+    "check_keras_model",
+    "copy_state",
+    "is_keras_model",
+    "refuse_table_layers",
+    "layer_tokens",
+    "prepare_graph",
+]
 
 _TOKEN = re.compile(r"incL(\d+)x(?:_\d+)?")
 
@@ -61,6 +70,46 @@ def check_keras_model(model: Any) -> Any:
             "Call it once on a batch, or build it with model.build(input_shape), before quantizing."
         )
     return model
+
+
+# Keras layers that look values up in a TF hash table (a resource neither LiteRT's built-in ops nor a frozen graph
+# carry), matched on the class and its bases so that user subclasses count too.
+_TABLE_LAYERS = ("IndexLookup", "TextVectorization", "Hashing", "HashedCrossing", "FeatureSpace")
+
+
+def refuse_table_layers(model: Any, layer_names: tuple[str, ...] = ()) -> None:
+    """An UnsupportedModelError naming ``model``'s string/category lookup layers, and how to quantize the rest.
+
+    ``TextVectorization``, ``StringLookup``, ``IntegerLookup``, ``Hashing`` keep their vocabulary in a TF hash
+    table: LiteRT's built-in ops have no table ops, and a frozen graph (the SavedModel target) loses the table.
+    Keras' own advice for on-device models applies: run them in the input pipeline, quantize what follows.
+    """
+    found = _table_layers(model)
+    if not found:
+        return
+
+    def user_name(name: str) -> str:  # layer_names: the user's names of a renamed copy's layers
+        index = layer_index(name)
+        return layer_names[index] if index is not None and index < len(layer_names) else name
+
+    named = ", ".join(f"{user_name(layer.name)!r} ({type(layer).__name__})" for layer in found)
+    raise UnsupportedModelError(
+        f"Keras model {model.name!r} looks values up in {named}: a TF hash table, which neither LiteRT's built-in "
+        "ops nor inc's INT8 SavedModel can carry. Quantize the model that follows the lookup: apply the layer in "
+        "the input pipeline (dataset.map(layer), as Keras advises for on-device models) and give inc the rest, "
+        "e.g. keras.Model(model.get_layer(NAME).output, model.output) for a lookup that reads the model's only input."
+    )
+
+
+def _table_layers(layer: Any) -> list[Any]:
+    """The lookup layers in ``layer``'s sublayers, outermost only (a TextVectorization's own StringLookup is its)."""
+    found = []
+    for sub in layer._flatten_layers(include_self=False, recursive=False):
+        if any(cls.__name__ in _TABLE_LAYERS for cls in type(sub).__mro__):
+            found.append(sub)
+        else:
+            found.extend(_table_layers(sub))
+    return found
 
 
 def check_keras_backend() -> None:
@@ -163,6 +212,36 @@ def full_precision_config(layer: Any) -> dict[str, Any]:
     return config
 
 
+def copy_state(source: Any, target: Any) -> None:
+    """Give ``target``, a clone of ``source`` (same layer structure), ``source``'s weights and derived state.
+
+    ``set_weights`` alone is not enough for adapted preprocessing layers: ``Normalization`` computes with the
+    mean and variance it derives from its variables when it is adapted or loaded (``finalize_state``), so a
+    clone given the variables by ``set_weights`` still normalises with zero mean and unit variance, and a
+    ``StringLookup``/``TextVectorization`` keeps its vocabulary outside its variables. Each layer that keeps
+    such state gets it the way Keras' own loader hands it over (``save_own_variables``/``load_own_variables``,
+    then ``save_assets``/``load_assets``).
+    """
+    import tempfile
+
+    import keras
+
+    target.set_weights(source.get_weights())
+    base = keras.layers.Layer
+    pairs = zip(source._flatten_layers(include_self=True), target._flatten_layers(include_self=True), strict=False)
+    for src, dst in pairs:
+        if type(src) is not type(dst) or isinstance(src, keras.Model):
+            continue
+        if type(src).load_own_variables is not base.load_own_variables:
+            store: dict[str, Any] = {}
+            src.save_own_variables(store)
+            dst.load_own_variables(store)
+        if hasattr(src, "save_assets") and hasattr(dst, "load_assets"):
+            with tempfile.TemporaryDirectory() as assets:
+                src.save_assets(assets)
+                dst.load_assets(assets)
+
+
 def prepare_graph(model: Any) -> KerasGraph:
     """The converter's view of a checked Keras model (see the module docstring)."""
     import keras
@@ -189,14 +268,17 @@ def prepare_graph(model: Any) -> KerasGraph:
 
     try:
         clone = keras.models.clone_model(model, clone_function=rename)
-        clone.set_weights(model.get_weights())
+        copy_state(model, clone)
     except Exception:  # a custom layer without a faithful get_config: convert the model as it is
         return KerasGraph(model, names, types, False, input_names, input_shapes, sizes, dtypes)
     return KerasGraph(clone, names, types, True, input_names, input_shapes, sizes, dtypes)
 
 
 def _numpy_dtype(dtype: Any) -> np.dtype:
-    """A Keras input's dtype (``"int32"``, ``"float32"``...) as numpy's; float32 when numpy has no such type."""
+    """A Keras input's dtype (``"int32"``, ``"float32"``...) as numpy's; object for ``"string"``; float32 when
+    numpy has no such type."""
+    if str(dtype) == "string":
+        return np.dtype(object)
     try:
         result = np.dtype(str(dtype)) if dtype is not None else np.dtype(np.float32)
     except TypeError:
@@ -241,11 +323,8 @@ def as_input_list(batch: Any, graph: KerasGraph, *, where: str) -> list[np.ndarr
     arrays = []
     for i, value in enumerate(values):
         array = np.asarray(value)
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise DatasetError(
-                f"{where}: input {i} has dtype {array.dtype}; the model takes float32 numbers. "
-                "Convert the data to a numeric numpy array first."
-            )
+        target = graph.input_dtypes[i] if i < len(graph.input_dtypes) else np.dtype(np.float32)
+        check_input_kind(array, target, where=f"{where}: input {i}")
         if graph.input_shapes:
             expected = graph.input_shapes[i]
             shape = array.shape[1:]
@@ -254,18 +333,43 @@ def as_input_list(batch: Any, graph: KerasGraph, *, where: str) -> list[np.ndarr
                     f"{where}: input {i} has shape {array.shape}; the model expects (batch, "
                     f"{', '.join('?' if e is None else str(e) for e in expected)}). Reshape the data to match."
                 )
-        target = graph.input_dtypes[i] if i < len(graph.input_dtypes) else np.dtype(np.float32)
         arrays.append(cast_input(array, target, where=f"{where}: input {i}"))
     return arrays
 
 
+def is_string_dtype(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` (an input's, as :func:`_numpy_dtype` gives it) is TF's string type."""
+    return dtype.kind == "O"
+
+
+def check_input_kind(array: np.ndarray, dtype: np.dtype, *, where: str) -> None:
+    """Strings for a string input (what ``TextVectorization``/``StringLookup`` read), numbers for any other.
+
+    Raises:
+        DatasetError: the data's kind does not match the input's.
+    """
+    text = array.dtype.kind in "USO"
+    if is_string_dtype(dtype) and not text:
+        raise DatasetError(
+            f"{where} has dtype {array.dtype}; the model's input takes strings (it feeds a string layer such as "
+            "TextVectorization or StringLookup). Pass the raw text as a numpy array of str."
+        )
+    if not is_string_dtype(dtype) and not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise DatasetError(
+            f"{where} has dtype {array.dtype}; the model takes {dtype} numbers. "
+            "Convert the data to a numeric numpy array first."
+        )
+
+
 def cast_input(array: np.ndarray, dtype: np.dtype, *, where: str) -> np.ndarray:
     """``array`` as the input's dtype: an integer input (token ids, category codes for an Embedding) keeps
-    integers; float data for it must hold whole numbers.
+    integers; float data for it must hold whole numbers; strings for a string input stay as they are.
 
     Raises:
         DatasetError: fractional or non-finite values for an integer input.
     """
+    if is_string_dtype(dtype):
+        return array
     if dtype.kind in "iub" and array.dtype.kind == "f":
         if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
             raise DatasetError(

@@ -99,10 +99,7 @@ class TFSavedModel:
             values = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
         if len(values) != len(self.input_keys):
             raise DatasetError(f"Got {len(values)} input array(s); the model takes {list(self.input_keys)}.")
-        arrays = [
-            cast_input(np.asarray(v), dtype, where=f"input {key!r}")
-            for v, dtype, key in zip(values, self.input_dtypes, self.input_keys)
-        ]
+        arrays = [np.asarray(v) for v in values]
         for array, key, shape in zip(arrays, self.input_keys, self.input_shapes):
             # checked here: TF's int8 kernels fail on a wrong shape with errors that do not name the input
             if shape and (array.ndim != len(shape) + 1 or any(d is not None and d != g for d, g in zip(shape, array.shape[1:]))):
@@ -111,7 +108,11 @@ class TFSavedModel:
                     f"Input {key!r} has shape {array.shape}; the model expects (batch, {expected}). The inputs are "
                     f"{list(self.input_keys)}, in this order; pass a mapping input name -> array to feed them by name."
                 )
-        return arrays
+        # shapes first: inputs given in the wrong order show as a shape mismatch, which says so
+        return [
+            cast_input(array, dtype, where=f"input {key!r}")
+            for array, dtype, key in zip(arrays, self.input_dtypes, self.input_keys)
+        ]
 
     def run(self, inputs: Any) -> dict[str, np.ndarray]:
         """Every output of one batch, by output name."""

@@ -7,6 +7,7 @@ import keras
 from inc_core._prune_config import PruneConfig
 from inc_core.errors import UnsupportedModelError
 from inc_core.sparsity import SparsityReport
+from inc_tf._keras_model import copy_state
 from inc_tf.prune._layers import prunable_kernels
 
 __all__ = ["sparsity_report", "strip"]
@@ -29,7 +30,7 @@ def strip(model: keras.Model) -> keras.Model:
         raise UnsupportedModelError(f"strip takes a keras.Model, got {type(model).__name__}.")
     try:
         clone = keras.models.clone_model(model)
-        clone.set_weights(model.get_weights())
+        copy_state(model, clone)
     except Exception as exc:  # Keras raises NotImplementedError/TypeError/ValueError for models it cannot rebuild
         raise UnsupportedModelError(
             f"strip: Keras could not clone {model.name!r} ({type(exc).__name__}: {exc}). Give the model a "

@@ -52,10 +52,18 @@ class TfCalibration:
         return float(low), float(high)
 
 
-def _converter_samples(first: list[np.ndarray]) -> list[list[np.ndarray]]:
-    """Up to four single samples of the first batch: enough for the converter to write its range fields."""
+def _converter_samples(first: list[np.ndarray], input_names: tuple[str, ...] = ()) -> list[Any]:
+    """Up to four single samples of the first batch: enough for the converter to write its range fields.
+
+    A model with several named inputs gets each sample as a mapping by input name: the converter reads a list
+    in its interpreter's input order, which is neither the model's nor the sorted one (a model with inputs
+    ``("features", "size")`` is run with ``size`` first), and a swapped sample fails or calibrates nonsense.
+    """
     count = min(4, int(first[0].shape[0])) if first[0].ndim else 1
-    return [[array[i : i + 1] for array in first] for i in range(count)]
+    samples = [[array[i : i + 1] for array in first] for i in range(count)]
+    if len(first) > 1 and len(input_names) == len(first):
+        return [dict(zip(input_names, sample)) for sample in samples]
+    return samples
 
 
 def collect(graph: KerasGraph, dataset: Dataset, *, samples: int, model_id: int = 0) -> TfCalibration:
@@ -70,7 +78,7 @@ def collect(graph: KerasGraph, dataset: Dataset, *, samples: int, model_id: int 
     if first is None:
         raise DatasetError("Dataset: no samples were produced; calibration needs at least one batch.")
     _check_finite_inputs(first, 0)
-    calibrated = calibrated_flatbuffer(graph.model, _converter_samples(first), layer_names=graph.layer_names)
+    calibrated = calibrated_flatbuffer(graph.model, _converter_samples(first, graph.input_names), layer_names=graph.layer_names)
     names = ranged_tensors(calibrated)
     interp = interpreter(calibrated, threads=None, preserve_all_tensors=True)
     runner = Invoker(interp)
@@ -115,7 +123,7 @@ def _chain(first: list[np.ndarray], rest: Any) -> Any:
 
 def _check_finite_inputs(batch: list[np.ndarray], index: int) -> None:
     for i, array in enumerate(batch):
-        if not np.all(np.isfinite(array)):
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
             kind = "NaN" if np.isnan(array).any() else "Inf"
             raise CalibrationError(
                 f"Calibration batch {index}, input {i} holds {kind}; the activations it produces would make "

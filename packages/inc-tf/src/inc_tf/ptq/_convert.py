@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -67,7 +68,40 @@ def _subclassed_specs(model: Any, example: list[np.ndarray] | None) -> list[Any]
     return [tf.TensorSpec([None, *tuple(shape)[1:]], tf.float32)]
 
 
-def _untraceable(model: Any, exc: BaseException) -> UnsupportedModelError:
+_NOT_BUILTIN = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
+
+
+_LOCATION = re.compile(r'fused\["(\w+):", "([^"@]+)')
+
+
+def _layers_named(text: str, ops: list[str], layer_names: tuple[str, ...]) -> list[str]:
+    """The user's layers that hold ``ops`` in a converter error's op locations: ``model_1/incL3x_1/Op`` (inc's
+    renamed copy) or ``model_1/determinant_1/Op`` (a model converted under its own names; TF appends ``_1``)."""
+    found = set()
+    for op, path in _LOCATION.findall(text):
+        if op not in ops:
+            continue
+        for part in path.split("/"):
+            name = _user_name(part, layer_names)
+            bare = re.sub(r"_\d+$", "", part)
+            if name != part or part in layer_names:
+                found.add(name)
+            elif bare in layer_names:
+                found.add(bare)
+    return sorted(found)
+
+
+def _untraceable(model: Any, exc: BaseException, layer_names: tuple[str, ...] = ()) -> UnsupportedModelError:
+    text = str(exc)
+    ops = sorted(set(_NOT_BUILTIN.findall(text)))
+    if ops:  # the graph traced; LiteRT has no kernel for some of its TF ops
+        layers = _layers_named(text, ops, layer_names)
+        where = f" (in layer {', '.join(repr(n) for n in layers)})" if layers else ""
+        return UnsupportedModelError(
+            f"Keras model {getattr(model, 'name', '?')!r} uses TF op {', '.join(ops)}{where}, which LiteRT's "
+            "built-in ops do not include (the ai-edge-litert interpreter runs no TF/Flex ops). Use "
+            "QuantConfig(format='savedmodel'), where TensorFlow runs every op, or compute it outside the model."
+        )
     return UnsupportedModelError(
         f"TensorFlow could not trace Keras model {getattr(model, 'name', '?')!r} ({type(model).__qualname__}) into a "
         f"graph: {type(exc).__name__}: {_line(exc)}. Subclassed models must be traceable by tf.function: no "
@@ -156,7 +190,7 @@ def calibrated_flatbuffer(model: Any, samples: Iterable[list[np.ndarray]], *, la
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: iter(fixed)
         converter._experimental_calibrate_only = True  # the documented path of TF's own QuantizationDebugger
-        return _convert(model, converter)
+        return _convert(model, converter, layer_names)
 
 
 def dynamic_flatbuffer(model: Any, *, layer_names: tuple[str, ...] = ()) -> bytes:
@@ -166,7 +200,7 @@ def dynamic_flatbuffer(model: Any, *, layer_names: tuple[str, ...] = ()) -> byte
     with _rnns_unrolled(model, layer_names):
         converter = _converter(model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        return _convert(model, converter)
+        return _convert(model, converter, layer_names)
 
 
 def float_flatbuffer(model: Any) -> bytes:
@@ -175,22 +209,26 @@ def float_flatbuffer(model: Any) -> bytes:
         return _convert(model, _converter(model))
 
 
-def _convert(model: Any, converter: Any) -> bytes:
+def _convert(model: Any, converter: Any, layer_names: tuple[str, ...] = ()) -> bytes:
     try:
         with _quiet():
             return bytes(converter.convert())
     except Exception as exc:
-        raise _untraceable(model, exc) from exc
+        raise _untraceable(model, exc, layer_names) from exc
 
 
 def quantize_flatbuffer(calibrated: bytes, *, per_channel: bool, denylisted_nodes: list[str]) -> bytes:
-    """Int8 weights and activations from a calibrated flatbuffer, keeping ``denylisted_nodes`` in float.
+    """Int8 weights and activations from a calibrated flatbuffer, keeping ``denylisted_nodes`` in float, and the
+    ops whose INT8 form would be wrong (:func:`inc_tf._flatbuffer.kept_float_nodes`).
 
     Raises:
         TuningError: the quantizer rejected the model (recorded as a failed trial by autotune).
     """
     from tensorflow.lite.python import convert
 
+    from inc_tf._flatbuffer import kept_float_nodes, op_records
+
+    denylisted_nodes = [*denylisted_nodes, *kept_float_nodes(op_records(calibrated))]
     try:
         with _quiet():
             return bytes(

@@ -123,7 +123,7 @@ def calibrate_plan(plan: GraphPlan, dataset: Dataset, *, samples: int, model_id:
     for index, batch in enumerate(dataset.inputs(limit=samples)):
         arrays = check_batch(as_input_arrays(batch, frozen), frozen, where=f"calibration batch {index}")
         for i, array in enumerate(arrays):
-            if not np.all(np.isfinite(array)):
+            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
                 raise CalibrationError(
                     f"Calibration batch {index}, input {i} holds NaN or Inf; the activations it produces would make "
                     "quantization ranges meaningless. Remove or impute the non-finite values in the calibration data."

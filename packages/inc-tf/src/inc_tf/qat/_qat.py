@@ -205,13 +205,14 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
         UnsupportedModelError: the model is not a functional or Sequential Keras model.
         ConfigError: ``config`` is not a QATConfig, or an exclude name matches no layer.
     """
-    from inc_tf._keras_model import check_keras_model, full_precision_config
+    from inc_tf._keras_model import check_keras_model, copy_state, full_precision_config, refuse_table_layers
     from inc_tf.ptq._quantize import ACTIVATION_PRODUCTS, QUANTIZABLE
 
     config = config or QATConfig()
     if not isinstance(config, QATConfig):
         raise ConfigError(f"prepare_qat: config must be an inc.QATConfig, got {type(config).__name__}.")
     model = check_keras_model(model)
+    refuse_table_layers(model)
     from inc_core.backend import Op
 
     listed = (*QUANTIZABLE, *ACTIVATION_PRODUCTS)
@@ -259,7 +260,7 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
         if isinstance(layer, keras.layers.InputLayer):
             continue
         copy = qat.get_layer(layer.name)
-        (copy.layer if isinstance(copy, FakeQuant) else copy).set_weights(layer.get_weights())
+        copy_state(layer, copy.layer if isinstance(copy, FakeQuant) else copy)
     qat._inc_qat_config = config
     # convert() rebuilds the user's architecture from this and fills in the trained weights.
     qat._inc_qat_source = model.to_json()
@@ -331,11 +332,11 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         raise ConfigError(f"convert: format must be one of {list(_FORMATS)}, got {format!r}.")
     from inc_core import Dataset
     from inc_tf._flatbuffer import with_ranges
-    from inc_tf._keras_model import prepare_graph
+    from inc_tf._keras_model import copy_state, prepare_graph
     from inc_tf._litert import LiteRTModel, check_runs
     from inc_tf.ptq._calibrate import collect
     from inc_tf.ptq._convert import quantize_flatbuffer
-    from inc_tf.ptq._quantize import describe_graph, layer_of_op, layers_of_op
+    from inc_tf.ptq._quantize import describe_graph, float_layer_nodes, layer_of_op, layers_of_op
 
     wrappers = _wrappers(model) if isinstance(model, keras.Model) else []
     if not wrappers:
@@ -353,9 +354,9 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         raise UnsupportedModelError("convert: this QAT model lost its source architecture; call prepare_qat again.")
     fp32 = keras.models.model_from_json(source)
     for layer in model.layers:  # the trained weights, of wrapped and unwrapped layers alike
-        if layer.weights and not isinstance(layer, keras.layers.InputLayer):
+        if not isinstance(layer, keras.layers.InputLayer):
             trained = layer.layer if isinstance(layer, FakeQuant) else layer
-            fp32.get_layer(layer.name).set_weights(trained.get_weights())
+            copy_state(trained, fp32.get_layer(layer.name))
     graph = prepare_graph(fp32)
     if dataset is None:
         dataset = Dataset(_synthetic_inputs(graph, input_range or (0.0, 1.0)), batch_size=4)
@@ -393,7 +394,7 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
     }
     excluded_nodes = [
         name for record in calibration.records if layers_of_op(graph, record) & excluded for name in record.output_names
-    ]
+    ] + float_layer_nodes(graph, calibration.records)
     content = quantize_flatbuffer(
         with_ranges(calibration.calibrated, ranges),
         per_channel=config.granularity == "per_channel",
@@ -420,7 +421,7 @@ def _convert_savedmodel(
     from inc_tf._frozen import freeze_keras
     from inc_tf.ptq._savedmodel_quantize import calibrate_plan, plan_graph, quantize_plan
 
-    plan = plan_graph(freeze_keras(graph.model, graph.input_names, graph.input_shapes), graph)
+    plan = plan_graph(freeze_keras(graph.model, graph.input_names, graph.input_shapes, graph.input_dtypes), graph)
     layer_of_node = {}
     for node in plan.frozen.graph_def.node:
         found = graph.layers_in([node.name])
