@@ -70,6 +70,6 @@ def test_an_int8_block_that_cannot_run_is_an_error_not_a_result(digits, monkeypa
     builds fails at its first call; quantize says so instead of returning it."""
     import inc_mxnet._graph as graph
 
-    monkeypatch.setattr(graph, "float_only_nodes", lambda fused: ())
+    monkeypatch.setattr(graph, "float_only_nodes", lambda fused, input_names=(): ())
     with pytest.raises(UnsupportedModelError, match=r"does not run on the first calibration batch.*non-differentiable"):
         inc.quantize(_trained("lstm"), inc.QuantConfig(), dataset=inc.Dataset(digits[0][:64], batch_size=32))

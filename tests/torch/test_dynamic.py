@@ -268,6 +268,62 @@ def test_layers_whose_weight_the_code_around_them_computes_with_stay_float() -> 
         assert cosine(model(x).numpy(), quantized(x).numpy()) >= 0.99
 
 
+class KeywordWeightAttention(nn.Module):
+    """Calls its qkv layer on one branch and hands its weight to F.linear by keyword on the other (timm's BEiT)."""
+
+    def __init__(self, q_bias: bool) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(16) * 0.1) if q_bias else None
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv_bias = torch.cat((self.q_bias, torch.zeros(32)))
+            qkv = nn.functional.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        q, k, v = qkv.chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v)
+
+
+class KeywordWeightNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = KeywordWeightAttention(q_bias=True)
+        self.fc = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x + self.attn(x))))
+
+
+def test_a_layer_whose_weight_is_handed_to_a_function_on_one_branch_stays_float() -> None:
+    # the module calls qkv too, so "read but never called" missed it: the INT8 model failed at its first run
+    # (F.linear: argument 'weight' must be Tensor, not method), as torch.ao's own flow does on timm's BEiT
+    torch.manual_seed(0)
+    model = KeywordWeightNet().eval()
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    assert sorted(inc_torch.quantized_ops(quantized)) == ["attn.proj", "fc", "head"]
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        assert cosine(model(x).numpy(), quantized(x).numpy()) >= 0.99
+
+
+def test_fx_keeps_a_module_with_a_keyword_weight_call_float_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    # torch.ao's FX patterns look for the weight at args[1]: a calibration observer saw no weight and convert
+    # failed ("A weight observer saw no weight"; torch.ao's own flow asserts "Dequantize index 1 exceeded ...")
+    torch.manual_seed(0)
+    model = KeywordWeightNet().eval()
+    x = torch.randn(32, 6, 16)
+    with caplog.at_level("WARNING", logger="inc_torch"):
+        quantized = inc.quantize(model, inc.QuantConfig(format="fx"), dataset=inc.Dataset(x.numpy(), batch_size=8))
+    assert "FX keeps 'attn' in FP32" in caplog.text and "format='pt2e'" in caplog.text
+    assert sorted(inc_torch.quantized_ops(quantized)) == ["fc", "head"]
+    with torch.no_grad():
+        assert cosine(model(x).numpy(), quantized(x).numpy()) >= 0.99
+
+
 @pytest.mark.parametrize("padding_mask", [False, True], ids=["no_mask", "padding_mask"])
 def test_transformer_encoder_runs_after_dynamic_quantization(padding_mask: bool) -> None:
     # torch's fused encoder fast path (eval, batch_first=True) reads linear1/linear2's weights as tensors

@@ -22,6 +22,7 @@ __all__ = [
     "check_keras_backend",
     "check_keras_model",
     "copy_state",
+    "input_batch_norms",
     "is_keras_model",
     "refuse_table_layers",
     "layer_tokens",
@@ -260,11 +261,13 @@ def prepare_graph(model: Any) -> KerasGraph:
     if not _is_graph_model(model):
         return KerasGraph(model, names, types, False, input_names, input_shapes, sizes, dtypes)
     index = {id(layer): i for i, layer in enumerate(layers)}
+    from inc_tf._input_norm import converter_layer, reads_model_input
 
     def rename(layer: Any) -> Any:
         config = full_precision_config(layer)
         config["name"] = layer_tokens(index[id(layer)])
-        return type(layer).from_config(config)
+        replaced = converter_layer(layer, config) if reads_model_input(model, layer) else None
+        return replaced if replaced is not None else type(layer).from_config(config)
 
     try:
         clone = keras.models.clone_model(model, clone_function=rename)
@@ -272,6 +275,19 @@ def prepare_graph(model: Any) -> KerasGraph:
     except Exception:  # a custom layer without a faithful get_config: convert the model as it is
         return KerasGraph(model, names, types, False, input_names, input_shapes, sizes, dtypes)
     return KerasGraph(clone, names, types, True, input_names, input_shapes, sizes, dtypes)
+
+
+def input_batch_norms(graph: KerasGraph) -> frozenset[int]:
+    """Indices of the BatchNormalization layers that read a model input: a tabular model's first layer,
+    standardising raw features whose scales differ by orders of magnitude (see ``ptq._quantize.float_layer_nodes``)."""
+    from inc_tf._input_norm import reads_model_input
+
+    if not getattr(graph.model, "inputs", None):
+        return frozenset()
+    return frozenset(
+        i for i, layer in enumerate(graph.model.layers)
+        if graph.layer_types[i] == "BatchNormalization" and reads_model_input(graph.model, layer)
+    )
 
 
 def _numpy_dtype(dtype: Any) -> np.dtype:

@@ -176,7 +176,7 @@ def _time_steps(layer: Any) -> int | None:
     return shape[0] if getattr(layer, "time_major", False) else shape[1]
 
 
-def calibrated_flatbuffer(model: Any, samples: Iterable[list[np.ndarray]], *, layer_names: tuple[str, ...] = ()) -> bytes:
+def calibrated_flatbuffer(model: Any, samples: Iterable[Any], *, layer_names: tuple[str, ...] = ()) -> bytes:
     """A float ``.tflite`` whose activations carry calibration min/max fields, ready for :func:`quantize_flatbuffer`.
 
     ``samples`` only has to make the converter create the fields: inc overwrites every range with

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,10 @@ from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch._hf import check_hf_inputs, prepare_for_capture
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
+from inc_torch.ptq._kept_float import KeptFloat, keep_float, keyword_weight_scopes
 from inc_torch.ptq._observers import HISTOGRAM_BINS, is_activation_observer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TorchCalibration", "calibrate", "load_statistics", "model_signature", "op_nodes"]
 
@@ -51,6 +55,8 @@ class TorchCalibration:
         exported: for PT2E, the exported graph module every trial prepares a copy of.
         op_inputs: op (module) name -> node name of its input activation.
         signature: parameter names and shapes of the calibrated model.
+        kept_float: (FX) modules calibrated, and to be quantized, as opaque float calls
+            (:func:`inc_torch.ptq._kept_float.keyword_weight_scopes`).
         non_finite: node name -> why its tensor has no histogram (it held NaN/Inf); an error only for
             a trial that observes that tensor.
     """
@@ -63,6 +69,7 @@ class TorchCalibration:
     op_inputs: dict[str, str] = field(default_factory=dict)
     signature: tuple[Any, ...] = ()
     non_finite: dict[str, str] = field(default_factory=dict)
+    kept_float: tuple[str, ...] = ()
 
 
 class _Recorder(nn.Module):
@@ -117,7 +124,7 @@ def _base_graph(work: nn.Module, example: Inputs, fmt: str) -> tuple[torch.fx.Gr
         return base, exported
     from torch.ao.quantization import QConfigMapping
 
-    return fx_prepare(work, QConfigMapping(), positional(work, example)), None
+    return fx_prepare(work, QConfigMapping(), positional(work, example), leaves=(KeptFloat,)), None
 
 
 @functools.cache
@@ -187,6 +194,18 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
     check_hf_inputs(model, example, "Calibration batch 0")
     check_runs(work, example, "the first calibration batch")
     base, exported = _base_graph(work, example, fmt)
+    kept_float: tuple[str, ...] = ()
+    if fmt == "fx" and (hidden := keyword_weight_scopes(base)):
+        # traced again with those modules opaque: calibrated as the quantized graph will run them
+        log.warning(
+            "FX keeps %s in FP32: %s F.linear/F.conv with the weight passed by keyword (weight=...), which "
+            "torch.ao's FX patterns cannot see. format='pt2e' quantizes them.",
+            ", ".join(repr(h) for h in hidden), "it calls" if len(hidden) == 1 else "they call",
+        )
+        for scope in hidden:
+            keep_float(work, scope)
+        kept_float = tuple(hidden)
+        base, exported = _base_graph(work, example, fmt)
     op_inputs = {
         name: node.args[0].name
         for name, node in op_nodes(base, fmt).items()
@@ -229,6 +248,7 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
         op_inputs=op_inputs,
         signature=model_signature(model),
         non_finite=non_finite,
+        kept_float=kept_float,
     )
 
 

@@ -17,6 +17,7 @@ from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._calibration import TorchCalibration, load_statistics
 from inc_torch.ptq._capture import fx_prepare, positional
 from inc_torch.ptq._fx_ops import FxOp, apply_fx_settings, fx_ops
+from inc_torch.ptq._kept_float import KeptFloat, keep_float
 from inc_torch.ptq._observers import FxActivationObserver, FxWeightObserver
 from inc_torch.ptq._settings import OpSettings, plan
 
@@ -101,30 +102,6 @@ def qconfig_mapping(config: QuantConfig, ops: tuple[Op, ...], table: dict[str, F
     return apply_fx_settings(base_mapping(default), table, chosen)
 
 
-class KeptFloat(nn.Module):
-    """Holds an excluded activation or pooling module as an opaque call, so that it runs in FP32.
-
-    torch.ao's lowering turns dequantize -> Hardswish/ReLU/pool -> quantize into the op on the
-    quantized tensor even when the module's qconfig is None (its consumer asks for a quantized
-    input); a branch that also reads the module's output in FP32 then fails. Opaque, it matches no
-    pattern and gets float inputs.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-
-def keep_float(model: nn.Module, name: str) -> None:
-    """Replace the submodule ``name`` of ``model`` by a :class:`KeptFloat` holding it."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, KeptFloat(getattr(parent, child)))
-
-
 # torch's x86 engine runs a quantized conv with more groups than this on FBGEMM's depthwise kernels on
 # every CPU (fewer groups go to oneDNN where the CPU has VNNI/AMX; see should_use_onednn_quant in torch).
 FBGEMM_DEPTHWISE_GROUPS = 100
@@ -165,6 +142,8 @@ def quantize_fx(
     for name, settings in per_op.items():
         if settings is None and table[name].kind == "module" and table[name].role != "weighted":
             keep_float(work, name)
+    for scope in calibration.kept_float:  # modules FX cannot quantize, found (and calibrated as opaque) by calibrate
+        keep_float(work, scope)
     prepared = fx_prepare(work, mapping, positional(work, calibration.example), leaves=(KeptFloat,))
     reduce_depthwise_weights(prepared)
     load_statistics(prepared, calibration)

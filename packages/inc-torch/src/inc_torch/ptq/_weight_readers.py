@@ -4,10 +4,11 @@ A dynamically quantized ``nn.Linear`` keeps its int8 weight packed: ``.weight`` 
 the layer that reads ``layer.weight`` to compute with it breaks once the layer is swapped, when the model
 runs, not when it is quantized. Two kinds are met in models users bring:
 
-- a module that never calls the layer and hands its weight to a function instead (torchvision's Swin
-  Transformer: ``shifted_window_attention(x, self.qkv.weight, self.proj.weight, ...)``). Such a layer is not
-  dynamically quantizable: :func:`weights_read_without_calls` finds it from the module's source, and the
-  dynamic path neither lists nor swaps it;
+- a module that hands the layer's weight to a function instead of calling the layer: never (torchvision's Swin
+  Transformer: ``shifted_window_attention(x, self.qkv.weight, self.proj.weight, ...)``), or on some of its
+  branches (timm's BEiT: ``F.linear(x, weight=self.qkv.weight, bias=qkv_bias)`` when the model has q/v biases,
+  ``self.qkv(x)`` otherwise). Such a layer is not dynamically quantizable: :func:`weights_read_without_calls`
+  finds it from the module's source, and the dynamic path neither lists nor swaps it;
 - ``nn.TransformerEncoderLayer``'s fused fast path (eval mode, ``batch_first=True``), which collects the float
   weights of the layers it otherwise calls (pytorch/pytorch#109987). :func:`keep_to_module_path` keeps a
   quantized encoder layer on its module path, which calls the swapped layers.
@@ -28,18 +29,27 @@ __all__ = ["keep_to_module_path", "weights_read_without_calls"]
 
 _READ = re.compile(r"\bself\.([A-Za-z_][\w.]*)\.(?:weight|bias)\b")
 _CALL = re.compile(r"\bself\.([A-Za-z_][\w.]*?)(?:\.forward)?\s*\(")
+# The weight itself handed on (to F.linear, into a tuple...), not a look at its dtype or device, nor an isinstance
+# check (Hugging Face's T5 compares ``self.wo.weight.dtype`` only when the weight is still a tensor).
+_PASS = re.compile(r"(?<!isinstance\()\bself\.([A-Za-z_][\w.]*)\.(?:weight|bias)\b(?!\s*[.\[])(?!\s*=[^=])")
+# Methods that set weights up rather than compute with them.
+_SETUP = re.compile(r"init|reset|tie|resize|set_")
+# Modules whose code hands on the weights of layers it also calls, on a fast path inc keeps them off instead
+# (keep_to_module_path).
+_HANDLED_ELSEWHERE = (nn.TransformerEncoderLayer,)
 
 
 @functools.cache
-def _uses(cls: type) -> tuple[frozenset[str], frozenset[str]]:
+def _uses(cls: type) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
     """The attribute paths whose weight/bias the code of ``cls`` (and of its bases below ``nn.Module``) reads,
-    and those it calls."""
+    those it calls, and those whose weight/bias its computing methods hand on as tensors."""
     reads: set[str] = set()
     calls: set[str] = set()
+    passes: set[str] = set()
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             continue
-        for attribute in vars(klass).values():
+        for key, attribute in vars(klass).items():
             # the functions one by one: finding a whole class's source parses its whole file
             function = getattr(attribute, "fget", None) or getattr(attribute, "__func__", attribute)
             if not inspect.isfunction(function):
@@ -50,11 +60,14 @@ def _uses(cls: type) -> tuple[frozenset[str], frozenset[str]]:
                 continue  # made at run time: no source kept to read
             reads.update(_READ.findall(source))
             calls.update(_CALL.findall(source))
-    return frozenset(reads), frozenset(calls)
+            if not _SETUP.search(key):
+                passes.update(_PASS.findall(source))
+    return frozenset(reads), frozenset(calls), frozenset(passes)
 
 
 def weights_read_without_calls(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
-    """Of the modules ``names``, those whose weight or bias an enclosing module's code reads, never calling them.
+    """Of the modules ``names``, those whose weight or bias an enclosing module's code reads, never calling them, or
+    hands on to a function.
 
     Returns:
         Per such module, the name of the enclosing module whose code reads it (``""``: the model itself).
@@ -65,8 +78,9 @@ def weights_read_without_calls(model: nn.Module, names: tuple[str, ...]) -> dict
         parts = name.split(".")
         for cut in range(len(parts) - 1, -1, -1):
             owner, path = ".".join(parts[:cut]), ".".join(parts[cut:])
-            reads, calls = _uses(type(modules[owner]))
-            if path in reads and path not in calls:
+            reads, calls, passes = _uses(type(modules[owner]))
+            handed_on = path in passes and not isinstance(modules[owner], _HANDLED_ELSEWHERE)
+            if path in reads and (path not in calls or handed_on):
                 found[name] = owner
                 break
     return found
