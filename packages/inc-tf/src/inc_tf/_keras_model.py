@@ -24,9 +24,9 @@ __all__ = [
     "copy_state",
     "input_batch_norms",
     "is_keras_model",
-    "refuse_table_layers",
     "layer_tokens",
     "prepare_graph",
+    "refuse_table_layers",
 ]
 
 _TOKEN = re.compile(r"incL(\d+)x(?:_\d+)?")

@@ -68,9 +68,8 @@ def _subclassed_specs(model: Any, example: list[np.ndarray] | None) -> list[Any]
     return [tf.TensorSpec([None, *tuple(shape)[1:]], tf.float32)]
 
 
+# A converter error for TF ops without a LiteRT kernel, and the op locations it gives ("fused["Op:", "path/Op@fn"]").
 _NOT_BUILTIN = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
-
-
 _LOCATION = re.compile(r'fused\["(\w+):", "([^"@]+)')
 
 

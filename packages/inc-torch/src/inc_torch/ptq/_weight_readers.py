@@ -29,9 +29,12 @@ __all__ = ["keep_to_module_path", "weights_read_without_calls"]
 
 _READ = re.compile(r"\bself\.([A-Za-z_][\w.]*)\.(?:weight|bias)\b")
 _CALL = re.compile(r"\bself\.([A-Za-z_][\w.]*?)(?:\.forward)?\s*\(")
-# The weight itself handed on (to F.linear, into a tuple...), not a look at its dtype or device, nor an isinstance
-# check (Hugging Face's T5 compares ``self.wo.weight.dtype`` only when the weight is still a tensor).
-_PASS = re.compile(r"(?<!isinstance\()\bself\.([A-Za-z_][\w.]*)\.(?:weight|bias)\b(?!\s*[.\[])(?!\s*=[^=])")
+# The weight itself handed on (to F.linear, into a tuple...), not a look at its dtype or device, a comparison
+# (``self.proj.bias is not None``), an assignment, nor an isinstance check (Hugging Face's T5 compares
+# ``self.wo.weight.dtype`` only when the weight is still a tensor).
+_PASS = re.compile(
+    r"(?<!isinstance\()\bself\.([A-Za-z_][\w.]*)\.(?:weight|bias)\b(?!\s*[.\[=!])(?!\s+(?:is|and|or)\b)"
+)
 # Methods that set weights up rather than compute with them.
 _SETUP = re.compile(r"init|reset|tie|resize|set_")
 # Modules whose code hands on the weights of layers it also calls, on a fast path inc keeps them off instead
