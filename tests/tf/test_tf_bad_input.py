@@ -127,6 +127,14 @@ def test_unwritable_output_leaves_no_partial_file(tmp_path, calib, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir.tflite"]
 
 
+def test_litert_model_saved_without_its_suffix(tmp_path, calib):
+    # written as it was named, "model" could not be read back: inc.load found no backend for the file
+    quantized = inc.quantize(models.cnn(), inc.QuantConfig(), dataset=calib)
+    with pytest.raises(SaveError, match=r"\.tflite file; got .*model'. Use a \.tflite path"):
+        inc.save(quantized, tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_keras_model_saved_under_a_wrong_suffix(tmp_path):
     with pytest.raises(SaveError, match=r"\.keras"):
         inc.save(models.cnn(), tmp_path / "model.bin", backend="tf")

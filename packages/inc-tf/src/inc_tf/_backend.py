@@ -214,6 +214,8 @@ class TfBackend(Backend):
             model.save(path)
             return
         if isinstance(model, LiteRTModel):
+            if path.suffix.lower() != ".tflite":  # inc.load finds the backend, and LiteRT tools the format, by it
+                raise SaveError(f"A LiteRT model is saved as a .tflite file; got {str(path)!r}. Use a .tflite path.")
             path.write_bytes(model.content)
             return
         if is_keras_model(model):
