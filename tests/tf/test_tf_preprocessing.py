@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 
 import inc_core as inc
 import inc_tf
-from inc_core.errors import UnsupportedModelError
+from inc_core.errors import DatasetError, UnsupportedModelError
 
 SIZES = np.array(["small", "medium", "large", "huge"])
 
@@ -202,3 +202,13 @@ def test_tf_op_outside_litert_builtins_is_named_with_its_layer() -> None:
     data = inc.Dataset(np.random.default_rng(0).normal(size=(64, 4, 4)).astype(np.float32), batch_size=32)
     with pytest.raises(UnsupportedModelError, match=r"uses TF op MatrixDeterminant \(in layer 'determinant'\).*format='savedmodel'"):
         inc.quantize(model, inc.QuantConfig(), dataset=data)
+
+
+def test_the_float_model_with_a_lookup_still_benchmarks_and_checks_its_string_input() -> None:
+    # only quantizing is refused; numbers for the string input are named as such (the input was typed float32)
+    model = _with_string_lookup()
+    _, test, _, _ = _data()
+    result = inc.benchmark(model, {"features": test["features"][:8], "size": SIZES[test["size"][:8]]}, iterations=3, warmup=1)
+    assert result.throughput > 0
+    with pytest.raises(DatasetError, match=r"input 1 has dtype float32; the model's input takes strings"):
+        inc.benchmark(model, {"features": test["features"][:8], "size": test["size"][:8].astype(np.float32)}, iterations=3)
