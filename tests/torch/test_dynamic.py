@@ -316,6 +316,8 @@ def test_fx_keeps_a_module_with_a_keyword_weight_call_float_and_says_so(caplog: 
     torch.manual_seed(0)
     model = KeywordWeightNet().eval()
     x = torch.randn(32, 6, 16)
+    listed = inc.describe(model, inc.QuantConfig(format="fx")).names
+    assert {"fc", "head"} <= set(listed) and not [n for n in listed if n.startswith("attn")]  # what it will quantize
     with caplog.at_level("WARNING", logger="inc_torch"):
         quantized = inc.quantize(model, inc.QuantConfig(format="fx"), dataset=inc.Dataset(x.numpy(), batch_size=8))
     assert "FX keeps 'attn' in FP32" in caplog.text and "format='pt2e'" in caplog.text

@@ -92,6 +92,7 @@ def fx_ops(model: nn.Module, mapping: Any, *, qat: bool = False) -> tuple[FxOp, 
         UnsupportedModelError: the model cannot be traced (from :func:`fx_prepare`).
     """
     from inc_torch.ptq._capture import fx_prepare
+    from inc_torch.ptq._kept_float import keyword_weight_scopes
 
     work = fold_parametrizations(copy.deepcopy(model).eval())
     work.train(qat)
@@ -133,6 +134,9 @@ def fx_ops(model: nn.Module, mapping: Any, *, qat: bool = False) -> tuple[FxOp, 
             op_type = base
             kind = "function" if node.op == "call_function" else "method"
         found.append(FxOp(Op(name, op_type), kind, scope, node.target, index, role))
+    if not qat:  # modules PTQ runs as opaque float calls (see keyword_weight_scopes): nothing in them is quantized
+        hidden = keyword_weight_scopes(prepared)
+        found = [op for op in found if not any(op.op.name == h or op.op.name.startswith(f"{h}.") for h in hidden)]
     return tuple(found)
 
 
