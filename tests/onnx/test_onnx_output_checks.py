@@ -91,6 +91,40 @@ def test_shared_zero_bias_gives_a_model_ort_loads_with_fidelity(fmt: str) -> Non
     assert [n.input[2] for n in model.graph.node if n.op_type == "Gemm"] == ["zero_bias", "zero_bias"]
 
 
+def shared_pad_value(seed: int = 0) -> onnx.ModelProto:
+    """Two Linear layers, each output padded by a Pad reading one shared constant value (timm's EfficientViT)."""
+    inits = [
+        *_weights(seed),
+        numpy_helper.from_array(np.array([0, 2, 0, 2], np.int64), "pads"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "pad_value"),
+        numpy_helper.from_array(np.array([1], np.int64), "starts"),  # one padded column kept: the value matters
+        numpy_helper.from_array(np.array([N + 1], np.int64), "ends"),
+        numpy_helper.from_array(np.array([1], np.int64), "axes"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Pad", ["h", "pads", "pad_value"], ["hp"], name="pad1"),
+        helper.make_node("Slice", ["hp", "starts", "ends", "axes"], ["hs"], name="crop1"),
+        helper.make_node("Gemm", ["hs", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Pad", ["h2", "pads", "pad_value"], ["h2p"], name="pad2"),
+        helper.make_node("Slice", ["h2p", "starts", "ends", "axes"], ["y"], name="crop2"),
+    ]
+    return _model(nodes, inits)
+
+
+@pytest.mark.parametrize("fmt", ["qoperator", "qdq"])
+def test_a_pad_value_shared_by_several_pads_quantizes(fmt: str) -> None:
+    # ORT's QOperator quantizer replaced the shared value by the first Pad's quantized copy, then failed on the
+    # second: "Invalid model with unknown initializers/tensors.{'pad_value'}" (an IncError, no model)
+    model = shared_pad_value()
+    quantized = inc.quantize(model, inc.QuantConfig(format=fmt), dataset=_data())
+    x = np.random.default_rng(5).normal(0, 1, (64, N)).astype(np.float32)
+    assert _cosine(_run(model, x), _run(quantized, x)) > 0.99
+    assert inc.get_backend("onnx").int8_op_counts(quantized).get("QGemm") == 2
+    # the user's model still shares its pad value: only the prepared copy was changed
+    assert [n.input[2] for n in model.graph.node if n.op_type == "Pad"] == ["pad_value", "pad_value"]
+
+
 def test_a_model_ort_refuses_is_an_error_naming_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
     # Without the repair, ORT's QOperator quantizer writes the broken model; the output check must catch it.
     monkeypatch.setattr(preprocess, "unshare_biases", lambda model: 0)

@@ -20,6 +20,9 @@ log = logging.getLogger("inc")
 
 # Op type -> index of the input the quantizers turn into an int32 bias (scale = input scale x weight scale).
 BIAS_SLOTS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
+# Op type -> index of a constant input the quantizers rewrite for each node: the biases, and Pad's constant_value,
+# which the QOperator quantizer replaces by its quantized value (and drops the float one) node by node.
+_PER_NODE_CONSTANTS = {**BIAS_SLOTS, "Pad": 2}
 
 
 def merge_opsets(model: onnx.ModelProto) -> None:
@@ -40,13 +43,17 @@ def merge_opsets(model: onnx.ModelProto) -> None:
 
 
 def unshare_biases(model: onnx.ModelProto) -> int:
-    """Give every bias input of a Conv/ConvTranspose/Gemm its own initializer; returns how many were copied.
+    """Give every bias input of a Conv/ConvTranspose/Gemm, and every Pad's constant value, its own initializer;
+    returns how many were copied.
 
     Exporters (and ORT's own constant sharing) let several nodes read one initializer, typically a zero
     bias. The QOperator quantizer quantizes a bias once, with the first node's input scale, and then
     hands that int32 tensor to every other reader: a second Gemm gets a bias on the wrong scale, and
     an Add that reads the same tensor becomes a QLinearAdd with an int32 input, which ORT rejects
-    (``INVALID_GRAPH ... tensor(int32) ... QLinearAdd``). Biases are small, so copying them is cheap.
+    (``INVALID_GRAPH ... tensor(int32) ... QLinearAdd``). A Pad's constant value shared by several Pads
+    (timm's EfficientViT: four) is replaced by the first one's quantized copy and removed, and the
+    quantizer then fails on the next ("Invalid model with unknown initializers/tensors"). These tensors
+    are small, so copying them is cheap.
     """
     initializers = {init.name: init for init in model.graph.initializer}
     uses: collections.Counter[str] = collections.Counter(
@@ -55,7 +62,7 @@ def unshare_biases(model: onnx.ModelProto) -> int:
     taken = {*initializers, *(o for node in model.graph.node for o in node.output), *(v.name for v in model.graph.input)}
     copied = 0
     for node in model.graph.node:
-        slot = BIAS_SLOTS.get(node.op_type)
+        slot = _PER_NODE_CONSTANTS.get(node.op_type)
         if node.domain or slot is None or len(node.input) <= slot:
             continue
         name = node.input[slot]
@@ -70,7 +77,7 @@ def unshare_biases(model: onnx.ModelProto) -> int:
         uses[name] -= 1
         copied += 1
     if copied:
-        log.info("gave %d shared bias initializer use(s) their own copy", copied)
+        log.info("gave %d shared bias or pad-value initializer use(s) their own copy", copied)
     return copied
 
 
