@@ -326,6 +326,26 @@ def test_fx_keeps_a_module_with_a_keyword_weight_call_float_and_says_so(caplog: 
         assert cosine(model(x).numpy(), quantized(x).numpy()) >= 0.99
 
 
+def test_fx_qat_trains_a_module_with_a_keyword_weight_call_in_float(caplog: pytest.LogCaptureFixture) -> None:
+    # prepare_qat accepted the model, the user trained it, and convert then failed ("Dequantize index 1 exceeded
+    # reference node's arg length 1")
+    torch.manual_seed(0)
+    model = KeywordWeightNet().eval()
+    x = torch.randn(32, 6, 16)
+    with caplog.at_level("WARNING", logger="inc_torch"):
+        qat = inc_torch.prepare_qat(model, inc.QATConfig(format="fx"), x[:8].numpy())
+    assert "FX keeps 'attn' in FP32" in caplog.text
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        qat(x).pow(2).mean().backward()
+        optimizer.step()
+    converted = inc_torch.convert(qat)
+    assert sorted(inc_torch.quantized_ops(converted)) == ["fc", "head"]
+    with torch.no_grad():
+        assert cosine(model(x).numpy(), converted(x).numpy()) >= 0.99
+
+
 @pytest.mark.parametrize("padding_mask", [False, True], ids=["no_mask", "padding_mask"])
 def test_transformer_encoder_runs_after_dynamic_quantization(padding_mask: bool) -> None:
     # torch's fused encoder fast path (eval, batch_first=True) reads linear1/linear2's weights as tensors

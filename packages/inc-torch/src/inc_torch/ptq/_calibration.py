@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +27,8 @@ from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch._hf import check_hf_inputs, prepare_for_capture
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
-from inc_torch.ptq._kept_float import KeptFloat, keep_float, keyword_weight_scopes
+from inc_torch.ptq._kept_float import KeptFloat, keep_float, keyword_weight_scopes, warn_kept_float
 from inc_torch.ptq._observers import HISTOGRAM_BINS, is_activation_observer
-
-log = logging.getLogger(__name__)
 
 __all__ = ["TorchCalibration", "calibrate", "load_statistics", "model_signature", "op_nodes"]
 
@@ -197,11 +194,7 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
     kept_float: tuple[str, ...] = ()
     if fmt == "fx" and (hidden := keyword_weight_scopes(base)):
         # traced again with those modules opaque: calibrated as the quantized graph will run them
-        log.warning(
-            "FX keeps %s in FP32: %s F.linear/F.conv with the weight passed by keyword (weight=...), which "
-            "torch.ao's FX patterns cannot see. format='pt2e' quantizes them.",
-            ", ".join(repr(h) for h in hidden), "it calls" if len(hidden) == 1 else "they call",
-        )
+        warn_kept_float(hidden)
         for scope in hidden:
             keep_float(work, scope)
         kept_float = tuple(hidden)

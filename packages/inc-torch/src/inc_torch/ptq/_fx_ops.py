@@ -91,6 +91,12 @@ def fx_ops(model: nn.Module, mapping: Any, *, qat: bool = False) -> tuple[FxOp, 
     Raises:
         UnsupportedModelError: the model cannot be traced (from :func:`fx_prepare`).
     """
+    return traced_fx_ops(model, mapping, qat=qat)[0]
+
+
+def traced_fx_ops(model: nn.Module, mapping: Any, *, qat: bool = False) -> tuple[tuple[FxOp, ...], tuple[str, ...]]:
+    """:func:`fx_ops`, and the modules to run as opaque float calls (:func:`keyword_weight_scopes`), whose ops
+    are not listed: nothing in them is quantized."""
     from inc_torch.ptq._capture import fx_prepare
     from inc_torch.ptq._kept_float import keyword_weight_scopes
 
@@ -134,10 +140,9 @@ def fx_ops(model: nn.Module, mapping: Any, *, qat: bool = False) -> tuple[FxOp, 
             op_type = base
             kind = "function" if node.op == "call_function" else "method"
         found.append(FxOp(Op(name, op_type), kind, scope, node.target, index, role))
-    if not qat:  # modules PTQ runs as opaque float calls (see keyword_weight_scopes): nothing in them is quantized
-        hidden = keyword_weight_scopes(prepared)
-        found = [op for op in found if not any(op.op.name == h or op.op.name.startswith(f"{h}.") for h in hidden)]
-    return tuple(found)
+    hidden = keyword_weight_scopes(prepared)
+    found = [op for op in found if not any(op.op.name == h or op.op.name.startswith(f"{h}.") for h in hidden)]
+    return tuple(found), tuple(hidden)
 
 
 def apply_fx_settings(mapping: Any, table: dict[str, FxOp], per_op: dict[str, Any]) -> Any:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["KeptFloat", "keep_float", "keyword_weight_scopes"]
+__all__ = ["KeptFloat", "keep_float", "keyword_weight_scopes", "warn_kept_float"]
+
+log = logging.getLogger("inc_torch.ptq")
 
 
 class KeptFloat(nn.Module):
@@ -57,3 +60,12 @@ def keep_float(model: nn.Module, name: str) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, KeptFloat(getattr(parent, child)))
+
+
+def warn_kept_float(scopes: tuple[str, ...] | list[str]) -> None:
+    """Say which modules FX runs in FP32 because of :func:`keyword_weight_scopes`, and the path that does not."""
+    log.warning(
+        "FX keeps %s in FP32: %s F.linear/F.conv with the weight passed by keyword (weight=...), which "
+        "torch.ao's FX patterns cannot see. format='pt2e' quantizes them.",
+        ", ".join(repr(s) for s in scopes), "it calls" if len(scopes) == 1 else "they call",
+    )

@@ -26,7 +26,8 @@ from inc_torch._inputs import Inputs, float_dtype, to_inputs
 from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
 from inc_torch.ptq._compiled import CompiledQuantizedModule
-from inc_torch.ptq._fx_ops import apply_fx_settings, fx_ops
+from inc_torch.ptq._fx_ops import apply_fx_settings, traced_fx_ops
+from inc_torch.ptq._kept_float import KeptFloat, keep_float, warn_kept_float
 from inc_torch.ptq._ops import ACTIVATION_DTYPES, quantizable_ops
 from inc_torch.ptq._pt2e import float_only_quantizer_class
 from inc_torch.ptq._settings import OpSettings
@@ -230,8 +231,10 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
     """
     fmt = _check(model, config)
     fx_table: dict[str, Any] = {}
+    hidden: tuple[str, ...] = ()
     if fmt == "fx":
-        fx_table = {entry.op.name: entry for entry in fx_ops(model, _fx_qat_mapping(config), qat=True)}
+        entries, hidden = traced_fx_ops(model, _fx_qat_mapping(config), qat=True)
+        fx_table = {entry.op.name: entry for entry in entries}
         ops = tuple(entry.op for entry in fx_table.values())
     else:
         ops = quantizable_ops(model, QuantConfig(format=fmt), fmt)
@@ -252,7 +255,11 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
         _pt2e_train_eval(prepared)
     else:
         mapping = apply_fx_settings(_fx_qat_mapping(config), fx_table, dict.fromkeys(excluded))
-        prepared = fx_prepare(work, mapping, positional(work, example), qat=True)
+        if hidden:  # trained in float as opaque calls: convert_fx could not quantize them (see keyword_weight_scopes)
+            warn_kept_float(hidden)
+            for scope in hidden:
+                keep_float(work, scope)
+        prepared = fx_prepare(work, mapping, positional(work, example), qat=True, leaves=(KeptFloat,))
         _reduce_depthwise_fake_quant(prepared, config)
     state = _QatState(format=fmt, config=config, example=example)
     setattr(prepared, _STATE, state)
