@@ -91,12 +91,12 @@ def test_shared_zero_bias_gives_a_model_ort_loads_with_fidelity(fmt: str) -> Non
     assert [n.input[2] for n in model.graph.node if n.op_type == "Gemm"] == ["zero_bias", "zero_bias"]
 
 
-def shared_pad_value(seed: int = 0) -> onnx.ModelProto:
+def shared_pad_value(seed: int = 0, value: float = 0.0) -> onnx.ModelProto:
     """Two Linear layers, each output padded by a Pad reading one shared constant value (timm's EfficientViT)."""
     inits = [
         *_weights(seed),
         numpy_helper.from_array(np.array([0, 2, 0, 2], np.int64), "pads"),
-        numpy_helper.from_array(np.array(0.0, np.float32), "pad_value"),
+        numpy_helper.from_array(np.array(value, np.float32), "pad_value"),
         numpy_helper.from_array(np.array([1], np.int64), "starts"),  # one padded column kept: the value matters
         numpy_helper.from_array(np.array([N + 1], np.int64), "ends"),
         numpy_helper.from_array(np.array([1], np.int64), "axes"),
@@ -123,6 +123,16 @@ def test_a_pad_value_shared_by_several_pads_quantizes(fmt: str) -> None:
     assert inc.get_backend("onnx").int8_op_counts(quantized).get("QGemm") == 2
     # the user's model still shares its pad value: only the prepared copy was changed
     assert [n.input[2] for n in model.graph.node if n.op_type == "Pad"] == ["pad_value", "pad_value"]
+
+
+@pytest.mark.parametrize("fmt", ["qoperator", "qdq"])
+def test_a_pad_value_outside_the_calibrated_range_is_kept(fmt: str) -> None:
+    # an INT8 Pad writes its constant in its input's scale: 40.0, beyond a range that ends near 3, was clamped
+    # to it (QOperator cosine 0.848)
+    model = shared_pad_value(seed=3, value=40.0)
+    quantized = inc.quantize(model, inc.QuantConfig(format=fmt), dataset=_data())
+    x = np.random.default_rng(5).normal(0, 1, (64, N)).astype(np.float32)
+    assert _cosine(_run(model, x), _run(quantized, x)) > 0.99
 
 
 def test_a_model_ort_refuses_is_an_error_naming_the_node(monkeypatch: pytest.MonkeyPatch) -> None:

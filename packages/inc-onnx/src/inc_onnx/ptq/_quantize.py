@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
 from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -350,6 +351,7 @@ def _static_ranges(
             for name in node.output:
                 deciding.setdefault(name, node)
     params: dict[str, tuple[float, float, QParams]] = {}
+    schemes: dict[str, str] = {}
     for tensor in calibration.observers:
         node = deciding.get(tensor)
         name, op_type = (node.name, node.op_type) if node is not None else ("", "")
@@ -358,6 +360,8 @@ def _static_ranges(
         method = config.setting(name, op_type, "calibration")
         low, high = calibration.range(tensor, method, percentile=config.percentile, dtype=dtype, scheme=scheme)
         params[tensor] = (low, high, compute_qparams(low, high, dtype=dtype, scheme=scheme))
+        schemes[tensor] = scheme
+    _hold_pad_values(model, quantized_names, params, schemes)
     # A Relu/Clip that ORT folds into its producer leaves the producer writing the activation's output
     # directly, so the input must carry the output's parameters (what ORT's own range adjustment does).
     for node in model.graph.node:
@@ -383,6 +387,32 @@ def _static_ranges(
     if fmt == "qdq":
         overrides.update(_weight_overrides(model, config, quantized, nodes))
     return ranges, overrides
+
+
+def _hold_pad_values(
+    model: onnx.ModelProto, quantized: set[str], params: dict[str, tuple[float, float, QParams]], schemes: dict[str, str]
+) -> None:
+    """Widen the range of each quantized constant-mode Pad's input and output to hold the value it pads with.
+
+    An INT8 Pad writes its constant in the tensor's scale, and ORT's quantizers clamp it to that range: timm's
+    EfficientViT pads its ReLU attention values, whose range ends near 0.3, with ones to compute the normaliser,
+    which came out about three times too small (QOperator output cosine 0.39).
+    """
+    initializers = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name not in quantized or node.op_type != "Pad" or len(node.input) < 3 or node.input[2] not in initializers:
+            continue
+        if next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant") != "constant":
+            continue
+        value = float(numpy_helper.to_array(initializers[node.input[2]]).reshape(-1)[0])
+        for tensor in (node.input[0], node.output[0]):
+            if tensor not in params:
+                continue
+            low, high, qp = params[tensor]
+            if low <= value <= high:
+                continue
+            low, high = min(low, value), max(high, value)
+            params[tensor] = (low, high, compute_qparams(low, high, dtype=qp.dtype, scheme=schemes[tensor]))
 
 
 def _weight_overrides(
