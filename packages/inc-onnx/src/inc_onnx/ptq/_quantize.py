@@ -394,9 +394,10 @@ def _hold_pad_values(
 ) -> None:
     """Widen the range of each quantized constant-mode Pad's input and output to hold the value it pads with.
 
-    An INT8 Pad writes its constant in the tensor's scale, and ORT's quantizers clamp it to that range: timm's
-    EfficientViT pads its ReLU attention values, whose range ends near 0.3, with ones to compute the normaliser,
-    which came out about three times too small (QOperator output cosine 0.39).
+    An INT8 Pad writes its constant in the tensor's scale, and ORT's QOperator quantizer clamps it to that range:
+    a Pad of 40.0 after a layer whose outputs end near 3 padded with 3 (output cosine 0.848). Models pad with
+    values outside their activations' range on purpose (timm's EfficientViT pads ReLU attention values with ones
+    to compute a normaliser).
     """
     initializers = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
