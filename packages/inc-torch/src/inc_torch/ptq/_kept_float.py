@@ -52,7 +52,8 @@ def keyword_weight_scopes(prepared: torch.fx.GraphModule) -> list[str]:
             scope = scopes.get(node.name, ("", None))[0]
             if scope and scope not in found:
                 found.append(scope)
-    return found
+    # the outermost only: a module inside one held opaque is held with it
+    return [s for s in found if not any(s.startswith(f"{outer}.") for outer in found)]
 
 
 def keep_float(model: nn.Module, name: str) -> None:
