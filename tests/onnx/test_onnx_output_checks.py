@@ -78,13 +78,19 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def _quantized_with_fidelity(model: onnx.ModelProto, fmt: str) -> tuple[onnx.ModelProto, float]:
+    """The static INT8 model of ``model`` and its output cosine against FP32 on held-out rows (ORT loads both)."""
+    quantized = inc.quantize(model, inc.QuantConfig(format=fmt), dataset=_data())
+    x = np.random.default_rng(5).normal(0, 1, (64, N)).astype(np.float32)
+    return quantized, _cosine(_run(model, x), _run(quantized, x))
+
+
 @pytest.mark.parametrize("fmt", ["qoperator", "qdq"])
 def test_shared_zero_bias_gives_a_model_ort_loads_with_fidelity(fmt: str) -> None:
     model = shared_zero_bias()
-    quantized = inc.quantize(model, inc.QuantConfig(format=fmt), dataset=_data())
-    x = np.random.default_rng(5).normal(0, 1, (64, N)).astype(np.float32)
     # Loads (the check that failed with INVALID_GRAPH ... tensor(int32) ... QLinearAdd) and tracks FP32.
-    assert _cosine(_run(model, x), _run(quantized, x)) > 0.99
+    quantized, fidelity = _quantized_with_fidelity(model, fmt)
+    assert fidelity > 0.99
     counts = inc.get_backend("onnx").int8_op_counts(quantized)
     assert counts.get("QGemm") == 2, counts
     # The user's model still shares its bias: only the prepared copy was changed.
@@ -117,9 +123,8 @@ def test_a_pad_value_shared_by_several_pads_quantizes(fmt: str) -> None:
     # ORT's QOperator quantizer replaced the shared value by the first Pad's quantized copy, then failed on the
     # second: "Invalid model with unknown initializers/tensors.{'pad_value'}" (an IncError, no model)
     model = shared_pad_value()
-    quantized = inc.quantize(model, inc.QuantConfig(format=fmt), dataset=_data())
-    x = np.random.default_rng(5).normal(0, 1, (64, N)).astype(np.float32)
-    assert _cosine(_run(model, x), _run(quantized, x)) > 0.99
+    quantized, fidelity = _quantized_with_fidelity(model, fmt)
+    assert fidelity > 0.99
     assert inc.get_backend("onnx").int8_op_counts(quantized).get("QGemm") == 2
     # the user's model still shares its pad value: only the prepared copy was changed
     assert [n.input[2] for n in model.graph.node if n.op_type == "Pad"] == ["pad_value", "pad_value"]
@@ -129,10 +134,7 @@ def test_a_pad_value_shared_by_several_pads_quantizes(fmt: str) -> None:
 def test_a_pad_value_outside_the_calibrated_range_is_kept(fmt: str) -> None:
     # an INT8 Pad writes its constant in its input's scale: 40.0, beyond a range that ends near 3, was clamped
     # to it (QOperator cosine 0.848)
-    model = shared_pad_value(seed=3, value=40.0)
-    quantized = inc.quantize(model, inc.QuantConfig(format=fmt), dataset=_data())
-    x = np.random.default_rng(5).normal(0, 1, (64, N)).astype(np.float32)
-    assert _cosine(_run(model, x), _run(quantized, x)) > 0.99
+    assert _quantized_with_fidelity(shared_pad_value(seed=3, value=40.0), fmt)[1] > 0.99
 
 
 def test_a_model_ort_refuses_is_an_error_naming_the_node(monkeypatch: pytest.MonkeyPatch) -> None:

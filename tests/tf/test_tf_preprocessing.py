@@ -23,6 +23,12 @@ import inc_tf
 from inc_core.errors import DatasetError, UnsupportedModelError
 
 SIZES = np.array(["small", "medium", "large", "huge"])
+# inc-tf's INT8 outputs: LiteRT static and dynamic range, and the SavedModel target
+EVERY_TARGET = pytest.mark.parametrize(
+    "config",
+    [inc.QuantConfig(), inc.QuantConfig(approach="dynamic"), inc.QuantConfig(format="savedmodel")],
+    ids=["litert_static", "litert_dynamic", "savedmodel"],
+)
 
 
 @functools.cache
@@ -77,11 +83,7 @@ def _calibration() -> inc.Dataset:
     return inc.Dataset({k: v[:256] for k, v in train.items()}, batch_size=32)
 
 
-@pytest.mark.parametrize(
-    "config",
-    [inc.QuantConfig(), inc.QuantConfig(format="savedmodel"), inc.QuantConfig(approach="dynamic")],
-    ids=["litert_static", "savedmodel", "litert_dynamic"],
-)
+@EVERY_TARGET
 def test_int8_model_standardises_and_one_hot_encodes_like_the_keras_model(config: inc.QuantConfig) -> None:
     # inc converts a renamed copy of the model: set_weights left the copy's Normalization with mean 0 and variance 1
     # (cosine 0.28 on a digits CNN); LiteRT's INT8 ONE_HOT read every off position as 0.5, and the category codes
@@ -122,11 +124,7 @@ def _batch_norm_first() -> keras.Model:
     return model
 
 
-@pytest.mark.parametrize(
-    "config",
-    [inc.QuantConfig(), inc.QuantConfig(approach="dynamic"), inc.QuantConfig(format="savedmodel")],
-    ids=["litert_static", "litert_dynamic", "savedmodel"],
-)
+@EVERY_TARGET
 def test_batch_norm_on_raw_features_is_not_folded_into_int8_weights(config: inc.QuantConfig) -> None:
     # the converter folded the layer's scale into the Dense's weights per input column (int8 per output channel
     # rounded most columns away) and its offset into the bias, leaving the int8 input uncentred: cosine 0.32-0.34,
