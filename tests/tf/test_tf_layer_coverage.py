@@ -70,6 +70,56 @@ def test_excluding_a_layer_takes_its_int8_ops_out(name: str, op: str, count: int
     assert _int8_ops(model).get(op, 0) - _int8_ops(model, (name,)).get(op, 0) == count
 
 
+@keras.saving.register_keras_serializable(package="inc_tests")
+class FeedForward(keras.layers.Layer):
+    """A user's block holding Dense layers (what keras_hub's TransformerEncoder and most custom blocks are)."""
+
+    def __init__(self, units: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.units = units
+        self.expand = keras.layers.Dense(4 * units, activation="relu")
+        self.project = keras.layers.Dense(units)
+
+    def call(self, x: object) -> object:
+        return x + self.project(self.expand(x))
+
+    def get_config(self) -> dict[str, object]:
+        return {**super().get_config(), "units": self.units}
+
+
+@functools.cache
+def _with_block() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    rows = keras.Input((8, 8), name="rows")
+    h = FeedForward(16, name="block")(keras.layers.Dense(16, name="embed")(rows))
+    model = keras.Model(rows, keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(h)))
+    x_train, _, y_train, _ = _rows()
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_train, y_train, epochs=4, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("approach", ["static", "dynamic"])
+def test_a_custom_layer_holding_dense_layers_is_listed_and_quantized(approach: str) -> None:
+    # describe listed only built-in layer types, so dynamic quantization of a model whose weights sit in custom
+    # blocks (keras_hub's transformers) answered "Nothing to quantize ... its largest weight holds 64000"
+    model = _with_block()
+    x_train, x_test, _, y_test = _rows()
+    config = inc.QuantConfig(approach=approach)
+    listed = [(op.name, op.op_type) for op in inc.describe(model, config).ops]
+    assert ("block", "FeedForward") in listed
+    quantized = inc.quantize(model, config, dataset=inc.Dataset(x_train[:128], batch_size=32))
+    assert models.accuracy(quantized, x_test, y_test) >= models.accuracy(model, x_test, y_test) - 0.02
+    if approach == "dynamic":  # int8 weights: the block's two Dense layers and the logits (embed is under 1,024)
+        assert inc.resolve_backend(quantized).int8_op_counts(quantized) == {"FULLY_CONNECTED": 3}
+    else:
+        excluded = inc.QuantConfig(exclude=inc.LayerFilter(names=("block",)))
+        kept = inc.quantize(model, excluded, dataset=inc.Dataset(x_train[:128], batch_size=32))
+        backend = inc.resolve_backend(quantized)
+        # the block's two Dense layers run as FULLY_CONNECTED ops (one per step of the sequence or batched)
+        assert backend.int8_op_counts(quantized)["FULLY_CONNECTED"] - backend.int8_op_counts(kept)["FULLY_CONNECTED"] == 2
+
+
 def test_qat_of_the_sequence_model_converts_without_losing_what_it_learned() -> None:
     """Layers LiteRT runs as several ops keep calibrated ranges inside: only their output takes the learned range
     (GroupNormalization's statistics had taken its output's range and cost the INT8 model ~10 points)."""

@@ -169,8 +169,8 @@ def test_a_litert_model_that_does_not_run_is_an_error_not_a_result(monkeypatch) 
 
     written = flatbuffer.with_ranges
 
-    def empty_ranges_kept(content: bytes, ranges: dict) -> bytes:
-        model = flatbuffer._model(written(content, ranges))
+    def empty_ranges_kept(content: bytes, ranges: dict, *, unranged: tuple = ()) -> bytes:
+        model = flatbuffer._model(written(content, ranges, unranged=unranged))
         for index, (low, high) in ranges.items():
             if max(high, 0.0) - min(low, 0.0) <= 0.0:
                 model.subgraphs[0].tensors[index].quantization.max = np.array([0.0], dtype=np.float32)

@@ -7,8 +7,10 @@ points. Writing inc's ranges into those fields is how inc's observers decide the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -136,12 +138,18 @@ def ranged_tensors(content: bytes) -> dict[int, str]:
     return found
 
 
-def with_ranges(content: bytes, ranges: Mapping[int, tuple[float, float]]) -> bytes:
-    """A copy of a calibrated model whose tensors ``ranges`` names carry those (min, max) values."""
+def with_ranges(
+    content: bytes, ranges: Mapping[int, tuple[float, float]], *, unranged: Collection[int] = ()
+) -> bytes:
+    """A copy of a calibrated model whose tensors ``ranges`` names carry those (min, max) values, and whose tensors
+    ``unranged`` names carry none (the quantizer leaves them float and quantizes each reader's copy on its own)."""
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = _model(content)
     tensors = model.subgraphs[0].tensors
+    for index in unranged:
+        tensors[index].quantization = None
+    ranges = {index: span for index, span in ranges.items() if index not in set(unranged)}
     spans = [max(high, 0.0) - min(low, 0.0) for low, high in ranges.values()]
     typical = float(np.median([s for s in spans if s > 0])) if any(s > 0 for s in spans) else 1.0
     for index, (low, high) in ranges.items():
@@ -156,6 +164,78 @@ def with_ranges(content: bytes, ranges: Mapping[int, tuple[float, float]]) -> by
         quant.min = np.array([low], dtype=np.float32)
         quant.max = np.array([high], dtype=np.float32)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def repaired_quantization(content: bytes) -> bytes:
+    """A copy of a quantized model with two of the quantizer's detours through a coarser int8 tensor removed.
+
+    * A ``QUANTIZE`` that requantizes another's int8 output reads that one's float input instead. The quantizer
+      quantizes a float tensor read at two scales once at one of them and requantizes that to the other: what the
+      first scale clipped is lost to the second (a feature up to 4,000 quantized for a standardised slice at most
+      2.5, then requantized for its own slice: every value reads 2.5).
+    * A slice or reshape between a ``QUANTIZE`` and a ``DEQUANTIZE`` runs on the float tensor (a float twin takes
+      the ``DEQUANTIZE``'s place; the int8 one stays for its int8 readers, if any): its int8 form only rounds what
+      a float op (a Discretization's ``BUCKETIZE``) reads next (raw amounts on a step of 15.7 move values across
+      bucket boundaries).
+
+    Both cost nothing at run time.
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = _model(content)
+    graph = model.subgraphs[0]
+    operators = list(graph.operators or [])
+    kind = {id(op): str(flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)) for op in operators}
+    is_float = {i for i, tensor in enumerate(graph.tensors) if _dtype_name(tensor.type).startswith("float")}
+    float_source = {
+        int(op.outputs[0]): int(op.inputs[0]) for op in operators if kind[id(op)] == "QUANTIZE" and op.inputs[0] in is_float
+    }
+    changed = False
+    for op in operators:
+        source = float_source.get(int(op.inputs[0])) if kind[id(op)] == "QUANTIZE" else None
+        if source is not None:
+            op.inputs[0] = source
+            changed = True
+    float_source = {  # again: the requantizes rewired above now quantize float tensors too
+        int(op.outputs[0]): int(op.inputs[0]) for op in operators if kind[id(op)] == "QUANTIZE" and op.inputs[0] in is_float
+    }
+    readers: dict[int, list] = {}
+    for op in operators:
+        for tensor in op.inputs if op.inputs is not None else []:
+            readers.setdefault(int(tensor), []).append(op)
+    outputs = {int(t) for t in graph.outputs}
+    in_float: dict[int, Any] = {}  # id of a DEQUANTIZE -> the float op computing its output instead
+    for op in operators:
+        source = float_source.get(int(op.inputs[0])) if op.inputs is not None and len(op.inputs) else None
+        if kind[id(op)] not in _FLOAT_CARRIERS or source is None or len(op.outputs) != 1:
+            continue
+        for reader in readers.get(int(op.outputs[0]), []):
+            if kind[id(reader)] == "DEQUANTIZE":
+                twin = copy.deepcopy(op)
+                twin.inputs = [source, *(int(t) for t in op.inputs[1:])]
+                twin.outputs = [int(reader.outputs[0])]
+                in_float[id(reader)] = twin
+    if not changed and not in_float:
+        return content
+    kept = [in_float.get(id(op), op) for op in operators]
+    kind.update({id(twin): "float twin" for twin in in_float.values()})
+    while True:  # drop the int8 ops nothing reads any more (a slice whose only reader was a DEQUANTIZE, its QUANTIZE)
+        read = {int(t) for op in kept for t in (op.inputs if op.inputs is not None else [])} | outputs
+        dead = {
+            id(op) for op in kept
+            if kind[id(op)] in _FLOAT_CARRIERS | {"QUANTIZE"} and not any(int(t) in read for t in op.outputs)
+        }
+        if not dead:
+            break
+        kept = [op for op in kept if id(op) not in dead]
+    graph.operators = kept
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+# Ops whose int8 form only moves or selects values: between a QUANTIZE and a DEQUANTIZE they run as well in float.
+_FLOAT_CARRIERS = frozenset({
+    "STRIDED_SLICE", "SLICE", "GATHER", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE",
+})
 
 
 def with_metadata(content: bytes, key: str, value: bytes) -> bytes:

@@ -143,6 +143,8 @@ class KerasGraph:
         input_shapes: each input's shape without the batch dimension (``None`` for a free dimension).
         input_dtypes: each input's dtype (functional and Sequential models; empty for a subclassed model,
             whose inputs are taken as float32).
+        sublayer_types: the Keras class names of the layers each layer holds (a custom transformer block's
+            Dense and EinsumDense layers), at any depth.
     """
 
     model: Any
@@ -153,6 +155,7 @@ class KerasGraph:
     input_shapes: tuple[tuple[int | None, ...], ...]
     weight_sizes: tuple[int, ...] = ()
     input_dtypes: tuple[np.dtype, ...] = ()
+    sublayer_types: tuple[frozenset[str], ...] = ()
 
     def layers_in(self, names: Iterable[str]) -> set[int]:
         """Indices of the layers that tensor/op names mention."""
@@ -247,6 +250,7 @@ def prepare_graph(model: Any) -> KerasGraph:
     """The converter's view of a checked Keras model (see the module docstring)."""
     import keras
 
+    model = _with_listed_inputs(model)
     layers = list(model.layers)
     names = tuple(layer.name for layer in layers)
     types = tuple(type(layer).__name__ for layer in layers)
@@ -258,8 +262,9 @@ def prepare_graph(model: Any) -> KerasGraph:
         input_shapes = (tuple(built_with[1:]),)  # a subclassed model built with model.build((None, ...))
     sizes = tuple(max((int(np.prod(w.shape)) for w in layer.weights if len(w.shape) >= 2), default=0) for layer in layers)
     dtypes = tuple(_numpy_dtype(getattr(t, "dtype", None)) for t in inputs)
+    held = tuple(frozenset(type(sub).__name__ for sub in sublayers(layer)) for layer in layers)
     if not _is_graph_model(model):
-        return KerasGraph(model, names, types, False, input_names, input_shapes, sizes, dtypes)
+        return KerasGraph(model, names, types, False, input_names, input_shapes, sizes, dtypes, held)
     index = {id(layer): i for i, layer in enumerate(layers)}
     from inc_tf._input_norm import converter_layer, reads_model_input
 
@@ -273,8 +278,31 @@ def prepare_graph(model: Any) -> KerasGraph:
         clone = keras.models.clone_model(model, clone_function=rename)
         copy_state(model, clone)
     except Exception:  # a custom layer without a faithful get_config: convert the model as it is
-        return KerasGraph(model, names, types, False, input_names, input_shapes, sizes, dtypes)
-    return KerasGraph(clone, names, types, True, input_names, input_shapes, sizes, dtypes)
+        return KerasGraph(model, names, types, False, input_names, input_shapes, sizes, dtypes, held)
+    return KerasGraph(clone, names, types, True, input_names, input_shapes, sizes, dtypes, held)
+
+
+def sublayers(layer: Any) -> list[Any]:
+    """The layers ``layer`` holds, at any depth (Keras' own walk; none for a layer without it)."""
+    flatten = getattr(layer, "_flatten_layers", None)
+    return list(flatten(include_self=False, recursive=True)) if flatten is not None else []
+
+
+def _with_listed_inputs(model: Any) -> Any:
+    """``model`` itself, or, for a functional model that takes a dict of inputs, the same graph (the same layers,
+    nothing copied) taking them as a list in ``model.inputs`` order.
+
+    The TF converter and SavedModel export pass a model its inputs as a list; a model built with
+    ``keras.Model({"token_ids": ..., "padding_mask": ...}, ...)`` (every keras_hub backbone) refuses that
+    ("The structure of `inputs` doesn't match"), and TF's fallback tracer then fails on Keras 3 with
+    "'NoneType' object is not callable". inc's calibration batches and the INT8 model take inputs by name either
+    way.
+    """
+    import keras
+
+    if isinstance(model, keras.Sequential) or not _is_graph_model(model) or not isinstance(model.input, dict):
+        return model
+    return keras.Model(inputs=list(model.inputs), outputs=model.output, name=model.name)
 
 
 def input_batch_norms(graph: KerasGraph) -> frozenset[int]:

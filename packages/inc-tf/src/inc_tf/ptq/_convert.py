@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from inc_core.errors import TuningError, UnsupportedModelError
+from inc_tf._keras_model import sublayers
 
 __all__ = ["calibrated_flatbuffer", "dynamic_flatbuffer", "quantize_flatbuffer"]
 
@@ -71,6 +72,8 @@ def _subclassed_specs(model: Any, example: list[np.ndarray] | None) -> list[Any]
 # A converter error for TF ops without a LiteRT kernel, and the op locations it gives ("fused["Op:", "path/Op@fn"]").
 _NOT_BUILTIN = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
 _LOCATION = re.compile(r'fused\["(\w+):", "([^"@]+)')
+# The op in a form LiteRT's STRIDED_SLICE lacks: a new axis (``x[:, None]``) on a tensor of unknown dimensions.
+_NEW_AXIS_ON_FREE_SHAPE = re.compile(r'"tf\.StridedSlice".*new_axis_mask = [1-9].*tensor<[^>]*\?')
 
 
 def _layers_named(text: str, ops: list[str], layer_names: tuple[str, ...]) -> list[str]:
@@ -96,6 +99,13 @@ def _untraceable(model: Any, exc: BaseException, layer_names: tuple[str, ...] = 
     if ops:  # the graph traced; LiteRT has no kernel for some of its TF ops
         layers = _layers_named(text, ops, layer_names)
         where = f" (in layer {', '.join(repr(n) for n in layers)})" if layers else ""
+        if ops == ["StridedSlice"] and _NEW_AXIS_ON_FREE_SHAPE.search(text):
+            return UnsupportedModelError(
+                f"Keras model {getattr(model, 'name', '?')!r} inserts an axis into a tensor whose dimensions are not "
+                f"fixed (x[:, None], a TF StridedSlice with new_axis_mask){where}: LiteRT's STRIDED_SLICE takes "
+                "that only on fixed shapes. Give the model inputs a fixed size (keras.Input(shape=(128,)) for a "
+                "sequence length), or use QuantConfig(format='savedmodel'), where TensorFlow runs every op."
+            )
         return UnsupportedModelError(
             f"Keras model {getattr(model, 'name', '?')!r} uses TF op {', '.join(ops)}{where}, which LiteRT's "
             "built-in ops do not include (the ai-edge-litert interpreter runs no TF/Flex ops). Use "
@@ -121,7 +131,7 @@ def _rnns_unrolled(model: Any, layer_names: tuple[str, ...] = ()) -> Iterator[No
     """
     import keras
 
-    rnns = [layer for layer in _sublayers(model) if isinstance(layer, keras.layers.RNN) and not layer.unroll]
+    rnns = [layer for layer in sublayers(model) if isinstance(layer, keras.layers.RNN) and not layer.unroll]
     for layer in rnns:
         _check_unrollable(model, layer, _user_name(layer.name, layer_names))
     try:
@@ -131,11 +141,6 @@ def _rnns_unrolled(model: Any, layer_names: tuple[str, ...] = ()) -> Iterator[No
     finally:
         for layer in rnns:
             layer.unroll = False
-
-
-def _sublayers(model: Any) -> list[Any]:
-    flatten = getattr(model, "_flatten_layers", None)
-    return list(flatten(include_self=False, recursive=True)) if flatten else []
 
 
 def _user_name(name: str, layer_names: tuple[str, ...]) -> str:
@@ -225,12 +230,12 @@ def quantize_flatbuffer(calibrated: bytes, *, per_channel: bool, denylisted_node
     """
     from tensorflow.lite.python import convert
 
-    from inc_tf._flatbuffer import kept_float_nodes, op_records
+    from inc_tf._flatbuffer import kept_float_nodes, op_records, repaired_quantization
 
     denylisted_nodes = [*denylisted_nodes, *kept_float_nodes(op_records(calibrated))]
     try:
         with _quiet():
-            return bytes(
+            quantized = bytes(
                 convert.mlir_quantize(
                     calibrated,
                     disable_per_channel=not per_channel,
@@ -242,6 +247,7 @@ def quantize_flatbuffer(calibrated: bytes, *, per_channel: bool, denylisted_node
             f"The TF LiteRT quantizer failed on the calibrated model: {type(exc).__name__}: {_line(exc)}. "
             "Exclude the layer it names with QuantConfig(exclude=inc.LayerFilter(names=(...)))."
         ) from exc
+    return repaired_quantization(quantized)
 
 
 def _line(exc: BaseException) -> str:

@@ -40,6 +40,8 @@ QUANTIZABLE = (
     "ConvLSTM3D",
 )
 
+_QUANTIZABLE = frozenset(QUANTIZABLE)
+
 #: Layers without weights whose products LiteRT runs in int8 (query x key, scores x value): listed in static mode.
 ACTIVATION_PRODUCTS = ("Attention", "AdditiveAttention")
 
@@ -50,10 +52,13 @@ DYNAMIC_MIN_ELEMENTS = 1024
 
 def describe_graph(graph: KerasGraph, approach: str = "static") -> TuningSpace:
     minimum = DYNAMIC_MIN_ELEMENTS if approach == "dynamic" else 1
+    held = graph.sublayer_types or (frozenset(),) * len(graph.layer_names)
     ops = tuple(
         Op(name, op_type)
-        for name, op_type, size in zip(graph.layer_names, graph.layer_types, graph.weight_sizes)
-        if (op_type in QUANTIZABLE and size >= minimum) or (op_type in ACTIVATION_PRODUCTS and approach == "static")
+        for name, op_type, size, inside in zip(graph.layer_names, graph.layer_types, graph.weight_sizes, held)
+        # a custom layer holding Dense/EinsumDense layers (a keras_hub TransformerEncoder) is quantized as a whole
+        if ((op_type in QUANTIZABLE or inside & _QUANTIZABLE) and size >= minimum)
+        or (op_type in ACTIVATION_PRODUCTS and approach == "static")
     )
     # The LiteRT quantizer takes per-channel/per-tensor and the activation dtype for the whole model only,
     # so per-layer tuning covers the range choice: calibration method and scheme.
@@ -89,6 +94,39 @@ def float_layer_nodes(graph: KerasGraph, records: list[OpRecord]) -> list[str]:
     return [name for record in records if layer_of_op(graph, record) in kept for name in record.output_names]
 
 
+#: Ops that hand on a part of their input unchanged: the quantizer gives their outputs their input's scale.
+SELECTORS = ("STRIDED_SLICE", "SLICE", "SPLIT", "SPLIT_V", "GATHER", "GATHER_ND", "UNPACK")
+
+#: Ranges further apart than this make one shared scale clip the wide part or round the narrow one away.
+_SHARED_SCALE_SPREAD = 4.0
+
+
+def sliced_inputs(records: list[OpRecord], ranges: dict[int, tuple[float, float]]) -> list[int]:
+    """The model inputs read by selectors (:data:`SELECTORS`) whose parts have ranges too far apart for one scale.
+
+    A tabular model slices its feature vector (raw amounts in the thousands next to standardised values) and sends
+    the parts to different layers. The quantizer makes a slice share its input's scale, and all slices of one
+    input share it with each other: it takes one range for all, so the other parts are clipped (a feature up to
+    4,000 read as at most 2.5 by a Discretization: 11% of bucket codes right) or rounded away (standardised
+    features on a scale of 15.7: output cosine 0.43). Such an input is left without a range: the quantizer then
+    quantizes it once for each reader, each slice with its own range.
+    """
+    produced = {tensor for record in records for tensor in record.outputs}
+    readers: dict[int, list[OpRecord]] = {}
+    for record in records:
+        if record.inputs and record.inputs[0] not in produced:
+            readers.setdefault(record.inputs[0], []).append(record)
+    unshared: list[int] = []
+    for tensor, ops in readers.items():
+        selectors = [record for record in ops if record.op in SELECTORS and record.input_dtypes[0].startswith("float")]
+        parts = [tensor, *(out for record in selectors for out in record.outputs)]
+        widths = [ranges[t][1] - ranges[t][0] for t in parts if t in ranges]
+        if len(widths) < 2 or min(widths) <= 0.0 or max(widths) <= _SHARED_SCALE_SPREAD * min(widths):
+            continue
+        unshared.append(tensor)
+    return unshared
+
+
 def _excluded(graph: KerasGraph, config: QuantConfig) -> set[int]:
     ops = describe_graph(graph).ops
     names = set(config.exclude.select(ops)) if config.exclude else set()
@@ -121,7 +159,7 @@ def quantize_static(graph: KerasGraph, config: QuantConfig, calibration: TfCalib
         for name in record.output_names
     ] + float_layer_nodes(graph, calibration.records)
     content = quantize_flatbuffer(
-        with_ranges(calibration.calibrated, ranges),
+        with_ranges(calibration.calibrated, ranges, unranged=sliced_inputs(calibration.records, ranges)),
         per_channel=config.granularity == "per_channel",
         denylisted_nodes=denylist,
     )

@@ -206,9 +206,11 @@ def quantize_plan(
             core_output_range=tensor_range(unit.core_output, unit),
             summand_range=tensor_range(unit.summand, unit) if unit.summand else None,
         )
-    keep: tuple[str, ...] = ()
-    if probe:  # the model inputs too: the units that read them now read placeholders
-        keep = tuple(t.split(":")[0] for t in (*plan.frozen.input_tensors, *(u.output for u in plan.units if u.name in settings)))
+    # Every model input stays, read or not (a head on a keras_hub encoder-decoder's encoder output leaves the
+    # decoder inputs unread): the signature takes them. Probes keep each unit's float output too.
+    keep = tuple(t.split(":")[0] for t in plan.frozen.input_tensors)
+    if probe:
+        keep += tuple(t.split(":")[0] for t in (u.output for u in plan.units if u.name in settings))
     graph_def, kernels = rewrite_int8(
         plan.frozen.graph_def, plan.units, settings, plan.frozen.output_tensors, keep=keep, probe=probe
     )
