@@ -36,7 +36,7 @@ def _sequence_model() -> keras.Model:
     h = keras.layers.SeparableConv1D(16, 3, padding="same", name="separable")(h)
     h = keras.layers.DepthwiseConv1D(3, padding="same", name="depthwise")(h)
     h = keras.layers.GroupNormalization(4, name="norm")(h)
-    h = keras.layers.TimeDistributed(keras.layers.Dense(16, activation="relu"), name="per_step")(h)
+    h = keras.layers.TimeDistributed(keras.layers.Dense(16, activation="relu", name="step"), name="per_step")(h)
     h = keras.layers.Add(name="residual")([keras.layers.Attention(name="attention")([h, h]), h])
     model = keras.Model(rows, keras.layers.Dense(10, name="logits")(keras.layers.Flatten(name="flat")(h)))
     x_train, _, y_train, _ = _rows()
@@ -77,8 +77,8 @@ class FeedForward(keras.layers.Layer):
     def __init__(self, units: int, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.units = units
-        self.expand = keras.layers.Dense(4 * units, activation="relu")
-        self.project = keras.layers.Dense(units)
+        self.expand = keras.layers.Dense(4 * units, activation="relu", name="expand")
+        self.project = keras.layers.Dense(units, name="project")
 
     def call(self, x: object) -> object:
         return x + self.project(self.expand(x))
@@ -118,6 +118,47 @@ def test_a_custom_layer_holding_dense_layers_is_listed_and_quantized(approach: s
         backend = inc.resolve_backend(quantized)
         # the block's two Dense layers run as FULLY_CONNECTED ops (one per step of the sequence or batched)
         assert backend.int8_op_counts(quantized)["FULLY_CONNECTED"] - backend.int8_op_counts(kept)["FULLY_CONNECTED"] == 2
+
+
+def _int8_rounded(kernel: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Symmetric int8 per output channel (one scale per slice over ``axes``), as LiteRT quantizes a kernel."""
+    scale = np.maximum(np.abs(kernel).max(axis=axes, keepdims=True), 1e-8) / 127
+    return np.clip(np.round(kernel / scale), -127, 127) * scale
+
+
+def _with_rounded_kernels(model: keras.Model, kernels: dict[str, tuple[int, ...]]) -> keras.Model:
+    """A copy of ``model`` whose variables at the ``kernels`` paths hold their int8-rounded values."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    paths = [v.path for v in model.weights]  # the copy's auto-named sublayers get other names, in the same order
+    for path, axes in kernels.items():
+        variable = copy.weights[paths.index(path)]
+        variable.assign(_int8_rounded(variable.numpy(), axes))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("build", "kernels"),
+    [
+        # every convolution kind and the Dense inside TimeDistributed; the depthwise kernels (k, in, multiplier)
+        # get one scale per input x multiplier output channel
+        (_trained, {"causal/kernel": (0, 1), "separable/depthwise_kernel": (0,), "separable/pointwise_kernel": (0, 1),
+                    "depthwise/kernel": (0,), "per_step/step/kernel": (0,), "logits/kernel": (0,)}),
+        # the two Dense layers inside a user's block
+        (_with_block, {"embed/kernel": (0,), "block/expand/kernel": (0,), "block/project/kernel": (0,), "logits/kernel": (0,)}),
+    ],
+    ids=["convolutions", "custom_block"],
+)
+def test_qat_trains_on_the_int8_kernels_of_every_layer_kind(build, kernels) -> None:
+    # prepare_qat fake-quantized Dense and Conv2D kernels only: depthwise, separable, 1-D convolutions and the
+    # layers inside a user's block (keras_hub's transformer blocks) trained in float and met int8 at convert
+    model = build()
+    x = _rows()[1][:64]
+    qat = inc_tf.prepare_qat(model, inc.QATConfig())  # activation fake quant waits for the first training step
+    rounded = _with_rounded_kernels(model, kernels)
+    assert set(kernels) <= {v.path for v in model.weights}
+    np.testing.assert_allclose(np.asarray(qat(x, training=False)), np.asarray(rounded(x, training=False)), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.asarray(model(x, training=False)), np.asarray(rounded(x, training=False)), rtol=1e-4, atol=1e-5)
 
 
 def test_qat_of_the_sequence_model_converts_without_losing_what_it_learned() -> None:

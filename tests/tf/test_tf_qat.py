@@ -88,7 +88,9 @@ def test_qat_of_a_model_with_attention_keeps_its_trained_weights(digits, fmt):
     model = _attention_model(digits)
     x_train, x_test = digits[0].reshape(-1, 8, 8), digits[1].reshape(-1, 8, 8)
     qat = inc_tf.prepare_qat(model, inc.QATConfig())
-    assert type(qat.get_layer("mha")).__name__ == "MultiHeadAttention"  # trains unwrapped, with its own weights
+    mha = qat.get_layer("mha")  # its query/key/value/output kernels train fake-quantized; its output range is calibrated
+    assert type(mha.layer).__name__ == "MultiHeadAttention" and not mha.quantize_output
+    assert len(inc_tf.qat._qat.kernel_slots(mha.layer)) == 4
     qat.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     qat.fit(x_train, digits[2], epochs=2, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
     q = inc_tf.convert(qat, format=fmt)

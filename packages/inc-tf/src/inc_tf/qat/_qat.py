@@ -1,7 +1,8 @@
 """Quantization-aware training for Keras 3: fake-quant wrappers, a Keras callback, conversion to int8.
 
-``prepare_qat`` clones the model with every layer wrapped in :class:`FakeQuant`: Dense and Conv2D
-kernels go through per-channel symmetric int8 fake quantization, and each layer's output through an
+``prepare_qat`` clones the model with every layer wrapped in :class:`FakeQuant`: the kernels the int8 targets
+quantize (Dense, EinsumDense, every convolution, recurrent cells; inside a user's block too) go through
+per-output-channel symmetric int8 fake quantization, and each layer's output through an
 activation fake quant whose range follows an exponential moving average of the batch min/max (what
 LiteRT's int8 kernels will see). ``convert`` puts the trained weights back into the user's
 architecture, has the TF converter fold batch norm as usual, and writes the *learned* ranges into the
@@ -22,7 +23,6 @@ from inc_core.errors import ConfigError, UnsupportedModelError
 
 __all__ = ["FakeQuant", "QATCallback", "convert", "prepare_qat"]
 
-_KERNEL_TYPES = ("Dense", "Conv2D")
 _EMA = 0.99
 #: the int8 targets ``convert`` builds (the names of ``QuantConfig.format``)
 _FORMATS = ("tflite", "savedmodel")
@@ -30,11 +30,11 @@ _FORMATS = ("tflite", "savedmodel")
 
 @keras.saving.register_keras_serializable(package="inc_tf")
 class FakeQuant(keras.layers.Layer):
-    """Wraps one layer: int8 fake quant of its kernel (Dense, Conv2D) and of its output.
+    """Wraps one layer: int8 fake quant of the kernels it holds (:func:`kernel_slots`) and of its output.
 
     Args:
         layer: the wrapped layer (its weights are trained in place of the original's).
-        quantize_kernel: fake-quantize the kernel per output channel (symmetric, narrow range).
+        quantize_kernel: fake-quantize its kernels per output channel (symmetric, narrow range).
         quantize_output: fake-quantize the output with a learned (EMA) range.
         per_channel: per-channel kernel ranges (else one range per kernel).
         symmetric: symmetric activation range (``scheme="sym"``).
@@ -53,14 +53,14 @@ class FakeQuant(keras.layers.Layer):
     ) -> None:
         super().__init__(name=kwargs.pop("name", layer.name), **kwargs)
         self.layer = layer
-        self.quantize_kernel = quantize_kernel and type(layer).__name__ in _KERNEL_TYPES
+        self.quantize_kernel = quantize_kernel
         self.quantize_output = quantize_output
         self.per_channel = per_channel
         self.symmetric = symmetric
         self.quantize_input = quantize_input
 
     def build(self, input_shape: Any) -> None:
-        if not self.layer.built:
+        if not self.layer.built and self.quantize_output:  # a layer of several inputs builds on its symbolic call
             self.layer.build(input_shape)
         self.range_min = self.add_weight(name="range_min", shape=(), initializer="zeros", trainable=False)
         self.range_max = self.add_weight(name="range_max", shape=(), initializer="zeros", trainable=False)
@@ -71,34 +71,33 @@ class FakeQuant(keras.layers.Layer):
         self.input_max = self.add_weight(name="input_max", shape=(), initializer="zeros", trainable=False)
         super().build(input_shape)
 
-    def _kernel_forward(self, inputs: Any) -> Any:
-        layer = self.layer
-        kernel = layer.kernel
-        axes = list(range(len(kernel.shape) - 1))
-        bound = tf.stop_gradient(tf.reduce_max(tf.abs(kernel), axis=axes if self.per_channel else None))
-        bound = tf.maximum(bound, 1e-8)
-        if self.per_channel:
-            kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(kernel, -bound, bound, narrow_range=True)
-        else:
-            kernel = tf.quantization.fake_quant_with_min_max_vars(kernel, -bound, bound, narrow_range=True)
-        if isinstance(layer, keras.layers.Dense):
-            y = tf.matmul(inputs, kernel) if len(inputs.shape) == 2 else tf.tensordot(inputs, kernel, axes=1)
-        else:
-            y = keras.ops.conv(
-                inputs, kernel, strides=layer.strides, padding=layer.padding,
-                data_format=layer.data_format, dilation_rate=layer.dilation_rate,
-            )
-        if layer.use_bias:
-            channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
-            bias = tf.reshape(layer.bias, (1, -1) + (1,) * (len(y.shape) - 2)) if channels_first else layer.bias
-            y = y + bias
-        return layer.activation(y) if layer.activation is not None else y
+    def _call_with_int8_kernels(self, inputs: Any, args: tuple[Any, ...], kwargs: dict[str, Any], training: Any) -> Any:
+        """The layer's own call, reading each kernel fake-quantized (straight-through gradient to the float one).
 
-    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        Keras' StatelessScope hands the layer the fake-quantized values in place of its kernel variables, so every
+        layer computes as it always does (causal padding, groups, einsum equations, recurrent steps, a user's
+        block). What the call assigns inside the scope (batch-norm statistics, dropout seeds) is assigned after it.
+        """
+        slots = kernel_slots(self.layer)
+        if not slots:
+            return self.layer(inputs, *args, training=training, **kwargs)
+        mapping = [(v, _fake_quant_kernel(v, axes if self.per_channel else None)) for v, axes in slots]
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            y = self.layer(inputs, *args, training=training, **kwargs)
+        kernels = {id(v) for v, _ in mapping}
+        for variable in self.layer.variables:
+            updated = None if id(variable) in kernels else scope.get_current_value(variable)
+            if updated is not None:
+                variable.assign(updated)
+        for loss in scope.losses:
+            self.add_loss(loss)
+        return y
+
+    def call(self, inputs: Any, *args: Any, training: bool | None = None, mask: Any = None, **kwargs: Any) -> Any:
         if self.quantize_input:
             inputs = self._quantize_model_input(inputs, training)
         if self.quantize_kernel:
-            y = self._kernel_forward(inputs)
+            y = self._call_with_int8_kernels(inputs, args, kwargs, training)
         elif isinstance(self.layer, keras.layers.BatchNormalization):
             frozen = self.bn_frozen > 0.5
             y = tf.cond(
@@ -107,7 +106,7 @@ class FakeQuant(keras.layers.Layer):
                 lambda: self.layer(inputs, training=False),
             )
         else:
-            y = self.layer(inputs, training=training)
+            y = self.layer(inputs, *args, training=training, **kwargs)
         if not self.quantize_output or not isinstance(y, tf.Tensor) or not y.dtype.is_floating:
             return y
         if training:
@@ -161,6 +160,13 @@ class FakeQuant(keras.layers.Layer):
     def compute_output_shape(self, input_shape: Any) -> Any:
         return self.layer.compute_output_shape(input_shape)
 
+    def compute_output_spec(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("training", None)
+        kwargs.pop("mask", None)
+        if not self.layer.built:  # a symbolic call builds it from all of its inputs' shapes
+            return self.layer(*args, **kwargs)
+        return self.layer.compute_output_spec(*args, **kwargs)
+
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
@@ -178,6 +184,61 @@ class FakeQuant(keras.layers.Layer):
         config = dict(config)
         config["layer"] = keras.saving.deserialize_keras_object(config["layer"])
         return cls(**config)
+
+
+def _fake_quant_kernel(kernel: Any, axes: tuple[int, ...] | None) -> Any:
+    """Symmetric narrow-range int8 fake quant, one scale per slice over ``axes`` reduced (all of them: per tensor);
+    the gradient passes straight through to the float kernel."""
+    bound = tf.stop_gradient(tf.reduce_max(tf.abs(kernel), axis=axes, keepdims=True))
+    scale = tf.maximum(bound, 1e-8) / 127.0
+    rounded = tf.clip_by_value(tf.round(kernel / scale), -127.0, 127.0) * scale
+    return kernel + tf.stop_gradient(rounded - kernel)
+
+
+def _output_axes(layer: keras.layers.Layer, name: str) -> tuple[int, ...] | None:
+    """The axes of ``layer``'s variable ``name`` that index output channels (one int8 scale each), or ``None`` for
+    a variable the int8 targets do not quantize."""
+    layers = keras.layers
+    if isinstance(layer, layers.EinsumDense) and name == "kernel":
+        inputs, kernel = layer.equation.split("->")[0].split(",")
+        return tuple(i for i, letter in enumerate(kernel) if letter not in inputs)
+    if isinstance(layer, (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)):
+        return (-2,) if name == "kernel" else None  # kernel (..., out, in)
+    if isinstance(layer, (layers.DepthwiseConv1D, layers.DepthwiseConv2D)):
+        return (-2, -1) if name == "kernel" else None  # (..., in, multiplier): in x multiplier outputs
+    if isinstance(layer, (layers.SeparableConv1D, layers.SeparableConv2D)):
+        return {"depthwise_kernel": (-2, -1), "pointwise_kernel": (-1,)}.get(name)
+    if isinstance(layer, (layers.Dense, layers.Conv1D, layers.Conv2D, layers.Conv3D)):
+        return (-1,) if name == "kernel" else None
+    if isinstance(layer, (layers.LSTMCell, layers.GRUCell, layers.SimpleRNNCell)):
+        return (-1,) if name in ("kernel", "recurrent_kernel") else None
+    return None
+
+
+def kernel_slots(layer: keras.layers.Layer) -> list[tuple[Any, tuple[int, ...]]]:
+    """Each kernel variable ``layer`` and the layers inside it hold, with the axes one int8 scale spans (all but
+    the output-channel axes)."""
+    from inc_tf._keras_model import sublayers
+
+    slots = []
+    for owner in (layer, *sublayers(layer)):
+        for variable in owner._trainable_variables:  # its own, not its sublayers' (visited in turn)
+            keep = _output_axes(owner, variable.name)
+            if keep is None:
+                continue
+            rank = len(variable.shape)
+            kept = {axis % rank for axis in keep}
+            slots.append((variable, tuple(axis for axis in range(rank) if axis not in kept)))
+    return slots
+
+
+def holds_kernels(layer: keras.layers.Layer, *, also: frozenset[str] = frozenset()) -> bool:
+    """Whether ``layer`` or a layer inside it (built or not) is of a type the int8 targets quantize (or in ``also``)."""
+    from inc_tf._keras_model import sublayers
+    from inc_tf.ptq._quantize import QUANTIZABLE
+
+    types = {type(sub).__name__ for sub in (layer, *sublayers(layer))}
+    return bool(types & (frozenset(QUANTIZABLE) | also))
 
 
 def _takes_several_arguments(layer: keras.layers.Layer) -> bool:
@@ -219,8 +280,10 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
     refuse_table_layers(model)
     from inc_core.backend import Op
 
-    listed = (*QUANTIZABLE, *ACTIVATION_PRODUCTS)
-    ops = [Op(layer.name, type(layer).__name__) for layer in model.layers if type(layer).__name__ in listed]
+    listed = frozenset((*QUANTIZABLE, *ACTIVATION_PRODUCTS))
+    ops = [  # what describe lists: the quantizable layers, and a user's blocks holding some
+        Op(layer.name, type(layer).__name__) for layer in model.layers if holds_kernels(layer, also=listed)
+    ]
     excluded = set(config.exclude.select(ops)) if config.exclude else set()
     per_channel = config.granularity == "per_channel"
     symmetric = config.scheme == "sym"
@@ -241,19 +304,21 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
         if isinstance(layer, keras.layers.InputLayer):
             return layer
         clone = type(layer).from_config(full_precision_config(layer))
-        if _takes_several_arguments(layer):
-            # MultiHeadAttention(query, value) and the like: FakeQuant forwards one input. Left unwrapped, the
-            # layer trains as it is and convert takes its output range from calibration.
-            return clone
+        several = _takes_several_arguments(layer)
+        if several and not holds_kernels(layer):
+            return clone  # Add([x, skip]), x[:, 3:4]: nothing to fake-quantize; convert calibrates its output
         return FakeQuant(
             clone,
             quantize_kernel=layer.name not in excluded,
+            # MultiHeadAttention(query, value), a transformer block given its padding mask: kernels fake-quantized,
+            # the output range taken from calibration at convert (one range for a layer of several inputs)
+            quantize_output=not several,
             per_channel=per_channel,
             symmetric=symmetric,
             # a layer standardising raw features reads them in float in the INT8 model (ptq._quantize's
             # float_layer_nodes): fake-quantizing them per tensor trained on rounded-away features (breast-cancer
             # behind a BatchNormalization: QAT model accuracy 0.965 -> 0.696)
-            quantize_input=reads_model_input(layer) and not isinstance(layer, _STANDARDISING),
+            quantize_input=not several and reads_model_input(layer) and not isinstance(layer, _STANDARDISING),
         )
 
     try:
