@@ -182,3 +182,24 @@ def test_a_new_axis_on_a_free_length_names_the_fixed_size_way_out():
         inc.quantize(_pairwise_model(None), inc.QuantConfig(), dataset=calib)
     for model, config in ((_pairwise_model(6), inc.QuantConfig()), (_pairwise_model(None), inc.QuantConfig(format="savedmodel"))):
         assert cosine(np.asarray(model(x)), inc.quantize(model, config, dataset=calib)(x)) >= 0.99
+
+
+class _ScaleWithoutConfig(keras.layers.Layer):
+    """A custom layer whose get_config() leaves out the argument its __init__ requires."""
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, x):
+        return x * self.factor
+
+    def get_config(self):
+        return {"name": self.name}  # Keras would have recorded factor; this one drops it
+
+
+def test_qat_of_a_layer_its_config_cannot_rebuild_names_the_layer():
+    rows = keras.Input((8,), name="rows")
+    model = keras.Model(rows, keras.layers.Dense(4)(_ScaleWithoutConfig(2.0, name="scale")(rows)))
+    with pytest.raises(UnsupportedModelError, match=r"layer 'scale' \(_ScaleWithoutConfig\) cannot be rebuilt from its get_config\(\).*every argument"):
+        inc_tf.prepare_qat(model, inc.QATConfig())

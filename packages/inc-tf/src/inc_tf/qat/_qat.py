@@ -303,7 +303,15 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
     def wrap(layer: keras.layers.Layer) -> keras.layers.Layer:
         if isinstance(layer, keras.layers.InputLayer):
             return layer
-        clone = type(layer).from_config(full_precision_config(layer))
+        try:
+            clone = type(layer).from_config(full_precision_config(layer))
+        except Exception as exc:  # Keras raises TypeError, ValueError... from a layer's own __init__
+            raise UnsupportedModelError(
+                f"prepare_qat: layer {layer.name!r} ({type(layer).__qualname__}) cannot be rebuilt from its "
+                f"get_config() ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); QAT trains a copy of the "
+                "model built layer by layer from their configs. Make its get_config() return every argument its "
+                "__init__ takes."
+            ) from exc
         several = _takes_several_arguments(layer)
         if several and not holds_kernels(layer):
             return clone  # Add([x, skip]), x[:, 3:4]: nothing to fake-quantize; convert calibrates its output
@@ -323,6 +331,8 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
 
     try:
         qat = keras.models.clone_model(model, clone_function=wrap)
+    except UnsupportedModelError:
+        raise
     except Exception as exc:  # subclassed models cannot be cloned layer by layer
         raise UnsupportedModelError(
             f"prepare_qat could not clone Keras model {model.name!r} ({type(model).__qualname__}) layer by layer: "
