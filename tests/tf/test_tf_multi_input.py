@@ -100,6 +100,33 @@ def test_an_input_no_output_reads_is_still_taken(config: inc.QuantConfig, tmp_pa
     np.testing.assert_allclose(inc.load(str(path))(data), quantized(data), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["tflite", "savedmodel"])
+@pytest.mark.parametrize("structure", ["list", "dict"])
+def test_a_model_with_several_outputs_returns_them_all_as_keras_does(structure: str, fmt: str, tmp_path: Path) -> None:
+    # the INT8 model returned its first output only (LiteRT: the first signature name sorted, "box" of
+    # {"cls", "box"}), silently
+    model = _model()
+    hidden = model.get_layer("fc").output
+    heads = {"cls": model.output, "box": keras.layers.Dense(4, name="box")(hidden)}
+    several = keras.Model(model.inputs, heads if structure == "dict" else [heads["cls"], heads["box"]])
+    data = _data()
+    want = several.predict(data, verbose=0)
+    quantized = inc.quantize(several, inc.QuantConfig(format=fmt), dataset=inc.Dataset(data, batch_size=32))
+    path = tmp_path / ("model.tflite" if fmt == "tflite" else "model.savedmodel")
+    inc.save(quantized, str(path))
+    for got in (quantized(data), inc.load(str(path))(data)):
+        assert type(got) is type(want)
+        pairs = [(want[k], got[k]) for k in ("cls", "box")] if structure == "dict" else list(zip(want, got))
+        assert len(got) == 2 and all(cosine(w, g) >= 0.99 for w, g in pairs)
+
+
+def test_outputs_numbered_past_ten_come_back_in_order() -> None:
+    from inc_tf._outputs import as_keras_outputs
+
+    named = {f"output_{i}": np.full(1, i) for i in sorted(range(12), key=str)}  # output_10 before output_2
+    assert [int(a[0]) for a in as_keras_outputs(named)] == list(range(12))
+
+
 def test_fractional_codes_for_the_integer_input_are_a_dataset_error() -> None:
     data = _data()
     data["category"] = data["category"] + np.float32(0.5)

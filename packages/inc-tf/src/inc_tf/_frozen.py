@@ -116,8 +116,12 @@ def freeze_keras(
             "Make its call() traceable by tf.function (no Python reads of tensor values)."
         ) from exc
     keys = tuple(n.split(":")[0] for n in input_names) if len(input_names) == len(specs) else ()
-    output_count = len(tf.nest.flatten(concrete.structured_outputs))
-    return _freeze(concrete, keys, tuple(f"output_{i}" for i in range(output_count)))
+    structure = concrete.structured_outputs
+    if isinstance(structure, dict) and all(isinstance(k, str) for k in structure):
+        outputs = tuple(sorted(structure))  # a model returning a dict: its names, in tf.nest's flattening order
+    else:
+        outputs = tuple(f"output_{i}" for i in range(len(tf.nest.flatten(structure))))
+    return _freeze(concrete, keys, outputs)
 
 
 def _last_line(exc: BaseException) -> str:

@@ -158,14 +158,16 @@ class LiteRTModel:
         """A callable taking the inputs by name (``runner(**model.feeds(batch))``) and returning the outputs by name."""
         return Invoker(self.interpreter(threads=threads))
 
-    def __call__(self, inputs: Any) -> np.ndarray:
-        """Run one batch and return the first output as numpy."""
+    def __call__(self, inputs: Any) -> Any:
+        """Run one batch: its output as numpy, or several as the Keras model returns them (a list, or a dict by
+        name; :func:`inc_tf._outputs.as_keras_outputs`)."""
+        from inc_tf._outputs import as_keras_outputs
+
         if self._interp is None:
             self._interp = self.signature_runner()
-        outputs = self._interp(**self.feeds(inputs))
-        return np.asarray(outputs[sorted(outputs)[0]])
+        return as_keras_outputs(self._interp(**self.feeds(inputs)))
 
-    def predict(self, inputs: Any) -> np.ndarray:
+    def predict(self, inputs: Any) -> Any:
         """Same as calling the model (named like Keras' ``predict``)."""
         return self(inputs)
 

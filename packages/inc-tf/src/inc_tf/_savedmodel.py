@@ -134,11 +134,14 @@ class TFSavedModel:
         results = results if isinstance(results, (list, tuple)) else [results]
         return {k: np.asarray(v) for k, v in zip(self.output_keys, results)}
 
-    def __call__(self, inputs: Any) -> np.ndarray:
-        """Run one batch and return the first output as numpy."""
-        return next(iter(self.run(inputs).values()))
+    def __call__(self, inputs: Any) -> Any:
+        """Run one batch: its output as numpy, or several as the Keras model returns them (a list, or a dict by
+        name; :func:`inc_tf._outputs.as_keras_outputs`)."""
+        from inc_tf._outputs import as_keras_outputs
 
-    def predict(self, inputs: Any) -> np.ndarray:
+        return as_keras_outputs(self.run(inputs))
+
+    def predict(self, inputs: Any) -> Any:
         """Same as calling the model (named like Keras' ``predict``)."""
         return self(inputs)
 
