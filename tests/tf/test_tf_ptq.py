@@ -57,6 +57,40 @@ def test_symmetric_per_tensor_recipe(digits, calib):
     assert int8 >= fp32 - 0.01, f"FP32 {fp32:.4f} vs INT8 {int8:.4f}"
 
 
+def _activation_zero_points(q) -> list[int]:
+    """The zero point of every per-tensor int8 tensor of a LiteRT model (its activations)."""
+    details = q.interpreter().get_tensor_details()
+    return [
+        int(d["quantization_parameters"]["zero_points"][0]) for d in details
+        if d["dtype"] == np.int8 and len(d["quantization_parameters"]["zero_points"]) == 1
+    ]
+
+
+def _savedmodel_input_ranges(q) -> list[tuple[float, float]]:
+    """(min, max) of every QuantizeV2 of an INT8 SavedModel (what its int8 kernels read)."""
+    from tensorflow.python.framework import tensor_util
+
+    consts = {n.name: float(tensor_util.MakeNdarray(n.attr["value"].tensor)) for n in q.graph_def.node if n.op == "Const"
+              and n.attr["value"].tensor.tensor_shape.dim == []}
+    return [(consts[n.input[1]], consts[n.input[2]]) for n in q.graph_def.node if n.op == "QuantizeV2"]
+
+
+def test_scheme_sym_centres_every_activation_range(digits, calib):
+    # scheme="sym" was handed to the observers, which only search differently for kl/mse; minmax ranges went to
+    # both targets as they were, so "sym" changed nothing (autotune spent trials on it; zero points -22, 63)
+    model = models.cnn()
+    asym = _activation_zero_points(inc.quantize(model, inc.QuantConfig(), dataset=calib))
+    sym = _activation_zero_points(inc.quantize(model, inc.QuantConfig(scheme="sym"), dataset=calib))
+    assert any(abs(z) > 1 for z in asym) and sym and all(z in (0, -1) for z in sym), (asym, sym)  # [-a, a] on 255 steps
+    sm_asym, sm_sym = (
+        _savedmodel_input_ranges(inc.quantize(model, inc.QuantConfig(scheme=s, format="savedmodel"), dataset=calib))
+        for s in ("asym", "sym")
+    )
+    # a conv reads a signed input as symmetric qint8 under either scheme; a MatMul reads its input shifted by the
+    # range's low end (unsigned, width 2a under "sym"), and a ReLU output stops being read as unsigned [0, a]
+    assert sm_sym != sm_asym and all(low == -high for low, high in sm_sym if low < 0), (sm_asym, sm_sym)
+
+
 def test_keras_file_is_quantized_from_its_path(digits, calib, tmp_path):
     path = tmp_path / "cnn.keras"
     models.cnn().save(path)

@@ -127,6 +127,15 @@ def sliced_inputs(records: list[OpRecord], ranges: dict[int, tuple[float, float]
     return unshared
 
 
+def symmetric_if(scheme: str, span: tuple[float, float]) -> tuple[float, float]:
+    """``span`` as the quantizer is to use it: centred on zero for ``scheme="sym"`` (the observers give the data's
+    range; the int8 grid is the backend's to choose), as it is for ``"asym"``."""
+    if scheme != "sym":
+        return span
+    bound = max(-min(span[0], 0.0), max(span[1], 0.0))
+    return -bound, bound
+
+
 def _excluded(graph: KerasGraph, config: QuantConfig) -> set[int]:
     ops = describe_graph(graph).ops
     names = set(config.exclude.select(ops)) if config.exclude else set()
@@ -148,9 +157,9 @@ def quantize_static(graph: KerasGraph, config: QuantConfig, calibration: TfCalib
             name, op_type = graph.layer_names[owner], graph.layer_types[owner]
             method = config.setting(name, op_type, "calibration")
             scheme = config.setting(name, op_type, "scheme")
-        ranges[tensor] = calibration.range(
+        ranges[tensor] = symmetric_if(scheme, calibration.range(
             tensor, method, percentile=float(config.percentile), dtype=config.activation_dtype, scheme=scheme
-        )
+        ))
     excluded = _excluded(graph, config)
     denylist = [
         name

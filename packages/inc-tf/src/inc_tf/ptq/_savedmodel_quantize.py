@@ -24,6 +24,7 @@ from inc_tf._savedmodel import TFSavedModel
 from inc_tf.ptq._einsum_lowering import lower_einsums
 from inc_tf.ptq._int8_rewrite import UnitSettings, rewrite_int8
 from inc_tf.ptq._int8_units import ConstantFolder, Unit, find_units
+from inc_tf.ptq._quantize import symmetric_if
 
 __all__ = ["GraphCalibration", "GraphPlan", "as_input_arrays", "calibrate_plan", "describe_plan", "plan_graph", "quantize_plan"]
 
@@ -193,7 +194,7 @@ def quantize_plan(
         observer = calibration.observers[tensor]
         dtype = "uint8" if observer.min >= 0.0 else "int8"
         low, high = observer.range(method, percentile=float(config.percentile), dtype=dtype, scheme=scheme)
-        return float(low), float(high)
+        return symmetric_if(scheme, (float(low), float(high)))
 
     for unit in plan.units:
         name, op_type = plan.op_names[unit.name], plan.op_types[unit.name]
