@@ -287,6 +287,27 @@ class BackendConformance:
         assert all(r.iterations == 3 and r.throughput > 0 for r in result.per_instance)
         assert result.throughput == pytest.approx(sum(r.throughput for r in result.per_instance))
 
+    def test_every_setting_describe_offers_changes_the_int8_model(self) -> None:
+        """A setting ``describe`` lists as tunable for an op type changes what that type's ops compute: autotune
+        spends trials on each, and one the backend ignored would be a silent no-op (inc-tf's ``scheme="sym"``
+        once was). One other choice per setting, on the first op type. ``activation_dtype`` is left out: int8 and
+        uint8 are the same grid shifted by 128 for an asymmetric range, so equal outputs are right there."""
+        model = self.make_model()
+        base = inc.QuantConfig(calib_samples=32, percentile=99.0)
+        space = inc.describe(model, base, backend=self.backend_name)
+        op_type = space.op_types[0]
+        batch = self.make_eval_batch()
+        reference = self.run(self._quantize(model, base, self.make_dataset()), batch)
+        ignored = []
+        for key, choices in space.options.get(op_type, {}).items():
+            other = next((c for c in choices if c != getattr(base, key)), None)
+            if key == "activation_dtype" or other is None:
+                continue
+            config = inc.QuantConfig(calib_samples=32, percentile=99.0, overrides={op_type: {key: other}})
+            if np.array_equal(self.run(self._quantize(model, config, self.make_dataset()), batch), reference):
+                ignored.append(f"{key}={other!r}")
+        assert not ignored, f"describe offers {ignored} for {op_type!r}, but the INT8 model is the same with it"
+
     def test_autotune_falls_back_from_a_base_that_misses_the_goal(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """The goal is set between the base recipe's measured score and FP32, so the first trial misses it."""
         from inc_core.tuning import autotune
