@@ -91,8 +91,9 @@ def test_scheme_sym_centres_every_activation_range(digits, calib):
     assert sm_sym != sm_asym and all(low == -high for low, high in sm_sym if low < 0), (sm_asym, sm_sym)
 
 
-def test_keras_file_is_quantized_from_its_path(digits, calib, tmp_path):
-    path = tmp_path / "cnn.keras"
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])  # .h5: the legacy HDF5 format Keras 3 still loads
+def test_keras_file_is_quantized_from_its_path(digits, calib, tmp_path, suffix):
+    path = tmp_path / f"cnn{suffix}"
     models.cnn().save(path)
     q = inc.quantize(str(path), inc.QuantConfig(calib_samples=64), dataset=calib)
     assert "conv1" in q.int8_layers()

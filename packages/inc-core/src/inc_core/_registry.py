@@ -20,6 +20,8 @@ _INSTALL_HINTS = {
     "ipex": "inc-torch[ipex]",
     "onnx": "inc-onnx",
     "keras": "inc-tf",
+    "h5": "inc-tf",
+    "tflite": "inc-tf",
     "tensorflow": "inc-tf",
     "mxnet": "inc-mxnet",
 }
