@@ -144,7 +144,7 @@ def _excluded(graph: KerasGraph, config: QuantConfig) -> set[int]:
 
 def quantize_static(graph: KerasGraph, config: QuantConfig, calibration: TfCalibration) -> LiteRTModel:
     """Write inc's ranges into the calibrated flatbuffer and run the LiteRT int8 quantizer."""
-    from inc_tf._flatbuffer import with_ranges
+    from inc_tf._flatbuffer import op_records, split_inputs_as_slices, with_ranges
 
     producer = {out: record for record in calibration.records for out in record.outputs}
     ranges: dict[int, tuple[float, float]] = {}
@@ -167,8 +167,10 @@ def quantize_static(graph: KerasGraph, config: QuantConfig, calibration: TfCalib
         if layers_of_op(graph, record) & excluded
         for name in record.output_names
     ] + float_layer_nodes(graph, calibration.records)
+    calibrated = split_inputs_as_slices(calibration.calibrated)
+    records = calibration.records if calibrated is calibration.calibrated else op_records(calibrated)
     content = quantize_flatbuffer(
-        with_ranges(calibration.calibrated, ranges, unranged=sliced_inputs(calibration.records, ranges)),
+        with_ranges(calibrated, ranges, unranged=sliced_inputs(records, ranges)),
         per_channel=config.granularity == "per_channel",
         denylisted_nodes=denylist,
     )
