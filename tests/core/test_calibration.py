@@ -139,6 +139,15 @@ def test_degenerate_ranges_give_a_safe_nonzero_scale() -> None:
         assert fake_quantize(np.zeros(3), qp).tolist() == [0.0, 0.0, 0.0]
     tiny = compute_qparams(0.0, 1e-12, dtype="uint8", scheme="asym")
     assert tiny.scale == np.finfo(np.float32).eps
+    # A backend following ONNX Runtime's floor keeps the steps of a microscopic range.
+    for dtype, scheme in COMBOS:
+        small = compute_qparams(-1e-7, 1e-7, dtype=dtype, scheme=scheme, min_scale=float(np.finfo(np.float32).tiny))
+        assert small.scale < np.finfo(np.float32).eps
+        grid = fake_quantize(np.linspace(-1e-7, 1e-7, 1001), small)
+        assert len(np.unique(grid)) >= 200
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 1e-50):
+        with pytest.raises(ConfigError, match="min_scale"):
+            compute_qparams(0.0, 1.0, dtype="uint8", scheme="asym", min_scale=bad)
     # A constant tensor is a range [0, c] once zero is included: c comes back within half a step.
     obs = MinMaxObserver()
     obs.update(np.full(10, 3.0))

@@ -127,6 +127,31 @@ def test_activation_qparams_are_inc_cores(cnn, calib):
     assert int(inits[node.input[2]]) == int(expected.zero_point)
 
 
+def test_activations_of_microscopic_range_keep_their_steps(cnn, calib, digits):
+    """conv2's outputs scaled by 1e-7 (and fc's weights by 1e7: the same function) quantize like the original.
+
+    A floor at float32 epsilon (torch.ao's) left those tensors ~4 of their 255 steps; ORT's own quantizer floors
+    at float32 tiny, and so does inc's ONNX backend (an untrained Keras EfficientNet via tf2onnx: cosine to FP32
+    0.926 with the epsilon floor, 0.937 with ORT's quantize_static and inc now).
+    """
+    tiny = onnx.ModelProto()
+    tiny.CopyFrom(cnn)
+    for init in tiny.graph.initializer:
+        factor = {"conv2.weight": 1e-7, "conv2.bias": 1e-7, "fc.weight": 1e7}.get(init.name)
+        if factor is not None:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
+    x_test = digits[1]
+    assert np.allclose(models.run(tiny, x_test), models.run(cnn, x_test), rtol=1e-3, atol=1e-3)
+
+    q_tiny = inc.quantize(tiny, inc.QuantConfig(), dataset=calib)
+    q_plain = inc.quantize(cnn, inc.QuantConfig(), dataset=calib)
+
+    scale = _inits(q_tiny)[next(n for n in q_tiny.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "r2").input[1]]
+    assert 0 < float(scale) < np.finfo(np.float32).eps
+    agreement = np.mean(models.run(q_tiny, x_test).argmax(1) == models.run(q_plain, x_test).argmax(1))
+    assert agreement >= 0.995, agreement
+
+
 def test_symmetric_int8_activations(cnn, calib):
     config = inc.QuantConfig(scheme="sym", activation_dtype="int8", granularity="per_tensor", calib_samples=64)
     q = inc.quantize(cnn, config, dataset=calib)

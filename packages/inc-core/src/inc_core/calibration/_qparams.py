@@ -8,8 +8,10 @@ Conventions (those of ONNX ``QuantizeLinear``/``DequantizeLinear`` and x86 INT8 
 * Symmetric: ``scale = amax / 127``; the zero point is 0 for int8 and 128 for uint8 (uint8 is the
   int8 grid shifted by 128, so both cover ``[-amax, amax]``).
 * Asymmetric: ``scale = (hi - lo) / 255`` and an integer zero point in the dtype's range.
-* A zero-width range (all zeros) gets ``scale = 1``; other scales are floored at float32 epsilon so that
-  ``1 / scale`` and the requantization multipliers kernels derive from it stay finite.
+* A zero-width range (all zeros) gets ``scale = 1``; other scales are floored (``min_scale``) so that
+  ``1 / scale`` and the requantization multipliers kernels derive from it stay finite. The default,
+  float32 epsilon, is torch.ao's floor; ONNX Runtime's own quantizer floors at float32 ``tiny`` instead, which
+  keeps all 255 steps for tensors whose whole range is below ~3e-5 (see the onnx backend).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ MIN_SCALE = float(np.finfo(np.float32).eps)
 
 
 def affine(
-    lo: npt.ArrayLike, hi: npt.ArrayLike, dtype: str, scheme: str
+    lo: npt.ArrayLike, hi: npt.ArrayLike, dtype: str, scheme: str, *, min_scale: float = MIN_SCALE
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
     """Scale and zero point for validated ranges (scalars or arrays of equal shape); no checks here."""
     qmin, qmax = QRANGES[dtype]
@@ -40,11 +42,11 @@ def affine(
     hi_a = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
     if scheme == "sym":
         amax = np.maximum(-lo_a, hi_a)
-        scale = np.where(amax > 0, np.maximum(amax / SYM_LEVELS, MIN_SCALE), 1.0).astype(np.float32)
+        scale = np.where(amax > 0, np.maximum(amax / SYM_LEVELS, min_scale), 1.0).astype(np.float32)
         zp = np.full(amax.shape, 0 if dtype == "int8" else 128, dtype=np.int32)
         return scale, zp
     width = hi_a - lo_a
-    scale = np.where(width > 0, np.maximum(width / (qmax - qmin), MIN_SCALE), 1.0).astype(np.float32)
+    scale = np.where(width > 0, np.maximum(width / (qmax - qmin), min_scale), 1.0).astype(np.float32)
     # The zero point comes from the float32 scale actually stored, so real 0 maps exactly to it.
     zp = np.clip(np.rint(qmin - lo_a / scale.astype(np.float64)), qmin, qmax).astype(np.int32)
     return scale, zp
@@ -162,7 +164,13 @@ class QParams:
 
 
 def compute_qparams(
-    lo: npt.ArrayLike, hi: npt.ArrayLike, *, dtype: str, scheme: str, axis: int | None = None
+    lo: npt.ArrayLike,
+    hi: npt.ArrayLike,
+    *,
+    dtype: str,
+    scheme: str,
+    axis: int | None = None,
+    min_scale: float = MIN_SCALE,
 ) -> QParams:
     """Scale and zero point that map the range ``[lo, hi]`` (widened to include 0) onto ``dtype``.
 
@@ -172,6 +180,7 @@ def compute_qparams(
         dtype: ``"int8"`` or ``"uint8"``.
         scheme: ``"sym"`` (zero point 0 for int8, 128 for uint8) or ``"asym"``.
         axis: the channel axis when ``lo``/``hi`` hold one value per channel; ``None`` for scalars.
+        min_scale: the smallest scale returned for a non-empty range (a positive float32 number).
 
     Returns:
         The :class:`QParams`.
@@ -202,7 +211,9 @@ def compute_qparams(
             )
     if np.any(lo_a > hi_a):
         raise ConfigError(f"{owner}: lo={lo_a.tolist()!r} exceeds hi={hi_a.tolist()!r}; expected lo <= hi.")
-    scale, zp = affine(lo_a, hi_a, dtype, scheme)
+    if not (np.isfinite(min_scale) and np.float32(min_scale) > 0):
+        raise ConfigError(f"{owner}: min_scale={min_scale!r}; expected a positive float32 number (e.g. {MIN_SCALE}).")
+    scale, zp = affine(lo_a, hi_a, dtype, scheme, min_scale=min_scale)
     return QParams(scale=scale, zero_point=zp, dtype=dtype, axis=axis)
 
 
