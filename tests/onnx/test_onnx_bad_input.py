@@ -22,6 +22,7 @@ from inc_core.errors import (
     EvaluationError,
     ModelLoadError,
     SaveError,
+    UnsupportedModelError,
 )
 from inc_core.tuning import autotune
 
@@ -172,3 +173,15 @@ def test_cli_errors_leave_no_output(cnn_file, tmp_path):
     assert "expected 64, got 65" in proc.stderr + proc.stdout
     assert not out.exists() and sha256(cnn_file) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "cnn.onnx"]
+
+
+def test_a_tensor_orts_qdq_quantizer_lacks_parameters_for_is_blamed_on_its_reader(cnn, small_calib, monkeypatch):
+    """ORT's QDQ quantizer checks parameters after its loop over the nodes, when its frames hold the last op
+    (the Gemm head); the error names the op that reads the unobserved tensor."""
+    from inc_onnx import _backend
+
+    observe = _backend.tensors_to_observe
+    monkeypatch.setattr(_backend, "tensors_to_observe", lambda *a, **k: [t for t in observe(*a, **k) if t != "r1"])
+
+    with pytest.raises(UnsupportedModelError, match=r"failed on op 'conv2' \(Conv\).*param r1.*names=\('conv2',\)"):
+        inc.quantize(cnn, inc.QuantConfig(), dataset=small_calib)

@@ -1,9 +1,11 @@
 """Recurrent graphs as torch exports them: the LSTM's zero initial state is shaped at run time from the batch size.
 
 Both exporters build that state from the input's Shape (torch.onnx's TorchScript path with ConstantOfShape, the
-dynamo path by Expanding a scalar zero and Slicing it). Such a fill is neither signal nor mask: taken for mask
-arithmetic, it had kept the LSTM's output and everything after it (the classifier) out of static INT8, and
-``inc.quantize`` reported nothing to quantize.
+dynamo path by Expanding a scalar zero and Slicing it; tf2onnx, for a Keras ``Bidirectional(LSTM)``, Expands a
+zero to [batch, hidden] and Concats one copy per direction). Such a fill is neither signal nor mask: taken for
+mask arithmetic, it had kept the LSTM's output and everything after it (the classifier) out of static INT8, and
+``inc.quantize`` reported nothing to quantize; the Concat building it was listed as quantizable, and ORT's QDQ
+quantizer failed on its unobserved inputs.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ def _recurrent(initial_state: str) -> onnx.ModelProto:
     def init(name: str, array: np.ndarray) -> onnx.TensorProto:
         return numpy_helper.from_array(np.asarray(array), name)
 
+    directions = 2 if initial_state == "concat_per_direction" else 1
     inits = [
-        init("W", rng.normal(0, 0.4, (1, 4 * HIDDEN, FEATURES)).astype(np.float32)),
-        init("R", rng.normal(0, 0.3, (1, 4 * HIDDEN, HIDDEN)).astype(np.float32)),
-        init("B", rng.normal(0, 0.1, (1, 8 * HIDDEN)).astype(np.float32)),
+        init("W", rng.normal(0, 0.4, (directions, 4 * HIDDEN, FEATURES)).astype(np.float32)),
+        init("R", rng.normal(0, 0.3, (directions, 4 * HIDDEN, HIDDEN)).astype(np.float32)),
+        init("B", rng.normal(0, 0.1, (directions, 8 * HIDDEN)).astype(np.float32)),
         init("head_w", rng.normal(0, 0.5, (10, HIDDEN)).astype(np.float32)),
         init("head_b", rng.normal(0, 0.1, (10,)).astype(np.float32)),
         init("zero_index", np.array(0, np.int64)), init("one", np.array([1], np.int64)),
@@ -45,15 +48,24 @@ def _recurrent(initial_state: str) -> onnx.ModelProto:
     ]
     if initial_state == "constant_of_shape":  # torch.onnx.export(..., dynamo=False)
         nodes.append(helper.make_node("ConstantOfShape", ["state_shape"], ["h0"], name="zeros"))
+    elif initial_state == "concat_per_direction":  # tf2onnx, Keras Bidirectional(LSTM)
+        nodes += [
+            helper.make_node("Concat", ["batch1", "hidden"], ["row_shape"], axis=0, name="row_shape"),
+            helper.make_node("Expand", ["scalar_zero", "row_shape"], ["zeros"], name="zeros"),
+            helper.make_node("Unsqueeze", ["zeros", "start"], ["direction_state"], name="direction_state"),
+            helper.make_node("Concat", ["direction_state", "direction_state"], ["h0"], axis=0, name="both_directions"),
+        ]
     else:  # torch.onnx.export(..., dynamo=True): a scalar zero expanded, then sliced per layer
         nodes += [
             helper.make_node("Expand", ["scalar_zero", "state_shape"], ["zeros"], name="zeros"),
             helper.make_node("Slice", ["zeros", "start", "one", "start"], ["h0"], name="layer0_state"),
         ]
     nodes += [
-        helper.make_node("LSTM", ["time_major", "W", "R", "B", "", "h0", "h0"], ["Y"], hidden_size=HIDDEN, name="lstm"),
-        helper.make_node("Squeeze", ["Y", "one"], ["outputs"], name="squeeze"),
-        helper.make_node("ReduceMean", ["outputs"], ["pooled"], axes=[0], keepdims=0, name="mean"),
+        helper.make_node(
+            "LSTM", ["time_major", "W", "R", "B", "", "h0", "h0"], ["Y"], hidden_size=HIDDEN, name="lstm",
+            direction="bidirectional" if directions == 2 else "forward",
+        ),
+        helper.make_node("ReduceMean", ["Y"], ["pooled"], axes=[0, 1], keepdims=0, name="mean"),
         helper.make_node("Gemm", ["pooled", "head_w", "head_b"], ["logits"], transB=1, name="head"),
     ]
     graph = helper.make_graph(
@@ -71,7 +83,7 @@ def _run(model: onnx.ModelProto, rows: np.ndarray) -> np.ndarray:
     return session.run(None, {"rows": rows})[0]
 
 
-@pytest.mark.parametrize("initial_state", ["constant_of_shape", "expand_and_slice"])
+@pytest.mark.parametrize("initial_state", ["constant_of_shape", "expand_and_slice", "concat_per_direction"])
 @pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
 def test_the_classifier_after_an_lstm_with_a_run_time_zero_state_runs_int8(digits, initial_state, fmt):
     model = _recurrent(initial_state)

@@ -25,7 +25,8 @@ The classification is structural, from the graph alone:
   pooling) keeps them finite and within their own range, so the product is signal again. (Left masked, it
   kept DeBERTa-v2's whole encoder out of INT8.) The Mul itself stays in float;
 - a small finite fill shaped at run time (``ConstantOfShape``, a scalar ``Expand``-ed: an RNN's zero initial
-  state) is neither signal nor mask: a node reading it with signal computes signal;
+  state) is neither signal nor mask: a node reading it with signal computes signal; the nodes building it
+  (a Concat of fills included) stay in float;
 - a node of another domain (ai.onnx.ml, com.microsoft) is never quantized, but passes signal (or masked
   values) on to its float outputs; an ai.onnx.ml node's float outputs are signal even when it reads only
   strings or integers (a OneHotEncoder of a categorical column).
@@ -97,8 +98,11 @@ def analyse_masks(model: onnx.ModelProto) -> MaskAnalysis:
             continue
         if _fills_a_shape(node, fills):
             # A finite fill shaped at run time (an RNN's zero initial state: ConstantOfShape, or a scalar
-            # Expanded to the batch) holds no mask value; reading it is not reading a mask.
+            # Expanded to the batch) holds no mask value; reading it is not reading a mask. Nor is it signal:
+            # the node that builds it stays float (a Concat of the forward and backward zero states of a
+            # tf2onnx bidirectional LSTM was listed, and ORT's QDQ quantizer failed on its unobserved inputs).
             fills.update(name for name in node.output if name and is_float(name))
+            float_only.add(node.name)
             continue
         float_inputs = [name for name in node.input if name and is_float(name)]
         float_outputs = [name for name in node.output if name and is_float(name)]

@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -91,7 +92,8 @@ def quantize_prepared(
     except IncError:
         raise
     except Exception as exc:  # ORT's quantizers raise builtins (ValueError, KeyError, AssertionError, ...)
-        raise _quantizer_failed(exc, mode, config) from exc
+        quantized = {op.name for op in space.ops} - set(excluded)
+        raise _quantizer_failed(exc, mode, config, model=prepared.model, quantized=quantized) from exc
     result: onnx.ModelProto = quantizer.model.model
     if config.approach == "static" and fmt == "qdq" and not keep_every_qdq_pair:
         folded = folded_activations(prepared.model, result)
@@ -210,9 +212,22 @@ def _has_matrix_bias(model: onnx.ModelProto) -> bool:
     )
 
 
-def _quantizer_failed(exc: Exception, mode: str, config: QuantConfig) -> UnsupportedModelError:
+# ORT's QDQ quantizer checks every tensor's parameters after its loop over the nodes, so the node its frames
+# hold then is the graph's last quantized one, not the one reading the tensor; the tensor it names tells.
+_MISSING_PARAMS = re.compile(r"Quantization parameters are not specified for param (\S+?)\.? In static mode")
+
+
+def _quantizer_failed(
+    exc: Exception, mode: str, config: QuantConfig, *, model: onnx.ModelProto, quantized: set[str]
+) -> UnsupportedModelError:
     """Name the op ORT's quantizer failed on, what it said, and the ways around it."""
     node = failed_quantizer_node(exc)
+    missing = _MISSING_PARAMS.search(str(exc))
+    if missing:
+        tensor = missing.group(1)
+        node = next(
+            (n for n in model.graph.node if n.name in quantized and tensor in (*n.input, *n.output)), node
+        )
     text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
     if node is not None:
         name = node.name.removesuffix("_MatMul") if config.approach == "dynamic" else node.name
