@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import onnx
+import onnx_testmodels as models
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -108,3 +109,24 @@ def test_unrelated_files_in_the_directory_are_kept(tmp_path, monkeypatch):
     prepare(str(tmp_path / "model.onnx"))
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "notes.data"]
     assert (tmp_path / "notes.data").read_text() == "kept"
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_a_model_older_than_opset_13_gets_per_channel_int8_that_loads(cnn, digits, opset, fmt):
+    """torch.onnx.export(..., opset_version=11) graphs: ORT's QDQ quantizer wrote per-channel DequantizeLinear
+    (an opset-13 attribute) into them and the INT8 model did not load ("Unrecognized attribute: axis"), as ORT's
+    own quantize_static does; inc quantizes the graph raised to opset 13 by ONNX's version converter."""
+    x_train, x_test, _, y_test = digits
+    old = onnx.ModelProto()
+    old.CopyFrom(cnn)
+    old.opset_import[0].version = opset
+    onnx.checker.check_model(old)
+    given = old.SerializeToString()
+
+    q = inc.quantize(old, inc.QuantConfig(format=fmt), dataset=inc.Dataset(x_train[:128], batch_size=32))
+
+    assert inc.get_backend("onnx").int8_op_counts(q).get("QLinearConv") == 2
+    assert [op.name for op in inc.describe(old).ops] == ["conv1", "conv2", "fc"]
+    assert models.accuracy(q, x_test, y_test) >= models.accuracy(cnn, x_test, y_test) - 0.01
+    assert old.SerializeToString() == given

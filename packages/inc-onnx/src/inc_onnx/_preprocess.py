@@ -109,6 +109,7 @@ def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     known = _tensor_names(proto)
     _name_nodes(proto)
     merge_opsets(proto)
+    proto = _with_opset_for_int8(proto)
     try:
         prepared = _symbolic_pre_process(proto)
     except Exception as exc:  # symbolic inference fails on some graphs; the rest of the pipeline still helps
@@ -133,6 +134,31 @@ def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     unshare_biases(prepared)
     add_infer_metadata(prepared)
     return prepared
+
+
+# Per-channel QuantizeLinear/DequantizeLinear (their ``axis``) came with opset 13. ORT's QDQ quantizer writes them
+# into an older graph all the same (it raises only opsets below 10), and the model it returns does not load
+# ("Unrecognized attribute: axis for operator DequantizeLinear": every torch.onnx export at opset_version=11).
+MIN_OPSET = 13
+
+
+def _with_opset_for_int8(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` converted to :data:`MIN_OPSET` by ONNX's version converter when it is older (names are kept)."""
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None or version >= MIN_OPSET or proto.ByteSize() >= _PROTOBUF_LIMIT:
+        return proto
+    try:
+        converted = onnx.version_converter.convert_version(proto, MIN_OPSET)
+    except Exception as exc:  # the converter raises RuntimeError/ValueError/ConvertError for ops it cannot adapt
+        log.warning(
+            "the model uses ONNX opset %d, and ONNX's version converter could not raise it to %d (%s); per-channel "
+            "QDQ needs opset %d: if the INT8 model does not load, re-export the model with opset_version>=%d or "
+            "use granularity='per_tensor'",
+            version, MIN_OPSET, exc, MIN_OPSET, MIN_OPSET,
+        )
+        return proto
+    log.info("the model uses ONNX opset %d; it is quantized at opset %d (per-channel INT8 needs it)", version, MIN_OPSET)
+    return converted
 
 
 # ai.onnx.ml operators whose output is float32 whatever they read (ONNX-ML's type constraints), which ONNX's
