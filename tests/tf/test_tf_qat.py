@@ -107,10 +107,11 @@ def test_qat_of_a_model_with_attention_keeps_its_trained_weights(digits, fmt):
     assert agreement(int8, qat.predict(x_test, verbose=0)) >= 0.97
 
 
-def test_qat_of_a_mixed_precision_model_trains_in_float32_and_converts(digits):
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "float16"])
+def test_qat_of_a_mixed_precision_model_trains_in_float32_and_converts(digits, policy):
     """Fake quant of a bfloat16 activation met a float32 range ("Input 'y' of 'AddV2' Op has type bfloat16")."""
     x_train, x_test, y_train, y_test = digits
-    model = models.build_mixed_precision_cnn("mixed_bfloat16")
+    model = models.build_mixed_precision_cnn(policy)
     qat = inc_tf.prepare_qat(model, inc.QATConfig())
     assert qat.get_layer("conv").layer.dtype_policy.name == "float32"
     qat.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
