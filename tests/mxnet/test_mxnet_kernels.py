@@ -196,3 +196,23 @@ def test_int8_op_counts_are_read_from_the_quantized_graph(cnn: gluon.HybridBlock
     excluded = inc.quantize(cnn, inc.QuantConfig(calib_samples=64, exclude=inc.LayerFilter(types=("FullyConnected",))), dataset=calib)
     assert "fully_connected" not in backend.int8_op_counts(excluded)
     assert backend.int8_op_counts(cnn) == {}  # the FP32 block
+
+
+def test_a_block_cast_to_16_bits_is_quantized_from_its_float32_values(digits: tuple[np.ndarray, ...]) -> None:
+    """A block trained on a GPU and cast with ``net.cast('float16')`` cannot run on MXNet's CPU backend ("FP16 gemm on
+    cpu not implemented"); calibration failed with "This layer requires uniform type ... given 'float16'" read as a
+    batch-shape error. Its parameters are upcast exactly, and the INT8 block is the float32 one's."""
+    x_train, x_test, _, _ = digits
+    reference = models.cnn()
+    half = models.cnn()
+    half.cast("float16")
+    calib = inc.Dataset(x_train[:128], batch_size=32)
+    before = {name: str(param.dtype) for name, param in half.collect_params().items()}
+
+    from_half = inc.quantize(half, inc.QuantConfig(calib_samples=128), dataset=calib)
+    from_float = inc.quantize(reference, inc.QuantConfig(calib_samples=128), dataset=calib)
+
+    assert inc.resolve_backend(from_half).int8_op_counts(from_half).get("conv") == 2
+    agreement = np.mean(models.predict(from_half, x_test).argmax(1) == models.predict(from_float, x_test).argmax(1))
+    assert agreement >= 0.98, agreement
+    assert {name: str(param.dtype) for name, param in half.collect_params().items()} == before  # the user's block

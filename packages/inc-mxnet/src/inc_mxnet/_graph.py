@@ -153,8 +153,19 @@ def _copied_params(block: gluon.HybridBlock, symbol: mx.sym.Symbol) -> tuple[dic
                 "the block (net.initialize(), or load its parameters) and run it once on a batch so that every "
                 "parameter shape is known, then quantize it."
             ) from exc
-        (aux if param.name in wanted_aux else args)[param.name] = data.copy()
+        (aux if param.name in wanted_aux else args)[param.name] = _as_float32(data)
     return args, aux
+
+
+def _as_float32(data: mx.nd.NDArray) -> mx.nd.NDArray:
+    """A copy of a parameter, in float32 where the block keeps it in 16 bits (``net.cast('float16')``).
+
+    MXNet's CPU backend runs no float16 GEMM ("FP16 gemm on cpu not implemented") and its quantization pass
+    expects float32: a block cast to 16 bits (trained on a GPU) is quantized from its exact float32 values.
+    """
+    if data.dtype == np.float32 or np.issubdtype(np.dtype(data.dtype), np.integer):
+        return data.copy()
+    return data.astype("float32")
 
 
 def float_only_nodes(fused: mx.sym.Symbol, input_names: tuple[str, ...] = ()) -> tuple[str, ...]:
