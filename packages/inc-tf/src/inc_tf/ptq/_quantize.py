@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from inc_core import QuantConfig
 from inc_core.backend import Op, TuningSpace
 from inc_core.errors import ConfigError, UnsupportedModelError
@@ -42,6 +44,15 @@ QUANTIZABLE = (
 
 _QUANTIZABLE = frozenset(QUANTIZABLE)
 
+
+def holds_quantizable(layer_types: Iterable[str]) -> bool:
+    """Whether a layer (given its own type and the types of the layers inside it) is quantized by the int8 targets.
+
+    A custom layer holding Dense/EinsumDense/conv layers (a keras_hub TransformerEncoder) counts as a whole: the
+    one rule describe and QAT's wrapping share.
+    """
+    return not _QUANTIZABLE.isdisjoint(layer_types)
+
 #: Layers without weights whose products LiteRT runs in int8 (query x key, scores x value): listed in static mode.
 ACTIVATION_PRODUCTS = ("Attention", "AdditiveAttention")
 
@@ -56,8 +67,7 @@ def describe_graph(graph: KerasGraph, approach: str = "static") -> TuningSpace:
     ops = tuple(
         Op(name, op_type)
         for name, op_type, size, inside in zip(graph.layer_names, graph.layer_types, graph.weight_sizes, held)
-        # a custom layer holding Dense/EinsumDense layers (a keras_hub TransformerEncoder) is quantized as a whole
-        if ((op_type in QUANTIZABLE or inside & _QUANTIZABLE) and size >= minimum)
+        if (holds_quantizable({op_type, *inside}) and size >= minimum)
         or (op_type in ACTIVATION_PRODUCTS and approach == "static")
     )
     # The LiteRT quantizer takes per-channel/per-tensor and the activation dtype for the whole model only,

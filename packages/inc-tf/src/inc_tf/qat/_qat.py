@@ -235,10 +235,10 @@ def kernel_slots(layer: keras.layers.Layer) -> list[tuple[Any, tuple[int, ...]]]
 def holds_kernels(layer: keras.layers.Layer, *, also: frozenset[str] = frozenset()) -> bool:
     """Whether ``layer`` or a layer inside it (built or not) is of a type the int8 targets quantize (or in ``also``)."""
     from inc_tf._keras_model import sublayers
-    from inc_tf.ptq._quantize import QUANTIZABLE
+    from inc_tf.ptq._quantize import holds_quantizable
 
     types = {type(sub).__name__ for sub in (layer, *sublayers(layer))}
-    return bool(types & (frozenset(QUANTIZABLE) | also))
+    return holds_quantizable(types) or not also.isdisjoint(types)
 
 
 def _takes_several_arguments(layer: keras.layers.Layer) -> bool:
@@ -271,7 +271,7 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
         ConfigError: ``config`` is not a QATConfig, or an exclude name matches no layer.
     """
     from inc_tf._keras_model import check_keras_model, copy_state, full_precision_config, refuse_table_layers
-    from inc_tf.ptq._quantize import ACTIVATION_PRODUCTS, QUANTIZABLE
+    from inc_tf.ptq._quantize import ACTIVATION_PRODUCTS
 
     config = config or QATConfig()
     if not isinstance(config, QATConfig):
@@ -280,9 +280,10 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
     refuse_table_layers(model)
     from inc_core.backend import Op
 
-    listed = frozenset((*QUANTIZABLE, *ACTIVATION_PRODUCTS))
     ops = [  # what describe lists: the quantizable layers, and a user's blocks holding some
-        Op(layer.name, type(layer).__name__) for layer in model.layers if holds_kernels(layer, also=listed)
+        Op(layer.name, type(layer).__name__)
+        for layer in model.layers
+        if holds_kernels(layer, also=frozenset(ACTIVATION_PRODUCTS))
     ]
     excluded = set(config.exclude.select(ops)) if config.exclude else set()
     per_channel = config.granularity == "per_channel"
