@@ -102,6 +102,39 @@ def test_mlp_reaches_int8_kernels_with_fp32_fidelity(kind: str, approach: str, f
     # (agreement 0.996); the dynamic path scales each batch by its largest value, which that sample sets.
 
 
+@functools.cache
+def _converted_from_float64() -> bytes:
+    """A scaler + MLP pipeline converted from float64 data (scikit-learn's default dtype): skl2onnx then writes a
+    float64 graph (Sub, Div, Cast, MatMul, Add in double)."""
+    x_train, _, y_train, _ = models.digits()
+    pipeline = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(32,), max_iter=150, random_state=0))
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Stochastic Optimizer: Maximum iterations")
+        pipeline.fit(x_train.astype(np.float64), y_train)
+    options = {id(pipeline.steps[-1][1]): {"zipmap": False}}
+    return to_onnx(pipeline, x_train[:1].astype(np.float64), options=options).SerializeToString()
+
+
+@pytest.mark.parametrize(("approach", "fmt"), PATHS, ids=["-".join(p) for p in PATHS])
+def test_a_float64_graph_is_quantized_from_float32_and_keeps_its_float64_io(approach: str, fmt: str) -> None:
+    """Every op of a float64 graph was out of ORT's quantizers' reach: "Nothing to quantize ... the model holds
+    ... MatMul". inc quantizes its float32 version; the model still takes and returns float64."""
+    model = onnx.load_from_string(_converted_from_float64())
+    x_train, x_test, _, y_test = models.digits()
+    calib = inc.Dataset({"X": x_train[:128].astype(np.float64)}, batch_size=16)
+
+    quantized = inc.quantize(model, inc.QuantConfig(approach=approach, format=fmt), dataset=calib if approach == "static" else None)
+
+    counts = inc.get_backend("onnx").int8_op_counts(quantized)
+    products = ("QGemm", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger")
+    assert sum(n for k, n in counts.items() if k in products) == 2, counts
+    fp64_labels, fp64_probs = _labels_and_probabilities(model, x_test.astype(np.float64))
+    int8_labels, int8_probs = _labels_and_probabilities(quantized, x_test.astype(np.float64))
+    assert fp64_probs.dtype == int8_probs.dtype == np.float64
+    assert float(np.mean(fp64_labels == int8_labels)) >= 0.98
+    assert float(np.mean(int8_labels == y_test)) >= float(np.mean(fp64_labels == y_test)) - 0.02
+
+
 @pytest.mark.parametrize("zipmap", ZIPMAP, ids=["zipmap", "no_zipmap"])
 @pytest.mark.parametrize(("approach", "fmt"), PATHS, ids=["-".join(p) for p in PATHS])
 @pytest.mark.parametrize(

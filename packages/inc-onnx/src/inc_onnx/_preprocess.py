@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from onnxruntime.quantization.quant_utils import add_infer_metadata
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from inc_onnx._half_precision import upcast_half_precision
+from inc_onnx._float32_graph import as_float32_graph
 from inc_onnx._model_io import _PROTOBUF_LIMIT, as_model_proto, check_runtime_loads, digest
 from inc_onnx._repair import flatten_row_biases, merge_opsets, rename_new_initializers, unshare_biases
 
@@ -88,7 +88,7 @@ def prepare(model: Any) -> Prepared:
             return _cache[key]
     where = repr(str(model)) if not isinstance(model, onnx.ModelProto) else "the given ModelProto"
     check_runtime_loads(proto, where=where)
-    upcast_half_precision(proto)
+    as_float32_graph(proto)
     value_info = tuple(_copy_value_info(v) for v in proto.graph.value_info)
     prepared_proto = _prepare_graph(proto)
     prepared = Prepared(
