@@ -206,3 +206,15 @@ def test_listed_layers_ipex_runs_in_float_are_named(caplog: pytest.LogCaptureFix
     with caplog.at_level("WARNING", logger="inc"):
         inc.quantize(model, inc.QuantConfig(exclude=inc.LayerFilter(patterns=(r"enc\..*",))), dataset=_signal((8, 10, 16)), backend="ipex")
     assert "IPEX left" not in caplog.text  # what the user excluded is not reported
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_model_not_in_float32_is_refused_before_ipex_calibrates_it(dtype: torch.dtype) -> None:
+    """IPEX static calibration ran before the backend's precision check and failed inside IPEX or the model's
+    first op; the refusal now comes first, with model.float() as the way, and the user's model is untouched."""
+    model = trained_cnn().to(dtype)
+    before = state(model)
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(inc.errors.UnsupportedModelError, match=rf"holds {name} parameters.*Pass model\.float\(\)"):
+        inc.quantize(model, inc.QuantConfig(), dataset=calib_data(32, 16), backend="ipex")
+    assert same_state(state(model), before)

@@ -203,10 +203,12 @@ def test_a_returned_model_that_does_not_run_is_an_error_naming_the_op(monkeypatc
 @pytest.mark.parametrize(
     ("dtype", "fmt", "approach"),
     [(torch.float16, "pt2e", "static"), (torch.float16, "fx", "static"), (torch.float16, "pt2e", "dynamic"),
-     (torch.bfloat16, "fx", "static"), (torch.bfloat16, "pt2e", "dynamic")],
+     (torch.bfloat16, "fx", "static"), (torch.bfloat16, "pt2e", "dynamic"),
+     (torch.float64, "pt2e", "static"), (torch.float64, "fx", "static"), (torch.float64, "pt2e", "dynamic")],
 )
 def test_a_half_precision_model_is_refused_with_the_fp32_way(dtype: torch.dtype, fmt: str, approach: str) -> None:
-    """These paths failed deep in inductor or torch.ao ("expects a Float Tensor, got Half") and pointed at an op."""
+    """These paths failed deep in inductor or torch.ao ("expects a Float Tensor, got Half"; a float64 model: "Expecting
+    input to have dtype torch.float32", "expected scalar type Float but found Double") and pointed at an op."""
     model = trained_cnn().to(dtype)
     before = state(model)
     config = inc.QuantConfig(format=fmt, approach=approach)

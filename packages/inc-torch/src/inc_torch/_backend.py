@@ -52,20 +52,26 @@ def _check_model(model: Any) -> nn.Module:
 
 
 def _check_precision(model: nn.Module, fmt: str, approach: str) -> None:
-    """INT8 quantization starts from FP32 weights: a half-precision model fails deep in torch.ao or inductor.
+    """INT8 quantization starts from FP32 weights: a float16 or float64 model fails deep in torch.ao or inductor
+    (with advice, such as another format or excluding the first op, that cannot help).
 
     PT2E static quantizes a bfloat16 model (its observers and inductor's lowering take it); every other path
     needs the FP32 model.
     """
     dtype = float_dtype(model)
-    if dtype not in (torch.float16, torch.bfloat16) or (dtype == torch.bfloat16 and fmt == "pt2e" and approach == "static"):
+    if dtype not in (torch.float16, torch.bfloat16, torch.float64):
+        return
+    if dtype == torch.bfloat16 and fmt == "pt2e" and approach == "static":
         return
     name = str(dtype).replace("torch.", "")
     path = "dynamic INT8 quantization" if approach == "dynamic" else f"static INT8 quantization with format={fmt!r}"
+    bf16 = (
+        "; to keep layers that stay out of INT8 in BF16, use QuantConfig(bf16=inc.LayerFilter(...)) or "
+        "TuningConfig(fallback_precision='bf16')" if dtype != torch.float64 else ""
+    )
     raise UnsupportedModelError(
         f"{type(model).__name__} holds {name} parameters; {path} starts from "
-        f"the FP32 model. Pass model.float() (the INT8 model then takes float32 inputs); to keep layers that stay "
-        "out of INT8 in BF16, use QuantConfig(bf16=inc.LayerFilter(...)) or TuningConfig(fallback_precision='bf16')."
+        f"the FP32 model. Pass model.float() (the INT8 model then takes float32 inputs){bf16}."
     )
 
 

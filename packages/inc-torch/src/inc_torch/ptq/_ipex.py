@@ -29,7 +29,7 @@ from inc_core._quant_config import CALIBRATIONS, SCHEMES, QuantConfig
 from inc_core.backend import TuningSpace
 from inc_core.calibration import HistogramObserver, compute_qparams
 from inc_core.errors import BackendNotFoundError, CalibrationError, DatasetError, UnsupportedModelError
-from inc_torch._backend import TorchBackend, _check_model, warn_left_in_float
+from inc_torch._backend import TorchBackend, _check_model, _check_precision, warn_left_in_float
 from inc_torch._compat import quiet
 from inc_torch._failures import framework_errors
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
@@ -170,7 +170,9 @@ class IpexBackend(TorchBackend):
         self._ipex = import_ipex()
 
     def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
-        space = tuning_space(_check_model(model), config, "torchscript")
+        model = _check_model(model)
+        _check_precision(model, "torchscript", config.approach)
+        space = tuning_space(model, config, "torchscript")
         if config.approach == "dynamic":
             return space
         # Weight granularity is fixed when IPEX prepares the model; activation settings are per tensor.
