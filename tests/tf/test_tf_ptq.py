@@ -132,12 +132,13 @@ def test_cli_quantizes_a_keras_file(tmp_path, capsys):
     assert inc.get_backend("tf").int8_op_counts(inc.load(out))["FULLY_CONNECTED"] == 3
 
 
-@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16", "float16", "bfloat16"])
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16", "float16", "bfloat16", "float64"])
 def test_a_mixed_precision_model_quantizes_every_layer(policy, digits):
     """Layers computing in 16 bits did not convert to LiteRT ("Could not translate MLIR to FlatBuffer"), and the
     SavedModel target left them out of INT8. inc converts the float32 the variables are kept in. With variables in
-    16 bits too (a ``float16``/``bfloat16`` policy), LiteRT named the layers' Conv2D/MatMul/BiasAdd as TF ops it
-    lacks and the SavedModel target found no Conv2D or MatMul: inc converts their exact float32 copy."""
+    16 bits too (a ``float16``/``bfloat16`` policy) or in 64 bits (``float64``), LiteRT named the layers'
+    Conv2D/MatMul/BiasAdd as TF ops it lacks and the SavedModel target found no Conv2D or MatMul: inc converts
+    their float32 copy."""
     x_train, x_test, _, _ = digits
     model = models.build_mixed_precision_cnn(policy)
     reference = model.predict(x_test, verbose=0).argmax(1)

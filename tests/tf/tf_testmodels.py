@@ -63,9 +63,9 @@ def build_mlp() -> keras.Model:
 
 def build_mixed_precision_cnn(policy: str) -> keras.Model:
     """conv -> dense digits model built under a 16-bit ``policy`` (its logits layer in float32, as Keras advises);
-    the global policy is set back to float32 afterwards. Mixed policies train as they are; a pure ``float16`` or
-    ``bfloat16`` policy (variables in 16 bits too) gets the weights of the same net trained in float32, since
-    training purely in 16 bits diverges."""
+    the global policy is set back to float32 afterwards (despite the name, ``float64`` is taken too). Mixed policies
+    train as they are; a pure ``float16``, ``bfloat16`` or ``float64`` policy (variables in that type) gets the
+    weights of the same net trained in float32, since training purely in 16 bits diverges."""
 
     def build(under: str) -> keras.Model:
         keras.mixed_precision.set_global_policy(under)

@@ -203,20 +203,22 @@ def layer_index(token: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-_HALF_DTYPES = frozenset({"float16", "bfloat16"})
+# Float dtypes other than float32: 16-bit ones convert exactly, float64 rounds to the nearest float32.
+_OTHER_FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float64"})
 
 
 def full_precision_config(layer: Any) -> dict[str, Any]:
-    """``layer``'s config, computing and keeping its variables in float32 where its policy uses 16 bits.
+    """``layer``'s config, computing and keeping its variables in float32 where its policy uses another float type.
 
     mixed_float16/mixed_bfloat16 layers keep float32 variables and compute in 16 bits; a ``float16``/``bfloat16``
-    policy keeps the variables in 16 bits too (every value of which float32 holds exactly). INT8 quantization (and
-    QAT's fake quant, and the LiteRT converter, which cannot take 16-bit convolutions and then names every op of
-    the layer as one LiteRT lacks) starts from the float32 computation.
+    policy keeps the variables in 16 bits too (every value of which float32 holds exactly), a ``float64`` one in
+    64 bits (rounded to float32, far finer than INT8). INT8 quantization (and QAT's fake quant, and the LiteRT
+    converter, which cannot take such convolutions and then names every op of the layer as one LiteRT lacks)
+    starts from the float32 computation.
     """
     config = layer.get_config()
     policy = getattr(layer, "dtype_policy", None)
-    if policy is not None and (policy.compute_dtype in _HALF_DTYPES or policy.variable_dtype in _HALF_DTYPES):
+    if policy is not None and {policy.compute_dtype, policy.variable_dtype} & _OTHER_FLOAT_DTYPES:
         config["dtype"] = "float32"
     return config
 
