@@ -198,14 +198,16 @@ def test_int8_op_counts_are_read_from_the_quantized_graph(cnn: gluon.HybridBlock
     assert backend.int8_op_counts(cnn) == {}  # the FP32 block
 
 
-def test_a_block_cast_to_16_bits_is_quantized_from_its_float32_values(digits: tuple[np.ndarray, ...]) -> None:
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_a_block_cast_from_float32_is_quantized_from_its_float32_values(dtype: str, digits: tuple[np.ndarray, ...]) -> None:
     """A block trained on a GPU and cast with ``net.cast('float16')`` cannot run on MXNet's CPU backend ("FP16 gemm on
-    cpu not implemented"); calibration failed with "This layer requires uniform type ... given 'float16'" read as a
-    batch-shape error. Its parameters are upcast exactly, and the INT8 block is the float32 one's."""
+    cpu not implemented"); calibration of it (or of a float64 block) failed with "This layer requires uniform type
+    ... given 'float16'" read as a batch-shape error. Its parameters are copied as float32 (exactly from float16),
+    and the INT8 block is the float32 one's."""
     x_train, x_test, _, _ = digits
     reference = models.cnn()
     half = models.cnn()
-    half.cast("float16")
+    half.cast(dtype)
     calib = inc.Dataset(x_train[:128], batch_size=32)
     before = {name: str(param.dtype) for name, param in half.collect_params().items()}
 
