@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -127,6 +129,34 @@ def test_layer_mappings_add_the_mean_layer_loss() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     kd.remove_hooks()
     assert not student[0]._forward_hooks and not teacher[0]._forward_hooks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_teacher_kept_in_16_bits_reads_the_batch_in_its_dtype(dtype: torch.dtype) -> None:
+    """A teacher kept in bfloat16/float16 to save memory failed with torch's raw "mat1 and mat2 must have the same
+    dtype" on the float32 batch; it reads the batch in its own dtype, the loss is the float32 teacher's within
+    16-bit rounding, and a 16-bit teacher ending in a softmax is still read as probabilities."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+    student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+    config = inc.DistillConfig(temperature=2.0, loss_weights=(0.5, 0.5, 1.0), layer_mappings=(("0", "0"),))
+    x, labels = torch.randn(12, 8), torch.randint(0, 5, (12,))
+    reference = inc_torch.DistillationLoss(teacher, config, student=student)
+    want = reference(student(x), x, labels)
+    reference.remove_hooks()
+    half = inc_torch.DistillationLoss(copy.deepcopy(teacher).to(dtype), config, student=student)
+
+    got = half(student(x), x, labels)
+    got.backward()
+
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(want), rel=0.05)
+    assert all(p.grad is not None for p in student.parameters())
+    probabilities = copy.deepcopy(nn.Sequential(teacher, nn.Softmax(dim=-1))).to(dtype)
+    soft_only = inc.DistillConfig(temperature=2.0, loss_weights=(0.0, 1.0))
+    from_probabilities = inc_torch.DistillationLoss(probabilities, soft_only)(student(x), x)
+    from_logits = inc_torch.DistillationLoss(teacher, soft_only)(student(x), x)
+    assert float(from_probabilities) == pytest.approx(float(from_logits), rel=0.05)
 
 
 def test_distilled_student_trains_in_a_plain_loop() -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from inc_core._distill_config import DistillConfig
 from inc_core.errors import ConfigError, UnsupportedModelError
+from inc_torch._inputs import float_dtype
 
 __all__ = ["DistillationLoss"]
 
@@ -33,16 +34,32 @@ def _logits(output: Any, who: str) -> torch.Tensor:
 
 
 def _is_probabilities(tensor: torch.Tensor) -> bool:
-    """Rows that are non-negative and sum to 1: a model ending in ``nn.Softmax``. Logits almost never do."""
+    """Rows that are non-negative and sum to 1: a model ending in ``nn.Softmax``. Logits almost never do.
+
+    A 16-bit softmax's rows sum to 1 only within its rounding (bfloat16 keeps 8 bits): the tolerance follows.
+    """
     if tensor.ndim < 1 or tensor.shape[-1] < 2 or not tensor.is_floating_point():
         return False
-    values = tensor.detach()
-    return bool((values >= 0).all()) and bool(torch.allclose(values.sum(dim=-1), values.new_ones(()), atol=1e-4))
+    values = tensor.detach().float()
+    tolerance = 1e-4 if tensor.dtype in (torch.float32, torch.float64) else 2e-2
+    return bool((values >= 0).all()) and bool(torch.allclose(values.sum(dim=-1), values.new_ones(()), atol=tolerance))
 
 
 def _log_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
     """log(p): the logits up to one constant per sample, which the tempered softmax and cross-entropy ignore."""
     return torch.log(probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny))
+
+
+def _in_dtype(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` (a tensor, or a mapping/tuple/list of them) with its floating tensors in ``dtype``; token ids and
+    masks (integer tensors) and anything else stay as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, Mapping):
+        return {key: _in_dtype(item, dtype) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_in_dtype(item, dtype) for item in value) if type(value) in (tuple, list) else value
+    return value
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -280,9 +297,12 @@ class DistillationLoss(nn.Module):
         teacher: nn.Module = self.__dict__["teacher"]
         was_training = teacher.training
         teacher.eval()
+        # A teacher kept in float16/bfloat16 to save memory reads the batch in its own dtype ("mat1 and mat2 must
+        # have the same dtype" otherwise); its outputs are compared in the student's dtype.
+        dtype = float_dtype(teacher)
         try:
             with torch.no_grad():
-                return _logits(_call(teacher, inputs), "teacher")
+                return _logits(_call(teacher, _in_dtype(inputs, dtype)), "teacher")
         finally:
             teacher.train(was_training)
 
