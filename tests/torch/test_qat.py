@@ -137,6 +137,19 @@ def test_wrong_example_inputs_are_a_dataset_error() -> None:
     assert same_state(state(model), before)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("fmt", ["pt2e", "fx"])
+def test_a_model_not_in_float32_is_refused_before_preparation(dtype: torch.dtype, fmt: str) -> None:
+    """FX preparation of a bfloat16 model went through and the user's first training step raised torch.ao's
+    "expected scalar type Float but found BFloat16" from inside their forward; PT2E raised it from prepare_qat."""
+    model = trained_cnn().to(dtype)
+    before = state(model)
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(UnsupportedModelError, match=rf"holds {name} parameters; QAT trains the FP32 model.*model\.float\(\)"):
+        inc_torch.prepare_qat(model, inc.QATConfig(format=fmt), _example().to(dtype))
+    assert same_state(state(model), before)
+
+
 def test_bad_qat_calls() -> None:
     with pytest.raises(ConfigError, match="QATConfig"):
         inc_torch.prepare_qat(trained_cnn(), inc.QuantConfig(), _example())  # type: ignore[arg-type]

@@ -72,6 +72,19 @@ def _check(model: Any, config: Any) -> str:
             f"QATConfig: activation_dtype={config.activation_dtype!r} is not supported; x86 INT8 kernels take "
             f"{', '.join(map(repr, ACTIVATION_DTYPES))} activations."
         )
+    dtype = float_dtype(model)
+    if dtype != torch.float32:
+        # torch.ao's fake quantization takes float32 only: preparation went through and the first training
+        # step raised "expected scalar type Float but found BFloat16" from inside the user's forward.
+        name = str(dtype).replace("torch.", "")
+        speed = (
+            "; for 16-bit speed, train it under torch.autocast('cpu', dtype=torch.bfloat16) with format='pt2e'"
+            if dtype != torch.float64 else ""
+        )
+        raise UnsupportedModelError(
+            f"prepare_qat: {type(model).__name__} holds {name} parameters; QAT trains the FP32 model with fake "
+            f"quantization. Pass model.float(){speed}."
+        )
     return fmt
 
 
