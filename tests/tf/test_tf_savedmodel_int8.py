@@ -202,6 +202,22 @@ def test_savedmodel_directory_is_accepted_and_quantized(how, digits, calib, tmp_
     assert len(inc.quantize(loaded, inc.QuantConfig(calib_samples=32), dataset=calib).int8_layers()) == 4
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "float16", "float64"])
+def test_a_savedmodel_exported_from_a_16_or_64_bit_model_gets_its_conv_in_int8(policy, digits, tmp_path):
+    """A SavedModel exported from a Keras model computing in float16 (or float64) runs its Conv2D in that type, and
+    the int8 rewrite (TF's INT8 kernels read float32) left it out: only the float32 logits layer became INT8. The
+    frozen graph is retyped to float32 first."""
+    x_train, x_test = digits[0], digits[1]
+    model = models.build_mixed_precision_cnn(policy)
+    model.export(str(tmp_path / "exported"), verbose=False)
+
+    q = inc.quantize(tmp_path / "exported", inc.QuantConfig(calib_samples=128), dataset=inc.Dataset(x_train[:128], batch_size=32))
+
+    assert q.op_counts().get("_FusedQuantizedConv2D") == 1, q.op_counts()
+    reference = np.asarray(model.predict(x_test, verbose=0)).argmax(1)
+    assert float(np.mean(np.asarray(q(x_test)).argmax(1) == reference)) >= 0.98
+
+
 def test_savedmodel_without_serving_signature_is_explained(tmp_path, calib):
     module = tf.Module()
     module.v = tf.Variable(1.0)

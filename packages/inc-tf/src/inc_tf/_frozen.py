@@ -188,6 +188,7 @@ def freeze_savedmodel(model: Any, *, where: str = "the SavedModel") -> FrozenGra
     outputs = concrete.structured_outputs
     out_keys = tuple(sorted(outputs)) if isinstance(outputs, Mapping) else ()
     frozen = _freeze(concrete, (), out_keys)
+    as_float32_graph_def(frozen.graph_def)
     # A signature's graph inputs follow its keyword names in sorted order, as its specs are flattened.
     by_name = {spec.name: key for key, spec in kwargs.items()}
     if len(frozen.input_tensors) != len(keys):
@@ -197,6 +198,47 @@ def freeze_savedmodel(model: Any, *, where: str = "the SavedModel") -> FrozenGra
         frozen.graph_def, frozen.input_tensors, ordered, frozen.input_shapes, frozen.output_tensors, frozen.output_keys,
         ordered=len(ordered) <= 1,
     )
+
+
+def as_float32_graph_def(graph_def: Any) -> bool:
+    """Retype, in place, a frozen graph that computes in float16, bfloat16 or float64 to compute in float32.
+
+    A SavedModel exported from a Keras model under a ``mixed_float16``/``float16``/``float64`` policy runs its
+    convolutions and products in that type, and the SavedModel int8 rewrite (TF's INT8 kernels take float32)
+    left them out: only a float32 logits layer became INT8. Every such type attribute, type list and constant
+    goes to float32 (16-bit values exactly, float64 rounded), in library functions too; Casts between what were
+    two float types become float32-to-float32 (identities). Returns whether anything changed.
+    """
+    from tensorflow.core.framework import types_pb2
+    from tensorflow.python.framework import tensor_util
+
+    others = {types_pb2.DT_HALF, types_pb2.DT_BFLOAT16, types_pb2.DT_DOUBLE}
+    changed = False
+
+    def retype(nodes: Any) -> None:
+        nonlocal changed
+        for node in nodes:
+            for attr in node.attr.values():
+                kind = attr.WhichOneof("value")
+                if kind == "type" and attr.type in others:
+                    attr.type, changed = types_pb2.DT_FLOAT, True
+                elif kind == "list" and any(t in others for t in attr.list.type):
+                    retyped = [types_pb2.DT_FLOAT if t in others else t for t in attr.list.type]
+                    del attr.list.type[:]
+                    attr.list.type.extend(retyped)
+                    changed = True
+                elif kind == "tensor" and attr.tensor.dtype in others:
+                    values = tensor_util.MakeNdarray(attr.tensor).astype(np.float32)
+                    attr.tensor.CopyFrom(tensor_util.make_tensor_proto(values, shape=values.shape))
+                    changed = True
+
+    retype(graph_def.node)
+    for function in graph_def.library.function:
+        retype(function.node_def)
+        for arg in (*function.signature.input_arg, *function.signature.output_arg):
+            if arg.type in others:
+                arg.type, changed = types_pb2.DT_FLOAT, True
+    return changed
 
 
 def input_dtypes(graph_def: Any, input_tensors: tuple[str, ...]) -> tuple[np.dtype, ...]:
