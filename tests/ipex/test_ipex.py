@@ -210,8 +210,9 @@ def test_listed_layers_ipex_runs_in_float_are_named(caplog: pytest.LogCaptureFix
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_a_model_not_in_float32_is_refused_before_ipex_calibrates_it(dtype: torch.dtype) -> None:
-    """IPEX static calibration ran before the backend's precision check and failed inside IPEX or the model's
-    first op; the refusal now comes first, with model.float() as the way, and the user's model is untouched."""
+    """IPEX static calibration ran before the backend's precision check and failed in IPEX's TorchScript trace
+    ("The following operation failed in the TorchScript interpreter") with advice that cannot help (another backend,
+    excluding an op); the refusal now comes first, with model.float() as the way, and the user's model is untouched."""
     model = trained_cnn().to(dtype)
     before = state(model)
     name = str(dtype).replace("torch.", "")

@@ -140,8 +140,8 @@ def test_wrong_example_inputs_are_a_dataset_error() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("fmt", ["pt2e", "fx"])
 def test_a_model_not_in_float32_is_refused_before_preparation(dtype: torch.dtype, fmt: str) -> None:
-    """FX preparation of a bfloat16 model went through and the user's first training step raised torch.ao's
-    "expected scalar type Float but found BFloat16" from inside their forward; PT2E raised it from prepare_qat."""
+    """Preparation of a bfloat16 model went through (both formats) and the user's first training step raised
+    torch.ao's "expected scalar type Float but found BFloat16" from inside their forward."""
     model = trained_cnn().to(dtype)
     before = state(model)
     name = str(dtype).replace("torch.", "")
