@@ -23,14 +23,14 @@ __all__ = ["as_float32_graph"]
 
 log = logging.getLogger("inc")
 
-_HALF = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
 # Every float type that is not float32: 16-bit ones convert exactly, float64 rounds to the nearest float32.
-_OTHER_FLOATS = _HALF | {onnx.TensorProto.DOUBLE}
+_OTHER_FLOATS = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
 _FLOAT = onnx.TensorProto.FLOAT
 # Integer attributes that name an element type (Cast's "to", the generators' "dtype").
 _TYPE_ATTRIBUTES = frozenset({"to", "dtype"})
-# Attributes holding a constant tensor (Constant's value, ConstantOfShape's fill value).
-_TENSOR_ATTRIBUTES = frozenset({"value", "sparse_value"})
+# The attribute holding a constant tensor (Constant's value, ConstantOfShape's fill value). Other tensor attributes
+# (ai.onnx.ml's ``*_as_tensor`` tree parameters) keep their type: those operators take float32 inputs as they are.
+_TENSOR_ATTRIBUTE = "value"
 
 
 def as_float32_graph(proto: onnx.ModelProto) -> bool:
@@ -70,7 +70,7 @@ def _other_float_types(graph: onnx.GraphProto) -> set[int]:
         for attr in node.attribute:
             if attr.name in _TYPE_ATTRIBUTES and attr.type == onnx.AttributeProto.INT:
                 found.add(attr.i)
-            if attr.type == onnx.AttributeProto.TENSOR:
+            if attr.name == _TENSOR_ATTRIBUTE and attr.type == onnx.AttributeProto.TENSOR:
                 found.add(attr.t.data_type)
             for sub in _subgraphs(attr):
                 found |= _other_float_types(sub)
@@ -105,7 +105,7 @@ def _retype_graph(graph: onnx.GraphProto) -> None:
         for attr in node.attribute:
             if attr.name in _TYPE_ATTRIBUTES and attr.type == onnx.AttributeProto.INT and attr.i in _OTHER_FLOATS:
                 attr.i = _FLOAT
-            elif attr.name in _TENSOR_ATTRIBUTES and attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _OTHER_FLOATS:
+            elif attr.name == _TENSOR_ATTRIBUTE and attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _OTHER_FLOATS:
                 attr.t.CopyFrom(_as_float32(attr.t))
             for sub in _subgraphs(attr):
                 _retype_graph(sub)

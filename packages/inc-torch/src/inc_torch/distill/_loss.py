@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 
 from inc_core._distill_config import DistillConfig
 from inc_core.errors import ConfigError, UnsupportedModelError
-from inc_torch._inputs import float_dtype
+from inc_torch._inputs import float_dtype, to_inputs
 
 __all__ = ["DistillationLoss"]
 
@@ -51,23 +51,8 @@ def _log_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
 
 
 def _in_dtype(value: Any, dtype: torch.dtype) -> Any:
-    """``value`` (a tensor, or a mapping/tuple/list of them) with its floating tensors in ``dtype``; token ids and
-    masks (integer tensors) and anything else stay as they are."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
-    if isinstance(value, Mapping):
-        return {key: _in_dtype(item, dtype) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_in_dtype(item, dtype) for item in value) if type(value) in (tuple, list) else value
-    return value
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    """A floating tensor in ``dtype``; token ids and masks (integer tensors) and anything else as they are."""
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype else value
 
 
 def _modules(model: nn.Module, names: list[str], who: str) -> dict[str, nn.Module]:
@@ -300,9 +285,11 @@ class DistillationLoss(nn.Module):
         # A teacher kept in float16/bfloat16 to save memory reads the batch in its own dtype ("mat1 and mat2 must
         # have the same dtype" otherwise); its outputs are compared in the student's dtype.
         dtype = float_dtype(teacher)
+        args, kwargs = to_inputs(inputs, dtype)  # a mapping gives keyword arguments, a tuple/list positional ones
         try:
             with torch.no_grad():
-                return _logits(_call(teacher, _in_dtype(inputs, dtype)), "teacher")
+                output = teacher(*(_in_dtype(v, dtype) for v in args), **{k: _in_dtype(v, dtype) for k, v in kwargs.items()})
+                return _logits(output, "teacher")
         finally:
             teacher.train(was_training)
 
