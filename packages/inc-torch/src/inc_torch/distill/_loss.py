@@ -33,16 +33,70 @@ def _logits(output: Any, who: str) -> torch.Tensor:
     )
 
 
-def _is_probabilities(tensor: torch.Tensor) -> bool:
-    """Rows that are non-negative and sum to 1: a model ending in ``nn.Softmax``. Logits almost never do.
+def _is_probabilities(tensor: torch.Tensor, axis: int = -1) -> bool:
+    """Scores that are non-negative and sum to 1 along ``axis``: a model ending in ``nn.Softmax``. Logits almost never do.
 
     A 16-bit softmax's rows sum to 1 only within its rounding (bfloat16 keeps 8 bits): the tolerance follows.
     """
-    if tensor.ndim < 1 or tensor.shape[-1] < 2 or not tensor.is_floating_point():
+    if tensor.ndim < 1 or tensor.shape[axis] < 2 or not tensor.is_floating_point():
         return False
     values = tensor.detach().float()
     tolerance = 1e-4 if tensor.dtype in (torch.float32, torch.float64) else 2e-2
-    return bool((values >= 0).all()) and bool(torch.allclose(values.sum(dim=-1), values.new_ones(()), atol=tolerance))
+    return bool((values >= 0).all()) and bool(torch.allclose(values.sum(dim=axis), values.new_ones(()), atol=tolerance))
+
+
+# F.cross_entropy's default ignore_index: label positions holding it (padding tokens in Hugging Face's
+# convention) count in neither the task loss nor the soft loss.
+IGNORE_INDEX = -100
+
+
+def _class_axis(logits: torch.Tensor, labels: torch.Tensor | None) -> int:
+    """The dimension of ``logits`` that holds the class scores.
+
+    The last one for a classifier's ``(batch, classes)`` and a sequence model's per-token ``(batch, tokens,
+    classes)`` (Hugging Face's token classifiers and language models); dimension 1 for a channels-first map
+    ``(batch, classes, height, width)`` (torch's segmentation layout, as ``F.cross_entropy`` reads it).
+    Class-index labels settle it where they fit only the other one.
+
+    Raises:
+        ConfigError: integer labels whose shape is not the logits' shape without one of those dimensions.
+    """
+    if logits.ndim <= 2:
+        return logits.ndim - 1
+    candidates = (1, logits.ndim - 1) if logits.ndim >= 4 else (logits.ndim - 1, 1)
+    if labels is None or labels.is_floating_point():
+        return candidates[0]
+    for axis in candidates:
+        if tuple(labels.shape) == tuple(logits.shape[:axis] + logits.shape[axis + 1 :]):
+            return axis
+    raise ConfigError(
+        f"DistillationLoss: labels of shape {tuple(labels.shape)} do not fit logits of shape {tuple(logits.shape)}; "
+        "class-index labels have the logits' shape without the class dimension: (batch, tokens) for per-token "
+        "logits (batch, tokens, classes), (batch, height, width) for a map (batch, classes, height, width)."
+    )
+
+
+def _per_position(scores: torch.Tensor, axis: int) -> torch.Tensor:
+    """``(positions, classes)``: every sample, token or pixel's class scores as one row."""
+    return scores.movedim(axis, -1).reshape(-1, scores.shape[axis])
+
+
+def _labels_per_position(labels: torch.Tensor, logits: torch.Tensor, axis: int) -> torch.Tensor:
+    """Labels as ``F.cross_entropy`` reads them next to :func:`_per_position` logits.
+
+    Raises:
+        ConfigError: probability labels of another shape than the logits, or labels that are not numbers.
+    """
+    if labels.is_floating_point():  # class probabilities (soft or smoothed labels), one per score
+        if labels.shape != logits.shape:
+            raise ConfigError(
+                f"DistillationLoss: probability labels of shape {tuple(labels.shape)} do not fit logits of shape "
+                f"{tuple(logits.shape)}; give class indices, or one probability per class score."
+            )
+        return _per_position(labels.to(logits.dtype), axis)
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise ConfigError(f"DistillationLoss: labels must be class indices (an integer tensor), got {labels.dtype}.")
+    return labels.reshape(-1).long()  # int32/uint8 labels too: cross-entropy takes int64 only
 
 
 def _log_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
@@ -238,18 +292,25 @@ class DistillationLoss(nn.Module):
     def forward(self, student_logits: torch.Tensor, inputs: Any, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The distillation loss of one batch (a scalar with gradients to the student only).
 
+        Per-token logits ``(batch, tokens, classes)`` (a language model, a token classifier) with labels
+        ``(batch, tokens)`` and class maps ``(batch, classes, height, width)`` with labels ``(batch, height,
+        width)`` are distilled per position: both losses are means over every token or pixel, and positions
+        labelled -100 (``F.cross_entropy``'s ignore index, Hugging Face's padding label) count in neither.
+
         Raises:
-            ConfigError: teacher and student outputs (or mapped layers) differ in shape, or labels are
-                missing while the hard loss has a weight.
+            ConfigError: teacher and student outputs (or mapped layers) differ in shape, labels are missing
+                while the hard loss has a weight, or labels do not fit the logits' shape.
         """
         student_logits = _logits(student_logits, "student")
         teacher_logits = self._teacher_logits(inputs)  # also runs the teacher's layer hooks
+        label_tensor = labels if isinstance(labels, torch.Tensor) else None
+        axis = _class_axis(student_logits, label_tensor)
         # A model ending in nn.Softmax gives probabilities: tempering them as logits would flatten the soft
         # targets toward uniform, and cross-entropy would read them as logits. Their log is exact for both.
-        if _is_probabilities(teacher_logits):
+        if _is_probabilities(teacher_logits, axis):
             teacher_logits = _log_probabilities(teacher_logits)
         student_output = student_logits  # what a task_loss of the user's own is given
-        if _is_probabilities(student_logits):
+        if _is_probabilities(student_logits, axis):
             student_logits = _log_probabilities(student_logits)
         if self.weights["soft"] > 0 and teacher_logits.shape != student_logits.shape:
             raise ConfigError(
@@ -265,11 +326,11 @@ class DistillationLoss(nn.Module):
                     "DistillationLoss: loss_weights gives the task (hard) loss a weight but no labels were passed; "
                     "call kd(student_logits, inputs, labels) or set the hard weight to 0."
                 )
-            hard = self.task_loss(student_logits if self._default_task_loss else student_output, labels)
+            hard = self._hard(student_logits, student_output, labels, axis)
             total = total + self.weights["hard"] * hard
             self.last["hard"] = float(hard.detach())
         if self.weights["soft"] > 0:
-            soft = self._soft(student_logits, teacher_logits.to(student_logits.dtype))
+            soft = self._soft(student_logits, teacher_logits.to(student_logits.dtype), axis, label_tensor)
             total = total + self.weights["soft"] * soft
             self.last["soft"] = float(soft.detach())
         if self._student_capture is not None and self._teacher_capture is not None:
@@ -293,8 +354,27 @@ class DistillationLoss(nn.Module):
         finally:
             teacher.train(was_training)
 
-    def _soft(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def _hard(self, student_logits: torch.Tensor, student_output: torch.Tensor, labels: Any, axis: int) -> torch.Tensor:
+        if not self._default_task_loss:
+            return self.task_loss(student_output, labels)
+        if not isinstance(labels, torch.Tensor):
+            raise ConfigError(
+                f"DistillationLoss: labels must be a torch.Tensor of class indices, got {type(labels).__name__}; "
+                "or pass task_loss= to read them your own way."
+            )
+        return F.cross_entropy(_per_position(student_logits, axis), _labels_per_position(labels, student_logits, axis))
+
+    def _soft(self, student: torch.Tensor, teacher: torch.Tensor, axis: int, labels: torch.Tensor | None) -> torch.Tensor:
+        """The tempered soft loss, averaged over samples (and over the tokens or pixels of per-position outputs)."""
         t = self.config.temperature
+        student, teacher = _per_position(student, axis), _per_position(teacher, axis)
+        if labels is not None and not labels.is_floating_point() and labels.numel() == student.shape[0]:
+            # Positions the task loss ignores (padding) are not distilled either.
+            keep = labels.reshape(-1) != IGNORE_INDEX
+            if not bool(keep.all()):
+                student, teacher = student[keep], teacher[keep]
+            if student.shape[0] == 0:
+                return student.sum() * 0.0  # every position ignored: no soft targets, a zero that keeps the graph
         log_p_student = F.log_softmax(student / t, dim=-1)
         log_p_teacher = F.log_softmax(teacher / t, dim=-1)
         if self.config.soft_loss == "kl":
