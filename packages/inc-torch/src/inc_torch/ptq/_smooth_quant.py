@@ -7,6 +7,11 @@ their weights); each weight's input columns are multiplied by it. The division o
 
 - folded into the ``nn.LayerNorm`` producing the tensor (weight and bias divided) when the
   Linears are its only readers: the FP32 model computes what it did, at no cost;
+- likewise into another normalization module with a per-channel ``weight`` (``nn.RMSNorm``, the
+  ``*RMSNorm`` of Llama, Qwen2, Mistral, Gemma, T5's ``T5LayerNorm``): the fold is checked on a probe
+  input before it is used (Gemma scales by ``1 + weight``, so its weight takes ``(1 + w) / s - 1``);
+- into the rows of the Linear whose output is multiplied into the tensor (the ``up_proj`` of a gated
+  MLP, ``down_proj(act(gate_proj(x)) * up_proj(x))``): dividing a factor's channel divides the product's;
 - otherwise (a residual branch also reads it, as in post-LayerNorm BERT blocks, or the producer
   is a GELU), with PT2E, by a multiply in front of the Linear (the layer becomes a
   :class:`SmoothedLinear`, which computes ``linear(x * (1/s), W * s, b)``) that stays in FP32
@@ -16,7 +21,9 @@ their weights); each weight's input columns are multiplied by it. The division o
 
 from __future__ import annotations
 
+import copy
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +69,8 @@ class SmoothedCalibration:
         smooth_quant: the setting this calibration belongs to.
         model: the rescaled deep copy (what is quantized instead of the user's model).
         calibration: the calibration of the rescaled model.
-        folded: LayerNorm modules the scales went into.
-        wrapped: Linear layers that multiply their input (no LayerNorm to fold into).
+        folded: modules the scales went into (normalizations, the Linear factor of a gated product).
+        wrapped: Linear layers that multiply their input (nothing to fold into).
     """
 
     smooth_quant: SmoothQuant
@@ -77,12 +84,19 @@ class SmoothedCalibration:
         return self.calibration.format
 
 
+# How a group's scales are folded into the module producing its input: an nn.LayerNorm (weight and bias
+# divided), another normalization checked on a probe ("weight": w / s; "one_plus_weight": Gemma's 1 + w),
+# or the Linear whose output is a factor of the input ("rows": its weight rows and bias divided).
+FOLD_KINDS = ("layer_norm", "weight", "one_plus_weight", "rows")
+
+
 @dataclass
 class _Group:
-    """Linear layers reading one tensor, and the LayerNorm it can be folded into (if any)."""
+    """Linear layers reading one tensor, and the module producing it that the scales fold into (if any)."""
 
     linears: list[str]
-    layer_norm: str | None
+    fold_into: str | None = None
+    fold_kind: str | None = None
 
 
 def _target_name(node: torch.fx.Node) -> str:
@@ -94,8 +108,48 @@ def _module_path(node: torch.fx.Node) -> str | None:
     return str(list(stack.values())[-1][0]) if stack else None
 
 
+def _norm_fold_kind(norm: nn.Module, channels: int) -> str | None:
+    """How to fold scales into a normalization module, found on a probe input: None where no form is exact.
+
+    A copy of ``norm`` gets random scales folded in each candidate form; the form whose output on a random
+    input is the original output divided by the scales, channel by channel, is the one to use.
+    """
+    weight = getattr(norm, "weight", None)
+    bias = getattr(norm, "bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.numel() != channels:
+        return None
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    probe = (torch.randn(3, channels, generator=generator) * 2 + 0.5).to(weight.device, weight.dtype)
+    scales = (torch.rand(channels, generator=generator) * 3 + 0.25).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            expected = norm(probe) / scales
+            for kind in ("weight", "one_plus_weight"):
+                trial = copy.deepcopy(norm)
+                _fold_into_norm(trial, scales, kind)
+                got = trial(probe)
+                if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+                    return kind
+    except Exception:  # noqa: BLE001 - a module that cannot run on a plain (rows, channels) tensor is not folded into
+        return None
+    return None
+
+
+def _fold_into_norm(norm: nn.Module, scales: torch.Tensor, kind: str) -> None:
+    weight = norm.weight
+    if kind == "one_plus_weight":
+        weight.copy_((1 + weight) / scales.to(weight.dtype) - 1)
+    else:  # "layer_norm", "weight"
+        weight.div_(scales.to(weight.dtype))
+    bias = getattr(norm, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.div_(scales.to(bias.dtype))
+
+
 def linear_groups(model: nn.Module, graph: torch.fx.GraphModule, fmt: str) -> list[_Group]:
-    """The Linear layers of ``graph`` grouped by the tensor they read, with a foldable LayerNorm producer."""
+    """The Linear layers of ``graph`` grouped by the tensor they read, with the module to fold their scales into."""
     modules = dict(model.named_modules())
 
     def module_of(node: torch.fx.Node, kind: str) -> str | None:
@@ -108,30 +162,81 @@ def linear_groups(model: nn.Module, graph: torch.fx.GraphModule, fmt: str) -> li
 
     calls: dict[str, int] = {}
     linear_nodes: dict[str, torch.fx.Node] = {}
+    linear_of: dict[torch.fx.Node, str] = {}
     norm_nodes: dict[torch.fx.Node, str] = {}
     for node in graph.graph.nodes:
         if (name := module_of(node, "linear")) is not None:
             calls[name] = calls.get(name, 0) + 1
             linear_nodes[name] = node
+            linear_of[node] = name
         elif (name := module_of(node, "layer_norm")) is not None:
             calls[name] = calls.get(name, 0) + 1
             norm_nodes[node] = name
+    tied = _tied_parameters(model)
     by_input: dict[torch.fx.Node, list[str]] = {}
     for name, node in linear_nodes.items():
-        if calls[name] == 1 and node.args and isinstance(node.args[0], torch.fx.Node):  # a layer called twice shares its weight
+        # A layer called twice, or whose weight is another module's too (a language model's head tied to its
+        # token embeddings), cannot take one input's scales without changing what the other use computes.
+        if calls[name] == 1 and id(modules[name].weight) not in tied and node.args and isinstance(node.args[0], torch.fx.Node):
             by_input.setdefault(node.args[0], []).append(name)
     groups = []
     for source, names in by_input.items():
-        norm = norm_nodes.get(source)
         readers = {linear_nodes[n] for n in names}
-        foldable = (
-            norm is not None
-            and calls[norm] == 1
-            and set(source.users) == readers
-            and _affine_over(modules[norm], modules[names[0]])
-        )
-        groups.append(_Group(names, norm if foldable else None))
+        group = _Group(names)
+        if set(source.users) == readers:  # the Linears alone read it: rescaling it changes nothing else
+            channels = modules[names[0]].in_features
+            norm = norm_nodes.get(source)
+            if norm is not None:
+                if calls[norm] == 1 and _affine_over(modules[norm], modules[names[0]]):
+                    group.fold_into, group.fold_kind = norm, "layer_norm"
+            elif (factor := _factor_linear(source, linear_of, calls, channels, modules)) is not None:
+                group.fold_into, group.fold_kind = factor, "rows"
+            elif (producer := _producing_module(graph, source, fmt)) is not None and producer in modules:
+                kind = _norm_fold_kind(modules[producer], channels)
+                if kind is not None:
+                    group.fold_into, group.fold_kind = producer, kind
+        groups.append(group)
     return groups
+
+
+def _tied_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters the model holds under more than one name (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        seen[id(parameter)] = seen.get(id(parameter), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def _producing_module(graph: torch.fx.GraphModule, source: torch.fx.Node, fmt: str) -> str | None:
+    """The module whose call outputs ``source``, where the model calls it once (its weight serves no other input)."""
+    if fmt == "fx":
+        if source.op != "call_module":
+            return None
+        return str(source.target) if sum(1 for n in graph.graph.nodes if n.op == "call_module" and n.target == source.target) == 1 else None
+    module = _module_path(source)
+    if not module:
+        return None
+    # torch.export keys each call of a module apart in nn_module_stack ("...@1" for its second call).
+    call_keys = set()
+    for node in graph.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack and _module_path(node) == module:
+            call_keys.add(list(stack.keys())[-1])
+    return module if len(call_keys) == 1 else None
+
+
+def _factor_linear(
+    source: torch.fx.Node, linear_of: dict[torch.fx.Node, str], calls: dict[str, int], channels: int, modules: dict[str, nn.Module]
+) -> str | None:
+    """The Linear (called once, read by this product alone) whose output is one factor of ``source``, a product."""
+    is_mul = (source.op == "call_function" and source.target in (operator.mul, torch.mul, torch.ops.aten.mul.Tensor))
+    if not is_mul or len(source.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in source.args):
+        return None
+    for arg in source.args:
+        name = linear_of.get(arg)  # type: ignore[call-overload]
+        if name is not None and calls[name] == 1 and set(arg.users) == {source} and modules[name].out_features == channels:  # type: ignore[union-attr]
+            return name
+    return None
 
 
 def _affine_over(norm: nn.Module, linear: nn.Module) -> bool:
@@ -177,7 +282,7 @@ def _input_absmax(model: nn.Module, names: list[str], dataset: Dataset, samples:
 def smooth_module(
     model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str
 ) -> tuple[nn.Module, list[str], list[str]]:
-    """A rescaled deep copy of ``model``: (copy, LayerNorms folded into, Linears wrapped).
+    """A rescaled deep copy of ``model``: (copy, modules folded into, Linears wrapped).
 
     Raises:
         CalibrationError: no Linear layer to smooth.
@@ -191,31 +296,38 @@ def smooth_module(
         raise DatasetError("Calibration data is empty; give at least one batch.")
     example = to_inputs(first, float_dtype(work))
     graph = _graph(work, example, fmt)
-    groups = [g for g in linear_groups(work, graph, fmt) if g.layer_norm is not None or fmt == "pt2e"]
+    groups = [g for g in linear_groups(work, graph, fmt) if g.fold_into is not None or fmt == "pt2e"]
     if not groups:
         raise CalibrationError(
             f"SmoothQuant found no nn.Linear layer it can rescale in {type(model).__name__} (format={fmt!r}: "
-            + ("no Linear reads a tensor only LayerNorm-produced" if fmt == "fx" else "no Linear called once")
+            + ("no Linear reads a tensor only a normalization or a gated product makes" if fmt == "fx" else "no Linear called once")
             + "); set smooth_quant=None."
         )
     absmax = _input_absmax(work, [n for g in groups for n in g.linears], dataset, config.calib_samples)
+    # Every group's scales from the model as it is, before any fold changes a weight another group reads
+    # (a gated MLP's up_proj is rescaled by its own group and by the next one's).
+    all_scales = []
+    for group in groups:
+        activation = torch.stack([absmax[n] for n in group.linears]).amax(dim=0).numpy()
+        weights = [work.get_submodule(n).weight.detach().float().cpu().numpy() for n in group.linears]
+        all_scales.append(smooth_scales(activation, input_channel_absmax(weights, in_axis=1), config.smooth_quant.alpha))
     folded, wrapped = [], []
     with torch.no_grad():
-        for group in groups:
+        for group, scales_np in zip(groups, all_scales):
             linears = [work.get_submodule(n) for n in group.linears]
-            activation = torch.stack([absmax[n] for n in group.linears]).amax(dim=0).numpy()
-            weights = [lin.weight.detach().float().cpu().numpy() for lin in linears]
-            scales_np = smooth_scales(activation, input_channel_absmax(weights, in_axis=1), config.smooth_quant.alpha)
             for lin in linears:
                 scales = torch.from_numpy(scales_np).to(lin.weight.device)
                 lin.weight.mul_(scales.to(lin.weight.dtype))
-            if group.layer_norm is not None:
-                norm = work.get_submodule(group.layer_norm)
-                scales = torch.from_numpy(scales_np).to(norm.weight.device)
-                norm.weight.div_(scales.to(norm.weight.dtype))
-                if norm.bias is not None:
-                    norm.bias.div_(scales.to(norm.bias.dtype))
-                folded.append(group.layer_norm)
+            if group.fold_into is not None:
+                producer = work.get_submodule(group.fold_into)
+                scales = torch.from_numpy(scales_np).to(producer.weight.device)
+                if group.fold_kind == "rows":
+                    producer.weight.div_(scales.to(producer.weight.dtype)[:, None])
+                    if producer.bias is not None:
+                        producer.bias.div_(scales.to(producer.bias.dtype))
+                else:
+                    _fold_into_norm(producer, scales, str(group.fold_kind))
+                folded.append(group.fold_into)
                 continue
             inverse = torch.from_numpy(1.0 / scales_np)
             for name, lin in zip(group.linears, linears):
@@ -223,7 +335,7 @@ def smooth_module(
                 setattr(work.get_submodule(parent) if parent else work, leaf, SmoothedLinear.from_linear(lin, inverse))
                 wrapped.append(name)
     log.info(
-        "SmoothQuant alpha=%s: %d Linear layers rescaled (%d LayerNorms folded, %d layers with an input multiply)",
+        "SmoothQuant alpha=%s: %d Linear layers rescaled (%d folds into the layer making their input, %d layers with an input multiply)",
         config.smooth_quant.alpha, sum(len(g.linears) for g in groups), len(folded), len(wrapped),
     )
     return work, folded, wrapped
