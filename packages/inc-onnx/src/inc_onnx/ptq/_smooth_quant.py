@@ -7,7 +7,10 @@ channel maxima of its input on the calibration data) and its input is divided by
 reading the same activation share one scale (the max over their weights).
 
 The division goes into the LayerNormalization (gamma and beta), or the ``Mul(gamma)`` /
-``Add(beta)`` of a decomposed LayerNorm, that produces the activation, so the tensor quantized is
+``Add(beta)`` of a decomposed LayerNorm or RMS norm, that produces the activation (a per-channel
+constant that other nodes read too, as exporters share equal constants, is copied for this node
+first), or into the output channels of the MatMul/Gemm whose output is one factor of the activation
+(a gated MLP's ``up_proj`` in ``down_proj(act(gate_proj(x)) * up_proj(x))``), so the tensor quantized is
 the rescaled one; readers that are not smoothed (the residual Add of a post-LayerNorm BERT block)
 get the original back through a ``Mul`` by ``s``. Where the producer has nothing to fold into (a
 GELU, a Reshape, a graph input) a ``Mul`` by ``1/s`` goes in front of the smoothed nodes, and the
@@ -187,6 +190,9 @@ def smooth_graph(
     new_inits: list[onnx.TensorProto] = []
     muls_before: dict[str, list[onnx.NodeProto]] = {}
     float_producers: list[str] = []
+    # Every group's scales from the graph as it is, before a fold changes a weight another group reads (a
+    # gated MLP's up projection is rescaled by its own group, along its rows, and by the next, along its columns).
+    plans: list[tuple[str, list[_Reader], np.ndarray]] = []
     for activation, group in groups.items():
         if activation not in absmax:
             continue
@@ -197,14 +203,17 @@ def smooth_graph(
             continue  # the readers disagree on the channel count: not one activation's channels
         if channels.shape[0] != absmax[activation].shape[0]:
             continue
-        scales = smooth_scales(absmax[activation], channels, alpha)
-        for weight, reader in zip(weights, group):
+        plans.append((activation, group, smooth_scales(absmax[activation], channels, alpha)))
+    edit = _Edit(inits, readers, producers, graph_outputs, new_inits)
+    for activation, group, scales in plans:
+        for reader in group:
             shape = (-1, 1) if reader.in_axis == 0 else (1, -1)
+            weight = numpy_helper.to_array(inits[reader.weight])  # as an earlier fold may have left it
             _replace_initializer(inits[reader.weight], (weight * scales.reshape(shape)).astype(np.float32))
         smoothed_names = {r.node.name for r in group}
         others = [n for n in readers.get(activation, []) if n.name not in smoothed_names]
         producer = producers.get(activation)
-        if activation not in graph_outputs and producer is not None and _fold_into(producer, scales, inits, readers, producers):
+        if activation not in graph_outputs and producer is not None and _fold_into(producer, scales, edit):
             # The producer now writes x / s, so the tensor quantized is the smoothed one whatever else reads it;
             # the other readers (a residual Add) get x back through a Mul by s.
             folded.append(activation)
@@ -250,65 +259,136 @@ def smooth_graph(
     return out, folded, inserted, float_producers
 
 
-def _fold_into(
-    producer: onnx.NodeProto,
-    scales: np.ndarray,
-    inits: dict[str, onnx.TensorProto],
-    readers: dict[str, list[onnx.NodeProto]],
-    producers: dict[str, onnx.NodeProto],
-) -> bool:
-    """Divide ``producer``'s per-channel parameters by ``scales``; False when it has none to divide.
+@dataclass
+class _Edit:
+    """The graph's lookups while it is rescaled, and the initializers to add at the end."""
 
-    Folds into a LayerNormalization over the last axis (gamma, beta), an ``Add`` of a per-channel
-    constant fed by a ``Mul`` by one (a decomposed LayerNorm), or a lone ``Mul`` by one.
-    """
-    size = scales.shape[0]
+    inits: dict[str, onnx.TensorProto]
+    readers: dict[str, list[onnx.NodeProto]]
+    producers: dict[str, onnx.NodeProto]
+    graph_outputs: set[str]
+    new_inits: list[onnx.TensorProto]
 
-    def vector(name: str) -> np.ndarray | None:
-        # A per-channel constant this node alone reads (a shared one would change other nodes too).
-        init = inits.get(name)
-        if init is None or len(readers.get(name, [])) != 1:
+    def vector(self, name: str, size: int) -> np.ndarray | None:
+        """A float32 per-channel constant of ``size`` channels, or None."""
+        init = self.inits.get(name)
+        if init is None:
             return None
         array = numpy_helper.to_array(init)
         return array if array.shape == (size,) and array.dtype == np.float32 else None
 
+    def own(self, node: onnx.NodeProto, name: str) -> str:
+        """The constant ``name`` as ``node`` alone reads it: exporters share one initializer among equal
+        constants (every RMS norm weight of a freshly initialised model), and dividing it would change them all."""
+        if len(self.readers.get(name, [])) <= 1:
+            return name
+        copy = _unique(f"{name}{_SUFFIX}_{node.name}", {*self.inits, *self.producers, *self.readers})
+        tensor = numpy_helper.from_array(numpy_helper.to_array(self.inits[name]), copy)
+        self.new_inits.append(tensor)
+        self.inits[copy] = tensor
+        for index, value in enumerate(node.input):
+            if value == name:
+                node.input[index] = copy
+        self.readers[name] = [n for n in self.readers[name] if n is not node]
+        self.readers[copy] = [node]
+        return copy
+
+    def divide(self, node: onnx.NodeProto, name: str, scales: np.ndarray, axis: int = 0) -> None:
+        """Divide ``node``'s constant input ``name`` by ``scales`` along ``axis``."""
+        owned = self.own(node, name)
+        array = numpy_helper.to_array(self.inits[owned])
+        shape = [1] * array.ndim
+        shape[axis] = -1
+        _replace_initializer(self.inits[owned], (array / scales.reshape(shape)).astype(np.float32))
+
+    def only_reader(self, tensor: str, node: onnx.NodeProto) -> bool:
+        return tensor not in self.graph_outputs and [n.name for n in self.readers.get(tensor, [])] == [node.name]
+
+
+def _fold_into(producer: onnx.NodeProto, scales: np.ndarray, edit: _Edit) -> bool:
+    """Divide ``producer``'s output channels by ``scales`` through its parameters; False when it has none.
+
+    Folds into a LayerNormalization over the last axis (gamma, beta), an ``Add`` of a per-channel
+    constant fed by a ``Mul`` by one (a decomposed LayerNorm), a lone ``Mul`` by one (an RMS norm's
+    weight), or a product of two tensors one of which a MatMul/Gemm with a constant weight makes.
+    """
+    size = scales.shape[0]
     if producer.op_type == "LayerNormalization" and not producer.domain:
         axis = next((onnx.helper.get_attribute_value(a) for a in producer.attribute if a.name == "axis"), -1)
-        params = [vector(n) for n in producer.input[1:3] if n]
-        if axis != -1 or not params or any(p is None for p in params):
+        params = [n for n in producer.input[1:3] if n]
+        if axis != -1 or not params or any(edit.vector(n, size) is None for n in params):
             return False
-        for name in [n for n in producer.input[1:3] if n]:
-            _replace_initializer(inits[name], (numpy_helper.to_array(inits[name]) / scales).astype(np.float32))
+        for name in params:
+            edit.divide(producer, name, scales)
         return True
     if producer.op_type == "Add" and not producer.domain and len(producer.input) == 2:
-        const = next((n for n in producer.input if n in inits), None)
-        other = next((n for n in producer.input if n not in inits), None)
-        mul = producers.get(other) if other is not None else None
+        const = next((n for n in producer.input if n in edit.inits), None)
+        other = next((n for n in producer.input if n not in edit.inits), None)
+        mul = edit.producers.get(other) if other is not None else None
         if (
             const is None
-            or vector(const) is None
+            or edit.vector(const, size) is None
             or mul is None
             or mul.op_type != "Mul"
-            or len(readers.get(mul.output[0], [])) != 1
-            or not _mul_constant(mul, vector)
+            or mul.domain
+            or not edit.only_reader(mul.output[0], producer)
+            or _mul_constant(mul, edit, size) is None
         ):
             return False
-        _scale_mul_constant(mul, inits, scales)
-        _replace_initializer(inits[const], (numpy_helper.to_array(inits[const]) / scales).astype(np.float32))
+        edit.divide(mul, str(_mul_constant(mul, edit, size)), scales)
+        edit.divide(producer, const, scales)
         return True
-    if producer.op_type == "Mul" and not producer.domain and _mul_constant(producer, vector):
-        _scale_mul_constant(producer, inits, scales)
+    if producer.op_type != "Mul" or producer.domain or len(producer.input) != 2:
+        return False
+    constant = _mul_constant(producer, edit, size)
+    if constant is not None:
+        edit.divide(producer, constant, scales)
         return True
+    for factor in producer.input:
+        if factor not in edit.inits and edit.only_reader(factor, producer) and _fold_into_linear(edit.producers.get(factor), scales, edit):
+            return True
     return False
 
 
-def _mul_constant(mul: onnx.NodeProto, vector: Callable[[str], np.ndarray | None]) -> bool:
-    return len(mul.input) == 2 and sum(vector(n) is not None for n in mul.input) == 1
+def _fold_into_linear(node: onnx.NodeProto | None, scales: np.ndarray, edit: _Edit) -> bool:
+    """Divide the output channels of a MatMul/Gemm with a constant 2-D weight (and of its bias, added after)."""
+    if node is None or node.domain:
+        return False
+    size = scales.shape[0]
+    if node.op_type == "Add" and len(node.input) == 2:  # MatMul + bias
+        bias = next((n for n in node.input if edit.vector(n, size) is not None), None)
+        other = next((n for n in node.input if n != bias), None)
+        matmul = edit.producers.get(other) if bias is not None and other is not None else None
+        if matmul is None or matmul.op_type != "MatMul" or not edit.only_reader(matmul.output[0], node):
+            return False
+        if not _fold_into_linear(matmul, scales, edit):
+            return False
+        edit.divide(node, bias, scales)  # type: ignore[arg-type]
+        return True
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return False
+    weight = node.input[1]
+    init = edit.inits.get(weight)
+    if init is None or len(init.dims) != 2 or len(edit.readers.get(weight, [])) != 1 or init.data_type != onnx.TensorProto.FLOAT:
+        return False  # a weight shared with another node (tied embeddings) would change that node too
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    out_axis = 0 if node.op_type == "Gemm" and attrs.get("transB", 0) else 1
+    if init.dims[out_axis] != size or attrs.get("transA", 0):
+        return False
+    bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+    if bias is not None and edit.vector(bias, size) is None:
+        return False  # a scalar or row-broadcast C: not one value per output channel
+    edit.divide(node, weight, scales, axis=out_axis)
+    if bias is not None:
+        edit.divide(node, bias, scales)
+    return True
 
 
-def _scale_mul_constant(mul: onnx.NodeProto, inits: dict[str, onnx.TensorProto], scales: np.ndarray) -> None:
-    name = next(n for n in mul.input if n in inits)
-    _replace_initializer(inits[name], (numpy_helper.to_array(inits[name]) / scales).astype(np.float32))
+def _mul_constant(mul: onnx.NodeProto, edit: _Edit, size: int) -> str | None:
+    """The per-channel constant input of a ``Mul`` by one, or None."""
+    constants = [n for n in mul.input if edit.vector(n, size) is not None]
+    others = [n for n in mul.input if n not in edit.inits]
+    return constants[0] if len(mul.input) == 2 and len(constants) == 1 and len(others) == 1 else None
 
 
 def _replace_initializer(init: onnx.TensorProto, array: np.ndarray) -> None:
