@@ -82,8 +82,13 @@ def test_gpt2_conv1d_layers_run_int8_and_the_cache_is_left_out() -> None:
     assert model.config.use_cache is True  # the user's model is untouched
     inputs = {k: torch.from_numpy(v) for k, v in scored[0].items()}
     assert result.model(**inputs).past_key_values is None
-    assert any("use_cache=False" in line for line in _LOGS["gpt2"])
+    assert any("use_cache=False" in line and "approach='dynamic'" in line for line in _LOGS["gpt2"])
     assert any("Conv1D" in line for line in _LOGS["gpt2"])
+    # A user of a language model calls generate() next: the error names the path that keeps it.
+    with pytest.raises(AttributeError, match=r"has no generate\(\)\. For text generation quantize with approach='dynamic'"):
+        result.model.generate  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_attribute'"):
+        result.model.no_such_attribute  # noqa: B018
 
 
 def test_roberta_integer_position_ids_stay_float() -> None:

@@ -61,3 +61,22 @@ def test_a_file_that_is_not_an_inc_model_is_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": small_model("bert").state_dict()}, path)
     with pytest.raises(inc.errors.ModelLoadError, match="not a model saved by inc"):
         inc.load(path)
+
+
+def test_a_dynamic_int8_causal_lm_keeps_its_class_cache_and_generate() -> None:
+    """The path the PT2E error points language-model users to: generation works on the INT8 model."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )).eval()
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    assert type(quantized) is type(model)
+    assert {f"model.layers.{i}.mlp.down_proj" for i in range(2)} <= set(inc_torch.quantized_ops(quantized))
+    prompt = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    generated = quantized.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+    assert generated.shape == (2, 11) and torch.equal(generated[:, :6], prompt)
+    step = quantized(input_ids=prompt, use_cache=True)
+    assert step.past_key_values is not None  # the cache generate() reuses

@@ -102,7 +102,8 @@ def prepare_for_capture(model: nn.Module) -> None:
         config.use_cache = False  # type: ignore[union-attr]
         log.info(
             "%s exported with use_cache=False: torch.export cannot capture its key/value cache, so the INT8 "
-            "model returns no past_key_values", type(model).__name__,
+            "model returns no past_key_values and has no generate(); for text generation quantize with "
+            "approach='dynamic', which keeps the model's class, its cache and generate()", type(model).__name__,
         )
 
 

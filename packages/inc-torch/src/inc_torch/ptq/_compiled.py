@@ -243,6 +243,18 @@ class CompiledQuantizedModule(nn.Module):
             )
             return None
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "generate":  # what users of a Hugging Face language model call next
+                raise AttributeError(
+                    "A PT2E INT8 model runs the forward torch.export captured, without a key/value cache, and has no "
+                    "generate(). For text generation quantize with approach='dynamic': the model keeps its class, its "
+                    "cache and generate()."
+                ) from None
+            raise
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_compiled"], state["_programs"] = None, {}
