@@ -269,3 +269,32 @@ def test_qat_on_a_model_with_an_embedding_keeps_the_lookup_float(fmt: str) -> No
     assert sum(n for op, n in counts.items() if "inear" in op) == 2, counts  # fc1, fc2; the lookup stays float
     out = int8(numeric=numeric, category=category)
     assert nn.functional.cosine_similarity(fake_quant.flatten(), out.flatten(), dim=0) >= 0.99
+
+
+class _DataDependentBranch(nn.Module):
+    """Control flow on a tensor's value: torch.fx cannot trace it (torch.export can, as a cond or a guard)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc(x)
+        return self.fc(-x)
+
+
+@pytest.mark.parametrize(
+    ("qat", "dynamic_named"), [(True, False), (False, True)], ids=["fx_qat", "fx_ptq"]
+)
+def test_an_untraceable_model_names_only_the_ways_that_apply(qat: bool, dynamic_named: bool) -> None:
+    model = _DataDependentBranch()
+    x = torch.ones(2, 8)
+    with pytest.raises(UnsupportedModelError) as caught:
+        if qat:
+            inc_torch.prepare_qat(model, inc.QATConfig(format="fx"), x)
+        else:
+            inc.quantize(model, inc.QuantConfig(format="fx"), dataset=inc.Dataset(x.numpy()))
+    message = str(caught.value)
+    assert "torch.fx could not trace _DataDependentBranch" in message and "format='pt2e'" in message
+    assert ("approach='dynamic'" in message) == dynamic_named  # QAT has no dynamic counterpart

@@ -115,9 +115,10 @@ def fx_prepare(
             prepare = prepare_qat_fx if qat else prepare_fx
             return prepare(model, qconfig_mapping, example, prepare_custom_config=custom)
     except Exception as exc:
+        # QAT has no dynamic counterpart: name only the ways that train with fake quantization.
+        other_ways = "" if qat else ", quantize with approach='dynamic' (no tracing),"
         raise UnsupportedModelError(
             f"torch.fx could not trace {type(model).__name__} ({_first_line(exc)}). Symbolic tracing cannot follow "
             "control flow on tensor values or calls into untraceable code. Use the PT2E path with format='pt2e' "
-            "(torch.export), quantize with approach='dynamic' (no tracing), or move the untraceable part into a "
-            "submodule listed in exclude=."
+            f"(torch.export){other_ways} or move the untraceable part into a submodule listed in exclude=."
         ) from exc
