@@ -154,6 +154,32 @@ def test_unknown_excluded_op_fails_before_writing(model_file, calib_file, tmp_pa
     assert not out.exists()
 
 
+def test_an_excluded_name_like_no_op_shows_some_op_names_and_where_to_list_them(model_file, calib_file, tmp_path, capsys):
+    out = tmp_path / f"q{nb.SUFFIX}"
+    args = ["quantize", str(model_file), "-o", str(out), "--calib", str(calib_file), "--exclude", "attention"]
+    err = _error(capsys, 2, main(args))
+    assert "Its op names look like ['fc0', 'fc1']" in err and "`inc describe MODEL`) lists all 2" in err
+    assert not out.exists()
+
+
+def test_describe_lists_the_names_and_types_exclude_takes(model_file, tmp_path, capsys):
+    listing = tmp_path / "ops.json"
+    assert main(["describe", str(model_file), "--json", str(listing)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"{model_file}: 2 quantizable ops (static): 2 MatMul"
+    assert re.search(r"^fc0\s+MatMul$", out, re.M) and re.search(r"^fc1\s+MatMul$", out, re.M)
+    written = json.loads(listing.read_text())
+    assert written["ops"] == [{"name": "fc0", "type": "MatMul"}, {"name": "fc1", "type": "MatMul"}]
+    assert written["options"] == {"MatMul": {"granularity": ["per_channel", "per_tensor"]}}
+    assert main(["describe", str(model_file), "--approach", "dynamic"]) == 0
+    assert "(dynamic)" in capsys.readouterr().out
+
+
+def test_describe_of_a_missing_file_is_a_usage_error(backend, tmp_path, capsys):
+    err = _error(capsys, 2, main(["describe", str(tmp_path / f"nope{nb.SUFFIX}")]))
+    assert err.startswith("inc: error: load: no file or directory at")
+
+
 def test_bf16_ops_on_a_backend_without_bf16_fail_before_writing(model_file, calib_file, tmp_path, capsys):
     out = tmp_path / f"q{nb.SUFFIX}"
     args = ["quantize", str(model_file), "-o", str(out), "--calib", str(calib_file), "--bf16", "fc1"]

@@ -1,4 +1,4 @@
-"""``inc backends`` and ``inc bench``, plus the table printing the subcommands share."""
+"""``inc backends``, ``inc describe`` and ``inc bench``, plus the table printing the subcommands share."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from inc_core._registry import ENTRY_POINT_GROUP, get_backend, installed_backend
 from inc_core.backend import Backend
 from inc_core.errors import ConfigError, DatasetError, IncError
 
-__all__ = ["cmd_backends", "cmd_bench", "format_table", "read_inputs"]
+__all__ = ["cmd_backends", "cmd_bench", "cmd_describe", "format_table", "read_inputs"]
 
 _POSITIONAL_KEY = re.compile(r"arr_(\d+)")
 
@@ -31,6 +31,35 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, right:
         return "  ".join(parts).rstrip()
 
     return "\n".join([line(header), *(line(row) for row in rows)])
+
+
+# --- inc describe ----------------------------------------------------------------------------------
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """Print the quantizable ops of a model file: the names and types ``--exclude`` and ``--exclude-type`` take."""
+    import inc_core
+    from inc_core._quant_config import QuantConfig
+
+    given = {"approach": args.approach, "format": args.format}
+    config = QuantConfig(**{k: v for k, v in given.items() if v is not None})
+    model = inc_core.load(args.model, backend=args.backend)
+    space = inc_core.describe(model, config, backend=args.backend)
+    if args.json:
+        from inc_core._files import atomic_write_text
+
+        ops = [{"name": op.name, "type": op.op_type} for op in space.ops]
+        options = {op_type: {k: list(v) for k, v in settings.items()} for op_type, settings in space.options.items()}
+        atomic_write_text(args.json, json.dumps({"model": args.model, "ops": ops, "options": options}, indent=2) + "\n", what="op list")
+    counts: dict[str, int] = {}
+    for op in space.ops:
+        counts[op.op_type] = counts.get(op.op_type, 0) + 1
+    kinds = ", ".join(f"{n} {op_type}" for op_type, n in counts.items())
+    print(f"{args.model}: {len(space.ops)} quantizable ops ({config.approach}): {kinds or 'none'}")
+    if space.ops:
+        print(format_table(["NAME", "TYPE"], [[op.name, op.op_type] for op in space.ops]))
+        print("Keep ops in FP32 with inc quantize --exclude NAME, --exclude-pattern REGEX or --exclude-type TYPE.")
+    return 0
 
 
 # --- inc backends -----------------------------------------------------------------------------------

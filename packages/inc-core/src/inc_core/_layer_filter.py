@@ -67,9 +67,10 @@ class LayerFilter(SerializableConfig):
             missing = [n for n in self.names if n not in all_names]
             if missing:
                 hints = {m: difflib.get_close_matches(m, all_names, n=3) for m in missing}
+                close = f"Close names: {hints}." if any(hints.values()) else f"Its op names look like {all_names[:5]}."
                 raise ConfigError(
-                    f"LayerFilter: name(s) {missing} match no op of the model. Close names: {hints}. "
-                    "Use the exact names the backend reports, or pass validate=False."
+                    f"LayerFilter: name(s) {missing} match no op of the model. {close} inc.describe(model) (or "
+                    f"`inc describe MODEL`) lists all {len(all_names)}; use those names, or pass validate=False."
                 )
             dead = [p for p in self.patterns if not any(re.fullmatch(p, n) for n in all_names)]
             if dead:

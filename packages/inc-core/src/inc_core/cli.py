@@ -1,4 +1,4 @@
-"""The ``inc`` command line: ``inc backends``, ``inc quantize``, ``inc bench``.
+"""The ``inc`` command line: ``inc backends``, ``inc describe``, ``inc quantize``, ``inc bench``.
 
 Every subcommand is generic over backends: the model file's suffix (or ``--backend``) picks the
 installed plugin, so a plugin needs no CLI code of its own.
@@ -99,6 +99,26 @@ def _add_quantize(sub: argparse._SubParsersAction[argparse.ArgumentParser], comm
     p.set_defaults(handler=cmd_quantize)
 
 
+def _add_describe(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    from inc_core._cli_commands import cmd_describe
+
+    p = sub.add_parser(
+        "describe",
+        parents=[common],
+        help="list the quantizable ops of a model file (the names --exclude takes)",
+        description=(
+            "List the ops inc would quantize in MODEL, in execution order, with their types: the names and types "
+            "that inc quantize's --exclude, --exclude-pattern and --exclude-type take."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL", help="model file; its suffix picks the backend unless --backend is given")
+    p.add_argument("--backend", metavar="NAME", help="backend to use instead of the one found from the suffix")
+    p.add_argument("--approach", choices=APPROACHES, help="static (default) or dynamic: the ops each quantizes differ")
+    p.add_argument("--format", metavar="FORMAT", help="backend output format (e.g. qdq, qoperator for ONNX)")
+    p.add_argument("--json", metavar="PATH", help="also write the ops and their tunable settings as JSON")
+    p.set_defaults(handler=cmd_describe)
+
+
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     from inc_core._cli_commands import cmd_bench
 
@@ -155,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also import each plugin and show the versions it reports (its framework's, for instance)",
     )
     p.set_defaults(handler=cmd_backends)
+    _add_describe(sub, common)
     _add_quantize(sub, common)
     _add_bench(sub, common)
     return parser
