@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from inc_core.errors import (
     ConfigError,
     DatasetError,
     EvaluationError,
+    ModelLoadError,
     UnsupportedModelError,
 )
 
@@ -128,6 +130,27 @@ def test_already_quantized_model_is_refused() -> None:
     quantized = inc.quantize(trained_cnn(), inc.QuantConfig(format="fx"), dataset=calib_data(8))
     with pytest.raises(UnsupportedModelError, match="FP32"):
         inc.quantize(quantized, inc.QuantConfig(), dataset=calib_data(8))
+
+
+def test_model_files_that_hold_no_nn_module_name_the_python_way(tmp_path: Path) -> None:
+    """What a user hands the CLI or inc.load: before, an FP32 .pt2 and an FP32 TorchScript file were called
+    "already scripted or quantized", and a torch.save(model) file gave torch's page-long weights_only text."""
+    model = trained_cnn()
+    x = torch.from_numpy(split()[0][:2])
+    program = tmp_path / "fp32.pt2"
+    torch.export.save(torch.export.export(model, (x,)), program)
+    scripted = tmp_path / "fp32_script.pt"
+    torch.jit.save(torch.jit.trace(model, x), scripted)
+    pickled = tmp_path / "pickled.pt"
+    torch.save(model, pickled)
+    for path, what in ((program, "an FP32 torch.export program"), (scripted, "a TorchScript")):
+        with pytest.raises(UnsupportedModelError, match=rf"The model is {what}.*call inc\.quantize\(model, \.\.\.\)"):
+            inc.describe(inc.load(path))
+    with pytest.raises(ModelLoadError, match=r"holds a pickled Python object \(torch.save\(model\)\); inc does not unpickle"):
+        inc.load(pickled)
+    int8 = inc.save(inc.quantize(model, inc.QuantConfig(format="fx"), dataset=calib_data(8)), tmp_path / "int8.pt")
+    with pytest.raises(UnsupportedModelError, match="already quantized"):
+        inc.describe(inc.load(int8))
 
 
 class Circular(nn.Module):

@@ -38,13 +38,30 @@ __all__ = ["TorchBackend", "make_runner"]
 _SUFFIXES = (".pt", ".pt2")
 
 
+def _holds_quantize_ops(graph_module: torch.fx.GraphModule) -> bool:
+    return any("quantize" in str(n.target) for n in graph_module.graph.nodes if n.op == "call_function")
+
+
+# inc reads layer types and names from the nn.Module (and captures it itself); files hold none of that.
+_FROM_PYTHON = (
+    "inc quantizes a torch model from its nn.Module: build or load it in Python and call "
+    "inc.quantize(model, ...) (the inc CLI's torch commands read the INT8 files inc writes, and transformers "
+    "models saved with inc.save)."
+)
+
+
 def _check_model(model: Any) -> nn.Module:
+    if isinstance(model, CompiledQuantizedModule) and not _holds_quantize_ops(model.graph_module):
+        raise UnsupportedModelError(f"The model is an FP32 torch.export program (a .pt2 file as inc.load reads it). {_FROM_PYTHON}")
+    if isinstance(model, torch.jit.ScriptModule) and not any(
+        "quantized" in node.kind() for node in model.inlined_graph.nodes()
+    ):
+        raise UnsupportedModelError(f"The model is a TorchScript {type(model).__name__} (torch.jit.script/trace). {_FROM_PYTHON}")
     if isinstance(model, (torch.jit.ScriptModule, CompiledQuantizedModule)) or (
-        isinstance(model, torch.fx.GraphModule)
-        and any("quantize" in str(n.target) for n in model.graph.nodes if n.op == "call_function")
+        isinstance(model, torch.fx.GraphModule) and _holds_quantize_ops(model)
     ):
         raise UnsupportedModelError(
-            f"The model is a {type(model).__name__}, already scripted or quantized; pass the FP32 torch.nn.Module."
+            f"The model is a {type(model).__name__}, already quantized; pass the FP32 torch.nn.Module."
         )
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"The torch backend quantizes torch.nn.Module models, got {type(model).__name__}.")

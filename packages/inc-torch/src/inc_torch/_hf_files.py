@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pickle
 import warnings
 import zipfile
 from pathlib import Path
@@ -88,6 +89,13 @@ def load_hf_state(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")  # torch's own qtensor rebuild
             record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+            # torch.save(model) pickles the module's classes; reading them back runs code from the file.
+            raise ModelLoadError(
+                f"{str(path)!r} holds a pickled Python object (torch.save(model)); inc does not unpickle files, "
+                "which runs code from them. Load it yourself if you trust it (torch.load(path, weights_only=False)) "
+                "and call inc.quantize(model, ...) from Python."
+            ) from exc
         raise ModelLoadError(f"{str(path)!r} is not a readable torch file: {type(exc).__name__}: {exc}") from exc
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ModelLoadError(
