@@ -38,6 +38,11 @@ PLUGIN = textwrap.dedent(
     class FailingInit(ArrayBackend):
         def __init__(self):
             raise OSError("libfake.so: cannot open shared object file")
+
+    class SaysWhatIsMissing(ArrayBackend):
+        def __init__(self):
+            from inc_core.errors import BackendNotFoundError
+            raise BackendNotFoundError("fakelib needs numbers<5: pip install 'numbers<5'")
     '''
 )
 
@@ -54,6 +59,7 @@ def fake_plugins(tmp_path, monkeypatch):
         "[inc_core.backends]\nnumpy = inc_fake_array:ArrayBackend\nfakearr = inc_fake_array:ArrayBackend\n"
         "boom = inc_fake_boom:Nothing\nmissing = inc_fake_not_there:Nothing\n"
         "noattr = inc_fake_array:NoSuchClass\nbadinit = inc_fake_array:FailingInit\n"
+        "explains = inc_fake_array:SaysWhatIsMissing\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     _registry._instance.cache_clear()
@@ -129,6 +135,16 @@ def test_a_plugin_failing_to_import_or_start_is_a_backend_not_found_error(fake_p
     with pytest.raises(BackendNotFoundError, match=match) as info:
         inc.get_backend(name)
     assert "pip install inc-" in str(info.value) and info.value.__cause__ is not None
+
+
+def test_a_plugin_that_says_what_is_missing_is_not_told_to_reinstall(fake_plugins):
+    # Its own advice (another dependency's version) is the fix; "reinstall the plugin" would send users astray.
+    with pytest.raises(BackendNotFoundError) as info:
+        inc.get_backend("explains")
+    assert str(info.value) == (
+        "The 'explains' backend (inc_fake_array:SaysWhatIsMissing) could not be started: "
+        "fakelib needs numbers<5: pip install 'numbers<5'"
+    )
 
 
 @pytest.mark.parametrize("thing", [object, int, "npmat"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -124,6 +125,34 @@ def test_missing_ipex_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> No
         assert same_state(state(model), before)
     finally:
         _instance.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("transformers_major", "advice"),
+    [(5, r"transformers 5 no longer has: install transformers<5"), (None, r"IPEX 2\.8 needs torch 2\.8 exactly")],
+)
+def test_an_ipex_that_fails_to_import_says_why_not_reinstall(
+    monkeypatch: pytest.MonkeyPatch, transformers_major: int | None, advice: str
+) -> None:
+    """IPEX 2.8 next to transformers 5 raises NameError('MoeModelOutputWithPast') from its own import: the
+    message said "Reinstall it with pip install inc-torch[ipex]", which changes nothing."""
+    from inc_core._registry import _instance
+    from inc_torch.ptq import _ipex
+
+    def failing_import(name: str) -> None:
+        raise NameError("name 'MoeModelOutputWithPast' is not defined")
+
+    monkeypatch.setattr(_ipex.importlib, "import_module", failing_import)
+    monkeypatch.setattr(_ipex, "_transformers_major", lambda: transformers_major)
+    _instance.cache_clear()
+    try:
+        with pytest.raises(BackendNotFoundError) as caught:
+            inc.quantize(trained_cnn(), inc.QuantConfig(), dataset=calib_data(8), backend="ipex")
+    finally:
+        _instance.cache_clear()
+    message = str(caught.value)
+    assert "is installed but could not be imported (NameError: name 'MoeModelOutputWithPast'" in message
+    assert re.search(advice, message) and "Reinstall" not in message
 
 
 def test_already_quantized_model_is_refused() -> None:

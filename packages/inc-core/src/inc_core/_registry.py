@@ -72,6 +72,8 @@ def _instance(key: str) -> Backend:
         raise BackendNotFoundError(f"Entry point {key!r} = {ep.value} is not an inc_core.backend.Backend subclass.")
     try:
         return cls()
+    except BackendNotFoundError as exc:  # the plugin says itself what is missing and how to get it
+        raise BackendNotFoundError(f"The {key!r} backend ({ep.value}) could not be started: {exc}") from exc
     except Exception as exc:  # a plugin whose constructor fails (its framework's runtime missing a library, ...)
         raise BackendNotFoundError(
             f"The {key!r} backend ({ep.value}) could not be started: {type(exc).__name__}: {exc}. "

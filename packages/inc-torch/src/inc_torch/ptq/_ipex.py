@@ -63,16 +63,43 @@ def _warn_listed_ops_left_float(config: QuantConfig, ops: Any, int8: list[str]) 
         )
 
 
+def _transformers_major() -> int | None:
+    from importlib import metadata
+
+    try:
+        return int(metadata.version("transformers").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+
+
 def import_ipex() -> Any:
-    """intel_extension_for_pytorch, or BackendNotFoundError saying how to install it."""
+    """intel_extension_for_pytorch, or BackendNotFoundError saying how to install it (or what breaks its import)."""
     try:
         return importlib.import_module("intel_extension_for_pytorch")
     except ImportError as exc:
-        raise BackendNotFoundError(
-            f"backend='ipex' needs intel-extension-for-pytorch, which is not installed ({exc}). Install it with "
-            f"`{IPEX_INSTALL_HINT}` (IPEX 2.8 requires torch 2.8 exactly: use a separate environment), or use the "
-            "default torch backend (backend=None), which needs no IPEX."
-        ) from exc
+        if isinstance(exc, ModuleNotFoundError) or "intel_extension_for_pytorch" in str(exc):
+            raise BackendNotFoundError(
+                f"backend='ipex' needs intel-extension-for-pytorch, which is not installed ({exc}). Install it with "
+                f"`{IPEX_INSTALL_HINT}` (IPEX 2.8 requires torch 2.8 exactly: use a separate environment), or use the "
+                "default torch backend (backend=None), which needs no IPEX."
+            ) from exc
+        failure: Exception = exc
+    except Exception as exc:  # IPEX is installed but its own import fails
+        failure = exc
+    major = _transformers_major()
+    if major is not None and major >= 5:
+        # IPEX 2.8's LLM module imports transformers at import time, names transformers 5 removed among them
+        # (NameError: 'MoeModelOutputWithPast'), so IPEX fails to import at all next to transformers 5.
+        cause = (
+            f"IPEX 2.8 imports transformers internals that transformers {major} no longer has: install "
+            "transformers<5 in this environment (`pip install 'transformers<5'`; inc tests IPEX with 4.51.3)"
+        )
+    else:
+        cause = "IPEX 2.8 needs torch 2.8 exactly (`pip install inc-torch[ipex]` in its own environment)"
+    raise BackendNotFoundError(
+        f"intel-extension-for-pytorch is installed but could not be imported ({type(failure).__name__}: {failure}). "
+        f"{cause}; or use the default torch backend (backend=None), which needs no IPEX."
+    ) from failure
 
 
 @dataclass(eq=False)
