@@ -171,3 +171,17 @@ def test_a_token_tagger_student_learns_from_its_teacher_per_token() -> None:
         agreement = (student(tokens).argmax(-1)[:, :9] == teacher_tags[:, :9]).float().mean()
     assert soft_losses[-1] < 0.5 * soft_losses[0]
     assert float(agreement) > 0.9
+
+
+def test_a_task_loss_of_the_users_own_reads_labels_of_any_shape() -> None:
+    """Labels that fit no class dimension are the user's business when their own task_loss reads them."""
+    rng = np.random.default_rng(6)
+    s = torch.from_numpy(rng.normal(size=(3, 7, 11)).astype(np.float32))
+    targets = torch.zeros(3, 2, dtype=torch.long)  # e.g. a span's start and end token
+
+    def span_loss(logits: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+        return logits[:, :, 0].logsumexp(-1).mean() * 0 + spans.float().mean()
+
+    kd = inc_torch.DistillationLoss(Fixed(s.clone()), inc.DistillConfig(loss_weights=(0.5, 0.5)), task_loss=span_loss)
+    kd(s, torch.zeros(3), targets)
+    assert kd.last["hard"] == 0.0 and kd.last["soft"] == pytest.approx(0.0, abs=1e-6)

@@ -42,6 +42,12 @@ def _holds_quantize_ops(graph_module: torch.fx.GraphModule) -> bool:
     return any("quantize" in str(n.target) for n in graph_module.graph.nodes if n.op == "call_function")
 
 
+def _script_holds_quantize_ops(model: torch.jit.ScriptModule) -> bool:
+    """quantized:: kernels (FX, dynamic) or quantize_per_tensor (IPEX) in a TorchScript model's graph."""
+    graph = getattr(model, "inlined_graph", None)  # a ScriptModule without forward has none: say "quantized"
+    return graph is None or any("quantize" in node.kind() for node in graph.nodes())
+
+
 # inc reads layer types and names from the nn.Module (and captures it itself); files hold none of that.
 _FROM_PYTHON = (
     "inc quantizes a torch model from its nn.Module: build or load it in Python and call "
@@ -53,9 +59,7 @@ _FROM_PYTHON = (
 def _check_model(model: Any) -> nn.Module:
     if isinstance(model, CompiledQuantizedModule) and not _holds_quantize_ops(model.graph_module):
         raise UnsupportedModelError(f"The model is an FP32 torch.export program (a .pt2 file as inc.load reads it). {_FROM_PYTHON}")
-    if isinstance(model, torch.jit.ScriptModule) and not any(
-        "quantized" in node.kind() for node in model.inlined_graph.nodes()
-    ):
+    if isinstance(model, torch.jit.ScriptModule) and not _script_holds_quantize_ops(model):
         raise UnsupportedModelError(f"The model is a TorchScript {type(model).__name__} (torch.jit.script/trace). {_FROM_PYTHON}")
     if isinstance(model, (torch.jit.ScriptModule, CompiledQuantizedModule)) or (
         isinstance(model, torch.fx.GraphModule) and _holds_quantize_ops(model)

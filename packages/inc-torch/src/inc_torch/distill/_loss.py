@@ -50,7 +50,7 @@ def _is_probabilities(tensor: torch.Tensor, axis: int = -1) -> bool:
 IGNORE_INDEX = -100
 
 
-def _class_axis(logits: torch.Tensor, labels: torch.Tensor | None) -> int:
+def _class_axis(logits: torch.Tensor, labels: torch.Tensor | None, *, strict: bool = True) -> int:
     """The dimension of ``logits`` that holds the class scores.
 
     The last one for a classifier's ``(batch, classes)`` and a sequence model's per-token ``(batch, tokens,
@@ -59,7 +59,9 @@ def _class_axis(logits: torch.Tensor, labels: torch.Tensor | None) -> int:
     Class-index labels settle it where they fit only the other one.
 
     Raises:
-        ConfigError: integer labels whose shape is not the logits' shape without one of those dimensions.
+        ConfigError: with ``strict`` (the default task loss reads the labels), integer labels whose shape is not
+            the logits' shape without one of those dimensions. A task loss of the user's own reads labels its
+            own way: then such labels leave the default dimension.
     """
     if logits.ndim <= 2:
         return logits.ndim - 1
@@ -69,6 +71,8 @@ def _class_axis(logits: torch.Tensor, labels: torch.Tensor | None) -> int:
     for axis in candidates:
         if tuple(labels.shape) == tuple(logits.shape[:axis] + logits.shape[axis + 1 :]):
             return axis
+    if not strict:
+        return candidates[0]
     raise ConfigError(
         f"DistillationLoss: labels of shape {tuple(labels.shape)} do not fit logits of shape {tuple(logits.shape)}; "
         "class-index labels have the logits' shape without the class dimension: (batch, tokens) for per-token "
@@ -304,7 +308,7 @@ class DistillationLoss(nn.Module):
         student_logits = _logits(student_logits, "student")
         teacher_logits = self._teacher_logits(inputs)  # also runs the teacher's layer hooks
         label_tensor = labels if isinstance(labels, torch.Tensor) else None
-        axis = _class_axis(student_logits, label_tensor)
+        axis = _class_axis(student_logits, label_tensor, strict=self._default_task_loss and self.weights["hard"] > 0)
         # A model ending in nn.Softmax gives probabilities: tempering them as logits would flatten the soft
         # targets toward uniform, and cross-entropy would read them as logits. Their log is exact for both.
         if _is_probabilities(teacher_logits, axis):

@@ -84,15 +84,14 @@ class SmoothedCalibration:
         return self.calibration.format
 
 
-# How a group's scales are folded into the module producing its input: an nn.LayerNorm (weight and bias
-# divided), another normalization checked on a probe ("weight": w / s; "one_plus_weight": Gemma's 1 + w),
-# or the Linear whose output is a factor of the input ("rows": its weight rows and bias divided).
-FOLD_KINDS = ("layer_norm", "weight", "one_plus_weight", "rows")
-
-
 @dataclass
 class _Group:
-    """Linear layers reading one tensor, and the module producing it that the scales fold into (if any)."""
+    """Linear layers reading one tensor, and the module producing it that the scales fold into (if any).
+
+    ``fold_kind``: ``"layer_norm"`` (an nn.LayerNorm: weight and bias divided), ``"weight"`` / ``"one_plus_weight"``
+    (another normalization, the form found on a probe: ``w / s``, or Gemma's ``1 + w``), ``"rows"`` (the Linear
+    whose output is a factor of the input: its weight rows and bias divided).
+    """
 
     linears: list[str]
     fold_into: str | None = None
@@ -187,11 +186,16 @@ def linear_groups(model: nn.Module, graph: torch.fx.GraphModule, fmt: str) -> li
             channels = modules[names[0]].in_features
             norm = norm_nodes.get(source)
             if norm is not None:
-                if calls[norm] == 1 and _affine_over(modules[norm], modules[names[0]]):
+                if calls[norm] == 1 and _affine_over(modules[norm], modules[names[0]]) and not _holds_tied(modules[norm], tied):
                     group.fold_into, group.fold_kind = norm, "layer_norm"
             elif (factor := _factor_linear(source, linear_of, calls, channels, modules)) is not None:
-                group.fold_into, group.fold_kind = factor, "rows"
-            elif (producer := _producing_module(graph, source, fmt)) is not None and producer in modules:
+                if not _holds_tied(modules[factor], tied):
+                    group.fold_into, group.fold_kind = factor, "rows"
+            elif (
+                (producer := _producing_module(graph, source, fmt)) is not None
+                and producer in modules
+                and not _holds_tied(modules[producer], tied)
+            ):
                 kind = _norm_fold_kind(modules[producer], channels)
                 if kind is not None:
                     group.fold_into, group.fold_kind = producer, kind
@@ -205,6 +209,11 @@ def _tied_parameters(model: nn.Module) -> set[int]:
     for _, parameter in model.named_parameters(remove_duplicate=False):
         seen[id(parameter)] = seen.get(id(parameter), 0) + 1
     return {key for key, count in seen.items() if count > 1}
+
+
+def _holds_tied(module: nn.Module, tied: set[int]) -> bool:
+    """Whether a weight or bias the fold would divide is another module's too."""
+    return any(id(getattr(module, name, None)) in tied for name in ("weight", "bias") if getattr(module, name, None) is not None)
 
 
 def _producing_module(graph: torch.fx.GraphModule, source: torch.fx.Node, fmt: str) -> str | None:
