@@ -23,6 +23,11 @@ log = logging.getLogger("inc")
 # directly. Both use the same inductor passes and oneDNN INT8 kernels, so their outputs agree.
 RUNTIMES = ("compile", "aoti")
 
+# Each input shape compiles its own INT8 program (inductor prepacks INT8 weights for static shapes). dynamo
+# keeps 8 per model by default and runs any further shape uncompiled, through the reference graph: a model
+# serving variable sequence lengths silently fell to 3x slower than its compiled calls (slower than FP32).
+MAX_COMPILED_SHAPES = 64
+
 
 def drop_unread_state(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Delete the parameters, buffers and submodules that no node of the graph reads.
@@ -187,6 +192,7 @@ class CompiledQuantizedModule(nn.Module):
         # otherwise list them twice in state_dict(); compiled libraries are not picklable.
         self.__dict__["_compiled"] = None
         self.__dict__["_programs"] = {}
+        self.__dict__["_shapes"] = set()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -217,9 +223,33 @@ class CompiledQuantizedModule(nn.Module):
             # Static shapes per compilation: inductor's weight prepacking for INT8 needs them.
             compiled = torch.compile(self.graph_module, dynamic=False)
             self.__dict__["_compiled"] = compiled
-        # freezing (the INT8 weight prepack done once) and ATen GEMMs, whatever the user set: see the constant
-        with torch.no_grad(), torch._inductor.config.patch(INT8_INDUCTOR_SETTINGS), quiet():
+        self._note_shape(args, kwargs)
+        # freezing (the INT8 weight prepack done once) and ATen GEMMs, whatever the user set: see the constant;
+        # one compiled program per input shape, up to MAX_COMPILED_SHAPES of them
+        with (
+            torch.no_grad(),
+            torch._inductor.config.patch(INT8_INDUCTOR_SETTINGS),
+            torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_SHAPES),
+            quiet(),
+        ):
             return compiled(*args, **kwargs)
+
+    def _note_shape(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Say when a call compiles for a new input shape, and when shapes beyond the limit run uncompiled."""
+        shapes: set[Any] = self.__dict__.setdefault("_shapes", set())
+        key = (_signature(args), _signature(kwargs))
+        if key in shapes:
+            return
+        shapes.add(key)
+        if len(shapes) == MAX_COMPILED_SHAPES + 1:
+            log.warning(
+                "This INT8 model has been compiled for %d input shapes, the most it keeps: calls of further shapes run "
+                "uncompiled, several times slower. Pad inputs to a few fixed lengths (bucketing), or set "
+                "q.runtime = 'aoti', which compiles each shape once into a library without that limit.",
+                MAX_COMPILED_SHAPES,
+            )
+        elif len(shapes) > 1 and len(shapes) <= MAX_COMPILED_SHAPES:
+            log.info("Compiling the INT8 model for a new input shape (%d shapes so far; each compiles once).", len(shapes))
 
     @staticmethod
     def _init_threads() -> None:
@@ -257,7 +287,7 @@ class CompiledQuantizedModule(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_compiled"], state["_programs"] = None, {}
+        state["_compiled"], state["_programs"], state["_shapes"] = None, {}, set()
         return state
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CompiledQuantizedModule:
