@@ -23,10 +23,12 @@ log = logging.getLogger("inc")
 # directly. Both use the same inductor passes and oneDNN INT8 kernels, so their outputs agree.
 RUNTIMES = ("compile", "aoti")
 
-# Each input shape compiles its own INT8 program (inductor prepacks INT8 weights for static shapes). dynamo
-# keeps 8 per model by default and runs any further shape uncompiled, through the reference graph: a model
-# serving variable sequence lengths silently fell to 3x slower than its compiled calls (slower than FP32).
-MAX_COMPILED_SHAPES = 64
+# Each input shape compiles its own INT8 program (inductor prepacks INT8 weights for static shapes), which
+# holds its own copy of the prepacked weights (measured: about the INT8 weights' size per shape). dynamo keeps
+# 8 per model by default and runs any further shape uncompiled, through the reference graph: a model serving
+# variable sequence lengths silently fell to 3x slower than its compiled calls (slower than FP32). 32 bounds
+# the memory at 32 weight copies; past it a warning says how to need fewer shapes.
+MAX_COMPILED_SHAPES = 32
 
 
 def drop_unread_state(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -249,7 +251,10 @@ class CompiledQuantizedModule(nn.Module):
                 MAX_COMPILED_SHAPES,
             )
         elif len(shapes) > 1 and len(shapes) <= MAX_COMPILED_SHAPES:
-            log.info("Compiling the INT8 model for a new input shape (%d shapes so far; each compiles once).", len(shapes))
+            log.info(
+                "Compiling the INT8 model for a new input shape (%d shapes so far; each compiles once and keeps its own "
+                "prepacked weights).", len(shapes),
+            )
 
     @staticmethod
     def _init_threads() -> None:
