@@ -245,9 +245,9 @@ class CompiledQuantizedModule(nn.Module):
         shapes.add(key)
         if len(shapes) == MAX_COMPILED_SHAPES + 1:
             log.warning(
-                "This INT8 model has been compiled for %d input shapes, the most it keeps: calls of further shapes run "
-                "uncompiled, several times slower. Pad inputs to a few fixed lengths (bucketing), or set "
-                "q.runtime = 'aoti', which compiles each shape once into a library without that limit.",
+                "This INT8 model has been compiled for %d input shapes, the most it keeps (each holds its own prepacked "
+                "weights): calls of further shapes run uncompiled, several times slower. Pad inputs to a few fixed "
+                "lengths and batch sizes (bucketing).",
                 MAX_COMPILED_SHAPES,
             )
         elif len(shapes) > 1 and len(shapes) <= MAX_COMPILED_SHAPES:
