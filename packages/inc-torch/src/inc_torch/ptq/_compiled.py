@@ -251,7 +251,8 @@ class CompiledQuantizedModule(nn.Module):
                 MAX_COMPILED_SHAPES,
             )
         elif len(shapes) > 1 and len(shapes) <= MAX_COMPILED_SHAPES:
-            log.info(
+            # debug: tuning compiles each trial's model for the evaluation's shapes, which would fill the log
+            log.debug(
                 "Compiling the INT8 model for a new input shape (%d shapes so far; each compiles once and keeps its own "
                 "prepacked weights).", len(shapes),
             )
