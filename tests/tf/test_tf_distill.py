@@ -233,3 +233,42 @@ def test_a_projection_maps_one_axis_only() -> None:
     config = inc.DistillConfig(loss_weights=(0.0, 1.0, 1.0), layer_mappings=(("conv2", "fc1"),), layer_projection="linear")
     with pytest.raises(ConfigError, match=r"outputs \(None, 8, 8, 8\) and teacher layer 'fc1' outputs \(None, 64\); layer_projection='linear' maps one feature axis"):
         inc_tf.Distiller(student, teacher, config)
+
+
+def _tagger(width: int, *, seed: int) -> keras.Model:
+    """Per-token logits (batch, tokens, 5) from token ids: a token tagger."""
+    keras.utils.set_random_seed(seed)
+    ids = keras.Input((6,), dtype="int32")
+    x = keras.layers.Embedding(20, width)(ids)
+    return keras.Model(ids, keras.layers.Dense(5)(keras.layers.Dense(width, activation="relu")(x)))
+
+
+def test_sample_weights_mask_padding_in_the_soft_loss_as_in_the_task_loss() -> None:
+    """fit(x, y, sample_weight=mask) with a (batch, tokens) padding mask: the task loss honoured it, the soft loss
+    distilled the padded positions too."""
+    teacher, student = _tagger(16, seed=0), _tagger(4, seed=1)
+    distiller = inc_tf.Distiller(student, teacher, inc.DistillConfig(temperature=2.0, loss_weights=(0.5, 0.5)))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 20, (4, 6)).astype("int32")
+    labels = rng.integers(0, 5, (4, 6))
+    mask = np.ones((4, 6), "float32")
+    mask[:, 4:] = 0.0
+    s, t = student(ids), teacher(ids)
+    _, parts = distiller.distillation_loss(labels, s, t, sample_weight=mask)
+    # by hand: the per-token KL, zero where masked, summed and divided by every position (Keras' reduction)
+    ls, lt = (log_softmax_last(np.asarray(v, np.float64) / 2.0) for v in (s, t))
+    kl = (np.exp(lt) * (lt - ls)).sum(-1)
+    assert float(parts["soft"]) == pytest.approx(float((kl * mask).sum() / mask.size * 4.0), rel=1e-3)
+    # what the padded positions hold does not matter any more
+    scrambled = np.asarray(s).copy()
+    scrambled[:, 4:] = rng.normal(size=scrambled[:, 4:].shape) * 10
+    _, again = distiller.distillation_loss(labels, keras.ops.convert_to_tensor(scrambled), t, sample_weight=mask)
+    assert float(again["soft"]) == pytest.approx(float(parts["soft"]), rel=1e-5)
+    # without weights every position counts, as before
+    _, unweighted = distiller.distillation_loss(labels, s, t)
+    assert float(unweighted["soft"]) == pytest.approx(float(kl.mean() * 4.0), rel=1e-3)
+
+
+def log_softmax_last(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))

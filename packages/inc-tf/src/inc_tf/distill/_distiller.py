@@ -116,6 +116,17 @@ def _intermediate_model(model: keras.Model, names: list[str], who: str) -> keras
         ) from exc
 
 
+class _PerPositionLoss(keras.losses.Loss):
+    """A loss of per-position values reduced as Keras reduces its own losses, sample weights included."""
+
+    def __init__(self, per_position: Any) -> None:
+        super().__init__(reduction="sum_over_batch_size", name="soft")
+        self.per_position = per_position
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        return self.per_position(y_true, y_pred)
+
+
 class Distiller(keras.Model):
     """A student trained against a frozen teacher: ``compile`` and ``fit`` it like any Keras model.
 
@@ -278,15 +289,20 @@ class Distiller(keras.Model):
             _check_shapes(student_logits.shape, teacher_logits.shape, "output")
             t = self.config.temperature
             student_soft = _log_probabilities(student_logits) if self._student_softmax else student_logits
-            log_p_student = tf.nn.log_softmax(student_soft / t, axis=-1)
-            log_p_teacher = tf.nn.log_softmax(teacher_logits / t, axis=-1)
-            p_teacher = tf.exp(log_p_teacher)
-            if self.config.soft_loss == "kl":
-                per_sample = tf.reduce_sum(p_teacher * (log_p_teacher - log_p_student), axis=-1)
-            else:  # "ce": cross-entropy against the teacher's soft targets
-                per_sample = -tf.reduce_sum(p_teacher * log_p_student, axis=-1)
-            # T^2 keeps the soft gradients' scale independent of T (Hinton et al., 2015); mean over the batch.
-            parts["soft"] = tf.reduce_mean(per_sample) * t * t
+
+            def per_position(teacher: Any, student: Any) -> Any:
+                log_p_student = tf.nn.log_softmax(student / t, axis=-1)
+                log_p_teacher = tf.nn.log_softmax(teacher / t, axis=-1)
+                p_teacher = tf.exp(log_p_teacher)
+                if self.config.soft_loss == "kl":
+                    return tf.reduce_sum(p_teacher * (log_p_teacher - log_p_student), axis=-1)
+                return -tf.reduce_sum(p_teacher * log_p_student, axis=-1)  # "ce": against the teacher's soft targets
+
+            # Reduced the way Keras reduces the task loss (sum_over_batch_size), sample weights included: a
+            # per-token weight that masks padding (batch, tokens) masks it here too; it was ignored before.
+            soft = _PerPositionLoss(per_position)
+            # T^2 keeps the soft gradients' scale independent of T (Hinton et al., 2015).
+            parts["soft"] = soft(teacher_logits, student_soft, sample_weight=sample_weight) * t * t
         if student_layers:
             parts["layer"] = tf.add_n([self._layer_loss(s, t) for s, t in zip(student_layers, teacher_layers)]) / len(
                 student_layers
