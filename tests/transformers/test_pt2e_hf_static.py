@@ -111,3 +111,35 @@ def test_static_model_save_load_round_trip(tmp_path: Path) -> None:
         expected = result.model(**inputs).last_hidden_state
         got = loaded(**inputs).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_saved_model_loads_in_a_process_that_never_imported_transformers(tmp_path: Path) -> None:
+    """Its output type (BaseModelOutputWithPastAndCrossAttentions) is written into the .pt2 by name and registers
+    itself with torch when transformers is imported: ``inc bench`` on the file failed with "not a readable
+    torch.export program" ("Deserializing transformers.modeling_outputs... in pytree is not registered")."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    _, result, scored = _tuned("gpt2")
+    path = inc.save(result.model, tmp_path / "gpt2.pt2")
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, **scored[0])
+    with torch.no_grad():
+        expected = result.model(**{k: torch.from_numpy(v) for k, v in scored[0].items()}).last_hidden_state
+    script = (
+        "import sys, numpy as np, torch\n"
+        "import inc_core as inc\n"
+        "assert 'transformers' not in sys.modules\n"
+        f"model = inc.load({str(path)!r})\n"
+        f"feeds = {{k: torch.from_numpy(v) for k, v in np.load({str(inputs)!r}).items()}}\n"
+        "with torch.no_grad():\n"
+        "    out = model(**feeds)\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, out.last_hidden_state.numpy())\n"
+        "print(type(out).__module__)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "transformers.modeling_outputs"
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), expected, rtol=1e-4, atol=1e-4)

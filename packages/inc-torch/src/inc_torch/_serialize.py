@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,57 @@ def _script(model: nn.Module) -> torch.jit.ScriptModule:
             raise SaveError(f"Neither scripting nor tracing could serialize {type(model).__name__}: {exc}") from exc
 
 
+def _spec_types(path: Path) -> set[str]:
+    """The pytree node types (``module.Class``) that the program's input and output specs name."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("models/model.json")), None)
+            program = json.loads(archive.read(name)) if name else {}
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError):
+        return set()  # torch.export.load says what is wrong with the file
+    found: set[str] = set()
+
+    def walk(spec: Any) -> None:
+        if isinstance(spec, dict):
+            if isinstance(spec.get("type"), str):
+                found.add(spec["type"])
+            for child in spec.get("children_spec", []):
+                walk(child)
+
+    for entry in program.get("graph_module", {}).get("module_call_graph", []):
+        signature = entry.get("signature") or {}
+        for key in ("in_spec", "out_spec"):
+            try:
+                spec = json.loads(signature[key]) if isinstance(signature.get(key), str) else None
+            except ValueError:
+                continue
+            if isinstance(spec, list) and len(spec) == 2:  # [protocol, tree]
+                walk(spec[1])
+    return found
+
+
+def _register_spec_types(path: Path) -> list[str]:
+    """Import the modules defining the program's non-builtin input/output types; returns those still unknown.
+
+    torch.export writes a Hugging Face output (``SequenceClassifierOutput``) into the program by its class name,
+    and reads it back only once that class is registered, which its module does on import. A process that had
+    not imported transformers (``inc bench`` on a saved PT2E transformers model) could not load the file.
+    """
+    from torch.utils import _pytree
+
+    missing = []
+    for type_name in sorted(_spec_types(path)):
+        if type_name in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            continue
+        module = type_name.rpartition(".")[0]
+        if module and importlib.util.find_spec(module.split(".")[0]) is not None:
+            with contextlib.suppress(Exception):  # an import that fails leaves the type unknown: reported below
+                importlib.import_module(module)
+        if type_name not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            missing.append(type_name)
+    return missing
+
+
 def load_model(path: Path) -> Any:
     """Read a ``.pt2`` ExportedProgram (as a compiled INT8 module) or a ``.pt`` TorchScript model.
 
@@ -160,13 +212,19 @@ def load_model(path: Path) -> Any:
 
         torchao_pt2e()  # registers the quantize/dequantize ops the program refers to
         extra = {METADATA_FILE: ""}
+        unknown = _register_spec_types(path)
         try:
             program = torch.export.load(path, extra_files=extra)
             example = getattr(program, "example_inputs", None)
             inputs: Inputs | None = (tuple(example[0]), dict(example[1])) if example else None
             model = CompiledQuantizedModule(program.module(), inputs)
         except Exception as exc:
-            raise ModelLoadError(f"{str(path)!r} is not a readable torch.export program: {type(exc).__name__}: {exc}") from exc
+            why = (
+                f" Its inputs or outputs are {', '.join(unknown)}, which this environment cannot import: install "
+                f"{', '.join(sorted({t.split('.')[0] for t in unknown}))}."
+                if unknown else ""
+            )
+            raise ModelLoadError(f"{str(path)!r} is not a readable torch.export program: {type(exc).__name__}: {exc}{why}") from exc
         model.runtime = _saved_runtime(_parse_metadata(extra[METADATA_FILE], path), path)
         return model
     if suffix == ".pt":
