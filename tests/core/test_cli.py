@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import textwrap
@@ -173,6 +174,30 @@ def test_describe_lists_the_names_and_types_exclude_takes(model_file, tmp_path, 
     assert written["options"] == {"MatMul": {"granularity": ["per_channel", "per_tensor"]}}
     assert main(["describe", str(model_file), "--approach", "dynamic"]) == 0
     assert "(dynamic)" in capsys.readouterr().out
+
+
+def test_import_module_runs_before_the_model_is_loaded(backend, tmp_path, monkeypatch, capsys):
+    """A module that registers what the model file needs (here: the backend itself, as a custom Keras layer's
+    module registers its class) is imported from the current directory first; the environment is restored."""
+    path = tmp_path / f"model{nb.SUFFIX}"
+    inc.save(nb.make_model(), path)
+    nb.unregister()
+    (tmp_path / "registers_npmat.py").write_text("import _numpy_backend\n_numpy_backend.register()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "registers_npmat", raising=False)
+    monkeypatch.delenv("INC_IMPORT_MODULES", raising=False)
+    before = dict(os.environ)
+    assert main(["describe", str(path)]) == 2  # nothing reads .npmat files yet
+    assert "inc: error:" in capsys.readouterr().err
+    assert main(["describe", str(path), "--import-module", "registers_npmat"]) == 0
+    assert "2 quantizable ops" in capsys.readouterr().out
+    assert dict(os.environ) == before
+
+
+def test_a_module_that_cannot_be_imported_is_a_usage_error(model_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    err = _error(capsys, 2, main(["describe", str(model_file), "--import-module", "no_such_module_here"]))
+    assert "--import-module no_such_module_here: ModuleNotFoundError" in err and "not a file path" in err
 
 
 def test_describe_of_a_missing_file_is_a_usage_error(backend, tmp_path, capsys):

@@ -65,6 +65,9 @@ def _run(spec: dict[str, Any], channel: IO[str]) -> None:
     from inc_core._benchmark_instances import load_inputs
 
     _pin(spec["cpus"])
+    from inc_core._user_modules import import_user_modules
+
+    import_user_modules()  # what the CLI's --import-module named: classes the model file refers to
     backend = _load_backend(spec["backend_key"], spec["backend_class"], spec.get("backend_options"))
     model = backend.load(Path(spec["model"]))
     inputs = load_inputs(Path(spec["inputs"]), spec["inputs_layout"])

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
 
 from inc_core._quant_config import APPROACHES, CALIBRATIONS, DTYPES, GRANULARITIES, SCHEMES
 from inc_core._tuning_config import FALLBACK_PRECISIONS, LOSS_TYPES, STRATEGIES
+from inc_core._user_modules import ENV, import_user_modules
 from inc_core.errors import IncError
 
 __all__ = ["build_parser", "main"]
@@ -40,6 +42,12 @@ def _add_verbosity(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         help="more log output: -v adds timestamps and logger names, -vv adds debug messages",
     )
     parser.add_argument("-q", "--quiet", action="store_true", default=default_q, help="only log warnings and errors")
+    parser.add_argument(
+        "--import-module", dest="imports", nargs="+", action="extend", default=argparse.SUPPRESS if suppress else [],
+        metavar="MODULE",
+        help="Python modules to import first, from the current directory or PYTHONPATH (custom layers and classes "
+        "the model file names)",
+    )
 
 
 def _add_quantize(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -216,7 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The CLI's handler is the one output: a root handler that a dependency installs (onnxruntime's
     # quantizer calls logging.info, which runs basicConfig) would print every line twice.
     logger.propagate = False
+    previous_env = {key: os.environ.get(key) for key in (ENV, "PYTHONPATH")}
     try:
+        if args.imports:
+            import_user_modules(args.imports)
+            # benchmark instances load the model in processes of their own
+            os.environ[ENV] = ",".join(args.imports)
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), previous_env["PYTHONPATH"]) if p)
         return int(args.handler(args))
     except IncError as exc:
         print(f"inc: error: {exc}", file=sys.stderr)
@@ -235,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
         logger.propagate = previous_propagate
+        for key, value in previous_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 if __name__ == "__main__":

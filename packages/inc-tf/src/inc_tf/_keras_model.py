@@ -47,10 +47,34 @@ def load_keras_file(path: Path) -> Any:
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises ValueError, OSError, TypeError... depending on the damage
+        custom = _unregistered_class(exc)
+        if custom is not None:
+            name, module = custom
+            where = f" (module {module!r})" if module else ""
+            raise ModelLoadError(
+                f"{str(path)!r} uses the custom class {name!r}{where}, which Keras cannot find: it is registered when "
+                "its module is imported. Import it before loading (in Python: import it, then inc.load; from the "
+                f"inc CLI: --import-module {module or 'MODULE'}, run from the module's folder or with it on PYTHONPATH)."
+            ) from exc
         raise ModelLoadError(
             f"Keras could not load {str(path)!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
             "Expected a model saved with model.save('model.keras'); custom layers must be importable."
         ) from exc
+
+
+_UNKNOWN_CLASS = re.compile(r"Could not locate (?:class|function) '([^']+)'.*?'module': '([^']*)'", re.S)
+
+
+def _unregistered_class(exc: BaseException) -> tuple[str, str] | None:
+    """(class name, module) of the custom object Keras could not locate, from its exception chain."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 10:
+        match = _UNKNOWN_CLASS.search(str(current))
+        if match:
+            return match.group(1), match.group(2)
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return None
 
 
 def check_keras_model(model: Any) -> Any:
