@@ -33,8 +33,9 @@ def _version() -> str:
     return __version__
 
 
-def _add_verbosity(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    # Subcommands accept the same flags; SUPPRESS keeps their defaults from overwriting the main parser's.
+def _add_common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    # Verbosity and --import-module, on the main parser and every subcommand; SUPPRESS keeps the subcommands' defaults
+    # from overwriting the main parser's.
     default_v: object = argparse.SUPPRESS if suppress else 0
     default_q: object = argparse.SUPPRESS if suppress else False
     parser.add_argument(
@@ -168,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok; 1 tuning did not meet the accuracy criterion; 2 usage or input error.",
     )
     parser.add_argument("--version", action="version", version=f"inc-core {_version()}")
-    _add_verbosity(parser, suppress=False)
+    _add_common_options(parser, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
-    _add_verbosity(common, suppress=True)
+    _add_common_options(common, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser(
         "backends",
