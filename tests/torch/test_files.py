@@ -174,3 +174,52 @@ def test_a_record_that_cannot_be_honoured_is_a_model_load_error(
     torch.jit.save(torch.jit.script(nn.Linear(4, 2)), str(path), _extra_files={"inc.json": record})
     with pytest.raises(ModelLoadError, match=message):
         inc.load(path)
+
+
+OUTPUT_TYPES = '''
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Scores:
+    logits: torch.Tensor
+
+
+torch.export.register_dataclass(Scores, serialized_type_name="inc_test_output_types.Scores")
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return Scores(self.fc(x))
+'''
+
+
+def test_a_program_output_type_is_imported_from_its_module_or_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .pt2 whose output is a registered dataclass (as transformers' outputs are) loads once that class's module
+    is importable, which inc.load imports; where it is not, the error names the type and the package."""
+    import subprocess
+    import sys
+
+    (tmp_path / "types_src").mkdir()
+    (tmp_path / "types_src" / "inc_test_output_types.py").write_text(OUTPUT_TYPES)
+    path = tmp_path / "scores.pt2"
+    script = (
+        f"import sys, torch; sys.path.insert(0, {str(tmp_path / 'types_src')!r})\n"
+        "from inc_test_output_types import Model\n"
+        f"torch.export.save(torch.export.export(Model().eval(), (torch.randn(2, 4),)), {str(path)!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    monkeypatch.delitem(sys.modules, "inc_test_output_types", raising=False)
+    with pytest.raises(ModelLoadError, match=r"include inc_test_output_types\.Scores, which this process cannot rebuild: install inc_test_output_types"):
+        inc.load(path)
+    monkeypatch.syspath_prepend(str(tmp_path / "types_src"))
+    loaded = inc.load(path)
+    with torch.no_grad():
+        out = loaded(torch.randn(2, 4))
+    assert type(out).__name__ == "Scores" and out.logits.shape == (2, 3)

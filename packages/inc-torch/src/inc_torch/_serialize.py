@@ -178,8 +178,9 @@ def _spec_types(path: Path) -> set[str]:
     return found
 
 
-def _register_spec_types(path: Path) -> list[str]:
-    """Import the modules defining the program's non-builtin input/output types; returns those still unknown.
+def _register_spec_types(path: Path) -> dict[str, str]:
+    """Import the modules defining the program's non-builtin input/output types; returns those still unknown,
+    each with why.
 
     torch.export writes a Hugging Face output (``SequenceClassifierOutput``) into the program by its class name,
     and reads it back only once that class is registered, which its module does on import. A process that had
@@ -187,16 +188,24 @@ def _register_spec_types(path: Path) -> list[str]:
     """
     from torch.utils import _pytree
 
-    missing = []
+    missing: dict[str, str] = {}
     for type_name in sorted(_spec_types(path)):
         if type_name in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
             continue
         module = type_name.rpartition(".")[0]
-        if module and importlib.util.find_spec(module.split(".")[0]) is not None:
-            with contextlib.suppress(Exception):  # an import that fails leaves the type unknown: reported below
+        top = module.split(".")[0]
+        try:
+            installed = bool(top) and top != "__main__" and importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            installed = False
+        reason = f"install {top}" if top and top != "__main__" else "define and register it before loading"
+        if installed:
+            try:
                 importlib.import_module(module)
+            except Exception as exc:  # noqa: BLE001 - the type stays unknown; the load error names why
+                reason = f"importing {module} failed: {type(exc).__name__}: {exc}"
         if type_name not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
-            missing.append(type_name)
+            missing[type_name] = reason
     return missing
 
 
@@ -219,11 +228,7 @@ def load_model(path: Path) -> Any:
             inputs: Inputs | None = (tuple(example[0]), dict(example[1])) if example else None
             model = CompiledQuantizedModule(program.module(), inputs)
         except Exception as exc:
-            why = (
-                f" Its inputs or outputs are {', '.join(unknown)}, which this environment cannot import: install "
-                f"{', '.join(sorted({t.split('.')[0] for t in unknown}))}."
-                if unknown else ""
-            )
+            why = "".join(f" Its inputs or outputs include {name}, which this process cannot rebuild: {reason}." for name, reason in unknown.items())
             raise ModelLoadError(f"{str(path)!r} is not a readable torch.export program: {type(exc).__name__}: {exc}{why}") from exc
         model.runtime = _saved_runtime(_parse_metadata(extra[METADATA_FILE], path), path)
         return model
