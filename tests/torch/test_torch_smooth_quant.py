@@ -10,11 +10,10 @@ transformers, so every channel matters to the output.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_helpers import digits, same_state, state
+from torch_helpers import digits_tokens, relative_mse, same_state, state
 
 import inc_core as inc
 import inc_torch
@@ -46,21 +45,9 @@ class OutlierBlock(nn.Module):
         return self.out(torch.relu(self.query(h) + self.value(h)))
 
 
-def _tokens(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.reshape(-1, 4, 16), dtype=np.float32)
-
-
 @pytest.fixture(scope="module")
 def data() -> tuple[inc.Dataset, torch.Tensor]:
-    x, _ = digits()
-    return inc.Dataset(_tokens(x[:200]), batch_size=50), torch.from_numpy(_tokens(x[1200:]))
-
-
-def _error(model: nn.Module, quantized: nn.Module, x: torch.Tensor) -> float:
-    """Relative mean squared error of the INT8 outputs against FP32."""
-    with torch.no_grad():
-        ref, out = model(x), quantized(x)
-    return float(((out - ref) ** 2).mean() / (ref**2).mean())
+    return inc.Dataset(digits_tokens(0, 200), batch_size=50), torch.from_numpy(digits_tokens(1200))
 
 
 @pytest.mark.parametrize("fmt", ["pt2e", "fx"])
@@ -85,7 +72,7 @@ def test_smooth_quant_brings_static_int8_closer_to_fp32(fmt: str, data: tuple[in
     calib, x = data
     plain = inc.quantize(model, inc.QuantConfig(format=fmt), dataset=calib)
     smooth = inc.quantize(model, inc.QuantConfig(format=fmt, smooth_quant=SQ), dataset=calib)
-    before, after = _error(model, plain, x), _error(model, smooth, x)
+    before, after = relative_mse(model, plain, x), relative_mse(model, smooth, x)
     # The outliers make the LayerNorm output's int8 step 50x too coarse for the other channels; with the
     # scales migrated the error drops several-fold (a margin INT8 rounding on any x86 CPU does not close).
     assert after < 0.3 * before, (before, after)
@@ -110,10 +97,10 @@ def test_tuner_tries_smooth_quant_when_the_base_misses_the_goal(data: tuple[inc.
     model = OutlierBlock().eval()
     calib, x = data
     base = inc.QuantConfig(format="fx")
-    plain = _error(model, inc.quantize(model, base, dataset=calib), x)
+    plain = relative_mse(model, inc.quantize(model, base, dataset=calib), x)
 
     def fidelity(candidate: nn.Module) -> float:
-        return 1.0 - _error(model, candidate, x)
+        return 1.0 - relative_mse(model, candidate, x)
 
     # The goal: half the base config's error (SmoothQuant gets well below that, see above).
     config = inc.TuningConfig(

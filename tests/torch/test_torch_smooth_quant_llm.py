@@ -11,11 +11,10 @@ changing the embedding too: the FP32 model no longer computed what it did (Gemma
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_helpers import digits, same_state, state
+from torch_helpers import digits_tokens, relative_mse, same_state, state
 
 import inc_core as inc
 import inc_torch
@@ -76,20 +75,9 @@ class GatedBlock(nn.Module):
         return self.head(tokens + self.down(nn.functional.silu(self.gate(h)) * self.up(h)))
 
 
-def _tokens(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.reshape(-1, 4, 16), dtype=np.float32)
-
-
 @pytest.fixture(scope="module")
 def data() -> tuple[inc.Dataset, torch.Tensor]:
-    x, _ = digits()
-    return inc.Dataset(_tokens(x[:200]), batch_size=50), torch.from_numpy(_tokens(x[1200:]))
-
-
-def _error(model: nn.Module, quantized: nn.Module, x: torch.Tensor) -> float:
-    with torch.no_grad():
-        ref, out = model(x), quantized(x)
-    return float(((out - ref) ** 2).mean() / (ref**2).mean())
+    return inc.Dataset(digits_tokens(0, 200), batch_size=50), torch.from_numpy(digits_tokens(1200))
 
 
 @pytest.mark.parametrize(
@@ -122,9 +110,9 @@ def test_scales_fold_into_the_rms_norm_and_the_up_projection(
 def test_smooth_quant_brings_the_gated_block_closer_to_fp32(fmt: str, data: tuple[inc.Dataset, torch.Tensor]) -> None:
     model = GatedBlock().eval()
     calib, x = data
-    plain = _error(model, inc.quantize(model, inc.QuantConfig(format=fmt), dataset=calib), x)
+    plain = relative_mse(model, inc.quantize(model, inc.QuantConfig(format=fmt), dataset=calib), x)
     smooth_model = inc.quantize(model, inc.QuantConfig(format=fmt, smooth_quant=SQ), dataset=calib)
-    smooth = _error(model, smooth_model, x)
+    smooth = relative_mse(model, smooth_model, x)
     assert smooth < 0.3 * plain, (plain, smooth)
     assert set(inc_torch.quantized_ops(smooth_model)) >= {"gate", "up", "down"}
 

@@ -103,6 +103,19 @@ def calib_data(n: int = 128, batch_size: int = 32) -> inc.Dataset:
     return inc.Dataset(x[:n], batch_size=batch_size)
 
 
+
+def digits_tokens(n_from: int = 0, n_to: int | None = None) -> np.ndarray:
+    """Digits images as 4 tokens of 16 pixels (a transformer-shaped input), float32."""
+    x, _ = digits()
+    return np.ascontiguousarray(x[n_from:n_to].reshape(-1, 4, 16), dtype=np.float32)
+
+
+def relative_mse(model: nn.Module, quantized: nn.Module, x: torch.Tensor) -> float:
+    """Relative mean squared error of the INT8 outputs against FP32."""
+    with torch.no_grad():
+        ref, out = model(x), quantized(x)
+    return float(((out - ref) ** 2).mean() / (ref**2).mean())
+
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the state dict, to prove a model was not modified."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -51,6 +51,12 @@ def _add_common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
     )
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL and --backend, which every subcommand reading a model file takes."""
+    parser.add_argument("model", metavar="MODEL", help="model file; its suffix picks the backend unless --backend is given")
+    parser.add_argument("--backend", metavar="NAME", help="backend to use instead of the one found from the suffix")
+
+
 def _add_quantize(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     from inc_core._cli_quantize import cmd_quantize
 
@@ -64,9 +70,8 @@ def _add_quantize(sub: argparse._SubParsersAction[argparse.ArgumentParser], comm
             "QuantConfig/TuningConfig defaults."
         ),
     )
-    p.add_argument("model", metavar="MODEL", help="model file; its suffix picks the backend unless --backend is given")
+    _add_model_arguments(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the quantized model")
-    p.add_argument("--backend", metavar="NAME", help="backend to use instead of the one found from the suffix")
     p.add_argument("--calib", metavar="DATA.npz", help="calibration samples: .npz of input name -> array (axis 0 = samples)")
     p.add_argument("--calib-batch-size", type=int, default=1, metavar="N", help="samples per calibration batch (default 1)")
     p.add_argument("--calib-samples", type=int, metavar="N", help="how many calibration samples to use")
@@ -120,8 +125,7 @@ def _add_describe(sub: argparse._SubParsersAction[argparse.ArgumentParser], comm
             "that inc quantize's --exclude, --exclude-pattern and --exclude-type take."
         ),
     )
-    p.add_argument("model", metavar="MODEL", help="model file; its suffix picks the backend unless --backend is given")
-    p.add_argument("--backend", metavar="NAME", help="backend to use instead of the one found from the suffix")
+    _add_model_arguments(p)
     p.add_argument("--approach", choices=APPROACHES, help="static (default) or dynamic: the ops each quantizes differ")
     p.add_argument("--format", metavar="FORMAT", help="backend output format (e.g. qdq, qoperator for ONNX)")
     p.add_argument("--json", metavar="PATH", help="also write the ops and their tunable settings as JSON")
@@ -140,12 +144,11 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], common:
             "to --cores-per-instance cores; the reported throughput is their sum."
         ),
     )
-    p.add_argument("model", metavar="MODEL", help="model file; its suffix picks the backend unless --backend is given")
+    _add_model_arguments(p)
     p.add_argument(
         "--inputs", required=True, metavar="INPUTS.npz",
         help="one batch of inputs: .npz of input name -> array (arrays saved positionally are passed in order)",
     )
-    p.add_argument("--backend", metavar="NAME", help="backend to use instead of the one found from the suffix")
     p.add_argument(
         "--runtime", metavar="NAME",
         help="runtime the backend runs the model on, for backends that offer a choice (onnx: auto, ort, openvino)",
