@@ -44,6 +44,20 @@ def test_inputs_stops_at_the_sample_limit_and_truncates_the_last_batch():
     assert shapes == [4, 2]
 
 
+def test_the_limit_cuts_nested_batches_and_keeps_batches_whose_arrays_differ_on_axis_zero_whole():
+    dense = np.zeros((8, 13), np.float32)
+    # DLRM's inputs: features per sample, then per table flat indices (any count) and one offset per sample
+    indices, offsets = [np.zeros(20, np.int64)] * 3, [np.arange(8)] * 3
+    whole = [b for b in inc.Dataset([(dense, indices, offsets)] * 2).inputs(limit=10)]
+    assert [b[0].shape[0] for b in whole] == [8, 8]
+    assert whole[1][1][0].shape == (20,) and len(whole[1][1]) == 3
+    scalar = [b for b in inc.Dataset([(dense, np.float32(0.5))] * 2).inputs(limit=3)]  # a scalar argument
+    assert [b[0].shape[0] for b in scalar] == [8]
+    nested = [b for b in inc.Dataset([{"x": dense, "pair": [dense, dense]}] * 2).inputs(limit=10)]
+    assert [b["x"].shape[0] for b in nested] == [8, 2]
+    assert [v.shape[0] for v in nested[1]["pair"]] == [2, 2] and isinstance(nested[1]["pair"], list)
+
+
 def test_transform_is_applied_to_inputs():
     ds = inc.Dataset(np.ones((2, 2)), transform=lambda b: b * 3)
     assert float(next(iter(ds))[0].sum()) == 6.0

@@ -158,6 +158,11 @@ class Dataset:
     def inputs(self, limit: int | None = None) -> Iterator[Any]:
         """The input batches alone, stopping once ``limit`` samples have been yielded.
 
+        The batch that crosses ``limit`` is cut to it when all its arrays hold samples along their first
+        dimension (the same size there). A ready-made batch whose arrays differ there (an EmbeddingBag's flat
+        indices and offsets next to dense features, a scalar argument) cannot be cut without breaking it,
+        so it is yielded whole.
+
         Raises:
             DatasetError: when the dataset yields no batch at all.
         """
@@ -166,7 +171,7 @@ class Dataset:
             if limit is not None and seen >= limit:
                 break
             size = _batch_size(inputs)
-            if limit is not None and seen + size > limit:
+            if limit is not None and seen + size > limit and _cuttable(inputs):
                 inputs = _truncate(inputs, limit - seen)
                 size = limit - seen
             seen += size
@@ -199,9 +204,25 @@ def _as_array(value: Any, what: str) -> np.ndarray:
     return array
 
 
+def _leaves(inputs: Any) -> Iterator[Any]:
+    if isinstance(inputs, Mapping):
+        for value in inputs.values():
+            yield from _leaves(value)
+    elif isinstance(inputs, (tuple, list)):
+        for value in inputs:
+            yield from _leaves(value)
+    else:
+        yield inputs
+
+
+def _cuttable(inputs: Any) -> bool:
+    sizes = {shape[0] if (shape := getattr(leaf, "shape", None)) else None for leaf in _leaves(inputs)}
+    return len(sizes) == 1 and None not in sizes
+
+
 def _truncate(inputs: Any, n: int) -> Any:
     if isinstance(inputs, Mapping):
-        return {k: v[:n] for k, v in inputs.items()}
-    if isinstance(inputs, tuple):
-        return tuple(v[:n] for v in inputs)
+        return {k: _truncate(v, n) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_truncate(v, n) for v in inputs)
     return inputs[:n]

@@ -1,0 +1,64 @@
+"""A DLRM-shaped recommender: batches whose inputs do not all hold one sample per row.
+
+DLRM's reference inputs are dense features (batch, 13), then per embedding table the flat indices of
+every sample's bag (any count) and one offset per sample. Calibrating on the user's own batches must feed
+them as they are: cutting the batch that crosses ``calib_samples`` (or the single batch a dynamic model is
+run once on) row-wise would cut the indices at the batch size and break the model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import inc_core as inc
+from inc_core._registry import resolve_backend
+
+TABLES = (100, 200, 50)
+DIM = 16
+
+
+class TinyDLRM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = nn.ModuleList(nn.EmbeddingBag(rows, DIM, mode="sum") for rows in TABLES)
+        self.bottom = nn.Sequential(nn.Linear(13, 64), nn.ReLU(), nn.Linear(64, DIM), nn.ReLU())
+        features = len(TABLES) + 1
+        self.top = nn.Sequential(nn.Linear(DIM + features * (features - 1) // 2, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, dense: torch.Tensor, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
+        x = self.bottom(dense)
+        pooled = [table(indices[k], offsets[k]) for k, table in enumerate(self.embeddings)]  # (FX traces indexing)
+        stacked = torch.stack([x, *pooled], 1)
+        pairs = torch.bmm(stacked, stacked.transpose(1, 2))
+        rows, cols = torch.tril_indices(stacked.shape[1], stacked.shape[1], -1)
+        return torch.sigmoid(self.top(torch.cat([x, pairs[:, rows, cols]], 1)))
+
+
+def _batches(count: int, size: int = 32) -> list[tuple]:
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        dense = torch.randn(size, 13, generator=generator)
+        indices = [torch.randint(0, rows, (size * 3,), generator=generator) for rows in TABLES]  # 3 ids per bag
+        offsets = [torch.arange(0, size * 3, 3) for _ in TABLES]
+        batches.append((dense, indices, offsets))
+    return batches
+
+
+@pytest.mark.parametrize(
+    "config",
+    [inc.QuantConfig(), inc.QuantConfig(format="fx"), inc.QuantConfig(approach="dynamic")],
+    ids=["pt2e", "fx", "dynamic"],
+)
+def test_a_dlrm_calibrates_on_its_own_batches_and_keeps_its_output(config):
+    torch.manual_seed(0)
+    model = TinyDLRM().eval()
+    batches = _batches(4)  # 128 samples: the default 100 ends inside the fourth batch
+    quantized = inc.quantize(model, config, dataset=inc.Dataset(batches))
+    counts = resolve_backend(quantized).int8_op_counts(quantized)
+    assert sum(counts.values()) >= 4, counts  # the four Linears at least
+    for batch in _batches(2):
+        expected, got = model(*batch), quantized(*batch)
+        assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), 0) > 0.999
