@@ -23,7 +23,13 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from inc_onnx._float32_graph import as_float32_graph
 from inc_onnx._model_io import _PROTOBUF_LIMIT, as_model_proto, check_runtime_loads, digest
-from inc_onnx._repair import flatten_row_biases, merge_opsets, rename_new_initializers, unshare_biases
+from inc_onnx._repair import (
+    flatten_row_biases,
+    float_reads_for_subgraphs,
+    merge_opsets,
+    rename_new_initializers,
+    unshare_biases,
+)
 
 __all__ = ["InputSpec", "Prepared", "prepare"]
 
@@ -132,6 +138,7 @@ def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     prepared = _type_ml_outputs(prepared)
     flatten_row_biases(prepared)
     unshare_biases(prepared)
+    float_reads_for_subgraphs(prepared)
     add_infer_metadata(prepared)
     return prepared
 

@@ -14,7 +14,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["BIAS_SLOTS", "flatten_row_biases", "merge_opsets", "rename_new_initializers", "unshare_biases"]
+__all__ = [
+    "BIAS_SLOTS",
+    "flatten_row_biases",
+    "float_reads_for_subgraphs",
+    "merge_opsets",
+    "rename_new_initializers",
+    "unshare_biases",
+]
 
 log = logging.getLogger("inc")
 
@@ -129,6 +136,75 @@ def rename_new_initializers(model: onnx.ModelProto, *, known: set[str]) -> int:
         value.name = renames.get(value.name, value.name)
     _rename_inputs(graph, renames)
     return len(renames)
+
+
+def float_reads_for_subgraphs(model: onnx.ModelProto) -> int:
+    """Give each node output that a Loop/If/Scan body reads from the outer scope a float ``Identity`` reader.
+
+    ORT's quantizers do not look into subgraphs for readers: when every main-graph reader of a tensor is
+    quantized, the QOperator quantizer replaces the tensor by its INT8 version and the body's reference dangles
+    ("Invalid model with unknown initializers/tensors": a torch EmbeddingBag's export reads the gathered rows in
+    a Loop). The body now reads the Identity's output, which stays float (ORT dequantizes for it).
+    """
+    graph = model.graph
+    produced = {out for node in graph.node for out in node.output if out}
+    types = {v.name: v.type for v in graph.value_info}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    outer = sorted(
+        name
+        for name in produced & _outer_reads(graph)
+        # integer tensors (indices, offsets, counts) are never quantized
+        if name not in types or not types[name].HasField("tensor_type") or types[name].tensor_type.elem_type in floats
+    )
+    if not outer:
+        return 0
+    taken = {*produced, *(i.name for i in graph.input), *(i.name for i in graph.initializer), *_all_names(graph)}
+    renames = {name: _free_name(f"{name}/float", taken) for name in outer}
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+                _rename_inputs(sub, renames)
+    nodes = list(graph.node)
+    del graph.node[:]
+    for node in nodes:  # each Identity right after its producer: the graph stays in topological order
+        graph.node.append(node)
+        for name in node.output:
+            if name in renames:
+                graph.node.append(onnx.helper.make_node("Identity", [name], [renames[name]], name=renames[name]))
+                if name in types:
+                    graph.value_info.append(onnx.helper.make_value_info(renames[name], types[name]))
+    log.debug("%d tensors read inside subgraphs were given float Identity readers", len(renames))
+    return len(renames)
+
+
+def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    return [
+        sub
+        for node in graph.node
+        for attr in node.attribute
+        for sub in ((attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs)
+    ]
+
+
+def _outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names the bodies held by ``graph``'s nodes read without defining them (at any depth)."""
+    reads: set[str] = set()
+    for sub in _subgraphs(graph):
+        defined = {
+            *(i.name for i in sub.input),
+            *(i.name for i in sub.initializer),
+            *(out for node in sub.node for out in node.output),
+        }
+        used = {name for node in sub.node for name in node.input if name} | _outer_reads(sub)
+        reads |= used - defined
+    return reads
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names = {out for node in graph.node for out in node.output}
+    for sub in _subgraphs(graph):
+        names |= {i.name for i in sub.input} | {i.name for i in sub.initializer} | _all_names(sub)
+    return names
 
 
 def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:

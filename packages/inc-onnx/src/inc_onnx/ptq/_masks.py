@@ -104,7 +104,8 @@ def analyse_masks(model: onnx.ModelProto) -> MaskAnalysis:
             fills.update(name for name in node.output if name and is_float(name))
             float_only.add(node.name)
             continue
-        float_inputs = [name for name in node.input if name and is_float(name)]
+        # A Loop/If/Scan body reads outer tensors by name: what it computes from signal is signal.
+        float_inputs = [name for name in (*node.input, *_outer_reads(node)) if name and is_float(name)]
         float_outputs = [name for name in node.output if name and is_float(name)]
         if node.domain not in ("", "ai.onnx"):
             # Not quantized (ai.onnx.ml, com.microsoft), but what it computes from signal is signal: a
@@ -158,9 +159,12 @@ def _is_fill(tensor: onnx.TensorProto | None) -> bool:
 
 
 def _fills_a_shape(node: onnx.NodeProto, fills: set[str]) -> bool:
-    """ConstantOfShape of a small finite value (0 when unset), or a reshape/slice/concat of such fills."""
+    """ConstantOfShape of a small finite value (0 when unset), an empty sequence, or a reshape/slice/concat of
+    such fills."""
     if node.domain not in ("", "ai.onnx"):
         return False
+    if node.op_type == "SequenceEmpty":  # the empty sequence a Loop appends its rows to
+        return True
     if node.op_type == "ConstantOfShape":
         value = _attribute_tensor(node)
         return value is None or _is_fill(value)
@@ -181,14 +185,30 @@ def _classify_constant(name: str, tensor: onnx.TensorProto, signal: set[str], ma
         mask_values.add(name)
 
 
+def _outer_reads(node: onnx.NodeProto) -> list[str]:
+    """The names the bodies ``node`` holds (a Loop's, an If's branches) read from the outer scope."""
+    reads: list[str] = []
+    for attr in node.attribute:
+        for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+            defined = {*(i.name for i in sub.input), *(i.name for i in sub.initializer)}
+            defined.update(out for inner in sub.node for out in inner.output)
+            used = [name for inner in sub.node for name in (*inner.input, *_outer_reads(inner))]
+            reads.extend(name for name in used if name and name not in defined)
+    return reads
+
+
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor whose type is known (inputs, outputs, value_info, constants)."""
+    """Element type of every tensor whose type is known (inputs, outputs, value_info, constants).
+
+    A sequence of tensors (a Loop's scan output that a ConcatFromSequence stacks) counts with its element type.
+    """
     graph = model.graph
-    types = {
-        v.name: v.type.tensor_type.elem_type
-        for v in (*graph.input, *graph.value_info, *graph.output)
-        if v.type.HasField("tensor_type")
-    }
+    types = {}
+    for v in (*graph.input, *graph.value_info, *graph.output):
+        if v.type.HasField("tensor_type"):
+            types[v.name] = v.type.tensor_type.elem_type
+        elif v.type.HasField("sequence_type") and v.type.sequence_type.elem_type.HasField("tensor_type"):
+            types[v.name] = v.type.sequence_type.elem_type.tensor_type.elem_type
     types.update({init.name: init.data_type for init in graph.initializer})
     for node in graph.node:
         if node.op_type == "Constant" and node.output:
