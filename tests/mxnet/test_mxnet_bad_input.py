@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 import mxnet as mx
@@ -97,6 +98,15 @@ def test_wrong_number_of_inputs(cnn: gluon.HybridBlock) -> None:
     batch = (np.zeros((4, 1, 8, 8), np.float32), np.zeros((4, 1, 8, 8), np.float32))
     with pytest.raises(DatasetError, match="2 input array"):
         inc.quantize(cnn, inc.QuantConfig(), dataset=inc.Dataset([batch]))
+
+
+def test_a_gluon_data_loader_of_inputs_and_labels_names_labels_true(cnn: gluon.HybridBlock, digits) -> None:
+    x, y = digits[0][:64], digits[1][:64].astype(np.float32)
+    loader = gluon.data.DataLoader(gluon.data.ArrayDataset(x, y), batch_size=16)
+    with pytest.raises(DatasetError, match=re.escape("inc.Dataset(loader, labels=True)")):
+        inc.quantize(cnn, inc.QuantConfig(), dataset=loader)
+    quantized = inc.quantize(cnn, inc.QuantConfig(), dataset=inc.Dataset(loader, labels=True))
+    assert quantized(mx.nd.array(x[:4])).shape == (4, 10)
 
 
 def test_non_numeric_input_is_rejected(cnn: gluon.HybridBlock) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,8 +96,9 @@ def test_model_onnx_runtime_cannot_load(tmp_path):
         (np.array([["a"] * 64] * 4), "dtype <U1"),
         ({"image": np.zeros((8, 64), np.float32)}, r"Unknown: \['image'\]; missing: \['pixels'\]"),
         ((np.zeros((8, 64), np.float32), np.zeros((8, 64), np.float32)), "2 positional arrays for a model with 1 inputs"),
+        ((np.zeros((8, 64), np.float32), np.zeros(8, np.int64)), re.escape("inc.Dataset(loader, labels=True)")),
     ],
-    ids=["width", "rank", "dtype", "strings", "name", "arity"],
+    ids=["width", "rank", "dtype", "strings", "name", "arity", "labels"],
 )
 def test_calibration_data_that_does_not_fit(cnn, data, message):
     with pytest.raises(DatasetError, match=message):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -78,6 +80,17 @@ def test_non_tensorflow_keras_backend(monkeypatch, calib):
 def test_wrong_calibration_shape_or_dtype(data):
     with pytest.raises(DatasetError, match="(shape|dtype)"):
         inc.quantize(models.cnn(), inc.QuantConfig(), dataset=inc.Dataset(data, batch_size=4))
+
+
+def test_a_tf_data_pipeline_of_inputs_and_labels_names_labels_true(digits):
+    import tensorflow as tf
+
+    x, y = digits[0][:64], digits[1][:64]
+    pipeline = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    with pytest.raises(DatasetError, match=re.escape("inc.Dataset(loader, labels=True)")):
+        inc.quantize(models.cnn(), inc.QuantConfig(), dataset=pipeline)
+    quantized = inc.quantize(models.cnn(), inc.QuantConfig(), dataset=inc.Dataset(pipeline, labels=True))
+    assert quantized(x[:4]).shape == (4, 10)
 
 
 def test_empty_data():

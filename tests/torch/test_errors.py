@@ -67,6 +67,17 @@ def test_a_later_batch_of_another_shape_is_a_dataset_error() -> None:
         inc.quantize(trained_cnn(), inc.QuantConfig(format="fx"), dataset=inc.Dataset(batches))
 
 
+@pytest.mark.parametrize("approach", ["static", "dynamic"])
+def test_a_data_loader_of_inputs_and_labels_names_labels_true(approach: str) -> None:
+    x, y, _, _ = split()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.tensor(x), torch.tensor(y)), batch_size=32)
+    config = inc.QuantConfig(approach=approach)
+    with pytest.raises(DatasetError, match=re.escape("pass inc.Dataset(loader, labels=True)")):
+        inc.quantize(trained_cnn(), config, dataset=loader)
+    quantized = inc.quantize(trained_cnn(), config, dataset=inc.Dataset(loader, labels=True))
+    assert quantized(torch.tensor(x[:4])).shape == (4, 10)
+
+
 def test_empty_calibration_data_is_a_dataset_error() -> None:
     model = trained_cnn()
     with pytest.raises(DatasetError, match="no samples"):

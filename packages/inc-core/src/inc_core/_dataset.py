@@ -11,7 +11,14 @@ import numpy as np
 
 from inc_core.errors import DatasetError
 
-__all__ = ["Dataset", "Batch"]
+__all__ = ["Dataset", "Batch", "LABELS_HINT"]
+
+# For a batch holding one value more than the model takes: a DataLoader over a labelled dataset (torch's, Keras'
+# tf.data pipelines, INC 2.x's calibration dataloaders) yields (inputs, labels), and the labels are not an input.
+LABELS_HINT = (
+    "If the last value is the label, as a DataLoader over a labelled dataset yields it, pass "
+    "inc.Dataset(loader, labels=True) so that only the inputs reach the model."
+)
 
 # One batch of model inputs: an array (single-input model), a tuple of arrays (positional inputs)
 # or a mapping input name -> array. Plugins convert it to their framework's tensors.

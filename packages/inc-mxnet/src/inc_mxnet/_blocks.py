@@ -17,6 +17,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
+from inc_core._dataset import LABELS_HINT
 from inc_core.errors import DatasetError, ModelLoadError
 
 __all__ = ["export_files", "import_dir", "symbol_block", "to_ndarrays"]
@@ -61,7 +62,7 @@ def to_ndarrays(batch: Any, inputs: Sequence[str], *, where: str) -> list[mx.nd.
     if len(values) != len(inputs):
         raise DatasetError(
             f"{where}: got {len(values)} input array(s); the block takes {len(inputs)} ({list(inputs)}). Pass a "
-            "tuple with one array per hybrid_forward argument."
+            "tuple with one array per hybrid_forward argument." + (f" {LABELS_HINT}" if len(values) == len(inputs) + 1 else "")
         )
     out = []
     for name, value in zip(inputs, values):

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from inc_core._dataset import LABELS_HINT
 from inc_core.errors import DatasetError
 from inc_onnx._preprocess import InputSpec
 
@@ -40,6 +41,7 @@ def to_feeds(batch: Any, specs: Sequence[InputSpec], *, where: str = "calibratio
             raise DatasetError(
                 f"{where}: {len(batch)} positional arrays for a model with {len(specs)} inputs ({expected}). "
                 "Give one array per input, in this order, or a mapping input name -> array."
+                + (f" {LABELS_HINT}" if len(batch) == len(specs) + 1 else "")
             )
         arrays = list(batch)
     else:

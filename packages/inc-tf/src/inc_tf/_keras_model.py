@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from inc_core._dataset import LABELS_HINT
 from inc_core.errors import DatasetError, ModelLoadError, UnsupportedModelError
 
 __all__ = [
@@ -393,7 +394,7 @@ def as_input_list(batch: Any, graph: KerasGraph, *, where: str) -> list[np.ndarr
             f"{where}: got {len(values)} input array(s); the model takes {count}{named}. A batch is a tuple with one "
             "array per input or a mapping input name -> array; for whole arrays, give inc.Dataset a mapping "
             "(inc.Dataset({name: array, ...}, batch_size=...)): a tuple or list given to inc.Dataset is read as a "
-            "sequence of batches."
+            "sequence of batches." + (f" {LABELS_HINT}" if len(values) == count + 1 else "")
         )
     arrays = []
     for i, value in enumerate(values):

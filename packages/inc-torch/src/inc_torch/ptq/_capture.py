@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from inc_core._dataset import LABELS_HINT
 from inc_core.errors import DatasetError, UnsupportedModelError
 from inc_torch._compat import quiet
 from inc_torch._inputs import Inputs, describe_inputs, dynamic_shapes, widened
@@ -43,9 +44,12 @@ def check_runs(model: nn.Module, inputs: Inputs, what: str) -> None:
         with torch.no_grad():
             model(*args, **kwargs)
     except Exception as exc:
+        hint = ""
+        if isinstance(exc, TypeError) and len(args) > 1 and not kwargs and "positional argument" in str(exc):
+            hint = f" The batch holds {len(args)} values and each went to forward as an argument. {LABELS_HINT}"
         raise DatasetError(
             f"The model cannot run on {what} ({describe_inputs(inputs)}): {_first_line(exc)}. "
-            "Give inputs shaped and typed as the model's forward expects (batch dimension first)."
+            f"Give inputs shaped and typed as the model's forward expects (batch dimension first).{hint}"
         ) from exc
 
 
