@@ -120,6 +120,16 @@ def test_a_custom_layer_holding_dense_layers_is_listed_and_quantized(approach: s
         assert backend.int8_op_counts(quantized)["FULLY_CONNECTED"] - backend.int8_op_counts(kept)["FULLY_CONNECTED"] == 2
 
 
+def test_shape_ops_reading_int8_tensors_are_not_counted_as_int8_ops() -> None:
+    # a Reshape to a batch-free target is converted to SHAPE + STRIDED_SLICE + PACK + RESHAPE: SHAPE reads only
+    # the int8 tensor's dimensions and computes nothing in int8
+    rows = keras.Input((8, 8))
+    h = keras.layers.Reshape((4, 16))(keras.layers.Dense(8)(rows))
+    model = keras.Model(rows, keras.layers.Dense(10)(keras.layers.Flatten()(h)))
+    counts = _int8_ops(model)
+    assert "SHAPE" not in counts and counts["FULLY_CONNECTED"] == 2 and counts["RESHAPE"] >= 1, counts
+
+
 def _int8_rounded(kernel: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """Symmetric int8 per output channel (one scale per slice over ``axes``), as LiteRT quantizes a kernel."""
     scale = np.maximum(np.abs(kernel).max(axis=axes, keepdims=True), 1e-8) / 127

@@ -192,7 +192,7 @@ class TfBackend(Backend):
         return layer_output_errors(graph, config, calibration, quantized, dataset)
 
     def int8_op_counts(self, model: Any) -> dict[str, int] | None:
-        """LiteRT ops (by builtin name) that read or write int8 tensors, QUANTIZE/DEQUANTIZE left out; for a
+        """LiteRT ops (by builtin name) that read or write int8 tensors, QUANTIZE/DEQUANTIZE/SHAPE left out; for a
         SavedModel, the TF nodes that run int8 kernels (QuantizeV2/Dequantize left out)."""
         if isinstance(model, TFSavedModel):
             counts_tf: dict[str, int] = {}
@@ -205,7 +205,8 @@ class TfBackend(Backend):
 
         counts: dict[str, int] = {}
         for record in op_records(model.content):
-            if record.op not in ("QUANTIZE", "DEQUANTIZE") and "int8" in (*record.input_dtypes, *record.output_dtypes):
+            # SHAPE reads only an int8 tensor's dimensions (a Reshape's target built for a free batch size)
+            if record.op not in ("QUANTIZE", "DEQUANTIZE", "SHAPE") and "int8" in (*record.input_dtypes, *record.output_dtypes):
                 counts[record.op] = counts.get(record.op, 0) + 1
         return counts
 
