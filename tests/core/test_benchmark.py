@@ -210,6 +210,22 @@ def test_inputs_round_trip_through_npz_for_instances(tmp_path):
             assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
+def test_nested_inputs_keep_their_structure_for_instances(tmp_path):
+    # DLRM's batch: dense features, then per table a list of index arrays and a list of offset arrays
+    dense, indices, offsets = np.ones((4, 13), np.float32), [np.arange(12)] * 3, [np.arange(4)] * 3
+    inputs = (dense, indices, offsets, {"extra": [np.zeros(2, np.float16)]})
+    layout = save_inputs(inputs, tmp_path / "in.npz")
+    back = load_inputs(tmp_path / "in.npz", json.loads(json.dumps(layout)))
+    assert type(back) is tuple and len(back) == 4
+    assert type(back[1]) is list and len(back[1]) == 3 and np.array_equal(back[1][2], indices[2])
+    assert type(back[3]) is dict and back[3]["extra"][0].dtype == np.float16
+    assert np.array_equal(back[0], dense)
+    plain = save_inputs(([[1.0, 2.0], [3.0, 4.0]],), tmp_path / "in.npz")  # Python numbers: one array
+    assert load_inputs(tmp_path / "in.npz", plain)[0].shape == (2, 2)
+    with pytest.raises(ConfigError, match=r"input #1\[2\] \(object\)"):
+        save_inputs((dense, [np.arange(3), np.arange(3), object()]), tmp_path / "in.npz")
+
+
 def test_non_numeric_inputs_cannot_go_to_instances(tmp_path):
     with pytest.raises(ConfigError, match="not a numeric array"):
         save_inputs({"x": object()}, tmp_path / "in.npz")

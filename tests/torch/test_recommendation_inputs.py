@@ -59,6 +59,23 @@ def test_a_dlrm_calibrates_on_its_own_batches_and_keeps_its_output(config):
     quantized = inc.quantize(model, config, dataset=inc.Dataset(batches))
     counts = resolve_backend(quantized).int8_op_counts(quantized)
     assert sum(counts.values()) >= 4, counts  # the four Linears at least
-    for batch in _batches(2):
+    for batch in [*_batches(2), *_batches(1, size=7)]:  # the serving batch size differs from calibration's
         expected, got = model(*batch), quantized(*batch)
         assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), 0) > 0.999
+
+
+def _as_numpy(batch: tuple) -> tuple:
+    dense, indices, offsets = batch
+    return dense.numpy(), [i.numpy() for i in indices], [o.numpy() for o in offsets]
+
+
+def test_numpy_batches_with_lists_inside_calibrate_and_benchmark_in_several_instances():
+    torch.manual_seed(0)
+    model = TinyDLRM().eval()
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset([_as_numpy(b) for b in _batches(2)]))
+    batch = _batches(1, size=5)[0]
+    assert torch.nn.functional.cosine_similarity(quantized(*batch).flatten(), model(*batch).flatten(), 0) > 0.999
+    with pytest.raises(inc.errors.ConfigError, match="inputs is an inc.Dataset; give one batch"):
+        inc.benchmark(quantized, inc.Dataset([batch]))
+    result = inc.benchmark(quantized, _as_numpy(batch), instances=2, cores_per_instance=1, warmup=1, iterations=3)
+    assert len(result.per_instance) == 2 and result.batch_size == 5

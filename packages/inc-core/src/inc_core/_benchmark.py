@@ -19,7 +19,7 @@ import numpy as np
 from inc_core._benchmark_instances import run_instances
 from inc_core._benchmark_result import BenchmarkResult, LatencyStats, aggregate_results, instance_result
 from inc_core._checks import check_int
-from inc_core._dataset import _batch_size
+from inc_core._dataset import Dataset, _batch_size
 from inc_core._registry import resolve_backend
 from inc_core.backend import Backend
 from inc_core.errors import BenchmarkError, ConfigError, IncError
@@ -175,6 +175,11 @@ def benchmark(
         BenchmarkError: the model could not run on the inputs, or an instance process failed.
     """
     owner = "benchmark"
+    if isinstance(inputs, Dataset):
+        raise ConfigError(
+            f"{owner}: inputs is an inc.Dataset; give one batch of inputs, as the model takes it (the dataset's "
+            "first: next(dataset.inputs())). Every timed call runs that batch."
+        )
     _check_counts(owner, warmup, iterations)
     check_int(owner, "instances", instances, minimum=1)
     check_int(owner, "cores_per_instance", cores_per_instance, minimum=1, allow_none=True)

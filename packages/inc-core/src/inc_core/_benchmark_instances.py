@@ -45,23 +45,21 @@ _EXIT_TIMEOUT_S = 30
 def save_inputs(inputs: Any, path: Path) -> dict[str, Any]:
     """Write one batch of inputs to an ``.npz`` file; return what :func:`load_inputs` needs to rebuild it.
 
+    Tuples, lists and mappings are kept as they are at any depth (a DLRM takes dense features, then a list of
+    index tensors and a list of offset tensors): each array is stored on its own, the structure in the layout.
+
     Raises:
         ConfigError: an input cannot be represented as a numpy array.
     """
-    names: list[str] = []
-    if isinstance(inputs, Mapping):
-        kind = "mapping"
-        names = [str(k) for k in inputs]
-        values = list(inputs.values())
-    elif isinstance(inputs, (tuple, list)):
-        kind = "tuple"
-        values = list(inputs)
-    else:
-        kind = "array"
-        values = [inputs]
     arrays: dict[str, np.ndarray] = {}
-    for i, value in enumerate(values):
-        label = names[i] if names else f"#{i}"
+
+    def store(value: Any, label: str | None) -> dict[str, Any]:
+        if isinstance(value, Mapping):
+            names = [str(k) for k in value]
+            return {"kind": "mapping", "names": names, "items": [store(v, n) for n, v in zip(names, value.values())]}
+        if isinstance(value, (tuple, list)) and not _plain_numbers(value):
+            items = [store(v, f"#{i}" if label is None else f"{label}[{i}]") for i, v in enumerate(value)]
+            return {"kind": "tuple" if isinstance(value, tuple) else "list", "items": items}
         try:
             array = np.asarray(value)
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -75,21 +73,37 @@ def save_inputs(inputs: Any, path: Path) -> dict[str, Any]:
                 "the inputs are sent to each instance as numpy arrays. Pass arrays (or tensors numpy can read)."
             )
         # Positional keys: input names may hold characters a zip member name cannot.
-        arrays[f"input_{i}"] = array
+        key = f"input_{len(arrays)}"
+        arrays[key] = array
+        return {"kind": "array", "key": key}
+
+    layout = store(inputs, None if isinstance(inputs, (tuple, list, Mapping)) else "#0")
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)  # type: ignore[arg-type]
-    return {"kind": kind, "names": names, "count": len(values)}
+    return layout
+
+
+def _plain_numbers(value: Any) -> bool:
+    """A (nested) list of Python numbers: one array, as numpy reads it (not a list of inputs)."""
+    if isinstance(value, (tuple, list)):
+        return isinstance(value, list) and bool(value) and all(_plain_numbers(v) for v in value)
+    return isinstance(value, (bool, int, float, complex))
 
 
 def load_inputs(path: Path, layout: Mapping[str, Any]) -> Any:
     """Inverse of :func:`save_inputs`."""
     with np.load(path, allow_pickle=False) as data:
-        arrays = [data[f"input_{i}"] for i in range(int(layout["count"]))]
-    if layout["kind"] == "mapping":
-        return dict(zip(layout["names"], arrays))
-    if layout["kind"] == "tuple":
-        return tuple(arrays)
-    return arrays[0]
+        arrays = {key: data[key] for key in data.files}
+
+    def build(node: Mapping[str, Any]) -> Any:
+        if node["kind"] == "array":
+            return arrays[node["key"]]
+        items = [build(item) for item in node["items"]]
+        if node["kind"] == "mapping":
+            return dict(zip(node["names"], items))
+        return tuple(items) if node["kind"] == "tuple" else items
+
+    return build(layout)
 
 
 def _class_path(impl: Backend) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves, tree_map
 
 from inc_core.errors import DatasetError
 
@@ -37,6 +38,11 @@ def _tensor(value: Any, dtype: torch.dtype) -> Any:
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() and value.dtype == torch.float64 else value
+    # Structured arguments (DLRM's lists of index and offset tensors, a dict of features) are converted inside.
+    if isinstance(value, Mapping):
+        return {k: _tensor(v, dtype) for k, v in value.items()}
+    if isinstance(value, (tuple, list)) and any(isinstance(v, (np.ndarray, torch.Tensor, tuple, list, Mapping)) for v in value):
+        return type(value)(_tensor(v, dtype) for v in value)
     return value
 
 
@@ -84,7 +90,8 @@ def widened(inputs: Inputs, size: int = 2) -> Inputs:
         return v
 
     args, kwargs = inputs
-    return tuple(grow(v) for v in args), {k: grow(v) for k, v in kwargs.items()}
+    # every tensor, inside lists and dicts too (DLRM's per-table offsets hold one row per sample)
+    return tuple(tree_map(grow, v) for v in args), {k: tree_map(grow, v) for k, v in kwargs.items()}
 
 
 def _free_dims(value: torch.Tensor) -> dict[int, Any]:
@@ -102,7 +109,7 @@ def dynamic_shapes(module: Any, inputs: Inputs) -> Any:
     """torch.export ``dynamic_shapes`` for ``inputs``: batch and token-sequence dimensions marked ``Dim.AUTO``."""
     args, kwargs = inputs
     collection = torch.export.ShapesCollection()
-    for value in (*args, *kwargs.values()):
+    for value in tree_leaves((args, kwargs)):  # tensors inside lists and dicts too (DLRM's index lists)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             collection[value] = _free_dims(value)
     return collection.dynamic_shapes(module, args, kwargs)

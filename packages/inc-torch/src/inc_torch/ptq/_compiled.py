@@ -98,7 +98,7 @@ def _fixed_size_message(graph_module: torch.fx.GraphModule, args: tuple[Any, ...
             size = captured.shape[dim]
             if is_concrete_int(size) and int(size) != value.shape[dim]:
                 fixed.append(f"{node.name!r} dimension {dim} of size {int(size)} (got {value.shape[dim]})")
-    where = "; ".join(fixed) if fixed else str(exc).strip().splitlines()[0]
+    where = "; ".join(fixed) if fixed else f"a fixed input size ({str(exc).strip().splitlines()[0]})"
     return (
         f"This INT8 model was captured for {where}: torch.export fixed that size because the model's "
         "forward needs it static (or calibration only showed that size). Calibrate with batches of the "
