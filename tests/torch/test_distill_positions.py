@@ -8,6 +8,8 @@ length, unlike the "ce" one), and a class map's soft targets were taken over its
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from torch import nn
 
 import inc_core as inc
 import inc_torch
-from inc_core.errors import ConfigError
+from inc_core.errors import ConfigError, UnsupportedModelError
 
 
 class Fixed(nn.Module):
@@ -89,6 +91,31 @@ def test_a_class_map_is_distilled_over_its_classes_per_pixel() -> None:
     assert kd.last["hard"] == pytest.approx(ce, rel=1e-5)
     assert kd.last["hard"] == pytest.approx(float(nn.functional.cross_entropy(torch.from_numpy(s), torch.from_numpy(labels))), rel=1e-5)
     assert kd.last["soft"] == pytest.approx(soft, rel=1e-5)
+
+
+class SegmentationHead(nn.Module):
+    """Returns what torchvision's segmentation models return: {"out": class map, "aux": auxiliary class map}."""
+
+    def __init__(self, out: torch.Tensor, aux: torch.Tensor) -> None:
+        super().__init__()
+        self.out, self.aux = out, aux
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return collections.OrderedDict(out=self.out, aux=self.aux)
+
+
+def test_segmentation_outputs_are_distilled_on_their_out_map() -> None:
+    rng = np.random.default_rng(4)
+    s, t, aux = (torch.from_numpy(rng.normal(size=(2, 4, 3, 5)).astype(np.float32)) for _ in range(3))
+    labels = torch.from_numpy(rng.integers(0, 4, size=(2, 3, 5)))
+    kd = inc_torch.DistillationLoss(SegmentationHead(t, aux), inc.DistillConfig(temperature=2.0))
+    plain = inc_torch.DistillationLoss(Fixed(t), inc.DistillConfig(temperature=2.0))
+    expected = float(plain(s, torch.zeros(2), labels))
+    assert float(kd(SegmentationHead(s, aux)(None), torch.zeros(2), labels)) == pytest.approx(expected, rel=1e-6)
+    assert float(kd(s, torch.zeros(2), labels)) == pytest.approx(expected, rel=1e-6)
+    two = inc_torch.DistillationLoss(Fixed({"main": t, "extra": aux}), inc.DistillConfig())  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedModelError, match=r"keys \['main', 'extra'\]; expected the logits under one of"):
+        two(s, torch.zeros(2), labels)
 
 
 def test_integer_labels_of_any_width_are_class_indices() -> None:

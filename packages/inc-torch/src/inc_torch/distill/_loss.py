@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,18 +18,36 @@ from inc_torch._inputs import float_dtype, to_inputs
 __all__ = ["DistillationLoss"]
 
 
+# Keys under which a model returning a dict puts its logits: Hugging Face's, and torchvision's segmentation and
+# models ({"out": ..., "aux": ...}: the auxiliary classifier's map next to the main one).
+_LOGIT_KEYS = ("logits", "out")
+
+
 def _logits(output: Any, who: str) -> torch.Tensor:
-    """The logits tensor of a model output: a tensor, an HF output with ``.logits``, or a tuple's first item."""
+    """The logits tensor of a model output: a tensor, an HF output with ``.logits``, a dict's ``"logits"``/``"out"``
+    (or only) tensor, or a tuple's first item."""
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
+    if isinstance(output, Mapping):
+        key = next((k for k in _LOGIT_KEYS if isinstance(output.get(k), torch.Tensor)), None)
+        tensors = [k for k, v in output.items() if isinstance(v, torch.Tensor)]
+        if key is None and len(tensors) == 1:
+            key = tensors[0]
+        if key is not None:
+            return output[key]
+        raise UnsupportedModelError(
+            f"DistillationLoss: the {who} returned a {type(output).__name__} with keys {list(output)}; expected the "
+            f"logits under one of {list(_LOGIT_KEYS)} or as its only tensor. Pass the student's logits tensor "
+            "itself, and give a teacher whose output holds them so (wrap it in a module that returns them)."
+        )
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise UnsupportedModelError(
         f"DistillationLoss: the {who} returned {type(output).__name__}; expected logits as a tensor, a tuple whose "
-        "first item is the logits, or an object with a .logits tensor."
+        "first item is the logits, a dict holding them under 'logits' or 'out', or an object with a .logits tensor."
     )
 
 
