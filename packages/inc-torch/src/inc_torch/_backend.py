@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,7 +57,18 @@ _FROM_PYTHON = (
 )
 
 
+def _is_compile_wrapper(model: Any) -> bool:
+    # A model torch.compile wrapped has loaded torch._dynamo; importing it here would cost every import of inc_torch.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
 def _check_model(model: Any) -> nn.Module:
+    if _is_compile_wrapper(model):
+        # torch.compile(model) wraps the module it was given: quantize that one (its op names, its forward); the
+        # INT8 model is compiled on inc's own path (PT2E), or can be compiled again by the caller.
+        log.info("the model is torch.compile's wrapper; quantizing the %s it wraps", type(model._orig_mod).__name__)
+        return _check_model(model._orig_mod)
     if isinstance(model, CompiledQuantizedModule) and not _holds_quantize_ops(model.graph_module):
         raise UnsupportedModelError(f"The model is an FP32 torch.export program (a .pt2 file as inc.load reads it). {_FROM_PYTHON}")
     if isinstance(model, torch.jit.ScriptModule) and not _script_holds_quantize_ops(model):
