@@ -139,3 +139,31 @@ def test_a_history_of_another_model_is_refused(tmp_path: Path) -> None:
     other = sb.SyntheticModel(ops=(("conv1", "Conv"), ("fc9", "MatMul")))
     with pytest.raises(TuningError, match="written for a different model"):
         run(history, other)
+
+
+def test_a_history_of_the_same_ops_with_other_weights_is_refused(tmp_path: Path) -> None:
+    from inc_core.tuning._history import History
+
+    path = tmp_path / "tuning.json"
+    History(path, fingerprint="ops", backend="b", strategy="basic", weights="w1")._write()
+    assert json.loads(path.read_text(encoding="utf-8"))["weights_digest"] == "w1"
+    History(path, fingerprint="ops", backend="b", strategy="basic", weights="w1")  # the same weights resume
+    History(path, fingerprint="ops", backend="b", strategy="basic", weights=None)  # a backend that cannot tell
+    with pytest.raises(TuningError, match="this architecture with other weights"):
+        History(path, fingerprint="ops", backend="b", strategy="basic", weights="w2")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    del data["weights_digest"]  # a file written before weights were recorded is read as before
+    path.write_text(json.dumps(data), encoding="utf-8")
+    History(path, fingerprint="ops", backend="b", strategy="basic", weights="w2")
+
+
+def test_content_digests_follow_bytes_not_names(tmp_path: Path) -> None:
+    from inc_core.backend import array_digest, content_digest
+
+    (tmp_path / "a.bin").write_bytes(b"weights")
+    (tmp_path / "b.bin").write_bytes(b"weights")
+    assert content_digest(tmp_path / "a.bin") == content_digest(tmp_path / "b.bin")
+    (tmp_path / "b.bin").write_bytes(b"weightz")
+    assert content_digest(tmp_path / "a.bin") != content_digest(tmp_path / "b.bin")
+    assert content_digest(tmp_path / "missing") is None
+    assert array_digest([("w", [1.0, 2.0])]) != array_digest([("w", [1.0, 2.5])]) != array_digest([("v", [1.0, 2.5])])

@@ -11,11 +11,14 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_testmodels as models
 import pytest
+from onnx import numpy_helper
 
 import inc_core as inc
 import inc_onnx.ptq._collect as collect_module
+from inc_core.errors import TuningError
 from inc_core.testing import cosine
 from inc_core.tuning import autotune
 
@@ -191,3 +194,22 @@ def test_inc_benchmark_runs_onnx_models(cnn, digits, fmt):
     q = inc.quantize(cnn, inc.QuantConfig(format=fmt, calib_samples=32), dataset=inc.Dataset(digits[0][:32]))
     result = inc.benchmark(q, digits[0][:8], warmup=2, iterations=5)
     assert result.batch_size == 8 and result.throughput > 0
+
+
+def test_a_history_is_not_resumed_for_a_model_file_with_other_weights(tmp_path, cnn, digits):
+    history, path = tmp_path / "tuning.json", tmp_path / "model.onnx"
+    onnx.save_model(cnn, str(path))
+    tuning = inc.TuningConfig(base=inc.QuantConfig(calib_samples=32), max_trials=1, history=str(history))
+    data = inc.Dataset(digits[0][:32], batch_size=16)
+
+    def score(model):  # the baseline is the path given
+        return _fp32_or_int8_score(onnx.load(model) if isinstance(model, str) else model)
+
+    autotune(str(path), tuning, eval_fn=score, dataset=data)
+    assert [t.status for t in autotune(str(path), tuning, eval_fn=score, dataset=data).trials] == ["resumed"]
+    weight = next(init for init in cnn.graph.initializer if len(init.dims) > 1)
+    changed = numpy_helper.to_array(weight) * 1.01
+    weight.CopyFrom(numpy_helper.from_array(changed.astype(np.float32), weight.name))
+    onnx.save_model(cnn, str(path))  # retrained in place: the same file name, other weights
+    with pytest.raises(TuningError, match="this architecture with other weights"):
+        autotune(str(path), tuning, eval_fn=score, dataset=data)

@@ -136,3 +136,23 @@ def test_autotune_falls_back_from_a_base_that_misses_the_goal(strategy: str, mon
     else:  # honest: nothing reached the goal
         assert all(t.score is None or t.score < result.threshold for t in trials)
     assert same_state(state(model), before)
+
+
+def test_a_history_is_not_resumed_for_retrained_weights(tmp_path) -> None:
+    # same architecture, other weights (a retrained model): the stored baseline and scores belong to the old ones
+    history = tmp_path / "tuning.json"
+    _, _, x_test, y_test = split()
+    x, y = torch.from_numpy(x_test), torch.from_numpy(y_test)
+
+    def accuracy(model: torch.nn.Module) -> float:
+        return float((model(x).argmax(1) == y).float().mean())
+
+    config = inc.TuningConfig(history=str(history), max_trials=1)
+    inc.autotune(trained_mlp(), config, eval_fn=accuracy, dataset=calib_data())
+    resumed = inc.autotune(trained_mlp(), config, eval_fn=accuracy, dataset=calib_data())
+    assert [t.status for t in resumed.trials] == ["resumed"]
+    retrained = trained_mlp()
+    with torch.no_grad():
+        retrained.fc1.weight.add_(0.01)
+    with pytest.raises(inc.errors.TuningError, match="this architecture with other weights"):
+        inc.autotune(retrained, config, eval_fn=accuracy, dataset=calib_data())

@@ -15,6 +15,8 @@ name matches, so installing every plugin never imports every framework.
 from __future__ import annotations
 
 import abc
+import hashlib
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from inc_core._dataset import Dataset
 from inc_core._quant_config import OVERRIDABLE, QuantConfig
 from inc_core.errors import ConfigError
 
-__all__ = ["Backend", "Op", "TuningSpace"]
+__all__ = ["Backend", "Op", "TuningSpace", "array_digest", "content_digest"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,18 @@ class Backend(abc.ABC):
         """
         raise NotImplementedError(f"backend {self.name!r} does not report per-op errors")
 
+    def weights_digest(self, model: Any) -> str | None:
+        """A hash of ``model``'s weights, or ``None`` where the backend cannot tell them.
+
+        A tuning history records it next to the model's ops, so a run resumed for the same architecture
+        with other weights (retrained, fine-tuned) is refused instead of reusing scores measured on the
+        old ones. The default hashes a model given as a file or directory (its bytes) and returns ``None``
+        for in-memory objects; backends hash those themselves.
+        """
+        if isinstance(model, (str, os.PathLike)):
+            return content_digest(Path(model))
+        return None
+
     def int8_op_counts(self, model: Any) -> dict[str, int] | None:
         """Per op type, how many ops of a quantized ``model`` run INT8 kernels, counted from the model itself.
 
@@ -241,3 +255,33 @@ class Backend(abc.ABC):
                 f"choose one of {', '.join(map(repr, ('default', *self.formats)))}."
             )
         return config_format
+
+
+def content_digest(path: Path) -> str | None:
+    """A hash of a file's bytes, or of every file under a directory with its relative path (``None`` if absent)."""
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for file in files:
+        if file != path:  # a directory's layout counts; a single file's name does not
+            digest.update(str(file.relative_to(path)).encode("utf-8"))
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def array_digest(named_arrays: Sequence[tuple[str, Any]]) -> str:
+    """A hash of named numpy arrays (names, dtypes, shapes and bytes), for :meth:`Backend.weights_digest`."""
+    import numpy as np
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, value in named_arrays:
+        array = np.ascontiguousarray(value)
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()

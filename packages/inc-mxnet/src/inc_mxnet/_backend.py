@@ -10,7 +10,7 @@ import mxnet as mx
 from mxnet import gluon
 
 from inc_core import Dataset, QuantConfig
-from inc_core.backend import Backend, TuningSpace
+from inc_core.backend import Backend, TuningSpace, array_digest
 from inc_core.errors import CalibrationError, SaveError
 from inc_mxnet._blocks import export_files, import_dir, symbol_block, to_ndarrays
 from inc_mxnet._collect import MxnetCalibration, collect
@@ -82,6 +82,12 @@ class MxnetBackend(Backend):
         if config.approach == "static" and calibration is None:
             calibration = collect(prepared, dataset, samples=config.calib_samples)
         return op_output_errors(prepared, config, calibration, dataset)
+
+    def weights_digest(self, model: Any) -> str | None:
+        if not isinstance(model, gluon.Block):
+            return super().weights_digest(model)  # a saved model's files
+        params = sorted(model.collect_params().items())
+        return array_digest([(name, param.data().asnumpy()) for name, param in params if param._data is not None])
 
     def int8_op_counts(self, model: Any) -> dict[str, int]:
         """Counted from the block's graph (see :mod:`inc_mxnet._int8_ops`)."""

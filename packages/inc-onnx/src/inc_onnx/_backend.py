@@ -148,6 +148,10 @@ class OnnxBackend(Backend):
         graph, applied, calibration = unwrap(prepared, int8, calibration, fmt)
         return op_output_errors(graph, applied, fmt, calibration, dataset)
 
+    def weights_digest(self, model: Any) -> str | None:
+        """The content hash the calibrations are matched with (external data included)."""
+        return prepare(model).digest
+
     def int8_op_counts(self, model: Any) -> dict[str, int]:
         """Per op type, the nodes of a quantized model that run INT8 kernels in ONNX Runtime.
 

@@ -6,8 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from inc_core import Dataset, QuantConfig
-from inc_core.backend import Backend, TuningSpace
+from inc_core.backend import Backend, TuningSpace, array_digest
 from inc_core.errors import CalibrationError, ConfigError, ModelLoadError, SaveError, UnsupportedModelError
 from inc_tf._frozen import FrozenGraph, freeze_keras, freeze_savedmodel, is_savedmodel_dir, is_savedmodel_object
 from inc_tf._keras_model import (
@@ -190,6 +192,11 @@ class TfBackend(Backend):
             calibration = self.calibrate(model, dataset, config)
         quantized = quantize_static(graph, config, calibration)
         return layer_output_errors(graph, config, calibration, quantized, dataset)
+
+    def weights_digest(self, model: Any) -> str | None:
+        if is_keras_model(model):
+            return array_digest([(weight.path, np.asarray(weight.numpy())) for weight in model.weights])
+        return super().weights_digest(model)  # a saved model's files (.keras, SavedModel directory)
 
     def int8_op_counts(self, model: Any) -> dict[str, int] | None:
         """LiteRT ops (by builtin name) that read or write int8 tensors, QUANTIZE/DEQUANTIZE/SHAPE left out; for a

@@ -14,7 +14,7 @@ from torch import nn
 
 from inc_core._dataset import Dataset
 from inc_core._quant_config import QuantConfig
-from inc_core.backend import Backend, Op, TuningSpace
+from inc_core.backend import Backend, Op, TuningSpace, array_digest
 from inc_core.errors import CalibrationError, ConfigError, UnsupportedModelError
 from inc_torch._failures import check_constructs, check_returned_model, framework_errors
 from inc_torch._inputs import float_dtype, to_inputs
@@ -61,6 +61,12 @@ def _is_compile_wrapper(model: Any) -> bool:
     # A model torch.compile wrapped has loaded torch._dynamo; importing it here would cost every import of inc_torch.
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+def _raw_bytes(tensor: torch.Tensor) -> Any:
+    tensor = tensor.int_repr() if tensor.is_quantized else tensor
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.dtype != torch.bool else flat.numpy()
 
 
 def _check_model(model: Any) -> nn.Module:
@@ -310,6 +316,16 @@ class TorchBackend(Backend):
             from inc_torch.ptq._bf16 import int8_view
 
             return op_errors(model, int8_view(config), ops, calibration, dataset, activations=self.dynamic_activations)
+
+    def weights_digest(self, model: Any) -> str | None:
+        if not isinstance(model, nn.Module):
+            return super().weights_digest(model)
+        model = _check_model(model)
+        # bytes of every parameter and buffer (bfloat16 has no numpy dtype: hashed as raw bytes)
+        return array_digest(
+            [(f"{name}|{tensor.dtype}", _raw_bytes(tensor)) for name, tensor in model.state_dict(keep_vars=False).items()
+             if isinstance(tensor, torch.Tensor)]
+        )
 
     def int8_op_counts(self, model: Any) -> dict[str, int] | None:
         """Per op type, the ops of a quantized model that compute on INT8 data (see :mod:`inc_torch._int8_ops`)."""

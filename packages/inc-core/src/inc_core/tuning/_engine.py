@@ -133,7 +133,13 @@ def autotune(
     strategy_cls = REGISTRY.get(config.strategy)
     if strategy_cls is None:
         raise ConfigError(f"autotune: no strategy named {config.strategy!r}; choose one of {sorted(REGISTRY)}.")
-    history = History(config.history, fingerprint=_fingerprint(impl, described), backend=impl.name, strategy=config.strategy)
+    history = History(
+        config.history,
+        fingerprint=_fingerprint(impl, described),
+        backend=impl.name,
+        strategy=config.strategy,
+        weights=impl.weights_digest(model) if config.history is not None else None,
+    )
     owned = executor is None  # created here from the config (a Ray cluster is joined only now): closed here
     executor = executor_for(config) if executor is None else executor
     try:

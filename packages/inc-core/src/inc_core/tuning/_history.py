@@ -22,13 +22,15 @@ HISTORY_VERSION = 1
 class History:
     """What the strategies read (scores of the configs they proposed) and what the engine persists.
 
-    The file is ``{"version", "backend", "model_fingerprint", "strategy", "baseline", "trials": [...]}``,
+    The file is ``{"version", "backend", "strategy", "model_fingerprint", "weights_digest", "baseline", "trials": [...]}``,
     rewritten atomically after every trial, so a run killed at any point leaves a readable file.
     Trials are keyed by the canonical JSON of their config.
 
     Args:
         path: the history file, or ``None`` to keep trials in memory only.
         fingerprint: identifies the model (its ops); a file written for another model is refused.
+        weights: a hash of the model's weights (``None`` where the backend cannot tell them); a file written
+            for other weights is refused (files without one, from earlier versions, are read).
         backend: the backend's name, recorded for the reader.
         strategy: the strategy's name, recorded for the reader.
 
@@ -37,9 +39,18 @@ class History:
         TuningError: the file exists but cannot be read as a history of this model.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None, *, fingerprint: str, backend: str, strategy: str) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        *,
+        fingerprint: str,
+        backend: str,
+        strategy: str,
+        weights: str | None = None,
+    ) -> None:
         self.path = Path(path) if path is not None else None
         self.fingerprint = fingerprint
+        self.weights = weights
         self._meta = {"backend": backend, "strategy": strategy}
         self._trials: list[Trial] = []
         self._by_key: dict[str, Trial] = {}
@@ -72,6 +83,13 @@ class History:
         if stored_print is not None and stored_print != self.fingerprint:
             raise self._fail(
                 f"it was written for a different model (fingerprint {stored_print!r}, this model {self.fingerprint!r})"
+            )
+        stored_weights = data.get("weights_digest")
+        if stored_weights is not None and self.weights is not None and stored_weights != self.weights:
+            # Same ops, other weights (retrained, fine-tuned): the stored scores were measured on the old ones.
+            raise self._fail(
+                "it was written for this architecture with other weights (a retrained or fine-tuned model), whose "
+                "baseline and trial scores do not hold for these"
             )
         baseline = data.get("baseline")
         if baseline is not None:
@@ -140,6 +158,7 @@ class History:
             "version": HISTORY_VERSION,
             **self._meta,
             "model_fingerprint": self.fingerprint,
+            "weights_digest": self.weights,
             "baseline": self._baseline,
             "trials": [t.to_dict() for t in self._trials] + pending,
         }
