@@ -27,6 +27,7 @@ __all__ = [
     "CONV1D_AS_LINEAR_ATTR",
     "CONV1D_TYPE",
     "check_hf_inputs",
+    "drop_label_inputs",
     "is_hf_conv1d",
     "is_hf_model",
     "linearize_conv1d",
@@ -132,6 +133,34 @@ def _vocab_size(model: nn.Module) -> int | None:
     except Exception:  # a model without input embeddings (e.g. a vision model) raises NotImplementedError
         return None
     return int(embedding.num_embeddings) if isinstance(embedding, nn.Embedding) else None
+
+
+def _label_parameters(model: nn.Module) -> set[str]:
+    """The forward parameters of a transformers model that take labels (as ``transformers.utils.find_labels``
+    reads them: names holding "label", and a QA head's answer positions)."""
+    try:
+        names = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {name for name in names if "label" in name or name in ("start_positions", "end_positions")}
+
+
+def drop_label_inputs(model: nn.Module, inputs: Inputs, where: str | None = None) -> Inputs:
+    """``inputs`` without the label arguments of a transformers model, for a capture of its inference forward.
+
+    A batch from a Hugging Face data collator carries ``labels`` next to the model inputs; captured with them,
+    the INT8 graph computes the loss and can only be called with labels ("forward() missing 1 required positional
+    argument: 'labels'").
+    """
+    args, kwargs = inputs
+    if not kwargs or not is_hf_model(model):
+        return inputs
+    labels = sorted(_label_parameters(model) & set(kwargs))
+    if not labels:
+        return inputs
+    if where:  # said once, for the first batch
+        log.info("%s: %s left out (labels compute a loss; the INT8 model takes the inputs alone)", where, labels)
+    return args, {k: v for k, v in kwargs.items() if k not in labels}
 
 
 def _named(inputs: Inputs, model: nn.Module) -> dict[str, Any]:

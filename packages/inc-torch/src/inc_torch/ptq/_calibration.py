@@ -24,7 +24,7 @@ from inc_core._quant_config import QuantConfig
 from inc_core.calibration import HistogramObserver
 from inc_core.errors import CalibrationError, DatasetError
 from inc_torch._compat import quiet, torchao_pt2e
-from inc_torch._hf import check_hf_inputs, prepare_for_capture
+from inc_torch._hf import check_hf_inputs, drop_label_inputs, prepare_for_capture
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
 from inc_torch.ptq._kept_float import KeptFloat, keep_float, keyword_weight_scopes, warn_kept_float
@@ -187,7 +187,7 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
         first = next(batches)
     except StopIteration:  # Dataset.inputs raises DatasetError itself; this guards other iterables
         raise DatasetError("Calibration data is empty; give at least one batch.") from None
-    example = to_inputs(first, dtype)
+    example = drop_label_inputs(model, to_inputs(first, dtype), "calibration")
     check_hf_inputs(model, example, "Calibration batch 0")
     check_runs(work, example, "the first calibration batch")
     base, exported = _base_graph(work, example, fmt)
@@ -210,7 +210,7 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
     _instrument(base, histograms, non_finite, fmt)
     samples = 0
     for index, batch in enumerate(itertools.chain([first], batches)):
-        inputs = to_inputs(batch, dtype)
+        inputs = drop_label_inputs(model, to_inputs(batch, dtype)) if index else example
         if index:
             check_hf_inputs(model, inputs, f"Calibration batch {index}")
         args, kwargs = inputs

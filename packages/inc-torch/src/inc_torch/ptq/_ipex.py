@@ -32,6 +32,7 @@ from inc_core.errors import BackendNotFoundError, CalibrationError, DatasetError
 from inc_torch._backend import TorchBackend, _check_model, _check_precision, warn_left_in_float
 from inc_torch._compat import quiet
 from inc_torch._failures import framework_errors
+from inc_torch._hf import drop_label_inputs
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
 from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._bf16 import bf16_names, int8_view
@@ -264,12 +265,12 @@ class IpexBackend(TorchBackend):
         dtype = float_dtype(work)
         batches = iter(dataset.inputs(limit=config.calib_samples))
         first = next(batches)
-        example = to_inputs(first, dtype)
+        example = drop_label_inputs(model, to_inputs(first, dtype), "calibration")
         check_runs(work, example, "the first calibration batch")
         prepared = _prepare(self._ipex, work, _mapping(OpSettings.of(config)), example)
         samples = 0
         for index, batch in enumerate([first, *batches]):
-            inputs = to_inputs(batch, dtype)
+            inputs = drop_label_inputs(model, to_inputs(batch, dtype))
             try:
                 with torch.no_grad():
                     prepared(*inputs[0], **inputs[1])

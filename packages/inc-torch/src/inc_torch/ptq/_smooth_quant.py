@@ -35,6 +35,7 @@ from inc_core._quant_config import QuantConfig
 from inc_core._smooth_quant_config import SmoothQuant
 from inc_core.calibration._smooth_quant import ChannelAbsMax, input_channel_absmax, smooth_scales
 from inc_core.errors import CalibrationError, DatasetError
+from inc_torch._hf import drop_label_inputs
 from inc_torch._inputs import describe_inputs, float_dtype, to_inputs
 from inc_torch.ptq._calibration import TorchCalibration, calibrate
 from inc_torch.ptq._capture import eval_copy, export_graph
@@ -303,7 +304,7 @@ def smooth_module(
     first = next(iter(dataset.inputs(limit=config.calib_samples)), None)
     if first is None:
         raise DatasetError("Calibration data is empty; give at least one batch.")
-    example = to_inputs(first, float_dtype(work))
+    example = drop_label_inputs(model, to_inputs(first, float_dtype(work)))
     graph = _graph(work, example, fmt)
     groups = [g for g in linear_groups(work, graph, fmt) if g.fold_into is not None or fmt == "pt2e"]
     if not groups:
