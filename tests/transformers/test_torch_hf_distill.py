@@ -70,3 +70,17 @@ def test_a_one_layer_student_distils_from_a_trained_two_layer_teacher() -> None:
         predicted = student(input_ids=ids).logits.argmax(-1)[:, :-1]
     assert soft[-1] < 0.5 * soft[0]
     assert float((predicted == ids[:, 1:]).float().mean()) > 0.9
+
+
+def test_a_collated_batch_reaches_the_teacher_without_its_labels() -> None:
+    # kd(student(**batch), batch, batch["labels"]) with the collator's batch: the teacher would compute a loss of
+    # its own from the labels (wasted, and failing where its head reads labels differently)
+    teacher, student = _llama(2, seed=0).eval(), _llama(1, seed=1)
+    seen: list[set[str]] = []
+    teacher.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    ids = torch.randint(0, 96, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    kd = inc_torch.DistillationLoss(teacher, inc.DistillConfig(loss_weights=(0.0, 1.0)))
+    kd(student(**batch).logits, batch)
+    assert seen == [{"input_ids", "attention_mask"}]
+    assert kd.last["soft"] > 0

@@ -13,6 +13,7 @@ from torch import nn
 
 from inc_core._distill_config import DistillConfig
 from inc_core.errors import ConfigError, UnsupportedModelError
+from inc_torch._hf import drop_label_inputs
 from inc_torch._inputs import float_dtype, to_inputs
 
 __all__ = ["DistillationLoss"]
@@ -368,7 +369,9 @@ class DistillationLoss(nn.Module):
         # A teacher kept in float16/bfloat16 to save memory reads the batch in its own dtype ("mat1 and mat2 must
         # have the same dtype" otherwise); its outputs are compared in the student's dtype.
         dtype = float_dtype(teacher)
-        args, kwargs = to_inputs(inputs, dtype)  # a mapping gives keyword arguments, a tuple/list positional ones
+        # a mapping gives keyword arguments, a tuple/list positional ones; a collated batch's labels are left out
+        # (a transformers teacher would compute its own loss from them, and fail on labels of another head)
+        args, kwargs = drop_label_inputs(teacher, to_inputs(inputs, dtype))
         try:
             with torch.no_grad():
                 output = teacher(*(_in_dtype(v, dtype) for v in args), **{k: _in_dtype(v, dtype) for k, v in kwargs.items()})
