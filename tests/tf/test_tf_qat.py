@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import pytest
 import tf_testmodels as models
 
@@ -119,3 +120,26 @@ def test_qat_of_a_mixed_precision_model_trains_in_float32_and_converts(digits, p
     q = inc_tf.convert(qat)
     assert inc.resolve_backend(q).int8_op_counts(q).get("CONV_2D") == 1
     assert models.accuracy(q, x_test, y_test) >= models.accuracy(qat, x_test, y_test) - 0.02
+
+
+def _token_task() -> tuple:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 50, (1200, 20)).astype("int32")
+    return tokens, (tokens == 7).any(axis=1).astype("int32")  # does token 7 occur
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "savedmodel"])
+def test_qat_of_a_model_reading_token_codes_converts_without_a_dataset(fmt):
+    # convert made float inputs in [0, 1) for the converter's ranges: an int32 input refused them ("input 0 takes
+    # integers ... but the data holds fractions")
+    tokens, labels = _token_task()
+    inputs = keras.Input((20,), dtype="int32")
+    hidden = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(50, 16)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dense(32, activation="relu")(hidden)))
+    qat = inc_tf.prepare_qat(model, inc.QATConfig())
+    qat.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(tokens[:1000], labels[:1000], epochs=12, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
+    q = inc_tf.convert(qat, format=fmt)
+    accuracy = lambda m: float(np.mean(np.argmax(np.asarray(m(tokens[1000:])), axis=1) == labels[1000:]))  # noqa: E731
+    assert accuracy(qat) >= 0.9 and accuracy(q) >= accuracy(qat) - 0.02
+    assert sum(inc.resolve_backend(q).int8_op_counts(q).values()) >= 2

@@ -574,4 +574,24 @@ def _synthetic_inputs(graph: Any, span: tuple[float, float]) -> np.ndarray:
             "convert needs dataset=... (a few representative inputs) for a model with several or variable-shape inputs."
         )
     rng = np.random.default_rng(0)
-    return rng.uniform(span[0], span[1], size=(16, *graph.input_shapes[0])).astype(np.float32)
+    shape = (16, *graph.input_shapes[0])
+    dtype = np.dtype(graph.input_dtypes[0]) if graph.input_dtypes else np.dtype(np.float32)
+    if np.issubdtype(dtype, np.integer):
+        # Token or category codes: every row of the tables they index, so the lookups' outputs (whose ranges
+        # are calibrated on these inputs, not learned) see the whole table.
+        rows = [layer.input_dim for layer in _all_layers(graph.model) if isinstance(layer, keras.layers.Embedding)]
+        if not rows:
+            raise UnsupportedModelError(
+                f"convert needs dataset=... (a few representative inputs) for a model taking {dtype} inputs that no "
+                "Embedding reads: inc cannot tell which codes are valid."
+            )
+        return rng.integers(0, min(rows), size=shape).astype(dtype)
+    return rng.uniform(span[0], span[1], size=shape).astype(np.float32)
+
+
+def _all_layers(model: Any) -> list[Any]:
+    found = []
+    for layer in getattr(model, "layers", []):
+        found.append(layer)
+        found.extend(_all_layers(layer))
+    return found
