@@ -12,6 +12,7 @@ import torch
 from torch_helpers import calib_data, split, trained_cnn
 
 import inc_core as inc
+import inc_torch
 
 
 def test_describe_names_the_ops_of_the_wrapped_module() -> None:
@@ -30,3 +31,17 @@ def test_a_compiled_model_quantizes_saves_and_excludes_by_plain_names(fmt: str, 
     assert (quantized(x).argmax(1) == model(x).argmax(1)).float().mean() >= 0.98
     loaded = inc.load(inc.save(quantized, tmp_path / "model.pt"))
     assert torch.equal(loaded(x).argmax(1), quantized(x).argmax(1))
+
+
+def test_a_compiled_model_is_pruned_under_its_plain_layer_names() -> None:
+    model = torch.compile(trained_cnn())
+    x_train, y_train, _, _ = split()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = inc.PruneConfig(target_sparsity=0.5, schedule="oneshot", exclude=inc.LayerFilter(names=("fc2",)))
+    inc_torch.prepare(model, config, optimizer=optimizer)
+    loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x_train[:32])), torch.from_numpy(y_train[:32]))
+    loss.backward()
+    optimizer.step()
+    report = inc_torch.sparsity_report(model)
+    assert [row.name for row in report.layers] == ["conv1", "conv2", "fc1"]
+    assert all(abs(row.sparsity - 0.5) < 0.01 for row in report.layers)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,6 +15,7 @@ from inc_core._dataset import Dataset
 from inc_core._quant_config import QuantConfig
 from inc_core.backend import Backend, Op, TuningSpace, array_digest
 from inc_core.errors import CalibrationError, ConfigError, UnsupportedModelError
+from inc_torch._compat import unwrap_compiled
 from inc_torch._failures import check_constructs, check_returned_model, framework_errors
 from inc_torch._inputs import float_dtype, to_inputs
 from inc_torch._serialize import load_model, save_model
@@ -57,12 +57,6 @@ _FROM_PYTHON = (
 )
 
 
-def _is_compile_wrapper(model: Any) -> bool:
-    # A model torch.compile wrapped has loaded torch._dynamo; importing it here would cost every import of inc_torch.
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
-
-
 def _raw_bytes(tensor: torch.Tensor) -> Any:
     tensor = tensor.int_repr() if tensor.is_quantized else tensor
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -70,11 +64,11 @@ def _raw_bytes(tensor: torch.Tensor) -> Any:
 
 
 def _check_model(model: Any) -> nn.Module:
-    if _is_compile_wrapper(model):
+    if (wrapped := unwrap_compiled(model)) is not model:
         # torch.compile(model) wraps the module it was given: quantize that one (its op names, its forward); the
         # INT8 model is compiled on inc's own path (PT2E), or can be compiled again by the caller.
-        log.info("the model is torch.compile's wrapper; quantizing the %s it wraps", type(model._orig_mod).__name__)
-        return _check_model(model._orig_mod)
+        log.info("the model is torch.compile's wrapper; quantizing the %s it wraps", type(wrapped).__name__)
+        return _check_model(wrapped)
     if isinstance(model, CompiledQuantizedModule) and not _holds_quantize_ops(model.graph_module):
         raise UnsupportedModelError(f"The model is an FP32 torch.export program (a .pt2 file as inc.load reads it). {_FROM_PYTHON}")
     if isinstance(model, torch.jit.ScriptModule) and not _script_holds_quantize_ops(model):

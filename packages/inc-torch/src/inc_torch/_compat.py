@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from types import ModuleType
@@ -11,9 +12,21 @@ from typing import Any
 
 from inc_core.errors import BackendNotFoundError
 
-__all__ = ["quiet", "torchao_pt2e", "PT2E_INSTALL_HINT"]
+__all__ = ["quiet", "torchao_pt2e", "unwrap_compiled", "PT2E_INSTALL_HINT"]
 
 PT2E_INSTALL_HINT = "pip install 'torchao>=0.13'"
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The module ``torch.compile(module)`` wrapped (``model`` itself when it is no such wrapper).
+
+    Its op names are the wrapped module's (not ``_orig_mod.``-prefixed), and torch.fx can trace it. A wrapped
+    model has loaded torch._dynamo; importing it here would cost every import of inc_torch.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from torch import nn
 from inc_core._prune_config import PruneConfig
 from inc_core.errors import ConfigError, UnsupportedModelError
 from inc_core.sparsity import Pruner, SparsityReport
+from inc_torch._compat import unwrap_compiled
 from inc_torch.prune._layers import PrunableLayer, prunable_layers
 
 __all__ = ["prepare", "finish_pruning", "is_pruning", "sparsity_report", "STATE_ATTR"]
@@ -164,7 +165,7 @@ def prepare(model: nn.Module, config: PruneConfig, *, optimizer: torch.optim.Opt
             "prepare: this model is already being pruned; call inc_torch.convert(model) to finish the first "
             "pruning before preparing it again (e.g. with criterion='pattern_lock')."
         )
-    layers = prunable_layers(model, config)
+    layers = prunable_layers(unwrap_compiled(model), config)  # named as describe names them, without _orig_mod.
     opt = _check_optimizer(model, layers, optimizer)
     state = _PruningState(config, layers, opt)
     setattr(model, STATE_ATTR, state)
@@ -199,5 +200,5 @@ def sparsity_report(model: nn.Module, config: PruneConfig | None = None) -> Spar
     if isinstance(state, _PruningState):
         layers = list(state.layers.values())
     else:
-        layers = prunable_layers(model, config if config is not None else PruneConfig())
+        layers = prunable_layers(unwrap_compiled(model), config if config is not None else PruneConfig())
     return SparsityReport.from_weights((layer.name, layer.op_type, _numpy(layer.weight)) for layer in layers)
