@@ -51,3 +51,33 @@ def test_a_model_calibrated_on_collated_batches_with_labels_runs_without_them(he
     for name in ("logits",) if "labels" in labels else ("start_logits", "end_logits"):
         reference, result = getattr(expected, name), got[name]
         assert torch.nn.functional.cosine_similarity(result.flatten(), reference.flatten(), 0) > 0.99
+
+
+def test_a_seq2seq_model_from_batches_of_inputs_and_labels_only() -> None:
+    # A collator made without the model gives T5 its labels and no decoder input; the model itself would start
+    # its decoder from the labels shifted right. And T5's decoder holds a config of its own whose use_cache
+    # stayed on: torch.export met its EncoderDecoderCache output ("unrecognized type ... at output 1").
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0, pad_token_id=0
+    )
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    rows = [
+        {
+            "input_ids": torch.randint(2, 100, (12,), generator=generator),
+            "attention_mask": torch.ones(12, dtype=torch.long),
+            "labels": torch.randint(2, 100, (6,), generator=generator),
+        }
+        for _ in range(16)
+    ]
+    batch = next(iter(torch.utils.data.DataLoader(rows, batch_size=8)))
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
+    }
+    expected = model(**inputs).logits
+    for calibration in (inc.Dataset([inputs]), inc.Dataset(torch.utils.data.DataLoader(rows, batch_size=8))):
+        quantized = inc.quantize(model, inc.QuantConfig(), dataset=calibration)
+        assert torch.nn.functional.cosine_similarity(quantized(**inputs)["logits"].flatten(), expected.flatten(), 0) > 0.99

@@ -98,9 +98,11 @@ def prepare_for_capture(model: nn.Module) -> None:
     swapped = linearize_conv1d(model)
     if swapped:
         log.info("HF Conv1D layers quantized as Linear (weight transposed): %d layer(s)", len(swapped))
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False) is True:
-        config.use_cache = False  # type: ignore[union-attr]
+    # An encoder-decoder's decoder (T5's, BART's) holds a config of its own, copied from the model's: each one off.
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if getattr(c, "use_cache", False) is True}
+    for config in configs.values():
+        config.use_cache = False
+    if id(getattr(model, "config", None)) in configs:
         log.info(
             "%s exported with use_cache=False: torch.export cannot capture its key/value cache, so the INT8 "
             "model returns no past_key_values and has no generate(); for text generation quantize with "
@@ -158,9 +160,21 @@ def drop_label_inputs(model: nn.Module, inputs: Inputs, where: str | None = None
     labels = sorted(_label_parameters(model) & set(kwargs))
     if not labels:
         return inputs
+    kept = {k: v for k, v in kwargs.items() if k not in labels}
+    if "labels" in labels and not {"decoder_input_ids", "decoder_inputs_embeds"} & set(kwargs) and _is_encoder_decoder(model):
+        # A seq2seq model (T5, BART) starts its decoder from the labels shifted right when no decoder input is
+        # given, as a collator without the model leaves it: make that input, as the model itself would.
+        shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if not callable(shift):
+            return inputs
+        kept["decoder_input_ids"] = shift(labels=kwargs["labels"])
     if where:  # said once, for the first batch
         log.info("%s: %s left out (labels compute a loss; the INT8 model takes the inputs alone)", where, labels)
-    return args, {k: v for k, v in kwargs.items() if k not in labels}
+    return args, kept
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def _named(inputs: Inputs, model: nn.Module) -> dict[str, Any]:
