@@ -78,6 +78,13 @@ def test_a_data_loader_of_inputs_and_labels_names_labels_true(approach: str) -> 
     assert quantized(torch.tensor(x[:4])).shape == (4, 10)
 
 
+def test_dict_batches_carrying_labels_name_the_way_out() -> None:
+    x, y, _, _ = split()
+    batches = [{"x": x[:16], "labels": y[:16]}]
+    with pytest.raises(DatasetError, match="The batch's 'labels' is no argument of forward: leave the labels out"):
+        inc.quantize(trained_cnn(), inc.QuantConfig(), dataset=inc.Dataset(batches))
+
+
 def test_empty_calibration_data_is_a_dataset_error() -> None:
     model = trained_cnn()
     with pytest.raises(DatasetError, match="no samples"):

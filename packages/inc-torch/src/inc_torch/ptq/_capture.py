@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 from typing import Any
 
 import torch
@@ -33,6 +34,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+_UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
 def check_runs(model: nn.Module, inputs: Inputs, what: str) -> None:
     """Run ``model`` once on ``inputs``.
 
@@ -47,6 +51,12 @@ def check_runs(model: nn.Module, inputs: Inputs, what: str) -> None:
         hint = ""
         if isinstance(exc, TypeError) and len(args) > 1 and not kwargs and "positional argument" in str(exc):
             hint = f" The batch holds {len(args)} values and each went to forward as an argument. {LABELS_HINT}"
+        elif isinstance(exc, TypeError) and (unknown := _UNEXPECTED_KEYWORD.search(str(exc))) and "label" in unknown[1]:
+            # A dict batch from a collator keeps its labels next to the inputs; forward takes the inputs alone.
+            hint = (
+                f" The batch's {unknown[1]!r} is no argument of forward: leave the labels out of the batches, or give "
+                "inc.Dataset (inputs, labels) pairs with labels=True."
+            )
         raise DatasetError(
             f"The model cannot run on {what} ({describe_inputs(inputs)}): {_first_line(exc)}. "
             f"Give inputs shaped and typed as the model's forward expects (batch dimension first).{hint}"
