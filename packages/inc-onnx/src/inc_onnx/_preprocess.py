@@ -111,6 +111,11 @@ def prepare(model: Any) -> Prepared:
     return prepared
 
 
+def _why(exc: BaseException) -> str:
+    # ORT's symbolic inference raises some exceptions without a message (a bare AssertionError on a Loop body)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     known = _tensor_names(proto)
     _name_nodes(proto)
@@ -119,15 +124,15 @@ def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
         prepared = _symbolic_pre_process(proto)
     except Exception as exc:  # symbolic inference fails on some graphs; the rest of the pipeline still helps
-        log.info("symbolic shape inference failed (%s); preparing with ONNX shape inference only", exc)
+        log.info("symbolic shape inference failed (%s); preparing with ONNX shape inference only", _why(exc))
         try:
             prepared = _ort_pre_process(proto, symbolic=False)
         except Exception as exc2:
-            log.info("ONNX Runtime pre-processing failed (%s); quantizing the graph as given", exc2)
+            log.info("ONNX Runtime pre-processing failed (%s); quantizing the graph as given", _why(exc2))
             try:
                 prepared = onnx.shape_inference.infer_shapes(proto)
             except Exception as exc3:  # onnx raises InferenceError and others; the graph itself loaded in ORT
-                log.info("ONNX shape inference failed (%s); quantizing the graph without inferred shapes", exc3)
+                log.info("ONNX shape inference failed (%s); quantizing the graph without inferred shapes", _why(exc3))
                 prepared = onnx.ModelProto()
                 prepared.CopyFrom(proto)
     _restore_fused_names(prepared)
