@@ -16,9 +16,11 @@ from onnx import numpy_helper
 
 __all__ = [
     "BIAS_SLOTS",
+    "bodies",
     "flatten_row_biases",
     "float_reads_for_subgraphs",
     "merge_opsets",
+    "outer_reads",
     "rename_new_initializers",
     "unshare_biases",
 ]
@@ -152,7 +154,7 @@ def float_reads_for_subgraphs(model: onnx.ModelProto) -> int:
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
     outer = sorted(
         name
-        for name in produced & _outer_reads(graph)
+        for name in produced & {name for node in graph.node for name in outer_reads(node)}
         # integer tensors (indices, offsets, counts) are never quantized
         if name not in types or not types[name].HasField("tensor_type") or types[name].tensor_type.elem_type in floats
     )
@@ -161,9 +163,8 @@ def float_reads_for_subgraphs(model: onnx.ModelProto) -> int:
     taken = {*produced, *(i.name for i in graph.input), *(i.name for i in graph.initializer), *_all_names(graph)}
     renames = {name: _free_name(f"{name}/float", taken) for name in outer}
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
-                _rename_inputs(sub, renames)
+        for sub in bodies(node):
+            _rename_inputs(sub, renames)
     nodes = list(graph.node)
     del graph.node[:]
     for node in nodes:  # each Identity right after its producer: the graph stays in topological order
@@ -177,32 +178,25 @@ def float_reads_for_subgraphs(model: onnx.ModelProto) -> int:
     return len(renames)
 
 
-def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    return [
-        sub
-        for node in graph.node
-        for attr in node.attribute
-        for sub in ((attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs)
-    ]
+def bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs ``node`` holds as attributes (a Loop's body, an If's branches, a Scan's body)."""
+    return [sub for attr in node.attribute for sub in ((attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs)]
 
 
-def _outer_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names the bodies held by ``graph``'s nodes read without defining them (at any depth)."""
+def outer_reads(node: onnx.NodeProto) -> set[str]:
+    """The names ``node``'s bodies read from the scope around ``node`` (at any depth) without defining them."""
     reads: set[str] = set()
-    for sub in _subgraphs(graph):
-        defined = {
-            *(i.name for i in sub.input),
-            *(i.name for i in sub.initializer),
-            *(out for node in sub.node for out in node.output),
-        }
-        used = {name for node in sub.node for name in node.input if name} | _outer_reads(sub)
+    for sub in bodies(node):
+        defined = {*(i.name for i in sub.input), *(i.name for i in sub.initializer)}
+        defined.update(out for inner in sub.node for out in inner.output)
+        used = {name for inner in sub.node for name in (*inner.input, *outer_reads(inner)) if name}
         reads |= used - defined
     return reads
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:
     names = {out for node in graph.node for out in node.output}
-    for sub in _subgraphs(graph):
+    for sub in (body for node in graph.node for body in bodies(node)):
         names |= {i.name for i in sub.input} | {i.name for i in sub.initializer} | _all_names(sub)
     return names
 
@@ -213,9 +207,8 @@ def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
         for k, name in enumerate(node.input):
             if name in renames:
                 node.input[k] = renames[name]
-        for attr in node.attribute:
-            for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
-                _rename_inputs(sub, renames)
+        for sub in bodies(node):
+            _rename_inputs(sub, renames)
 
 
 def _free_name(base: str, taken: set[str]) -> str:

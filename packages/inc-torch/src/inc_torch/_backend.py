@@ -59,8 +59,7 @@ _FROM_PYTHON = (
 
 def _raw_bytes(tensor: torch.Tensor) -> Any:
     tensor = tensor.int_repr() if tensor.is_quantized else tensor
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy() if flat.dtype != torch.bool else flat.numpy()
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _check_model(model: Any) -> nn.Module:

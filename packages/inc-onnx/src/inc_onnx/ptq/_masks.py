@@ -40,6 +40,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from inc_onnx._repair import outer_reads
+
 __all__ = ["MASK_MAGNITUDE", "MaskAnalysis", "analyse_masks"]
 
 # Magnitude from which a scalar constant is read as a mask value rather than a coefficient. Masks use
@@ -105,7 +107,7 @@ def analyse_masks(model: onnx.ModelProto) -> MaskAnalysis:
             float_only.add(node.name)
             continue
         # A Loop/If/Scan body reads outer tensors by name: what it computes from signal is signal.
-        float_inputs = [name for name in (*node.input, *_outer_reads(node)) if name and is_float(name)]
+        float_inputs = [name for name in (*node.input, *sorted(outer_reads(node))) if name and is_float(name)]
         float_outputs = [name for name in node.output if name and is_float(name)]
         if node.domain not in ("", "ai.onnx"):
             # Not quantized (ai.onnx.ml, com.microsoft), but what it computes from signal is signal: a
@@ -183,18 +185,6 @@ def _classify_constant(name: str, tensor: onnx.TensorProto, signal: set[str], ma
     value = numpy_helper.to_array(tensor)
     if not np.all(np.isfinite(value)) or np.any(np.abs(value) >= MASK_MAGNITUDE):
         mask_values.add(name)
-
-
-def _outer_reads(node: onnx.NodeProto) -> list[str]:
-    """The names the bodies ``node`` holds (a Loop's, an If's branches) read from the outer scope."""
-    reads: list[str] = []
-    for attr in node.attribute:
-        for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
-            defined = {*(i.name for i in sub.input), *(i.name for i in sub.initializer)}
-            defined.update(out for inner in sub.node for out in inner.output)
-            used = [name for inner in sub.node for name in (*inner.input, *_outer_reads(inner))]
-            reads.extend(name for name in used if name and name not in defined)
-    return reads
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
