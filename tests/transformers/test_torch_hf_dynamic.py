@@ -13,6 +13,7 @@ import inc_core as inc
 import inc_torch
 
 GPT2_PROJECTIONS = {f"h.{i}.{name}" for i in range(2) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+GPT2_TABLES = {"wte", "wpe"}  # token and position embeddings: 8 bits per row
 
 
 def test_describe_lists_gpt2_conv1d_layers_for_pt2e_and_dynamic() -> None:
@@ -25,7 +26,7 @@ def test_describe_lists_gpt2_conv1d_layers_for_pt2e_and_dynamic() -> None:
 def test_dynamic_gpt2_quantizes_its_conv1d_layers() -> None:
     model = small_model("gpt2")
     quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
-    assert set(inc_torch.quantized_ops(quantized)) == GPT2_PROJECTIONS
+    assert set(inc_torch.quantized_ops(quantized)) == GPT2_PROJECTIONS | GPT2_TABLES
     assert all(type(model.get_submodule(name)).__name__ == "Conv1D" for name in GPT2_PROJECTIONS)  # user's model as it was
     score = cosine_metric(model, token_batches(2, seed=1))(quantized)
     assert score >= 0.99, score
@@ -35,7 +36,19 @@ def test_dynamic_gpt2_excluded_conv1d_stays_float() -> None:
     model = small_model("gpt2")
     config = inc.QuantConfig(approach="dynamic", exclude=inc.LayerFilter(names=("h.0.attn.c_attn",)))
     quantized = inc.quantize(model, config)
-    assert set(inc_torch.quantized_ops(quantized)) == GPT2_PROJECTIONS - {"h.0.attn.c_attn"}
+    assert set(inc_torch.quantized_ops(quantized)) == (GPT2_PROJECTIONS | GPT2_TABLES) - {"h.0.attn.c_attn"}
+
+
+def test_dynamic_bert_quantizes_its_tables_and_saves_them(tmp_path: Path) -> None:
+    # BERT looks its token types up through an expanded buffer: torch.ao's own quantized lookup refuses such indices.
+    model = small_model("bert")
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    tables = {f"embeddings.{kind}_embeddings" for kind in ("word", "position", "token_type")}
+    assert tables <= set(inc_torch.quantized_ops(quantized))
+    score = cosine_metric(model, token_batches(2, seed=1))(quantized)
+    assert score >= 0.99, score
+    inc.save(quantized, tmp_path / "bert.pt")
+    assert tables <= set(inc_torch.quantized_ops(inc.load(tmp_path / "bert.pt")))
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])

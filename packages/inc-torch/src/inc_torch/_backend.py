@@ -138,10 +138,11 @@ def warn_left_in_float(model: nn.Module, fmt: str, *, label: str, alternatives: 
     ``label`` names the path in the message (``"format='pt2e'"``); ``alternatives`` maps the other formats'
     keys in ``STATIC_TYPES`` to how the user asks for them.
     """
-    from inc_torch.ptq._ops import STATIC_TYPES
+    from inc_torch.ptq._ops import LOOKUP_TYPES, STATIC_TYPES
 
     def handled(module: nn.Module, f: str) -> bool:
-        return isinstance(module, STATIC_TYPES[f])
+        # Embedding tables are left out: FP32 tables cost size, not speed, and FX traces few models that hold them.
+        return isinstance(module, STATIC_TYPES[f]) and not isinstance(module, LOOKUP_TYPES)
 
     left = {name: m for name, m in model.named_modules() if not handled(m, fmt) and any(handled(m, f) for f in alternatives)}
     if not left:

@@ -25,14 +25,22 @@ from inc_core.errors import ModelLoadError, SaveError
 from inc_torch._compat import quiet
 from inc_torch._hf import CONV1D_AS_LINEAR_ATTR, linearize_conv1d
 from inc_torch.ptq import _dynamic
+from inc_torch.ptq._lookups import contiguous_lookups
 
 __all__ = ["FORMAT", "is_state_archive", "load_hf_state", "save_hf_state"]
 
 FORMAT = "inc-torch/hf-state-dict/1"
 
 
+_LOOKUPS = (torch.ao.nn.quantized.Embedding, torch.ao.nn.quantized.EmbeddingBag)
+
+
 def _dynamic_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if name and isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+
+
+def _quantized_lookups(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if name and isinstance(m, _LOOKUPS)]
 
 
 def save_hf_state(model: nn.Module, path: Path, metadata: dict[str, Any]) -> None:
@@ -42,8 +50,8 @@ def save_hf_state(model: nn.Module, path: Path, metadata: dict[str, Any]) -> Non
         SaveError: the model holds layers this format cannot rebuild, or the file cannot be written.
     """
     unknown = sorted(
-        {type(m).__name__ for m in model.modules() if type(m).__module__.startswith("torch.ao.nn.") and not isinstance(m, (torch.ao.nn.quantized.dynamic.Linear,))}
-        - {"LinearPackedParams"}
+        {type(m).__name__ for m in model.modules() if type(m).__module__.startswith("torch.ao.nn.") and not isinstance(m, (torch.ao.nn.quantized.dynamic.Linear, *_LOOKUPS))}
+        - {"LinearPackedParams", "EmbeddingPackedParams"}
     )
     if unknown:
         raise SaveError(
@@ -59,6 +67,7 @@ def save_hf_state(model: nn.Module, path: Path, metadata: dict[str, Any]) -> Non
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "conv1d_as_linear": list(getattr(model, CONV1D_AS_LINEAR_ATTR, ())),
         "dynamic_linear": _dynamic_layers(model),
+        "quantized_lookups": _quantized_lookups(model),
         "metadata": json.dumps(metadata, default=str),
         "state_dict": model.state_dict(),
     }
@@ -120,11 +129,14 @@ def load_hf_state(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         if swapped:
             setattr(model, CONV1D_AS_LINEAR_ATTR, tuple(swapped))
         dynamic = record["dynamic_linear"]
-        if dynamic:
+        lookups = record.get("quantized_lookups", [])  # files of earlier versions have none
+        if dynamic or lookups:
             spec = {name: _dynamic.dynamic_qconfig("per_tensor") for name in dynamic}
+            spec.update({name: _dynamic.lookup_qconfig() for name in lookups})
             with quiet():
                 torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
         model.load_state_dict(record["state_dict"], strict=True)
+        contiguous_lookups(model)
     except Exception as exc:
         raise ModelLoadError(f"{str(path)!r}: the saved state does not rebuild {qualname}: {type(exc).__name__}: {exc}") from exc
     metadata = json.loads(record.get("metadata") or "{}")

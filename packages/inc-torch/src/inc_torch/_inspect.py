@@ -65,6 +65,8 @@ def _is_quantized_module(module: nn.Module) -> bool:
         if getattr(module, "original_name", "") in ("LinearPackedParams", "PackedParameter"):
             return False
         return hasattr(module, "_packed_params") or hasattr(module, "_all_weight_values")
+    if isinstance(module, (torch.ao.nn.quantized.Embedding, torch.ao.nn.quantized.EmbeddingBag)):
+        return True  # inc's own lookups subclass torch.ao's (see inc_torch.ptq._lookups)
     if not type(module).__module__.startswith(_QUANTIZED_ROOTS):
         return False
     # Quantize/DeQuantize stubs and packed-parameter holders are not ops with an int8 weight.

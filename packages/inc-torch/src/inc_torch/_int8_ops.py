@@ -16,6 +16,8 @@ meet layers that are not ``nn.Linear`` at all; only the model says what it holds
   that runs on a quantized tensor (pooling, ReLU; typed by module class or function name). Ops that only
   move or re-view data (view, flatten, getitem) are exact and are not counted, as ``describe`` lists them.
 - dynamic (``DynamicQuantizedLinear``, ``DynamicQuantizedLSTM``...): each dynamically quantized module.
+- embedding tables quantized per row (``QuantizedEmbedding``, ``QuantizedEmbeddingBag``; FX and dynamic): each
+  lookup, which reads int8 rows though its output is float (as LiteRT's GATHER on an int8 table counts).
 - TorchScript (a loaded ``.pt`` model, IPEX's frozen model): the scripted quantized modules (typed as
   above), the ``quantized::`` calls of the top-level graph (``add``, ``cat``), and, for graphs in
   quantize/dequantize form (IPEX), the conv/linear ops reading a dequantized input and weight. A scripted
@@ -35,6 +37,9 @@ from inc_torch.ptq._compiled import CompiledQuantizedModule
 __all__ = ["int8_op_counts"]
 
 _STATIC_ROOTS = ("torch.ao.nn.quantized.modules", "torch.ao.nn.intrinsic.quantized.modules")
+# Embedding tables quantized per row (weights only), by torch.ao or as inc's subclasses of them.
+_LOOKUPS = (torch.ao.nn.quantized.Embedding, torch.ao.nn.quantized.EmbeddingBag)
+_LOOKUPS_ROOT = "inc_torch.ptq._lookups"
 _DYNAMIC_ROOTS = ("torch.ao.nn.quantized.dynamic", "torch.ao.nn.intrinsic.quantized.dynamic")
 # Calls that move, select or re-view data, or read a tensor's metadata: exact on 8-bit values, not ops.
 _MOVES = frozenset({
@@ -81,6 +86,8 @@ def _is_weight_holder(module: nn.Module) -> bool:
 
 def _is_static(module: nn.Module) -> bool:
     name = type(module).__name__
+    if isinstance(module, _LOOKUPS):
+        return True  # inc's subclasses of torch.ao's quantized lookups (inc_torch.ptq._lookups)
     return (
         type(module).__module__.startswith(_STATIC_ROOTS)
         and not _is_weight_holder(module)
@@ -196,6 +203,8 @@ def _torchscript(model: torch.jit.ScriptModule) -> dict[str, int]:
             counts[f"DynamicQuantized{original}"] += 1
         elif any(root in qualified for root in _STATIC_ROOTS):
             counts[f"Quantized{original}"] += 1
+        elif _LOOKUPS_ROOT in qualified:
+            counts[original] += 1  # inc's lookups are named QuantizedEmbedding(Bag) already
     try:
         graph = model.graph
     except (AttributeError, RuntimeError):

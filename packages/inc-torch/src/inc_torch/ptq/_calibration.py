@@ -30,7 +30,7 @@ from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepa
 from inc_torch.ptq._kept_float import KeptFloat, keep_float, keyword_weight_scopes, warn_kept_float
 from inc_torch.ptq._observers import HISTOGRAM_BINS, is_activation_observer
 
-__all__ = ["TorchCalibration", "calibrate", "load_statistics", "model_signature", "op_nodes"]
+__all__ = ["TorchCalibration", "calibrate", "integer_tensors", "load_statistics", "model_signature", "op_nodes"]
 
 _CONV_LINEAR = ("conv1d", "conv2d", "conv3d", "linear")
 
@@ -56,6 +56,8 @@ class TorchCalibration:
             (:func:`inc_torch.ptq._kept_float.keyword_weight_scopes`).
         non_finite: node name -> why its tensor has no histogram (it held NaN/Inf); an error only for
             a trial that observes that tensor.
+        integer: node names whose tensors held integers or booleans (indices and their arithmetic): no
+            activation to quantize, so an FX op reading or making one stays FP32.
     """
 
     format: str
@@ -67,19 +69,23 @@ class TorchCalibration:
     signature: tuple[Any, ...] = ()
     non_finite: dict[str, str] = field(default_factory=dict)
     kept_float: tuple[str, ...] = ()
+    integer: frozenset[str] = frozenset()
 
 
 class _Recorder(nn.Module):
     """Inserted after a graph node: streams its floating tensor output into a histogram."""
 
-    def __init__(self, histogram: HistogramObserver, non_finite: dict[str, str]) -> None:
+    def __init__(self, histogram: HistogramObserver, non_finite: dict[str, str], integer: set[str]) -> None:
         super().__init__()
         self.histogram = histogram
         self.non_finite = non_finite
+        self.integer = integer
 
     def forward(self, x: Any) -> Any:
         name = self.histogram.name
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and name not in self.non_finite:
+        if isinstance(x, torch.Tensor) and not x.is_floating_point():
+            self.integer.add(name)
+        elif isinstance(x, torch.Tensor) and name not in self.non_finite:
             try:
                 self.histogram.update(x.detach().float().cpu().numpy())
             except CalibrationError as exc:
@@ -154,7 +160,11 @@ def _observable(node: torch.fx.Node, fmt: str, targets: frozenset[Any]) -> bool:
 
 
 def _instrument(
-    graph_module: torch.fx.GraphModule, histograms: dict[str, HistogramObserver], non_finite: dict[str, str], fmt: str
+    graph_module: torch.fx.GraphModule,
+    histograms: dict[str, HistogramObserver],
+    non_finite: dict[str, str],
+    integer: set[str],
+    fmt: str,
 ) -> None:
     graph = graph_module.graph
     targets = pt2e_observed_targets() if fmt == "pt2e" else frozenset()
@@ -163,11 +173,28 @@ def _instrument(
             continue
         histograms[node.name] = HistogramObserver(HISTOGRAM_BINS, name=node.name)
         target = f"_inc_record_{index}"
-        graph_module.add_submodule(target, _Recorder(histograms[node.name], non_finite))
+        graph_module.add_submodule(target, _Recorder(histograms[node.name], non_finite, integer))
         with graph.inserting_after(node):
             record = graph.call_module(target, (node,))
         node.replace_all_uses_with(record, delete_user_cb=lambda user, rec=record: user is not rec)
     graph_module.recompile()
+
+
+def integer_tensors(model: nn.Module, example: Inputs) -> frozenset[str]:
+    """FX: the nodes of ``model``'s traced graph whose tensors hold integers or booleans on ``example`` (what a
+    calibration pass records as :attr:`TorchCalibration.integer`, from one batch, for QAT's preparation)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    work = eval_copy(model)
+    base, _ = _base_graph(work, example, "fx")
+    with torch.no_grad():
+        ShapeProp(base).propagate(*positional(work, example))
+    found = set()
+    for node in base.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "dtype") and not meta.dtype.is_floating_point:
+            found.add(node.name)
+    return frozenset(found)
 
 
 def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str) -> TorchCalibration:
@@ -206,8 +233,9 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
     }
     histograms: dict[str, HistogramObserver] = {}
     non_finite: dict[str, str] = {}
+    integer: set[str] = set()
     placed: set[str] = set()  # non-finite records already prefixed with their batch
-    _instrument(base, histograms, non_finite, fmt)
+    _instrument(base, histograms, non_finite, integer, fmt)
     samples = 0
     for index, batch in enumerate(itertools.chain([first], batches)):
         inputs = drop_label_inputs(model, to_inputs(batch, dtype)) if index else example
@@ -242,6 +270,7 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
         signature=model_signature(model),
         non_finite=non_finite,
         kept_float=kept_float,
+        integer=frozenset(integer),
     )
 
 

@@ -1,4 +1,5 @@
-"""Dynamic INT8: Linear and recurrent layers swapped for torch.ao's dynamically quantized modules.
+"""Dynamic INT8: Linear and recurrent layers swapped for torch.ao's dynamically quantized modules, embedding
+tables for its quantized lookups (8 bits per row).
 
 The activation range of the dynamic Linear layers is a choice (``DYNAMIC_ACTIVATIONS``) made once when a
 model is quantized: ``"full_range"`` (8-bit activations, needs int8 dot products that accumulate in int32:
@@ -26,6 +27,7 @@ from inc_core.errors import ConfigError
 from inc_torch._compat import quiet
 from inc_torch._hf import CONV1D_AS_LINEAR_ATTR, CONV1D_TYPE, is_hf_conv1d, linearize_conv1d
 from inc_torch._parametrized import fold_parametrizations
+from inc_torch.ptq._lookups import contiguous_lookups
 from inc_torch.ptq._settings import plan
 from inc_torch.ptq._weight_readers import keep_to_module_path
 
@@ -37,6 +39,7 @@ __all__ = [
     "dynamic_qconfig",
     "full_range_activations",
     "has_vnni",
+    "lookup_qconfig",
     "quantize_dynamic",
     "quantize_one",
     "resolve_activation_range",
@@ -175,12 +178,23 @@ def dynamic_qconfig(granularity: str) -> Any:
     return per_channel_dynamic_qconfig if granularity == "per_channel" else default_dynamic_qconfig
 
 
+def lookup_qconfig() -> Any:
+    """The qconfig of an embedding table: 8 bits per row with a float scale and offset (the only one torch.ao's
+    quantized lookups take)."""
+    from torch.ao.quantization import float_qparams_weight_only_qconfig
+
+    return float_qparams_weight_only_qconfig
+
+
 def _spec(config: QuantConfig, ops: tuple[Op, ...]) -> dict[str, Any]:
     default, per_op = plan(config, ops)
     spec: dict[str, Any] = {}
     for op in ops:
         settings = per_op.get(op.name, default)
         if settings is None:
+            continue
+        if op.op_type in ("Embedding", "EmbeddingBag"):
+            spec[op.name] = lookup_qconfig()
             continue
         # recurrent kernels take per-tensor weights only
         granularity = settings.granularity if op.op_type in ("Linear", CONV1D_TYPE) else "per_tensor"
@@ -206,6 +220,7 @@ def quantize_dynamic(
     swapped = linearize_conv1d(work, tuple(name for name in spec))
     with quiet():
         quantized = torch.ao.quantization.quantize_dynamic(work, spec, dtype=torch.qint8, inplace=True)
+    contiguous_lookups(quantized)
     if swapped:
         setattr(quantized, CONV1D_AS_LINEAR_ATTR, tuple(swapped))
     keep_to_module_path(quantized)
@@ -239,8 +254,10 @@ def quantize_one(module: nn.Module, granularity: str, activations: str = "auto")
     if is_hf_conv1d(module):
         linearize_conv1d(holder)
     gran = granularity if isinstance(holder.layer, nn.Linear) else "per_tensor"
+    chosen = lookup_qconfig() if isinstance(holder.layer, (nn.Embedding, nn.EmbeddingBag)) else dynamic_qconfig(gran)
     with quiet():
-        torch.ao.quantization.quantize_dynamic(holder, {"layer": dynamic_qconfig(gran)}, dtype=torch.qint8, inplace=True)
+        torch.ao.quantization.quantize_dynamic(holder, {"layer": chosen}, dtype=torch.qint8, inplace=True)
+    contiguous_lookups(holder)
     if resolve_activation_range(activations) == "full_range":
         full_range_activations(holder)
     layer: nn.Module = holder.get_submodule("layer")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import weakref
 from typing import Any
 
@@ -16,20 +17,27 @@ from inc_torch._compat import quiet
 from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._calibration import TorchCalibration, load_statistics
 from inc_torch.ptq._capture import fx_prepare, positional
+from inc_torch.ptq._dynamic import lookup_qconfig
 from inc_torch.ptq._fx_ops import FxOp, apply_fx_settings, fx_ops
 from inc_torch.ptq._kept_float import KeptFloat, keep_float
+from inc_torch.ptq._lookups import contiguous_lookups
 from inc_torch.ptq._observers import FxActivationObserver, FxWeightObserver
+from inc_torch.ptq._ops import lookup_kept_in_float
 from inc_torch.ptq._settings import OpSettings, plan
+from inc_torch.ptq._weight_readers import weights_read_without_calls
 
-__all__ = ["base_mapping", "op_table", "qconfig", "qconfig_mapping", "quantize_fx", "EXAMPLE_ATTR"]
+__all__ = ["base_mapping", "integer_ops", "op_table", "qconfig", "qconfig_mapping", "quantize_fx", "EXAMPLE_ATTR"]
+
+log = logging.getLogger("inc")
 
 # Attribute holding the example inputs on returned models, used to save them.
 EXAMPLE_ATTR = "_inc_example_inputs"
 
 # Ops the default x86 mapping quantizes with a histogram observer but that describe() does not list;
 # they stay FP32 so that every INT8 op is one the tuning strategies can see and fall back. Embedding
-# lookups too: the QAT mapping would swap them for torch.ao's QAT Embedding, which refuses any weight
-# qscheme but float_qparams (an AssertionError in prepare_qat_fx for every model with an nn.Embedding).
+# lookups are FP32 by type too, and quantized by name where describe lists them (``lookup`` ops): the QAT
+# mapping would swap them for torch.ao's QAT Embedding, which refuses any weight qscheme but float_qparams
+# (an AssertionError in prepare_qat_fx for every model with an nn.Embedding).
 _UNLISTED = (
     nn.Embedding,
     nn.EmbeddingBag,
@@ -81,19 +89,34 @@ def op_table(model: nn.Module) -> dict[str, FxOp]:
     if cached is not None and cached[0] == structure:
         return cached[1]
     ops = fx_ops(model, base_mapping(OpSettings.of(QuantConfig(format="fx"))))
-    table = {entry.op.name: entry for entry in ops}
+    lookups = tuple(entry.op.name for entry in ops if entry.role == "lookup")
+    kept = {**lookup_kept_in_float(model, lookups), **weights_read_without_calls(model, lookups)}
+    table = {entry.op.name: entry for entry in ops if entry.op.name not in kept}
     _TABLES[model] = (structure, table)
     return table
 
 
-def qconfig_mapping(config: QuantConfig, ops: tuple[Op, ...], table: dict[str, FxOp]) -> Any:
+def integer_ops(table: dict[str, FxOp], integer: frozenset[str]) -> list[str]:
+    """The ops of ``table`` that make or read integer tensors in calibration (``ids + 1`` before a lookup, a hash
+    of indices): nothing there is an activation to quantize. Lookups read indices by design and are not listed."""
+    return [
+        name for name, entry in table.items()
+        if entry.role != "lookup" and (entry.node in integer or any(read in integer for read in entry.reads))
+    ]
+
+
+def qconfig_mapping(
+    config: QuantConfig, ops: tuple[Op, ...], table: dict[str, FxOp], *, float_only: tuple[str, ...] = ()
+) -> Any:
     """The x86 QConfigMapping with inc observers, per-op overrides and FP32 fallbacks.
 
     Fixed-range ops (sigmoid, hardsigmoid) keep torch.ao's fixed qparams and shared ops their input's
-    range; their only setting is being excluded.
+    range; their only setting is being excluded. ``float_only``: ops kept FP32 whatever the config says.
     """
     default, per_op = plan(config, ops)
-    chosen: dict[str, Any] = {}
+    per_op.update({name: None for name in float_only})
+    # lookups are FP32 by type in the base mapping: each one quantized is set by name
+    chosen: dict[str, Any] = {op.name: lookup_qconfig() for op in ops if table[op.name].role == "lookup"}
     for name, settings in per_op.items():
         if settings is None:
             chosen[name] = None
@@ -137,10 +160,14 @@ def quantize_fx(
 
     work = fold_parametrizations((model if inplace else copy.deepcopy(model)).eval())
     table = op_table(model)
-    mapping = qconfig_mapping(config, ops, table)
+    integer = tuple(integer_ops(table, calibration.integer))
+    if integer:
+        log.info("%d op(s) compute on integer tensors and stay FP32: %s", len(integer), ", ".join(integer[:5]))
+    mapping = qconfig_mapping(config, ops, table, float_only=integer)
     _, per_op = plan(config, ops)
+    per_op.update({name: None for name in integer})
     for name, settings in per_op.items():
-        if settings is None and table[name].kind == "module" and table[name].role != "weighted":
+        if settings is None and table[name].kind == "module" and table[name].role not in ("weighted", "lookup"):
             keep_float(work, name)
     for scope in calibration.kept_float:  # modules FX cannot quantize, found (and calibrated as opaque) by calibrate
         keep_float(work, scope)
@@ -149,5 +176,6 @@ def quantize_fx(
     load_statistics(prepared, calibration)
     with quiet():
         converted = convert_fx(prepared)
+    contiguous_lookups(converted)
     setattr(converted, EXAMPLE_ATTR, calibration.example)
     return converted

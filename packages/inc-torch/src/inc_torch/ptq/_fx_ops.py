@@ -13,9 +13,10 @@ whose output becomes a quantized tensor is an op:
 
 Calls that only move data (view, reshape, flatten, transpose...) are exact on quantized tensors and
 are not listed. Each op has a role: ``weighted`` (conv/linear: weight and activation settings), ``activation`` (its own
-output range: calibration and scheme), ``shared`` (reuses its input's range: pooling, cat, reshapes) or
-``fixed`` (a fixed output range: sigmoid, hardsigmoid). Shared and fixed ops have nothing to set; each op
-of any role can be kept in FP32.
+output range: calibration and scheme), ``shared`` (reuses its input's range: pooling, cat, reshapes),
+``fixed`` (a fixed output range: sigmoid, hardsigmoid) or ``lookup`` (an embedding table quantized per row, its
+output float; not in QAT, whose Embedding takes no other weight scheme). Shared, fixed and lookup ops have nothing
+to set; each op of any role can be kept in FP32.
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ ROLE_OPTIONS = {
     "activation": ("calibration", "scheme", "activation_dtype"),
     "shared": (),
     "fixed": (),
+    "lookup": (),
 }
+# Embedding lookups: torch.ao's FX flow swaps them for its quantized lookups under a float_qparams qconfig.
+_LOOKUPS = (nn.Embedding, nn.EmbeddingBag)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class FxOp:
     target: Any  # the function object or method name
     index: int  # for functions: how many calls of ``target`` precede this one in ``scope`` (torch.ao's order)
     role: str
+    node: str = ""  # the traced graph's node computing it (calibration keys its tensors by these names)
+    reads: tuple[str, ...] = ()  # the nodes whose tensors it reads
 
 
 def _callable_name(target: Any) -> str:
@@ -83,6 +89,16 @@ def _role(original: nn.Module | None, info: dict[str, Any]) -> str | None:
     if info.get("input_output_share_observers") or info.get("reuse_input_obs_or_fq"):
         return "shared"
     return "activation"
+
+
+def _unobserved(node: torch.fx.Node) -> torch.fx.Node:
+    """The node an observer (or a chain of them) watches: ``node`` itself when it is none."""
+    owner = node.graph.owning_module
+    while node.op == "call_module" and owner is not None and node.args and isinstance(node.args[0], torch.fx.Node):
+        if not isinstance(owner.get_submodule(str(node.target)), (ObserverBase, FakeQuantizeBase)):
+            break
+        node = node.args[0]
+    return node
 
 
 def fx_ops(model: nn.Module, mapping: Any, *, qat: bool = False) -> tuple[FxOp, ...]:
@@ -123,7 +139,10 @@ def traced_fx_ops(model: nn.Module, mapping: Any, *, qat: bool = False) -> tuple
         if node.op == "call_function":
             index = seen_calls[(scope, node.target)]
             seen_calls[(scope, node.target)] += 1
-        role = _role(original, node.meta.get("target_dtype_info", {}))
+        if not qat and original is not None and type(original) in _LOOKUPS:
+            role: str | None = "lookup"  # set by name in the mapping (the x86 default keeps the type FP32)
+        else:
+            role = _role(original, node.meta.get("target_dtype_info", {}))
         if role is None or (module is None and _callable_name(node.target) in _LAYOUT):
             continue
         if node.op == "call_module":
@@ -139,7 +158,8 @@ def traced_fx_ops(model: nn.Module, mapping: Any, *, qat: bool = False) -> tuple
             name = f"{scope}.{leaf}" if scope else leaf
             op_type = base
             kind = "function" if node.op == "call_function" else "method"
-        found.append(FxOp(Op(name, op_type), kind, scope, node.target, index, role))
+        reads = tuple(_unobserved(n).name for n in node.all_input_nodes)
+        found.append(FxOp(Op(name, op_type), kind, scope, node.target, index, role, node.name, reads))
     hidden = keyword_weight_scopes(prepared)
     found = [op for op in found if not any(op.op.name == h or op.op.name.startswith(f"{h}.") for h in hidden)]
     return tuple(found), tuple(hidden)

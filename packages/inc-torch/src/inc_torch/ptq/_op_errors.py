@@ -30,7 +30,10 @@ from inc_torch.ptq._settings import OpSettings, plan
 __all__ = ["op_errors"]
 
 # Ops measured one by one: the weighted layers static paths quantize, the layers dynamic paths swap.
-_MEASURED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+_MEASURED = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell,
+    nn.Embedding, nn.EmbeddingBag,
+)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -107,17 +110,21 @@ def op_errors(
         if not isinstance(module, _MEASURED):
             continue  # activations, add/mul, pooling (FX): no weight, rounding only; measured through their consumers
         quantized: Callable[..., Any] | None
-        if calibration is not None and config.approach == "static":
+        # an embedding table is quantized alike by both approaches (weights only), and called with all its arguments
+        whole_call = config.approach == "dynamic" or isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+        if whole_call:
+            quantized = quantize_one(module, settings.granularity, activations)
+        elif calibration is not None:
             quantized = _static_simulator(module, settings, calibration, op.name)
         else:
-            quantized = quantize_one(module, settings.granularity, activations)
+            quantized = None
         if quantized is None:
             continue
 
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, *, name: str = op.name,
-                 fn: Callable[..., Any] = quantized) -> None:
+                 fn: Callable[..., Any] = quantized, whole_call: bool = whole_call) -> None:
             reference = _first_tensor(output)
-            approx = _first_tensor(fn(*args, **kwargs) if config.approach == "dynamic" else fn(args[0]))
+            approx = _first_tensor(fn(*args, **kwargs) if whole_call else fn(args[0]))
             if reference is None or approx is None:
                 return
             sums[name] += float(((approx.float() - reference.float()) ** 2).sum())

@@ -16,6 +16,8 @@ from inc_torch.ptq._weight_readers import weights_read_without_calls
 __all__ = [
     "STATIC_TYPES",
     "DYNAMIC_TYPES",
+    "LOOKUP_TYPES",
+    "lookup_kept_in_float",
     "kept_in_float",
     "quantizable_ops",
     "tuning_space",
@@ -25,17 +27,24 @@ __all__ = [
     "require_int8_ops",
 ]
 
+# Embedding lookups whose tables become 8-bit per row (torch.ao's float_qparams: a float scale and offset per
+# row, the only scheme its quantized lookups take); their outputs stay float, so they need no calibration.
+# Where the tables of a recommender live, this is most of the model's size (INC 2.x quantizes them alike).
+LOOKUP_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+_LOOKUP_NAMES = frozenset(t.__name__ for t in LOOKUP_TYPES)
 # Module types whose weights and input activations become INT8, per static format. PT2E: conv2d and
 # linear (torchao has no conv3d; conv1d is kept FP32, see _pt2e.float_only_quantizer_class); the FX x86
-# backend config covers conv1d/2d/3d.
+# backend config covers conv1d/2d/3d, and its quantized lookups the embedding tables.
 STATIC_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "pt2e": (nn.Conv2d, nn.Linear),
-    "fx": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear),
+    "fx": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *LOOKUP_TYPES),
     # IPEX's static flow (traced TorchScript): IPEX 2.8 leaves Conv1d in FP32 (measured: no INT8 op in its graph).
     "torchscript": (nn.Conv2d, nn.Conv3d, nn.Linear),
 }
 # Dynamic quantization swaps these for torch.ao's dynamically quantized modules.
-DYNAMIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+DYNAMIC_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell, *LOOKUP_TYPES
+)
 # Recurrent layers are quantized per tensor by torch.ao's dynamic kernels.
 _PER_TENSOR_ONLY = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 # x86 INT8 kernels (oneDNN/FBGEMM) take unsigned 8-bit activations.
@@ -67,7 +76,10 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
         # A weight-normed layer (ParametrizedConv1d) counts as its own class: inc folds the norm first.
         if name and (plain_type(module) in types or (conv1d and is_hf_conv1d(module))):
             ops.append(Op(name=name, op_type=plain_type(module).__name__))
-    if config.approach == "dynamic" and fmt != "torchscript":
+    if fmt == "torchscript":
+        # IPEX's flows keep embedding tables FP32 (its INT8 DLRM graph holds no quantized lookup).
+        ops = [op for op in ops if op.op_type not in _LOOKUP_NAMES]
+    elif config.approach == "dynamic":
         kept = kept_in_float(model, tuple(op.name for op in ops))
         ops = [op for op in ops if op.name not in kept]
     return tuple(ops)
@@ -78,7 +90,7 @@ def kept_in_float(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
 
     IPEX's traced flow (format "torchscript") is not subject to these: it sees the computation itself.
     """
-    kept = {}
+    kept = lookup_kept_in_float(model, names)
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, _PER_TENSOR_ONLY) and not module.bias:
@@ -92,6 +104,26 @@ def kept_in_float(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
     return kept
 
 
+def lookup_kept_in_float(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
+    """Of the layers ``names``, the embedding lookups torch.ao's quantized ones would compute differently, each with
+    the reason (checked with its kernels: they ignore ``max_norm``, and the bag kernel always sums, over every index).
+    """
+    kept = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if type(module) not in LOOKUP_TYPES:
+            continue
+        if module.max_norm is not None:
+            kept[name] = "renormalises the rows it looks up (max_norm), which torch.ao's quantized lookups do not"
+        elif isinstance(module, nn.EmbeddingBag) and module.mode != "sum":
+            kept[name] = f"reduces its bags with mode={module.mode!r}; torch.ao's quantized bag kernel only sums"
+        elif isinstance(module, nn.EmbeddingBag) and module.padding_idx is not None and bool(
+            module.weight[module.padding_idx].detach().any()
+        ):
+            kept[name] = "leaves its padding_idx out of each bag, which torch.ao's quantized bag kernel adds in"
+    return kept
+
+
 def tuning_space(model: nn.Module, config: QuantConfig, fmt: str) -> TuningSpace:
     """The ops and, per op type, the settings the torch paths support."""
     if config.approach == "static" and fmt == "fx":
@@ -99,7 +131,9 @@ def tuning_space(model: nn.Module, config: QuantConfig, fmt: str) -> TuningSpace
     ops = quantizable_ops(model, config, fmt)
     options: dict[str, dict[str, tuple[str, ...]]] = {}
     for op_type in dict.fromkeys(op.op_type for op in ops):
-        if config.approach == "dynamic":
+        if op_type in _LOOKUP_NAMES:
+            options[op_type] = {}  # rows quantized with their own float scale and offset: nothing to choose
+        elif config.approach == "dynamic":
             per_tensor = op_type in {t.__name__ for t in _PER_TENSOR_ONLY}
             options[op_type] = {"granularity": ("per_tensor",) if per_tensor else GRANULARITIES}
         else:

@@ -10,6 +10,7 @@ updating) take effect without an extra line in the loop.
 from __future__ import annotations
 
 import copy
+import logging
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ from inc_torch.ptq._ops import ACTIVATION_DTYPES, quantizable_ops
 from inc_torch.ptq._pt2e import float_only_quantizer_class
 from inc_torch.ptq._settings import OpSettings
 from inc_torch.qat._fold_bn import folding_only_present_conv_kinds
+
+log = logging.getLogger("inc")
 
 __all__ = ["prepare_qat", "convert", "QAT_FORMATS"]
 
@@ -267,7 +270,14 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
             prepared = ao.prepare_qat_pt2e(graph, quantizer)
         _pt2e_train_eval(prepared)
     else:
-        mapping = apply_fx_settings(_fx_qat_mapping(config), fx_table, dict.fromkeys(excluded))
+        from inc_torch.ptq._calibration import integer_tensors
+        from inc_torch.ptq._fx import integer_ops
+
+        # ops computing on integers (index arithmetic) would get fake quantization of a Long tensor
+        integer = integer_ops(fx_table, integer_tensors(work, example))
+        if integer:
+            log.info("%d op(s) compute on integer tensors and stay FP32: %s", len(integer), ", ".join(integer[:5]))
+        mapping = apply_fx_settings(_fx_qat_mapping(config), fx_table, dict.fromkeys([*excluded, *integer]))
         if hidden:  # trained in float as opaque calls: convert_fx could not quantize them (see keyword_weight_scopes)
             warn_kept_float(hidden)
             for scope in hidden:
