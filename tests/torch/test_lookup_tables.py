@@ -225,3 +225,31 @@ def test_fx_qat_trains_a_model_with_integer_arithmetic():
         prepared(ids).sum().backward()
         optimizer.step()
     assert inc_torch.quantized_ops(inc_torch.convert(prepared)) == ["head"]
+
+
+class TiedTables(nn.Module):
+    """Two lookups of one table (T5's shared, encoder and decoder embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(1000, 64)
+        self.decoder_tokens = nn.Embedding(1000, 64)
+        self.decoder_tokens.weight = self.shared.weight
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.shared(ids).mean(1) - self.decoder_tokens(ids[:, 1:]).mean(1))
+
+
+def test_dynamic_quantizes_a_tied_table_once(tmp_path: Path):
+    torch.manual_seed(0)
+    model = TiedTables().eval()
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    assert quantized.shared is quantized.decoder_tokens
+    assert model.shared is not model.decoder_tokens  # the user's model as it was
+    inc.save(quantized, tmp_path / "int8.pt")
+    torch.jit.save(torch.jit.script(model), tmp_path / "fp32.pt")
+    assert (tmp_path / "int8.pt").stat().st_size < 0.4 * (tmp_path / "fp32.pt").stat().st_size  # one table, not two
+    ids = torch.randint(0, 1000, (3, 7))
+    torch.testing.assert_close(inc.load(tmp_path / "int8.pt")(ids), quantized(ids))
+    assert torch.nn.functional.cosine_similarity(quantized(ids).flatten(), model(ids).flatten(), 0) > 0.999

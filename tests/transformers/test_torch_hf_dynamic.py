@@ -93,3 +93,23 @@ def test_a_dynamic_int8_causal_lm_keeps_its_class_cache_and_generate() -> None:
     assert generated.shape == (2, 11) and torch.equal(generated[:, :6], prompt)
     step = quantized(input_ids=prompt, use_cache=True)
     assert step.past_key_values is not None  # the cache generate() reuses
+
+
+def test_dynamic_t5_keeps_one_shared_table_through_save_and_load(tmp_path: Path) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=500, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    assert model.encoder.embed_tokens.weight is model.shared.weight  # three lookups of one tied table
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    assert quantized.encoder.embed_tokens is quantized.shared is quantized.decoder.embed_tokens
+    inc.save(quantized, tmp_path / "t5.pt")
+    loaded = inc.load(tmp_path / "t5.pt")
+    assert loaded.encoder.embed_tokens is loaded.shared is loaded.decoder.embed_tokens
+    ids = torch.randint(2, 500, (2, 9))
+    with torch.no_grad():
+        expected, got = quantized(input_ids=ids, decoder_input_ids=ids[:, :4]).logits, loaded(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+        fp32 = model(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert torch.nn.functional.cosine_similarity(expected.flatten(), fp32.flatten(), 0) > 0.999

@@ -39,8 +39,13 @@ def _dynamic_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if name and isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
 
 
-def _quantized_lookups(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if name and isinstance(m, _LOOKUPS)]
+def _quantized_lookups(model: nn.Module) -> list[list[str]]:
+    """The paths of each quantized lookup, a group per module (one table may sit at several paths: T5's)."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and isinstance(module, _LOOKUPS):
+            paths.setdefault(id(module), []).append(name)
+    return list(paths.values())
 
 
 def save_hf_state(model: nn.Module, path: Path, metadata: dict[str, Any]) -> None:
@@ -56,8 +61,14 @@ def save_hf_state(model: nn.Module, path: Path, metadata: dict[str, Any]) -> Non
     if unknown:
         raise SaveError(
             f"{type(model).__name__} holds {unknown} layers, which the transformers state-dict format cannot rebuild; "
-            "save the PT2E model (format='pt2e') or a dynamic model whose only INT8 layers are Linear."
+            "save the PT2E model (format='pt2e') or a dynamic model whose only INT8 layers are Linear layers and "
+            "embedding tables."
         )
+    lookups = _quantized_lookups(model)
+    state = model.state_dict()
+    for _, *others in lookups:  # a table at several paths is written once (its state dict repeats it per path)
+        for key in [k for k in state if any(k.startswith(f"{name}.") for name in others)]:
+            del state[key]
     cls = type(model)
     record = {
         "format": FORMAT,
@@ -67,9 +78,9 @@ def save_hf_state(model: nn.Module, path: Path, metadata: dict[str, Any]) -> Non
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "conv1d_as_linear": list(getattr(model, CONV1D_AS_LINEAR_ATTR, ())),
         "dynamic_linear": _dynamic_layers(model),
-        "quantized_lookups": _quantized_lookups(model),
+        "quantized_lookups": lookups,
         "metadata": json.dumps(metadata, default=str),
-        "state_dict": model.state_dict(),
+        "state_dict": state,
     }
     try:
         torch.save(record, path)
@@ -132,11 +143,18 @@ def load_hf_state(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         lookups = record.get("quantized_lookups", [])  # files of earlier versions have none
         if dynamic or lookups:
             spec = {name: _dynamic.dynamic_qconfig("per_tensor") for name in dynamic}
-            spec.update({name: _dynamic.lookup_qconfig() for name in lookups})
+            spec.update({name: _dynamic.lookup_qconfig() for group in lookups for name in group})
             with quiet():
                 torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
-        model.load_state_dict(record["state_dict"], strict=True)
+        state = record["state_dict"]  # in place: its _metadata holds the layers' versions, which a copy would lose
+        for first, *others in lookups:
+            for key in [k for k in state if k.startswith(f"{first}.")]:
+                state.update({f"{name}{key[len(first):]}": state[key] for name in others})
+        model.load_state_dict(state, strict=True)
         contiguous_lookups(model)
+        for first, *others in lookups:  # one table again where it was one when saved
+            for name in others:
+                model.set_submodule(name, model.get_submodule(first))
     except Exception as exc:
         raise ModelLoadError(f"{str(path)!r}: the saved state does not rebuild {qualname}: {type(exc).__name__}: {exc}") from exc
     metadata = json.loads(record.get("metadata") or "{}")

@@ -218,9 +218,13 @@ def quantize_dynamic(
     spec = _spec(config, ops)
     # HF Conv1D layers become the nn.Linear they compute, which torch.ao's dynamic Linear replaces.
     swapped = linearize_conv1d(work, tuple(name for name in spec))
+    tied = _tied_lookups(work, spec)
     with quiet():
         quantized = torch.ao.quantization.quantize_dynamic(work, spec, dtype=torch.qint8, inplace=True)
     contiguous_lookups(quantized)
+    for first, *others in tied:
+        for name in others:
+            quantized.set_submodule(name, quantized.get_submodule(first))
     if swapped:
         setattr(quantized, CONV1D_AS_LINEAR_ATTR, tuple(swapped))
     keep_to_module_path(quantized)
@@ -230,6 +234,22 @@ def quantize_dynamic(
     if _dynamic_linears(quantized):
         log.info("dynamic Linear activations: %s (dynamic_activations=%r)", chosen, activations)
     return quantized
+
+
+def _tied_lookups(model: nn.Module, spec: dict[str, Any]) -> list[list[str]]:
+    """Groups of the lookups in ``spec`` that share one weight (T5's ``shared``, ``encoder.embed_tokens`` and
+    ``decoder.embed_tokens``): torch.ao would quantize a copy for each, so they get one quantized table again."""
+    by_weight: dict[int, list[str]] = collections.defaultdict(list)
+    for name in spec:
+        module = model.get_submodule(name)
+        if type(module) in (nn.Embedding, nn.EmbeddingBag):
+            by_weight[id(module.weight)].append(name)
+    groups = []
+    for names in by_weight.values():
+        kinds = {type(model.get_submodule(name)) for name in names}
+        if len(names) > 1 and len(kinds) == 1:
+            groups.append(names)
+    return groups
 
 
 def _log_layers_kept(model: nn.Module, ops: tuple[Op, ...]) -> None:
