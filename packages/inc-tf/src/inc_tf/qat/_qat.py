@@ -574,7 +574,7 @@ def _synthetic_inputs(graph: Any, span: tuple[float, float]) -> np.ndarray:
             "convert needs dataset=... (a few representative inputs) for a model with several or variable-shape inputs."
         )
     rng = np.random.default_rng(0)
-    shape = (16, *graph.input_shapes[0])
+    shape = (64, *graph.input_shapes[0])  # as many as collect() reads: the lookups' (and LSTM gates') ranges come from them
     dtype = np.dtype(graph.input_dtypes[0]) if graph.input_dtypes else np.dtype(np.float32)
     if np.issubdtype(dtype, np.integer):
         # Token or category codes: every row of the tables they index, so the lookups' outputs (whose ranges
