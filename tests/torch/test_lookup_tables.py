@@ -1,7 +1,9 @@
-"""Embedding tables become 8 bits per row (torch.ao's quantized lookups) with format='fx' and approach='dynamic'.
+"""Embedding tables become 8 bits per row: torch.ao's quantized lookups with format='fx' and approach='dynamic',
+inc's own 8-bit row lookups in the PT2E graph (nn.Embedding; bags stay FP32 there).
 
 The model is trained on scikit-learn's digits as a bag of tokens: each pixel's (position, ink level) pair (five
-levels) is one row of an EmbeddingBag, as a recommender looks up its sparse features. Most of its size is the table.
+levels) is one row of an EmbeddingBag (or an Embedding summed over the pixels, for PT2E), as a recommender looks up
+its sparse features. Most of its size is the table.
 """
 
 from __future__ import annotations
@@ -29,27 +31,27 @@ IDS = ["fx", "dynamic"]
 
 
 class BagOfPixels(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, *, bag: bool = True) -> None:
         super().__init__()
-        self.pixels = nn.EmbeddingBag(PIXELS * LEVELS, DIM, mode="sum")
+        self.bag = bag
+        self.pixels = nn.EmbeddingBag(PIXELS * LEVELS, DIM, mode="sum") if bag else nn.Embedding(PIXELS * LEVELS, DIM)
         self.classify = nn.Sequential(nn.Linear(DIM, 64), nn.ReLU(), nn.Linear(64, 10))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.pixels(tokens))
+        return self.classify(self.pixels(tokens) if self.bag else self.pixels(tokens).sum(1))
 
 
 def _tokens(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.arange(PIXELS) * LEVELS + (images * (LEVELS - 1) / 16).round().astype(np.int64))
 
 
-@pytest.fixture(scope="module")
-def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _train(*, bag: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     digits = load_digits()
     order = np.random.RandomState(0).permutation(len(digits.target))  # the file is ordered by writer
     tokens, labels = _tokens(digits.data[order]), torch.from_numpy(digits.target[order])
     train, test = slice(0, 1400), slice(1400, None)
     torch.manual_seed(0)
-    model = BagOfPixels()
+    model = BagOfPixels(bag=bag)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(15):
         for start in range(0, 1400, 64):
@@ -60,27 +62,42 @@ def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     return model.eval(), tokens[train], tokens[test], labels[test]
 
 
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _train(bag=True)
+
+
+@pytest.fixture(scope="module")
+def trained_embedding() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _train(bag=False)
+
+
 def _accuracy(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(tokens).argmax(1) == labels).float().mean())
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
-def test_a_trained_bag_model_keeps_its_accuracy_with_an_int8_table_in_a_smaller_file(trained, config, tmp_path: Path):
-    model, train, test, labels = trained
+@pytest.mark.parametrize("config", [*CONFIGS, inc.QuantConfig()], ids=[*IDS, "pt2e"])
+def test_a_trained_bag_model_keeps_its_accuracy_with_an_int8_table_in_a_smaller_file(
+    trained, trained_embedding, config, tmp_path: Path
+):
+    pt2e = config.format == "default" and config.approach == "static"
+    model, train, test, labels = trained_embedding if pt2e else trained
     fp32 = _accuracy(model, test, labels)
     assert fp32 > 0.9
     quantized = inc.quantize(model, config, dataset=inc.Dataset([train[:100]]))
     assert "pixels" in inc_torch.quantized_ops(quantized)
     counts = resolve_backend(quantized).int8_op_counts(quantized)
-    assert counts["QuantizedEmbeddingBag"] == 1, counts
+    assert counts["embedding" if pt2e else "QuantizedEmbeddingBag"] == 1, counts
     assert _accuracy(quantized, test, labels) >= fp32 - 0.01
-    inc.save(quantized, tmp_path / "int8.pt")
-    torch.jit.save(torch.jit.script(model), tmp_path / "fp32.pt")
-    # the table is 82 KB of the FP32 file's 119 (FP32 table with INT8 Linears: over 0.9 of its size)
-    assert (tmp_path / "int8.pt").stat().st_size < 0.5 * (tmp_path / "fp32.pt").stat().st_size
-    loaded = inc.load(tmp_path / "int8.pt")
-    assert resolve_backend(loaded).int8_op_counts(loaded)["QuantizedEmbeddingBag"] == 1
+    suffix = ".pt2" if pt2e else ".pt"
+    inc.save(quantized, tmp_path / f"int8{suffix}")
+    tables_fp32 = dataclasses.replace(config, exclude=inc.LayerFilter(names=("pixels",)))
+    inc.save(inc.quantize(model, tables_fp32, dataset=inc.Dataset([train[:100]])), tmp_path / f"fp32_table{suffix}")
+    # the table is 82 KB in FP32, 20 KB (and its row scales) in 8 bits
+    assert (tmp_path / f"int8{suffix}").stat().st_size < (tmp_path / f"fp32_table{suffix}").stat().st_size - 45_000
+    loaded = inc.load(tmp_path / f"int8{suffix}")
+    assert "pixels" in inc_torch.quantized_ops(loaded)
     assert _accuracy(loaded, test, labels) == _accuracy(quantized, test, labels)
 
 
@@ -169,14 +186,53 @@ def test_an_excluded_table_stays_float_and_tables_take_no_settings(config):
         inc.quantize(model, dataclasses.replace(config, overrides={"Embedding": {"granularity": "per_tensor"}}), dataset=inc.Dataset([ids]))
 
 
-def test_pt2e_keeps_tables_float_without_a_warning(caplog):
+def test_pt2e_stores_tables_8_bits_per_row_and_keeps_bags_float_without_a_warning(caplog, tmp_path: Path):
     torch.manual_seed(0)
     model = Lookups().eval()
-    assert not {"words", "types", "bags"} & {op.name for op in inc.describe(model, inc.QuantConfig()).ops}
+    assert {op.name for op in inc.describe(model, inc.QuantConfig()).ops} == {"words", "types", "head"}
     with caplog.at_level(logging.WARNING, logger="inc"):
         quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset([torch.randint(0, 50, (4, LENGTH))]))
-    assert inc_torch.quantized_ops(quantized) == ["head"]
     assert not [r for r in caplog.records if "Embedding" in r.message]
+    assert set(inc_torch.quantized_ops(quantized)) == {"words", "types", "head"}
+    ids = torch.randint(0, 50, (LENGTH, 6)).t()  # another batch size, not contiguous
+    assert torch.nn.functional.cosine_similarity(quantized(ids).flatten(), model(ids).flatten(), 0) > 0.999
+    inc.save(quantized, tmp_path / "int8.pt2")
+    loaded = inc.load(tmp_path / "int8.pt2")
+    assert set(inc_torch.quantized_ops(loaded)) == {"words", "types", "head"}
+    torch.testing.assert_close(loaded(ids), quantized(ids))
+
+
+def test_pt2e_quantizes_a_tied_table_once():
+    torch.manual_seed(0)
+    model = TiedTables().eval()
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset([torch.randint(0, 1000, (4, 7))]))
+    assert {"shared", "decoder_tokens"} <= set(inc_torch.quantized_ops(quantized))
+    tables = [name for name, _ in quantized.graph_module.named_buffers() if name.endswith("_codes")]
+    assert len(tables) == 1, tables
+    assert not any(p.dim() == 2 and p.shape[0] == 1000 for p in quantized.graph_module.parameters())  # float one gone
+
+
+class TiedOutput(nn.Module):
+    """A language model whose output projection computes with its token table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(100, 16)
+        self.mix = nn.Linear(16, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.tokens(ids)) @ self.tokens.weight.t()
+
+
+def test_pt2e_keeps_a_table_the_output_projection_reads_float(caplog):
+    torch.manual_seed(0)
+    model = TiedOutput().eval()
+    ids = torch.randint(0, 100, (2, 9))
+    with caplog.at_level(logging.INFO, logger="inc"):
+        quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset([ids]))
+    assert inc_torch.quantized_ops(quantized) == ["mix"]
+    assert any("1 embedding table(s) stay FP32 (tokens)" in r.message for r in caplog.records)
+    assert torch.nn.functional.cosine_similarity(quantized(ids).flatten(), model(ids).flatten(), 0) > 0.999
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
@@ -253,3 +309,19 @@ def test_dynamic_quantizes_a_tied_table_once(tmp_path: Path):
     ids = torch.randint(0, 1000, (3, 7))
     torch.testing.assert_close(inc.load(tmp_path / "int8.pt")(ids), quantized(ids))
     assert torch.nn.functional.cosine_similarity(quantized(ids).flatten(), model(ids).flatten(), 0) > 0.999
+
+
+def test_pt2e_qat_trains_tables_in_float_and_converts_them_to_8_bits():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, LENGTH))
+    prepared = inc_torch.prepare_qat(Lookups(), inc.QATConfig(exclude=inc.LayerFilter(names=("types",))), example_inputs=(ids,))
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        prepared(ids).sum().backward()
+        optimizer.step()
+    prepared.eval()
+    converted = inc_torch.convert(prepared)
+    assert set(inc_torch.quantized_ops(converted)) == {"words", "head"}
+    # 0.9988 with both tables excluded as with one: the head's fake quantization after three steps, not the table
+    assert torch.nn.functional.cosine_similarity(converted(ids).flatten(), prepared(ids).flatten(), 0) > 0.995

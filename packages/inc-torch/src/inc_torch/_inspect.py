@@ -31,8 +31,13 @@ def _int8_attr(graph_module: torch.fx.GraphModule, node: object) -> bool:
 
 
 def _pt2e_ops(graph_module: torch.fx.GraphModule) -> list[str]:
+    from inc_torch.ptq._pt2e_tables import is_table_lookup
+
     names: list[str] = []
     for node in graph_module.graph.nodes:
+        if is_table_lookup(graph_module, node):  # an embedding table stored 8 bits per row
+            names.append(_module_path(node) or node.name)
+            continue
         if node.op != "call_function" or getattr(node.target, "__name__", "").split(".")[0] not in _WEIGHTED:
             continue
         if len(node.args) > 1 and _int8_attr(graph_module, node.args[1]):

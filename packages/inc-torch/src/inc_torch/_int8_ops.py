@@ -16,8 +16,9 @@ meet layers that are not ``nn.Linear`` at all; only the model says what it holds
   that runs on a quantized tensor (pooling, ReLU; typed by module class or function name). Ops that only
   move or re-view data (view, flatten, getitem) are exact and are not counted, as ``describe`` lists them.
 - dynamic (``DynamicQuantizedLinear``, ``DynamicQuantizedLSTM``...): each dynamically quantized module.
-- embedding tables quantized per row (``QuantizedEmbedding``, ``QuantizedEmbeddingBag``; FX and dynamic): each
-  lookup, which reads int8 rows though its output is float (as LiteRT's GATHER on an int8 table counts).
+- embedding tables quantized per row (``QuantizedEmbedding``, ``QuantizedEmbeddingBag``; FX and dynamic; PT2E:
+  ``embedding``, an ``aten.embedding`` of a uint8 table): each lookup, which reads 8-bit rows though its output is
+  float (as LiteRT's GATHER on an int8 table counts).
 - TorchScript (a loaded ``.pt`` model, IPEX's frozen model): the scripted quantized modules (typed as
   above), the ``quantized::`` calls of the top-level graph (``add``, ``cat``), and, for graphs in
   quantize/dequantize form (IPEX), the conv/linear ops reading a dequantized input and weight. A scripted
@@ -169,8 +170,13 @@ def _int8_constant(graph_module: torch.fx.GraphModule, node: object) -> bool:
 
 
 def _pt2e(graph_module: torch.fx.GraphModule) -> dict[str, int]:
+    from inc_torch.ptq._pt2e_tables import is_table_lookup
+
     counts: collections.Counter[str] = collections.Counter()
     for node in graph_module.graph.nodes:
+        if is_table_lookup(graph_module, node):
+            counts["embedding"] += 1  # rows of an 8-bit table (its scale and minimum gathers are not counted)
+            continue
         if node.op != "call_function" or str(node.target).startswith("quantized_decomposed."):
             continue
         name = _callable_name(node.target)

@@ -86,8 +86,15 @@ def bf16_unavailable(backend: str, fmt: str, approach: str) -> str | None:
 
 
 def bf16_names(config: QuantConfig, ops: tuple[Op, ...]) -> tuple[str, ...]:
-    """The ops of ``ops`` that run in BF16 under ``config`` (in ``bf16`` and not in ``exclude``), in model order."""
-    return tuple(op.name for op in ops if config.precision(op.name, op.op_type) == "bf16")
+    """The ops of ``ops`` that run in BF16 under ``config`` (in ``bf16`` and not in ``exclude``), in model order.
+
+    Embedding tables are left out: a lookup computes nothing to run in BF16, so one that ``bf16`` matches stays FP32
+    (kept out of INT8 as asked).
+    """
+    return tuple(
+        op.name for op in ops
+        if config.precision(op.name, op.op_type) == "bf16" and op.op_type not in ("Embedding", "EmbeddingBag")
+    )
 
 
 def int8_view(config: QuantConfig) -> QuantConfig:

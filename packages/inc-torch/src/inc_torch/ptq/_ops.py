@@ -33,10 +33,11 @@ __all__ = [
 LOOKUP_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 _LOOKUP_NAMES = frozenset(t.__name__ for t in LOOKUP_TYPES)
 # Module types whose weights and input activations become INT8, per static format. PT2E: conv2d and
-# linear (torchao has no conv3d; conv1d is kept FP32, see _pt2e.float_only_quantizer_class); the FX x86
-# backend config covers conv1d/2d/3d, and its quantized lookups the embedding tables.
+# linear (torchao has no conv3d; conv1d is kept FP32, see _pt2e.float_only_quantizer_class), and Embedding
+# tables (inc's own rewrite, _pt2e_tables; not bags); the FX x86 backend config covers conv1d/2d/3d, and its
+# quantized lookups the embedding tables and bags.
 STATIC_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
-    "pt2e": (nn.Conv2d, nn.Linear),
+    "pt2e": (nn.Conv2d, nn.Linear, nn.Embedding),
     "fx": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *LOOKUP_TYPES),
     # IPEX's static flow (traced TorchScript): IPEX 2.8 leaves Conv1d in FP32 (measured: no INT8 op in its graph).
     "torchscript": (nn.Conv2d, nn.Conv3d, nn.Linear),
@@ -81,6 +82,9 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
         ops = [op for op in ops if op.op_type not in _LOOKUP_NAMES]
     elif config.approach == "dynamic":
         kept = kept_in_float(model, tuple(op.name for op in ops))
+        ops = [op for op in ops if op.name not in kept]
+    else:
+        kept = lookup_kept_in_float(model, tuple(op.name for op in ops))
         ops = [op for op in ops if op.name not in kept]
     return tuple(ops)
 

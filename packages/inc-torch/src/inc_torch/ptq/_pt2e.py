@@ -1,9 +1,11 @@
-"""Static INT8 through PT2E: torchao's X86InductorQuantizer, prepare_pt2e, convert_pt2e, then inductor."""
+"""Static INT8 through PT2E: torchao's X86InductorQuantizer, prepare_pt2e, convert_pt2e, then inductor (embedding
+tables 8 bits per row, see :mod:`inc_torch.ptq._pt2e_tables`)."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import logging
 from typing import Any
 
 import torch
@@ -15,7 +17,10 @@ from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch.ptq._calibration import TorchCalibration, load_statistics
 from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._observers import pt2e_observer_classes
+from inc_torch.ptq._pt2e_tables import quantize_tables
 from inc_torch.ptq._settings import OpSettings, plan
+
+log = logging.getLogger("inc")
 
 __all__ = ["quantization_config", "build_quantizer", "float_only_quantizer_class", "quantize_pt2e"]
 
@@ -120,4 +125,14 @@ def quantize_pt2e(config: QuantConfig, ops: tuple[Op, ...], calibration: TorchCa
         with torch.no_grad():
             prepared(*args, **kwargs)
         converted = ao.convert_pt2e(prepared)
+    _, per_op = plan(config, ops)
+    excluded = {name for name, settings in per_op.items() if settings is None}
+    _, shared = quantize_tables(
+        converted, frozenset(op.name for op in ops if op.op_type == "Embedding" and op.name not in excluded)
+    )
+    if shared:
+        log.info(
+            "%d embedding table(s) stay FP32 (%s): the graph also computes with them elsewhere (a tied output "
+            "projection), so an 8-bit copy would add memory", len(shared), ", ".join(shared[:4]),
+        )
     return CompiledQuantizedModule(converted, calibration.example)

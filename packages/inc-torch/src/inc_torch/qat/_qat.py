@@ -31,6 +31,7 @@ from inc_torch.ptq._fx_ops import apply_fx_settings, traced_fx_ops
 from inc_torch.ptq._kept_float import KeptFloat, keep_float, warn_kept_float
 from inc_torch.ptq._ops import ACTIVATION_DTYPES, quantizable_ops
 from inc_torch.ptq._pt2e import float_only_quantizer_class
+from inc_torch.ptq._pt2e_tables import quantize_tables
 from inc_torch.ptq._settings import OpSettings
 from inc_torch.qat._fold_bn import folding_only_present_conv_kinds
 
@@ -57,6 +58,7 @@ class _QatState:
     observers_frozen: bool = False
     bn_frozen: bool = False
     hook_id: int | None = None
+    tables: frozenset[str] = frozenset()  # PT2E: the Embedding modules whose tables convert stores in 8 bits
 
 
 def _check(model: Any, config: Any) -> str:
@@ -284,7 +286,8 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
                 keep_float(work, scope)
         prepared = fx_prepare(work, mapping, positional(work, example), qat=True, leaves=(KeptFloat,))
         _reduce_depthwise_fake_quant(prepared, config)
-    state = _QatState(format=fmt, config=config, example=example)
+    tables = frozenset(op.name for op in ops if op.op_type == "Embedding" and op.name not in excluded)
+    state = _QatState(format=fmt, config=config, example=example, tables=tables if fmt == "pt2e" else frozenset())
     setattr(prepared, _STATE, state)
     handle = prepared.register_forward_pre_hook(_step_hook)
     state.hook_id = handle.id
@@ -319,6 +322,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 converted = torchao_pt2e().convert_pt2e(work)
             for attr in ("train", "eval", _STATE):
                 converted.__dict__.pop(attr, None)
+            # tables train in float (no fake quantization): stored 8 bits per row as post-training PT2E does
+            quantize_tables(converted, state.tables)
             return CompiledQuantizedModule(converted, state.example)
         from torch.ao.quantization.quantize_fx import convert_fx
 
