@@ -134,12 +134,15 @@ class Recommender(nn.Module):
         self.top = nn.Sequential(nn.Linear(DIM + features * (features - 1) // 2, 128), nn.ReLU(), nn.Linear(128, 1))
 
     def forward(self, dense: torch.Tensor, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
+        # written so that TorchScript compiles it (the dynamic model is saved as TorchScript)
         x = self.bottom(dense)
-        pooled = [table(indices[k], offsets[k]) for k, table in enumerate(self.tables)]
-        stacked = torch.stack([x, *pooled], 1)
+        features = [x]
+        for k, table in enumerate(self.tables):
+            features.append(table(indices[k], offsets[k]))
+        stacked = torch.stack(features, 1)
         pairs = torch.bmm(stacked, stacked.transpose(1, 2))
-        rows, cols = torch.tril_indices(stacked.shape[1], stacked.shape[1], -1)
-        return torch.sigmoid(self.top(torch.cat([x, pairs[:, rows, cols]], 1)))
+        lower = torch.tril_indices(stacked.shape[1], stacked.shape[1], -1)
+        return torch.sigmoid(self.top(torch.cat([x, pairs[:, lower[0], lower[1]]], 1)))
 
 
 def _dlrm_batches(count: int, seed: int, size: int = 128) -> list[tuple[Any, ...]]:
