@@ -193,10 +193,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = minilm_rows(args) + dlrm_rows(args)
+    record_args = {"rounds": args.rounds, "iterations": args.iterations}
     record = {
         "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": 2, "torch": torch.__version__,
         "commit": git_commit("packages", "benchmarks/torch_tables_bench.py"),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "rows": rows,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **record_args, "rows": rows,
     }
     out = ROOT / "benchmarks" / "results"
     (out / "torch_tables.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -206,7 +207,9 @@ def main() -> None:
         f"CPU: {record['cpu']} ({', '.join(record['cpu_flags'])}), {record['threads']} threads; torch {record['torch']}; "
         f"commit {record['commit']}; {record['date']}; `benchmarks/torch_tables_bench.py`.",
         "Each pair is the same INT8 model but for its tables (FP32 ones: `exclude=LayerFilter(types=(\"Embedding\", "
-        "\"EmbeddingBag\"))`), timed side by side in interleaved rounds; file: `inc.save`.",
+        f"\"EmbeddingBag\"), validate=False)`), timed side by side in {args.rounds} interleaved rounds of "
+        f"{args.iterations} calls (the median round); file: what `inc.save` writes. Speed is within the machine's "
+        "noise where the ratio is near 1.",
         "",
         "| model | path | tables | INT8 tables | file MB | cosine mean | cosine min | samples/s (batch) | speed vs FP32 tables |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -215,7 +218,7 @@ def main() -> None:
         pair = next(r for r in rows if r["model"] == row["model"] and r["path"] == row["path"] and r["tables"] == "fp32")
         lines.append(
             f"| {row['model']} | {row['path']} | {row['tables']} | {row['int8_tables']} | {row['file_mb']:.1f} | "
-            f"{row['cosine_mean']:.4f} | {row['cosine_min']:.4f} | {row['samples_per_s']} ({row['batch']}) | "
+            f"{row['cosine_mean']:.6f} | {row['cosine_min']:.6f} | {row['samples_per_s']:.1f} ({row['batch']}) | "
             f"{row['samples_per_s'] / pair['samples_per_s']:.2f}x |"
         )
     (out / "torch_tables.md").write_text("\n".join(lines) + "\n")

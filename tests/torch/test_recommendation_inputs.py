@@ -79,3 +79,17 @@ def test_numpy_batches_with_lists_inside_calibrate_and_benchmark_in_several_inst
         inc.benchmark(quantized, inc.Dataset([batch]))
     result = inc.benchmark(quantized, _as_numpy(batch), instances=2, cores_per_instance=1, warmup=1, iterations=3)
     assert len(result.per_instance) == 2 and result.batch_size == 5
+
+
+def test_a_dynamic_dlrm_torchscript_cannot_compile_saves_traced_on_the_batch_it_ran(tmp_path):
+    # TinyDLRM unpacks tril_indices into two tensors, which torch.jit.script refuses ("cannot statically infer the
+    # expected size of a list"): saving said "trace it yourself"; the batch the model ran on traces it now
+    torch.manual_seed(0)
+    model = TinyDLRM().eval()
+    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"), dataset=inc.Dataset(_batches(1)))
+    inc.save(quantized, tmp_path / "dlrm.pt")
+    loaded = inc.load(tmp_path / "dlrm.pt")
+    for batch in [*_batches(1), *_batches(1, size=7)]:  # another batch size than the traced one
+        torch.testing.assert_close(loaded(*batch), quantized(*batch))
+    with pytest.raises(inc.errors.SaveError, match="Trace it yourself"):  # no data given: nothing to trace on
+        inc.save(inc.quantize(model, inc.QuantConfig(approach="dynamic")), tmp_path / "no_data.pt")

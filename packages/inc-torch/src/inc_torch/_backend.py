@@ -22,6 +22,7 @@ from inc_torch._serialize import load_model, save_model
 from inc_torch.ptq._calibration import TorchCalibration, calibrate, model_signature
 from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._dynamic import check_dynamic_activations, quantize_dynamic
+from inc_torch.ptq._fx import EXAMPLE_ATTR
 from inc_torch.ptq._ops import (
     check_overrides,
     check_something_quantized,
@@ -298,6 +299,9 @@ class TorchBackend(Backend):
             if quantized is not model:
                 check_runs(eval_copy(model), example, what)  # DatasetError: the batch does not fit the model itself
             raise
+        if not example[1]:
+            # inc.save traces a model TorchScript cannot compile (a DLRM's list arithmetic) on the batch it ran
+            setattr(quantized, EXAMPLE_ATTR, example)
 
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
         from inc_torch.ptq._op_errors import op_errors
