@@ -93,3 +93,19 @@ def test_a_tensor_only_a_loop_body_reads_stays_readable_and_the_output_close(fmt
     else:
         weights = [i.name for i in quantized.graph.initializer if i.data_type == TensorProto.INT8]
         assert {"w1", "w2"} <= {name.removesuffix("_quantized") for name in weights}, weights
+
+
+def test_a_dangling_tensor_at_orts_final_check_blames_the_node_that_made_it(monkeypatch):
+    # ORT's QOperator quantizer checks that every tensor read is produced only after rewriting the whole graph, so
+    # the node its frames hold then is the last one it quantized ('last'), not the one whose replaced output a
+    # subgraph still read ('scale_rows', which made 'scaled'). inc's error named the former; the tensor tells.
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+
+    def fail(self):
+        node = next(n for n in self.model.graph().node if n.name == "last")  # noqa: F841 - what ORT's frames hold
+        raise RuntimeError("Invalid model with unknown initializers/tensors.{'scaled'}")
+
+    monkeypatch.setattr(ONNXQuantizer, "quantize_model", fail)
+    x = np.random.default_rng(0).normal(0, 1, (16, FEATURES)).astype(np.float32)
+    with pytest.raises(inc.errors.UnsupportedModelError, match=r"failed on op 'scale_rows' \(Mul\).*names=\('scale_rows',\)"):
+        inc.quantize(_rows_through_a_loop(), inc.QuantConfig(format="qoperator"), dataset=inc.Dataset(x))

@@ -215,6 +215,9 @@ def _has_matrix_bias(model: onnx.ModelProto) -> bool:
 # ORT's QDQ quantizer checks every tensor's parameters after its loop over the nodes, so the node its frames
 # hold then is the graph's last quantized one, not the one reading the tensor; the tensor it names tells.
 _MISSING_PARAMS = re.compile(r"Quantization parameters are not specified for param (\S+?)\.? In static mode")
+# ORT's QOperator quantizer checks, after rewriting the whole graph, that every tensor read is produced; one that is
+# not was the float output of a node it replaced, still read where it did not look (a subgraph): its producer tells.
+_UNKNOWN_TENSORS = re.compile(r"unknown initializers/tensors\.?(.*)", re.S)
 
 
 def _quantizer_failed(
@@ -223,11 +226,16 @@ def _quantizer_failed(
     """Name the op ORT's quantizer failed on, what it said, and the ways around it."""
     node = failed_quantizer_node(exc)
     missing = _MISSING_PARAMS.search(str(exc))
+    unknown = _UNKNOWN_TENSORS.search(str(exc))
     if missing:
         tensor = missing.group(1)
         node = next(
             (n for n in model.graph.node if n.name in quantized and tensor in (*n.input, *n.output)), node
         )
+    elif unknown:
+        producers = {out: n for n in model.graph.node for out in n.output}
+        dangling = [name for name in re.findall(r"'([^']+)'", unknown.group(1)) if name in producers]
+        node = producers[dangling[0]] if dangling else node
     text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
     if node is not None:
         name = node.name.removesuffix("_MatMul") if config.approach == "dynamic" else node.name
