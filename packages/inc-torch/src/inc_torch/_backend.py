@@ -170,7 +170,8 @@ class TorchBackend(Backend):
 
     Formats (``QuantConfig.format``): ``"pt2e"`` (default: torch.export + torchao's X86InductorQuantizer,
     run through inductor) and ``"fx"`` (torch.ao FX graph mode, x86 quantized modules). Dynamic
-    quantization swaps Linear/LSTM/GRU layers without tracing, whatever the format.
+    quantization swaps Linear/LSTM/GRU layers without tracing, whatever the format. Embedding tables become 8 bits
+    per row on every path but IPEX (see :mod:`inc_torch.ptq._pt2e_tables` and :mod:`inc_torch.ptq._lookups`).
 
     Every static model is run once on the first calibration batch, the way the user will run it (PT2E:
     compiled by inductor), before it is returned. Failures of torch/torchao calls are raised as
