@@ -12,7 +12,7 @@ on a shared machine. Models:
 - the real all-MiniLM-L6-v2, PT2E static (calibrated on 24 of ``tests/transformers/hf_models.SENTENCES``, padded
   to 64 tokens) and dynamic; fidelity: mean-pooled cosine to FP32 on the other 16 sentences; speed: batch 1;
 - a DLRM-shaped recommender (three EmbeddingBag tables of 200k, 100k and 50k rows x 64, dense and top MLPs, the
-  interaction of tests/torch/test_recommendation_inputs.TinyDLRM), FX static and dynamic; fidelity: output
+  interaction of tests/torch/test_recommendation_inputs.TinyDLRM), PT2E and FX static and dynamic; fidelity: output
   cosine to FP32 on 4 held-out batches of 128; speed: batch 128.
 
 File size is what ``inc.save`` writes. Writes ``benchmarks/results/torch_tables.json`` and ``.md``.
@@ -164,7 +164,10 @@ def dlrm_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             table.weight.mul_(0.05 * torch.rand(table.weight.shape[0], 1))
     calib, evals = _dlrm_batches(2, seed=0), _dlrm_batches(4, seed=1)
     rows = []
-    for path, config in (("fx", inc.QuantConfig(format="fx")), ("dynamic", inc.QuantConfig(approach="dynamic"))):
+    for path, config, suffix in (
+        ("pt2e", inc.QuantConfig(), ".pt2"), ("fx", inc.QuantConfig(format="fx"), ".pt"),
+        ("dynamic", inc.QuantConfig(approach="dynamic"), ".pt"),
+    ):
         models = {
             tables: inc.quantize(model, inc.QuantConfig(approach=config.approach, format=config.format, exclude=exclude),
                                  dataset=inc.Dataset(calib))
@@ -178,7 +181,7 @@ def dlrm_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 cosines = [float(nn.functional.cosine_similarity(m(*b).flatten(), model(*b).flatten(), 0)) for b in evals]
             rows.append({
                 "model": "DLRM-shaped (tables 200k/100k/50k x 64)", "path": path, "tables": tables,
-                "file_mb": round(_file_mb(m, ".pt"), 2), "cosine_mean": float(np.mean(cosines)),
+                "file_mb": round(_file_mb(m, suffix), 2), "cosine_mean": float(np.mean(cosines)),
                 "cosine_min": float(np.min(cosines)), "samples_per_s": round(speeds[tables] * 128, 1), "batch": 128,
                 "int8_tables": sum(1 for n in inc_torch.quantized_ops(m) if n.startswith("tables.")),
             })

@@ -186,20 +186,60 @@ def test_an_excluded_table_stays_float_and_tables_take_no_settings(config):
         inc.quantize(model, dataclasses.replace(config, overrides={"Embedding": {"granularity": "per_tensor"}}), dataset=inc.Dataset([ids]))
 
 
-def test_pt2e_stores_tables_8_bits_per_row_and_keeps_bags_float_without_a_warning(caplog, tmp_path: Path):
+def test_pt2e_stores_tables_and_bags_8_bits_per_row_without_a_warning(caplog, tmp_path: Path):
     torch.manual_seed(0)
     model = Lookups().eval()
-    assert {op.name for op in inc.describe(model, inc.QuantConfig()).ops} == {"words", "types", "head"}
+    assert {op.name for op in inc.describe(model, inc.QuantConfig()).ops} == {"words", "types", "bags", "head"}
     with caplog.at_level(logging.WARNING, logger="inc"):
         quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset([torch.randint(0, 50, (4, LENGTH))]))
     assert not [r for r in caplog.records if "Embedding" in r.message]
-    assert set(inc_torch.quantized_ops(quantized)) == {"words", "types", "head"}
+    assert set(inc_torch.quantized_ops(quantized)) == {"words", "types", "bags", "head"}
     ids = torch.randint(0, 50, (LENGTH, 6)).t()  # another batch size, not contiguous
     assert torch.nn.functional.cosine_similarity(quantized(ids).flatten(), model(ids).flatten(), 0) > 0.999
     inc.save(quantized, tmp_path / "int8.pt2")
     loaded = inc.load(tmp_path / "int8.pt2")
-    assert set(inc_torch.quantized_ops(loaded)) == {"words", "types", "head"}
+    assert set(inc_torch.quantized_ops(loaded)) == {"words", "types", "bags", "head"}
     torch.testing.assert_close(loaded(ids), quantized(ids))
+
+
+class Bags(nn.Module):
+    """Each bag mode, with offsets, per-sample weights and a last offset, as recommenders call them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summed = nn.EmbeddingBag(60, 8, mode="sum", include_last_offset=True)
+        self.averaged = nn.EmbeddingBag(60, 8, mode="mean")
+        self.largest = nn.EmbeddingBag(60, 8, mode="max")
+        self.padded = nn.EmbeddingBag(60, 8, mode="sum", padding_idx=0)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        bags = offsets[:-1]
+        pooled = [
+            self.summed(ids, offsets, per_sample_weights=weights), self.averaged(ids, bags), self.largest(ids, bags),
+            self.padded(ids, bags),
+        ]
+        return torch.cat([*pooled, self.head(pooled[0])], 1)
+
+
+def test_pt2e_bags_of_every_mode_compute_as_before_and_a_padded_bag_stays_float():
+    torch.manual_seed(0)
+    model = Bags().eval()
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(bags: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids = torch.randint(0, 60, (bags * 3,), generator=generator)
+        return ids, torch.arange(0, bags * 3 + 1, 3), torch.rand(bags * 3, generator=generator)
+
+    assert "padded" not in {op.name for op in inc.describe(model, inc.QuantConfig()).ops}
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset([batch(8)]))
+    assert set(inc_torch.quantized_ops(quantized)) == {"summed", "averaged", "largest", "head"}
+    inputs = batch(5)  # another number of bags
+    got, expected = quantized(*inputs), model(*inputs)
+    for index, name in enumerate(("summed", "averaged", "largest", "padded")):  # each bag's own columns
+        columns = slice(8 * index, 8 * index + 8)
+        cosine = torch.nn.functional.cosine_similarity(got[:, columns].flatten(), expected[:, columns].flatten(), 0)
+        assert cosine > 0.9999, (name, cosine)
 
 
 def test_pt2e_quantizes_a_tied_table_once():
@@ -322,6 +362,6 @@ def test_pt2e_qat_trains_tables_in_float_and_converts_them_to_8_bits():
         optimizer.step()
     prepared.eval()
     converted = inc_torch.convert(prepared)
-    assert set(inc_torch.quantized_ops(converted)) == {"words", "head"}
+    assert set(inc_torch.quantized_ops(converted)) == {"words", "bags", "head"}
     # 0.9988 with both tables excluded as with one: the head's fake quantization after three steps, not the table
     assert torch.nn.functional.cosine_similarity(converted(ids).flatten(), prepared(ids).flatten(), 0) > 0.995

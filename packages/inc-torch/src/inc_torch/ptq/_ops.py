@@ -33,11 +33,11 @@ __all__ = [
 LOOKUP_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 _LOOKUP_NAMES = frozenset(t.__name__ for t in LOOKUP_TYPES)
 # Module types whose weights and input activations become INT8, per static format. PT2E: conv2d and
-# linear (torchao has no conv3d; conv1d is kept FP32, see _pt2e.float_only_quantizer_class), and Embedding
-# tables (inc's own rewrite, _pt2e_tables; not bags); the FX x86 backend config covers conv1d/2d/3d, and its
-# quantized lookups the embedding tables and bags.
+# linear (torchao has no conv3d; conv1d is kept FP32, see _pt2e.float_only_quantizer_class), and embedding
+# tables (inc's own rewrite, _pt2e_tables); the FX x86 backend config covers conv1d/2d/3d, and its quantized
+# lookups the embedding tables.
 STATIC_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
-    "pt2e": (nn.Conv2d, nn.Linear, nn.Embedding),
+    "pt2e": (nn.Conv2d, nn.Linear, *LOOKUP_TYPES),
     "fx": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *LOOKUP_TYPES),
     # IPEX's static flow (traced TorchScript): IPEX 2.8 leaves Conv1d in FP32 (measured: no INT8 op in its graph).
     "torchscript": (nn.Conv2d, nn.Conv3d, nn.Linear),
@@ -84,7 +84,7 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
         kept = kept_in_float(model, tuple(op.name for op in ops))
         ops = [op for op in ops if op.name not in kept]
     else:
-        kept = lookup_kept_in_float(model, tuple(op.name for op in ops))
+        kept = lookup_kept_in_float(model, tuple(op.name for op in ops), fmt=fmt)
         ops = [op for op in ops if op.name not in kept]
     return tuple(ops)
 
@@ -108,9 +108,12 @@ def kept_in_float(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
     return kept
 
 
-def lookup_kept_in_float(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
-    """Of the layers ``names``, the embedding lookups torch.ao's quantized ones would compute differently, each with
-    the reason (checked with its kernels: they ignore ``max_norm``, and the bag kernel always sums, over every index).
+def lookup_kept_in_float(model: nn.Module, names: tuple[str, ...], *, fmt: str = "fx") -> dict[str, str]:
+    """Of the layers ``names``, the embedding lookups whose 8-bit form would compute differently, each with the reason.
+
+    torch.ao's quantized lookups (FX, dynamic; checked with its kernels) ignore ``max_norm``, and its bag kernel
+    always sums, over every index. PT2E's (``fmt="pt2e"``, :mod:`inc_torch.ptq._pt2e_tables`) reduce with the bag
+    op itself, so every mode is kept; only ``max_norm`` and a bag's ``padding_idx`` are not.
     """
     kept = {}
     for name in names:
@@ -119,9 +122,11 @@ def lookup_kept_in_float(model: nn.Module, names: tuple[str, ...]) -> dict[str, 
             continue
         if module.max_norm is not None:
             kept[name] = "renormalises the rows it looks up (max_norm), which torch.ao's quantized lookups do not"
-        elif isinstance(module, nn.EmbeddingBag) and module.mode != "sum":
+        elif fmt == "pt2e" and isinstance(module, nn.EmbeddingBag) and module.padding_idx is not None:
+            kept[name] = "leaves its padding_idx out of each bag, which the PT2E 8-bit lookup does not"
+        elif fmt != "pt2e" and isinstance(module, nn.EmbeddingBag) and module.mode != "sum":
             kept[name] = f"reduces its bags with mode={module.mode!r}; torch.ao's quantized bag kernel only sums"
-        elif isinstance(module, nn.EmbeddingBag) and module.padding_idx is not None and bool(
+        elif fmt != "pt2e" and isinstance(module, nn.EmbeddingBag) and module.padding_idx is not None and bool(
             module.weight[module.padding_idx].detach().any()
         ):
             kept[name] = "leaves its padding_idx out of each bag, which torch.ao's quantized bag kernel adds in"

@@ -128,7 +128,7 @@ def quantize_pt2e(config: QuantConfig, ops: tuple[Op, ...], calibration: TorchCa
     _, per_op = plan(config, ops)
     excluded = {name for name, settings in per_op.items() if settings is None}
     _, shared = quantize_tables(
-        converted, frozenset(op.name for op in ops if op.op_type == "Embedding" and op.name not in excluded)
+        converted, frozenset(op.name for op in ops if op.op_type in ("Embedding", "EmbeddingBag") and op.name not in excluded)
     )
     if shared:
         log.info(

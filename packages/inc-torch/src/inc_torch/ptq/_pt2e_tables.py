@@ -5,7 +5,9 @@ back into a float constant by inductor's freezing. Here the lookup itself is rew
 uint8 constant with a float scale and minimum per row (as torch.ao's ``float_qparams`` tables on FX and dynamic),
 and the graph gathers the requested rows of all three and computes ``rows * scale + minimum``. The gather reads
 the indices, so nothing folds: the model holds the 8-bit table, a quarter of the float one, and inductor fuses
-the gather and the dequantization into one kernel.
+the gather and the dequantization into one kernel. An ``EmbeddingBag`` lookup gathers and dequantizes the rows its
+bags name, then reduces them with the bag op itself over those rows (indices 0..n-1, the same offsets, mode and
+per-sample weights), so every mode computes as before; a bag with a ``padding_idx`` is not rewritten.
 
 A table is rewritten only when every reader of it is such a lookup: a language model whose output projection
 reads the same weight (tied embeddings) would otherwise hold both the float table and the 8-bit one.
@@ -22,6 +24,8 @@ __all__ = ["TABLE_PREFIX", "is_table_lookup", "quantize_tables"]
 # Attribute names of the 8-bit tables (and their scales and minimums) on the converted graph module.
 TABLE_PREFIX = "_inc_table_"
 _EMBEDDING = torch.ops.aten.embedding.default
+_BAG = torch.ops.aten.embedding_bag.padding_idx
+_BAG_PADDING_ARG = 8
 
 
 def _attribute(graph_module: torch.fx.GraphModule, target: str) -> Any:
@@ -58,7 +62,7 @@ def is_table_lookup(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> 
 
 
 def quantize_tables(graph_module: torch.fx.GraphModule, modules: frozenset[str]) -> tuple[list[str], list[str]]:
-    """Rewrite the lookups of the ``nn.Embedding`` modules named ``modules`` into 8-bit row lookups, in place.
+    """Rewrite the lookups of the ``nn.Embedding``/``nn.EmbeddingBag`` modules ``modules`` into 8-bit row lookups, in place.
 
     Returns:
         The module names whose tables became 8-bit, and those whose tables stayed float because something
@@ -67,8 +71,10 @@ def quantize_tables(graph_module: torch.fx.GraphModule, modules: frozenset[str])
     graph = graph_module.graph
     by_table: dict[str, list[torch.fx.Node]] = {}  # by attribute: one table may be read through several nodes
     for node in graph.nodes:
-        if node.op != "call_function" or node.target is not _EMBEDDING or _module_path(node) not in modules:
+        if node.op != "call_function" or node.target not in (_EMBEDDING, _BAG) or _module_path(node) not in modules:
             continue
+        if node.target is _BAG and len(node.args) > _BAG_PADDING_ARG and node.args[_BAG_PADDING_ARG] is not None:
+            continue  # its padding index is left out of each bag: positions 0..n-1 would not say which
         table = node.args[0]
         if isinstance(table, torch.fx.Node) and table.op == "get_attr":
             by_table.setdefault(str(table.target), []).append(node)
@@ -96,9 +102,19 @@ def quantize_tables(graph_module: torch.fx.GraphModule, modules: frozenset[str])
                 widened = graph.call_function(torch.ops.aten._to_copy.default, (gathered["codes"],), {"dtype": value.dtype})
                 scaled = graph.call_function(torch.ops.aten.mul.Tensor, (widened, gathered["scale"]))
                 rows = graph.call_function(torch.ops.aten.add.Tensor, (scaled, gathered["low"]))
-            for new in (*gathered.values(), widened, scaled, rows):
+                added = [*gathered.values(), widened, scaled, rows]
+                if lookup.target is _BAG:
+                    # the bag op reduces the gathered rows: row k of ``rows`` is the k-th index of the bags
+                    count = graph.call_function(torch.ops.aten.sym_size.int, (ids, 0))
+                    dtype = getattr(ids.meta.get("val"), "dtype", torch.int64) if isinstance(ids, torch.fx.Node) else torch.int64
+                    positions = graph.call_function(torch.ops.aten.arange.default, (count,), {"dtype": dtype})
+                    result = graph.call_function(_BAG, (rows, positions, *lookup.args[2:]))
+                    added += [count, positions, result]
+                else:
+                    result = rows
+            for new in added:
                 new.meta["nn_module_stack"] = lookup.meta.get("nn_module_stack")
-            lookup.replace_all_uses_with(rows)
+            lookup.replace_all_uses_with(result)
             graph.erase_node(lookup)
         for read in reads:
             graph.erase_node(read)

@@ -286,7 +286,7 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
                 keep_float(work, scope)
         prepared = fx_prepare(work, mapping, positional(work, example), qat=True, leaves=(KeptFloat,))
         _reduce_depthwise_fake_quant(prepared, config)
-    tables = frozenset(op.name for op in ops if op.op_type == "Embedding" and op.name not in excluded)
+    tables = frozenset(op.name for op in ops if op.op_type in ("Embedding", "EmbeddingBag") and op.name not in excluded)
     state = _QatState(format=fmt, config=config, example=example, tables=tables if fmt == "pt2e" else frozenset())
     setattr(prepared, _STATE, state)
     handle = prepared.register_forward_pre_hook(_step_hook)
