@@ -365,3 +365,35 @@ def test_pt2e_qat_trains_tables_in_float_and_converts_them_to_8_bits():
     assert set(inc_torch.quantized_ops(converted)) == {"words", "bags", "head"}
     # 0.9988 with both tables excluded as with one: the head's fake quantization after three steps, not the table
     assert torch.nn.functional.cosine_similarity(converted(ids).flatten(), prepared(ids).flatten(), 0) > 0.995
+
+
+class ScaledEmbedding(nn.Embedding):
+    """As transformers' BART/Gemma scaled word embeddings: a subclass whose forward scales the rows it looks up."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 8.0
+
+
+class ScaledWords(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.words = ScaledEmbedding(50, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.words(ids).mean(1))
+
+
+def test_a_table_subclass_is_stored_in_8_bits_on_pt2e_only():
+    # torch.ao swaps exact classes only (FX, dynamic); PT2E rewrites the lookup in the graph, whatever the class
+    torch.manual_seed(0)
+    model = ScaledWords().eval()
+    ids = torch.randint(0, 50, (4, LENGTH))
+    assert [(op.name, op.op_type) for op in inc.describe(model, inc.QuantConfig()).ops] == [
+        ("words", "Embedding"), ("head", "Linear"),
+    ]
+    for config in CONFIGS:
+        assert "words" not in {op.name for op in inc.describe(model, config).ops}
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset([ids]))
+    assert set(inc_torch.quantized_ops(quantized)) == {"words", "head"}
+    assert torch.nn.functional.cosine_similarity(quantized(ids).flatten(), model(ids).flatten(), 0) > 0.999

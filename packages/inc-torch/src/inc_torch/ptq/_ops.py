@@ -77,6 +77,11 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
         # A weight-normed layer (ParametrizedConv1d) counts as its own class: inc folds the norm first.
         if name and (plain_type(module) in types or (conv1d and is_hf_conv1d(module))):
             ops.append(Op(name=name, op_type=plain_type(module).__name__))
+        elif name and fmt == "pt2e" and config.approach == "static" and isinstance(module, LOOKUP_TYPES):
+            # A table subclass (BART's scaled word embedding, 53 such classes in transformers): PT2E rewrites the
+            # lookup its forward makes in the graph, whatever the module's class.
+            base = nn.EmbeddingBag if isinstance(module, nn.EmbeddingBag) else nn.Embedding
+            ops.append(Op(name=name, op_type=base.__name__))
     if fmt == "torchscript":
         # IPEX's flows keep embedding tables FP32 (its INT8 DLRM graph holds no quantized lookup).
         ops = [op for op in ops if op.op_type not in _LOOKUP_NAMES]
@@ -118,7 +123,7 @@ def lookup_kept_in_float(model: nn.Module, names: tuple[str, ...], *, fmt: str =
     kept = {}
     for name in names:
         module = model.get_submodule(name)
-        if type(module) not in LOOKUP_TYPES:
+        if not isinstance(module, LOOKUP_TYPES):
             continue
         if module.max_norm is not None:
             kept[name] = "renormalises the rows it looks up (max_norm), which torch.ao's quantized lookups do not"
