@@ -397,3 +397,19 @@ def test_a_table_subclass_is_stored_in_8_bits_on_pt2e_only():
     quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset([ids]))
     assert set(inc_torch.quantized_ops(quantized)) == {"words", "head"}
     assert torch.nn.functional.cosine_similarity(quantized(ids).flatten(), model(ids).flatten(), 0) > 0.999
+
+
+def test_pt2e_tuning_measures_a_mean_bag_as_pt2e_computes_it():
+    # op errors ran torch.ao's quantized bag, which always sums: a mean bag measured as if it summed (an error
+    # the size of its output) and would have been the first op tuning put back in FP32
+    torch.manual_seed(0)
+    model = Bags().eval()
+    ids, offsets, weights = torch.randint(0, 60, (24,)), torch.arange(0, 25, 3), torch.rand(24)
+    backend = inc_torch.TorchBackend()
+    data = inc.Dataset([(ids, offsets, weights)])
+    config = inc.QuantConfig()
+    errors = backend.op_errors(model, config, calibration=backend.calibrate(model, data, config), dataset=data)
+    with torch.no_grad():
+        power = float(model.averaged(ids, offsets[:-1]).pow(2).mean())
+    assert 0 < errors["averaged"] < 1e-3 * power, (errors, power)
+    assert 0 < errors["largest"] < 1e-3 * float(model.largest(ids, offsets[:-1]).pow(2).mean()), errors

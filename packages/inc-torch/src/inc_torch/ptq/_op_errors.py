@@ -2,7 +2,8 @@
 
 Each op is measured alone on the FP32 model's real inputs to it: static ops recompute their output from
 fake-quantized input and weight (inc-core's qparams from the calibration histograms, torch's fake-quant
-kernels, which round like the INT8 kernels); dynamic ops run torch.ao's dynamically quantized layer.
+kernels, which round like the INT8 kernels); dynamic ops run torch.ao's dynamically quantized layer; embedding
+tables look up rows rounded to 8 bits per row.
 Errors do not compound through the network, so they rank the ops by their own sensitivity.
 """
 
@@ -54,6 +55,26 @@ def _fake_weight(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
         zero = torch.zeros(scale.shape, dtype=torch.int32)
         return torch.fake_quantize_per_channel_affine(weight.float(), scale, zero, 0, -128, 127).to(weight.dtype)
     return torch.fake_quantize_per_tensor_affine(weight.float(), float(scale[0]), 0, -128, 127).to(weight.dtype)
+
+
+def _lookup_simulator(module: nn.Module) -> Callable[..., Any]:
+    """The lookup computed from its table rounded to 8 bits per row, as every path stores it (torch.ao's
+    float_qparams on FX/dynamic, :mod:`inc_torch.ptq._pt2e_tables` on PT2E), through the layer's own forward:
+    every bag mode, and a subclass's own arithmetic (a scaled word embedding), as the quantized model computes."""
+    from inc_torch.ptq._pt2e_tables import rows_8bit
+
+    codes, scale, low = rows_8bit(module.weight)  # type: ignore[arg-type]
+    rounded = nn.Parameter(codes.to(scale.dtype) * scale + low, requires_grad=False)
+
+    def simulate(*args: Any, **kwargs: Any) -> Any:
+        original = module._parameters["weight"]
+        module._parameters["weight"] = rounded
+        try:
+            return module.forward(*args, **kwargs)  # forward itself: the measuring hook does not run again
+        finally:
+            module._parameters["weight"] = original
+
+    return simulate
 
 
 def _static_simulator(module: nn.Module, settings: OpSettings, calibration: TorchCalibration, name: str) -> Callable[..., Any] | None:
@@ -112,7 +133,9 @@ def op_errors(
         quantized: Callable[..., Any] | None
         # an embedding table is quantized alike by both approaches (weights only), and called with all its arguments
         whole_call = config.approach == "dynamic" or isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-        if whole_call:
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            quantized = _lookup_simulator(module)
+        elif whole_call:
             quantized = quantize_one(module, settings.granularity, activations)
         elif calibration is not None:
             quantized = _static_simulator(module, settings, calibration, op.name)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TABLE_PREFIX", "is_table_lookup", "quantize_tables"]
+__all__ = ["TABLE_PREFIX", "is_table_lookup", "quantize_tables", "rows_8bit"]
 
 # Attribute names of the 8-bit tables (and their scales and minimums) on the converted graph module.
 TABLE_PREFIX = "_inc_table_"
@@ -40,7 +40,7 @@ def _module_path(node: torch.fx.Node) -> str | None:
     return str(list(stack.values())[-1][0]) if stack else None
 
 
-def _rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rows_8bit(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """8-bit codes, scale and minimum per row (asymmetric over each row's range; a constant row gets scale 1)."""
     work = table.detach().float()
     low = work.min(dim=1, keepdim=True).values
@@ -92,7 +92,7 @@ def quantize_tables(graph_module: torch.fx.GraphModule, modules: frozenset[str])
             continue
         index = len(done)
         names = {}
-        for kind, tensor in zip(("codes", "scale", "low"), _rows(value), strict=True):
+        for kind, tensor in zip(("codes", "scale", "low"), rows_8bit(value), strict=True):
             names[kind] = f"{TABLE_PREFIX}{index}_{kind}"
             graph_module.register_buffer(names[kind], tensor)
         for lookup in lookups:
