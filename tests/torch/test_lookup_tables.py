@@ -337,10 +337,11 @@ class TiedTables(nn.Module):
         return self.head(self.shared(ids).mean(1) - self.decoder_tokens(ids[:, 1:]).mean(1))
 
 
-def test_dynamic_quantizes_a_tied_table_once(tmp_path: Path):
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_a_tied_table_is_quantized_once(config, tmp_path: Path):
     torch.manual_seed(0)
     model = TiedTables().eval()
-    quantized = inc.quantize(model, inc.QuantConfig(approach="dynamic"))
+    quantized = inc.quantize(model, config, dataset=inc.Dataset([torch.randint(0, 1000, (4, 7))]))
     assert quantized.shared is quantized.decoder_tokens
     assert model.shared is not model.decoder_tokens  # the user's model as it was
     inc.save(quantized, tmp_path / "int8.pt")

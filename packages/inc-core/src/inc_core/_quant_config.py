@@ -89,7 +89,9 @@ class QuantConfig(SerializableConfig):
             ``"kl"`` (entropy threshold search), ``"percentile"`` or ``"mse"``.
         granularity: weight quantization ``"per_channel"`` or ``"per_tensor"``.
         scheme: activation scheme, ``"sym"`` (zero point 0 / 128) or ``"asym"``. Weights are
-            always symmetric int8, as x86 INT8 kernels expect.
+            always symmetric int8, as x86 INT8 kernels expect; embedding tables (weights only: a
+            lookup computes nothing) follow their backend's lookup kernels (torch: 8 bits per row with
+            the row's own scale and offset, whatever ``granularity`` and ``scheme`` say).
         activation_dtype: ``"uint8"`` (fast VNNI path on x86) or ``"int8"``.
         weight_dtype: ``"int8"``.
         calib_samples: how many calibration samples (not batches) to feed.

@@ -40,6 +40,7 @@ __all__ = [
     "full_range_activations",
     "has_vnni",
     "lookup_qconfig",
+    "tied_lookups",
     "quantize_dynamic",
     "quantize_one",
     "resolve_activation_range",
@@ -218,7 +219,7 @@ def quantize_dynamic(
     spec = _spec(config, ops)
     # HF Conv1D layers become the nn.Linear they compute, which torch.ao's dynamic Linear replaces.
     swapped = linearize_conv1d(work, tuple(name for name in spec))
-    tied = _tied_lookups(work, spec)
+    tied = tied_lookups(work, spec)
     with quiet():
         quantized = torch.ao.quantization.quantize_dynamic(work, spec, dtype=torch.qint8, inplace=True)
     contiguous_lookups(quantized)
@@ -236,11 +237,11 @@ def quantize_dynamic(
     return quantized
 
 
-def _tied_lookups(model: nn.Module, spec: dict[str, Any]) -> list[list[str]]:
-    """Groups of the lookups in ``spec`` that share one weight (T5's ``shared``, ``encoder.embed_tokens`` and
+def tied_lookups(model: nn.Module, names: Any) -> list[list[str]]:
+    """Groups of the lookups ``names`` that share one weight (T5's ``shared``, ``encoder.embed_tokens`` and
     ``decoder.embed_tokens``): torch.ao would quantize a copy for each, so they get one quantized table again."""
     by_weight: dict[int, list[str]] = collections.defaultdict(list)
-    for name in spec:
+    for name in names:
         module = model.get_submodule(name)
         if type(module) in (nn.Embedding, nn.EmbeddingBag):
             by_weight[id(module.weight)].append(name)

@@ -17,7 +17,7 @@ from inc_torch._compat import quiet
 from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._calibration import TorchCalibration, load_statistics
 from inc_torch.ptq._capture import fx_prepare, positional
-from inc_torch.ptq._dynamic import lookup_qconfig
+from inc_torch.ptq._dynamic import lookup_qconfig, tied_lookups
 from inc_torch.ptq._fx_ops import FxOp, apply_fx_settings, fx_ops
 from inc_torch.ptq._kept_float import KeptFloat, keep_float
 from inc_torch.ptq._lookups import contiguous_lookups
@@ -164,7 +164,7 @@ def quantize_fx(
     if integer:
         log.info("%d op(s) compute on integer tensors and stay FP32: %s", len(integer), ", ".join(integer[:5]))
     mapping = qconfig_mapping(config, ops, table, float_only=integer)
-    _, per_op = plan(config, ops)
+    default, per_op = plan(config, ops)
     per_op.update({name: None for name in integer})
     for name, settings in per_op.items():
         if settings is None and table[name].kind == "module" and table[name].role not in ("weighted", "lookup"):
@@ -174,8 +174,13 @@ def quantize_fx(
     prepared = fx_prepare(work, mapping, positional(work, calibration.example), leaves=(KeptFloat,))
     reduce_depthwise_weights(prepared)
     load_statistics(prepared, calibration)
+    lookups = [name for name in table if table[name].role == "lookup" and per_op.get(name, default) is not None]
+    tied = tied_lookups(work, lookups)  # before conversion: the float modules still share their weight
     with quiet():
         converted = convert_fx(prepared)
     contiguous_lookups(converted)
+    for first, *others in tied:  # one quantized table, not a copy per lookup
+        for name in others:
+            converted.set_submodule(name, converted.get_submodule(first))
     setattr(converted, EXAMPLE_ATTR, calibration.example)
     return converted
