@@ -78,8 +78,10 @@ def main() -> None:
         "dynamic INT8": inc.quantize(model, inc.QuantConfig(approach="dynamic")),  # no data needed
         "static INT8 (PT2E)": inc.quantize(model, inc.QuantConfig(calibration="minmax"), dataset=calib),
     }
-    print(f"INT8 Linear layers: dynamic {len(inc_torch.quantized_ops(models['dynamic INT8']))}, "
-          f"PT2E {len(inc_torch.quantized_ops(models['static INT8 (PT2E)']))}")
+    for name in ("dynamic INT8", "static INT8 (PT2E)"):
+        ops = inc_torch.quantized_ops(models[name])
+        tables = sum(1 for op in ops if ".embeddings." in f".{op}")  # word, position and token-type tables
+        print(f"{name}: {len(ops) - tables} Linear layers and {tables} embedding tables in 8 bits")
 
     reference = embed(model, probe)
     print(f"{'model':<20} {'cosine vs FP32':>15} {'sentences/s':>12} {'speedup':>8}")
