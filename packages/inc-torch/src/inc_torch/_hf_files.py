@@ -25,14 +25,11 @@ from inc_core.errors import ModelLoadError, SaveError
 from inc_torch._compat import quiet
 from inc_torch._hf import CONV1D_AS_LINEAR_ATTR, linearize_conv1d
 from inc_torch.ptq import _dynamic
-from inc_torch.ptq._lookups import contiguous_lookups
+from inc_torch.ptq._lookups import QUANTIZED_LOOKUPS, contiguous_lookups
 
 __all__ = ["FORMAT", "is_state_archive", "load_hf_state", "save_hf_state"]
 
 FORMAT = "inc-torch/hf-state-dict/1"
-
-
-_LOOKUPS = (torch.ao.nn.quantized.Embedding, torch.ao.nn.quantized.EmbeddingBag)
 
 
 def _dynamic_layers(model: nn.Module) -> list[str]:
@@ -43,7 +40,7 @@ def _quantized_lookups(model: nn.Module) -> list[list[str]]:
     """The paths of each quantized lookup, a group per module (one table may sit at several paths: T5's)."""
     paths: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if name and isinstance(module, _LOOKUPS):
+        if name and isinstance(module, QUANTIZED_LOOKUPS):
             paths.setdefault(id(module), []).append(name)
     return list(paths.values())
 
@@ -55,7 +52,7 @@ def save_hf_state(model: nn.Module, path: Path, metadata: dict[str, Any]) -> Non
         SaveError: the model holds layers this format cannot rebuild, or the file cannot be written.
     """
     unknown = sorted(
-        {type(m).__name__ for m in model.modules() if type(m).__module__.startswith("torch.ao.nn.") and not isinstance(m, (torch.ao.nn.quantized.dynamic.Linear, *_LOOKUPS))}
+        {type(m).__name__ for m in model.modules() if type(m).__module__.startswith("torch.ao.nn.") and not isinstance(m, (torch.ao.nn.quantized.dynamic.Linear, *QUANTIZED_LOOKUPS))}
         - {"LinearPackedParams", "EmbeddingPackedParams"}
     )
     if unknown:

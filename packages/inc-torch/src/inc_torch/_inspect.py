@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from inc_torch.ptq._compiled import CompiledQuantizedModule
+from inc_torch.ptq._lookups import QUANTIZED_LOOKUPS
 
 __all__ = ["quantized_ops"]
 
@@ -70,7 +71,7 @@ def _is_quantized_module(module: nn.Module) -> bool:
         if getattr(module, "original_name", "") in ("LinearPackedParams", "PackedParameter"):
             return False
         return hasattr(module, "_packed_params") or hasattr(module, "_all_weight_values")
-    if isinstance(module, (torch.ao.nn.quantized.Embedding, torch.ao.nn.quantized.EmbeddingBag)):
+    if isinstance(module, QUANTIZED_LOOKUPS):
         return True  # inc's own lookups subclass torch.ao's (see inc_torch.ptq._lookups)
     if not type(module).__module__.startswith(_QUANTIZED_ROOTS):
         return False

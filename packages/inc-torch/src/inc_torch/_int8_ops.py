@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 from inc_torch.ptq._compiled import CompiledQuantizedModule
+from inc_torch.ptq._lookups import QUANTIZED_LOOKUPS
 
 __all__ = ["int8_op_counts"]
 
 _STATIC_ROOTS = ("torch.ao.nn.quantized.modules", "torch.ao.nn.intrinsic.quantized.modules")
-# Embedding tables quantized per row (weights only), by torch.ao or as inc's subclasses of them.
-_LOOKUPS = (torch.ao.nn.quantized.Embedding, torch.ao.nn.quantized.EmbeddingBag)
+# Where inc's quantized lookups live (scripted modules keep their class's qualified name).
 _LOOKUPS_ROOT = "inc_torch.ptq._lookups"
 _DYNAMIC_ROOTS = ("torch.ao.nn.quantized.dynamic", "torch.ao.nn.intrinsic.quantized.dynamic")
 # Calls that move, select or re-view data, or read a tensor's metadata: exact on 8-bit values, not ops.
@@ -87,7 +87,7 @@ def _is_weight_holder(module: nn.Module) -> bool:
 
 def _is_static(module: nn.Module) -> bool:
     name = type(module).__name__
-    if isinstance(module, _LOOKUPS):
+    if isinstance(module, QUANTIZED_LOOKUPS):
         return True  # inc's subclasses of torch.ao's quantized lookups (inc_torch.ptq._lookups)
     return (
         type(module).__module__.startswith(_STATIC_ROOTS)

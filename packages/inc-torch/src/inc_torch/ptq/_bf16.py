@@ -27,6 +27,7 @@ from inc_core._quant_config import QuantConfig
 from inc_core.backend import Op
 from inc_torch.ptq import _dynamic
 from inc_torch.ptq._compiled import CompiledQuantizedModule, drop_unread_state
+from inc_torch.ptq._ops import LOOKUP_NAMES
 
 __all__ = ["BF16_FLAGS", "bf16_ops", "bf16_unavailable", "int8_view", "bf16_names", "run_in_bf16"]
 
@@ -93,7 +94,7 @@ def bf16_names(config: QuantConfig, ops: tuple[Op, ...]) -> tuple[str, ...]:
     """
     return tuple(
         op.name for op in ops
-        if config.precision(op.name, op.op_type) == "bf16" and op.op_type not in ("Embedding", "EmbeddingBag")
+        if config.precision(op.name, op.op_type) == "bf16" and op.op_type not in LOOKUP_NAMES
     )
 
 

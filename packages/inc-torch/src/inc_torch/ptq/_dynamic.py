@@ -28,6 +28,7 @@ from inc_torch._compat import quiet
 from inc_torch._hf import CONV1D_AS_LINEAR_ATTR, CONV1D_TYPE, is_hf_conv1d, linearize_conv1d
 from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._lookups import contiguous_lookups
+from inc_torch.ptq._ops import LOOKUP_NAMES, LOOKUP_TYPES
 from inc_torch.ptq._settings import plan
 from inc_torch.ptq._weight_readers import keep_to_module_path
 
@@ -194,7 +195,7 @@ def _spec(config: QuantConfig, ops: tuple[Op, ...]) -> dict[str, Any]:
         settings = per_op.get(op.name, default)
         if settings is None:
             continue
-        if op.op_type in ("Embedding", "EmbeddingBag"):
+        if op.op_type in LOOKUP_NAMES:
             spec[op.name] = lookup_qconfig()
             continue
         # recurrent kernels take per-tensor weights only
@@ -243,7 +244,7 @@ def tied_lookups(model: nn.Module, names: Any) -> list[list[str]]:
     by_weight: dict[int, list[str]] = collections.defaultdict(list)
     for name in names:
         module = model.get_submodule(name)
-        if type(module) in (nn.Embedding, nn.EmbeddingBag):
+        if type(module) in LOOKUP_TYPES:
             by_weight[id(module.weight)].append(name)
     groups = []
     for names in by_weight.values():
@@ -275,10 +276,8 @@ def quantize_one(module: nn.Module, granularity: str, activations: str = "auto")
     if is_hf_conv1d(module):
         linearize_conv1d(holder)
     gran = granularity if isinstance(holder.layer, nn.Linear) else "per_tensor"
-    chosen = lookup_qconfig() if isinstance(holder.layer, (nn.Embedding, nn.EmbeddingBag)) else dynamic_qconfig(gran)
     with quiet():
-        torch.ao.quantization.quantize_dynamic(holder, {"layer": chosen}, dtype=torch.qint8, inplace=True)
-    contiguous_lookups(holder)
+        torch.ao.quantization.quantize_dynamic(holder, {"layer": dynamic_qconfig(gran)}, dtype=torch.qint8, inplace=True)
     if resolve_activation_range(activations) == "full_range":
         full_range_activations(holder)
     layer: nn.Module = holder.get_submodule("layer")

@@ -34,6 +34,7 @@ from torch.ao.quantization.observer import ObserverBase
 from inc_core.backend import Op
 from inc_core.errors import ConfigError
 from inc_torch._parametrized import fold_parametrizations
+from inc_torch.ptq._ops import LOOKUP_TYPES
 
 __all__ = ["FxOp", "fx_ops", "apply_fx_settings", "ROLE_OPTIONS"]
 
@@ -53,8 +54,6 @@ ROLE_OPTIONS = {
     "fixed": (),
     "lookup": (),
 }
-# Embedding lookups: torch.ao's FX flow swaps them for its quantized lookups under a float_qparams qconfig.
-_LOOKUPS = (nn.Embedding, nn.EmbeddingBag)
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,7 @@ def traced_fx_ops(model: nn.Module, mapping: Any, *, qat: bool = False) -> tuple
         if node.op == "call_function":
             index = seen_calls[(scope, node.target)]
             seen_calls[(scope, node.target)] += 1
-        if not qat and original is not None and type(original) in _LOOKUPS:
+        if not qat and original is not None and type(original) in LOOKUP_TYPES:
             role: str | None = "lookup"  # set by name in the mapping (the x86 default keeps the type FP32)
         else:
             role = _role(original, node.meta.get("target_dtype_info", {}))

@@ -14,7 +14,10 @@ import torch
 import torch.ao.nn.quantized as nnq
 from torch import Tensor, nn
 
-__all__ = ["QuantizedEmbedding", "QuantizedEmbeddingBag", "contiguous_lookups"]
+__all__ = ["QUANTIZED_LOOKUPS", "QuantizedEmbedding", "QuantizedEmbeddingBag", "contiguous_lookups"]
+
+# torch.ao's quantized lookups; inc's own (below) subclass them, so isinstance finds both.
+QUANTIZED_LOOKUPS = (nnq.Embedding, nnq.EmbeddingBag)
 
 
 class QuantizedEmbedding(nnq.Embedding):

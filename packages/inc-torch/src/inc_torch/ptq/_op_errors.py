@@ -26,14 +26,14 @@ from inc_torch._inputs import float_dtype, to_inputs
 from inc_torch.ptq._calibration import TorchCalibration
 from inc_torch.ptq._capture import eval_copy
 from inc_torch.ptq._dynamic import quantize_one
+from inc_torch.ptq._ops import LOOKUP_TYPES
 from inc_torch.ptq._settings import OpSettings, plan
 
 __all__ = ["op_errors"]
 
 # Ops measured one by one: the weighted layers static paths quantize, the layers dynamic paths swap.
 _MEASURED = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell,
-    nn.Embedding, nn.EmbeddingBag,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell, *LOOKUP_TYPES,
 )
 
 
@@ -132,8 +132,9 @@ def op_errors(
             continue  # activations, add/mul, pooling (FX): no weight, rounding only; measured through their consumers
         quantized: Callable[..., Any] | None
         # an embedding table is quantized alike by both approaches (weights only), and called with all its arguments
-        whole_call = config.approach == "dynamic" or isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        lookup = isinstance(module, LOOKUP_TYPES)
+        whole_call = config.approach == "dynamic" or lookup
+        if lookup:
             quantized = _lookup_simulator(module)
         elif whole_call:
             quantized = quantize_one(module, settings.granularity, activations)

@@ -17,6 +17,7 @@ __all__ = [
     "STATIC_TYPES",
     "DYNAMIC_TYPES",
     "LOOKUP_TYPES",
+    "LOOKUP_NAMES",
     "lookup_kept_in_float",
     "kept_in_float",
     "quantizable_ops",
@@ -31,7 +32,7 @@ __all__ = [
 # row, the only scheme its quantized lookups take); their outputs stay float, so they need no calibration.
 # Where the tables of a recommender live, this is most of the model's size (INC 2.x quantizes them alike).
 LOOKUP_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
-_LOOKUP_NAMES = frozenset(t.__name__ for t in LOOKUP_TYPES)
+LOOKUP_NAMES = frozenset(t.__name__ for t in LOOKUP_TYPES)
 # Module types whose weights and input activations become INT8, per static format. PT2E: conv2d and
 # linear (torchao has no conv3d; conv1d is kept FP32, see _pt2e.float_only_quantizer_class), and embedding
 # tables (inc's own rewrite, _pt2e_tables); the FX x86 backend config covers conv1d/2d/3d, and its quantized
@@ -84,7 +85,7 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
             ops.append(Op(name=name, op_type=base.__name__))
     if fmt == "torchscript":
         # IPEX's flows keep embedding tables FP32 (its INT8 DLRM graph holds no quantized lookup).
-        ops = [op for op in ops if op.op_type not in _LOOKUP_NAMES]
+        ops = [op for op in ops if op.op_type not in LOOKUP_NAMES]
     elif config.approach == "dynamic":
         kept = kept_in_float(model, tuple(op.name for op in ops))
         ops = [op for op in ops if op.name not in kept]
@@ -145,7 +146,7 @@ def tuning_space(model: nn.Module, config: QuantConfig, fmt: str) -> TuningSpace
     ops = quantizable_ops(model, config, fmt)
     options: dict[str, dict[str, tuple[str, ...]]] = {}
     for op_type in dict.fromkeys(op.op_type for op in ops):
-        if op_type in _LOOKUP_NAMES:
+        if op_type in LOOKUP_NAMES:
             options[op_type] = {}  # rows quantized with their own float scale and offset: nothing to choose
         elif config.approach == "dynamic":
             per_tensor = op_type in {t.__name__ for t in _PER_TENSOR_ONLY}

@@ -17,6 +17,7 @@ from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch.ptq._calibration import TorchCalibration, load_statistics
 from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._observers import pt2e_observer_classes
+from inc_torch.ptq._ops import LOOKUP_NAMES
 from inc_torch.ptq._pt2e_tables import quantize_tables
 from inc_torch.ptq._settings import OpSettings, plan
 
@@ -128,7 +129,7 @@ def quantize_pt2e(config: QuantConfig, ops: tuple[Op, ...], calibration: TorchCa
     _, per_op = plan(config, ops)
     excluded = {name for name, settings in per_op.items() if settings is None}
     _, shared = quantize_tables(
-        converted, frozenset(op.name for op in ops if op.op_type in ("Embedding", "EmbeddingBag") and op.name not in excluded)
+        converted, frozenset(op.name for op in ops if op.op_type in LOOKUP_NAMES and op.name not in excluded)
     )
     if shared:
         log.info(

@@ -29,7 +29,7 @@ from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepa
 from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._fx_ops import apply_fx_settings, traced_fx_ops
 from inc_torch.ptq._kept_float import KeptFloat, keep_float, warn_kept_float
-from inc_torch.ptq._ops import ACTIVATION_DTYPES, quantizable_ops
+from inc_torch.ptq._ops import ACTIVATION_DTYPES, LOOKUP_NAMES, quantizable_ops
 from inc_torch.ptq._pt2e import float_only_quantizer_class
 from inc_torch.ptq._pt2e_tables import quantize_tables
 from inc_torch.ptq._settings import OpSettings
@@ -286,7 +286,7 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
                 keep_float(work, scope)
         prepared = fx_prepare(work, mapping, positional(work, example), qat=True, leaves=(KeptFloat,))
         _reduce_depthwise_fake_quant(prepared, config)
-    tables = frozenset(op.name for op in ops if op.op_type in ("Embedding", "EmbeddingBag") and op.name not in excluded)
+    tables = frozenset(op.name for op in ops if op.op_type in LOOKUP_NAMES and op.name not in excluded)
     state = _QatState(format=fmt, config=config, example=example, tables=tables if fmt == "pt2e" else frozenset())
     setattr(prepared, _STATE, state)
     handle = prepared.register_forward_pre_hook(_step_hook)
