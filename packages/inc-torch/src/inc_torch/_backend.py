@@ -134,7 +134,7 @@ def make_runner(model: Any, inputs: Any, threads: int | None) -> Callable[[], An
 
 
 def warn_left_in_float(model: nn.Module, fmt: str, *, label: str, alternatives: dict[str, str]) -> None:
-    """Warn of layers ``fmt`` leaves in FP32 that another way quantizes (PT2E: Conv1d, Conv3d; IPEX: Conv1d).
+    """Warn of layers ``fmt`` leaves in FP32 that another way quantizes (PT2E: Conv3d; IPEX: Conv1d).
 
     ``label`` names the path in the message (``"format='pt2e'"``); ``alternatives`` maps the other formats'
     keys in ``STATIC_TYPES`` to how the user asks for them.

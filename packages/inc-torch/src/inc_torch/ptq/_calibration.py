@@ -27,6 +27,7 @@ from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch._hf import check_hf_inputs, drop_label_inputs, prepare_for_capture
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
+from inc_torch.ptq._conv1d import conv1d_as_conv2d
 from inc_torch.ptq._kept_float import KeptFloat, keep_float, keyword_weight_scopes, warn_kept_float
 from inc_torch.ptq._observers import HISTOGRAM_BINS, is_activation_observer
 
@@ -121,6 +122,7 @@ def _base_graph(work: nn.Module, example: Inputs, fmt: str) -> tuple[torch.fx.Gr
     if fmt == "pt2e":
         ao = torchao_pt2e()
         exported = export_graph(work, example)
+        conv1d_as_conv2d(exported).log()  # INT8 through the conv2d kernels (see _conv1d)
         # An empty quantizer annotates nothing; prepare still folds conv-bn exactly as a trial's prepare does.
         with quiet():
             base = ao.prepare_pt2e(copy.deepcopy(exported), ao.X86InductorQuantizer())

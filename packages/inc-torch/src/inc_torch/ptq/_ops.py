@@ -33,12 +33,12 @@ __all__ = [
 # Where the tables of a recommender live, this is most of the model's size (INC 2.x quantizes them alike).
 LOOKUP_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 LOOKUP_NAMES = frozenset(t.__name__ for t in LOOKUP_TYPES)
-# Module types whose weights and input activations become INT8, per static format. PT2E: conv2d and
-# linear (torchao has no conv3d; conv1d is kept FP32, see _pt2e.float_only_quantizer_class), and embedding
-# tables (inc's own rewrite, _pt2e_tables); the FX x86 backend config covers conv1d/2d/3d, and its quantized
+# Module types whose weights and input activations become INT8, per static format. PT2E: conv1d (as the
+# conv2d it is, see _conv1d), conv2d and linear (torchao has no conv3d), and embedding tables (inc's own
+# rewrite, _pt2e_tables); the FX x86 backend config covers conv1d/2d/3d, and its quantized
 # lookups the embedding tables.
 STATIC_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
-    "pt2e": (nn.Conv2d, nn.Linear, *LOOKUP_TYPES),
+    "pt2e": (nn.Conv1d, nn.Conv2d, nn.Linear, *LOOKUP_TYPES),
     "fx": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *LOOKUP_TYPES),
     # IPEX's static flow (traced TorchScript): IPEX 2.8 leaves Conv1d in FP32 (measured: no INT8 op in its graph).
     "torchscript": (nn.Conv2d, nn.Conv3d, nn.Linear),

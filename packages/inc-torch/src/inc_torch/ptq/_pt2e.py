@@ -78,9 +78,9 @@ def float_only_quantizer_class() -> type:
     class FloatOnlyX86InductorQuantizer(torchao_pt2e().X86InductorQuantizer):  # type: ignore[misc]
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             model = super().annotate(model)
-            # Conv1d stays FP32 here (torchao annotates it only before an nn.ReLU): inductor's INT8 conv1d lowering
-            # gives a buffer of the wrong length when a group_norm reads it (wav2vec2's feature encoder fails at
-            # its first call), so inc does not list Conv1d for PT2E and keeps every one float; FX quantizes them.
+            # A conv1d left in the graph stays FP32 (torchao annotates it only before an nn.ReLU): inductor's INT8
+            # conv1d lowering gives a buffer of the wrong length when a group_norm reads it (wav2vec2's feature
+            # encoder fails at its first call). Those inc could rewrite are conv2d by now (see _conv1d).
             for node in model.graph.nodes:
                 if node.op == "call_function" and node.target == conv1d:
                     xiq._annotate_nodes_not_quantize(node)

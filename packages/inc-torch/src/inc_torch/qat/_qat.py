@@ -26,6 +26,7 @@ from inc_torch._failures import wrap_framework_errors
 from inc_torch._inputs import Inputs, float_dtype, to_inputs
 from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
+from inc_torch.ptq._conv1d import conv1d_as_conv2d
 from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._fx_ops import apply_fx_settings, traced_fx_ops
 from inc_torch.ptq._kept_float import KeptFloat, keep_float, warn_kept_float
@@ -264,7 +265,8 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
     if fmt == "pt2e":
         ao = torchao_pt2e()
         graph = export_graph(work, example, train=True)
-        # The PTQ quantizer class: float tensors only, and every conv1d (torchao's takes one only before a ReLU).
+        conv1d_as_conv2d(graph).log()  # trained and converted as conv2d (conv-bn folding included)
+        # The PTQ quantizer class: float tensors only, no conv1d left unrewritten quantized.
         quantizer = float_only_quantizer_class()().set_global(_pt2e_qat_config(config))
         for name in excluded:
             quantizer.set_module_name_qconfig(name, None)

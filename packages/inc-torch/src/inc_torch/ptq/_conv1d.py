@@ -1,0 +1,171 @@
+"""PT2E Conv1d in INT8, as the 2-D convolution over a height-1 image that it is.
+
+torchao's x86 quantizer annotates ``aten.conv1d`` only in front of a ReLU, and inductor's INT8 conv1d
+lowering gives a buffer of the wrong length when a ``group_norm`` reads it (wav2vec2's feature encoder
+failed at its first call). Its conv2d path (``onednn.qconv_pointwise``, the one every CNN takes) has neither
+problem, so before annotation each ``conv1d`` of the captured graph becomes ``unsqueeze -> conv2d ->
+squeeze`` with the weight stored ``[out, in, 1, k]``: the same arithmetic (checked exact in FP32), quantized,
+fused and lowered as a 2-D convolution. The ``squeeze`` moves past the batch norm and activation that follow
+the convolution (they act per channel or per element), so that conv-bn folding (PTQ and QAT) and the
+quantizer's conv + activation patterns see them next to the conv2d, as they would in a CNN.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Conv1dRewrite", "conv1d_as_conv2d"]
+
+log = logging.getLogger("inc_torch")
+
+_aten = torch.ops.aten
+# Ops that act per channel (dim 1) or per element and keep the shape: the same on [N, C, L] and [N, C, 1, L].
+_SHAPE_KEEPING = frozenset({
+    _aten.batch_norm.default,
+    _aten.relu.default, _aten.relu_.default,
+    _aten.hardtanh.default, _aten.hardtanh_.default,
+    _aten.hardswish.default, _aten.hardswish_.default,
+    _aten.silu.default, _aten.silu_.default,
+    _aten.gelu.default,
+    _aten.leaky_relu.default,
+    _aten.sigmoid.default,
+    _aten.tanh.default,
+})
+# Metadata that would describe the 1-D op wrongly on the new nodes (shapes, the source partition).
+_STALE_META = ("val", "tensor_meta", "source_fn_stack", "example_value")
+
+
+@dataclass(frozen=True)
+class Conv1dRewrite:
+    """What :func:`conv1d_as_conv2d` did: layers rewritten, and layers kept as ``conv1d`` with the reason."""
+
+    rewritten: tuple[str, ...]
+    kept: dict[str, str]
+
+    def log(self) -> None:
+        """Say which Conv1d layers stay FP32 on PT2E, and why."""
+        for name, reason in self.kept.items():
+            log.info("Conv1d %r stays FP32 on format='pt2e': %s (format='fx' quantizes it)", name, reason)
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    return str(list(stack.values())[-1][0]) if stack else node.name
+
+
+def _padding(padding: Any, kernel: int, dilation: int) -> tuple[int, int]:
+    """Left and right padding of a 1-D convolution (``padding='same'`` pads the odd element on the right)."""
+    if not isinstance(padding, str):
+        return int(padding[0]), int(padding[0])
+    if padding == "valid":
+        return 0, 0
+    total = dilation * (kernel - 1)
+    return total // 2, total - total // 2
+
+
+def _attribute(graph_module: torch.fx.GraphModule, target: str) -> Any:
+    value: Any = graph_module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _set_weight(graph_module: torch.fx.GraphModule, target: str, weight: torch.Tensor) -> None:
+    owner, _, name = target.rpartition(".")
+    module = graph_module.get_submodule(owner) if owner else graph_module
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter):
+        delattr(module, name)
+        module.register_parameter(name, nn.Parameter(weight, requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, weight)
+
+
+def _shape_keeping_chain(conv1d: torch.fx.Node) -> list[torch.fx.Node]:
+    """The batch norm / activations that alone read the convolution's output, in order."""
+    chain: list[torch.fx.Node] = []
+    current = conv1d
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        if user.op != "call_function" or user.target not in _SHAPE_KEEPING or user.args[0] is not current:
+            break
+        if any(arg is current for arg in [*user.args[1:], *user.kwargs.values()]):
+            break
+        chain.append(user)
+        current = user
+    return chain
+
+
+def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
+    """Rewrite, in place, each ``conv1d`` of an exported (not yet prepared) graph as a 2-D convolution.
+
+    A layer stays ``conv1d`` (and FP32 on PT2E) when its weight is no parameter of the graph or is read
+    elsewhere too; :attr:`Conv1dRewrite.kept` says which and why.
+    """
+    graph = graph_module.graph
+    rewritten: list[str] = []
+    kept: dict[str, str] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (_aten.conv1d.default, _aten.conv1d.padding):
+            continue
+        name = _module_path(node)
+        source, weight_node, bias, stride, padding, dilation, groups = [*node.args, *[None] * (7 - len(node.args))]
+        if not isinstance(weight_node, torch.fx.Node) or weight_node.op != "get_attr" or len(weight_node.users) > 1:
+            kept[name] = "its weight is computed in the graph or read by another op too"
+            continue
+        weight = _attribute(graph_module, str(weight_node.target))
+        stride, dilation = int((stride or [1])[0]), int((dilation or [1])[0])
+        left, right = _padding([0] if padding is None else padding, int(weight.shape[-1]), dilation)
+        wide_weight = weight.detach().unsqueeze(2).clone()
+        _set_weight(graph_module, str(weight_node.target), wide_weight)
+        fake = node.meta.get("val")
+        fake_mode = getattr(fake, "fake_mode", None)
+        if fake_mode is not None:
+            weight_node.meta["val"] = fake_mode.from_tensor(wide_weight)
+        weight_node.meta.pop("tensor_meta", None)
+        source_fake = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        meta = {k: v for k, v in node.meta.items() if k not in _STALE_META}
+        with graph.inserting_before(node):
+            wide = graph.call_function(_aten.unsqueeze.default, (source, 2))
+            wide.meta = {**meta, "val": source_fake.unsqueeze(2)} if isinstance(source_fake, torch.Tensor) else dict(meta)
+            if left != right:  # one side more (padding='same', even kernel): padded apart, with zeros as torch does
+                source_fake = wide.meta.get("val")
+                wide = graph.call_function(_aten.constant_pad_nd.default, (wide, [left, right]))
+                wide.meta = dict(meta)
+                if isinstance(source_fake, torch.Tensor):
+                    wide.meta["val"] = _aten.constant_pad_nd.default(source_fake, [left, right])
+                left = 0
+            conv = graph.call_function(
+                _aten.conv2d.default, (wide, weight_node, bias, [1, stride], [0, left], [1, dilation], int(groups or 1))
+            )
+        conv.meta = dict(meta)
+        # the x86 quantizer finds convolutions by source partition: this one is a functional conv2d
+        conv.meta["source_fn_stack"] = [(conv.name, nn.functional.conv2d)]
+        if isinstance(fake, torch.Tensor):
+            conv.meta["val"] = fake.unsqueeze(2)
+        chain = _shape_keeping_chain(node)
+        for link in chain:  # computed on the 4-D output now (same shape, one more dimension)
+            for key in _STALE_META[:2]:
+                link.meta.pop(key, None)
+            if isinstance(fake, torch.Tensor):
+                link.meta["val"] = fake.unsqueeze(2)
+        if chain:
+            chain[0].args = (conv, *chain[0].args[1:])
+        end = chain[-1] if chain else node
+        with graph.inserting_after(chain[-1] if chain else conv):
+            narrow = graph.call_function(_aten.squeeze.dim, (chain[-1] if chain else conv, 2))
+        narrow.meta = {k: v for k, v in end.meta.items() if k not in _STALE_META}
+        if isinstance(fake, torch.Tensor):
+            narrow.meta["val"] = fake
+        end.replace_all_uses_with(narrow, delete_user_cb=lambda user, keep=narrow: user is not keep)
+        graph.erase_node(node)
+        rewritten.append(name)
+    if rewritten:
+        graph.lint()
+        graph_module.recompile()
+    return Conv1dRewrite(tuple(rewritten), kept)

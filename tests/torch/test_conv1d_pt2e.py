@@ -1,0 +1,162 @@
+"""Conv1d on the PT2E path: INT8 through the conv2d kernels (inc_torch.ptq._conv1d), in PTQ and QAT.
+
+The model reads each digits image as a sequence of 8 columns with 8 channels (its rows), as an audio or
+sensor model reads frames: Conv1d + BatchNorm1d + ReLU, a grouped 'same' Conv1d with an even kernel, a strided
+one without bias, a mean over time and a Linear classifier, trained here.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch_helpers import relative_loss, same_state, split, state
+
+import inc_core as inc
+import inc_torch
+from inc_torch.ptq._conv1d import conv1d_as_conv2d
+
+CONVS = ["c1", "c2", "c3"]
+
+
+class Digits1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(8, 32, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(32)
+        self.c2 = nn.Conv1d(32, 32, 4, padding="same", groups=4)  # 'same' with an even kernel: one side more
+        self.c3 = nn.Conv1d(32, 64, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.c1(x)))
+        x = torch.relu(self.c2(x)) + x
+        x = nn.functional.gelu(self.c3(x))
+        return self.fc(x.mean(-1))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, y, xt, yt = split()
+    return (torch.from_numpy(x[:, 0]), torch.from_numpy(y), torch.from_numpy(xt[:, 0]), torch.from_numpy(yt))
+
+
+def _train(model: nn.Module, *, epochs: int, lr: float) -> nn.Module:
+    x, y, _, _ = _data()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 50):
+            idx = order[start : start + 50]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+@functools.cache
+def _trained() -> nn.Module:
+    torch.manual_seed(0)
+    return _train(Digits1d(), epochs=12, lr=3e-3)
+
+
+def _accuracy(model: nn.Module) -> float:
+    _, _, x, y = _data()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def _targets(quantized: nn.Module) -> list[str]:
+    return [str(n.target) for n in quantized.graph_module.graph.nodes if n.op == "call_function"]
+
+
+def test_the_rewrite_computes_what_conv1d_computes() -> None:
+    torch.manual_seed(0)
+    model = _trained()
+    x = _data()[2][:16]
+    graph = torch.export.export(copy.deepcopy(model), (x,)).module()
+    rewrite = conv1d_as_conv2d(graph)
+    assert rewrite.rewritten == tuple(CONVS) and rewrite.kept == {}
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert targets.count("aten.conv2d.default") == 3 and not any("conv1d" in t for t in targets)
+    # the batch norm and the ReLUs act on the conv2d's output, where conv-bn folding and fusion find them
+    conv = next(n for n in graph.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+    assert [u.target for u in conv.users] == [torch.ops.aten.batch_norm.default]
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pt2e_runs_every_conv1d_in_int8_within_one_percent_of_fp32(tmp_path) -> None:
+    model = _trained()
+    before = state(model)
+    fp32 = _accuracy(model)
+    assert fp32 >= 0.9
+    config = inc.QuantConfig()
+    assert inc.describe(model, config).names == (*CONVS, "fc")
+    x = _data()[0]
+    quantized = inc.quantize(model, config, dataset=inc.Dataset(x[:256].numpy(), batch_size=32))
+    assert same_state(state(model), before)
+    assert inc_torch.quantized_ops(quantized) == [*CONVS, "fc"]
+    assert inc.get_backend("torch").int8_op_counts(quantized) == {"conv2d": 3, "linear": 1}
+    targets = _targets(quantized)
+    assert not any("conv1d" in t or "batch_norm" in t for t in targets), targets  # bn1 folded into c1
+    assert relative_loss(fp32, _accuracy(quantized)) <= 0.01, (fp32, _accuracy(quantized))
+    path = tmp_path / "digits1d.pt2"
+    inc.save(quantized, path)
+    sample = _data()[2][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(inc.load(path)(sample), quantized(sample))
+
+
+def test_an_excluded_conv1d_stays_float() -> None:
+    model = _trained()
+    config = inc.QuantConfig(exclude=inc.LayerFilter(names=("c2",)))
+    quantized = inc.quantize(model, config, dataset=inc.Dataset(_data()[0][:64].numpy(), batch_size=32))
+    assert inc_torch.quantized_ops(quantized) == ["c1", "c3", "fc"]
+    assert inc.get_backend("torch").int8_op_counts(quantized) == {"conv2d": 2, "linear": 1}
+
+
+class SharedKernel(nn.Module):
+    """One kernel applied at two places (a tied filter bank): the rewrite leaves it conv1d, and FP32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filters = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.filters(x)
+        x = nn.functional.conv1d(torch.relu(x), self.filters.weight, padding=1)
+        return self.fc(x.mean(-1))
+
+
+def test_a_conv1d_whose_weight_is_read_twice_stays_float_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = SharedKernel().eval()
+    with caplog.at_level(logging.INFO, logger="inc_torch"):
+        quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(_data()[0][:32].numpy(), batch_size=16))
+    assert (
+        "Conv1d 'filters' stays FP32 on format='pt2e': its weight is computed in the graph or read by another op too "
+        "(format='fx' quantizes it)"
+    ) in caplog.text
+    assert inc.get_backend("torch").int8_op_counts(quantized) == {"linear": 1}
+    x = _data()[2][:16]
+    with torch.no_grad():
+        assert nn.functional.cosine_similarity(model(x).flatten(), quantized(x).flatten(), 0) >= 0.99
+
+
+def test_pt2e_qat_trains_conv1d_as_conv2d_and_folds_its_batch_norm() -> None:
+    model = copy.deepcopy(_trained())
+    fp32 = _accuracy(model)
+    qat_model = inc_torch.prepare_qat(model, inc.QATConfig(freeze_bn_step=28, freeze_observer_step=42), _data()[0][:4])
+    _train(qat_model, epochs=2, lr=1e-4)
+    int8 = inc_torch.convert(qat_model)
+    assert inc.get_backend("torch").int8_op_counts(int8) == {"conv2d": 3, "linear": 1}
+    targets = _targets(int8)
+    assert not any("conv1d" in t or "batch_norm" in t for t in targets), targets
+    assert relative_loss(fp32, _accuracy(int8)) <= 0.01, (fp32, _accuracy(int8))
