@@ -138,7 +138,7 @@ class SharedKernel(nn.Module):
 def test_a_conv1d_whose_weight_is_read_twice_stays_float_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = SharedKernel().eval()
-    with caplog.at_level(logging.INFO, logger="inc_torch"):
+    with caplog.at_level(logging.INFO, logger="inc"):
         quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(_data()[0][:32].numpy(), batch_size=16))
     assert (
         "Conv1d 'filters' stays FP32 on format='pt2e': its weight is computed in the graph or read by another op too "

@@ -21,7 +21,7 @@ from torch import nn
 
 __all__ = ["Conv1dRewrite", "conv1d_as_conv2d"]
 
-log = logging.getLogger("inc_torch")
+log = logging.getLogger("inc")
 
 _aten = torch.ops.aten
 # Ops that act per channel (dim 1) or per element and keep the shape: the same on [N, C, L] and [N, C, 1, L].

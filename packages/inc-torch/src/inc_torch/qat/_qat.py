@@ -26,8 +26,8 @@ from inc_torch._failures import wrap_framework_errors
 from inc_torch._inputs import Inputs, float_dtype, to_inputs
 from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
-from inc_torch.ptq._conv1d import conv1d_as_conv2d
 from inc_torch.ptq._compiled import CompiledQuantizedModule
+from inc_torch.ptq._conv1d import conv1d_as_conv2d
 from inc_torch.ptq._fx_ops import apply_fx_settings, traced_fx_ops
 from inc_torch.ptq._kept_float import KeptFloat, keep_float, warn_kept_float
 from inc_torch.ptq._ops import ACTIVATION_DTYPES, LOOKUP_NAMES, quantizable_ops
