@@ -1,0 +1,210 @@
+"""Conv1d models on the torch paths: INT8 Conv1d on PT2E (as conv2d) against the other ways to run them.
+
+Run from the repository root in the transformers venv (it has transformers and torchao)::
+
+    flock /tmp/bench.lock .nox/transformers/bin/python benchmarks/torch_conv1d_bench.py
+
+Models (random weights; speed and fidelity to FP32 do not depend on training):
+
+- wav2vec2-base's feature encoder (transformers ``Wav2Vec2FeatureEncoder``, the default config: seven Conv1d of
+  512 channels, a group norm after the first, GELU) on one second of 16 kHz audio;
+- M5 (the raw-audio classifier of torchaudio's tutorial: four Conv1d + BatchNorm1d + ReLU + MaxPool1d, a
+  Linear) on one second of 16 kHz audio.
+
+Paths: FP32 eager; FP32 compiled by inductor (freezing, as inc's PT2E models run); inc PT2E as it was before
+Conv1d ran INT8 there (``exclude=LayerFilter(types=("Conv1d",))``: everything else the same; a model of Conv1d
+layers only was refused then, as it is with that exclusion now: nothing else to quantize); inc PT2E; inc FX
+(torch.ao's quantized conv1d); torchao's documented x86 recipe (X86InductorQuantizer defaults, which annotate a
+conv1d only before a ReLU). Calibration: 8 random batches; fidelity: output cosine to FP32 on 4 other inputs
+(mean and min). Speed: samples/s at batch 1 and 8, all paths timed side by side in interleaved rounds (the
+median round). Writes ``benchmarks/results/torch_conv1d.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _machine import cpu_flags, cpu_name, git_commit, timing_lock  # noqa: E402
+from torch_bench import fp32_compiled, torchao_default  # noqa: E402
+
+import inc_core as inc  # noqa: E402
+
+SECOND = 16000
+BATCHES = (1, 8)
+
+
+class M5(nn.Module):
+    """torchaudio tutorial's M5 (Dai et al. 2017): raw waveform in, 35 speech-command classes out."""
+
+    def __init__(self, classes: int = 35, channels: int = 128) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+            return [nn.Conv1d(cin, cout, kernel, stride=stride), nn.BatchNorm1d(cout), nn.ReLU(), nn.MaxPool1d(4)]
+
+        self.features = nn.Sequential(
+            *block(1, channels, 80, 16), *block(channels, channels, 3),
+            *block(channels, 2 * channels, 3), *block(2 * channels, 4 * channels, 3),
+        )
+        self.fc = nn.Linear(4 * channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(-1))
+
+
+def wav2vec2_features() -> tuple[nn.Module, Callable[[int, int], np.ndarray]]:
+    import transformers
+    from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2FeatureEncoder
+
+    torch.manual_seed(0)
+    model = Wav2Vec2FeatureEncoder(transformers.Wav2Vec2Config()).eval()
+    return model, lambda batch, seed: np.random.default_rng(seed).standard_normal((batch, SECOND)).astype(np.float32)
+
+
+def m5() -> tuple[nn.Module, Callable[[int, int], np.ndarray]]:
+    torch.manual_seed(0)
+    model = M5()
+    model.train()
+    with torch.no_grad():  # batch-norm statistics of audio-like inputs, as a trained model has
+        for seed in range(8):
+            model(torch.from_numpy(np.random.default_rng(100 + seed).standard_normal((8, 1, SECOND)).astype(np.float32)))
+    return model.eval(), lambda batch, seed: np.random.default_rng(seed).standard_normal((batch, 1, SECOND)).astype(np.float32)
+
+
+def _paths(model: nn.Module, calibration: list[np.ndarray]) -> dict[str, Callable[[], nn.Module]]:
+    data = inc.Dataset(calibration)
+    return {
+        "FP32 eager": lambda: model,
+        "FP32 compiled (inductor)": lambda: fp32_compiled(model),
+        "inc PT2E, Conv1d FP32 (before)": lambda: inc.quantize(
+            model, inc.QuantConfig(exclude=inc.LayerFilter(types=("Conv1d",))), dataset=data
+        ),
+        "inc PT2E": lambda: inc.quantize(model, inc.QuantConfig(), dataset=data),
+        "inc FX": lambda: inc.quantize(model, inc.QuantConfig(format="fx"), dataset=data),
+        "torchao PT2E defaults": lambda: torchao_default(model, calibration),
+    }
+
+
+def _cosines(model: nn.Module, candidate: nn.Module, inputs: list[np.ndarray]) -> list[float]:
+    found = []
+    with torch.no_grad():
+        for x in inputs:
+            ref, out = model(torch.from_numpy(x)), candidate(torch.from_numpy(x))
+            ref, out = (getattr(ref, "last_hidden_state", ref), getattr(out, "last_hidden_state", out))
+            found.append(float(nn.functional.cosine_similarity(ref.flatten().double(), out.flatten().double(), 0)))
+    return found
+
+
+def _int8_convs(path: str, candidate: nn.Module) -> int | None:
+    if path.startswith("FP32"):
+        return None
+    counts = inc.get_backend("torch").int8_op_counts(candidate) or {}
+    return sum(v for k, v in counts.items() if "conv" in k.lower())
+
+
+def bench(name: str, build: Callable[[], tuple[nn.Module, Callable[[int, int], np.ndarray]]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    model, make = build()
+    calibration = [make(4, seed) for seed in range(8)]
+    held_out = [make(2, 50 + seed) for seed in range(4)]
+    convs = sum(isinstance(m, nn.Conv1d) for m in model.modules())
+    built: dict[str, nn.Module] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for path, make_path in _paths(model, calibration).items():
+        row: dict[str, Any] = {"model": name, "path": path, "conv1d_layers": convs}
+        try:
+            started = time.perf_counter()
+            candidate = make_path()
+            row["build_s"] = round(time.perf_counter() - started, 1)
+            cosines = _cosines(model, candidate, held_out)  # also the first (compiling) calls
+            row.update(cosine_mean=statistics.mean(cosines), cosine_min=min(cosines), int8_conv=_int8_convs(path, candidate))
+            built[path] = candidate
+        except Exception as exc:  # a peer's failure is a row of the table, not the end of the benchmark
+            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            traceback.print_exc()
+        rows[path] = row
+    for batch in BATCHES:
+        x = torch.from_numpy(make(batch, 99))
+        per_round: dict[str, list[float]] = {path: [] for path in built}
+        with torch.no_grad():
+            for candidate in built.values():
+                for _ in range(2):
+                    candidate(x)
+            for _ in range(args.rounds):
+                for path, candidate in built.items():
+                    started = time.perf_counter()
+                    for _ in range(args.iterations):
+                        candidate(x)
+                    per_round[path].append(batch * args.iterations / (time.perf_counter() - started))
+        for path, values in per_round.items():
+            rows[path][f"samples_per_s_b{batch}"] = statistics.median(values)
+    return list(rows.values())
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = [
+        "# Conv1d models: INT8 Conv1d on PT2E (as conv2d) vs the other torch paths",
+        "",
+        f"CPU: {record['cpu']} ({', '.join(record['cpu_flags'])}), {record['threads']} threads; torch {record['torch']}, "
+        f"torchao {record['torchao']}; commit {record['commit']}; {record['date']}; `benchmarks/torch_conv1d_bench.py`.",
+        f"All paths of a model timed side by side in {record['rounds']} interleaved rounds of {record['iterations']} calls "
+        "(the median round); speed ratios are against FP32 eager in the same run. Fidelity: output cosine to FP32 on 4 "
+        "held-out inputs (random weights and inputs). `INT8 conv`: convolutions the model runs in INT8 (of its Conv1d layers).",
+        "",
+        "| model | path | INT8 conv | cosine mean | cosine min | " + " | ".join(f"samples/s b{b} (vs FP32)" for b in BATCHES) + " |",
+        "|---|---|---|---|---|" + "---|" * len(BATCHES),
+    ]
+    for row in record["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['path']} | failed: {row['error']} | | | " + " | " * len(BATCHES))
+            continue
+        base = next(r for r in record["rows"] if r["model"] == row["model"] and r["path"] == "FP32 eager")
+        speeds = " | ".join(
+            f"{row[f'samples_per_s_b{b}']:.1f} ({row[f'samples_per_s_b{b}'] / base[f'samples_per_s_b{b}']:.2f}x)" for b in BATCHES
+        )
+        int8 = "-" if row["int8_conv"] is None else f"{row['int8_conv']} of {row['conv1d_layers']}"
+        lines.append(
+            f"| {row['model']} | {row['path']} | {int8} | {row['cosine_mean']:.5f} | {row['cosine_min']:.5f} | {speeds} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    import torchao
+
+    rows = bench("wav2vec2-base feature encoder", wav2vec2_features, args) + bench("M5 (raw audio)", m5, args)
+    record = {
+        "cpu": cpu_name(), "cpu_flags": cpu_flags(), "threads": 2, "torch": torch.__version__, "torchao": torchao.__version__,
+        "commit": git_commit("packages", "benchmarks/torch_conv1d_bench.py"),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "rounds": args.rounds, "iterations": args.iterations, "rows": rows,
+    }
+    out = ROOT / "benchmarks" / "results"
+    (out / "torch_conv1d.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "torch_conv1d.md").write_text(markdown(record))
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    with timing_lock():  # one benchmark times at a time (an outer flock on the same file counts)
+        main()
