@@ -165,7 +165,7 @@ def test_an_excluded_conv1d_stays_float() -> None:
 
 
 class SharedKernel(nn.Module):
-    """One kernel applied at two places (a tied filter bank): the rewrite leaves it conv1d, and FP32."""
+    """One kernel applied twice (a module called again, and its weight in a functional conv): one weight, both INT8."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -173,19 +173,42 @@ class SharedKernel(nn.Module):
         self.fc = nn.Linear(8, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.filters(x)
-        x = nn.functional.conv1d(torch.relu(x), self.filters.weight, padding=1)
+        x = torch.relu(self.filters(torch.relu(self.filters(x))))
+        x = nn.functional.conv1d(x, self.filters.weight, padding=1)
         return self.fc(x.mean(-1))
 
 
-def test_a_conv1d_whose_weight_is_read_twice_stays_float_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+class TiedKernel(nn.Module):
+    """A kernel whose weight another op reads too (its centre taps as a projection): it must stay [out, in, k]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filters = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.filters(x)).mean(-1)
+        return self.fc(x @ self.filters.weight[:, :, 1])
+
+
+def test_a_shared_conv1d_weight_runs_int8_in_every_call() -> None:
     torch.manual_seed(0)
     model = SharedKernel().eval()
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(_data()[0][:32].numpy(), batch_size=16))
+    assert inc.get_backend("torch").int8_op_counts(quantized) == {"conv2d": 3, "linear": 1}
+    x = _data()[2][:16]
+    with torch.no_grad():
+        assert nn.functional.cosine_similarity(model(x).flatten(), quantized(x).flatten(), 0) >= 0.99
+
+
+def test_a_conv1d_whose_weight_another_op_reads_stays_float_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = TiedKernel().eval()
     with caplog.at_level(logging.INFO, logger="inc"):
         quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(_data()[0][:32].numpy(), batch_size=16))
     assert (
-        "Conv1d 'filters' stays FP32 on format='pt2e': its weight is computed in the graph or read by another op too "
-        "(format='fx' quantizes it)"
+        "Conv1d 'filters' stays FP32 on format='pt2e': its weight is computed in the graph or read by an op other "
+        "than a Conv1d (format='fx' quantizes it)"
     ) in caplog.text
     assert inc.get_backend("torch").int8_op_counts(quantized) == {"linear": 1}
     x = _data()[2][:16]

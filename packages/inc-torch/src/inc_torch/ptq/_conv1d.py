@@ -36,6 +36,7 @@ _SHAPE_KEEPING = frozenset({
     _aten.sigmoid.default,
     _aten.tanh.default,
 })
+_CONV1D = (_aten.conv1d.default, _aten.conv1d.padding)
 # Metadata that would describe the 1-D op wrongly on the new nodes (shapes, the source partition).
 _STALE_META = ("val", "tensor_meta", "source_fn_stack", "example_value")
 
@@ -104,30 +105,45 @@ def _shape_keeping_chain(conv1d: torch.fx.Node) -> list[torch.fx.Node]:
 def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
     """Rewrite, in place, each ``conv1d`` of an exported (not yet prepared) graph as a 2-D convolution.
 
-    A layer stays ``conv1d`` (and FP32 on PT2E) when its weight is no parameter of the graph or is read
-    elsewhere too; :attr:`Conv1dRewrite.kept` says which and why.
+    A layer stays ``conv1d`` (and FP32 on PT2E) when its weight is computed in the graph (normalised in
+    ``forward``) or read by another kind of op too; :attr:`Conv1dRewrite.kept` says which and why.
     """
     graph = graph_module.graph
     rewritten: list[str] = []
     kept: dict[str, str] = {}
+    widened: set[torch.fx.Node] = set()
+    # weights every reader of which is a conv1d taking it as its weight (decided before any is rewritten)
+    convertible = {
+        node.args[1]
+        for node in graph.nodes
+        if node.op == "call_function" and node.target in _CONV1D and len(node.args) > 1
+        and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr"
+        and all(
+            user.target in _CONV1D and user.args[1] is node.args[1] and node.args[1] not in (*user.args[:1], *user.args[2:])
+            for user in node.args[1].users
+        )
+    }
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (_aten.conv1d.default, _aten.conv1d.padding):
+        if node.op != "call_function" or node.target not in _CONV1D:
             continue
         name = _module_path(node)
         source, weight_node, bias, stride, padding, dilation, groups = [*node.args, *[None] * (7 - len(node.args))]
-        if not isinstance(weight_node, torch.fx.Node) or weight_node.op != "get_attr" or len(weight_node.users) > 1:
-            kept[name] = "its weight is computed in the graph or read by another op too"
+        if weight_node not in convertible:
+            # a weight normalised in forward, or read by another op: it must stay [out, in, k] for that op
+            kept[name] = "its weight is computed in the graph or read by an op other than a Conv1d"
             continue
         weight = _attribute(graph_module, str(weight_node.target))
         stride, dilation = int((stride or [1])[0]), int((dilation or [1])[0])
-        left, right = _padding([0] if padding is None else padding, int(weight.shape[-1]), dilation)
-        wide_weight = weight.detach().unsqueeze(2).clone()
-        _set_weight(graph_module, str(weight_node.target), wide_weight)
         fake = node.meta.get("val")
-        fake_mode = getattr(fake, "fake_mode", None)
-        if fake_mode is not None:
-            weight_node.meta["val"] = fake_mode.from_tensor(wide_weight)
-        weight_node.meta.pop("tensor_meta", None)
+        if weight_node not in widened:  # a module called twice reads one weight: widened once, for both calls
+            widened.add(weight_node)
+            weight = weight.detach().unsqueeze(2).clone()
+            _set_weight(graph_module, str(weight_node.target), weight)
+            fake_mode = getattr(fake, "fake_mode", None)
+            if fake_mode is not None:
+                weight_node.meta["val"] = fake_mode.from_tensor(weight)
+            weight_node.meta.pop("tensor_meta", None)
+        left, right = _padding([0] if padding is None else padding, int(weight.shape[-1]), dilation)
         source_fake = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
         meta = {k: v for k, v in node.meta.items() if k not in _STALE_META}
         with graph.inserting_before(node):
@@ -164,7 +180,8 @@ def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
             narrow.meta["val"] = fake
         end.replace_all_uses_with(narrow, delete_user_cb=lambda user, keep=narrow: user is not keep)
         graph.erase_node(node)
-        rewritten.append(name)
+        if name not in rewritten:  # a module called twice is one layer
+            rewritten.append(name)
     if rewritten:
         graph.lint()
         graph_module.recompile()
