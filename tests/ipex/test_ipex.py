@@ -168,7 +168,10 @@ def test_conv1d_layers_ipex_leaves_in_float_are_named(caplog: pytest.LogCaptureF
     with caplog.at_level("WARNING", logger="inc"):
         quantized = inc.quantize(head, inc.QuantConfig(), dataset=_signal((4, 8, 16)), backend="ipex")
     assert inc_torch.quantized_ops(quantized) == ["2"]
-    assert "backend='ipex' leaves 2 Conv1d layer(s) in FP32: 0.0, 0.2. They become INT8 with the torch backend with format='fx'." in caplog.text
+    assert (
+        "backend='ipex' leaves 2 Conv1d layer(s) in FP32: 0.0, 0.2. They become INT8 with the torch backend "
+        "(backend=None, format='pt2e')."
+    ) in caplog.text
 
 
 def test_a_model_ipex_quantizes_nothing_of_is_an_error(cnn: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:

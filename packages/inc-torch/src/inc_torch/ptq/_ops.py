@@ -225,7 +225,7 @@ def check_something_quantized(config: QuantConfig, fmt: str, ops: tuple[Op, ...]
     if config.approach == "dynamic":
         way_out = "Use approach='static' (it quantizes Conv and Linear layers with calibration data)."
     elif fmt == "torchscript":
-        way_out = "Use the torch backend with format='fx' (backend=None): it also quantizes Conv1d."
+        way_out = "Use the torch backend (backend=None; its default format='pt2e', or format='fx'): it also quantizes Conv1d."
     else:
         way_out = "Use approach='dynamic' for recurrent models, or another format."
     if config.approach == "dynamic":
