@@ -26,7 +26,10 @@ from inc_torch.ptq._ops import lookup_kept_in_float
 from inc_torch.ptq._settings import OpSettings, plan
 from inc_torch.ptq._weight_readers import weights_read_without_calls
 
-__all__ = ["base_mapping", "integer_ops", "op_table", "qconfig", "qconfig_mapping", "quantize_fx", "EXAMPLE_ATTR"]
+__all__ = [
+    "base_mapping", "integer_ops", "onednn_depthwise_conv1d", "op_table", "qconfig", "qconfig_mapping", "quantize_fx",
+    "EXAMPLE_ATTR",
+]
 
 log = logging.getLogger("inc")
 
@@ -130,6 +133,30 @@ def qconfig_mapping(
 FBGEMM_DEPTHWISE_GROUPS = 100
 
 
+def onednn_depthwise_conv1d(model: nn.Module, table: dict[str, FxOp]) -> list[str]:
+    """Depthwise Conv1d layers that torch's x86 engine would run on oneDNN (few groups): kept FP32 on FX.
+
+    torch.ao's INT8 depthwise conv1d on oneDNN never returns for some shapes when torch runs 2 threads
+    (measured on an AMD EPYC with VNNI: kernel 15 over 30 frames of 32 channels, kernel 21 over 42; other
+    lengths and kernels fine, 1 thread fine, FBGEMM's kernel fine); which shapes is not predictable from the
+    layer, and the length is the user's input. PT2E runs them INT8 through inductor's conv2d kernels.
+    """
+    found = []
+    for name in table:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Conv1d) and 1 < module.groups == module.in_channels <= FBGEMM_DEPTHWISE_GROUPS:
+            found.append(name)
+    if found:
+        log.info(
+            "%d depthwise Conv1d layer(s) stay FP32 on format='fx' (torch's oneDNN INT8 depthwise conv1d can stall "
+            "with several threads; format='pt2e' runs them INT8): %s", len(found), ", ".join(found[:5]),
+        )
+    return found
+
+
 def reduce_depthwise_weights(prepared: torch.fx.GraphModule) -> list[str]:
     """7-bit weights for the convs that run on FBGEMM's depthwise kernels; returns their names.
 
@@ -163,9 +190,10 @@ def quantize_fx(
     integer = tuple(integer_ops(table, calibration.integer))
     if integer:
         log.info("%d op(s) compute on integer tensors and stay FP32: %s", len(integer), ", ".join(integer[:5]))
-    mapping = qconfig_mapping(config, ops, table, float_only=integer)
+    float_only = (*integer, *onednn_depthwise_conv1d(work, table))
+    mapping = qconfig_mapping(config, ops, table, float_only=float_only)
     default, per_op = plan(config, ops)
-    per_op.update({name: None for name in integer})
+    per_op.update({name: None for name in float_only})
     for name, settings in per_op.items():
         if settings is None and table[name].kind == "module" and table[name].role not in ("weighted", "lookup"):
             keep_float(work, name)

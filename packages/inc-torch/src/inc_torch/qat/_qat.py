@@ -275,13 +275,14 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
         _pt2e_train_eval(prepared)
     else:
         from inc_torch.ptq._calibration import integer_tensors
-        from inc_torch.ptq._fx import integer_ops
+        from inc_torch.ptq._fx import integer_ops, onednn_depthwise_conv1d
 
         # ops computing on integers (index arithmetic) would get fake quantization of a Long tensor
         integer = integer_ops(fx_table, integer_tensors(work, example))
         if integer:
             log.info("%d op(s) compute on integer tensors and stay FP32: %s", len(integer), ", ".join(integer[:5]))
-        mapping = apply_fx_settings(_fx_qat_mapping(config), fx_table, dict.fromkeys([*excluded, *integer]))
+        stalling = onednn_depthwise_conv1d(work, fx_table)  # trained in float: their INT8 kernel can stall
+        mapping = apply_fx_settings(_fx_qat_mapping(config), fx_table, dict.fromkeys([*excluded, *integer, *stalling]))
         if hidden:  # trained in float as opaque calls: convert_fx could not quantize them (see keyword_weight_scopes)
             warn_kept_float(hidden)
             for scope in hidden:

@@ -1,0 +1,69 @@
+"""A Conformer convolution module (pointwise Conv1d, GLU, depthwise Conv1d of kernel 15, BatchNorm1d, SiLU, pointwise
+Conv1d) on the FX path: torch.ao's INT8 depthwise conv1d on oneDNN never returned for 30 frames with 2 threads, so
+FX keeps depthwise Conv1d layers of up to 100 channels FP32 (PT2E runs them INT8 as conv2d).
+
+The model runs in a child process with a time limit: a regression stalls there, not the test session.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+CHILD = textwrap.dedent(
+    """
+    import json, logging, sys
+    import torch
+    from torch import nn
+    import inc_core as inc
+    import inc_torch
+
+    torch.set_num_threads(2)
+
+    class ConformerConv(nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.pw1 = nn.Conv1d(d, 2 * d, 1)
+            self.dw = nn.Conv1d(d, d, 15, padding=7, groups=d)
+            self.bn = nn.BatchNorm1d(d)
+            self.pw2 = nn.Conv1d(d, d, 1)
+
+        def forward(self, x):
+            y = nn.functional.glu(self.pw1(x.transpose(1, 2)), dim=1)
+            return x + self.pw2(nn.functional.silu(self.bn(self.dw(y)))).transpose(1, 2)
+
+    torch.manual_seed(0)
+    model = ConformerConv().eval()
+    data = inc.Dataset([torch.randn(5, 30, 32).numpy() for _ in range(4)])
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("inc").addHandler(handler)
+    logging.getLogger("inc").setLevel(logging.INFO)
+    found = {}
+    x = torch.randn(5, 30, 32)
+    for fmt in ("fx", "pt2e"):
+        quantized = inc.quantize(model, inc.QuantConfig(format=fmt), dataset=data)
+        with torch.no_grad():
+            cosine = nn.functional.cosine_similarity(model(x).flatten(), quantized(x).flatten(), 0).item()
+        found[fmt] = {"ops": inc_torch.quantized_ops(quantized), "cosine": cosine}
+    found["log"] = messages
+    print(json.dumps(found))
+    """
+)
+
+
+def test_fx_keeps_small_depthwise_conv1d_float_and_nothing_stalls() -> None:
+    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["fx"]["ops"] == ["pw1", "pw2"]
+    assert found["pt2e"]["ops"] == ["pw1", "dw", "pw2"]
+    assert found["fx"]["cosine"] >= 0.99 and found["pt2e"]["cosine"] >= 0.99
+    assert any(
+        "1 depthwise Conv1d layer(s) stay FP32 on format='fx' (torch's oneDNN INT8 depthwise conv1d can stall with "
+        "several threads; format='pt2e' runs them INT8): dw" in line
+        for line in found["log"]
+    ), found["log"]
