@@ -76,13 +76,13 @@ def _targets(quantized: nn.Module) -> list[str]:
 
 
 class Varied(nn.Module):
-    """Every way a Conv1d is configured: string paddings, dilation, reflect padding, depthwise, no bias, tanh."""
+    """Every way a Conv1d is configured: string paddings, dilation, reflect padding, groups, no bias, tanh."""
 
     def __init__(self) -> None:
         super().__init__()
         self.same_even = nn.Conv1d(8, 16, 4, padding="same", dilation=3)
         self.valid = nn.Conv1d(16, 16, 3, padding="valid", stride=2)
-        self.reflect = nn.Conv1d(16, 16, 5, padding=2, padding_mode="reflect", groups=16, bias=False)
+        self.reflect = nn.Conv1d(16, 16, 5, padding=2, padding_mode="reflect", groups=4, bias=False)
         self.last = nn.Conv1d(16, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Conv1dRewrite", "conv1d_as_conv2d"]
+__all__ = ["FBGEMM_DEPTHWISE_GROUPS", "Conv1dRewrite", "conv1d_as_conv2d"]
 
 log = logging.getLogger("inc")
+
+# torch's x86 engine runs a quantized conv with more groups than this on FBGEMM's depthwise kernels on every
+# CPU (fewer groups go to oneDNN where the CPU has VNNI/AMX; see should_use_onednn_quant in torch).
+FBGEMM_DEPTHWISE_GROUPS = 100
 
 _aten = torch.ops.aten
 # Ops that act per channel (dim 1) or per element and keep the shape: the same on [N, C, L] and [N, C, 1, L].
@@ -51,7 +55,7 @@ class Conv1dRewrite:
     def log(self) -> None:
         """Say which Conv1d layers stay FP32 on PT2E, and why."""
         for name, reason in self.kept.items():
-            log.info("Conv1d %r stays FP32 on format='pt2e': %s (format='fx' quantizes it)", name, reason)
+            log.info("Conv1d %r stays FP32 on format='pt2e': %s", name, reason)
 
 
 def _module_path(node: torch.fx.Node) -> str:
@@ -130,9 +134,17 @@ def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
         source, weight_node, bias, stride, padding, dilation, groups = [*node.args, *[None] * (7 - len(node.args))]
         if weight_node not in convertible:
             # a weight normalised in forward, or read by another op: it must stay [out, in, k] for that op
-            kept[name] = "its weight is computed in the graph or read by an op other than a Conv1d"
+            kept[name] = "its weight is computed in the graph or read by an op other than a Conv1d (format='fx' quantizes it)"
             continue
         weight = _attribute(graph_module, str(weight_node.target))
+        if int(groups or 1) > 1 and int(groups) == int(weight.shape[0]) == int(weight.shape[1]) * int(groups):
+            # oneDNN's INT8 depthwise convolution never returned on some height-1 shapes with 2 threads (kernel 15
+            # over 30 frames at batch 1, kernel 21 over 42 at batch 5; other lengths fine): not predictable from
+            # the layer, and the length is the user's input
+            kept[name] = "oneDNN's INT8 depthwise convolution can stall on 1-D inputs with several threads" + (
+                " (format='fx' quantizes it on FBGEMM's kernel)" if int(groups) > FBGEMM_DEPTHWISE_GROUPS else ""
+            )
+            continue
         stride, dilation = int((stride or [1])[0]), int((dilation or [1])[0])
         fake = node.meta.get("val")
         if weight_node not in widened:  # a module called twice reads one weight: widened once, for both calls

@@ -17,6 +17,7 @@ from inc_torch._compat import quiet
 from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._calibration import TorchCalibration, load_statistics
 from inc_torch.ptq._capture import fx_prepare, positional
+from inc_torch.ptq._conv1d import FBGEMM_DEPTHWISE_GROUPS
 from inc_torch.ptq._dynamic import lookup_qconfig, tied_lookups
 from inc_torch.ptq._fx_ops import FxOp, apply_fx_settings, fx_ops
 from inc_torch.ptq._kept_float import KeptFloat, keep_float
@@ -128,9 +129,6 @@ def qconfig_mapping(
     return apply_fx_settings(base_mapping(default), table, chosen)
 
 
-# torch's x86 engine runs a quantized conv with more groups than this on FBGEMM's depthwise kernels on
-# every CPU (fewer groups go to oneDNN where the CPU has VNNI/AMX; see should_use_onednn_quant in torch).
-FBGEMM_DEPTHWISE_GROUPS = 100
 
 
 def onednn_depthwise_conv1d(model: nn.Module, table: dict[str, FxOp]) -> list[str]:
