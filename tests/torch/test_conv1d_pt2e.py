@@ -121,6 +121,17 @@ def test_the_rewrite_computes_what_conv1d_computes() -> None:
         torch.testing.assert_close(graph(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_depthwise_conv1d_stays_conv1d_grouped_ones_do_not() -> None:
+    # oneDNN's INT8 depthwise kernel can stall on 1-D shapes (tests/torch/test_depthwise_conv1d.py): one input
+    # channel per group, with or without a channel multiplier, stays conv1d; other groupings are rewritten
+    model = nn.Sequential(nn.Conv1d(8, 16, 3, groups=8), nn.Conv1d(16, 16, 3, groups=4), nn.Conv1d(16, 16, 3, groups=16))
+    graph = torch.export.export(model.eval(), (torch.randn(2, 8, 20),)).module()
+    rewrite = conv1d_as_conv2d(graph)
+    assert rewrite.rewritten == ("1",)
+    assert set(rewrite.kept) == {"0", "2"}
+    assert all(reason.startswith("oneDNN's INT8 depthwise convolution can stall") for reason in rewrite.kept.values())
+
+
 def test_every_conv1d_configuration_runs_int8_reflect_padding_included() -> None:
     # a non-zero padding_mode is refused for Conv2d on PT2E (torchao's partitions fail on it); a Conv1d's padding
     # is its own op once the convolution is a conv2d, so it runs INT8 after its FP32 reflect padding

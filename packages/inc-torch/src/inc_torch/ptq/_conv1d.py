@@ -137,7 +137,7 @@ def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
             kept[name] = "its weight is computed in the graph or read by an op other than a Conv1d (format='fx' quantizes it)"
             continue
         weight = _attribute(graph_module, str(weight_node.target))
-        if int(groups or 1) > 1 and int(groups) == int(weight.shape[0]) == int(weight.shape[1]) * int(groups):
+        if int(groups or 1) > 1 and int(weight.shape[1]) == 1:  # depthwise: one input channel per group
             # oneDNN's INT8 depthwise convolution never returned on some height-1 shapes with 2 threads (kernel 15
             # over 30 frames at batch 1, kernel 21 over 42 at batch 5; other lengths fine): not predictable from
             # the layer, and the length is the user's input
