@@ -76,7 +76,7 @@ def test_depthwise_conv1d_stays_float_where_onednn_would_run_it_and_nothing_stal
     assert found["fx"]["cosine"] >= 0.99 and found["pt2e"]["cosine"] >= 0.99
     assert any(
         "1 depthwise Conv1d layer(s) stay FP32 on format='fx' (torch's oneDNN INT8 depthwise conv1d can stall with "
-        "several threads; format='pt2e' runs them INT8): dw" in line
+        "several threads; those of more than 100 channels run on FBGEMM, in INT8): dw" in line
         for line in found["log"]
     ), found["log"]
     assert (

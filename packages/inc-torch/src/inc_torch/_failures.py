@@ -175,7 +175,7 @@ def check_constructs(model: nn.Module, fmt: str, excluded: set[str]) -> None:
         mode = getattr(module, "padding_mode", _ZERO_PADDING)
         if not isinstance(module, nn.modules.conv._ConvNd) or mode == _ZERO_PADDING:
             continue
-        if fmt == "pt2e" and isinstance(module, nn.Conv1d):
+        if fmt == "pt2e" and isinstance(module, nn.Conv1d) and not 1 < module.groups == module.in_channels:
             continue  # rewritten as conv2d before the quantizer sees it, its padding a separate op (see ptq._conv1d)
         what = f"{type(module).__name__} {name!r} has padding_mode={mode!r}"
         if fmt == "pt2e":

@@ -137,7 +137,7 @@ def onednn_depthwise_conv1d(model: nn.Module, table: dict[str, FxOp]) -> list[st
     torch.ao's INT8 depthwise conv1d on oneDNN never returns for some shapes when torch runs 2 threads
     (measured on an AMD EPYC with VNNI: kernel 15 over 30 frames of 32 channels, kernel 21 over 42; other
     lengths and kernels fine, 1 thread fine, FBGEMM's kernel fine); which shapes is not predictable from the
-    layer, and the length is the user's input. PT2E runs them INT8 through inductor's conv2d kernels.
+    layer, and the length is the user's input. PT2E keeps every depthwise Conv1d FP32 alike (see _conv1d).
     """
     found = []
     for name in table:
@@ -150,7 +150,8 @@ def onednn_depthwise_conv1d(model: nn.Module, table: dict[str, FxOp]) -> list[st
     if found:
         log.info(
             "%d depthwise Conv1d layer(s) stay FP32 on format='fx' (torch's oneDNN INT8 depthwise conv1d can stall "
-            "with several threads; format='pt2e' runs them INT8): %s", len(found), ", ".join(found[:5]),
+            "with several threads; those of more than %d channels run on FBGEMM, in INT8): %s",
+            len(found), FBGEMM_DEPTHWISE_GROUPS, ", ".join(found[:5]),
         )
     return found
 
