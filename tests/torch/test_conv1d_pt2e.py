@@ -11,10 +11,11 @@ import copy
 import functools
 import logging
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_helpers import relative_loss, same_state, split, state
+from torch_helpers import accuracy, calib_data, relative_loss, same_state, split, state, train
 
 import inc_core as inc
 import inc_torch
@@ -33,42 +34,22 @@ class Digits1d(nn.Module):
         self.fc = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1, 2)  # a (N, 1, 8, 8) image as 8 rows (channels) over 8 columns (time)
         x = torch.relu(self.bn1(self.c1(x)))
         x = torch.relu(self.c2(x)) + x
         x = nn.functional.gelu(self.c3(x))
         return self.fc(x.mean(-1))
 
 
-def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, y, xt, yt = split()
-    return (torch.from_numpy(x[:, 0]), torch.from_numpy(y), torch.from_numpy(xt[:, 0]), torch.from_numpy(yt))
-
-
-def _train(model: nn.Module, *, epochs: int, lr: float) -> nn.Module:
-    x, y, _, _ = _data()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), 50):
-            idx = order[start : start + 50]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            optimizer.step()
-    return model.eval()
+def _rows(images: np.ndarray) -> torch.Tensor:
+    """Digits images as (N, 8, 8) sequences, for the small Conv1d models that take them directly."""
+    return torch.from_numpy(images[:, 0])
 
 
 @functools.cache
 def _trained() -> nn.Module:
     torch.manual_seed(0)
-    return _train(Digits1d(), epochs=12, lr=3e-3)
-
-
-def _accuracy(model: nn.Module) -> float:
-    _, _, x, y = _data()
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+    return train(Digits1d(), 12, lr=3e-3, seed=1)
 
 
 def _targets(quantized: nn.Module) -> list[str]:
@@ -109,7 +90,7 @@ def test_the_rewrite_computes_what_conv1d_computes() -> None:
     with torch.no_grad():
         torch.testing.assert_close(graph(x), varied(x), rtol=1e-5, atol=1e-5)
     model = _trained()
-    x = _data()[2][:16]
+    x = torch.from_numpy(split()[2][:16])
     graph, names = _rewritten(model, x)
     assert names == CONVS
     # the batch norm and the ReLU act on the conv2d's output, where conv-bn folding and fusion find them
@@ -148,21 +129,20 @@ def test_every_conv1d_configuration_runs_int8_reflect_padding_included() -> None
 def test_pt2e_runs_every_conv1d_in_int8_within_one_percent_of_fp32(tmp_path) -> None:
     model = _trained()
     before = state(model)
-    fp32 = _accuracy(model)
+    fp32 = accuracy(model)
     assert fp32 >= 0.9
     config = inc.QuantConfig()
     assert inc.describe(model, config).names == (*CONVS, "fc")
-    x = _data()[0]
-    quantized = inc.quantize(model, config, dataset=inc.Dataset(x[:256].numpy(), batch_size=32))
+    quantized = inc.quantize(model, config, dataset=calib_data(256, 32))
     assert same_state(state(model), before)
     assert inc_torch.quantized_ops(quantized) == [*CONVS, "fc"]
     assert inc.get_backend("torch").int8_op_counts(quantized) == {"conv2d": 3, "linear": 1}
     targets = _targets(quantized)
     assert not any("conv1d" in t or "batch_norm" in t for t in targets), targets  # bn1 folded into c1
-    assert relative_loss(fp32, _accuracy(quantized)) <= 0.01, (fp32, _accuracy(quantized))
+    assert relative_loss(fp32, accuracy(quantized)) <= 0.01, (fp32, accuracy(quantized))
     path = tmp_path / "digits1d.pt2"
     inc.save(quantized, path)
-    sample = _data()[2][:8]
+    sample = torch.from_numpy(split()[2][:8])
     with torch.no_grad():
         torch.testing.assert_close(inc.load(path)(sample), quantized(sample))
 
@@ -170,7 +150,7 @@ def test_pt2e_runs_every_conv1d_in_int8_within_one_percent_of_fp32(tmp_path) -> 
 def test_an_excluded_conv1d_stays_float() -> None:
     model = _trained()
     config = inc.QuantConfig(exclude=inc.LayerFilter(names=("c2",)))
-    quantized = inc.quantize(model, config, dataset=inc.Dataset(_data()[0][:64].numpy(), batch_size=32))
+    quantized = inc.quantize(model, config, dataset=calib_data(64, 32))
     assert inc_torch.quantized_ops(quantized) == ["c1", "c3", "fc"]
     assert inc.get_backend("torch").int8_op_counts(quantized) == {"conv2d": 2, "linear": 1}
 
@@ -205,9 +185,9 @@ class TiedKernel(nn.Module):
 def test_a_shared_conv1d_weight_runs_int8_in_every_call() -> None:
     torch.manual_seed(0)
     model = SharedKernel().eval()
-    quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(_data()[0][:32].numpy(), batch_size=16))
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(_rows(split()[0][:32]).numpy(), batch_size=16))
     assert inc.get_backend("torch").int8_op_counts(quantized) == {"conv2d": 3, "linear": 1}
-    x = _data()[2][:16]
+    x = _rows(split()[2][:16])
     with torch.no_grad():
         assert nn.functional.cosine_similarity(model(x).flatten(), quantized(x).flatten(), 0) >= 0.99
 
@@ -216,24 +196,26 @@ def test_a_conv1d_whose_weight_another_op_reads_stays_float_and_says_why(caplog:
     torch.manual_seed(0)
     model = TiedKernel().eval()
     with caplog.at_level(logging.INFO, logger="inc"):
-        quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(_data()[0][:32].numpy(), batch_size=16))
+        quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(_rows(split()[0][:32]).numpy(), batch_size=16))
     assert (
         "Conv1d 'filters' stays FP32 on format='pt2e': its weight is computed in the graph or read by an op other "
         "than a Conv1d (format='fx' quantizes it)"
     ) in caplog.text
     assert inc.get_backend("torch").int8_op_counts(quantized) == {"linear": 1}
-    x = _data()[2][:16]
+    x = _rows(split()[2][:16])
     with torch.no_grad():
         assert nn.functional.cosine_similarity(model(x).flatten(), quantized(x).flatten(), 0) >= 0.99
 
 
 def test_pt2e_qat_trains_conv1d_as_conv2d_and_folds_its_batch_norm() -> None:
     model = copy.deepcopy(_trained())
-    fp32 = _accuracy(model)
-    qat_model = inc_torch.prepare_qat(model, inc.QATConfig(freeze_bn_step=28, freeze_observer_step=42), _data()[0][:4])
-    _train(qat_model, epochs=2, lr=1e-4)
+    fp32 = accuracy(model)
+    qat_model = inc_torch.prepare_qat(
+        model, inc.QATConfig(freeze_bn_step=28, freeze_observer_step=42), torch.from_numpy(split()[0][:4])
+    )
+    train(qat_model, 2, lr=1e-4, seed=1)
     int8 = inc_torch.convert(qat_model)
     assert inc.get_backend("torch").int8_op_counts(int8) == {"conv2d": 3, "linear": 1}
     targets = _targets(int8)
     assert not any("conv1d" in t or "batch_norm" in t for t in targets), targets
-    assert relative_loss(fp32, _accuracy(int8)) <= 0.01, (fp32, _accuracy(int8))
+    assert relative_loss(fp32, accuracy(int8)) <= 0.01, (fp32, accuracy(int8))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FBGEMM_DEPTHWISE_GROUPS", "Conv1dRewrite", "conv1d_as_conv2d"]
+__all__ = ["FBGEMM_DEPTHWISE_GROUPS", "Conv1dRewrite", "conv1d_as_conv2d", "is_depthwise_conv1d"]
 
 log = logging.getLogger("inc")
 
@@ -43,6 +43,13 @@ _SHAPE_KEEPING = frozenset({
 _CONV1D = (_aten.conv1d.default, _aten.conv1d.padding)
 # Metadata that would describe the 1-D op wrongly on the new nodes (shapes, the source partition).
 _STALE_META = ("val", "tensor_meta", "source_fn_stack", "example_value")
+
+
+def is_depthwise_conv1d(module: nn.Module) -> bool:
+    """A Conv1d with one input channel per group (a channel multiplier or not): oneDNN's INT8 kernel for those
+    never returned on some 1-D shapes with 2 threads (kernel 15 over 30 frames at batch 1, kernel 21 over 42 at
+    batch 5; other lengths fine), not predictable from the layer, and the length is the user's input."""
+    return isinstance(module, nn.Conv1d) and 1 < module.groups == module.in_channels
 
 
 @dataclass(frozen=True)
@@ -137,10 +144,7 @@ def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
             kept[name] = "its weight is computed in the graph or read by an op other than a Conv1d (format='fx' quantizes it)"
             continue
         weight = _attribute(graph_module, str(weight_node.target))
-        if int(groups or 1) > 1 and int(weight.shape[1]) == 1:  # depthwise: one input channel per group
-            # oneDNN's INT8 depthwise convolution never returned on some height-1 shapes with 2 threads (kernel 15
-            # over 30 frames at batch 1, kernel 21 over 42 at batch 5; other lengths fine): not predictable from
-            # the layer, and the length is the user's input
+        if int(groups or 1) > 1 and int(weight.shape[1]) == 1:  # depthwise, as is_depthwise_conv1d tells of modules
             kept[name] = "oneDNN's INT8 depthwise convolution can stall on 1-D inputs with several threads" + (
                 " (format='fx' quantizes it on FBGEMM's kernel)" if int(groups) > FBGEMM_DEPTHWISE_GROUPS else ""
             )
@@ -178,15 +182,16 @@ def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
             conv.meta["val"] = fake.unsqueeze(2)
         chain = _shape_keeping_chain(node)
         for link in chain:  # computed on the 4-D output now (same shape, one more dimension)
-            for key in _STALE_META[:2]:
+            for key in ("val", "tensor_meta"):
                 link.meta.pop(key, None)
             if isinstance(fake, torch.Tensor):
                 link.meta["val"] = fake.unsqueeze(2)
         if chain:
             chain[0].args = (conv, *chain[0].args[1:])
-        end = chain[-1] if chain else node
-        with graph.inserting_after(chain[-1] if chain else conv):
-            narrow = graph.call_function(_aten.squeeze.dim, (chain[-1] if chain else conv, 2))
+        end = chain[-1] if chain else node  # the node whose readers take [N, C, L]
+        last = chain[-1] if chain else conv  # what computes it now, in 4-D
+        with graph.inserting_after(last):
+            narrow = graph.call_function(_aten.squeeze.dim, (last, 2))
         narrow.meta = {k: v for k, v in end.meta.items() if k not in _STALE_META}
         if isinstance(fake, torch.Tensor):
             narrow.meta["val"] = fake

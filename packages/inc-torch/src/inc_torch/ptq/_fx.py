@@ -17,7 +17,7 @@ from inc_torch._compat import quiet
 from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._calibration import TorchCalibration, load_statistics
 from inc_torch.ptq._capture import fx_prepare, positional
-from inc_torch.ptq._conv1d import FBGEMM_DEPTHWISE_GROUPS
+from inc_torch.ptq._conv1d import FBGEMM_DEPTHWISE_GROUPS, is_depthwise_conv1d
 from inc_torch.ptq._dynamic import lookup_qconfig, tied_lookups
 from inc_torch.ptq._fx_ops import FxOp, apply_fx_settings, fx_ops
 from inc_torch.ptq._kept_float import KeptFloat, keep_float
@@ -134,10 +134,9 @@ def qconfig_mapping(
 def onednn_depthwise_conv1d(model: nn.Module, table: dict[str, FxOp]) -> list[str]:
     """Depthwise Conv1d layers that torch's x86 engine would run on oneDNN (few groups): kept FP32 on FX.
 
-    torch.ao's INT8 depthwise conv1d on oneDNN never returns for some shapes when torch runs 2 threads
-    (measured on an AMD EPYC with VNNI: kernel 15 over 30 frames of 32 channels, kernel 21 over 42; other
-    lengths and kernels fine, 1 thread fine, FBGEMM's kernel fine); which shapes is not predictable from the
-    layer, and the length is the user's input. PT2E keeps every depthwise Conv1d FP32 alike (see _conv1d).
+    torch.ao's INT8 depthwise conv1d on oneDNN stalls on some shapes with 2 threads (see
+    :func:`~inc_torch.ptq._conv1d.is_depthwise_conv1d`; measured on an AMD EPYC with VNNI, 1 thread and FBGEMM's
+    kernel fine). PT2E keeps every depthwise Conv1d FP32 alike.
     """
     found = []
     for name in table:
@@ -145,7 +144,7 @@ def onednn_depthwise_conv1d(model: nn.Module, table: dict[str, FxOp]) -> list[st
             module = model.get_submodule(name)
         except AttributeError:
             continue
-        if isinstance(module, nn.Conv1d) and 1 < module.groups == module.in_channels <= FBGEMM_DEPTHWISE_GROUPS:
+        if is_depthwise_conv1d(module) and module.groups <= FBGEMM_DEPTHWISE_GROUPS:
             found.append(name)
     if found:
         log.info(
