@@ -28,6 +28,7 @@ from inc_torch._hf import check_hf_inputs, drop_label_inputs, prepare_for_captur
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
 from inc_torch.ptq._conv1d import conv1d_as_conv2d
+from inc_torch.ptq._conv_transpose import conv_transpose_as_conv2d
 from inc_torch.ptq._kept_float import KeptFloat, keep_float, keyword_weight_scopes, warn_kept_float
 from inc_torch.ptq._observers import HISTOGRAM_BINS, is_activation_observer
 
@@ -123,6 +124,7 @@ def _base_graph(work: nn.Module, example: Inputs, fmt: str) -> tuple[torch.fx.Gr
         ao = torchao_pt2e()
         exported = export_graph(work, example)
         conv1d_as_conv2d(exported).log()  # INT8 through the conv2d kernels (see _conv1d)
+        conv_transpose_as_conv2d(exported).log()  # the same, as sub-pixel convolutions (see _conv_transpose)
         # An empty quantizer annotates nothing; prepare still folds conv-bn exactly as a trial's prepare does.
         with quiet():
             base = ao.prepare_pt2e(copy.deepcopy(exported), ao.X86InductorQuantizer())

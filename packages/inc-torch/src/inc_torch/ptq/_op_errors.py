@@ -25,6 +25,7 @@ from inc_torch._hf import linearize_conv1d
 from inc_torch._inputs import float_dtype, to_inputs
 from inc_torch.ptq._calibration import TorchCalibration
 from inc_torch.ptq._capture import eval_copy
+from inc_torch.ptq._conv_transpose import subpixel_weight, transposed_weight
 from inc_torch.ptq._dynamic import quantize_one
 from inc_torch.ptq._ops import LOOKUP_TYPES
 from inc_torch.ptq._settings import OpSettings, plan
@@ -33,7 +34,7 @@ __all__ = ["op_errors"]
 
 # Ops measured one by one: the weighted layers static paths quantize, the layers dynamic paths swap.
 _MEASURED = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell, *LOOKUP_TYPES,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell, *LOOKUP_TYPES,
 )
 
 
@@ -55,6 +56,19 @@ def _fake_weight(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
         zero = torch.zeros(scale.shape, dtype=torch.int32)
         return torch.fake_quantize_per_channel_affine(weight.float(), scale, zero, 0, -128, 127).to(weight.dtype)
     return torch.fake_quantize_per_tensor_affine(weight.float(), float(scale[0]), 0, -128, 127).to(weight.dtype)
+
+
+def _fake_transposed_weight(module: nn.Module, per_channel: bool) -> torch.Tensor:
+    """A transposed convolution's weight as PT2E runs it: quantized per output channel of its sub-pixel conv2d
+    (one scale per output channel and phase, see :mod:`inc_torch.ptq._conv_transpose`)."""
+    one_d = isinstance(module, nn.ConvTranspose1d)
+    weight = module.weight.detach().float()
+    weight = weight.unsqueeze(2) if one_d else weight
+    stride = (1, module.stride[0]) if one_d else tuple(module.stride)
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    phased = _fake_weight(subpixel_weight(weight, stride, module.groups), per_channel)  # type: ignore[arg-type]
+    restored = transposed_weight(phased, stride, module.groups, kernel)  # type: ignore[arg-type]
+    return (restored.squeeze(2) if one_d else restored).to(module.weight.dtype)
 
 
 def _lookup_simulator(module: nn.Module) -> Callable[..., Any]:
@@ -85,12 +99,21 @@ def _static_simulator(module: nn.Module, settings: OpSettings, calibration: Torc
     lo, hi = histogram.range(settings.calibration, percentile=settings.percentile, dtype="uint8", scheme=settings.scheme)
     qp = compute_qparams(lo, hi, dtype="uint8", scheme=settings.scheme)
     scale, zero = float(qp.scale), int(qp.zero_point)
-    weight = _fake_weight(module.weight, settings.granularity == "per_channel")  # type: ignore[arg-type]
+    per_channel = settings.granularity == "per_channel"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        weight = _fake_transposed_weight(module, per_channel)
+    else:
+        weight = _fake_weight(module.weight, per_channel)  # type: ignore[arg-type]
 
     def simulate(x: torch.Tensor) -> torch.Tensor:
         xq = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
         if isinstance(module, nn.Linear):
             return F.linear(xq, weight, module.bias)
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            transposed = F.conv_transpose1d if isinstance(module, nn.ConvTranspose1d) else F.conv_transpose2d
+            return transposed(  # type: ignore[operator]
+                xq, weight, module.bias, module.stride, module.padding, module.output_padding, module.groups, module.dilation
+            )
         return module._conv_forward(xq, weight, module.bias)  # type: ignore[operator]
 
     return simulate

@@ -34,11 +34,12 @@ __all__ = [
 LOOKUP_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 LOOKUP_NAMES = frozenset(t.__name__ for t in LOOKUP_TYPES)
 # Module types whose weights and input activations become INT8, per static format. PT2E: conv1d (as the
-# conv2d it is, see _conv1d), conv2d and linear (torchao has no conv3d), and embedding tables (inc's own
-# rewrite, _pt2e_tables); the FX x86 backend config covers conv1d/2d/3d, and its quantized
-# lookups the embedding tables.
+# conv2d it is, see _conv1d), conv2d, transposed 1-D/2-D convolutions (as sub-pixel conv2d, see
+# _conv_transpose) and linear (torchao has no conv3d), and embedding tables (inc's own rewrite,
+# _pt2e_tables); the FX x86 backend config covers conv1d/2d/3d (torch.ao's quantized transposed convolutions
+# compute wrong outputs: see _conv_transpose), and its quantized lookups the embedding tables.
 STATIC_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
-    "pt2e": (nn.Conv1d, nn.Conv2d, nn.Linear, *LOOKUP_TYPES),
+    "pt2e": (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear, *LOOKUP_TYPES),
     "fx": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *LOOKUP_TYPES),
     # IPEX's static flow (traced TorchScript): IPEX 2.8 leaves Conv1d in FP32 (measured: no INT8 op in its graph).
     "torchscript": (nn.Conv2d, nn.Conv3d, nn.Linear),
@@ -76,6 +77,8 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
         # exact type match: subclasses (e.g. NonDynamicallyQuantizableLinear inside MultiheadAttention)
         # are not swapped by torch.ao, so they are not offered either.
         # A weight-normed layer (ParametrizedConv1d) counts as its own class: inc folds the norm first.
+        if isinstance(module, nn.modules.conv._ConvTransposeNd) and any(d != 1 for d in module.dilation):
+            continue  # a dilated one stays a transposed convolution, in FP32 (see _conv_transpose)
         if name and (plain_type(module) in types or (conv1d and is_hf_conv1d(module))):
             ops.append(Op(name=name, op_type=plain_type(module).__name__))
         elif name and fmt == "pt2e" and config.approach == "static" and isinstance(module, LOOKUP_TYPES):

@@ -16,6 +16,7 @@ from inc_core.errors import CalibrationError
 from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch.ptq._calibration import TorchCalibration, load_statistics
 from inc_torch.ptq._compiled import CompiledQuantizedModule
+from inc_torch.ptq._conv_transpose import restore_conv_transpose
 from inc_torch.ptq._observers import pt2e_observer_classes
 from inc_torch.ptq._ops import LOOKUP_NAMES
 from inc_torch.ptq._pt2e_tables import quantize_tables
@@ -117,8 +118,11 @@ def quantize_pt2e(config: QuantConfig, ops: tuple[Op, ...], calibration: TorchCa
             "This calibration holds no exported graph, which format='pt2e' needs; pass the result of "
             "TorchBackend.calibrate() with the same config."
         )
+    _, per_op = plan(config, ops)
+    excluded = {name for name, settings in per_op.items() if settings is None}
     with quiet():
         graph = copy.deepcopy(calibration.exported)
+        restore_conv_transpose(graph, frozenset(excluded))  # FP32 runs faster untransformed (see _conv_transpose)
         prepared = ao.prepare_pt2e(graph, build_quantizer(config, ops))
         load_statistics(prepared, calibration, frozenset(op.name for op in ops))
         # Weight observers see their weight on the first forward; activation observers are frozen.
@@ -126,8 +130,6 @@ def quantize_pt2e(config: QuantConfig, ops: tuple[Op, ...], calibration: TorchCa
         with torch.no_grad():
             prepared(*args, **kwargs)
         converted = ao.convert_pt2e(prepared)
-    _, per_op = plan(config, ops)
-    excluded = {name for name, settings in per_op.items() if settings is None}
     _, shared = quantize_tables(
         converted, frozenset(op.name for op in ops if op.op_type in LOOKUP_NAMES and op.name not in excluded)
     )

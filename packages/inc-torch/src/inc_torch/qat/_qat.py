@@ -28,6 +28,7 @@ from inc_torch._parametrized import fold_parametrizations
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
 from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._conv1d import conv1d_as_conv2d
+from inc_torch.ptq._conv_transpose import conv_transpose_as_conv2d, restore_conv_transpose
 from inc_torch.ptq._fx_ops import apply_fx_settings, traced_fx_ops
 from inc_torch.ptq._kept_float import KeptFloat, keep_float, warn_kept_float
 from inc_torch.ptq._ops import ACTIVATION_DTYPES, LOOKUP_NAMES, quantizable_ops
@@ -266,6 +267,8 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
         ao = torchao_pt2e()
         graph = export_graph(work, example, train=True)
         conv1d_as_conv2d(graph).log()  # trained and converted as conv2d (conv-bn folding included)
+        conv_transpose_as_conv2d(graph).log()  # trained and converted as the conv2d of its phases
+        restore_conv_transpose(graph, frozenset(excluded))  # those kept FP32 as they were
         # The PTQ quantizer class: float tensors only, no conv1d left unrewritten quantized.
         quantizer = float_only_quantizer_class()().set_global(_pt2e_qat_config(config))
         for name in excluded:
