@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch_helpers import accuracy, calib_data, relative_loss, same_state, split, state, trained_cnn, trained_mlp
+from torch_helpers import (
+    accuracy,
+    calib_data,
+    relative_loss,
+    same_state,
+    split,
+    state,
+    trained_cnn,
+    trained_mlp,
+    trained_unet,
+)
 
 import inc_core as inc
 import inc_torch
@@ -54,6 +65,22 @@ def test_static_int8_on_digits(cnn: torch.nn.Module) -> None:
     assert inc_torch.quantized_ops(quantized) == ["conv1", "conv2", "fc1", "fc2"]
     assert same_state(state(cnn), before)
     fp32, int8 = accuracy(cnn), accuracy(quantized)
+    assert relative_loss(fp32, int8) <= 0.01, (fp32, int8)
+
+
+def test_transposed_convolutions_run_int8_with_a_scale_per_output_channel(caplog: pytest.LogCaptureFixture) -> None:
+    # IPEX rebuilds a transposed convolution's weight observer with ch_axis=1 (weight [in, out, kh, kw]) only when
+    # it is a PerChannelMinMaxObserver; inc's own weight observer was not one, and every model with a
+    # ConvTranspose2d failed per channel ("length of scales must equal to channel, expected 8 got, 16")
+    model = trained_unet()
+    names = ["e1", "down", "up", "dec", "up2", "head", "fc"]
+    assert inc.describe(model, inc.QuantConfig(), backend="ipex").names == tuple(names)
+    with caplog.at_level(logging.WARNING, logger="inc"):
+        quantized = inc.quantize(model, inc.QuantConfig(), dataset=calib_data(256, 32), backend="ipex")
+    assert "FP32" not in caplog.text  # no layer is said to be left in FP32: IPEX runs ConvTranspose2d in INT8
+    assert inc.get_backend("ipex").int8_op_counts(quantized) == {"convolution": 6, "linear": 1}
+    assert inc_torch.quantized_ops(quantized) == names
+    fp32, int8 = accuracy(model), accuracy(quantized)
     assert relative_loss(fp32, int8) <= 0.01, (fp32, int8)
 
 

@@ -1,20 +1,17 @@
 """Transposed convolutions on the PT2E path: INT8 as sub-pixel conv2d (inc_torch.ptq._conv_transpose), PTQ and QAT.
 
-The model is a small U-Net-shaped classifier on digits, trained here: an encoder, a U-Net up-sampling
-(kernel 2, stride 2) whose output is concatenated with the encoder's, a DCGAN-style up-sampling (kernel 4,
-stride 2, padding 1) followed by a batch norm, and a strided conv + Linear head.
+The model is torch_helpers.DigitsUNet, trained on digits: U-Net and DCGAN-style up-samplings in a classifier.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 
 import pytest
 import torch
 from torch import nn
-from torch_helpers import accuracy, calib_data, relative_loss, same_state, split, state, train
+from torch_helpers import accuracy, calib_data, relative_loss, same_state, split, state, train, trained_unet
 
 import inc_core as inc
 import inc_torch
@@ -22,33 +19,6 @@ from inc_torch.ptq._conv_transpose import conv_transpose_as_conv2d, restore_conv
 
 UPS = ["up", "up2"]
 ALL = ["e1", "down", "up", "dec", "up2", "head", "fc"]
-
-
-class DigitsUNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.e1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)  # 8x8 -> 4x4
-        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)  # 4x4 -> 8x8, U-Net's
-        self.dec = nn.Conv2d(32, 16, 3, padding=1)
-        self.up2 = nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1, bias=False)  # 8x8 -> 16x16, DCGAN's
-        self.bn2 = nn.BatchNorm2d(8)
-        self.head = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = torch.relu(self.bn1(self.e1(x)))
-        x = torch.relu(self.down(skip))
-        x = torch.relu(self.dec(torch.cat([self.up(x), skip], 1)))
-        x = torch.relu(self.bn2(self.up2(x)))
-        return self.fc(torch.relu(self.head(x)).mean((2, 3)))
-
-
-@functools.cache
-def _trained() -> nn.Module:
-    torch.manual_seed(0)
-    return train(DigitsUNet(), 10, lr=3e-3, seed=1)
 
 
 def _targets(quantized: nn.Module) -> list[str]:
@@ -106,7 +76,7 @@ def test_a_dilated_transposed_convolution_stays_float_and_is_not_offered(caplog:
 
 
 def test_pt2e_runs_every_transposed_convolution_in_int8_within_one_percent_of_fp32(tmp_path) -> None:
-    model = _trained()
+    model = trained_unet()
     before = state(model)
     fp32 = accuracy(model)
     assert fp32 >= 0.9
@@ -129,7 +99,7 @@ def test_pt2e_runs_every_transposed_convolution_in_int8_within_one_percent_of_fp
 
 def test_an_excluded_transposed_convolution_stays_float() -> None:
     config = inc.QuantConfig(exclude=inc.LayerFilter(types=("ConvTranspose2d",)))
-    quantized = inc.quantize(_trained(), config, dataset=calib_data(64, 32))
+    quantized = inc.quantize(trained_unet(), config, dataset=calib_data(64, 32))
     assert inc_torch.quantized_ops(quantized) == [n for n in ALL if n not in UPS]
     assert inc.get_backend("torch").int8_op_counts(quantized)["conv2d"] == 4
     assert sum("conv_transpose2d" in t for t in _targets(quantized)) == 2  # as they were: faster in FP32
@@ -163,7 +133,7 @@ def test_a_layer_called_twice_and_a_1d_one_run_int8() -> None:
 
 
 def test_pt2e_qat_trains_transposed_convolutions_as_conv2d() -> None:
-    model = copy.deepcopy(_trained())
+    model = copy.deepcopy(trained_unet())
     fp32 = accuracy(model)
     qat_model = inc_torch.prepare_qat(
         model, inc.QATConfig(freeze_bn_step=28, freeze_observer_step=42), torch.from_numpy(split()[0][:4])
@@ -178,7 +148,7 @@ def test_pt2e_qat_trains_transposed_convolutions_as_conv2d() -> None:
 def test_fx_keeps_transposed_convolutions_float_and_names_pt2e(caplog: pytest.LogCaptureFixture) -> None:
     # torch.ao's quantized ConvTranspose2d computes wrong outputs on many shapes (see _conv_transpose)
     with caplog.at_level(logging.WARNING, logger="inc"):
-        quantized = inc.quantize(_trained(), inc.QuantConfig(format="fx"), dataset=calib_data(64, 32))
+        quantized = inc.quantize(trained_unet(), inc.QuantConfig(format="fx"), dataset=calib_data(64, 32))
     assert "format='fx' leaves 2 ConvTranspose2d layer(s) in FP32: up, up2. They become INT8 with format='pt2e'." in caplog.text
     assert not any(isinstance(m, torch.ao.nn.quantized.ConvTranspose2d) for m in quantized.modules())
 
@@ -186,7 +156,7 @@ def test_fx_keeps_transposed_convolutions_float_and_names_pt2e(caplog: pytest.Lo
 def test_op_errors_measure_transposed_convolutions_as_pt2e_runs_them() -> None:
     # the mse strategy ranks ops by these: a transposed convolution is measured with its weight quantized per
     # output channel and phase (its sub-pixel conv2d's channels), as the INT8 model computes it
-    model, backend, config = _trained(), inc.get_backend("torch"), inc.QuantConfig()
+    model, backend, config = trained_unet(), inc.get_backend("torch"), inc.QuantConfig()
     data = calib_data(64, 32)
     errors = backend.op_errors(model, config, calibration=backend.calibrate(model, data, config), dataset=data)
     assert set(errors) == set(ALL)

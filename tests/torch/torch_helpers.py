@@ -59,6 +59,30 @@ class DigitsMLP(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+class DigitsUNet(nn.Module):
+    """A U-Net-shaped classifier: an encoder, a U-Net up-sampling (kernel 2, stride 2) concatenated with the
+    encoder's output, a DCGAN-style up-sampling (kernel 4, stride 2, padding 1) + batch norm, a strided conv head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)  # 8x8 -> 4x4
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)  # 4x4 -> 8x8, U-Net's
+        self.dec = nn.Conv2d(32, 16, 3, padding=1)
+        self.up2 = nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1, bias=False)  # 8x8 -> 16x16, DCGAN's
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.bn1(self.e1(x)))
+        x = torch.relu(self.down(skip))
+        x = torch.relu(self.dec(torch.cat([self.up(x), skip], 1)))
+        x = torch.relu(self.bn2(self.up2(x)))
+        return self.fc(torch.relu(self.head(x)).mean((2, 3)))
+
+
 def train(model: nn.Module, epochs: int, *, lr: float = 3e-3, seed: int = 0) -> nn.Module:
     """Adam + cross-entropy on the training split, in a fixed order."""
     x, y, _, _ = split()
@@ -89,6 +113,16 @@ def trained_cnn() -> nn.Module:
 
 def trained_mlp() -> nn.Module:
     return copy.deepcopy(_trained("mlp"))
+
+
+@functools.cache
+def _trained_unet() -> nn.Module:
+    torch.manual_seed(0)
+    return train(DigitsUNet(), 10, lr=3e-3, seed=1)
+
+
+def trained_unet() -> nn.Module:
+    return copy.deepcopy(_trained_unet())
 
 
 def accuracy(model: nn.Module) -> float:

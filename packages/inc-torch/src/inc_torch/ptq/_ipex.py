@@ -164,14 +164,14 @@ class IpexCalibration:
 def _mapping(settings: OpSettings) -> Any:
     from torch.ao.quantization import QConfig, QConfigMapping
 
-    from inc_torch.ptq._observers import FxActivationObserver, FxWeightObserver
+    from inc_torch.ptq._observers import FxActivationObserver, IpexWeightObserver
 
     return QConfigMapping().set_global(
         QConfig(
             activation=FxActivationObserver.with_args(
                 method=settings.calibration, percentile=settings.percentile, scheme=settings.scheme
             ),
-            weight=FxWeightObserver.with_args(per_channel=settings.granularity == "per_channel"),
+            weight=IpexWeightObserver.with_args(per_channel=settings.granularity == "per_channel"),
         )
     )
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch.ao.quantization.observer import ObserverBase as _AOObserverBase
+from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
 from inc_core.calibration import HistogramObserver, QParams, compute_qparams, weight_qparams
 from inc_core.errors import CalibrationError
@@ -21,6 +22,7 @@ from inc_core.errors import CalibrationError
 __all__ = [
     "FxActivationObserver",
     "FxWeightObserver",
+    "IpexWeightObserver",
     "pt2e_observer_classes",
     "is_activation_observer",
     "is_weight_observer",
@@ -100,7 +102,7 @@ class _WeightMixin:
     def calculate_qparams(self, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if self.weight is None:
             raise CalibrationError("A weight observer saw no weight; the op's weight did not reach it.")
-        qp = weight_qparams(self.weight.float().cpu().numpy(), axis=0 if self.per_channel else None)
+        qp = weight_qparams(self.weight.float().cpu().numpy(), axis=self.ch_axis if self.per_channel else None)
         scale = torch.from_numpy(qp.scale.reshape(-1).copy()).to(torch.float32)
         if self.reduce_range:
             scale = scale * 2.0  # the same range on half the levels
@@ -127,6 +129,21 @@ class FxWeightObserver(_WeightMixin, _AOObserverBase):
     def __init__(self, per_channel: bool = True, reduce_range: bool = False, **_: Any) -> None:
         _AOObserverBase.__init__(self, dtype=torch.qint8)
         self._setup(per_channel, reduce_range)
+
+
+class IpexWeightObserver(_WeightMixin, PerChannelMinMaxObserver):
+    """Weight observer for IPEX's calibration (qint8, symmetric).
+
+    A ``PerChannelMinMaxObserver`` by class because IPEX recognises one by that: for a transposed
+    convolution (weight ``[in, out / groups, ...]``) it builds it again with ``ch_axis=1``, one scale per
+    output channel; any other class keeps axis 0 and IPEX's INT8 ConvTranspose2d then refuses the scales
+    ("length of scales must equal to channel").
+    """
+
+    def __init__(self, per_channel: bool = True, ch_axis: int = 0, **_: Any) -> None:
+        PerChannelMinMaxObserver.__init__(self, ch_axis=ch_axis, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        self._setup(per_channel)
+        self.ch_axis = ch_axis
 
 
 @functools.cache

@@ -41,8 +41,9 @@ LOOKUP_NAMES = frozenset(t.__name__ for t in LOOKUP_TYPES)
 STATIC_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "pt2e": (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear, *LOOKUP_TYPES),
     "fx": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *LOOKUP_TYPES),
-    # IPEX's static flow (traced TorchScript): IPEX 2.8 leaves Conv1d in FP32 (measured: no INT8 op in its graph).
-    "torchscript": (nn.Conv2d, nn.Conv3d, nn.Linear),
+    # IPEX's static flow (traced TorchScript): IPEX 2.8 leaves Conv1d in FP32 (measured: no INT8 op in its graph);
+    # it runs transposed 2-D/3-D convolutions in INT8 (grouped and dilated ones too; measured).
+    "torchscript": (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear),
 }
 # Dynamic quantization swaps these for torch.ao's dynamically quantized modules.
 DYNAMIC_TYPES: tuple[type[nn.Module], ...] = (
@@ -77,7 +78,7 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
         # exact type match: subclasses (e.g. NonDynamicallyQuantizableLinear inside MultiheadAttention)
         # are not swapped by torch.ao, so they are not offered either.
         # A weight-normed layer (ParametrizedConv1d) counts as its own class: inc folds the norm first.
-        if isinstance(module, nn.modules.conv._ConvTransposeNd) and any(d != 1 for d in module.dilation):
+        if fmt == "pt2e" and isinstance(module, nn.modules.conv._ConvTransposeNd) and any(d != 1 for d in module.dilation):
             continue  # a dilated one stays a transposed convolution, in FP32 (see _conv_transpose)
         if name and (plain_type(module) in types or (conv1d and is_hf_conv1d(module))):
             ops.append(Op(name=name, op_type=plain_type(module).__name__))
