@@ -152,13 +152,18 @@ def _paths(model: nn.Module, calibration: list[np.ndarray]) -> dict[str, Callabl
         "FP32 eager": lambda: model,
         "FP32 compiled (inductor)": lambda: fp32_compiled(model),
         "inc PT2E, ConvTranspose FP32 (before)": lambda: inc.quantize(
-            model, inc.QuantConfig(exclude=inc.LayerFilter(types=TRANSPOSED)), dataset=data
+            model, inc.QuantConfig(exclude=inc.LayerFilter(types=_transposed_types(model))), dataset=data
         ),
         "inc PT2E": lambda: inc.quantize(model, inc.QuantConfig(), dataset=data),
         "inc FX": lambda: inc.quantize(model, inc.QuantConfig(format="fx"), dataset=data),
         "torchao PT2E defaults": lambda: torchao_default(model, calibration),
         "torch.ao FX x86 defaults": lambda: torch_ao_fx(model, calibration),
     }
+
+
+def _transposed_types(model: nn.Module) -> tuple[str, ...]:
+    """The model's transposed convolution classes (a LayerFilter rejects a type that matches nothing)."""
+    return tuple(sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in TRANSPOSED}))
 
 
 def _cosines(model: nn.Module, candidate: nn.Module, inputs: list[np.ndarray]) -> list[float]:
