@@ -65,16 +65,18 @@ class ConvTransposeRewrite:
 
 def subpixel_weight(weight: torch.Tensor, stride: tuple[int, int], groups: int) -> torch.Tensor:
     """The conv2d weight ``[out * s_h * s_w, in / groups, J_h, J_w]`` (``J = ceil(k / s)``) of a transposed
-    convolution's weight ``[in, out / groups, k_h, k_w]``: output channel ``(c, r_h, r_w)`` computes phase
-    ``(r_h, r_w)`` of channel ``c``, with tap ``j`` of the phase at position ``J - 1 - j`` (a correlation)."""
+    convolution's weight ``[in, out / groups, k_h, k_w]``: output channel ``(g, r_h, r_w, c)`` computes phase
+    ``(r_h, r_w)`` of channel ``c`` of group ``g``, with tap ``j`` of the phase at position ``J - 1 - j`` (a
+    correlation). Phases outside channels: in the channels-last layout oneDNN writes, each output pixel's
+    channels of one phase are one contiguous run, which the interleave copies whole."""
     cin, coutg, kh, kw = weight.shape
     sh, sw = stride
     jh, jw = math.ceil(kh / sh), math.ceil(kw / sw)
     padded = nn.functional.pad(weight, (0, jw * sw - kw, 0, jh * sh - kh))  # taps past the kernel are zeros
     # tap t = j * s + r; per group: [g, in/g, out/g, J_h, s_h, J_w, s_w]
     phased = padded.reshape(groups, cin // groups, coutg, jh, sh, jw, sw).flip(3).flip(5)
-    # -> [g, out/g, s_h, s_w, in/g, J_h, J_w]: group-major output channels, as conv2d groups them
-    return phased.permute(0, 2, 4, 6, 1, 3, 5).reshape(groups * coutg * sh * sw, cin // groups, jh, jw).contiguous()
+    # -> [g, s_h, s_w, out/g, in/g, J_h, J_w]: group-major output channels, as conv2d groups them
+    return phased.permute(0, 4, 6, 2, 1, 3, 5).reshape(groups * coutg * sh * sw, cin // groups, jh, jw).contiguous()
 
 
 def transposed_weight(weight: torch.Tensor, stride: tuple[int, int], groups: int, kernel: tuple[int, int]) -> torch.Tensor:
@@ -82,7 +84,7 @@ def transposed_weight(weight: torch.Tensor, stride: tuple[int, int], groups: int
     sh, sw = stride
     _, cing, jh, jw = weight.shape
     coutg = weight.shape[0] // (groups * sh * sw)
-    phased = weight.reshape(groups, coutg, sh, sw, cing, jh, jw).permute(0, 4, 1, 5, 2, 6, 3).flip(3).flip(5)
+    phased = weight.reshape(groups, sh, sw, coutg, cing, jh, jw).permute(0, 4, 3, 5, 1, 6, 2).flip(3).flip(5)
     return phased.reshape(groups * cing, coutg, jh * sh, jw * sw)[:, :, : kernel[0], : kernel[1]].contiguous()
 
 
@@ -157,7 +159,8 @@ def conv_transpose_as_conv2d(graph_module: torch.fx.GraphModule) -> ConvTranspos
         if isinstance(bias_node, torch.fx.Node) and bias_node not in shapes:
             shapes[bias_node] = ()  # every output element is one phase's: the bias once per phase
             bias = _attribute(graph_module, str(bias_node.target))
-            _set_weight(graph_module, str(bias_node.target), bias.detach().repeat_interleave(sh * sw).contiguous())
+            phased_bias = bias.detach().reshape(groups, 1, -1).expand(groups, sh * sw, -1).reshape(-1).contiguous()
+            _set_weight(graph_module, str(bias_node.target), phased_bias)
             _refresh_fake(bias_node, _attribute(graph_module, str(bias_node.target)), fake)
         height, width = (spatial if dims == 2 else (1, *spatial))
         out_h, out_w = (out_spatial if dims == 2 else (1, *out_spatial))
@@ -175,8 +178,8 @@ def conv_transpose_as_conv2d(graph_module: torch.fx.GraphModule) -> ConvTranspos
         if not symmetric:
             ops.append((_aten.constant_pad_nd.default, (pads,)))
         ops.append((_aten.conv2d.default, (weight_node, bias_node, [1, 1], [pads[2], pads[0]] if symmetric else [0, 0], [1, 1], groups)))
-        ops.append((_aten.reshape.default, ([-1, cout, sh, sw, qh, qw],)))
-        ops.append((_aten.permute.default, ([0, 1, 4, 2, 5, 3],)))
+        ops.append((_aten.reshape.default, ([-1, groups, sh, sw, cout // groups, qh, qw],)))
+        ops.append((_aten.permute.default, ([0, 1, 4, 5, 2, 6, 3],)))
         ops.append((_aten.reshape.default, ([-1, cout, qh * sh, qw * sw],)))
         if ph or qh * sh != out_h:
             ops.append((_aten.slice.Tensor, (2, ph, ph + out_h)))
@@ -206,7 +209,6 @@ def conv_transpose_as_conv2d(graph_module: torch.fx.GraphModule) -> ConvTranspos
         if name not in rewritten:
             rewritten.append(name)
     if rewritten:
-        graph.eliminate_dead_code()
         graph.lint()
         graph_module.recompile()
     return ConvTransposeRewrite(tuple(rewritten), kept)
@@ -237,7 +239,8 @@ def restore_conv_transpose(graph_module: torch.fx.GraphModule, names: frozenset[
         if isinstance(bias_node, torch.fx.Node) and bias_node not in restored:
             restored.add(bias_node)
             phases = original.stride[0] * original.stride[1]
-            bias = _attribute(graph_module, str(bias_node.target)).detach().reshape(-1, phases)[:, 0].contiguous()
+            stored = _attribute(graph_module, str(bias_node.target)).detach()
+            bias = stored.reshape(original.groups, phases, -1)[:, 0].reshape(-1).contiguous()
             _restore_attribute(graph_module, bias_node, bias, conv)
         pick = (lambda pair: [pair[1]]) if one_d else list
         args = (
