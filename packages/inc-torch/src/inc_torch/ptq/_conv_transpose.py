@@ -216,8 +216,8 @@ def conv_transpose_as_conv2d(graph_module: torch.fx.GraphModule) -> ConvTranspos
 
 def restore_conv_transpose(graph_module: torch.fx.GraphModule, names: frozenset[str]) -> None:
     """Undo, in place, :func:`conv_transpose_as_conv2d` for the layers ``names`` (kept FP32 by the user or a
-    tuning trial): in FP32 the transposed convolution runs faster than its sub-pixel form (the interleave is
-    a copy; inductor's FP32 sub-pixel DCGAN generator ran at half the speed of its transposed one)."""
+    tuning trial): in FP32 the transposed convolution runs faster than its sub-pixel form (the interleave is a
+    copy: the DCGAN generator compiled in FP32 ran 130 against 226 samples/s at batch 1, AMD EPYC, 2 threads)."""
     graph = graph_module.graph
     calls: dict[Any, list[torch.fx.Node]] = {}
     for node in graph.nodes:
