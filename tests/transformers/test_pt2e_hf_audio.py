@@ -1,4 +1,5 @@
-"""Speech encoders on PT2E: their Conv1d front ends run in INT8 (as conv2d, see inc_torch.ptq._conv1d).
+"""Speech models on PT2E: Conv1d front ends and transposed up-samplings run in INT8 (as conv2d, see
+inc_torch.ptq._conv1d and _conv_transpose).
 
 wav2vec2's feature encoder is where inductor's own INT8 conv1d failed (a group norm reading its output got a
 buffer of the wrong length); Whisper's encoder opens with two Conv1d + GELU. Small configs, random weights.
@@ -53,4 +54,28 @@ def test_speech_encoder_conv1d_layers_run_int8(kind: str) -> None:
         x = torch.from_numpy(_inputs(kind, batch, 10 + batch))
         with torch.no_grad():
             reference, got = model(x).last_hidden_state, quantized(x)[0]
+        assert torch.nn.functional.cosine_similarity(reference.flatten(), got.flatten(), 0) >= 0.99
+
+
+def test_hifigan_vocoder_upsamplings_run_int8() -> None:
+    # SpeechT5's HiFi-GAN: ConvTranspose1d up-samplings (kernel 8, stride 4) between dilated Conv1d residual
+    # blocks; the transposed ones run as sub-pixel conv2d (see inc_torch.ptq._conv_transpose)
+    torch.manual_seed(0)
+    config = transformers.SpeechT5HifiGanConfig(
+        model_in_dim=16, upsample_initial_channel=32, upsample_rates=[4, 4], upsample_kernel_sizes=[8, 8],
+        resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
+    )
+    model = transformers.SpeechT5HifiGan(config).eval()
+    ops = inc.describe(model, inc.QuantConfig()).ops
+    upsamplers = [op.name for op in ops if op.op_type == "ConvTranspose1d"]
+    assert upsamplers == ["upsampler.0", "upsampler.1"]
+    calibration = inc.Dataset([np.random.default_rng(seed).standard_normal((1, 20, 16)).astype(np.float32) for seed in range(4)])
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=calibration)
+    assert sorted(inc_torch.quantized_ops(quantized)) == sorted(op.name for op in ops)
+    assert inc.get_backend("torch").int8_op_counts(quantized) == {"conv2d": len(ops)}
+    for batch in (2, 1):
+        x = torch.from_numpy(np.random.default_rng(10 + batch).standard_normal((batch, 20, 16)).astype(np.float32))
+        with torch.no_grad():
+            reference, got = model(x), quantized(x)
+        assert got.shape == reference.shape == (batch, 20 * 16)
         assert torch.nn.functional.cosine_similarity(reference.flatten(), got.flatten(), 0) >= 0.99
