@@ -164,3 +164,11 @@ def test_op_errors_measure_transposed_convolutions_as_pt2e_runs_them() -> None:
     per_tensor = inc.QuantConfig(granularity="per_tensor")
     coarse = backend.op_errors(model, per_tensor, calibration=backend.calibrate(model, data, per_tensor), dataset=data)
     assert all(coarse[name] > errors[name] for name in UPS), (coarse, errors)
+
+
+def test_fx_does_not_promise_pt2e_for_a_dilated_transposed_convolution(caplog: pytest.LogCaptureFixture) -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ConvTranspose2d(4, 6, 3, 2, dilation=2), nn.ConvTranspose2d(6, 6, 2, 2)).eval()
+    calibration = inc.Dataset([torch.randn(2, 4, 5, 5).numpy() for _ in range(2)])
+    with caplog.at_level(logging.WARNING, logger="inc"):
+        inc.quantize(model, inc.QuantConfig(format="fx"), dataset=calibration)
+    assert "format='fx' leaves 1 ConvTranspose2d layer(s) in FP32: 2. They become INT8 with format='pt2e'." in caplog.text

@@ -143,6 +143,8 @@ def warn_left_in_float(model: nn.Module, fmt: str, *, label: str, alternatives: 
 
     def handled(module: nn.Module, f: str) -> bool:
         # Embedding tables are left out: FP32 tables cost size, not speed, and FX traces few models that hold them.
+        if f == "pt2e" and isinstance(module, nn.modules.conv._ConvTransposeNd) and any(d != 1 for d in module.dilation):
+            return False  # PT2E keeps a dilated transposed convolution FP32 (see ptq._conv_transpose)
         return isinstance(module, STATIC_TYPES[f]) and not isinstance(module, LOOKUP_TYPES)
 
     left = {name: m for name, m in model.named_modules() if not handled(m, fmt) and any(handled(m, f) for f in alternatives)}
