@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from inc_torch.ptq._graph_edit import STALE_META, attribute, layer_name, set_attribute
+
 __all__ = ["FBGEMM_DEPTHWISE_GROUPS", "Conv1dRewrite", "conv1d_as_conv2d", "is_depthwise_conv1d"]
 
 log = logging.getLogger("inc")
@@ -41,8 +43,6 @@ _SHAPE_KEEPING = frozenset({
     _aten.tanh.default,
 })
 _CONV1D = (_aten.conv1d.default, _aten.conv1d.padding)
-# Metadata that would describe the 1-D op wrongly on the new nodes (shapes, the source partition).
-_STALE_META = ("val", "tensor_meta", "source_fn_stack", "example_value")
 
 
 def is_depthwise_conv1d(module: nn.Module) -> bool:
@@ -65,11 +65,6 @@ class Conv1dRewrite:
             log.info("Conv1d %r stays FP32 on format='pt2e': %s", name, reason)
 
 
-def _module_path(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    return str(list(stack.values())[-1][0]) if stack else node.name
-
-
 def _padding(padding: Any, kernel: int, dilation: int) -> tuple[int, int]:
     """Left and right padding of a 1-D convolution (``padding='same'`` pads the odd element on the right)."""
     if not isinstance(padding, str):
@@ -78,24 +73,6 @@ def _padding(padding: Any, kernel: int, dilation: int) -> tuple[int, int]:
         return 0, 0
     total = dilation * (kernel - 1)
     return total // 2, total - total // 2
-
-
-def _attribute(graph_module: torch.fx.GraphModule, target: str) -> Any:
-    value: Any = graph_module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _set_weight(graph_module: torch.fx.GraphModule, target: str, weight: torch.Tensor) -> None:
-    owner, _, name = target.rpartition(".")
-    module = graph_module.get_submodule(owner) if owner else graph_module
-    old = getattr(module, name)
-    if isinstance(old, nn.Parameter):
-        delattr(module, name)
-        module.register_parameter(name, nn.Parameter(weight, requires_grad=old.requires_grad))
-    else:
-        setattr(module, name, weight)
 
 
 def _shape_keeping_chain(conv1d: torch.fx.Node) -> list[torch.fx.Node]:
@@ -137,13 +114,13 @@ def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _CONV1D:
             continue
-        name = _module_path(node)
+        name = layer_name(node)
         source, weight_node, bias, stride, padding, dilation, groups = [*node.args, *[None] * (7 - len(node.args))]
         if weight_node not in convertible:
             # a weight normalised in forward, or read by another op: it must stay [out, in, k] for that op
             kept[name] = "its weight is computed in the graph or read by an op other than a Conv1d (format='fx' quantizes it)"
             continue
-        weight = _attribute(graph_module, str(weight_node.target))
+        weight = attribute(graph_module, str(weight_node.target))
         if int(groups or 1) > 1 and int(weight.shape[1]) == 1:  # depthwise, as is_depthwise_conv1d tells of modules
             kept[name] = "oneDNN's INT8 depthwise convolution can stall on 1-D inputs with several threads" + (
                 " (format='fx' quantizes it on FBGEMM's kernel)" if int(groups) > FBGEMM_DEPTHWISE_GROUPS else ""
@@ -154,14 +131,14 @@ def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
         if weight_node not in widened:  # a module called twice reads one weight: widened once, for both calls
             widened.add(weight_node)
             weight = weight.detach().unsqueeze(2).clone()
-            _set_weight(graph_module, str(weight_node.target), weight)
+            set_attribute(graph_module, str(weight_node.target), weight)
             fake_mode = getattr(fake, "fake_mode", None)
             if fake_mode is not None:
                 weight_node.meta["val"] = fake_mode.from_tensor(weight)
             weight_node.meta.pop("tensor_meta", None)
         left, right = _padding([0] if padding is None else padding, int(weight.shape[-1]), dilation)
         source_fake = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
-        meta = {k: v for k, v in node.meta.items() if k not in _STALE_META}
+        meta = {k: v for k, v in node.meta.items() if k not in STALE_META}
         with graph.inserting_before(node):
             wide = graph.call_function(_aten.unsqueeze.default, (source, 2))
             wide.meta = {**meta, "val": source_fake.unsqueeze(2)} if isinstance(source_fake, torch.Tensor) else dict(meta)
@@ -192,7 +169,7 @@ def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
         last = chain[-1] if chain else conv  # what computes it now, in 4-D
         with graph.inserting_after(last):
             narrow = graph.call_function(_aten.squeeze.dim, (last, 2))
-        narrow.meta = {k: v for k, v in end.meta.items() if k not in _STALE_META}
+        narrow.meta = {k: v for k, v in end.meta.items() if k not in STALE_META}
         if isinstance(fake, torch.Tensor):
             narrow.meta["val"] = fake
         end.replace_all_uses_with(narrow, delete_user_cb=lambda user, keep=narrow: user is not keep)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from inc_torch.ptq._conv1d import _STALE_META, _attribute, _module_path, _set_weight
+from inc_torch.ptq._graph_edit import STALE_META, attribute, layer_name, set_attribute
 
 __all__ = [
     "ConvTransposeRewrite", "conv_transpose_as_conv2d", "restore_conv_transpose", "subpixel_weight", "transposed_weight",
@@ -89,11 +89,12 @@ def transposed_weight(weight: torch.Tensor, stride: tuple[int, int], groups: int
 
 
 def _pairs(value: Any, dims: int, default: int) -> tuple[int, int]:
-    """A 1-D or 2-D op argument as (height, width); 1-D ops are a height-1 2-D op."""
+    """A 1-D or 2-D op argument as (height, width); a 1-D op is a height-1 2-D op, whose height takes the
+    argument's default (stride and dilation 1, padding and output padding 0: the neutral value of each)."""
     values = [default] * dims if value is None else [int(v) for v in value]
     if len(values) == 1:
         values = values * dims
-    return (values[0], values[1]) if dims == 2 else ((1 if default == 1 else 0), values[0])
+    return (values[0], values[1]) if dims == 2 else (default, values[0])
 
 
 def _static(shape: Any) -> tuple[int, ...] | None:
@@ -126,7 +127,7 @@ def conv_transpose_as_conv2d(graph_module: torch.fx.GraphModule) -> ConvTranspos
         if node.op != "call_function" or node.target not in _CONV_TRANSPOSE:
             continue
         dims = _CONV_TRANSPOSE[node.target]
-        name = _module_path(node)
+        name = layer_name(node)
         source, weight_node, bias_node, stride, padding, output_padding, groups, dilation = [
             *node.args, *[None] * (8 - len(node.args))
         ]
@@ -148,20 +149,20 @@ def conv_transpose_as_conv2d(graph_module: torch.fx.GraphModule) -> ConvTranspos
             kept[name] = reason
             continue
         if weight_node not in shapes:  # a module called twice reads one weight: converted once
-            weight = _attribute(graph_module, str(weight_node.target))
+            weight = attribute(graph_module, str(weight_node.target))
             shapes[weight_node] = tuple(int(d) for d in weight.shape)
             wide = weight.detach() if dims == 2 else weight.detach().unsqueeze(2)
-            _set_weight(graph_module, str(weight_node.target), subpixel_weight(wide, stride, groups))
-            _refresh_fake(weight_node, _attribute(graph_module, str(weight_node.target)), fake)
+            set_attribute(graph_module, str(weight_node.target), subpixel_weight(wide, stride, groups))
+            _refresh_fake(weight_node, attribute(graph_module, str(weight_node.target)), fake)
         shape = shapes[weight_node]  # [in, out / groups, *kernel]
         kernel = (shape[2], shape[3]) if dims == 2 else (1, shape[2])
         sh, sw = stride
         if isinstance(bias_node, torch.fx.Node) and bias_node not in shapes:
             shapes[bias_node] = ()  # every output element is one phase's: the bias once per phase
-            bias = _attribute(graph_module, str(bias_node.target))
+            bias = attribute(graph_module, str(bias_node.target))
             phased_bias = bias.detach().reshape(groups, 1, -1).expand(groups, sh * sw, -1).reshape(-1).contiguous()
-            _set_weight(graph_module, str(bias_node.target), phased_bias)
-            _refresh_fake(bias_node, _attribute(graph_module, str(bias_node.target)), fake)
+            set_attribute(graph_module, str(bias_node.target), phased_bias)
+            _refresh_fake(bias_node, attribute(graph_module, str(bias_node.target)), fake)
         height, width = (spatial if dims == 2 else (1, *spatial))
         out_h, out_w = (out_spatial if dims == 2 else (1, *out_spatial))
         (kh, kw), (ph, pw) = kernel, padding
@@ -170,7 +171,7 @@ def conv_transpose_as_conv2d(graph_module: torch.fx.GraphModule) -> ConvTranspos
         qh, qw = (out_h - 1 + ph) // sh + 1, (out_w - 1 + pw) // sw + 1
         pads = [jw - 1, qw - width, jh - 1, qh - height]  # a negative pad crops (an output padding of 0)
         cout = shape[1] * groups
-        meta = {k: v for k, v in node.meta.items() if k not in _STALE_META}
+        meta = {k: v for k, v in node.meta.items() if k not in STALE_META}
         ops: list[tuple[Any, tuple[Any, ...]]] = []
         if dims == 1:
             ops.append((_aten.unsqueeze.default, (2,)))
@@ -198,7 +199,7 @@ def conv_transpose_as_conv2d(graph_module: torch.fx.GraphModule) -> ConvTranspos
                     current.meta[_ORIGINAL] = _Original(node.target, stride, padding, output_padding, groups, kernel)
                     # the x86 quantizer finds convolutions by source partition: this one is a functional conv2d
                     current.meta["source_fn_stack"] = [(current.name, nn.functional.conv2d)]
-                    conv_args = [current_fake, _attribute(graph_module, str(weight_node.target)), None, *args[2:]]
+                    conv_args = [current_fake, attribute(graph_module, str(weight_node.target)), None, *args[2:]]
                     current_fake = _fake_call(target, conv_args, fake)
                 else:
                     current_fake = _fake_call(target, [current_fake, *args], fake)
@@ -233,13 +234,13 @@ def restore_conv_transpose(graph_module: torch.fx.GraphModule, names: frozenset[
         if weight_node not in restored:  # a layer called twice: its weight restored once
             restored.add(weight_node)
             weight = transposed_weight(
-                _attribute(graph_module, str(weight_node.target)).detach(), original.stride, original.groups, original.kernel
+                attribute(graph_module, str(weight_node.target)).detach(), original.stride, original.groups, original.kernel
             )
             _restore_attribute(graph_module, weight_node, weight.squeeze(2) if one_d else weight, conv)
         if isinstance(bias_node, torch.fx.Node) and bias_node not in restored:
             restored.add(bias_node)
             phases = original.stride[0] * original.stride[1]
-            stored = _attribute(graph_module, str(bias_node.target)).detach()
+            stored = attribute(graph_module, str(bias_node.target)).detach()
             bias = stored.reshape(original.groups, phases, -1)[:, 0].reshape(-1).contiguous()
             _restore_attribute(graph_module, bias_node, bias, conv)
         pick = (lambda pair: [pair[1]]) if one_d else list
@@ -259,32 +260,32 @@ def restore_conv_transpose(graph_module: torch.fx.GraphModule, names: frozenset[
         graph_module.recompile()
 
 
-def _restore_attribute(graph_module: torch.fx.GraphModule, attribute: torch.fx.Node, value: torch.Tensor, conv: torch.fx.Node) -> None:
-    _set_weight(graph_module, str(attribute.target), value)
-    _refresh_fake(attribute, value, conv.meta.get("val"))
+def _restore_attribute(graph_module: torch.fx.GraphModule, tensor_node: torch.fx.Node, value: torch.Tensor, conv: torch.fx.Node) -> None:
+    set_attribute(graph_module, str(tensor_node.target), value)
+    _refresh_fake(tensor_node, value, conv.meta.get("val"))
 
 
-def _only_read_alike(attribute: Any, node: torch.fx.Node, position: int) -> bool:
-    """True if ``attribute`` is a stored tensor read only at ``position`` of transposed convolutions with the
-    stride and groups of ``node`` (a module called twice): rewritten once, it serves every call."""
-    if not isinstance(attribute, torch.fx.Node) or attribute.op != "get_attr":
+def _only_read_alike(tensor_node: Any, node: torch.fx.Node, position: int) -> bool:
+    """True if ``tensor_node`` reads a stored tensor that only transposed convolutions with the stride and groups
+    of ``node`` read, each at ``position`` (a module called twice): rewritten once, it serves every call."""
+    if not isinstance(tensor_node, torch.fx.Node) or tensor_node.op != "get_attr":
         return False
-    for user in attribute.users:
-        if user.target is not node.target or user.args[position] is not attribute:
+    for user in tensor_node.users:
+        if user.target is not node.target or user.args[position] is not tensor_node:
             return False
-        if any(arg is attribute for i, arg in enumerate([*user.args, *user.kwargs.values()]) if i != position):
+        if any(arg is tensor_node for i, arg in enumerate([*user.args, *user.kwargs.values()]) if i != position):
             return False
         if user.args[3:4] != node.args[3:4] or user.args[6:7] != node.args[6:7] or user.kwargs or node.kwargs:
             return False
     return True
 
 
-def _refresh_fake(attribute: torch.fx.Node, value: torch.Tensor, reference: Any) -> None:
+def _refresh_fake(tensor_node: torch.fx.Node, value: torch.Tensor, reference: Any) -> None:
     """Give a rewritten ``get_attr`` node the fake tensor of its new value (the quantizer reads shapes)."""
-    attribute.meta.pop("tensor_meta", None)
+    tensor_node.meta.pop("tensor_meta", None)
     fake_mode = getattr(reference, "fake_mode", None)
     if fake_mode is not None:
-        attribute.meta["val"] = fake_mode.from_tensor(value)
+        tensor_node.meta["val"] = fake_mode.from_tensor(value)
 
 
 def _fake_call(target: Any, args: list[Any], reference: Any) -> Any:
