@@ -11,7 +11,17 @@ import logging
 import pytest
 import torch
 from torch import nn
-from torch_helpers import accuracy, calib_data, relative_loss, same_state, split, state, train, trained_unet
+from torch_helpers import (
+    accuracy,
+    calib_data,
+    relative_loss,
+    same_state,
+    split,
+    stand_in_bf16_cpu,
+    state,
+    train,
+    trained_unet,
+)
 
 import inc_core as inc
 import inc_torch
@@ -172,3 +182,15 @@ def test_fx_does_not_promise_pt2e_for_a_dilated_transposed_convolution(caplog: p
     with caplog.at_level(logging.WARNING, logger="inc"):
         inc.quantize(model, inc.QuantConfig(format="fx"), dataset=calibration)
     assert "format='fx' leaves 1 ConvTranspose2d layer(s) in FP32: 2. They become INT8 with format='pt2e'." in caplog.text
+
+
+def test_a_transposed_convolution_runs_in_bf16_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kept out of INT8 by bf16=, it gets its transposed convolution back and runs it on BF16 weights
+    stand_in_bf16_cpu(monkeypatch)
+    model = trained_unet()
+    quantized = inc.quantize(model, inc.QuantConfig(bf16=inc.LayerFilter(names=("up2",))), dataset=calib_data(64, 32))
+    assert inc.get_backend("torch").int8_op_counts(quantized)["conv2d"] == 5
+    transposed = [n for n in quantized.graph_module.graph.nodes if n.target == torch.ops.aten.conv_transpose2d.input]
+    assert len(transposed) == 1
+    assert transposed[0].args[1].meta["val"].dtype == torch.bfloat16
+    assert relative_loss(accuracy(model), accuracy(quantized)) <= 0.01

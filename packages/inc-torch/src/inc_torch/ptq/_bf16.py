@@ -35,7 +35,7 @@ __all__ = ["BF16_FLAGS", "bf16_ops", "bf16_unavailable", "int8_view", "bf16_name
 # Without them oneDNN emulates BF16 with FP32 arithmetic: slower than plain FP32, so it is refused.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # aten ops a conv/linear module of ``inc.describe`` becomes in the exported graph.
-_WEIGHTED = frozenset({"conv1d", "conv2d", "conv3d", "linear", "convolution"})
+_WEIGHTED = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "linear", "convolution"})
 
 
 def _cpu_flags() -> frozenset[str]:
