@@ -12,18 +12,14 @@ quantizer's conv + activation patterns see them next to the conv2d, as they woul
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from inc_torch.ptq._graph_edit import STALE_META, attribute, layer_name, set_attribute
+from inc_torch.ptq._graph_edit import STALE_META, LayerRewrite, attribute, layer_name, set_attribute
 
-__all__ = ["FBGEMM_DEPTHWISE_GROUPS", "Conv1dRewrite", "conv1d_as_conv2d", "is_depthwise_conv1d"]
-
-log = logging.getLogger("inc")
+__all__ = ["FBGEMM_DEPTHWISE_GROUPS", "conv1d_as_conv2d", "is_depthwise_conv1d"]
 
 # torch's x86 engine runs a quantized conv with more groups than this on FBGEMM's depthwise kernels on every
 # CPU (fewer groups go to oneDNN where the CPU has VNNI/AMX; see should_use_onednn_quant in torch).
@@ -52,19 +48,6 @@ def is_depthwise_conv1d(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv1d) and 1 < module.groups == module.in_channels
 
 
-@dataclass(frozen=True)
-class Conv1dRewrite:
-    """What :func:`conv1d_as_conv2d` did: layers rewritten, and layers kept as ``conv1d`` with the reason."""
-
-    rewritten: tuple[str, ...]
-    kept: dict[str, str]
-
-    def log(self) -> None:
-        """Say which Conv1d layers stay FP32 on PT2E, and why."""
-        for name, reason in self.kept.items():
-            log.info("Conv1d %r stays FP32 on format='pt2e': %s", name, reason)
-
-
 def _padding(padding: Any, kernel: int, dilation: int) -> tuple[int, int]:
     """Left and right padding of a 1-D convolution (``padding='same'`` pads the odd element on the right)."""
     if not isinstance(padding, str):
@@ -90,11 +73,11 @@ def _shape_keeping_chain(conv1d: torch.fx.Node) -> list[torch.fx.Node]:
     return chain
 
 
-def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
+def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> LayerRewrite:
     """Rewrite, in place, each ``conv1d`` of an exported (not yet prepared) graph as a 2-D convolution.
 
     A layer stays ``conv1d`` (and FP32 on PT2E) when its weight is computed in the graph (normalised in
-    ``forward``) or read by another kind of op too; :attr:`Conv1dRewrite.kept` says which and why.
+    ``forward``) or read by another kind of op too; :attr:`LayerRewrite.kept` says which and why.
     """
     graph = graph_module.graph
     rewritten: list[str] = []
@@ -179,4 +162,4 @@ def conv1d_as_conv2d(graph_module: torch.fx.GraphModule) -> Conv1dRewrite:
     if rewritten:
         graph.lint()
         graph_module.recompile()
-    return Conv1dRewrite(tuple(rewritten), kept)
+    return LayerRewrite("Conv1d", tuple(rewritten), kept)

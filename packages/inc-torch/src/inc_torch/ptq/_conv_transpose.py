@@ -15,7 +15,6 @@ takes). Its multiply-adds are those of the transposed convolution when the kerne
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from inc_torch.ptq._graph_edit import STALE_META, attribute, layer_name, set_attribute
+from inc_torch.ptq._graph_edit import STALE_META, LayerRewrite, attribute, layer_name, set_attribute
 
 __all__ = [
-    "ConvTransposeRewrite", "conv_transpose_as_conv2d", "restore_conv_transpose", "subpixel_weight", "transposed_weight",
+    "conv_transpose_as_conv2d", "restore_conv_transpose", "subpixel_weight", "transposed_weight",
 ]
-
-log = logging.getLogger("inc")
 
 _aten = torch.ops.aten
 # op -> number of spatial dimensions
@@ -48,19 +45,6 @@ class _Original:
     output_padding: tuple[int, int]
     groups: int
     kernel: tuple[int, int]
-
-
-@dataclass(frozen=True)
-class ConvTransposeRewrite:
-    """What :func:`conv_transpose_as_conv2d` did: layers rewritten, and layers kept with the reason."""
-
-    rewritten: tuple[str, ...]
-    kept: dict[str, str]
-
-    def log(self) -> None:
-        """Say which transposed convolutions stay FP32 on PT2E, and why."""
-        for name, reason in self.kept.items():
-            log.info("ConvTranspose %r stays FP32 on format='pt2e': %s", name, reason)
 
 
 def subpixel_weight(weight: torch.Tensor, stride: tuple[int, int], groups: int) -> torch.Tensor:
@@ -104,13 +88,13 @@ def _static(shape: Any) -> tuple[int, ...] | None:
         return None
 
 
-def conv_transpose_as_conv2d(graph_module: torch.fx.GraphModule) -> ConvTransposeRewrite:
+def conv_transpose_as_conv2d(graph_module: torch.fx.GraphModule) -> LayerRewrite:
     """Rewrite, in place, each ``conv_transpose1d``/``conv_transpose2d`` of an exported (not yet prepared)
     graph as the conv2d of its phases followed by the interleave and crop.
 
     A layer stays a transposed convolution (FP32 on PT2E) when its weight is computed in the graph or read by
     another op, it is dilated, or its input's spatial size is not fixed in the captured graph;
-    :attr:`ConvTransposeRewrite.kept` says which and why.
+    :attr:`LayerRewrite.kept` says which and why.
     """
     graph = graph_module.graph
     rewritten: list[str] = []
@@ -212,7 +196,7 @@ def conv_transpose_as_conv2d(graph_module: torch.fx.GraphModule) -> ConvTranspos
     if rewritten:
         graph.lint()
         graph_module.recompile()
-    return ConvTransposeRewrite(tuple(rewritten), kept)
+    return LayerRewrite("ConvTranspose", tuple(rewritten), kept)
 
 
 def restore_conv_transpose(graph_module: torch.fx.GraphModule, names: frozenset[str]) -> None:

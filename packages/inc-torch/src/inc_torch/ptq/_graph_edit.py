@@ -3,15 +3,33 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["STALE_META", "attribute", "layer_name", "set_attribute"]
+__all__ = ["STALE_META", "LayerRewrite", "attribute", "layer_name", "set_attribute"]
+
+log = logging.getLogger("inc")
 
 # Metadata that would describe the replaced op wrongly on the nodes that replace it (shapes, the source partition).
 STALE_META = ("val", "tensor_meta", "source_fn_stack", "example_value")
+
+
+@dataclass(frozen=True)
+class LayerRewrite:
+    """What a PT2E layer rewrite did: layers rewritten, and layers of its ``kind`` kept FP32 with the reason."""
+
+    kind: str
+    rewritten: tuple[str, ...]
+    kept: dict[str, str]
+
+    def log(self) -> None:
+        """Say which layers stay FP32 on PT2E, and why."""
+        for name, reason in self.kept.items():
+            log.info("%s %r stays FP32 on format='pt2e': %s", self.kind, name, reason)
 
 
 def layer_name(node: torch.fx.Node) -> str:
