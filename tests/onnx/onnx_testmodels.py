@@ -109,6 +109,59 @@ def cnn() -> onnx.ModelProto:
     return onnx.load_from_string(_cnn_bytes())
 
 
+def _decoder_features(rng: np.random.Generator) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """A U-Net-shaped extractor on a [batch, 1, 8, 8] image: Conv-Relu, a stride-2 Conv down to 4x4, a U-Net
+    up-sampling ConvTranspose (kernel 2, stride 2) concatenated with the first Conv's output, a DCGAN-style
+    ConvTranspose (kernel 4, stride 2, padding 1) + Relu up to 16x16, MaxPool, Flatten. He-initialized filters."""
+
+    def he(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+        return rng.normal(0, np.sqrt(2 / fan_in), size=shape)
+
+    inits = [
+        _init("enc.weight", he((16, 1, 3, 3), 9)), _init("enc.bias", rng.normal(0, 0.05, 16)),
+        _init("down.weight", he((32, 16, 3, 3), 144)), _init("down.bias", rng.normal(0, 0.05, 32)),
+        _init("up.weight", he((32, 16, 2, 2), 32)), _init("up.bias", rng.normal(0, 0.05, 16)),
+        _init("up2.weight", he((32, 8, 4, 4), 32 * 4)),
+        numpy_helper.from_array(np.array([-1, 1, 8, 8], dtype=np.int64), "image_shape"),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("Reshape", ["pixels", "image_shape"], ["image"], name="to_image"),
+        node("Conv", ["image", "enc.weight", "enc.bias"], ["e"], name="enc", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        node("Relu", ["e"], ["skip"], name="enc_relu"),
+        node("Conv", ["skip", "down.weight", "down.bias"], ["d"], name="down", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        node("Relu", ["d"], ["dr"], name="down_relu"),
+        node("ConvTranspose", ["dr", "up.weight", "up.bias"], ["u"], name="up", kernel_shape=[2, 2], strides=[2, 2]),
+        node("Concat", ["u", "skip"], ["cat"], name="cat", axis=1),
+        node("ConvTranspose", ["cat", "up2.weight"], ["u2"], name="up2", kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),
+        node("Relu", ["u2"], ["u2r"], name="up2_relu"),
+        node("MaxPool", ["u2r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        node("Flatten", ["p"], ["features"], name="flatten"),
+    ]
+    return nodes, inits
+
+
+@functools.cache
+def _decoder_bytes() -> bytes:
+    nodes, inits = _decoder_features(np.random.default_rng(1))
+    inp = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 64])
+    feat = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 8 * 8 * 8])
+    extractor = _model(nodes, inits, inp, feat)
+    x_train, _, y_train, _ = digits()
+    session = ort.InferenceSession(extractor.SerializeToString(), providers=["CPUExecutionProvider"])
+    features = session.run(None, {"pixels": x_train})[0]
+    clf = LogisticRegression(max_iter=2000, C=0.5).fit(features, y_train)
+    inits += [_init("fc.weight", clf.coef_), _init("fc.bias", clf.intercept_)]
+    nodes.append(helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    return _model(nodes, inits, inp, out).SerializeToString()
+
+
+def decoder() -> onnx.ModelProto:
+    """:func:`_decoder_features` (two ConvTranspose) + logistic-regression head trained on digits; input ``pixels``."""
+    return onnx.load_from_string(_decoder_bytes())
+
+
 def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"pixels": x})[0]

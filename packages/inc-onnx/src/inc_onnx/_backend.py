@@ -68,6 +68,10 @@ class OnnxBackend(Backend):
         self.openvino_precision = check_precision("OnnxBackend", openvino_precision)
         # What "auto" picked in the last runner() (None before, or for a named runtime).
         self.last_choice: RuntimeChoice | None = None
+        # ONNX Runtime's CPU provider has no INT8 ConvTranspose, so for it each one is quantized as its sub-pixel
+        # Conv; OpenVINO quantizes ConvTranspose itself, and runs the sub-pixel form slower (measured:
+        # benchmarks/results/onnx_conv_transpose.md). "auto" prepares for ONNX Runtime, which runs the checks.
+        self.subpixel = self.runtime != "openvino"
 
     def options(self) -> dict[str, Any]:
         return {"runtime": self.runtime, "openvino_precision": self.openvino_precision}
@@ -91,17 +95,17 @@ class OnnxBackend(Backend):
         A tuner's fallback op of another kind (a Gather, an Add, a product of two activations) goes to
         FP32 under ``fallback_precision="bf16"``.
         """
-        prepared = prepare(model).model
+        prepared = prepare(model, subpixel=self.subpixel).model
         return bf16_compute_ops(prepared, describe_prepared(prepared, config, self.check_format(config.format)).ops)
 
     def accepts(self, model: Any) -> bool:
         return is_onnx_model(model)
 
     def describe(self, model: Any, config: QuantConfig) -> TuningSpace:
-        return describe_prepared(prepare(model).model, config, self.check_format(config.format))
+        return describe_prepared(prepare(model, subpixel=self.subpixel).model, config, self.check_format(config.format))
 
     def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> OnnxCalibration | SmoothedCalibration:
-        prepared = prepare(model)
+        prepared = prepare(model, subpixel=self.subpixel)
         fmt = self.check_format(config.format)
         if not describe_prepared(prepared.model, config, fmt).ops:
             raise nothing_to_quantize(prepared.model, config.approach, fmt)
@@ -120,7 +124,7 @@ class OnnxBackend(Backend):
                 "OnnxBackend.calibrate returned."
             )
         fmt = self.check_format(config.format)
-        prepared = prepare(model)
+        prepared = prepare(model, subpixel=self.subpixel)
         # BF16 ops stay float nodes in the file, listed in its metadata (see inc_onnx.runtime._bf16).
         int8, bf16_ops = int8_config(config, describe_prepared(prepared.model, config, fmt).ops)
         # SmoothQuant: the rescaled graph and its statistics take the place of the user's graph.
@@ -140,7 +144,7 @@ class OnnxBackend(Backend):
         return result
 
     def op_errors(self, model: Any, config: QuantConfig, *, calibration: Any | None, dataset: Dataset) -> dict[str, float]:
-        prepared = prepare(model)
+        prepared = prepare(model, subpixel=self.subpixel)
         fmt = self.check_format(config.format)
         if config.approach == "static" and calibration is None:
             calibration = self.calibrate(model, dataset, config)
@@ -150,7 +154,7 @@ class OnnxBackend(Backend):
 
     def weights_digest(self, model: Any) -> str | None:
         """The content hash the calibrations are matched with (external data included)."""
-        return prepare(model).digest
+        return prepare(model, subpixel=self.subpixel).digest
 
     def int8_op_counts(self, model: Any) -> dict[str, int]:
         """Per op type, the nodes of a quantized model that run INT8 kernels in ONNX Runtime.

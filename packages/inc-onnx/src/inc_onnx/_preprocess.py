@@ -30,6 +30,7 @@ from inc_onnx._repair import (
     rename_new_initializers,
     unshare_biases,
 )
+from inc_onnx.ptq._conv_transpose import conv_transpose_as_conv
 
 __all__ = ["InputSpec", "Prepared", "prepare"]
 
@@ -80,23 +81,28 @@ class Prepared:
         return proto
 
 
-def prepare(model: Any) -> Prepared:
+def prepare(model: Any, *, subpixel: bool = True) -> Prepared:
     """Load (if a path), validate and prepare ``model``; cached by model content.
+
+    ``subpixel``: each ConvTranspose that has one becomes its sub-pixel convolution, the form ONNX Runtime's CPU
+    provider runs in INT8 (see :mod:`inc_onnx.ptq._conv_transpose`); ``False`` keeps them (OpenVINO runs a QDQ
+    ConvTranspose in INT8 itself, and faster than the sub-pixel form).
 
     Raises:
         ModelLoadError: the model cannot be read, is invalid, or ONNX Runtime cannot load it.
     """
     proto = as_model_proto(model)
     key = digest(proto)
+    entry = f"{key}/subpixel" if subpixel else key
     with _lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
+        if entry in _cache:
+            _cache.move_to_end(entry)
+            return _cache[entry]
     where = repr(str(model)) if not isinstance(model, onnx.ModelProto) else "the given ModelProto"
     check_runtime_loads(proto, where=where)
     as_float32_graph(proto)
     value_info = tuple(_copy_value_info(v) for v in proto.graph.value_info)
-    prepared_proto = _prepare_graph(proto)
+    prepared_proto = _prepare_graph(proto, subpixel=subpixel)
     prepared = Prepared(
         model=prepared_proto,
         digest=key,
@@ -105,7 +111,7 @@ def prepare(model: Any) -> Prepared:
         value_info=value_info,
     )
     with _lock:
-        _cache[key] = prepared
+        _cache[entry] = prepared
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     return prepared
@@ -116,7 +122,7 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _prepare_graph(proto: onnx.ModelProto, *, subpixel: bool) -> onnx.ModelProto:
     known = _tensor_names(proto)
     _name_nodes(proto)
     merge_opsets(proto)
@@ -144,6 +150,8 @@ def _prepare_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
     flatten_row_biases(prepared)
     unshare_biases(prepared)
     float_reads_for_subgraphs(prepared)
+    if subpixel:
+        conv_transpose_as_conv(prepared)
     add_infer_metadata(prepared)
     return prepared
 

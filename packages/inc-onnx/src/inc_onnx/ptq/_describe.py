@@ -8,6 +8,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, Q
 from inc_core import QuantConfig
 from inc_core.backend import Op, TuningSpace
 from inc_core.errors import UnsupportedModelError
+from inc_onnx.ptq._conv_transpose import layer_type
 from inc_onnx.ptq._masks import analyse_masks
 
 __all__ = ["FORMATS", "PASS_THROUGH", "WEIGHTED_OPS", "describe_prepared", "nothing_to_quantize", "op_types_for", "weight_axis"]
@@ -59,7 +60,7 @@ def describe_prepared(model: onnx.ModelProto, config: QuantConfig, fmt: str, *, 
         constants = {init.name for init in model.graph.initializer}
         float_only = analyse_masks(model).float_only
         ops = tuple(
-            Op(name=node.name, op_type=node.op_type)
+            Op(name=node.name, op_type=layer_type(node))
             for node in model.graph.node
             if node.op_type in quantizable
             and not node.domain

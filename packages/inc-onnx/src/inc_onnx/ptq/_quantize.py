@@ -31,6 +31,7 @@ from inc_core.calibration import QParams, compute_qparams
 from inc_core.errors import CalibrationError, ConfigError, IncError, UnsupportedModelError
 from inc_onnx._preprocess import Prepared
 from inc_onnx.ptq._collect import OnnxCalibration
+from inc_onnx.ptq._conv_transpose import restore_conv_transpose
 from inc_onnx.ptq._describe import WEIGHTED_OPS, describe_prepared, nothing_to_quantize, op_types_for, weight_axis
 from inc_onnx.ptq._masks import analyse_masks
 from inc_onnx.ptq._qdq_readers import drop_unread_qdq, folded_activations
@@ -81,6 +82,8 @@ def quantize_prepared(
         )
     _check_overrides(config, space, fmt)
     model = prepared.copy()
+    # A ConvTranspose kept in float runs as the user's op, not as its sub-pixel form (see ptq._conv_transpose).
+    restore_conv_transpose(model, excluded)
     op_types = list(op_types_for(config.approach, fmt))
     mode = "dynamic" if config.approach == "dynamic" else f"static {fmt}"
     try:
@@ -159,7 +162,7 @@ def _quantizer(
         )
     # Every node ORT's quantizer touches, including the exact ones describe leaves out (whose tensors
     # still need ranges, and whose Relu/Clip folding decides a producer's parameters).
-    every = describe_prepared(prepared.model, config, fmt, exact_ops=True).ops
+    every = describe_prepared(model, config, fmt, exact_ops=True).ops
     quantized = [op for op in every if op.name not in excluded]
     # Mask arithmetic is never listed by describe, but ORT is told op types, not nodes: name it here.
     kept_float = sorted(excluded | _mask_nodes(prepared.model, {op.name for op in every} - {op.name for op in space.ops}))
