@@ -182,6 +182,17 @@ def bench_onnx(session: nox.Session) -> None:
 
 
 @_session
+def bench_onnx_conv_transpose(session: nox.Session) -> None:
+    """Models with transposed convolutions exported to ONNX: inc's sub-pixel INT8 vs ORT's quantizer, on ORT and OpenVINO (not in `nox`)."""
+    _install_core(session)
+    _pip_install(session, "-c", "constraints/onnx.txt", "-e", "packages/inc-onnx[openvino]", "transformers", "onnxscript")
+    # The CPU wheel on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+    _pip_install(session, "torch==2.13.0")
+    _byte_compile(session)
+    session.run("python", "benchmarks/onnx_conv_transpose_bench.py", *session.posargs)
+
+
+@_session
 def bench_torch(session: nox.Session) -> None:
     """PT2E/FX/dynamic INT8 vs FP32 vs torchao defaults vs neural-compressor-pt (not in `nox`)."""
     _install_core(session)

@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import inc_core as inc
+from inc_core.errors import UnsupportedModelError
 from inc_onnx import OnnxBackend
 from inc_onnx.ptq._conv_transpose import conv_transpose_as_conv, restore_conv_transpose
 
@@ -224,3 +225,23 @@ def test_openvino_runtime_quantizes_the_conv_transpose_itself(digits):
     transposed = [n for n in q.graph.node if n.op_type == "ConvTranspose"]
     assert [n.name for n in transposed] == ["up", "up2"]
     assert all(producers[n.input[0]].op_type == "DequantizeLinear" for n in transposed)
+
+
+def test_a_dilated_only_generator_is_refused_naming_the_way_out():
+    model = _generator(dilated=True)
+    del model.graph.node[:]
+    model.graph.node.append(helper.make_node(
+        "ConvTranspose", ["z", "g1.weight"], ["image"], name="g1", kernel_shape=[4, 4], strides=[2, 2], dilations=[2, 2],
+    ))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 32
+    del model.graph.initializer[0]
+    del model.graph.initializer[1]
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 16
+    z = np.random.default_rng(5).standard_normal((16, 32, 1, 1)).astype(np.float32)
+    with pytest.raises(UnsupportedModelError, match=r"no INT8 ConvTranspose.*dilated.*runtime='openvino'"):
+        inc.quantize(model, inc.QuantConfig(calib_samples=16), dataset=inc.Dataset(z, batch_size=8))
+    # for OpenVINO the same file holds INT8 ConvTranspose (QDQ), which it runs
+    q = inc.quantize(model, inc.QuantConfig(calib_samples=16), dataset=inc.Dataset(z, batch_size=8), backend=OnnxBackend(runtime="openvino"))
+    producers = {out: n.op_type for n in q.graph.node for out in n.output}
+    node = next(n for n in q.graph.node if n.op_type == "ConvTranspose")
+    assert producers[node.input[0]] == producers[node.input[1]] == "DequantizeLinear"

@@ -137,7 +137,7 @@ class OnnxBackend(Backend):
         mode = "dynamic" if config.approach == "dynamic" else f"static {fmt}"
         check_runs(result, mode, calibration.sample if calibration is not None else None)
         selected = [op.name for op in describe_prepared(prepared.model, config, fmt).ops]
-        check_has_int8_ops(result, mode, selected)
+        check_has_int8_ops(result, mode, selected, qdq_conv_transpose=not self.subpixel)
         if inplace and isinstance(model, onnx.ModelProto):
             model.CopyFrom(result)
             return model

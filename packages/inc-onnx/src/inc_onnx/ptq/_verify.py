@@ -42,15 +42,37 @@ def check_runs(model: onnx.ModelProto, mode: str, sample: Mapping[str, np.ndarra
         raise UnsupportedModelError(_message(model, mode, "loads but fails to run a calibration batch in", exc)) from exc
 
 
-def check_has_int8_ops(model: onnx.ModelProto, mode: str, selected: list[str]) -> dict[str, int]:
-    """Per op type, the INT8 ops ORT runs in ``model``; at least one, or UnsupportedModelError."""
+def check_has_int8_ops(
+    model: onnx.ModelProto, mode: str, selected: list[str], *, qdq_conv_transpose: bool = False
+) -> dict[str, int]:
+    """Per op type, the INT8 ops ORT runs in ``model``; at least one, or UnsupportedModelError.
+
+    ``qdq_conv_transpose``: the model is made for OpenVINO, which runs a ConvTranspose between DequantizeLinear
+    and QuantizeLinear in INT8 (ORT runs it in float): those count too.
+    """
     counts = int8_op_counts(model)
+    if not counts and qdq_conv_transpose:
+        produced_by = {out: node.op_type for node in model.graph.node for out in node.output}
+        quantized = [
+            node for node in model.graph.node
+            if node.op_type == "ConvTranspose" and len(node.input) > 1
+            and produced_by.get(node.input[0]) == produced_by.get(node.input[1]) == "DequantizeLinear"
+        ]
+        if quantized:
+            return {"ConvTranspose": len(quantized)}
     if not counts:
         shown = ", ".join(selected[:8]) + (f" and {len(selected) - 8} more" if len(selected) > 8 else "")
         if mode.startswith("dynamic"):
             way_out = (
                 "In dynamic mode only MatMul/Gemm with a constant weight, Conv and Gather of a constant table are "
                 "quantized; try approach='static' (with a calibration dataset) or format='qoperator'."
+            )
+        elif any(n.op_type == "ConvTranspose" for n in model.graph.node):
+            way_out = (
+                "ONNX Runtime's CPU provider has no INT8 ConvTranspose; inc runs one as its sub-pixel Conv unless it "
+                "is dilated, its padding depends on the input size, or its weight is not a constant of its own (the "
+                "'inc' log at INFO says which). OpenVINO runs them in INT8: "
+                "inc.quantize(..., backend=OnnxBackend(runtime='openvino'))."
             )
         else:
             way_out = (
