@@ -15,8 +15,9 @@ excluded (what inc gave before they ran INT8 on ORT: float ConvTranspose, everyt
 generator was refused then, as it is with that exclusion now); inc (``inc.quantize``, defaults: each ConvTranspose
 as its sub-pixel Conv); inc for OpenVINO (``OnnxBackend(runtime="openvino")``: QDQ ConvTranspose, which OpenVINO
 runs in INT8 itself). Calibration: 8 random batches of 4; fidelity: output cosine to FP32 on 4 other inputs (mean
-and min), on the runtime of the row. Speed: samples/s at batch 1 and 8, 2 threads; every (runtime, file) of a model
-timed side by side in interleaved rounds (the median round). Writes ``benchmarks/results/onnx_conv_transpose.json``
+and min), on the runtime of the row. Speed: samples/s at batch 1 and 8, 2 threads, inc_onnx's session options
+(OpenVINO: its LATENCY hint); every (runtime, file) of a model timed side by side in alternating blocks of calls
+(``onnx_bench.side_by_side``; the median call). Writes ``benchmarks/results/onnx_conv_transpose.json``
 and ``.md``.
 """
 
@@ -27,7 +28,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -44,8 +44,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _machine import cpu_flags, cpu_name, git_commit, timing_lock  # noqa: E402
 from _transposed_models import MODELS  # noqa: E402
+from onnx_bench import OnRuntime, side_by_side  # noqa: E402
 
 import inc_core as inc  # noqa: E402
+import inc_onnx  # noqa: E402
 from inc_onnx import OnnxBackend  # noqa: E402
 
 BATCHES = (1, 8)
@@ -95,25 +97,11 @@ def _files(fp32: onnx.ModelProto, path: Path, calibration: list[np.ndarray], wor
     }
 
 
-def _ort_session(model: onnx.ModelProto) -> Callable[[np.ndarray], np.ndarray]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"x": x})[0]
-
-
-def _openvino_session(model: onnx.ModelProto) -> Callable[[np.ndarray], np.ndarray]:
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(
-        ov.Core().read_model(model.SerializeToString(), b""), "CPU",
-        {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": THREADS},
-    )
-    request = compiled.create_infer_request()
-    return lambda x: request.infer({0: x})[0]
-
-
-SESSIONS = {"ORT": _ort_session, "OpenVINO": _openvino_session}
+def _session(runtime: str, model: onnx.ModelProto) -> Callable[[np.ndarray], np.ndarray]:
+    """The model on ``runtime`` as the timing runs it (inc_onnx's session options; OpenVINO's LATENCY hint)."""
+    session = inc_onnx.create_session(model, runtime="ort" if runtime == "ORT" else "openvino", threads=THREADS)
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
 
 
 def _cosines(reference: Callable[[np.ndarray], np.ndarray], run: Callable[[np.ndarray], np.ndarray], inputs: list[np.ndarray]) -> list[float]:
@@ -129,7 +117,7 @@ def bench(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[int, i
     calibration = [make(4, seed) for seed in range(8)]
     held_out = [make(2, 50 + seed) for seed in range(4)]
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    runners: dict[tuple[str, str], Callable[[np.ndarray], np.ndarray]] = {}
+    timed: dict[tuple[str, str], onnx.ModelProto | OnRuntime] = {}
     with tempfile.TemporaryDirectory(prefix="onnx-ct-bench-") as tmp:
         work = Path(tmp)
         fp32 = export(model, calibration[0], work / "fp32.onnx")
@@ -145,7 +133,7 @@ def bench(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[int, i
                 traceback.print_exc()
         counts = OnnxBackend().int8_op_counts
         for runtime, labels in RUNS.items():
-            reference = SESSIONS[runtime](fp32)
+            reference = _session(runtime, fp32)
             for label in labels:
                 row: dict[str, Any] = {"model": name, "runtime": runtime, "file": label, "conv_layers": convs, "transposed_layers": transposed}
                 rows[(runtime, label)] = row
@@ -153,7 +141,7 @@ def bench(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[int, i
                     row["error"] = errors[label]
                     continue
                 try:
-                    run = SESSIONS[runtime](built[label])
+                    run = _session(runtime, built[label])
                     cosines = _cosines(reference, run, held_out)
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
@@ -163,21 +151,12 @@ def bench(name: str, build: Callable[[], tuple[torch.nn.Module, Callable[[int, i
                 if runtime == "ORT" and label != "FP32":
                     row["ort_int8_conv"] = counts(built[label]).get("QLinearConv", 0) + counts(built[label]).get("ConvInteger", 0)
                     row["conv_transpose_left"] = sum(n.op_type == "ConvTranspose" for n in built[label].graph.node)
-                runners[(runtime, label)] = run
+                timed[(runtime, label)] = built[label] if runtime == "ORT" else OnRuntime(built[label])
     for batch in BATCHES:
-        x = make(batch, 99)
-        per_round: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
-        for run in runners.values():
-            for _ in range(2):
-                run(x)
-        for _ in range(args.rounds):
-            for key, run in runners.items():
-                started = time.perf_counter()
-                for _ in range(args.iterations):
-                    run(x)
-                per_round[key].append(batch * args.iterations / (time.perf_counter() - started))
-        for key, values in per_round.items():
-            rows[key][f"samples_per_s_b{batch}"] = statistics.median(values)
+        # blocks of calls per model, in alternating order, with a pause for the last one's threads to park
+        speeds = side_by_side({f"{r}: {f}": m for (r, f), m in timed.items()}, make(batch, 99), args.iterations, THREADS)
+        for (runtime, label) in timed:
+            rows[(runtime, label)][f"samples_per_s_b{batch}"] = speeds[f"{runtime}: {label}"]["samples_per_s"]
     return list(rows.values())
 
 
@@ -188,8 +167,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"CPU: {record['cpu']} ({', '.join(record['cpu_flags'])}), {record['threads']} threads; onnxruntime "
         f"{record['onnxruntime']}, openvino {record['openvino']}, torch {record['torch']} (export); commit {record['commit']}; "
         f"{record['date']}; `benchmarks/onnx_conv_transpose_bench.py`.",
-        f"Every (runtime, file) of a model timed side by side in {record['rounds']} interleaved rounds of "
-        f"{record['iterations']} calls (the median round); speed ratios are against the FP32 file on ONNX Runtime in the "
+        f"Every (runtime, file) of a model timed side by side ({record['iterations']} calls each, in alternating blocks: "
+        "`onnx_bench.side_by_side`; samples/s from the median call); speed ratios are against the FP32 file on ONNX Runtime in the "
         "same run. Fidelity: output cosine to the FP32 file on the same runtime, 4 held-out inputs (random weights and "
         "inputs). `ORT INT8 conv`: convolutions ONNX Runtime runs in INT8 (QLinearConv after its fusions), of all the "
         "model's convolution layers, transposed ones included; `ConvTranspose left`: those still in the file.",
@@ -217,8 +196,7 @@ def markdown(record: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=40, help="timed calls per model and batch size")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     import openvino
@@ -229,7 +207,7 @@ def main() -> None:
         "openvino": openvino.__version__, "torch": torch.__version__,
         "commit": git_commit("packages", "benchmarks/onnx_conv_transpose_bench.py"),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "rounds": args.rounds, "iterations": args.iterations, "rows": rows,
+        "iterations": args.iterations, "rows": rows,
     }
     out = ROOT / "benchmarks" / "results"
     (out / "onnx_conv_transpose.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -245,3 +245,13 @@ def test_a_dilated_only_generator_is_refused_naming_the_way_out():
     producers = {out: n.op_type for n in q.graph.node for out in n.output}
     node = next(n for n in q.graph.node if n.op_type == "ConvTranspose")
     assert producers[node.input[0]] == producers[node.input[1]] == "DequantizeLinear"
+
+
+def test_dynamic_quantization_lists_them_as_conv_transpose_and_excludes_them(digits):
+    x_train, x_test, _, y_test = digits
+    model = models.decoder()
+    config = inc.QuantConfig(approach="dynamic")
+    assert [op.name for op in inc.describe(model, config).ops if op.op_type == "ConvTranspose"] == ["up", "up2"]
+    q = inc.quantize(model, inc.QuantConfig(approach="dynamic", exclude=inc.LayerFilter(types=("ConvTranspose",))))
+    assert [n.name for n in q.graph.node if n.op_type == "ConvTranspose"] == ["up", "up2"]
+    assert models.op_types(q).count("ConvInteger") == 2

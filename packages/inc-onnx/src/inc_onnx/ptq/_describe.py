@@ -115,7 +115,7 @@ def _dynamic_ops(model: onnx.ModelProto, floats: set[str]) -> tuple[Op, ...]:
         else:
             keep = False
         if keep:
-            ops.append(Op(name=node.name, op_type=node.op_type))
+            ops.append(Op(name=node.name, op_type=layer_type(node)))
     return tuple(ops)
 
 
