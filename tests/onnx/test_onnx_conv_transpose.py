@@ -13,8 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import inc_core as inc
 from inc_core.errors import UnsupportedModelError
+import inc_onnx
 from inc_onnx import OnnxBackend
 from inc_onnx.ptq._conv_transpose import conv_transpose_as_conv, restore_conv_transpose
+from inc_onnx.runtime._session import has_float_qdq_ops
 
 RNG = np.random.default_rng(0)
 
@@ -255,3 +257,17 @@ def test_dynamic_quantization_lists_them_as_conv_transpose_and_excludes_them(dig
     q = inc.quantize(model, inc.QuantConfig(approach="dynamic", exclude=inc.LayerFilter(types=("ConvTranspose",))))
     assert [n.name for n in q.graph.node if n.op_type == "ConvTranspose"] == ["up", "up2"]
     assert models.op_types(q).count("ConvInteger") == 2
+
+
+def test_inc_sessions_run_a_qdq_conv_transpose_file_right():
+    # A file with QDQ ConvTranspose (made for OpenVINO) on ORT: with ORT's QDQ clean-up on, ORT folded each ReLU after
+    # a ConvTranspose into the QuantizeLinear and then dropped that pair: the generator's output cosine was 0.69.
+    model = _generator()
+    z = np.random.default_rng(5).standard_normal((64, 16, 1, 1)).astype(np.float32)
+    data = inc.Dataset(z[:48], batch_size=8)
+    for_openvino = inc.quantize(model, inc.QuantConfig(calib_samples=48), dataset=data, backend=OnnxBackend(runtime="openvino"))
+    assert has_float_qdq_ops(for_openvino)
+    session = inc_onnx.create_session(for_openvino, runtime="ort")
+    assert _cosine(session.run(None, {"z": z[48:]})[0], _run(model, z[48:], "z")) > 0.99
+    for_ort = inc.quantize(model, inc.QuantConfig(calib_samples=48), dataset=data)
+    assert not has_float_qdq_ops(for_ort)

@@ -31,6 +31,7 @@ def session_options(
     spinning: bool = True,
     denormal_as_zero: bool = True,
     log_severity: int = 3,
+    qdq_cleanup: bool = True,
 ) -> ort.SessionOptions:
     """``SessionOptions`` suited to running an INT8 model on CPU.
 
@@ -39,8 +40,12 @@ def session_options(
     - graph optimization ``ORT_ENABLE_ALL`` (``optimization="all"``): the QDQ node groups are fused into
       int8 kernels (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, ...) only at the extended levels,
       and layout transforms (NCHWc) come with "all";
-    - ``session.enable_quant_qdq_cleanup``: drops QuantizeLinear/DequantizeLinear pairs that cancel out
-      between fused int8 kernels, so activations stay int8 from one kernel to the next;
+    - ``session.enable_quant_qdq_cleanup`` (``qdq_cleanup=True``): drops QuantizeLinear/DequantizeLinear pairs
+      that cancel out between fused int8 kernels, so activations stay int8 from one kernel to the next. Not for a
+      model with a ConvTranspose between DequantizeLinear and QuantizeLinear (QDQ made for OpenVINO, or by ORT's
+      own quantizer): ORT runs it in float, folds the Relu after it into the QuantizeLinear, and the clean-up then
+      drops that pair and the Relu with it (a DCGAN generator's output cosine fell to 0.69).
+      :func:`create_session` leaves it off for such models;
     - ``session.qdqisint8allowed`` left to ORT: on x86 ORT rewrites int8 activations to uint8, the operand
       type the VNNI dot-product instructions take;
     - ``session.set_denormal_as_zero``: float ops around the int8 kernels never hit slow denormal paths;
@@ -53,6 +58,7 @@ def session_options(
         spinning: let idle worker threads spin (lower latency, more CPU use while idle).
         denormal_as_zero: flush denormal floats to zero.
         log_severity: ORT's log level (0 verbose ... 4 fatal).
+        qdq_cleanup: drop cancelling QDQ pairs between fused kernels (see above).
 
     Raises:
         ConfigError: an argument is out of range.
@@ -69,7 +75,7 @@ def session_options(
     options.intra_op_num_threads = threads if threads is not None else available_cpus()
     options.inter_op_num_threads = 1
     options.log_severity_level = log_severity
-    options.add_session_config_entry("session.enable_quant_qdq_cleanup", "1")
+    options.add_session_config_entry("session.enable_quant_qdq_cleanup", "1" if qdq_cleanup else "0")
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.set_denormal_as_zero", "1" if denormal_as_zero else "0")
     return options
@@ -147,11 +153,24 @@ def ort_session(
 ) -> ort.InferenceSession:
     """An ORT CPU-provider session for a validated ModelProto, or a ModelLoadError."""
     if options is None:
-        options = session_options(threads=threads)
+        options = session_options(threads=threads, qdq_cleanup=not has_float_qdq_ops(proto))
     try:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT's pybind exception types carry the reason in their text
         raise ModelLoadError(f"ONNX Runtime {ort.__version__} cannot create a session for the model: {exc}") from exc
+
+
+# Ops ORT's CPU provider runs in float even between a DequantizeLinear and a QuantizeLinear (no INT8 kernel).
+_FLOAT_ON_ORT = frozenset({"ConvTranspose"})
+
+
+def has_float_qdq_ops(proto: onnx.ModelProto) -> bool:
+    """True when an op ORT runs in float reads a DequantizeLinear: its QDQ clean-up would drop folded Relus."""
+    dequantized = {node.output[0] for node in proto.graph.node if node.op_type == "DequantizeLinear" and node.output}
+    return any(
+        node.op_type in _FLOAT_ON_ORT and node.domain in ("", "ai.onnx") and node.input and node.input[0] in dequantized
+        for node in proto.graph.node
+    )
 
 
 def available_cpus() -> int:
