@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import inc_core as inc
-from inc_core.errors import UnsupportedModelError
 import inc_onnx
+from inc_core.errors import UnsupportedModelError
 from inc_onnx import OnnxBackend
 from inc_onnx.ptq._conv_transpose import conv_transpose_as_conv, restore_conv_transpose
 from inc_onnx.runtime._session import has_float_qdq_ops
