@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["SUBPIXEL_DOC", "conv_transpose_as_conv", "layer_type", "restore_conv_transpose", "rewritten_layers"]
+__all__ = ["SUBPIXEL_DOC", "conv_transpose_as_conv", "layer_type", "restore_conv_transpose"]
 
 log = logging.getLogger("inc")
 
@@ -118,11 +118,6 @@ def transposed_weight(weight: np.ndarray, geometry: _Geometry) -> np.ndarray:
 def layer_type(node: onnx.NodeProto) -> str:
     """The op type the user's model had for ``node``: ``ConvTranspose`` for a sub-pixel Conv."""
     return "ConvTranspose" if node.op_type == "Conv" and node.doc_string.startswith(SUBPIXEL_DOC) else node.op_type
-
-
-def rewritten_layers(model: onnx.ModelProto) -> list[str]:
-    """Names of the ConvTranspose layers that are sub-pixel Convs in ``model``."""
-    return [node.name for node in model.graph.node if layer_type(node) == "ConvTranspose" and node.op_type == "Conv"]
 
 
 def conv_transpose_as_conv(model: onnx.ModelProto) -> list[str]:
@@ -430,15 +425,26 @@ def _original(conv: onnx.NodeProto, graph: onnx.GraphProto, initializers: dict[s
         pads_end=tuple(record["pads"][d:]), output_padding=tuple(record["output_padding"]), group=record["group"],
     )
     weight = transposed_weight(numpy_helper.to_array(initializers[conv.input[1]]), geometry)
-    weight_name = f"{conv.name}/weight"
+    taken = set(initializers) | {name for node in graph.node for name in (*node.input, *node.output)}
+    weight_name = _fresh(f"{conv.name}/weight", taken)
     graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), weight_name))
     inputs = [conv.input[0], weight_name]
     if len(conv.input) > 2 and conv.input[2]:
         coutg = weight.shape[1]
         tiled = numpy_helper.to_array(initializers[conv.input[2]]).reshape(geometry.group, -1, coutg)
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(tiled[:, 0]).reshape(-1), f"{conv.name}/bias"))
-        inputs.append(f"{conv.name}/bias")
+        bias_name = _fresh(f"{conv.name}/bias", taken)
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(tiled[:, 0]).reshape(-1), bias_name))
+        inputs.append(bias_name)
     return helper.make_node(
         "ConvTranspose", inputs, [record["output"]], name=conv.name, kernel_shape=record["kernel_shape"],
         strides=record["strides"], pads=record["pads"], output_padding=record["output_padding"], group=record["group"],
     )
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    """``name``, or ``name`` with a numbered suffix, that no tensor of the graph has; reserved in ``taken``."""
+    candidate, k = name, 1
+    while candidate in taken:
+        candidate, k = f"{name}_{k}", k + 1
+    taken.add(candidate)
+    return candidate
