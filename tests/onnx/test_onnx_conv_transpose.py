@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import inc_core as inc
 import inc_onnx
-from inc_core.errors import UnsupportedModelError
+from inc_core.errors import CalibrationError, UnsupportedModelError
 from inc_onnx import OnnxBackend
 from inc_onnx.ptq._conv_transpose import conv_transpose_as_conv, restore_conv_transpose
 from inc_onnx.runtime._session import has_float_qdq_ops
@@ -271,3 +271,15 @@ def test_inc_sessions_run_a_qdq_conv_transpose_file_right():
     assert _cosine(session.run(None, {"z": z[48:]})[0], _run(model, z[48:], "z")) > 0.99
     for_ort = inc.quantize(model, inc.QuantConfig(calib_samples=48), dataset=data)
     assert not has_float_qdq_ops(for_ort)
+
+
+def test_a_calibration_of_the_other_form_is_refused_saying_so(digits):
+    x_train = digits[0]
+    data, config = inc.Dataset(x_train[:64], batch_size=32), inc.QuantConfig(calib_samples=64)
+    for_openvino = OnnxBackend(runtime="openvino").calibrate(models.decoder(), data, config)
+    with pytest.raises(CalibrationError, match="another form of this model"):
+        OnnxBackend(runtime="ort").quantize(models.decoder(), config, calibration=for_openvino)
+    # without a ConvTranspose both forms are one: a calibration serves either backend
+    cnn = models.cnn()
+    statistics = OnnxBackend(runtime="openvino").calibrate(cnn, data, config)
+    assert "QLinearConv" in OnnxBackend().int8_op_counts(OnnxBackend(runtime="ort").quantize(cnn, config, calibration=statistics))

@@ -30,13 +30,15 @@ from inc_onnx._repair import (
     rename_new_initializers,
     unshare_biases,
 )
-from inc_onnx.ptq._conv_transpose import conv_transpose_as_conv
+from inc_onnx.ptq._conv_transpose import conv_transpose_as_conv, layer_type
 
-__all__ = ["InputSpec", "Prepared", "prepare"]
+__all__ = ["InputSpec", "Prepared", "prepare", "same_model"]
 
 log = logging.getLogger("inc")
 
 _CACHE_SIZE = 2
+# Digest suffix of a model prepared with its ConvTranspose ops as sub-pixel Convs.
+_SUBPIXEL = ":subpixel"
 # What ORT's symbolic shape inference saves in the current directory when it gives up on a graph.
 _SYMBOLIC_LEFTOVER = "sym_shape_infer_temp.onnx"
 _cache: collections.OrderedDict[str, Prepared] = collections.OrderedDict()
@@ -62,7 +64,8 @@ class Prepared:
 
     Attributes:
         model: the prepared graph (never handed out without copying: quantizers edit in place).
-        digest: content hash of the user's model, to match calibrations to models.
+        digest: content hash of the user's model, and ``:subpixel`` when preparation turned ConvTranspose ops into
+            sub-pixel Convs, to match calibrations to models.
         inputs: the graph inputs data must provide, in graph order.
         float_tensors: names of every float32 activation with known type (calibration candidates).
         value_info: the shape annotations (``graph.value_info``) of the user's model as given, before
@@ -93,7 +96,7 @@ def prepare(model: Any, *, subpixel: bool = True) -> Prepared:
     """
     proto = as_model_proto(model)
     key = digest(proto)
-    entry = f"{key}/subpixel" if subpixel else key
+    entry = f"{key}{_SUBPIXEL}" if subpixel else key
     with _lock:
         if entry in _cache:
             _cache.move_to_end(entry)
@@ -103,9 +106,11 @@ def prepare(model: Any, *, subpixel: bool = True) -> Prepared:
     as_float32_graph(proto)
     value_info = tuple(_copy_value_info(v) for v in proto.graph.value_info)
     prepared_proto = _prepare_graph(proto, subpixel=subpixel)
+    # The digest names the sub-pixel form only where it differs from the model as given.
+    rewritten = any(layer_type(node) != node.op_type for node in prepared_proto.graph.node)
     prepared = Prepared(
         model=prepared_proto,
-        digest=key,
+        digest=entry if rewritten else key,
         inputs=_input_specs(prepared_proto),
         float_tensors=frozenset(_float_tensors(prepared_proto)),
         value_info=value_info,
@@ -115,6 +120,11 @@ def prepare(model: Any, *, subpixel: bool = True) -> Prepared:
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     return prepared
+
+
+def same_model(digest_a: str, digest_b: str) -> bool:
+    """True when two preparation digests are of the same user model (prepared in the same or another form)."""
+    return digest_a.split(":")[0] == digest_b.split(":")[0]
 
 
 def _why(exc: BaseException) -> str:

@@ -29,7 +29,7 @@ from inc_core import QuantConfig
 from inc_core.backend import Op, TuningSpace
 from inc_core.calibration import QParams, compute_qparams
 from inc_core.errors import CalibrationError, ConfigError, IncError, UnsupportedModelError
-from inc_onnx._preprocess import Prepared
+from inc_onnx._preprocess import Prepared, same_model
 from inc_onnx.ptq._collect import OnnxCalibration
 from inc_onnx.ptq._conv_transpose import restore_conv_transpose
 from inc_onnx.ptq._describe import WEIGHTED_OPS, describe_prepared, nothing_to_quantize, op_types_for, weight_axis
@@ -154,6 +154,12 @@ def _quantizer(
         raise CalibrationError(
             "Static quantization needs calibration statistics; pass dataset= to inc.quantize/inc.autotune "
             "(or use QuantConfig(approach='dynamic'))."
+        )
+    if calibration.digest != prepared.digest and same_model(calibration.digest, prepared.digest):
+        raise CalibrationError(
+            "The calibration statistics were collected on another form of this model: OnnxBackend(runtime='openvino') "
+            "keeps each ConvTranspose as it is, the other runtimes quantize it as its sub-pixel Conv. Calibrate with "
+            "the backend that quantizes (backend.calibrate(model, ...)) and pass that result."
         )
     if calibration.digest != prepared.digest:
         raise CalibrationError(
