@@ -283,3 +283,27 @@ def test_a_calibration_of_the_other_form_is_refused_saying_so(digits):
     cnn = models.cnn()
     statistics = OnnxBackend(runtime="openvino").calibrate(cnn, data, config)
     assert "QLinearConv" in OnnxBackend().int8_op_counts(OnnxBackend(runtime="ort").quantize(cnn, config, calibration=statistics))
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize(("kernel", "stride", "output_padding"), [(3, 2, 0), (4, 2, 0), (5, 3, 1), (3, 1, 0)])
+def test_auto_pad_is_rewritten_as_onnx_runtime_pads_it(auto_pad, kernel, stride, output_padding):
+    # Keras' Conv2DTranspose(padding="same") exports as auto_pad=SAME_UPPER; its padding k - s + output_padding
+    # does not depend on the input size (output = input * stride), odd ones split as ORT splits them
+    weight = numpy_helper.from_array(RNG.standard_normal((3, 4, kernel, kernel)).astype(np.float32), "W")
+    node = helper.make_node(
+        "ConvTranspose", ["x", "W"], ["y"], name="ct", strides=[stride, stride], auto_pad=auto_pad,
+        output_padding=[output_padding] * 2,
+    )
+    graph = helper.make_graph(
+        [node], "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = RNG.standard_normal((2, 3, 5, 6)).astype(np.float32)
+    rewritten = _copy(model)
+    assert conv_transpose_as_conv(rewritten) == ["ct"]
+    expected = _run(model, x)
+    got = _run(rewritten, x)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

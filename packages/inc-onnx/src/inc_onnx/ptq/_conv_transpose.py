@@ -123,8 +123,8 @@ def layer_type(node: onnx.NodeProto) -> str:
 def conv_transpose_as_conv(model: onnx.ModelProto) -> list[str]:
     """Rewrite (in place) each ConvTranspose that has an exact sub-pixel form; returns their names.
 
-    Kept as they are, with a log line saying why: dilated ones, those given ``output_shape`` or ``auto_pad``
-    SAME (their padding depends on the input size), and those whose weight or bias is not a constant of their own.
+    Kept as they are, with a log line saying why: dilated ones, those given ``output_shape`` (their padding depends
+    on the input size), and those whose weight or bias is not a constant of their own.
     """
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -134,6 +134,7 @@ def conv_transpose_as_conv(model: onnx.ModelProto) -> list[str]:
             readers.setdefault(name, []).append(node)
     outputs = {v.name for v in graph.output}
     shapes = _known_shapes(graph)
+    read_by = {name: len(nodes) for name, nodes in readers.items()}
     rewritten: list[str] = []
     moved: set[str] = set()
     new_nodes = []
@@ -143,7 +144,7 @@ def conv_transpose_as_conv(model: onnx.ModelProto) -> list[str]:
         if node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx"):
             new_nodes.append(node)
             continue
-        geometry, why = _geometry(node, initializers, {k: len(v) for k, v in readers.items()})
+        geometry, why = _geometry(node, initializers, read_by)
         if geometry is None:
             log.info("ConvTranspose %s stays a float op (ONNX Runtime has no INT8 kernel for it): %s", node.name, why)
             new_nodes.append(node)
@@ -192,24 +193,32 @@ def _geometry(
         return None, "its output_shape attribute makes its padding depend on the input size"
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    if auto_pad not in ("NOTSET", "VALID"):
-        return None, f"auto_pad={auto_pad} makes its padding depend on the input size"
-    pads = [0] * (2 * d) if auto_pad == "VALID" else list(attrs.get("pads", [0] * (2 * d)))
-    output_padding = list(attrs.get("output_padding", [0] * d))
-    if any(p < 0 for p in pads) or any(p < 0 for p in output_padding):
-        return None, "it has negative padding"
     kernel = tuple(int(k) for k in weight.dims[2:])
     declared = attrs.get("kernel_shape")
     if declared is not None and tuple(declared) != kernel:
         return None, "its kernel_shape differs from its weight's"
-    group = int(attrs.get("group", 1))
+    strides = tuple(int(s) for s in attrs.get("strides", [1] * d))
+    output_padding = [int(p) for p in attrs.get("output_padding", [0] * d)]
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        # output = input * stride, so the padding is k - s + output_padding whatever the input size; the odd one
+        # goes at the end for SAME_UPPER, at the start for SAME_LOWER (ONNX's ConvTranspose definition)
+        totals = [k - s + p for k, s, p in zip(kernel, strides, output_padding, strict=True)]
+        small = [t // 2 for t in totals]
+        large = [t - t // 2 for t in totals]
+        pads = [*small, *large] if auto_pad == "SAME_UPPER" else [*large, *small]
+    elif auto_pad in ("NOTSET", "VALID"):
+        pads = [0] * (2 * d) if auto_pad == "VALID" else [int(p) for p in attrs.get("pads", [0] * (2 * d))]
+    else:
+        return None, f"its auto_pad={auto_pad} is not one ONNX defines"
+    if any(p < 0 for p in pads) or any(p < 0 for p in output_padding):
+        return None, "it has negative padding"
     geometry = _Geometry(
         kernel=kernel,
-        strides=tuple(int(s) for s in attrs.get("strides", [1] * d)),
+        strides=strides,
         pads_begin=tuple(int(p) for p in pads[:d]),
         pads_end=tuple(int(p) for p in pads[d:]),
         output_padding=tuple(int(p) for p in output_padding),
-        group=group,
+        group=int(attrs.get("group", 1)),
     )
     return geometry, ""
 
