@@ -307,3 +307,15 @@ def test_auto_pad_is_rewritten_as_onnx_runtime_pads_it(auto_pad, kernel, stride,
     got = _run(rewritten, x)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_listed_as_graph_inputs_too_are_replaced_there_as_well(digits):
+    # torch.onnx.export(..., keep_initializers_as_inputs=True) lists every weight as a graph input with a default
+    model = models.decoder()
+    inits = {init.name: init for init in model.graph.initializer}
+    for name in ("up.weight", "up.bias", "up2.weight"):
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(inits[name].dims)))
+    x_train, x_test, _, y_test = digits
+    q = inc.quantize(model, inc.QuantConfig(calib_samples=64), dataset=inc.Dataset(x_train[:64], batch_size=32))
+    assert [i.name for i in q.graph.input] == ["pixels"]
+    assert models.accuracy(q, x_test, y_test) >= models.accuracy(model, x_test, y_test) - 0.01

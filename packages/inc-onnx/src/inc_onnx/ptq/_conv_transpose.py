@@ -258,6 +258,10 @@ def _subpixel_nodes(
     for old in node.input[1:]:
         if old in initializers:
             graph.initializer.remove(initializers.pop(old))
+            # exporters that list weights as graph inputs too (keep_initializers_as_inputs): an input left without
+            # its initializer would become one the caller must feed
+            for value in [v for v in graph.input if v.name == old]:
+                graph.input.remove(value)
     graph.initializer.extend(new_inits)
 
     pads_begin, pads_end = geometry.conv_pads()
