@@ -87,21 +87,25 @@ def _conv_features(channels: int, rng: np.random.Generator) -> tuple[list[onnx.N
     return nodes, inits
 
 
-@functools.cache
-def _cnn_bytes() -> bytes:
-    channels = 16
-    nodes, inits = _conv_features(channels, np.random.default_rng(0))
+def _with_trained_head(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], features: int) -> bytes:
+    """A fixed feature extractor (``pixels`` -> ``features``) with a logistic-regression head (Gemm) fitted on its
+    digits features; the serialized model."""
     inp = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 64])
-    feat = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", channels * 16])
+    feat = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", features])
     extractor = _model(nodes, inits, inp, feat)
     x_train, _, y_train, _ = digits()
     session = ort.InferenceSession(extractor.SerializeToString(), providers=["CPUExecutionProvider"])
-    features = session.run(None, {"pixels": x_train})[0]
-    clf = LogisticRegression(max_iter=2000, C=0.5).fit(features, y_train)
-    inits += [_init("fc.weight", clf.coef_), _init("fc.bias", clf.intercept_)]
-    nodes.append(helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+    clf = LogisticRegression(max_iter=2000, C=0.5).fit(session.run(None, {"pixels": x_train})[0], y_train)
+    inits = [*inits, _init("fc.weight", clf.coef_), _init("fc.bias", clf.intercept_)]
+    nodes = [*nodes, helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1)]
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
     return _model(nodes, inits, inp, out).SerializeToString()
+
+
+@functools.cache
+def _cnn_bytes() -> bytes:
+    channels = 16
+    return _with_trained_head(*_conv_features(channels, np.random.default_rng(0)), channels * 16)
 
 
 def cnn() -> onnx.ModelProto:
@@ -143,18 +147,7 @@ def _decoder_features(rng: np.random.Generator) -> tuple[list[onnx.NodeProto], l
 
 @functools.cache
 def _decoder_bytes() -> bytes:
-    nodes, inits = _decoder_features(np.random.default_rng(1))
-    inp = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 64])
-    feat = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 8 * 8 * 8])
-    extractor = _model(nodes, inits, inp, feat)
-    x_train, _, y_train, _ = digits()
-    session = ort.InferenceSession(extractor.SerializeToString(), providers=["CPUExecutionProvider"])
-    features = session.run(None, {"pixels": x_train})[0]
-    clf = LogisticRegression(max_iter=2000, C=0.5).fit(features, y_train)
-    inits += [_init("fc.weight", clf.coef_), _init("fc.bias", clf.intercept_)]
-    nodes.append(helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
-    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
-    return _model(nodes, inits, inp, out).SerializeToString()
+    return _with_trained_head(*_decoder_features(np.random.default_rng(1)), 8 * 8 * 8)
 
 
 def decoder() -> onnx.ModelProto:

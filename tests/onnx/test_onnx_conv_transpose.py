@@ -15,8 +15,8 @@ import inc_core as inc
 import inc_onnx
 from inc_core.errors import CalibrationError, UnsupportedModelError
 from inc_onnx import OnnxBackend
+from inc_onnx._int8_ops import float_qdq_ops
 from inc_onnx.ptq._conv_transpose import conv_transpose_as_conv, restore_conv_transpose
-from inc_onnx.runtime._session import has_float_qdq_ops
 
 RNG = np.random.default_rng(0)
 
@@ -266,11 +266,11 @@ def test_inc_sessions_run_a_qdq_conv_transpose_file_right():
     z = np.random.default_rng(5).standard_normal((64, 16, 1, 1)).astype(np.float32)
     data = inc.Dataset(z[:48], batch_size=8)
     for_openvino = inc.quantize(model, inc.QuantConfig(calib_samples=48), dataset=data, backend=OnnxBackend(runtime="openvino"))
-    assert has_float_qdq_ops(for_openvino)
+    assert float_qdq_ops(for_openvino)
     session = inc_onnx.create_session(for_openvino, runtime="ort")
     assert _cosine(session.run(None, {"z": z[48:]})[0], _run(model, z[48:], "z")) > 0.99
     for_ort = inc.quantize(model, inc.QuantConfig(calib_samples=48), dataset=data)
-    assert not has_float_qdq_ops(for_ort)
+    assert not float_qdq_ops(for_ort)
 
 
 def test_a_calibration_of_the_other_form_is_refused_saying_so(digits):

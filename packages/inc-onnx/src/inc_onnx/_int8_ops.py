@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from inc_onnx.ptq._describe import PASS_THROUGH, op_types_for
 
-__all__ = ["int8_op_counts", "int8_ops", "runtime_graph"]
+__all__ = ["FLOAT_ON_ORT", "float_qdq_ops", "int8_op_counts", "int8_ops", "runtime_graph"]
 
 # Nodes that convert between float and 8-bit: they surround INT8 kernels but are not ops of the model.
 _CONVERSIONS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -34,6 +34,19 @@ _DATA_MOVEMENT = frozenset({
     "Slice", "Split", "Squeeze", "Transpose", "Unsqueeze",
 })
 _EIGHT_BIT = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+# Ops ORT's CPU provider runs in float even between DequantizeLinear and QuantizeLinear: it has no INT8 kernel for
+# them (OpenVINO has one for ConvTranspose; for ORT inc quantizes them as sub-pixel Conv).
+FLOAT_ON_ORT = frozenset({"ConvTranspose"})
+
+
+def float_qdq_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The QDQ groups ORT runs in float: ops of :data:`FLOAT_ON_ORT` reading a dequantized input and weight."""
+    dequantized = {node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear" and node.output}
+    return [
+        node for node in model.graph.node
+        if node.op_type in FLOAT_ON_ORT and node.domain in ("", "ai.onnx") and len(node.input) > 1
+        and node.input[0] in dequantized and node.input[1] in dequantized
+    ]
 
 
 def int8_ops(model: onnx.ModelProto, *, qdq: bool = True) -> list[str]:

@@ -19,6 +19,7 @@ __all__ = [
     "bodies",
     "flatten_row_biases",
     "float_reads_for_subgraphs",
+    "free_name",
     "merge_opsets",
     "outer_reads",
     "rename_new_initializers",
@@ -77,7 +78,7 @@ def unshare_biases(model: onnx.ModelProto) -> int:
         name = node.input[slot]
         if name not in initializers or uses[name] < 2:
             continue
-        new_name = _free_name(f"{name}.{node.name}", taken)
+        new_name = free_name(f"{name}.{node.name}", taken)
         copy = onnx.TensorProto()
         copy.CopyFrom(initializers[name])
         copy.name = new_name
@@ -131,7 +132,7 @@ def rename_new_initializers(model: onnx.ModelProto, *, known: set[str]) -> int:
         return 0
     taken = {*known, *(init.name for init in graph.initializer), *(o for node in graph.node for o in node.output)}
     for old in renames:
-        renames[old] = _free_name(f"{old}/prepared", taken)
+        renames[old] = free_name(f"{old}/prepared", taken)
     for init in graph.initializer:
         init.name = renames.get(init.name, init.name)
     for value in (*graph.input, *graph.output, *graph.value_info):
@@ -161,7 +162,7 @@ def float_reads_for_subgraphs(model: onnx.ModelProto) -> int:
     if not outer:
         return 0
     taken = {*produced, *(i.name for i in graph.input), *(i.name for i in graph.initializer), *_all_names(graph)}
-    renames = {name: _free_name(f"{name}/float", taken) for name in outer}
+    renames = {name: free_name(f"{name}/float", taken) for name in outer}
     for node in graph.node:
         for sub in bodies(node):
             _rename_inputs(sub, renames)
@@ -211,7 +212,8 @@ def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
             _rename_inputs(sub, renames)
 
 
-def _free_name(base: str, taken: set[str]) -> str:
+def free_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base`` with a numbered suffix, that is not in ``taken``; reserved there."""
     name, k = base, 1
     while name in taken:
         name, k = f"{base}_{k}", k + 1

@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from inc_onnx._repair import free_name
+
 __all__ = ["SUBPIXEL_DOC", "conv_transpose_as_conv", "layer_type", "restore_conv_transpose"]
 
 log = logging.getLogger("inc")
@@ -439,13 +441,13 @@ def _original(conv: onnx.NodeProto, graph: onnx.GraphProto, initializers: dict[s
     )
     weight = transposed_weight(numpy_helper.to_array(initializers[conv.input[1]]), geometry)
     taken = set(initializers) | {name for node in graph.node for name in (*node.input, *node.output)}
-    weight_name = _fresh(f"{conv.name}/weight", taken)
+    weight_name = free_name(f"{conv.name}/weight", taken)
     graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), weight_name))
     inputs = [conv.input[0], weight_name]
     if len(conv.input) > 2 and conv.input[2]:
         coutg = weight.shape[1]
         tiled = numpy_helper.to_array(initializers[conv.input[2]]).reshape(geometry.group, -1, coutg)
-        bias_name = _fresh(f"{conv.name}/bias", taken)
+        bias_name = free_name(f"{conv.name}/bias", taken)
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(tiled[:, 0]).reshape(-1), bias_name))
         inputs.append(bias_name)
     return helper.make_node(
@@ -453,11 +455,3 @@ def _original(conv: onnx.NodeProto, graph: onnx.GraphProto, initializers: dict[s
         strides=record["strides"], pads=record["pads"], output_padding=record["output_padding"], group=record["group"],
     )
 
-
-def _fresh(name: str, taken: set[str]) -> str:
-    """``name``, or ``name`` with a numbered suffix, that no tensor of the graph has; reserved in ``taken``."""
-    candidate, k = name, 1
-    while candidate in taken:
-        candidate, k = f"{name}_{k}", k + 1
-    taken.add(candidate)
-    return candidate

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from inc_core.errors import UnsupportedModelError
-from inc_onnx._int8_ops import int8_op_counts
+from inc_onnx._int8_ops import float_qdq_ops, int8_op_counts
 from inc_onnx.runtime._session import session_options
 
 __all__ = ["check_has_int8_ops", "check_runs", "failed_quantizer_node"]
@@ -52,12 +52,7 @@ def check_has_int8_ops(
     """
     counts = int8_op_counts(model)
     if not counts and qdq_conv_transpose:
-        produced_by = {out: node.op_type for node in model.graph.node for out in node.output}
-        quantized = [
-            node for node in model.graph.node
-            if node.op_type == "ConvTranspose" and len(node.input) > 1
-            and produced_by.get(node.input[0]) == produced_by.get(node.input[1]) == "DequantizeLinear"
-        ]
+        quantized = float_qdq_ops(model)
         if quantized:
             return {"ConvTranspose": len(quantized)}
     if not counts:

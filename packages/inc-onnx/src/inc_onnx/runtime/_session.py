@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from inc_core.errors import ConfigError, ModelLoadError
+from inc_onnx._int8_ops import float_qdq_ops
 from inc_onnx._model_io import as_model_proto
 
 __all__ = ["create_session", "session_options"]
@@ -153,24 +154,11 @@ def ort_session(
 ) -> ort.InferenceSession:
     """An ORT CPU-provider session for a validated ModelProto, or a ModelLoadError."""
     if options is None:
-        options = session_options(threads=threads, qdq_cleanup=not has_float_qdq_ops(proto))
+        options = session_options(threads=threads, qdq_cleanup=not float_qdq_ops(proto))
     try:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT's pybind exception types carry the reason in their text
         raise ModelLoadError(f"ONNX Runtime {ort.__version__} cannot create a session for the model: {exc}") from exc
-
-
-# Ops ORT's CPU provider runs in float even between a DequantizeLinear and a QuantizeLinear (no INT8 kernel).
-_FLOAT_ON_ORT = frozenset({"ConvTranspose"})
-
-
-def has_float_qdq_ops(proto: onnx.ModelProto) -> bool:
-    """True when an op ORT runs in float reads a DequantizeLinear: its QDQ clean-up would drop folded Relus."""
-    dequantized = {node.output[0] for node in proto.graph.node if node.op_type == "DequantizeLinear" and node.output}
-    return any(
-        node.op_type in _FLOAT_ON_ORT and node.domain in ("", "ai.onnx") and node.input and node.input[0] in dequantized
-        for node in proto.graph.node
-    )
 
 
 def available_cpus() -> int:
