@@ -16,6 +16,7 @@ from inc_core._quant_config import QuantConfig
 from inc_core.backend import Backend, Op, TuningSpace, array_digest
 from inc_core.errors import CalibrationError, ConfigError, UnsupportedModelError
 from inc_torch._compat import unwrap_compiled
+from inc_torch._exported import check_exported_config, is_exported_graph, warn_unnamed
 from inc_torch._failures import check_constructs, check_returned_model, framework_errors
 from inc_torch._inputs import float_dtype, to_inputs
 from inc_torch._serialize import load_model, save_model
@@ -53,8 +54,8 @@ def _script_holds_quantize_ops(model: torch.jit.ScriptModule) -> bool:
 # inc reads layer types and names from the nn.Module (and captures it itself); files hold none of that.
 _FROM_PYTHON = (
     "inc quantizes a torch model from its nn.Module: build or load it in Python and call "
-    "inc.quantize(model, ...) (the inc CLI's torch commands read the INT8 files inc writes, and transformers "
-    "models saved with inc.save)."
+    "inc.quantize(model, ...) (the inc CLI's torch commands read the INT8 files inc writes, transformers "
+    "models saved with inc.save, and FP32 torch.export programs saved as .pt2)."
 )
 
 
@@ -64,13 +65,19 @@ def _raw_bytes(tensor: torch.Tensor) -> Any:
 
 
 def _check_model(model: Any) -> nn.Module:
+    if isinstance(model, (str, Path)):
+        # a .pt2 program or a .pt TorchScript file, read as inc.load reads it (an FP32 program is quantized below)
+        return _check_model(load_model(Path(model)))
     if (wrapped := unwrap_compiled(model)) is not model:
         # torch.compile(model) wraps the module it was given: quantize that one (its op names, its forward); the
         # INT8 model is compiled on inc's own path (PT2E), or can be compiled again by the caller.
         log.info("the model is torch.compile's wrapper; quantizing the %s it wraps", type(wrapped).__name__)
         return _check_model(wrapped)
+    if isinstance(model, torch.export.ExportedProgram):
+        # torchao's PT2E flow starts from the program's module too (see inc_torch._exported)
+        return _check_model(model.module())
     if isinstance(model, CompiledQuantizedModule) and not _holds_quantize_ops(model.graph_module):
-        raise UnsupportedModelError(f"The model is an FP32 torch.export program (a .pt2 file as inc.load reads it). {_FROM_PYTHON}")
+        return _check_model(model.graph_module)  # an FP32 .pt2 file, as inc.load reads it: its program's module
     if isinstance(model, torch.jit.ScriptModule) and not _script_holds_quantize_ops(model):
         raise UnsupportedModelError(f"The model is a TorchScript {type(model).__name__} (torch.jit.script/trace). {_FROM_PYTHON}")
     if isinstance(model, (torch.jit.ScriptModule, CompiledQuantizedModule)) or (
@@ -116,6 +123,8 @@ def make_runner(model: Any, inputs: Any, threads: int | None) -> Callable[[], An
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"runner: threads must be an int >= 1 or None, got {threads!r}.")
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()  # a program is not callable itself
     dtype = float_dtype(model) if isinstance(model, nn.Module) else torch.float32
     args, kwargs = to_inputs(inputs, dtype)
 
@@ -205,7 +214,7 @@ class TorchBackend(Backend):
     def accepts(self, model: Any) -> bool:
         if isinstance(model, (str, Path)):
             return Path(model).suffix.lower() in _SUFFIXES
-        return isinstance(model, nn.Module)
+        return isinstance(model, (nn.Module, torch.export.ExportedProgram))
 
     def _ops(self, model: nn.Module, config: QuantConfig) -> tuple[str, tuple[Op, ...]]:
         fmt = self.check_format(config.format)
@@ -215,7 +224,9 @@ class TorchBackend(Backend):
         check_overrides(config, self.describe(model, config))
         check_supported(config, ops)
         check_something_quantized(config, fmt, ops, excluded)
-        if config.approach == "static":
+        if is_exported_graph(model):
+            check_exported_config(config.smooth_quant)
+        elif config.approach == "static":
             check_constructs(model, fmt, excluded)
         return fmt, ops
 
@@ -237,7 +248,10 @@ class TorchBackend(Backend):
         fmt, ops = self._ops(model, config)
         # here: once per quantize or tuning run, not once per trial
         others = {f: f"format={f!r}" for f in self.formats if f != fmt}
-        warn_left_in_float(model, fmt, label=f"format={fmt!r}", alternatives=others)
+        if is_exported_graph(model):
+            warn_unnamed(model)
+        else:
+            warn_left_in_float(model, fmt, label=f"format={fmt!r}", alternatives=others)
         with framework_errors(f"Calibration for {_step(fmt, config)}", fmt, model, frozenset(op.name for op in ops)):
             if config.smooth_quant is not None:
                 return calibrate_smoothed(model, dataset, config, fmt)
@@ -319,7 +333,7 @@ class TorchBackend(Backend):
             return op_errors(model, int8_view(config), ops, calibration, dataset, activations=self.dynamic_activations)
 
     def weights_digest(self, model: Any) -> str | None:
-        if not isinstance(model, nn.Module):
+        if not isinstance(model, (nn.Module, torch.export.ExportedProgram)):
             return super().weights_digest(model)
         model = _check_model(model)
         # bytes of every parameter and buffer (bfloat16 has no numpy dtype: hashed as raw bytes)

@@ -123,6 +123,9 @@ def _attr(graph_module: torch.fx.GraphModule, target: str) -> Any:
 
 def _float_value(node: torch.fx.Node) -> bool:
     value = node.meta.get("val")
+    if value is None and node.op == "call_function" and "dequantize" in str(node.target):
+        # convert_pt2e's dequantize nodes carry no fake value: one feeds an op that an INT8 pool's output reaches
+        return node.kwargs.get("out_dtype") in (None, torch.float32)
     return isinstance(value, torch.Tensor) and value.dtype == torch.float32
 
 

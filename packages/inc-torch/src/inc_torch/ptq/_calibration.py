@@ -24,6 +24,7 @@ from inc_core._quant_config import QuantConfig
 from inc_core.calibration import HistogramObserver
 from inc_core.errors import CalibrationError, DatasetError
 from inc_torch._compat import quiet, torchao_pt2e
+from inc_torch._exported import shape_hint
 from inc_torch._hf import check_hf_inputs, drop_label_inputs, prepare_for_capture
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
@@ -258,7 +259,7 @@ def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str)
                 f"Calibration batch {index} ({describe_inputs(inputs)}) does not fit the model: "
                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
                 "Every batch must have the shape and dtype of the first one (the batch size, and the sequence length of "
-                "integer token inputs where the model allows it, may differ)."
+                f"integer token inputs where the model allows it, may differ).{shape_hint(work, exc)}"
             ) from exc
         for name in [n for n in non_finite if n not in placed]:
             non_finite[name] = f"Calibration batch {index} ({describe_inputs(inputs)}): {non_finite[name]}"

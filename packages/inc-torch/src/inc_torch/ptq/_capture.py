@@ -17,6 +17,7 @@ from torch import nn
 from inc_core._dataset import LABELS_HINT
 from inc_core.errors import DatasetError, UnsupportedModelError
 from inc_torch._compat import quiet
+from inc_torch._exported import is_exported_graph, restore_source_partitions, shape_hint
 from inc_torch._inputs import Inputs, describe_inputs, dynamic_shapes, widened
 from inc_torch._parametrized import fold_parametrizations
 
@@ -57,6 +58,7 @@ def check_runs(model: nn.Module, inputs: Inputs, what: str) -> None:
                 f" The batch's {unknown[1]!r} is no argument of forward: leave the labels out of the batches, or give "
                 "inc.Dataset (inputs, labels) pairs with labels=True."
             )
+        hint = hint or shape_hint(model, exc)
         raise DatasetError(
             f"The model cannot run on {what} ({describe_inputs(inputs)}): {_first_line(exc)}. "
             f"Give inputs shaped and typed as the model's forward expects (batch dimension first).{hint}"
@@ -70,6 +72,13 @@ def export_graph(model: nn.Module, inputs: Inputs, *, train: bool = False) -> to
         UnsupportedModelError: export failed (data-dependent control flow, unsupported Python); the
             message points at the FX path and at dynamic quantization, which need no export.
     """
+    if is_exported_graph(model):
+        # The user's own program (see inc_torch._exported), with the shapes it was exported for. Exporting it again
+        # would record each aten op as its own source, which torchao's x86 quantizer matches none of its patterns by;
+        # the sources a strict export records are filled in instead.
+        graph_module = copy.deepcopy(model)
+        restore_source_partitions(graph_module)
+        return graph_module
     failure: Exception | None = None
     # Strict (dynamo) export records one source partition per call site, which the x86 quantizer
     # needs when a module such as a shared nn.ReLU is called several times; non-strict export
@@ -82,7 +91,9 @@ def export_graph(model: nn.Module, inputs: Inputs, *, train: bool = False) -> to
             shapes = dynamic_shapes(model, example) if dynamic else None
             with quiet():
                 exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=strict)
-            return exported.module()
+            graph_module = exported.module()
+            restore_source_partitions(graph_module)
+            return graph_module
         except Exception as exc:  # export raises many types; each means "cannot capture as is"
             failure = failure or exc
     mode = "training" if train else "inference"

@@ -77,6 +77,29 @@ def _signature(value: Any) -> Any:
     return (type(value), value)
 
 
+def _call_form(graph_module: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """One input, passed by position or by name, in the form the graph was exported with.
+
+    An exported graph takes its inputs exactly as export saw them: a model calibrated on ``{"x": ...}`` batches (the
+    named arrays of an .npz file, as the inc CLI reads them) would refuse ``model(x)``, and one calibrated on arrays
+    ``model(x=...)``. With one input there is no doubt which is meant; with several, the graph's own error stands.
+    """
+    spec = getattr(graph_module, "_in_spec", None)
+    if spec is None or len(args) + len(kwargs) != 1:
+        return args, kwargs
+    # TreeSpec.children(); older torch has children_specs only (deprecated where children() exists)
+    children = spec.children() if callable(getattr(spec, "children", None)) else getattr(spec, "children_specs", None)
+    if not children or len(children) != 2:
+        return args, kwargs
+    positional, named = children
+    names = list(getattr(named, "context", None) or [])
+    if args and positional.num_children == 0 and len(names) == 1:
+        return (), {names[0]: args[0]}
+    if kwargs and positional.num_children == 1 and not names:
+        return (next(iter(kwargs.values())),), {}
+    return args, kwargs
+
+
 def _guard_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is the exported graph's check of its inputs against the sizes export fixed."""
     return isinstance(exc, AssertionError) and str(exc).startswith("Guard failed")
@@ -197,6 +220,7 @@ class CompiledQuantizedModule(nn.Module):
         self.__dict__["_shapes"] = set()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _call_form(self.graph_module, args, kwargs)
         try:
             return self._run(args, kwargs)
         except AssertionError as exc:

@@ -21,6 +21,8 @@ from inc_core._quant_config import QuantConfig
 from inc_core.backend import Op
 from inc_core.calibration import compute_qparams, weight_qparams
 from inc_core.errors import CalibrationError, DatasetError
+from inc_torch._exported import is_exported_graph
+from inc_torch._exported import module_path as _module_path
 from inc_torch._hf import linearize_conv1d
 from inc_torch._inputs import float_dtype, to_inputs
 from inc_torch.ptq._calibration import TorchCalibration
@@ -61,14 +63,18 @@ def _fake_weight(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
 def _fake_transposed_weight(module: nn.Module, per_channel: bool) -> torch.Tensor:
     """A transposed convolution's weight as PT2E runs it: quantized per output channel of its sub-pixel conv2d
     (one scale per output channel and phase, see :mod:`inc_torch.ptq._conv_transpose`)."""
-    one_d = isinstance(module, nn.ConvTranspose1d)
-    weight = module.weight.detach().float()
-    weight = weight.unsqueeze(2) if one_d else weight
-    stride = (1, module.stride[0]) if one_d else tuple(module.stride)
-    kernel = (int(weight.shape[2]), int(weight.shape[3]))
-    phased = _fake_weight(subpixel_weight(weight, stride, module.groups), per_channel)  # type: ignore[arg-type]
-    restored = transposed_weight(phased, stride, module.groups, kernel)  # type: ignore[arg-type]
-    return (restored.squeeze(2) if one_d else restored).to(module.weight.dtype)
+    return _fake_transposed(module.weight, tuple(module.stride), module.groups, per_channel)  # type: ignore[arg-type]
+
+
+def _fake_transposed(weight: torch.Tensor, stride: tuple[int, ...], groups: int, per_channel: bool) -> torch.Tensor:
+    one_d = weight.dim() == 3
+    work = weight.detach().float()
+    work = work.unsqueeze(2) if one_d else work
+    pair = (1, int(stride[0])) if one_d else (int(stride[0]), int(stride[1]))
+    kernel = (int(work.shape[2]), int(work.shape[3]))
+    phased = _fake_weight(subpixel_weight(work, pair, groups), per_channel)
+    restored = transposed_weight(phased, pair, groups, kernel)
+    return (restored.squeeze(2) if one_d else restored).to(weight.dtype)
 
 
 def _lookup_simulator(module: nn.Module) -> Callable[..., Any]:
@@ -140,6 +146,8 @@ def op_errors(
     if config.approach == "static" and calibration is None:
         raise CalibrationError("op_errors for a static config needs the calibration from calibrate().")
     work = eval_copy(model)
+    if is_exported_graph(work):
+        return _program_op_errors(work, config, ops, calibration, dataset)
     linearize_conv1d(work)  # HF Conv1D is measured as the Linear the quantized model runs
     modules = dict(work.named_modules())
     default, per_op = plan(config, ops)
@@ -191,3 +199,91 @@ def op_errors(
         for handle in handles:
             handle.remove()
     return {name: (sums[name] / counts[name] if counts[name] else 0.0) for name in sums}
+
+
+# aten ops of a program's measured ops: (weight argument position, transposed); lookups read their table first.
+_PROGRAM_WEIGHTED = {
+    torch.ops.aten.conv1d.default: False,
+    torch.ops.aten.conv2d.default: False,
+    torch.ops.aten.linear.default: False,
+    torch.ops.aten.conv_transpose1d.default: True,
+    torch.ops.aten.conv_transpose2d.input: True,
+}
+_PROGRAM_LOOKUPS = (torch.ops.aten.embedding.default, torch.ops.aten.embedding_bag.padding_idx)
+_CT_STRIDE, _CT_GROUPS = 3, 6  # argument positions of aten.conv_transpose{1,2}d
+
+
+class _ProgramMeasure(torch.fx.Interpreter):
+    """Runs a torch.export program in FP32 and, at each listed op, also computes that op from quantized inputs."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, settings: dict[str, OpSettings], calibration: TorchCalibration) -> None:
+        super().__init__(graph_module)
+        self.settings = settings
+        self.calibration = calibration
+        self.sums = dict.fromkeys(settings, 0.0)
+        self.counts = dict.fromkeys(settings, 0)
+
+    def _activation(self, name: str, settings: OpSettings) -> tuple[float, int] | None:
+        key = self.calibration.op_inputs.get(name)
+        histogram = self.calibration.histograms.get(key) if key else None
+        if histogram is None:
+            return None
+        lo, hi = histogram.range(settings.calibration, percentile=settings.percentile, dtype="uint8", scheme=settings.scheme)
+        qp = compute_qparams(lo, hi, dtype="uint8", scheme=settings.scheme)
+        return float(qp.scale), int(qp.zero_point)
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        output = super().run_node(n)
+        name = _module_path(n) if n.op == "call_function" else None
+        settings = self.settings.get(name) if name else None
+        if settings is None or name is None or not isinstance(output, torch.Tensor):
+            return output
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if n.target in _PROGRAM_LOOKUPS:
+            from inc_torch.ptq._pt2e_tables import rows_8bit
+
+            codes, scale, low = rows_8bit(args[0])
+            approx = n.target(codes.to(scale.dtype) * scale + low, *args[1:], **kwargs)
+        elif n.target in _PROGRAM_WEIGHTED:
+            activation = self._activation(name, settings)
+            if activation is None:
+                return output  # never ran on the calibration data: it contributes no error
+            x, weight = args[0], args[1]
+            xq = torch.fake_quantize_per_tensor_affine(x.float(), activation[0], activation[1], 0, 255).to(x.dtype)
+            per_channel = settings.granularity == "per_channel"
+            if _PROGRAM_WEIGHTED[n.target]:
+                stride = args[_CT_STRIDE] if len(args) > _CT_STRIDE else (1,) * (weight.dim() - 2)
+                groups = int(args[_CT_GROUPS]) if len(args) > _CT_GROUPS else 1
+                wq = _fake_transposed(weight, tuple(stride), groups, per_channel)
+            else:
+                wq = _fake_weight(weight, per_channel)
+            approx = n.target(xq, wq, *args[2:], **kwargs)
+        else:
+            return output
+        approx = _first_tensor(approx)
+        if approx is not None:
+            self.sums[name] += float(((approx.float() - output.float()) ** 2).sum())
+            self.counts[name] += output.numel()
+        return output
+
+
+def _program_op_errors(
+    work: torch.fx.GraphModule, config: QuantConfig, ops: tuple[Op, ...], calibration: TorchCalibration | None, dataset: Dataset
+) -> dict[str, float]:
+    """:func:`op_errors` for a torch.export program (see :mod:`inc_torch._exported`): ops are graph nodes named by
+    the module that called them, measured with an interpreter instead of module hooks."""
+    if calibration is None:
+        raise CalibrationError("op_errors for a static config needs the calibration from calibrate().")
+    default, per_op = plan(config, ops)
+    settings = {op.name: s for op in ops if (s := per_op.get(op.name, default)) is not None}
+    measure = _ProgramMeasure(work, settings, calibration)
+    dtype = float_dtype(work)
+    for index, batch in enumerate(dataset.inputs(limit=config.calib_samples)):
+        args, kwargs = to_inputs(batch, dtype)
+        try:
+            with torch.no_grad():
+                measure.run(*args, **kwargs)
+        except Exception as exc:
+            raise DatasetError(f"op_errors: batch {index} does not fit the model: {type(exc).__name__}: {exc}") from exc
+    names = [op.name for op in ops]
+    return {name: (measure.sums.get(name, 0.0) / measure.counts[name] if measure.counts.get(name) else 0.0) for name in names}

@@ -9,6 +9,7 @@ from torch import nn
 from inc_core._quant_config import CALIBRATIONS, GRANULARITIES, SCHEMES, QuantConfig
 from inc_core.backend import Op, TuningSpace
 from inc_core.errors import ConfigError, UnsupportedModelError
+from inc_torch._exported import exported_ops, is_exported_graph
 from inc_torch._hf import is_hf_conv1d
 from inc_torch._parametrized import plain_type
 from inc_torch.ptq._weight_readers import weights_read_without_calls
@@ -66,6 +67,8 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
     reshapes, fixed-range ops), in graph order (see :mod:`inc_torch.ptq._fx_ops`). Otherwise: the leaf
     modules of the quantizable types, in definition order, named as in ``named_modules``.
     """
+    if is_exported_graph(model):
+        return exported_ops(model, approach=config.approach, fmt=fmt)
     if config.approach == "static" and fmt == "fx":
         from inc_torch.ptq._fx import op_table
 
@@ -145,7 +148,7 @@ def lookup_kept_in_float(model: nn.Module, names: tuple[str, ...], *, fmt: str =
 
 def tuning_space(model: nn.Module, config: QuantConfig, fmt: str) -> TuningSpace:
     """The ops and, per op type, the settings the torch paths support."""
-    if config.approach == "static" and fmt == "fx":
+    if config.approach == "static" and fmt == "fx" and not is_exported_graph(model):
         return _fx_tuning_space(model)
     ops = quantizable_ops(model, config, fmt)
     options: dict[str, dict[str, tuple[str, ...]]] = {}

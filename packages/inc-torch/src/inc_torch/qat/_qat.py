@@ -22,6 +22,7 @@ from inc_core._quant_config import QATConfig, QuantConfig
 from inc_core.backend import Op
 from inc_core.errors import ConfigError, UnsupportedModelError
 from inc_torch._compat import quiet, torchao_pt2e
+from inc_torch._exported import FROM_MODULE, is_exported_graph
 from inc_torch._failures import wrap_framework_errors
 from inc_torch._inputs import Inputs, float_dtype, to_inputs
 from inc_torch._parametrized import fold_parametrizations
@@ -68,6 +69,12 @@ def _check(model: Any, config: Any) -> str:
         raise ConfigError(f"prepare_qat: config must be an inc.QATConfig, got {type(config).__name__}.")
     if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedModelError(f"prepare_qat takes a torch.nn.Module, got {type(model).__name__}.")
+    if is_exported_graph(model):
+        # an inference program has no training form (batch-norm statistics, dropout) to put fake quantization in
+        raise UnsupportedModelError(
+            "prepare_qat takes the nn.Module to train, not a torch.export program (exported for inference: its "
+            f"batch norms and dropouts run in eval mode); {FROM_MODULE}."
+        )
     fmt = "pt2e" if config.format == "default" else config.format
     if fmt not in QAT_FORMATS:
         raise ConfigError(

@@ -1,0 +1,31 @@
+"""A transformers model the user exported with torch.export (keyword inputs, a free batch size) quantizes like the
+module it came from: the real all-MiniLM-L6-v2, on real sentences."""
+
+from __future__ import annotations
+
+import torch
+from torch_hf_helpers import SENTENCES, mean_pooled, minilm, sentence_batches
+
+import inc_core as inc
+import inc_torch
+
+
+def test_exported_minilm_program_quantizes_like_its_module() -> None:
+    model, tokenizer = minilm()
+    calibration = sentence_batches(tokenizer, SENTENCES[:20], batch=4, seq=32)
+    scored = sentence_batches(tokenizer, SENTENCES[20:], batch=4, seq=32)
+    example = {name: torch.from_numpy(array) for name, array in calibration[0].items()}
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (), example, dynamic_shapes={name: {0: batch} for name in example})
+
+    assert inc.describe(program).ops == inc.describe(model).ops
+    from_program = inc.quantize(program, inc.QuantConfig(), dataset=inc.Dataset(calibration))
+    from_module = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(calibration))
+    assert len(inc_torch.quantized_ops(from_program)) == 40  # 37 Linear (six layers, the pooler), 3 embedding tables
+    assert inc_torch.quantized_ops(from_program) == inc_torch.quantized_ops(from_module)
+
+    expected = mean_pooled(model, scored)
+    got = mean_pooled(from_program, scored)
+    assert float(torch.nn.functional.cosine_similarity(got, expected).mean()) >= 0.99
+    same = torch.nn.functional.cosine_similarity(got, mean_pooled(from_module, scored))
+    assert float(same.min()) > 0.9999
