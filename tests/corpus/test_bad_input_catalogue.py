@@ -423,10 +423,11 @@ def case_torch_truncated_pt_file(tmp: Path) -> None:
 
 @case
 def case_torch_quantize_a_file_path(tmp: Path) -> None:
-    # The torch backend quantizes modules, not files (a .pt file holds TorchScript, already compiled).
+    # A path is read as inc.load reads it (an FP32 .pt2 program is quantized, a TorchScript .pt refused naming the
+    # nn.Module): one that holds neither is a load error naming the file, which stays as it was.
     path = _write_bytes(tmp, "user_model.pt", os.urandom(1024))
     digest = bm.sha256(path)
-    expect(UnsupportedModelError, "nn.Module", lambda: inc.quantize(path, inc.QuantConfig(approach="dynamic")))
+    expect(ModelLoadError, "user_model.pt' is not a readable TorchScript model", lambda: inc.quantize(path, inc.QuantConfig(approach="dynamic")))
     assert bm.sha256(path) == digest and listing(tmp) == ["user_model.pt"]
 
 

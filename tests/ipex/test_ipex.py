@@ -284,3 +284,12 @@ def test_a_pooled_output_keeps_its_inputs_quantization_as_ipex_computes_it() -> 
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(quantized(x), model(x)).mean()
     assert float(cosine) > 0.995
+
+
+def test_a_torch_export_program_is_refused_naming_the_pt2e_path_and_quantized_there() -> None:
+    """IPEX prepares an nn.Module; the program the user exported quantizes on the torch backend's PT2E path."""
+    _, _, x, _ = split()
+    program = torch.export.export(trained_cnn(), (torch.from_numpy(x[:4]),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with pytest.raises(inc.errors.UnsupportedModelError, match=r"program; backend='ipex' prepares .*static PT2E path"):
+        inc.quantize(program, inc.QuantConfig(), dataset=calib_data(), backend="ipex")
+    assert inc_torch.quantized_ops(inc.quantize(program, inc.QuantConfig(), dataset=calib_data())) == ["conv1", "conv2", "fc1", "fc2"]

@@ -19,6 +19,7 @@ import inc_core as inc
 from inc_core.errors import (
     BackendNotFoundError,
     CalibrationError,
+    ConfigError,
     DatasetError,
     EvaluationError,
     ModelLoadError,
@@ -187,3 +188,23 @@ def test_a_tensor_orts_qdq_quantizer_lacks_parameters_for_is_blamed_on_its_reade
 
     with pytest.raises(UnsupportedModelError, match=r"failed on op 'conv2' \(Conv\).*param r1.*names=\('conv2',\)"):
         inc.quantize(cnn, inc.QuantConfig(), dataset=small_calib)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (inc.QuantConfig(exclude=inc.LayerFilter(types=("Conv", "Gemm"))), "keeps every one of the 3 quantizable ops"),
+        (inc.QuantConfig(exclude=inc.LayerFilter(names=("conv9",))), "conv9"),
+        (inc.QuantConfig(overrides={"fc9": {"granularity": "per_tensor"}}), "fc9"),
+    ],
+)
+def test_a_selection_that_cannot_quantize_is_refused_before_the_calibration_pass(monkeypatch, small_calib, config, match) -> None:
+    """`inc quantize --exclude-type ...` excluding every op ran the whole calibration pass before refusing."""
+    import inc_onnx._backend
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the calibration pass ran")
+
+    monkeypatch.setattr(inc_onnx._backend, "collect", no_pass)
+    with pytest.raises(ConfigError, match=match):
+        inc.quantize(models.cnn(), config, dataset=small_calib)

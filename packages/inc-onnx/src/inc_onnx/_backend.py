@@ -19,7 +19,7 @@ from inc_onnx._preprocess import _input_specs, prepare
 from inc_onnx.ptq._collect import OnnxCalibration, collect, tensors_to_observe
 from inc_onnx.ptq._describe import describe_prepared, nothing_to_quantize, op_types_for
 from inc_onnx.ptq._op_errors import op_output_errors
-from inc_onnx.ptq._quantize import _stamp, quantize_prepared
+from inc_onnx.ptq._quantize import _stamp, check_selection, quantize_prepared
 from inc_onnx.ptq._smooth_quant import SmoothedCalibration, calibrate_smoothed, unwrap
 from inc_onnx.ptq._verify import check_has_int8_ops, check_runs
 from inc_onnx.runtime._bf16 import bf16_compute_ops, bf16_unavailable, int8_config, record_bf16_ops
@@ -107,8 +107,11 @@ class OnnxBackend(Backend):
     def calibrate(self, model: Any, dataset: Dataset, config: QuantConfig) -> OnnxCalibration | SmoothedCalibration:
         prepared = prepare(model, subpixel=self.subpixel)
         fmt = self.check_format(config.format)
-        if not describe_prepared(prepared.model, config, fmt).ops:
+        space = describe_prepared(prepared.model, config, fmt)
+        if not space.ops:
             raise nothing_to_quantize(prepared.model, config.approach, fmt)
+        # A selection that names no op, or leaves none in INT8, is refused before the calibration pass, not after it.
+        check_selection(int8_config(config, space.ops)[0], space, fmt)
         # Observe what either static format quantizes, so one calibration serves both.
         def observe(graph: Any) -> list[str]:
             return tensors_to_observe(graph, {*op_types_for("static", "qdq"), *op_types_for("static", "qoperator")})

@@ -38,7 +38,7 @@ from inc_onnx.ptq._qdq_readers import drop_unread_qdq, folded_activations
 from inc_onnx.ptq._softmax_scale import calibrate_softmax_outputs
 from inc_onnx.ptq._verify import failed_quantizer_node
 
-__all__ = ["METADATA_KEY", "quantize_prepared"]
+__all__ = ["METADATA_KEY", "check_selection", "quantize_prepared"]
 
 log = logging.getLogger("inc")
 
@@ -48,6 +48,23 @@ _QTYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 # whole range is ~1e-6 (an untrained Keras EfficientNet's squeeze-excite outputs, exported by tf2onnx) keeps its
 # 255 steps instead of ~17, and the INT8 model follows ORT's own flow (output cosine 0.926 -> 0.937, ORT 0.937).
 ORT_MIN_SCALE = float(np.finfo(np.float32).tiny)
+
+
+def check_selection(config: QuantConfig, space: TuningSpace, fmt: str) -> set[str]:
+    """The names ``exclude=`` keeps in FP32, once ``config``'s op selection is known to leave something to quantize.
+
+    Raises:
+        ConfigError: an exclude/override names no op, an override is not supported in this mode, or exclude=
+            leaves nothing to quantize.
+    """
+    excluded = set(config.exclude.select(space.ops))
+    if len(excluded) == len(space.ops):
+        raise ConfigError(
+            f"QuantConfig: exclude= keeps every one of the {len(space.ops)} quantizable ops in FP32, so nothing "
+            "would be quantized. Exclude fewer ops (inc.describe(model) lists them), or keep the FP32 model."
+        )
+    _check_overrides(config, space, fmt)
+    return excluded
 
 
 def quantize_prepared(
@@ -74,13 +91,7 @@ def quantize_prepared(
     space = describe_prepared(prepared.model, config, fmt)
     if not space.ops:
         raise nothing_to_quantize(prepared.model, config.approach, fmt)
-    excluded = set(config.exclude.select(space.ops))
-    if len(excluded) == len(space.ops):
-        raise ConfigError(
-            f"QuantConfig: exclude= keeps every one of the {len(space.ops)} quantizable ops in FP32, so nothing "
-            "would be quantized. Exclude fewer ops (inc.describe(model) lists them), or keep the FP32 model."
-        )
-    _check_overrides(config, space, fmt)
+    excluded = check_selection(config, space, fmt)
     model = prepared.copy()
     # A ConvTranspose kept in float runs as the user's op, not as its sub-pixel form (see ptq._conv_transpose).
     restore_conv_transpose(model, excluded)
