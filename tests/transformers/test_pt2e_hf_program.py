@@ -3,6 +3,7 @@ module it came from: the real all-MiniLM-L6-v2, on real sentences."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch_hf_helpers import SENTENCES, mean_pooled, minilm, sentence_batches
 
@@ -29,3 +30,13 @@ def test_exported_minilm_program_quantizes_like_its_module() -> None:
     assert float(torch.nn.functional.cosine_similarity(got, expected).mean()) >= 0.99
     same = torch.nn.functional.cosine_similarity(got, mean_pooled(from_module, scored))
     assert float(same.min()) > 0.9999
+
+    # the mse strategy's per-op errors, measured on the program's graph (keyword inputs in its order)
+    backend = inc_torch.TorchBackend()
+    config = inc.QuantConfig()
+    errors = [
+        backend.op_errors(given, config, calibration=backend.calibrate(given, inc.Dataset(calibration), config), dataset=inc.Dataset(calibration))
+        for given in (program, model)
+    ]
+    assert all(value > 0 for name, value in errors[0].items() if "embeddings" not in name)
+    assert errors[0] == pytest.approx(errors[1], rel=1e-5)

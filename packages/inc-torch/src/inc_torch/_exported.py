@@ -5,8 +5,8 @@ pipeline may keep nothing but that program. Its graph still names every op after
 (``nn_module_stack``), which is what inc's PT2E path reads in the graphs it exports itself: the program is
 quantized on that path, ops listed, excluded and tuned by those module names.
 
-What needs the ``nn.Module`` stays with it: dynamic quantization and FX swap modules, and SmoothQuant rescales
-them before export; those are refused for a program, naming the way out.
+What needs the ``nn.Module`` stays with it: dynamic quantization and FX swap its layers, IPEX prepares them,
+SmoothQuant rescales them before export, and QAT trains them; those refuse a program, naming the way out.
 """
 
 from __future__ import annotations
@@ -93,9 +93,9 @@ def warn_unnamed(graph_module: torch.fx.GraphModule) -> None:
 
 
 def _torch_class(qualified: object) -> type | None:
-    """The class a non-strict export names in ``nn_module_stack`` (a string there), if it is one of torch.nn's."""
+    """The class ``nn_module_stack`` names (a string in a non-strict program), if it is one of torch.nn's."""
     if isinstance(qualified, type):
-        return qualified
+        return qualified if qualified.__module__.startswith("torch.nn.") else None
     if not isinstance(qualified, str) or not qualified.startswith("torch.nn."):
         return None
     module, _, name = qualified.rpartition(".")

@@ -278,11 +278,14 @@ def _program_op_errors(
     settings = {op.name: s for op in ops if (s := per_op.get(op.name, default)) is not None}
     measure = _ProgramMeasure(work, settings, calibration)
     dtype = float_dtype(work)
+    spec = getattr(work, "_in_spec", None)
     for index, batch in enumerate(dataset.inputs(limit=config.calib_samples)):
         args, kwargs = to_inputs(batch, dtype)
         try:
+            # the graph's placeholders take the inputs flattened as export saw them (keywords in its order)
+            flat = torch.fx._pytree.tree_flatten_spec((args, kwargs), spec) if spec is not None else [*args, *kwargs.values()]
             with torch.no_grad():
-                measure.run(*args, **kwargs)
+                measure.run(*flat, enable_io_processing=False)
         except Exception as exc:
             raise DatasetError(f"op_errors: batch {index} does not fit the model: {type(exc).__name__}: {exc}") from exc
     names = [op.name for op in ops]
