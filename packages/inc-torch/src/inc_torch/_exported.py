@@ -21,7 +21,7 @@ import torch
 from inc_core.backend import Op
 from inc_core.errors import UnsupportedModelError
 
-__all__ = ["is_exported_graph", "module_path", "exported_ops", "warn_unnamed", "restore_source_partitions", "shape_hint", "check_exported_config", "FROM_MODULE"]
+__all__ = ["is_exported_graph", "module_path", "exported_ops", "warn_unnamed", "restore_source_partitions", "hf_conv1d_call", "hf_conv1d_as_linear", "shape_hint", "check_exported_config", "FROM_MODULE"]
 
 log = logging.getLogger("inc")
 
@@ -58,13 +58,72 @@ def module_path(node: torch.fx.Node) -> str | None:
     return path or None
 
 
-def _only_read_by_lookups(node: torch.fx.Node) -> bool:
+def _stored_table(node: torch.fx.Node) -> bool:
+    """A lookup of a table stored in the graph, which the PT2E path may keep 8 bits per row (see ptq._pt2e_tables:
+    a table that something other than lookups also reads, a tied output projection, stays FP32 there with a log
+    line, as for a module)."""
     table = node.args[0] if node.args else None
     if not isinstance(table, torch.fx.Node) or table.op != "get_attr":
         return False
-    if node.target is _aten.embedding_bag.padding_idx and len(node.args) > _BAG_PADDING_ARG and node.args[_BAG_PADDING_ARG] is not None:
-        return False  # the PT2E 8-bit bag cannot leave a padding index out (see ptq._pt2e_tables)
-    return all(user.target in _LOOKUPS for user in table.users)
+    # the PT2E 8-bit bag cannot leave a padding index out
+    return not (node.target is _aten.embedding_bag.padding_idx and len(node.args) > _BAG_PADDING_ARG and node.args[_BAG_PADDING_ARG] is not None)
+
+
+def _innermost_class(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    cls = list(stack.values())[-1][1]
+    return f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else str(cls)
+
+
+def _attribute(graph_module: torch.fx.GraphModule, node: object) -> torch.Tensor | None:
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    value: Any = graph_module
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def hf_conv1d_call(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether ``node`` is the ``addmm(bias, x, weight)`` of a transformers ``Conv1D`` (GPT-2's projections: a Linear
+    whose weight is stored ``[in, out]``), with its weight and bias as constants of the graph."""
+    if node.op != "call_function" or node.target != _aten.addmm.default or len(node.args) < 3:
+        return False
+    cls = _innermost_class(node)
+    if not (cls.startswith("transformers.") and cls.rpartition(".")[2] == "Conv1D"):
+        return False
+    weight, bias = _attribute(graph_module, node.args[2]), _attribute(graph_module, node.args[0])
+    return weight is not None and weight.dim() == 2 and bias is not None and bias.dim() == 1
+
+
+def hf_conv1d_as_linear(graph_module: torch.fx.GraphModule) -> None:
+    """Rewrite, in place, each transformers ``Conv1D`` call of a program as the ``linear`` it computes (its weight
+    transposed once), so that torchao's quantizer sees a Linear, as inc's own export does after swapping the module
+    (see :mod:`inc_torch._hf`). A weight another op reads too stays as it is."""
+    calls = [node for node in graph_module.graph.nodes if hf_conv1d_call(graph_module, node)]
+    weights = {node.args[2] for node in calls}
+    for weight_node in weights:
+        users = list(weight_node.users)
+        if any(user not in calls or user.args[2] is not weight_node or weight_node in (user.args[0], user.args[1]) for user in users):
+            continue
+        owner, _, attr = str(weight_node.target).rpartition(".")
+        module = graph_module.get_submodule(owner) if owner else graph_module
+        value = getattr(module, attr)
+        setattr(module, attr, torch.nn.Parameter(value.detach().t().contiguous(), requires_grad=False))
+        for user in users:
+            bias, source, _ = user.args[:3]
+            with graph_module.graph.inserting_after(user):
+                linear = graph_module.graph.call_function(_aten.linear.default, (source, weight_node, bias))
+            linear.meta = dict(user.meta)
+            # torchao finds linear patterns by source; the addmm's records name the addmm
+            linear.meta["torch_fn"] = (linear.name, "builtin_function_or_method.linear")
+            linear.meta["source_fn_stack"] = [(linear.name, torch.nn.functional.linear)]
+            user.replace_all_uses_with(linear)
+            graph_module.graph.erase_node(user)
+    graph_module.graph.lint()
+    graph_module.recompile()
 
 
 def _candidates(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, str]]:
@@ -72,11 +131,14 @@ def _candidates(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node,
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
             continue
+        if hf_conv1d_call(graph_module, node):
+            found.append((node, "Conv1D"))  # listed as for the module; quantized as the Linear it is
+            continue
         if node.target in _TRANSPOSED and len(node.args) > _DILATION_ARG and any(d != 1 for d in node.args[_DILATION_ARG]):
             continue  # a dilated one stays a transposed convolution, in FP32 (see ptq._conv_transpose)
         if node.target in _QUANTIZED:
             found.append((node, _QUANTIZED[node.target]))
-        elif node.target in _LOOKUPS and _only_read_by_lookups(node):
+        elif node.target in _LOOKUPS and _stored_table(node):
             found.append((node, _LOOKUPS[node.target]))
     return found
 

@@ -17,7 +17,7 @@ from torch import nn
 from inc_core._dataset import LABELS_HINT
 from inc_core.errors import DatasetError, UnsupportedModelError
 from inc_torch._compat import quiet
-from inc_torch._exported import is_exported_graph, restore_source_partitions, shape_hint
+from inc_torch._exported import hf_conv1d_as_linear, is_exported_graph, restore_source_partitions, shape_hint
 from inc_torch._inputs import Inputs, describe_inputs, dynamic_shapes, widened
 from inc_torch._parametrized import fold_parametrizations
 
@@ -77,6 +77,7 @@ def export_graph(model: nn.Module, inputs: Inputs, *, train: bool = False) -> to
         # would record each aten op as its own source, which torchao's x86 quantizer matches none of its patterns by;
         # the sources a strict export records are filled in instead.
         graph_module = copy.deepcopy(model)
+        hf_conv1d_as_linear(graph_module)
         restore_source_partitions(graph_module)
         return graph_module
     failure: Exception | None = None

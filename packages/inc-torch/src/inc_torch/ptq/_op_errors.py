@@ -21,7 +21,7 @@ from inc_core._quant_config import QuantConfig
 from inc_core.backend import Op
 from inc_core.calibration import compute_qparams, weight_qparams
 from inc_core.errors import CalibrationError, DatasetError
-from inc_torch._exported import is_exported_graph
+from inc_torch._exported import hf_conv1d_call, is_exported_graph
 from inc_torch._exported import module_path as _module_path
 from inc_torch._hf import linearize_conv1d
 from inc_torch._inputs import float_dtype, to_inputs
@@ -244,6 +244,14 @@ class _ProgramMeasure(torch.fx.Interpreter):
 
             codes, scale, low = rows_8bit(args[0])
             approx = n.target(codes.to(scale.dtype) * scale + low, *args[1:], **kwargs)
+        elif hf_conv1d_call(self.module, n):  # a transformers Conv1D: addmm(bias, x, weight [in, out])
+            activation = self._activation(name, settings)
+            if activation is None:
+                return output
+            x = args[1]
+            xq = torch.fake_quantize_per_tensor_affine(x.float(), activation[0], activation[1], 0, 255).to(x.dtype)
+            wq = _fake_weight(args[2].t(), settings.granularity == "per_channel").t()
+            approx = n.target(args[0], xq, wq, *args[3:], **kwargs)
         elif n.target in _PROGRAM_WEIGHTED:
             activation = self._activation(name, settings)
             if activation is None:
