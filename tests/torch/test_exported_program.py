@@ -191,3 +191,42 @@ def test_ops_called_outside_any_submodule_are_named_in_a_warning(caplog) -> None
     with caplog.at_level(logging.WARNING, logger="inc"):
         inc.quantize(program, inc.QuantConfig(), dataset=inc.Dataset(np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32), batch_size=4))
     assert "1 op(s) of the program are called outside any submodule (linear_1)" in caplog.text
+
+
+class _HandedOnAttention(nn.Module):
+    """torchvision's Swin attention: the layers' weights handed to functions, the layers never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 16)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.relu(F.linear(x, self.qkv.weight, self.qkv.bias)), self.proj.weight, self.proj.bias)
+
+
+class _Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = _HandedOnAttention()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)  # projections inside one function: FP32 on PT2E
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn(x)
+        return self.fc(self.mha(x, x, x, need_weights=False)[0])
+
+
+def test_ops_are_listed_by_the_module_whose_call_computes_them_for_a_module_and_its_program() -> None:
+    # Before: the module listed attn.qkv and attn.proj, whose ops the graph names attn, so excluding them was silently
+    # ignored; the program listed the MultiheadAttention's projections, which stay FP32.
+    torch.manual_seed(0)
+    model = _Blocks().eval()
+    x = torch.randn(8, 5, 16)
+    data = inc.Dataset(x.numpy(), batch_size=4)
+    program = _program(model, x[:2])
+    for given in (model, program):
+        assert [(op.name, op.op_type) for op in inc.describe(given).ops] == [("attn", "Linear"), ("fc", "Linear")]
+        assert inc_torch.quantized_ops(inc.quantize(given, inc.QuantConfig(), dataset=data)) == ["attn", "fc"]
+        excluded = inc.quantize(given, inc.QuantConfig(exclude=inc.LayerFilter(names=("attn",))), dataset=data)
+        assert inc_torch.quantized_ops(excluded) == ["fc"]

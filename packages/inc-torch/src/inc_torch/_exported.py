@@ -126,6 +126,27 @@ def hf_conv1d_as_linear(graph_module: torch.fx.GraphModule) -> None:
     graph_module.recompile()
 
 
+# conv2d and linear reach INT8 through torchao's patterns, found by the call they came from (inc rewrites the others).
+_MATCHED = {
+    _aten.linear.default: ("linear", "Linear", "torch.nn.modules.linear.Linear"),
+    _aten.conv2d.default: ("conv2d", "Conv2d", "torch.nn.modules.conv.Conv2d"),
+}
+
+
+def _matched(node: torch.fx.Node) -> bool:
+    """Whether torchao's x86 quantizer finds ``node`` as a conv2d/linear call (after :func:`restore_source_partitions`):
+    not one inside a function it does not see into (``nn.MultiheadAttention``'s ``multi_head_attention_forward``,
+    whose projections stay FP32 from a module too)."""
+    function, cls, module = _MATCHED[node.target]
+    stack = node.meta.get("source_fn_stack")
+    if stack:
+        return getattr(stack[-1][1], "__name__", None) in (function, cls)
+    called = node.meta.get("torch_fn")
+    if called:
+        return str(called[1]).rpartition(".")[2] == function
+    return _innermost_class(node) == module
+
+
 def _candidates(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, str]]:
     found = []
     for node in graph_module.graph.nodes:
@@ -136,7 +157,7 @@ def _candidates(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node,
             continue
         if node.target in _TRANSPOSED and len(node.args) > _DILATION_ARG and any(d != 1 for d in node.args[_DILATION_ARG]):
             continue  # a dilated one stays a transposed convolution, in FP32 (see ptq._conv_transpose)
-        if node.target in _QUANTIZED:
+        if node.target in _QUANTIZED and (node.target not in _MATCHED or _matched(node)):
             found.append((node, _QUANTIZED[node.target]))
         elif node.target in _LOOKUPS and _stored_table(node):
             found.append((node, _LOOKUPS[node.target]))
@@ -251,7 +272,9 @@ def exported_ops(graph_module: torch.fx.GraphModule, *, approach: str, fmt: str)
     # In definition order, as inc lists the modules of an nn.Module: the program keeps its parameters in that order.
     order: dict[str, int] = {}
     for name in graph_module.state_dict():
-        order.setdefault(name.rpartition(".")[0], len(order))
+        parts = name.split(".")[:-1]
+        for cut in range(1, len(parts) + 1):  # a module computing with its children's weights comes where they do
+            order.setdefault(".".join(parts[:cut]), len(order))
     return tuple(sorted(ops.values(), key=lambda op: order.get(op.name, len(order))))
 
 

@@ -12,7 +12,7 @@ from inc_core.errors import ConfigError, UnsupportedModelError
 from inc_torch._exported import exported_ops, is_exported_graph
 from inc_torch._hf import is_hf_conv1d
 from inc_torch._parametrized import plain_type
-from inc_torch.ptq._weight_readers import weights_read_without_calls
+from inc_torch.ptq._weight_readers import weights_handed_on, weights_read_without_calls
 
 __all__ = [
     "STATIC_TYPES",
@@ -99,7 +99,27 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
     else:
         kept = lookup_kept_in_float(model, tuple(op.name for op in ops), fmt=fmt)
         ops = [op for op in ops if op.name not in kept]
+        if fmt == "pt2e":
+            ops = _named_by_caller(model, ops)
     return tuple(ops)
+
+
+def _named_by_caller(model: nn.Module, ops: list[Op]) -> list[Op]:
+    """PT2E names each op of the graph after the module that called it: a layer whose weight an enclosing module
+    hands to a function instead of calling the layer (torchvision's Swin: ``shifted_window_attention(x,
+    self.qkv.weight, self.proj.weight, ...)``) computes there, under that module's name. It is listed under that
+    name, which ``exclude=`` then reaches (excluding ``attn.qkv`` was silently ignored: the graph has no op of it).
+    A layer read so by the model's own ``forward`` has no module name to be selected by; it is left out.
+    """
+    readers = weights_handed_on(model, tuple(op.name for op in ops if op.op_type not in LOOKUP_NAMES))
+    if not readers:
+        return ops
+    named: dict[str, Op] = {}
+    for op in ops:
+        name = readers.get(op.name, op.name)
+        if name:
+            named.setdefault(name, Op(name=name, op_type=op.op_type))
+    return list(named.values())
 
 
 def kept_in_float(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:

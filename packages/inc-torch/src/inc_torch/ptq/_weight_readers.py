@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["keep_to_module_path", "weights_read_without_calls"]
+__all__ = ["keep_to_module_path", "weights_handed_on", "weights_read_without_calls"]
 
 
 _READ = re.compile(r"\bself\.([A-Za-z_][\w.]*)\.(?:weight|bias)\b")
@@ -84,6 +84,23 @@ def weights_read_without_calls(model: nn.Module, names: tuple[str, ...]) -> dict
             reads, calls, passes = _uses(type(modules[owner]))
             handed_on = path in passes and not isinstance(modules[owner], _HANDLED_ELSEWHERE)
             if path in reads and (path not in calls or handed_on):
+                found[name] = owner
+                break
+    return found
+
+
+def weights_handed_on(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
+    """Of the modules ``names``, those an enclosing module's computing code never calls but hands the weight (or
+    bias) of to a function (Swin's attention), each with that module's name (``""``: the model itself). A layer
+    whose weight is only read while setting up (an ``__init__`` zeroing it) or which is also called is not one."""
+    modules = dict(model.named_modules())
+    found: dict[str, str] = {}
+    for name in names:
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            owner, path = ".".join(parts[:cut]), ".".join(parts[cut:])
+            _, calls, passes = _uses(type(modules[owner]))
+            if path in passes and path not in calls:
                 found[name] = owner
                 break
     return found
