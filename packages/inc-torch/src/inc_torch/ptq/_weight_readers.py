@@ -44,7 +44,7 @@ _HANDLED_ELSEWHERE = (nn.TransformerEncoderLayer,)
 
 @functools.cache
 def _uses(cls: type) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
-    """The attribute paths whose weight/bias the code of ``cls`` (and of its bases below ``nn.Module``) reads,
+    """The attribute paths whose weight/bias the computing code of ``cls`` (and of its bases below ``nn.Module``) reads,
     those it calls, and those whose weight/bias its computing methods hand on as tensors."""
     reads: set[str] = set()
     calls: set[str] = set()
@@ -61,9 +61,10 @@ def _uses(cls: type) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
                 source = inspect.getsource(function)
             except (OSError, TypeError):
                 continue  # made at run time: no source kept to read
-            reads.update(_READ.findall(source))
             calls.update(_CALL.findall(source))
             if not _SETUP.search(key):
+                # reads while setting up (torchvision's ViT zeroing its head's weight in __init__) run before any swap
+                reads.update(_READ.findall(source))
                 passes.update(_PASS.findall(source))
     return frozenset(reads), frozenset(calls), frozenset(passes)
 
