@@ -455,20 +455,21 @@ def test_autotune_fails_a_dynamic_trial_whose_model_does_not_run_on_the_data(mon
 
 
 class ZeroedHead(nn.Module):
-    """torchvision's ViT: ``__init__`` zeroes the head's weight; forward calls the head."""
+    """torchvision's ViT: ``__init__`` zeroes ``self.heads.head.weight``; forward calls ``self.heads``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(16, 32)
-        self.head = nn.Linear(32, 4)
-        nn.init.zeros_(self.head.weight)
+        self.heads = nn.Sequential()
+        self.heads.add_module("head", nn.Linear(32, 4))
+        nn.init.zeros_(self.heads.head.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc(x)))
+        return self.heads(torch.relu(self.fc(x)))
 
 
 def test_a_layer_whose_weight_is_only_set_up_by_the_code_around_it_is_quantized() -> None:
     # A read of the weight in __init__ counted as code computing with it: ViT's classifier head stayed FP32.
     config = inc.QuantConfig(approach="dynamic")
-    assert inc.describe(ZeroedHead().eval(), config).names == ("fc", "head")
-    assert inc_torch.quantized_ops(inc.quantize(ZeroedHead().eval(), config)) == ["fc", "head"]
+    assert inc.describe(ZeroedHead().eval(), config).names == ("fc", "heads.head")
+    assert inc_torch.quantized_ops(inc.quantize(ZeroedHead().eval(), config)) == ["fc", "heads.head"]
