@@ -11,9 +11,9 @@ import inc_core as inc
 import inc_torch
 from inc_core.testing import cosine
 
-# ResNet calls one nn.ReLU per block twice; MobileNetV3 has Hardswish and squeeze-excite; GoogLeNet concatenates four
-# branches and pools with ceil_mode.
-PROGRAM_MODELS = ("resnet18", "mobilenet_v3_small", "googlenet")
+# ResNet calls one nn.ReLU per block twice; GoogLeNet calls F.relu inside its blocks, concatenates four branches and
+# pools with ceil_mode. (The other torchvision corpus models gave equal results too; left out for CI time.)
+PROGRAM_MODELS = ("resnet18", "googlenet")
 
 
 @pytest.mark.parametrize("name", PROGRAM_MODELS)

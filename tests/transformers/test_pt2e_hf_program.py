@@ -31,16 +31,6 @@ def test_exported_minilm_program_quantizes_like_its_module() -> None:
     same = torch.nn.functional.cosine_similarity(got, mean_pooled(from_module, scored))
     assert float(same.min()) > 0.9999
 
-    # the mse strategy's per-op errors, measured on the program's graph (keyword inputs in its order)
-    backend = inc_torch.TorchBackend()
-    config = inc.QuantConfig()
-    errors = [
-        backend.op_errors(given, config, calibration=backend.calibrate(given, inc.Dataset(calibration), config), dataset=inc.Dataset(calibration))
-        for given in (program, model)
-    ]
-    assert all(value > 0 for name, value in errors[0].items() if "embeddings" not in name)
-    assert errors[0] == pytest.approx(errors[1], rel=1e-5)
-
 
 def test_exported_gpt2_program_quantizes_its_conv1d_projections() -> None:
     """GPT-2's projections are transformers Conv1D layers, an addmm in the program: inc's own export swaps them for
@@ -66,6 +56,7 @@ def test_exported_gpt2_program_quantizes_its_conv1d_projections() -> None:
         got, expected = from_program(**example).logits, from_module(**example).logits
     assert float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)) > 0.9999
 
+    # the mse strategy's per-op errors, measured on the program's graph (keyword inputs in its order)
     backend = inc_torch.TorchBackend()
     config = inc.QuantConfig()
     errors = [backend.op_errors(m, config, calibration=backend.calibrate(m, data, config), dataset=data) for m in (program, model)]
