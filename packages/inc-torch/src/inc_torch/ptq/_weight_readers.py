@@ -69,6 +69,21 @@ def _uses(cls: type) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
     return frozenset(reads), frozenset(calls), frozenset(passes)
 
 
+def _enclosing_readers(model: nn.Module, names: tuple[str, ...], rule: Any) -> dict[str, str]:
+    """Per module of ``names``, the nearest enclosing module (``""``: the model) whose code ``rule(owner, path,
+    reads, calls, passes)`` says computes with its weight."""
+    modules = dict(model.named_modules())
+    found: dict[str, str] = {}
+    for name in names:
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            owner, path = ".".join(parts[:cut]), ".".join(parts[cut:])
+            if rule(modules[owner], path, *_uses(type(modules[owner]))):
+                found[name] = owner
+                break
+    return found
+
+
 def weights_read_without_calls(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
     """Of the modules ``names``, those whose weight or bias an enclosing module's code reads, never calling them, or
     hands on to a function.
@@ -76,35 +91,19 @@ def weights_read_without_calls(model: nn.Module, names: tuple[str, ...]) -> dict
     Returns:
         Per such module, the name of the enclosing module whose code reads it (``""``: the model itself).
     """
-    modules = dict(model.named_modules())
-    found: dict[str, str] = {}
-    for name in names:
-        parts = name.split(".")
-        for cut in range(len(parts) - 1, -1, -1):
-            owner, path = ".".join(parts[:cut]), ".".join(parts[cut:])
-            reads, calls, passes = _uses(type(modules[owner]))
-            handed_on = path in passes and not isinstance(modules[owner], _HANDLED_ELSEWHERE)
-            if path in reads and (path not in calls or handed_on):
-                found[name] = owner
-                break
-    return found
+
+    def rule(owner: nn.Module, path: str, reads: frozenset[str], calls: frozenset[str], passes: frozenset[str]) -> bool:
+        handed_on = path in passes and not isinstance(owner, _HANDLED_ELSEWHERE)
+        return path in reads and (path not in calls or handed_on)
+
+    return _enclosing_readers(model, names, rule)
 
 
 def weights_handed_on(model: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
     """Of the modules ``names``, those an enclosing module's computing code never calls but hands the weight (or
     bias) of to a function (Swin's attention), each with that module's name (``""``: the model itself). A layer
     whose weight is only read while setting up (an ``__init__`` zeroing it) or which is also called is not one."""
-    modules = dict(model.named_modules())
-    found: dict[str, str] = {}
-    for name in names:
-        parts = name.split(".")
-        for cut in range(len(parts) - 1, -1, -1):
-            owner, path = ".".join(parts[:cut]), ".".join(parts[cut:])
-            _, calls, passes = _uses(type(modules[owner]))
-            if path in passes and path not in calls:
-                found[name] = owner
-                break
-    return found
+    return _enclosing_readers(model, names, lambda owner, path, reads, calls, passes: path in passes and path not in calls)
 
 
 def _module_path(module: nn.Module, args: Any) -> None:
