@@ -20,8 +20,9 @@ import torch
 
 from inc_core.backend import Op
 from inc_core.errors import UnsupportedModelError
+from inc_torch._module_stack import module_path
 
-__all__ = ["is_exported_graph", "module_path", "exported_ops", "warn_unnamed", "restore_source_partitions", "hf_conv1d_call", "hf_conv1d_as_linear", "shape_hint", "check_exported_config", "FROM_MODULE"]
+__all__ = ["is_exported_graph", "exported_ops", "warn_unnamed", "restore_source_partitions", "hf_conv1d_call", "hf_conv1d_as_linear", "shape_hint", "check_exported_config", "FROM_MODULE"]
 
 log = logging.getLogger("inc")
 
@@ -49,13 +50,6 @@ def is_exported_graph(model: Any) -> bool:
     if not isinstance(model, torch.fx.GraphModule):
         return False
     return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) for node in model.graph.nodes)
-
-
-def module_path(node: torch.fx.Node) -> str | None:
-    """The module a node of an exported graph was called in (``None`` for the top-level forward)."""
-    stack = node.meta.get("nn_module_stack")
-    path = str(list(stack.values())[-1][0]) if stack else ""
-    return path or None
 
 
 def _stored_table(node: torch.fx.Node) -> bool:

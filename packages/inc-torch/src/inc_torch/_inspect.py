@@ -5,17 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from inc_torch._module_stack import module_path
 from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._lookups import QUANTIZED_LOOKUPS
 
 __all__ = ["quantized_ops"]
 
 _WEIGHTED = ("conv1d", "conv2d", "conv3d", "linear")
-
-
-def _module_path(node: torch.fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    return str(list(stack.values())[-1][0]) if stack else None
 
 
 def _int8_attr(graph_module: torch.fx.GraphModule, node: object) -> bool:
@@ -37,12 +33,12 @@ def _pt2e_ops(graph_module: torch.fx.GraphModule) -> list[str]:
     names: list[str] = []
     for node in graph_module.graph.nodes:
         if is_table_lookup(graph_module, node):  # an embedding table stored 8 bits per row
-            names.append(_module_path(node) or node.name)
+            names.append(module_path(node) or node.name)
             continue
         if node.op != "call_function" or getattr(node.target, "__name__", "").split(".")[0] not in _WEIGHTED:
             continue
         if len(node.args) > 1 and _int8_attr(graph_module, node.args[1]):
-            names.append(_module_path(node) or node.name)
+            names.append(module_path(node) or node.name)
     return list(dict.fromkeys(names))
 
 
@@ -57,7 +53,7 @@ def _fx_functional_ops(graph_module: torch.fx.GraphModule) -> list[str]:
             continue
         if "prepack" in op or "unpack" in op:
             continue
-        names.append(_module_path(node) or node.name)
+        names.append(module_path(node) or node.name)
     return names
 
 

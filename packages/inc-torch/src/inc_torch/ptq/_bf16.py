@@ -25,6 +25,7 @@ from torch import nn
 from inc_core._layer_filter import LayerFilter
 from inc_core._quant_config import QuantConfig
 from inc_core.backend import Op
+from inc_torch._module_stack import module_path
 from inc_torch.ptq import _dynamic
 from inc_torch.ptq._compiled import CompiledQuantizedModule, drop_unread_state
 from inc_torch.ptq._ops import LOOKUP_NAMES
@@ -107,11 +108,6 @@ def int8_view(config: QuantConfig) -> QuantConfig:
 
 def _aten_name(node: torch.fx.Node) -> str:
     return str(getattr(node.target, "__name__", node.target)).split(".")[0]
-
-
-def _module_path(node: torch.fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    return str(list(stack.values())[-1][0]) if stack else None
 
 
 def _attr(graph_module: torch.fx.GraphModule, target: str) -> Any:
@@ -222,7 +218,7 @@ def run_in_bf16(model: CompiledQuantizedModule, names: tuple[str, ...]) -> Compi
     for node in list(graph_module.graph.nodes):
         if node.op != "call_function" or _aten_name(node) not in _WEIGHTED:
             continue
-        path = _module_path(node)
+        path = module_path(node)
         if path in wanted and len(node.args) > 1 and _float_value(node.args[0]):
             rewriter.rewrite(node)
             found.add(path)
@@ -265,7 +261,7 @@ def bf16_ops(model: nn.Module) -> list[str]:
     else:
         return []
     names = [
-        _module_path(node) or node.name
+        module_path(node) or node.name
         for node in graph_module.graph.nodes
         if node.op == "call_function"
         and _aten_name(node) in _WEIGHTED

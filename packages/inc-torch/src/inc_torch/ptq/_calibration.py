@@ -27,6 +27,7 @@ from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch._exported import shape_hint
 from inc_torch._hf import check_hf_inputs, drop_label_inputs, prepare_for_capture
 from inc_torch._inputs import Inputs, batch_size, describe_inputs, float_dtype, to_inputs
+from inc_torch._module_stack import module_path
 from inc_torch.ptq._capture import check_runs, eval_copy, export_graph, fx_prepare, positional
 from inc_torch.ptq._conv1d import conv1d_as_conv2d
 from inc_torch.ptq._conv_transpose import conv_transpose_as_conv2d
@@ -98,13 +99,6 @@ class _Recorder(nn.Module):
         return x
 
 
-def _module_path(node: torch.fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    return str(list(stack.values())[-1][0])
-
-
 def op_nodes(graph_module: torch.fx.GraphModule, fmt: str) -> dict[str, torch.fx.Node]:
     """Op (module) name -> the graph node computing it (the aten conv/linear for PT2E, the module call for FX)."""
     found: dict[str, torch.fx.Node] = {}
@@ -113,7 +107,7 @@ def op_nodes(graph_module: torch.fx.GraphModule, fmt: str) -> dict[str, torch.fx
             found.setdefault(str(node.target), node)
         elif fmt == "pt2e" and node.op == "call_function":
             name = getattr(node.target, "__name__", "").split(".")[0]
-            path = _module_path(node)
+            path = module_path(node)
             if name in _CONV_LINEAR and path is not None:
                 found.setdefault(path, node)
     return found
@@ -285,7 +279,7 @@ def _readers(prepared: torch.fx.GraphModule, tensor: str) -> list[str]:
     for node in prepared.graph.nodes:
         if node.op == "call_module" and node.args and getattr(node.args[0], "name", None) == tensor:
             for user in node.users:
-                names.append(_module_path(user) if user.op == "call_function" else str(user.target))
+                names.append(module_path(user) if user.op == "call_function" else str(user.target))
     return [n for n in dict.fromkeys(names) if n]
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from inc_torch._module_stack import module_path
+
 __all__ = ["TABLE_PREFIX", "is_table_lookup", "quantize_tables", "rows_8bit"]
 
 # Attribute names of the 8-bit tables (and their scales and minimums) on the converted graph module.
@@ -33,11 +35,6 @@ def _attribute(graph_module: torch.fx.GraphModule, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part, None)
     return value
-
-
-def _module_path(node: torch.fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    return str(list(stack.values())[-1][0]) if stack else None
 
 
 def rows_8bit(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,7 +68,7 @@ def quantize_tables(graph_module: torch.fx.GraphModule, modules: frozenset[str])
     graph = graph_module.graph
     by_table: dict[str, list[torch.fx.Node]] = {}  # by attribute: one table may be read through several nodes
     for node in graph.nodes:
-        if node.op != "call_function" or node.target not in (_EMBEDDING, _BAG) or _module_path(node) not in modules:
+        if node.op != "call_function" or node.target not in (_EMBEDDING, _BAG) or module_path(node) not in modules:
             continue
         if node.target is _BAG and len(node.args) > _BAG_PADDING_ARG and node.args[_BAG_PADDING_ARG] is not None:
             continue  # its padding index is left out of each bag: positions 0..n-1 would not say which
@@ -88,7 +85,7 @@ def quantize_tables(graph_module: torch.fx.GraphModule, modules: frozenset[str])
         if any(user not in lookups for read in reads for user in read.users):
             # read by more than lookups (an output projection computing with the same weight): the float table
             # stays anyway, and an 8-bit copy beside it would only add memory
-            shared.append(_module_path(lookups[0]) or target)
+            shared.append(module_path(lookups[0]) or target)
             continue
         index = len(done)
         names = {}
@@ -120,7 +117,7 @@ def quantize_tables(graph_module: torch.fx.GraphModule, modules: frozenset[str])
             graph.erase_node(read)
         owner, _, leaf = target.rpartition(".")
         delattr(graph_module.get_submodule(owner), leaf)  # the float table itself, not only the graph's reads of it
-        done.append(_module_path(lookups[0]) or target)
+        done.append(module_path(lookups[0]) or target)
     if done:
         graph.lint()
         graph_module.recompile()

@@ -37,6 +37,7 @@ from inc_core.calibration._smooth_quant import ChannelAbsMax, input_channel_absm
 from inc_core.errors import CalibrationError, DatasetError
 from inc_torch._hf import drop_label_inputs
 from inc_torch._inputs import describe_inputs, float_dtype, to_inputs
+from inc_torch._module_stack import module_path
 from inc_torch.ptq._calibration import TorchCalibration, calibrate
 from inc_torch.ptq._capture import eval_copy, export_graph
 
@@ -103,11 +104,6 @@ def _target_name(node: torch.fx.Node) -> str:
     return getattr(node.target, "__name__", "").split(".")[0]
 
 
-def _module_path(node: torch.fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    return str(list(stack.values())[-1][0]) if stack else None
-
-
 def _norm_fold_kind(norm: nn.Module, channels: int) -> str | None:
     """How to fold scales into a normalization module, found on a probe input: None where no form is exact.
 
@@ -156,7 +152,7 @@ def linear_groups(model: nn.Module, graph: torch.fx.GraphModule, fmt: str) -> li
         if fmt == "fx":
             name = str(node.target) if node.op == "call_module" else None
         else:
-            name = _module_path(node) if node.op == "call_function" and _target_name(node) == kind else None
+            name = module_path(node) if node.op == "call_function" and _target_name(node) == kind else None
         wanted = nn.Linear if kind == "linear" else nn.LayerNorm
         return name if name is not None and type(modules.get(name)) is wanted else None
 
@@ -223,14 +219,14 @@ def _producing_module(graph: torch.fx.GraphModule, source: torch.fx.Node, fmt: s
         if source.op != "call_module":
             return None
         return str(source.target) if sum(1 for n in graph.graph.nodes if n.op == "call_module" and n.target == source.target) == 1 else None
-    module = _module_path(source)
+    module = module_path(source)
     if not module:
         return None
     # torch.export keys each call of a module apart in nn_module_stack ("...@1" for its second call).
     call_keys = set()
     for node in graph.graph.nodes:
         stack = node.meta.get("nn_module_stack")
-        if stack and _module_path(node) == module:
+        if stack and module_path(node) == module:
             call_keys.add(list(stack.keys())[-1])
     return module if len(call_keys) == 1 else None
 
