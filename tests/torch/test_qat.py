@@ -7,6 +7,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch_helpers import DigitsCNN, accuracy, relative_loss, same_state, split, state, trained_cnn
 
@@ -209,7 +210,7 @@ def test_pt2e_qat_fold_for_a_conv_kind_the_graph_lacks_leaves_the_graph_as_torch
     convert took on the digits CNN); what the skipped fold does to the graph must be what torchao's fold does."""
     from torchao.quantization.pt2e import qat_utils
 
-    from inc_torch.qat._fold_bn import folding_only_present_conv_kinds
+    from inc_torch.qat._fold_bn import folding_only_qat_conv_bn_pairs
 
     qat_model = inc_torch.prepare_qat(trained_cnn(), inc.QATConfig(), _example())
     qat_model(_example()).sum().backward()
@@ -221,7 +222,7 @@ def test_pt2e_qat_fold_for_a_conv_kind_the_graph_lacks_leaves_the_graph_as_torch
         raise AssertionError("a pattern was exported for a conv kind the graph does not call")
 
     monkeypatch.setattr(qat_utils, "_get_aten_graph_module_for_pattern", no_export)
-    with folding_only_present_conv_kinds():
+    with folding_only_qat_conv_bn_pairs():
         assert qat_utils._fold_conv_bn_qat_helper is not torchao_helper
         ours = qat_utils._fold_conv_bn_qat_helper(
             copy.deepcopy(qat_model), torch.nn.functional.conv_transpose1d, example_1d, is_cuda=False
@@ -231,6 +232,72 @@ def test_pt2e_qat_fold_for_a_conv_kind_the_graph_lacks_leaves_the_graph_as_torch
     ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
     assert ours_state.keys() == theirs_state.keys()
     assert all(torch.equal(ours_state[k], theirs_state[k]) for k in ours_state)
+
+
+class _DenseBlock(nn.Module):
+    """DenseNet's shape: each layer's batch norm reads the concatenation of the features before it, so no
+    convolution precedes it and PT2E leaves it in the graph (as in torchvision's DenseNets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.norm1 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(16, 8, 3, padding=1)
+        self.norm2 = nn.BatchNorm2d(24)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([x, torch.relu(x)], 1)
+        x = torch.cat([x, self.conv1(torch.relu(self.norm1(x)))], 1)
+        return self.head(torch.relu(self.norm2(x)).mean((2, 3)))
+
+
+def test_post_training_convert_of_a_graph_with_batch_norms_exports_no_qat_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch norm left in the graph made torchao's convert export its 96 QAT conv-bn patterns (12-25 s per
+    inc.quantize, per tuning trial), though a post-training graph holds no QAT pair; the graph is torchao's."""
+    from torchao.quantization.pt2e import qat_utils
+
+    from inc_torch.qat._fold_bn import folding_only_qat_conv_bn_pairs
+
+    torch.manual_seed(0)
+    model = _DenseBlock()
+    x, _, held_out, _ = split()
+    with torch.no_grad():  # batch-norm statistics of real data, so the INT8 model has something to match
+        model.train()(torch.from_numpy(x[:256]))
+    model.eval()
+    calibration = inc.Dataset(x[:128], batch_size=32)
+    sample = torch.from_numpy(held_out[:64])
+
+    # torchao's conv2d fold, unpatched, on the prepared graph: what the skipped fold must leave
+    from inc_torch._compat import torchao_pt2e
+
+    ao = torchao_pt2e()
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = ao.prepare_pt2e(torch.export.export(copy.deepcopy(model), (sample,)).module(), quantizer)
+    prepared(sample)
+    assert sum("batch_norm" in str(n.target) for n in prepared.graph.nodes) == 2
+    example_2d = tuple(torch.randn(*shape) for shape in [(1, 1, 3, 3), (1, 1, 1, 1), (1,), (1,), (1,), (1,)])
+    theirs = qat_utils._fold_conv_bn_qat_helper(copy.deepcopy(prepared), F.conv2d, example_2d, is_cuda=False)
+
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a QAT conv-bn pattern was exported for a post-training graph")
+
+    monkeypatch.setattr(qat_utils, "_get_aten_graph_module_for_pattern", no_export)
+    with folding_only_qat_conv_bn_pairs():
+        ours = qat_utils._fold_conv_bn_qat_helper(copy.deepcopy(prepared), F.conv2d, example_2d, is_cuda=False)
+    assert ours.code == theirs.code
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=calibration)
+    assert inc_torch.quantized_ops(quantized) == ["stem", "conv1", "head"]
+    with torch.no_grad():
+        reference = model(sample)
+        cosine = torch.nn.functional.cosine_similarity(quantized(sample), reference).min()
+    assert cosine > 0.99, cosine
 
 
 class _EmbeddingMLP(nn.Module):

@@ -21,6 +21,7 @@ from inc_torch.ptq._observers import pt2e_observer_classes
 from inc_torch.ptq._ops import LOOKUP_NAMES
 from inc_torch.ptq._pt2e_tables import quantize_tables
 from inc_torch.ptq._settings import OpSettings, plan
+from inc_torch.qat._fold_bn import folding_only_qat_conv_bn_pairs
 
 log = logging.getLogger("inc")
 
@@ -129,7 +130,8 @@ def quantize_pt2e(config: QuantConfig, ops: tuple[Op, ...], calibration: TorchCa
         args, kwargs = calibration.example
         with torch.no_grad():
             prepared(*args, **kwargs)
-        converted = ao.convert_pt2e(prepared)
+        with folding_only_qat_conv_bn_pairs():  # a batch norm left unfolded costs no pattern exports
+            converted = ao.convert_pt2e(prepared)
     _, shared = quantize_tables(
         converted, frozenset(op.name for op in ops if op.op_type in LOOKUP_NAMES and op.name not in excluded)
     )

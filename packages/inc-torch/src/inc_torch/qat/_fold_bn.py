@@ -1,11 +1,16 @@
-"""Conv + batch-norm folding in PT2E QAT convert, without exporting patterns for conv kinds the model lacks.
+"""torchao's QAT conv + batch-norm fold in ``convert_pt2e``, without exporting patterns that cannot match.
 
 torchao's ``convert_pt2e`` folds each QAT conv + batch-norm pair by pattern matching. For every one of four conv
 kinds (conv1d, conv2d, conv_transpose1d, conv_transpose2d) it exports 12 match and 12 replacement patterns with
-``torch.export`` (strict), about 0.25 s each, whether or not the model holds that kind of conv: on the digits CNN of
-the tests (conv2d only) convert took 29 s, 6 s with the three absent kinds skipped. A pattern of one kind can only
-match a graph that calls that kind's aten op, so the fold for a kind the graph does not call is skipped: its
-cheap graph steps still run, the pattern exports do not. The folded graph is the one torchao builds.
+``torch.export`` (strict), about 0.25 s each, whenever the graph holds any batch norm: on the digits CNN of the
+tests (conv2d only) QAT convert took 29 s. Post-training convert pays the same wherever a batch norm was left
+unfolded (one after a Linear, a concatenation or a transposed convolution): 12-25 s per ``inc.quantize``, per
+tuning trial, for a fold that has nothing to do.
+
+Every QAT pattern divides the conv's output by the batch norm's scale factor (``conv(x, w * s) / s``, as
+``prepare_qat_pt2e`` writes a conv + batch-norm pair), so a pattern of one conv kind can only match a graph where a
+conv of that kind feeds a division. The fold of any other kind is skipped: its cheap graph steps still run, the
+pattern exports do not, and the folded graph is the one torchao builds.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["folding_only_present_conv_kinds"]
+__all__ = ["folding_only_qat_conv_bn_pairs"]
 
 
 def _aten_packets() -> dict[Callable[..., Any], Any]:
@@ -30,13 +35,19 @@ def _aten_packets() -> dict[Callable[..., Any], Any]:
     }
 
 
-def _calls(graph_module: torch.fx.GraphModule, packet: Any) -> bool:
-    return any(getattr(node.target, "overloadpacket", None) is packet for node in graph_module.graph.nodes)
+def _feeds_a_division(graph_module: torch.fx.GraphModule, packet: Any) -> bool:
+    """Whether a conv of kind ``packet`` has its output divided, as in every QAT conv + batch-norm pattern."""
+    divide = torch.ops.aten.div
+    return any(
+        getattr(node.target, "overloadpacket", None) is packet
+        and any(getattr(user.target, "overloadpacket", None) is divide for user in node.users)
+        for node in graph_module.graph.nodes
+    )
 
 
 @contextlib.contextmanager
-def folding_only_present_conv_kinds() -> Iterator[None]:
-    """Within the block, torchao's QAT conv-bn fold skips the conv kinds the graph does not call.
+def folding_only_qat_conv_bn_pairs() -> Iterator[None]:
+    """Within the block, torchao's QAT conv-bn fold skips each conv kind none of whose calls feeds a division.
 
     Where torchao's internals differ from what this expects (another release), nothing is patched and
     ``convert_pt2e`` runs as torchao ships it.
@@ -54,7 +65,7 @@ def folding_only_present_conv_kinds() -> Iterator[None]:
 
     def fold(m: torch.fx.GraphModule, conv_fn: Callable[..., Any], example_inputs: Any, is_cuda: bool) -> Any:
         packet = packets.get(conv_fn)
-        if packet is None or _calls(m, packet):
+        if packet is None or _feeds_a_division(m, packet):
             return original(m, conv_fn, example_inputs, is_cuda=is_cuda)
         # The helper's own steps around a match that finds nothing, so the graph leaves as it would have.
         m.graph.eliminate_dead_code()

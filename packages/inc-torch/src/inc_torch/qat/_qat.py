@@ -36,7 +36,7 @@ from inc_torch.ptq._ops import ACTIVATION_DTYPES, LOOKUP_NAMES, quantizable_ops
 from inc_torch.ptq._pt2e import float_only_quantizer_class
 from inc_torch.ptq._pt2e_tables import quantize_tables
 from inc_torch.ptq._settings import OpSettings
-from inc_torch.qat._fold_bn import folding_only_present_conv_kinds
+from inc_torch.qat._fold_bn import folding_only_qat_conv_bn_pairs
 
 log = logging.getLogger("inc")
 
@@ -331,7 +331,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     work.eval()
     with quiet():
         if state.format == "pt2e":
-            with folding_only_present_conv_kinds():
+            with folding_only_qat_conv_bn_pairs():
                 converted = torchao_pt2e().convert_pt2e(work)
             for attr in ("train", "eval", _STATE):
                 converted.__dict__.pop(attr, None)
