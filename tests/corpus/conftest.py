@@ -1,4 +1,9 @@
-"""Corpus fixtures and the results table (printed after the run; written to benchmarks/results when complete)."""
+"""Corpus fixtures and the results table (printed after the run; written to benchmarks/results when complete).
+
+Under pytest-xdist (the nox session runs two workers) each worker keeps the rows of the cases it ran and hands
+them to the controller when it finishes (``workeroutput``); the controller prints and writes the merged table,
+in the order of ``test_corpus.CASES``.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,11 @@ _ROWS: list[dict[str, Any]] = []
 _STARTED = datetime.datetime.now(datetime.timezone.utc)
 _COMMIT_AT_START: list[str] = []  # the code a run measures is the code it imported when it started
 _FULL_RUN = False  # every corpus case collected: only such a run replaces the committed results
+_WORKER_RUNS: list[bool] = []  # controller under xdist: whether each finished worker had collected every case
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
 
 
 @pytest.fixture
@@ -32,8 +42,8 @@ def corpus_rows() -> Iterator[list[dict[str, Any]]]:
     yield _ROWS
     for row in _ROWS[count:]:
         print("corpus row:", json.dumps(row))  # shown with -s, and in the report of a failed case
-    if _FULL_RUN:  # written after every case, so that an interrupted full run still leaves its table
-        _write_results()
+    if _FULL_RUN and "PYTEST_XDIST_WORKER" not in os.environ:  # written after every case, so that an interrupted
+        _write_results()  # full run still leaves its table (a worker holds only its own cases: the controller writes)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -41,6 +51,21 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     import test_corpus
 
     _FULL_RUN = sum(1 for item in session.items if item.name.startswith("test_corpus_case[")) == len(test_corpus.CASES)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _is_worker(session.config):
+        session.config.workeroutput["corpus_rows"] = json.dumps(_ROWS)  # type: ignore[attr-defined]
+        session.config.workeroutput["corpus_full_run"] = _FULL_RUN  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist controller: take the rows of a worker that finished."""
+    output = getattr(node, "workeroutput", {})
+    if "corpus_rows" in output:
+        _ROWS.extend(json.loads(output["corpus_rows"]))
+        _WORKER_RUNS.append(bool(output["corpus_full_run"]))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -122,6 +147,11 @@ def _header() -> dict[str, str]:
         "git commit (at start)": _COMMIT_AT_START[0] if _COMMIT_AT_START else _commit(),
         "python": platform.python_version(),
         "cases finished": f"{len(_ROWS)} of {len(test_corpus.CASES)}",
+        "processes": (
+            f"{len(_WORKER_RUNS)} pytest-xdist workers running cases side by side: seconds include the others' load"
+            if _WORKER_RUNS
+            else "one"
+        ),
     }
     try:
         import onnxruntime
@@ -148,9 +178,22 @@ def _write_results() -> None:
     (RESULTS / "corpus.json").write_text(json.dumps({"header": header, "rows": _ROWS}, indent=1) + "\n")
 
 
+def _in_case_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import test_corpus
+
+    order = {case: i for i, case in enumerate(test_corpus.CASES)}
+    return sorted(rows, key=lambda row: order.get((row["model"], row["path"]), len(order)))
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    global _FULL_RUN
     if not _ROWS:
         return
+    if _WORKER_RUNS:  # the controller of an xdist run: every worker collected every case, and none was lost
+        import test_corpus
+
+        _FULL_RUN = all(_WORKER_RUNS) and {(r["model"], r["path"]) for r in _ROWS} == set(test_corpus.CASES)
+        _ROWS[:] = _in_case_order(_ROWS)
     terminalreporter.write_sep("=", "corpus table")
     terminalreporter.write(markdown(_ROWS, _header()))
     if _FULL_RUN:
