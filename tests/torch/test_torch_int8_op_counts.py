@@ -179,3 +179,17 @@ def test_pt2e_says_which_conv3d_layers_it_leaves_in_float(caplog: pytest.LogCapt
         "format='pt2e' leaves 2 Conv3d/Conv3dSimple layer(s) in FP32: "
         "stem, block.0. They become INT8 with format='fx'."
     ], caplog.text
+
+
+def test_a_program_says_which_conv3d_layers_pt2e_leaves_in_float(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = VideoNet().eval()
+    program = torch.export.export(model, (torch.randn(2, 3, 4, 8, 8),))
+    with caplog.at_level("WARNING", logger="inc"):
+        quantized = inc.quantize(program, inc.QuantConfig(), dataset=_clips())
+    assert inc_torch.quantized_ops(quantized) == ["fc"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "FP32" in r.getMessage()]
+    assert warnings == [
+        "format='pt2e' leaves 2 Conv3d layer(s) of the program in FP32: stem, block.0. They become INT8 with "
+        "format='fx' on the nn.Module the program was exported from (FX cannot trace a program)."
+    ], caplog.text

@@ -159,13 +159,29 @@ def _candidates(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node,
 
 
 def warn_unnamed(graph_module: torch.fx.GraphModule) -> None:
-    """Log the conv/linear/lookup calls of the program made outside any submodule: inc cannot list them."""
+    """Log what the program leaves out of the op list: calls made outside any submodule, and its Conv3d layers.
+
+    A module's Conv3d layers get the same warning from ``warn_left_in_float`` (PT2E keeps them FP32: torchao
+    has no 3-D conv pattern); here the way out is the module, since FX cannot trace a program.
+    """
     outside = [node.name for node, _ in _candidates(graph_module) if module_path(node) is None]
     if outside:
         log.warning(
             "%d op(s) of the program are called outside any submodule (%s): inc lists, excludes and sets ops by the "
             "module that calls them, so these are left to torchao's quantizer; call them from a submodule to set them",
             len(outside), ", ".join(outside[:5]),
+        )
+    conv3d = [
+        module_path(node) or node.name
+        for node in graph_module.graph.nodes
+        if node.op == "call_function" and node.target is _aten.conv3d.default
+    ]
+    names = list(dict.fromkeys(conv3d))
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        log.warning(
+            "format='pt2e' leaves %d Conv3d layer(s) of the program in FP32: %s. They become INT8 with format='fx' "
+            "on the nn.Module the program was exported from (FX cannot trace a program).", len(names), shown,
         )
 
 
