@@ -83,3 +83,22 @@ def test_depthwise_conv1d_stays_float_where_onednn_would_run_it_and_nothing_stal
         "Conv1d 'dw' stays FP32 on format='pt2e': oneDNN's INT8 depthwise convolution can stall on 1-D inputs with "
         "several threads"
     ) in found["log"]
+
+
+def test_a_depthwise_conv1d_kept_in_float_is_not_offered() -> None:
+    """describe lists what inc quantizes: a depthwise Conv1d that stays FP32 was listed (and tuned, and excludable)
+    though no setting made it INT8 (a ConvBERT: 26 ops listed, 24 quantized)."""
+    import torch
+    from torch import nn
+
+    import inc_core as inc
+
+    model = nn.Sequential(nn.Conv1d(32, 32, 1), nn.Conv1d(32, 32, 15, padding=7, groups=32), nn.Conv1d(32, 32, 1)).eval()
+    program = torch.export.export(model, (torch.randn(2, 32, 30),))
+    assert inc.describe(model, inc.QuantConfig()).names == ("0", "2")
+    assert inc.describe(program, inc.QuantConfig()).names == ("0", "2")
+    assert inc.describe(model, inc.QuantConfig(format="fx")).names == ("0", "2")
+    # more than 100 channels: FX runs it on FBGEMM's kernel, in INT8, and offers it; PT2E keeps it FP32
+    wide = nn.Sequential(nn.Conv1d(128, 128, 1), nn.Conv1d(128, 128, 5, padding=2, groups=128)).eval()
+    assert inc.describe(wide, inc.QuantConfig(format="fx")).names == ("0", "1")
+    assert inc.describe(wide, inc.QuantConfig()).names == ("0",)

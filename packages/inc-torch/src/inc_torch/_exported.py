@@ -80,6 +80,13 @@ def _attribute(graph_module: torch.fx.GraphModule, node: object) -> torch.Tensor
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _depthwise(graph_module: torch.fx.GraphModule, conv1d: torch.fx.Node) -> bool:
+    """A conv1d with one input channel per group, as ``ptq._conv1d.is_depthwise_conv1d`` tells of modules."""
+    weight = _attribute(graph_module, conv1d.args[1] if len(conv1d.args) > 1 else None)
+    groups = conv1d.args[6] if len(conv1d.args) > 6 else 1
+    return weight is not None and int(groups) > 1 and int(weight.shape[1]) == 1
+
+
 def hf_conv1d_call(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether ``node`` is the ``addmm(bias, x, weight)`` of a transformers ``Conv1D`` (GPT-2's projections: a Linear
     whose weight is stored ``[in, out]``), with its weight and bias as constants of the graph."""
@@ -151,6 +158,8 @@ def _candidates(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node,
             continue
         if node.target in _TRANSPOSED and len(node.args) > _DILATION_ARG and any(d != 1 for d in node.args[_DILATION_ARG]):
             continue  # a dilated one stays a transposed convolution, in FP32 (see ptq._conv_transpose)
+        if node.target is _aten.conv1d.default and _depthwise(graph_module, node):
+            continue  # stays FP32: oneDNN's INT8 depthwise conv1d can stall (see ptq._conv1d)
         if node.target in _QUANTIZED and (node.target not in _MATCHED or _matched(node)):
             found.append((node, _QUANTIZED[node.target]))
         elif node.target in _LOOKUPS and _stored_table(node):

@@ -131,12 +131,13 @@ def qconfig_mapping(
 
 
 
-def onednn_depthwise_conv1d(model: nn.Module, table: dict[str, FxOp]) -> list[str]:
+def onednn_depthwise_conv1d(model: nn.Module, table: dict[str, FxOp], *, log_them: bool = True) -> list[str]:
     """Depthwise Conv1d layers that torch's x86 engine would run on oneDNN (few groups): kept FP32 on FX.
 
     torch.ao's INT8 depthwise conv1d on oneDNN stalls on some shapes with 2 threads (see
     :func:`~inc_torch.ptq._conv1d.is_depthwise_conv1d`; measured on an AMD EPYC with VNNI, 1 thread and FBGEMM's
-    kernel fine). PT2E keeps every depthwise Conv1d FP32 alike.
+    kernel fine). PT2E keeps every depthwise Conv1d FP32 alike. Neither lists them among the ops it quantizes;
+    ``log_them`` says so in the log when a model is quantized.
     """
     found = []
     for name in table:
@@ -146,7 +147,7 @@ def onednn_depthwise_conv1d(model: nn.Module, table: dict[str, FxOp]) -> list[st
             continue
         if is_depthwise_conv1d(module) and module.groups <= FBGEMM_DEPTHWISE_GROUPS:
             found.append(name)
-    if found:
+    if found and log_them:
         log.info(
             "%d depthwise Conv1d layer(s) stay FP32 on format='fx' (torch's oneDNN INT8 depthwise conv1d can stall "
             "with several threads; those of more than %d channels run on FBGEMM, in INT8): %s",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 from torch import nn
 
@@ -12,6 +13,7 @@ from inc_core.errors import ConfigError, UnsupportedModelError
 from inc_torch._exported import exported_ops, is_exported_graph
 from inc_torch._hf import is_hf_conv1d
 from inc_torch._parametrized import plain_type
+from inc_torch.ptq._conv1d import is_depthwise_conv1d
 from inc_torch.ptq._weight_readers import weights_handed_on, weights_read_without_calls
 
 __all__ = [
@@ -70,9 +72,7 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
     if is_exported_graph(model):
         return exported_ops(model, approach=config.approach, fmt=fmt)
     if config.approach == "static" and fmt == "fx":
-        from inc_torch.ptq._fx import op_table
-
-        return tuple(entry.op for entry in op_table(model).values())
+        return tuple(entry.op for entry in _fx_offered(model).values())
     types = _types(config, fmt)
     # HF Conv1D is the Linear it computes (weight [in, out]); the PT2E and dynamic paths swap it for one.
     conv1d = config.approach == "dynamic" or fmt == "pt2e"
@@ -83,6 +83,8 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
         # A weight-normed layer (ParametrizedConv1d) counts as its own class: inc folds the norm first.
         if fmt == "pt2e" and isinstance(module, nn.modules.conv._ConvTransposeNd) and any(d != 1 for d in module.dilation):
             continue  # a dilated one stays a transposed convolution, in FP32 (see _conv_transpose)
+        if fmt == "pt2e" and config.approach == "static" and is_depthwise_conv1d(module):
+            continue  # stays FP32: oneDNN's INT8 depthwise conv1d can stall (see _conv1d)
         if name and (plain_type(module) in types or (conv1d and is_hf_conv1d(module))):
             ops.append(Op(name=name, op_type=plain_type(module).__name__))
         elif name and fmt == "pt2e" and config.approach == "static" and isinstance(module, LOOKUP_TYPES):
@@ -191,11 +193,19 @@ def tuning_space(model: nn.Module, config: QuantConfig, fmt: str) -> TuningSpace
 _CHOICES = {"calibration": CALIBRATIONS, "granularity": GRANULARITIES, "scheme": SCHEMES, "activation_dtype": ACTIVATION_DTYPES}
 
 
-def _fx_tuning_space(model: nn.Module) -> TuningSpace:
-    from inc_torch.ptq._fx import op_table
-    from inc_torch.ptq._fx_ops import ROLE_OPTIONS
+def _fx_offered(model: nn.Module) -> dict[str, Any]:
+    """The FX op table less the depthwise Conv1d layers that stay FP32 whatever is asked (see _fx)."""
+    from inc_torch.ptq._fx import onednn_depthwise_conv1d, op_table
 
     table = op_table(model)
+    kept = set(onednn_depthwise_conv1d(model, table, log_them=False))
+    return {name: entry for name, entry in table.items() if name not in kept}
+
+
+def _fx_tuning_space(model: nn.Module) -> TuningSpace:
+    from inc_torch.ptq._fx_ops import ROLE_OPTIONS
+
+    table = _fx_offered(model)
     options: dict[str, dict[str, tuple[str, ...]]] = {}
     for entry in table.values():
         options.setdefault(entry.op.op_type, {key: _CHOICES[key] for key in ROLE_OPTIONS[entry.role]})
