@@ -210,3 +210,38 @@ def test_the_compiled_check_leaves_a_training_mode_model_untouched(model: nn.Mod
     assert net.training
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class _InputResidual(nn.Module):
+    """``head((x + down(relu(up(x)))) * s)``: the model's own input summed with an INT8 Linear's output, then a
+    float multiply (a residual in front of SmoothQuant's input scaling, or any float op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 10)
+        self.register_buffer("scale", torch.rand(16) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x + self.down(torch.relu(self.up(x)))) * self.scale)
+
+
+@pytest.mark.parametrize("runtime", ["compile", "aoti"])
+def test_the_callers_input_and_calibration_data_stay_as_they_were(runtime: str) -> None:
+    """inductor summed the INT8 Linear's output into the caller's tensor in place (oneDNN's sum post-op on a graph
+    input): every call overwrote the input with the residual sum, and inc's own check run overwrote the first
+    calibration batch, the user's array."""
+    data = np.random.default_rng(0).normal(size=(64, 4, 16)).astype(np.float32)
+    kept = data.copy()
+    model = _InputResidual().eval()
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(data, batch_size=16))
+    np.testing.assert_array_equal(data, kept)  # the calibration arrays
+    quantized.runtime = runtime
+    x = torch.from_numpy(data[:16])
+    with torch.no_grad():
+        out = quantized(x)
+        assert torch.equal(x, torch.from_numpy(kept[:16]))
+        assert torch.equal(quantized(x), out)  # the same input, the same output
+        assert cosine(model(x).numpy(), out.numpy()) > 0.99

@@ -13,6 +13,7 @@ from inc_torch._compat import quiet
 from inc_torch._inputs import Inputs
 from inc_torch.ptq._aoti_cache import INT8_INDUCTOR_SETTINGS, load_or_compile
 from inc_torch.ptq._ceil_pool import pad_ceil_mode_pools
+from inc_torch.ptq._input_sums import copy_float_inputs, sums_inputs_with_linears
 
 __all__ = ["CompiledQuantizedModule", "RUNTIMES", "drop_unread_state"]
 
@@ -196,6 +197,8 @@ class CompiledQuantizedModule(nn.Module):
         self.graph_module = drop_unread_state(graph_module)
         self.example = example
         self.inductor = inductor
+        # compiled, an input summed with an INT8 Linear's output would be overwritten (see _input_sums)
+        self.__dict__["_copies_inputs"] = sums_inputs_with_linears(graph_module)
         self._reset_compiled()
 
     @property
@@ -234,6 +237,8 @@ class CompiledQuantizedModule(nn.Module):
         if not self.inductor:
             with torch.no_grad():
                 return self.graph_module(*args, **kwargs)
+        if self.__dict__.get("_copies_inputs"):
+            args, kwargs = copy_float_inputs(args, kwargs)
         if self.runtime == "aoti":
             programs = self.__dict__["_programs"]
             key = (_signature(args), _signature(kwargs))
