@@ -212,6 +212,9 @@ def check_returned_model(
         UnsupportedModelError: the model does not run; names the op where that can be told.
     """
     args, kwargs = example
+    compiled = bool(getattr(model, "inductor", False))
+    inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)] if compiled else []
+    before = [t.clone() for t in inputs]
     try:
         with torch.no_grad():
             output = model(*args, **kwargs)
@@ -227,8 +230,15 @@ def check_returned_model(
             f"The INT8 model ({fmt}) was built but does not run on {batch}{where} "
             f"({_first_line(exc)}). {_way_out(op, fmt, op_names)}"
         ) from exc
+    if any(not torch.equal(t, b) for t, b in zip(inputs, before)):
+        # an inductor lowering wrote into its input (see ptq._input_sums): the batch (the user's data) is put back,
+        # and every later call of the model gets copies of its inputs
+        with torch.no_grad():
+            for t, b in zip(inputs, before):
+                t.copy_(b)
+        model.copy_inputs_on_each_call()
     graph_module = getattr(model, "graph_module", None)
-    if getattr(model, "inductor", False) and isinstance(graph_module, torch.fx.GraphModule):
+    if compiled and isinstance(graph_module, torch.fx.GraphModule):
         with torch.no_grad():
             uncompiled = graph_module(*args, **kwargs)
             fp32 = None if fp32_graph is None else fp32_graph(*args, **kwargs)

@@ -215,6 +215,14 @@ class CompiledQuantizedModule(nn.Module):
             )
         self.__dict__["_runtime"] = value
 
+    def copy_inputs_on_each_call(self) -> None:
+        """Give the compiled model copies of its float inputs from now on (see ``_input_sums``): for a lowering
+        found writing into its input when the model was checked, beyond the pattern ``_input_sums`` knows."""
+        if not self.__dict__.get("_copies_inputs"):
+            log.info("The compiled INT8 model writes into its input tensors (an inductor in-place lowering); each "
+                     "call now passes it copies, so the caller's tensors stay as they are")
+        self.__dict__["_copies_inputs"] = True
+
     def _reset_compiled(self) -> None:
         # Not registered submodules: the compiled wrapper shares graph_module's parameters and would
         # otherwise list them twice in state_dict(); compiled libraries are not picklable.
