@@ -13,7 +13,7 @@ from inc_torch._compat import quiet
 from inc_torch._inputs import Inputs
 from inc_torch.ptq._aoti_cache import INT8_INDUCTOR_SETTINGS, load_or_compile
 from inc_torch.ptq._ceil_pool import pad_ceil_mode_pools
-from inc_torch.ptq._input_sums import copy_float_inputs, sums_inputs_with_linears
+from inc_torch.ptq._input_sums import copy_tensor_inputs, sums_inputs_with_linears
 
 __all__ = ["CompiledQuantizedModule", "RUNTIMES", "drop_unread_state"]
 
@@ -216,7 +216,7 @@ class CompiledQuantizedModule(nn.Module):
         self.__dict__["_runtime"] = value
 
     def copy_inputs_on_each_call(self) -> None:
-        """Give the compiled model copies of its float inputs from now on (see ``_input_sums``): for a lowering
+        """Give the compiled model copies of its input tensors from now on (see ``_input_sums``): for a lowering
         found writing into its input when the model was checked, beyond the pattern ``_input_sums`` knows."""
         if not self.__dict__.get("_copies_inputs"):
             log.info("The compiled INT8 model writes into its input tensors (an inductor in-place lowering); each "
@@ -246,7 +246,7 @@ class CompiledQuantizedModule(nn.Module):
             with torch.no_grad():
                 return self.graph_module(*args, **kwargs)
         if self.__dict__.get("_copies_inputs"):
-            args, kwargs = copy_float_inputs(args, kwargs)
+            args, kwargs = copy_tensor_inputs(args, kwargs)
         if self.runtime == "aoti":
             programs = self.__dict__["_programs"]
             key = (_signature(args), _signature(kwargs))

@@ -6,7 +6,7 @@ that buffer be a graph input: in a residual ``x + down(...)`` of the model's own
 (SmoothQuant's input multiply in front of the next Linear, or any other), each call overwrote the caller's
 tensor ``x`` with the sum (torchao's own PT2E flow alike; a PT2E SmoothQuant decoder block's inputs and its
 calibration batches changed by up to 0.94). A ``clone`` in the graph does not help: inductor removes it as a
-no-op. So the compiled model is given copies of such a model's float inputs (one copy per call).
+no-op. So the compiled model is given copies of such a model's input tensors (one copy per call).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["copy_float_inputs", "sums_inputs_with_linears"]
+__all__ = ["copy_tensor_inputs", "sums_inputs_with_linears"]
 
 _aten = torch.ops.aten
 _ADDS = (_aten.add.Tensor, _aten.add_.Tensor)
@@ -36,10 +36,10 @@ def sums_inputs_with_linears(graph_module: torch.fx.GraphModule) -> bool:
     return False
 
 
-def copy_float_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The call's arguments with each floating-point tensor (nested ones too) replaced by a copy."""
+def copy_tensor_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's arguments with each tensor (nested ones too) replaced by a copy."""
 
     def copy(value: Any) -> Any:
-        return value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        return value.clone() if isinstance(value, torch.Tensor) else value
 
     return torch.utils._pytree.tree_map(copy, (args, kwargs))
