@@ -4,7 +4,7 @@ torchao's ``convert_pt2e`` folds each QAT conv + batch-norm pair by pattern matc
 kinds (conv1d, conv2d, conv_transpose1d, conv_transpose2d) it exports 12 match and 12 replacement patterns with
 ``torch.export`` (strict), about 0.25 s each, whenever the graph holds any batch norm: on the digits CNN of the
 tests (conv2d only) QAT convert took 29 s. Post-training convert pays the same wherever a batch norm was left
-unfolded (one after a Linear, a concatenation or a transposed convolution): 12-25 s per ``inc.quantize``, per
+unfolded (one reading a concatenation, as in DenseNet, or a transposed convolution): 12-25 s per ``inc.quantize``, per
 tuning trial, for a fold that has nothing to do.
 
 Every QAT pattern divides the conv's output by the batch norm's scale factor (``conv(x, w * s) / s``, as
