@@ -252,3 +252,38 @@ def test_the_callers_input_and_calibration_data_stay_as_they_were(
         assert torch.equal(x, torch.from_numpy(kept[:16]))
         assert torch.equal(quantized(x), out)  # the same input, the same output
         assert cosine(model(x).numpy(), out.numpy()) > 0.99
+
+
+class _PositionedProjection(nn.Module):
+    """``head((proj(x) + pos) * scale)``: a learned table of the projection's output shape (batch 1) added to an INT8
+    Linear's output, then a float op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+        self.pos = nn.Parameter(torch.randn(1, 8, 16))
+        self.register_buffer("scale", torch.rand(16) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((self.proj(x) + self.pos) * self.scale)
+
+
+def test_a_compiled_model_that_drifts_between_calls_is_refused_not_returned() -> None:
+    """inductor summed the INT8 Linear's output into the model's table in place: the first call was right and each
+    later one added the projection again (cosine 0.66 to FP32 by the third call), and that model was returned."""
+    data = np.random.default_rng(0).normal(size=(16, 8, 16)).astype(np.float32)
+    model = _PositionedProjection().eval()
+    with pytest.raises(inc.errors.UnsupportedModelError, match=r"other outputs on a second call.*: proj\)") as caught:
+        inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(data, batch_size=1))
+    assert "exclude=inc.LayerFilter(names=('proj',))" in str(caught.value)
+    # the way out it names: that Linear in FP32, the head in INT8, outputs the same on every call
+    quantized = inc.quantize(
+        model, inc.QuantConfig(exclude=inc.LayerFilter(names=("proj",))), dataset=inc.Dataset(data, batch_size=1)
+    )
+    x = torch.from_numpy(data[:1])
+    with torch.no_grad():
+        outputs = [quantized(x) for _ in range(3)]
+        assert all(torch.equal(outputs[0], o) for o in outputs[1:])
+        assert cosine(model(x).numpy(), outputs[-1].numpy()) > 0.99

@@ -21,7 +21,7 @@ from inc_core.errors import IncError, UnsupportedModelError
 from inc_torch.ptq._conv1d import is_depthwise_conv1d
 
 __all__ = [
-    "check_compiled_agrees", "check_constructs", "check_returned_model", "failing_op", "framework_errors",
+    "check_compiled_agrees", "check_constructs", "check_repeatable", "check_returned_model", "failing_op", "framework_errors",
     "wrap_framework_errors",
 ]
 
@@ -240,9 +240,48 @@ def check_returned_model(
     graph_module = getattr(model, "graph_module", None)
     if compiled and isinstance(graph_module, torch.fx.GraphModule):
         with torch.no_grad():
+            check_repeatable(output, model(*args, **kwargs), graph_module, fmt)
             uncompiled = graph_module(*args, **kwargs)
             fp32 = None if fp32_graph is None else fp32_graph(*args, **kwargs)
         check_compiled_agrees(output, uncompiled, fp32, fmt)
+
+
+def check_repeatable(first: Any, second: Any, graph_module: torch.fx.GraphModule, fmt: str) -> None:
+    """The compiled INT8 model must give the same outputs on a second call with the same inputs.
+
+    torch 2.13's inductor sums an INT8 Linear's output into the other summand in place (oneDNN's ``sum`` post-op);
+    where that summand is a constant of the model of the same shape (a positional table added to a projection at
+    batch 1), every call adds into the constant: the first call is right, each later one drifts (cosine 0.66 to FP32
+    by the third). Inputs are copied (see ``ptq._input_sums``); a model's own constants cannot be, so such a model
+    is refused here rather than returned.
+
+    Raises:
+        UnsupportedModelError: outputs differ between the two calls; names the Linear layers summed with a constant.
+    """
+    from torch.utils import _pytree
+
+    pairs = zip(_pytree.tree_leaves(first), _pytree.tree_leaves(second))
+    if all(
+        not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        for a, b in pairs
+    ):
+        return
+    from inc_torch._module_stack import module_path
+
+    linears = []
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor):
+            operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+            if any(a.op == "get_attr" for a in operands):
+                linears += [module_path(a) or a.name for a in operands if a.target is torch.ops.aten.linear.default]
+    named = list(dict.fromkeys(linears))
+    exclude = f" or keep {named[0]!r} in FP32 with exclude=inc.LayerFilter(names=({named[0]!r},))" if named else ""
+    raise UnsupportedModelError(
+        f"The INT8 model ({fmt}) compiled by inductor gives other outputs on a second call with the same inputs: a "
+        f"compiled kernel writes into the model's own constants (inductor sums an INT8 Linear's output into a "
+        f"constant of its shape in place{': ' + ', '.join(named) if named else ''}). Use "
+        f"{_OTHER_PATHS.get(fmt, 'another format')} or backend='ipex'{exclude}."
+    )
 
 
 # How much closer to the FP32 model the uncompiled INT8 graph may be than the compiled one. Kernel rounding
