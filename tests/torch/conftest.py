@@ -2,7 +2,7 @@
 
 The tests pass views of one cached array (``torch_helpers.digits``) to inc as calibration data and as inputs, as
 users pass theirs: a path that writes into its inputs (inductor summed an INT8 Linear's output into a model
-input in place, see ``inc_torch.ptq._input_sums``) is then a failure of the test that ran it, not a changed
+input in place, see ``inc_torch.ptq._inplace_sums``) is then a failure of the test that ran it, not a changed
 dataset for every test after it in the same process.
 """
 

@@ -108,9 +108,12 @@ def test_unknown_runtime_is_a_config_error(quantized: inc_torch.CompiledQuantize
         inc_torch.CompiledQuantizedModule(quantized.graph_module, quantized.example, runtime="ort")
 
 
-def test_cache_key_follows_the_settings_the_package_is_compiled_under(quantized: inc_torch.CompiledQuantizedModule) -> None:
+def test_cache_key_follows_the_settings_the_package_is_compiled_under(
+    quantized: inc_torch.CompiledQuantizedModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch._inductor.config as inductor_config
 
+    from inc_torch.ptq import _inplace_sums
     from inc_torch.ptq._aoti_cache import INT8_INDUCTOR_SETTINGS, package_key
 
     signature = ("x", (1, 1, 8, 8))
@@ -124,6 +127,9 @@ def test_cache_key_follows_the_settings_the_package_is_compiled_under(quantized:
     with inductor_config.patch(max_autotune=not inductor_config.max_autotune):
         assert package_key(quantized.graph_module, signature) != key
     assert package_key(quantized.graph_module, ("x", (2, 1, 8, 8))) != key
+    # compiled without inc's in-place sum correction (a torch where it cannot be made): another package
+    monkeypatch.setattr(_inplace_sums, "_fusion_module", lambda: None)
+    assert package_key(quantized.graph_module, signature) != key
 
 
 class _Recorded(Exception):

@@ -228,23 +228,38 @@ class _InputResidual(nn.Module):
         return self.head((x + self.down(torch.relu(self.up(x)))) * self.scale)
 
 
-@pytest.mark.parametrize(("runtime", "pattern_known"), [("compile", True), ("aoti", True), ("compile", False)])
+def _without_the_correction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a torch whose inductor lacks the check inc corrects (it is private): inc's fallbacks must hold."""
+    import inc_torch.ptq._inplace_sums
+
+    monkeypatch.setattr(inc_torch.ptq._inplace_sums, "_fusion_module", lambda: None)
+
+
+# corrected: inductor kept from summing into the input; copies: without the correction, the compiled model is given
+# copies of inputs the graph pattern says it would overwrite; check: neither, a lowering the pattern does not
+# predict, caught when the returned model is checked
+@pytest.mark.parametrize(
+    ("runtime", "protection"), [("compile", "corrected"), ("aoti", "corrected"), ("compile", "copies"), ("compile", "check")]
+)
 def test_the_callers_input_and_calibration_data_stay_as_they_were(
-    runtime: str, pattern_known: bool, monkeypatch: pytest.MonkeyPatch
+    runtime: str, protection: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """inductor summed the INT8 Linear's output into the caller's tensor in place (oneDNN's sum post-op on a graph
     input): every call overwrote the input with the residual sum, and inc's own check run overwrote the first
-    calibration batch, the user's array. ``pattern_known=False``: a lowering the graph pattern does not predict,
-    caught when the returned model is checked."""
-    if not pattern_known:
-        import inc_torch.ptq._compiled
+    calibration batch, the user's array."""
+    if protection != "corrected":
+        _without_the_correction(monkeypatch)
+    if protection == "check":
+        import inc_torch.ptq._inplace_sums
 
-        monkeypatch.setattr(inc_torch.ptq._compiled, "sums_inputs_with_linears", lambda graph_module: False)
+        monkeypatch.setattr(inc_torch.ptq._inplace_sums, "sums_inputs_with_linears", lambda graph_module: False)
     data = np.random.default_rng(0).normal(size=(64, 4, 16)).astype(np.float32)
     kept = data.copy()
     model = _InputResidual().eval()
     quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(data, batch_size=16))
     np.testing.assert_array_equal(data, kept)  # the calibration arrays
+    # corrected, the compiled program reads the caller's tensor without a copy per call
+    assert quantized.__dict__["_copies_inputs"] is (protection != "corrected")
     quantized.runtime = runtime
     x = torch.from_numpy(data[:16])
     with torch.no_grad():
@@ -270,20 +285,59 @@ class _PositionedProjection(nn.Module):
         return self.head((self.proj(x) + self.pos) * self.scale)
 
 
-def test_a_compiled_model_that_drifts_between_calls_is_refused_not_returned() -> None:
+def test_an_int8_linear_summed_with_a_constant_gives_the_same_outputs_on_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """inductor summed the INT8 Linear's output into the model's table in place: the first call was right and each
-    later one added the projection again (cosine 0.66 to FP32 by the third call), and that model was returned."""
+    later one added the projection again (cosine 0.66 to FP32 by the third call), and that model was returned.
+
+    Without the correction (a torch where inc cannot make it) such a model is refused, naming the way out. That
+    attempt runs first on purpose: were its compiled program kept in inductor's FX graph cache (torch 2.13 bypasses
+    that cache for these graphs, their prepacked oneDNN weights cannot be pickled), the corrected compile after it
+    must not be served it."""
+    import inc_torch
+
     data = np.random.default_rng(0).normal(size=(16, 8, 16)).astype(np.float32)
     model = _PositionedProjection().eval()
-    with pytest.raises(inc.errors.UnsupportedModelError, match=r"other outputs on a second call.*: proj\)") as caught:
-        inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(data, batch_size=1))
-    assert "exclude=inc.LayerFilter(names=('proj',))" in str(caught.value)
-    # the way out it names: that Linear in FP32, the head in INT8, outputs the same on every call
-    quantized = inc.quantize(
-        model, inc.QuantConfig(exclude=inc.LayerFilter(names=("proj",))), dataset=inc.Dataset(data, batch_size=1)
-    )
     x = torch.from_numpy(data[:1])
+    with monkeypatch.context() as uncorrected:
+        _without_the_correction(uncorrected)
+        with pytest.raises(inc.errors.UnsupportedModelError, match=r"other outputs on a second call.*: proj\)") as caught:
+            inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(data, batch_size=1))
+        assert "exclude=inc.LayerFilter(names=('proj',))" in str(caught.value)
+        # the way out it names: that Linear in FP32, the head in INT8, outputs the same on every call
+        kept_float = inc.quantize(
+            model, inc.QuantConfig(exclude=inc.LayerFilter(names=("proj",))), dataset=inc.Dataset(data, batch_size=1)
+        )
+        with torch.no_grad():
+            outputs = [kept_float(x) for _ in range(3)]
+            assert all(torch.equal(outputs[0], o) for o in outputs[1:])
+            assert cosine(model(x).numpy(), outputs[-1].numpy()) > 0.99
+    quantized = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(data, batch_size=1))
+    assert {"proj", "head"} <= set(inc_torch.quantized_ops(quantized))
     with torch.no_grad():
         outputs = [quantized(x) for _ in range(3)]
         assert all(torch.equal(outputs[0], o) for o in outputs[1:])
         assert cosine(model(x).numpy(), outputs[-1].numpy()) > 0.99
+
+
+def test_the_in_place_sum_correction_keeps_the_users_post_grad_passes_and_marks_the_cache_key() -> None:
+    import torch._inductor.config as inductor_config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from inc_torch.ptq import _inplace_sums
+
+    class UsersPass(CustomGraphPass):
+        def __call__(self, graph: torch.fx.graph.Graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return "the user's pass"
+
+    with inductor_config.patch(post_grad_custom_post_pass=None), _inplace_sums.sums_kept_out_of_place():
+        assert inductor_config.post_grad_custom_post_pass.uuid() == _inplace_sums.CACHE_MARK
+    users = UsersPass()
+    with inductor_config.patch(post_grad_custom_post_pass=users):
+        with _inplace_sums.sums_kept_out_of_place():
+            passes = inductor_config.post_grad_custom_post_pass
+            assert passes[0] is users
+            assert [p.uuid() for p in passes] == ["the user's pass", _inplace_sums.CACHE_MARK]
+        assert inductor_config.post_grad_custom_post_pass is users

@@ -231,7 +231,7 @@ def check_returned_model(
             f"({_first_line(exc)}). {_way_out(op, fmt, op_names)}"
         ) from exc
     if any(not torch.equal(t, b) for t, b in zip(inputs, before)):
-        # an inductor lowering wrote into its input (see ptq._input_sums): the batch (the user's data) is put back,
+        # an inductor lowering wrote into its input (see ptq._inplace_sums): the batch (the user's data) is put back,
         # and every later call of the model gets copies of its inputs
         with torch.no_grad():
             for t, b in zip(inputs, before):
@@ -252,8 +252,9 @@ def check_repeatable(first: Any, second: Any, graph_module: torch.fx.GraphModule
     torch 2.13's inductor sums an INT8 Linear's output into the other summand in place (oneDNN's ``sum`` post-op);
     where that summand is a constant of the model of the same shape (a positional table added to a projection at
     batch 1), every call adds into the constant: the first call is right, each later one drifts (cosine 0.66 to FP32
-    by the third). Inputs are copied (see ``ptq._input_sums``); a model's own constants cannot be, so such a model
-    is refused here rather than returned.
+    by the third). inc keeps inductor from doing so (see ``ptq._inplace_sums``) where the torch at hand allows it;
+    elsewhere inputs are copied, but a model's own constants cannot be, so such a model is refused here rather
+    than returned.
 
     Raises:
         UnsupportedModelError: outputs differ between the two calls; names the Linear layers summed with a constant.
@@ -267,13 +268,9 @@ def check_repeatable(first: Any, second: Any, graph_module: torch.fx.GraphModule
     ):
         return
     from inc_torch._module_stack import module_path
+    from inc_torch.ptq._inplace_sums import linears_summed_with
 
-    linears = []
-    for node in graph_module.graph.nodes:
-        if node.op == "call_function" and node.target in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor):
-            operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
-            if any(a.op == "get_attr" for a in operands):
-                linears += [module_path(a) or a.name for a in operands if a.target is torch.ops.aten.linear.default]
+    linears = [module_path(n) or n.name for n in linears_summed_with(graph_module, "get_attr")]
     named = list(dict.fromkeys(linears))
     exclude = f" or keep {named[0]!r} in FP32 with exclude=inc.LayerFilter(names=({named[0]!r},))" if named else ""
     raise UnsupportedModelError(

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from inc_torch.ptq import _inplace_sums
 from inc_torch.ptq._dynamic import cpu_flags
 
 __all__ = ["CACHE_DIR_ENV", "cache_directory", "package_key", "load_or_compile"]
@@ -37,7 +38,9 @@ log = logging.getLogger("inc")
 
 CACHE_DIR_ENV = "INC_AOTI_CACHE_DIR"
 # Bump when what is stored, or how the key is made, changes.
-_FORMAT = "2"  # 2: compiled under INT8_INDUCTOR_SETTINGS (a package built under the CPP GEMM template is wrong)
+# 2: compiled under INT8_INDUCTOR_SETTINGS (a package built under the CPP GEMM template is wrong); 3: compiled
+# with the in-place sum correction when this torch allows it (the key adds _inplace_sums.CACHE_MARK then)
+_FORMAT = "3"
 
 
 def cache_directory() -> Path | None:
@@ -124,6 +127,7 @@ def package_key(graph_module: torch.fx.GraphModule, signature: Any) -> str:
         digest.update(b"\0")
 
     add(_FORMAT)
+    add(_inplace_sums.CACHE_MARK if _inplace_sums.corrects_inplace_sums() else "")
     add(torch.__version__)
     add(platform.machine())
     add(torch.backends.cpu.get_cpu_capability())
@@ -143,7 +147,7 @@ def package_key(graph_module: torch.fx.GraphModule, signature: Any) -> str:
 
 def _compile(graph_module: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], package_path: Path) -> None:
     program = torch.export.export(graph_module, args, kwargs)
-    with torch._inductor.config.patch(INT8_INDUCTOR_SETTINGS):
+    with torch._inductor.config.patch(INT8_INDUCTOR_SETTINGS), _inplace_sums.sums_kept_out_of_place():
         torch._inductor.aoti_compile_and_package(program, package_path=str(package_path))
 
 

@@ -11,9 +11,9 @@ from torch import nn
 from inc_core.errors import ConfigError, DatasetError
 from inc_torch._compat import quiet
 from inc_torch._inputs import Inputs
+from inc_torch.ptq import _inplace_sums
 from inc_torch.ptq._aoti_cache import INT8_INDUCTOR_SETTINGS, load_or_compile
 from inc_torch.ptq._ceil_pool import pad_ceil_mode_pools
-from inc_torch.ptq._input_sums import copy_tensor_inputs, sums_inputs_with_linears
 
 __all__ = ["CompiledQuantizedModule", "RUNTIMES", "drop_unread_state"]
 
@@ -197,8 +197,11 @@ class CompiledQuantizedModule(nn.Module):
         self.graph_module = drop_unread_state(graph_module)
         self.example = example
         self.inductor = inductor
-        # compiled, an input summed with an INT8 Linear's output would be overwritten (see _input_sums)
-        self.__dict__["_copies_inputs"] = sums_inputs_with_linears(graph_module)
+        # where this torch's inductor cannot be kept from summing an INT8 Linear's output into an input in place
+        # (see _inplace_sums), the compiled program gets copies of the inputs
+        self.__dict__["_copies_inputs"] = (
+            not _inplace_sums.corrects_inplace_sums() and _inplace_sums.sums_inputs_with_linears(graph_module)
+        )
         self._reset_compiled()
 
     @property
@@ -216,8 +219,8 @@ class CompiledQuantizedModule(nn.Module):
         self.__dict__["_runtime"] = value
 
     def copy_inputs_on_each_call(self) -> None:
-        """Give the compiled model copies of its input tensors from now on (see ``_input_sums``): for a lowering
-        found writing into its input when the model was checked, beyond the pattern ``_input_sums`` knows."""
+        """Give the compiled model copies of its input tensors from now on (see ``_inplace_sums``): for a lowering
+        found writing into its input when the model was checked, beyond what ``_inplace_sums`` corrects."""
         if not self.__dict__.get("_copies_inputs"):
             log.info("The compiled INT8 model writes into its input tensors (an inductor in-place lowering); each "
                      "call now passes it copies, so the caller's tensors stay as they are")
@@ -246,7 +249,7 @@ class CompiledQuantizedModule(nn.Module):
             with torch.no_grad():
                 return self.graph_module(*args, **kwargs)
         if self.__dict__.get("_copies_inputs"):
-            args, kwargs = copy_tensor_inputs(args, kwargs)
+            args, kwargs = _inplace_sums.copy_tensor_inputs(args, kwargs)
         if self.runtime == "aoti":
             programs = self.__dict__["_programs"]
             key = (_signature(args), _signature(kwargs))
@@ -268,6 +271,7 @@ class CompiledQuantizedModule(nn.Module):
         with (
             torch.no_grad(),
             torch._inductor.config.patch(INT8_INDUCTOR_SETTINGS),
+            _inplace_sums.sums_kept_out_of_place(),
             torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_SHAPES),
             quiet(),
         ):
