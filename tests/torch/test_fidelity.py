@@ -324,6 +324,7 @@ def test_the_in_place_sum_correction_keeps_the_users_post_grad_passes_and_marks_
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     from inc_torch.ptq import _inplace_sums
+    from inc_torch.ptq._aoti_cache import int8_inductor
 
     class UsersPass(CustomGraphPass):
         def __call__(self, graph: torch.fx.graph.Graph) -> None:
@@ -332,11 +333,11 @@ def test_the_in_place_sum_correction_keeps_the_users_post_grad_passes_and_marks_
         def uuid(self) -> str:
             return "the user's pass"
 
-    with inductor_config.patch(post_grad_custom_post_pass=None), _inplace_sums.sums_kept_out_of_place():
+    with inductor_config.patch(post_grad_custom_post_pass=None), int8_inductor():
         assert inductor_config.post_grad_custom_post_pass.uuid() == _inplace_sums.CACHE_MARK
     users = UsersPass()
     with inductor_config.patch(post_grad_custom_post_pass=users):
-        with _inplace_sums.sums_kept_out_of_place():
+        with int8_inductor():
             passes = inductor_config.post_grad_custom_post_pass
             assert passes[0] is users
             assert [p.uuid() for p in passes] == ["the user's pass", _inplace_sums.CACHE_MARK]

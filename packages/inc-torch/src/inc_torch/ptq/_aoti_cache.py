@@ -32,7 +32,7 @@ import torch
 from inc_torch.ptq import _inplace_sums
 from inc_torch.ptq._dynamic import cpu_flags
 
-__all__ = ["CACHE_DIR_ENV", "cache_directory", "package_key", "load_or_compile"]
+__all__ = ["CACHE_DIR_ENV", "INT8_INDUCTOR_SETTINGS", "cache_directory", "int8_inductor", "int8_inductor_backend", "load_or_compile", "package_key"]
 
 log = logging.getLogger("inc")
 
@@ -104,6 +104,25 @@ def _tensor_header(name: str, tensor: torch.Tensor) -> str:
 INT8_INDUCTOR_SETTINGS: dict[str, Any] = {"freezing": True, "max_autotune_gemm_backends": "ATEN"}
 
 
+@contextlib.contextmanager
+def int8_inductor() -> Iterator[None]:
+    """What every INT8 compile of inc runs under: :data:`INT8_INDUCTOR_SETTINGS` and the correction of inductor's
+    in-place INT8 sums (``_inplace_sums``)."""
+    with (
+        torch._inductor.config.patch({**INT8_INDUCTOR_SETTINGS, **_inplace_sums.cache_mark_settings()}),
+        _inplace_sums.sums_kept_out_of_place(),
+    ):
+        yield
+
+
+def int8_inductor_backend(graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+    """The ``torch.compile`` backend of inc's INT8 models: inductor, compiling under :func:`int8_inductor`."""
+    from torch._inductor.compile_fx import compile_fx
+
+    with int8_inductor():
+        return compile_fx(graph_module, example_inputs)
+
+
 def _inductor_config() -> str:
     import torch._inductor.config as inductor_config
 
@@ -147,7 +166,7 @@ def package_key(graph_module: torch.fx.GraphModule, signature: Any) -> str:
 
 def _compile(graph_module: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], package_path: Path) -> None:
     program = torch.export.export(graph_module, args, kwargs)
-    with torch._inductor.config.patch(INT8_INDUCTOR_SETTINGS), _inplace_sums.sums_kept_out_of_place():
+    with int8_inductor():
         torch._inductor.aoti_compile_and_package(program, package_path=str(package_path))
 
 

@@ -12,7 +12,7 @@ from inc_core.errors import ConfigError, DatasetError
 from inc_torch._compat import quiet
 from inc_torch._inputs import Inputs
 from inc_torch.ptq import _inplace_sums
-from inc_torch.ptq._aoti_cache import INT8_INDUCTOR_SETTINGS, load_or_compile
+from inc_torch.ptq._aoti_cache import INT8_INDUCTOR_SETTINGS, int8_inductor_backend, load_or_compile
 from inc_torch.ptq._ceil_pool import pad_ceil_mode_pools
 
 __all__ = ["CompiledQuantizedModule", "RUNTIMES", "drop_unread_state"]
@@ -262,16 +262,18 @@ class CompiledQuantizedModule(nn.Module):
         compiled = self.__dict__["_compiled"]
         if compiled is None:
             self._init_threads()
-            # Static shapes per compilation: inductor's weight prepacking for INT8 needs them.
-            compiled = torch.compile(self.graph_module, dynamic=False)
+            # Static shapes per compilation: inductor's weight prepacking for INT8 needs them. The backend compiles
+            # under int8_inductor() each time dynamo compiles (the in-place sum correction is entered there, not
+            # around every call: each settings patch costs ~15-30 us, a tenth of a small model's call).
+            compiled = torch.compile(self.graph_module, dynamic=False, backend=int8_inductor_backend)
             self.__dict__["_compiled"] = compiled
         self._note_shape(args, kwargs)
-        # freezing (the INT8 weight prepack done once) and ATen GEMMs, whatever the user set: see the constant;
-        # one compiled program per input shape, up to MAX_COMPILED_SHAPES of them
+        # freezing (the INT8 weight prepack done once) and ATen GEMMs, whatever the user set: see the constant
+        # (dynamo reads freezing when it traces, so the settings are in force around the call); one compiled
+        # program per input shape, up to MAX_COMPILED_SHAPES of them
         with (
             torch.no_grad(),
             torch._inductor.config.patch(INT8_INDUCTOR_SETTINGS),
-            _inplace_sums.sums_kept_out_of_place(),
             torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_SHAPES),
             quiet(),
         ):

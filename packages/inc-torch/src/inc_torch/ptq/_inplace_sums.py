@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 __all__ = [
-    "CACHE_MARK", "copy_tensor_inputs", "corrects_inplace_sums", "linears_summed_with", "sums_inputs_with_linears",
+    "CACHE_MARK", "cache_mark_settings", "copy_tensor_inputs", "corrects_inplace_sums", "linears_summed_with", "sums_inputs_with_linears",
     "sums_kept_out_of_place",
 ]
 
@@ -43,6 +43,7 @@ _ADDS = (_aten.add.Tensor, _aten.add_.Tensor)
 CACHE_MARK = "inc-qlinear-sum-out-of-place-1"
 
 
+@functools.cache  # each compiled call asks (see sums_kept_out_of_place); the import alone costs ~40 us
 def _fusion_module() -> Any | None:
     try:
         from torch._inductor.fx_passes import mkldnn_fusion
@@ -96,18 +97,27 @@ def _marked(users: Any) -> Any:
     return [*get_custom_graph_passes(users), _cache_mark()]
 
 
+def cache_mark_settings() -> dict[str, Any]:
+    """Inductor settings that put :data:`CACHE_MARK` into its cache key, for a compile with the correction."""
+    if _fusion_module() is None:
+        return {}
+    import torch._inductor.config as inductor_config
+
+    return {"post_grad_custom_post_pass": _marked(inductor_config.post_grad_custom_post_pass)}
+
+
 @contextlib.contextmanager
 def sums_kept_out_of_place() -> Iterator[None]:
     """Within: inductor fuses an INT8 Linear's sum in place only into buffers its program owns.
 
-    Does nothing where this torch lacks the check (see the module's docstring for the fallbacks).
+    Entered around every call of a compiled INT8 model (dynamo may compile on any call), so it is cheap: one
+    attribute swapped in and out. The settings of :func:`cache_mark_settings` go with it. Does nothing where this
+    torch lacks the check (see the module's docstring for the fallbacks).
     """
     fusion = _fusion_module()
     if fusion is None:
         yield
         return
-    import torch._inductor.config as inductor_config
-
     original = fusion._qlinear_binary_can_be_inplace
 
     def can_be_inplace(other: Any) -> bool:
@@ -115,8 +125,7 @@ def sums_kept_out_of_place() -> Iterator[None]:
 
     fusion._qlinear_binary_can_be_inplace = can_be_inplace
     try:
-        with inductor_config.patch(post_grad_custom_post_pass=_marked(inductor_config.post_grad_custom_post_pass)):
-            yield
+        yield
     finally:
         fusion._qlinear_binary_can_be_inplace = original
 
