@@ -24,6 +24,12 @@ from inc_core.errors import ConfigError, UnsupportedModelError
 __all__ = ["FakeQuant", "QATCallback", "convert", "prepare_qat"]
 
 _EMA = 0.99
+# Activations LiteRT fuses into the convolution or fully-connected kernel before them. Any other activation of a
+# kernel layer (softmax, sigmoid, swish, gelu, tanh...) runs as an op of its own, so the kernel's output before it
+# is an int8 tensor too, with a range of its own: QAT learns that range as well (see FakeQuant).
+_FUSED_ACTIVATIONS = frozenset({"linear", "relu", "relu6"})
+# The LiteRT ops that compute such a kernel's output (the tensor that takes the learned pre-activation range).
+_KERNEL_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "CONV_3D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL"})
 #: the int8 targets ``convert`` builds (the names of ``QuantConfig.format``)
 _FORMATS = ("tflite", "savedmodel")
 
@@ -69,7 +75,22 @@ class FakeQuant(keras.layers.Layer):
         self.bn_frozen = self.add_weight(name="bn_frozen", shape=(), initializer="zeros", trainable=False)
         self.input_min = self.add_weight(name="input_min", shape=(), initializer="zeros", trainable=False)
         self.input_max = self.add_weight(name="input_max", shape=(), initializer="zeros", trainable=False)
+        self.pre_activation_min = self.add_weight(name="pre_activation_min", shape=(), initializer="zeros", trainable=False)
+        self.pre_activation_max = self.add_weight(name="pre_activation_max", shape=(), initializer="zeros", trainable=False)
         super().build(input_shape)
+
+    @property
+    def separate_activation(self) -> bool:
+        """Whether LiteRT runs the wrapped layer's activation as an op after its kernel (see ``_FUSED_ACTIVATIONS``):
+        then the kernel's output is fake-quantized before the activation too, with a range learned like the output's."""
+        activation = getattr(self.layer, "activation", None)
+        return (
+            self.quantize_kernel
+            and self.quantize_output
+            and callable(activation)
+            and getattr(activation, "__name__", "") not in _FUSED_ACTIVATIONS
+            and _output_axes(self.layer, "kernel") is not None  # Dense, EinsumDense, convolutions: not RNN cells
+        )
 
     def _call_with_int8_kernels(self, inputs: Any, args: tuple[Any, ...], kwargs: dict[str, Any], training: Any) -> Any:
         """The layer's own call, reading each kernel fake-quantized (straight-through gradient to the float one).
@@ -96,7 +117,18 @@ class FakeQuant(keras.layers.Layer):
     def call(self, inputs: Any, *args: Any, training: bool | None = None, mask: Any = None, **kwargs: Any) -> Any:
         if self.quantize_input:
             inputs = self._quantize_model_input(inputs, training)
-        if self.quantize_kernel:
+        if self.quantize_kernel and self.separate_activation:
+            activation = self.layer.activation
+            self.layer.activation = keras.activations.linear  # the kernel's output, as LiteRT's kernel op writes it
+            try:
+                y = self._call_with_int8_kernels(inputs, args, kwargs, training)
+            finally:
+                self.layer.activation = activation
+            if training:
+                self._update_range(y, self.pre_activation_min, self.pre_activation_max)
+            lo, hi = self._range(self.pre_activation_min, self.pre_activation_max)
+            y = activation(tf.cond(self.range_seen > 0.5, lambda: tf.quantization.fake_quant_with_min_max_vars(y, lo, hi), lambda: y))
+        elif self.quantize_kernel:
             y = self._call_with_int8_kernels(inputs, args, kwargs, training)
         elif isinstance(self.layer, keras.layers.BatchNormalization):
             frozen = self.bn_frozen > 0.5
@@ -110,8 +142,9 @@ class FakeQuant(keras.layers.Layer):
         if not self.quantize_output or not isinstance(y, tf.Tensor) or not y.dtype.is_floating:
             return y
         if training:
-            self._update_range(y)
-        lo, hi = self._range()
+            self._update_range(y, self.range_min, self.range_max)
+            self.range_seen.assign(1.0)
+        lo, hi = self._range(self.range_min, self.range_max)
         return tf.cond(self.range_seen > 0.5, lambda: tf.quantization.fake_quant_with_min_max_vars(y, lo, hi), lambda: y)
 
     def _quantize_model_input(self, x: Any, training: bool | None) -> Any:
@@ -131,30 +164,37 @@ class FakeQuant(keras.layers.Layer):
             return None
         return min(float(self.input_min.numpy()), 0.0), max(float(self.input_max.numpy()), 0.0)
 
-    def _range(self) -> tuple[Any, Any]:
-        lo = tf.minimum(self.range_min, 0.0)
-        hi = tf.maximum(self.range_max, lo + 1e-6)
+    def _range(self, low: Any, high: Any) -> tuple[Any, Any]:
+        lo = tf.minimum(low, 0.0)
+        hi = tf.maximum(high, lo + 1e-6)
         if self.symmetric:
             bound = tf.maximum(-lo, hi)
             return -bound, bound
         return lo, hi
 
-    def _update_range(self, y: Any) -> None:
+    def _update_range(self, y: Any, low: Any, high: Any) -> None:
+        """Move the range held in ``low``/``high`` toward this batch's (an EMA; the first batch's as it is)."""
         batch_min = tf.stop_gradient(tf.reduce_min(y))
         batch_max = tf.stop_gradient(tf.reduce_max(y))
         first = self.range_seen < 0.5
         frozen = self.ranges_frozen > 0.5
-        new_min = tf.where(first, batch_min, _EMA * self.range_min + (1 - _EMA) * batch_min)
-        new_max = tf.where(first, batch_max, _EMA * self.range_max + (1 - _EMA) * batch_max)
-        self.range_min.assign(tf.where(frozen, self.range_min, new_min))
-        self.range_max.assign(tf.where(frozen, self.range_max, new_max))
-        self.range_seen.assign(1.0)
+        new_min = tf.where(first, batch_min, _EMA * low + (1 - _EMA) * batch_min)
+        new_max = tf.where(first, batch_max, _EMA * high + (1 - _EMA) * batch_max)
+        low.assign(tf.where(frozen, low, new_min))
+        high.assign(tf.where(frozen, high, new_max))
 
     def learned_range(self) -> tuple[float, float] | None:
         """The (min, max) this wrapper learned, or ``None`` before any training step."""
         if not self.quantize_output or float(self.range_seen.numpy()) < 0.5:
             return None
-        lo, hi = self._range()
+        lo, hi = self._range(self.range_min, self.range_max)
+        return float(lo.numpy()), float(hi.numpy())
+
+    def learned_pre_activation_range(self) -> tuple[float, float] | None:
+        """The range learned for the kernel's output before a separate activation (``None`` without one)."""
+        if not self.separate_activation or float(self.range_seen.numpy()) < 0.5:
+            return None
+        lo, hi = self._range(self.pre_activation_min, self.pre_activation_max)
         return float(lo.numpy()), float(hi.numpy())
 
     def compute_output_shape(self, input_shape: Any) -> Any:
@@ -427,6 +467,7 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
             f"convert takes the model inc_tf.prepare_qat returned; got {type(model).__qualname__} without fake quant."
         )
     learned = {w.name: w.learned_range() for w in wrappers}
+    pre_activation = {w.name: w.learned_pre_activation_range() for w in wrappers}
     if all(r is None for r in learned.values()):
         raise UnsupportedModelError("convert: the QAT model was never trained (no learned range); fit it first.")
     config: QATConfig = getattr(model, "_inc_qat_config", None) or QATConfig()
@@ -448,10 +489,20 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         return _convert_savedmodel(graph, dataset, config, learned, input_ranges)
     calibration = collect(graph, dataset, samples=64)
     producer = {out: record for record in calibration.records for out in record.outputs}
+    read = {tensor for record in calibration.records for tensor in record.inputs}
+    output_layers = _output_layers(graph)
     owners: dict[int, int | None] = {}
     readers: dict[int, set[int | None]] = {}
-    for record in calibration.records:
+    for record in calibration.records:  # in execution order: an op's inputs have their owners already
         owner = layer_of_op(graph, record)
+        if owner is None and not read.intersection(record.outputs):
+            # The op writing a model output carries no layer name (the converter names that tensor after the
+            # signature). Reading only an output layer's tensors, it is that layer's last step: the softmax that
+            # LiteRT runs after a Dense(activation="softmax"), whose learned range (the probabilities') must not
+            # go to the logits before it.
+            found = {owners.get(tensor) for tensor in record.inputs if tensor in producer}
+            if len(found) == 1 and found <= output_layers:
+                owner = found.pop()
         owners.update(dict.fromkeys(record.outputs, owner))
         for tensor in record.inputs:
             readers.setdefault(tensor, set()).add(owner)
@@ -467,7 +518,11 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
     for tensor in calibration.observers:
         record = producer.get(tensor)
         owner = owners.get(tensor)
-        found = learned.get(graph.layer_names[owner]) if owner is not None and leaves_its_layer(tensor, owner) else None
+        found = None
+        if owner is not None and leaves_its_layer(tensor, owner):
+            found = learned.get(graph.layer_names[owner])
+        elif owner is not None and record is not None and record.op in _KERNEL_OPS:
+            found = pre_activation.get(graph.layer_names[owner])  # before the activation LiteRT runs after it
         if record is None:  # no producer: a model input, named "serving_default_<input name>:0" by the converter
             found = _input_range_of(calibration.names.get(tensor, ""), input_ranges) or found
         ranges[tensor] = found or calibration.range(tensor, "minmax", percentile=100.0, dtype="uint8", scheme=config.scheme)
@@ -486,6 +541,23 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
     quantized = LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)
     check_runs(quantized, calibration.probe, "the first batch of the conversion data")
     return quantized
+
+
+def _output_layers(graph: Any) -> set[int | None]:
+    """The indices (in ``graph.layer_names``) of the layers that compute the model's outputs."""
+    from inc_tf._keras_model import layer_index
+
+    found: set[int | None] = set()
+    for tensor in graph.model.outputs:
+        layer = getattr(getattr(tensor, "_keras_history", None), "operation", None)
+        if layer is None:
+            continue
+        # the graph's model names its layers by index (layer_tokens), so that the converter's names can be read
+        index = layer_index(layer.name)
+        if index is None and layer.name in graph.layer_names:
+            index = graph.layer_names.index(layer.name)
+        found.add(index)
+    return found - {None}
 
 
 def _convert_savedmodel(
