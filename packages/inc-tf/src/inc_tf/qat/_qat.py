@@ -4,7 +4,8 @@
 quantize (Dense, EinsumDense, every convolution, recurrent cells; inside a user's block too) go through
 per-output-channel symmetric int8 fake quantization, and each layer's output through an
 activation fake quant whose range follows an exponential moving average of the batch min/max (what
-LiteRT's int8 kernels will see). ``convert`` puts the trained weights back into the user's
+LiteRT's int8 kernels will see); a kernel layer whose activation LiteRT runs as an op of its own (softmax,
+sigmoid, swish...) learns the range of its kernel's output before that activation as well. ``convert`` puts the trained weights back into the user's
 architecture, has the TF converter fold batch norm as usual, and writes the *learned* ranges into the
 calibrated flatbuffer before the int8 quantizer runs; ``format="savedmodel"`` gives them to the
 SavedModel target's graph rewrite in place of calibration observers.
@@ -441,9 +442,9 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
 
     Args:
         model: what :func:`prepare_qat` returned, after training.
-        dataset: optional representative inputs; tensors without a learned range (none for the layers
-            ``prepare_qat`` wraps) get their range from these. Without it, the model input's range is
-            the one seen by the first wrapped layer.
+        dataset: optional representative inputs; tensors without a learned range (the steps inside a layer
+            that LiteRT runs as several ops, such as a swish's sigmoid) get their range from these. Without
+            it, from inputs spread over the model input's learned range.
         format: ``"tflite"`` (a LiteRT int8 model) or ``"savedmodel"`` (a :class:`TFSavedModel` on TF's
             oneDNN int8 kernels), the same targets as ``QuantConfig(format=...)``.
 
