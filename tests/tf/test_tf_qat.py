@@ -10,6 +10,7 @@ import tf_testmodels as models
 import inc_core as inc
 import inc_tf
 from inc_core.errors import ConfigError, UnsupportedModelError
+from inc_tf.qat._qat import qat_config_of
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -186,3 +187,21 @@ def test_qat_of_a_model_ending_in_a_softmax_dense_converts_to_the_same_probabili
     probabilities = np.asarray(int8(x_test))
     assert np.abs(probabilities - expected).max() < 0.1, np.abs(probabilities - expected).max()
     assert models.accuracy(int8, x_test, y_test) >= models.accuracy(qat, x_test, y_test) - 0.01
+
+
+def test_a_qat_model_saved_by_keras_and_loaded_again_converts_as_before(digits, tmp_path):
+    """``ModelCheckpoint`` saves the QAT model during ``fit``; loaded again, it had lost what convert and the
+    callback read (the user's architecture, the QATConfig): "this QAT model lost its source architecture"."""
+    x_train, x_test, y_train, _ = digits
+    config = inc.QATConfig(freeze_observer_step=20, exclude=inc.LayerFilter(names=("fc1",)))
+    qat = inc_tf.prepare_qat(models.cnn(), config)
+    qat.compile(keras.optimizers.Adam(5e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = tmp_path / "qat.keras"
+    checkpoint = keras.callbacks.ModelCheckpoint(str(path))
+    qat.fit(x_train[:640], y_train[:640], epochs=1, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback(), checkpoint])
+    loaded = keras.models.load_model(path)
+    assert qat_config_of(loaded) == config  # what QATCallback() reads when training goes on
+    expected = inc_tf.convert(qat)
+    converted = inc_tf.convert(loaded)
+    np.testing.assert_array_equal(np.asarray(converted(x_test)), np.asarray(expected(x_test)))
+    assert "fc1" not in converted.int8_layers() and "conv2" in converted.int8_layers()

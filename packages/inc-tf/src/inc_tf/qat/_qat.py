@@ -22,7 +22,7 @@ import tensorflow as tf
 from inc_core import QATConfig
 from inc_core.errors import ConfigError, UnsupportedModelError
 
-__all__ = ["FakeQuant", "QATCallback", "convert", "prepare_qat"]
+__all__ = ["FakeQuant", "QATCallback", "convert", "prepare_qat", "qat_config_of"]
 
 _EMA = 0.99
 # Activations LiteRT fuses into the convolution or fully-connected kernel before them. Any other activation of a
@@ -45,6 +45,7 @@ class FakeQuant(keras.layers.Layer):
         quantize_output: fake-quantize the output with a learned (EMA) range.
         per_channel: per-channel kernel ranges (else one range per kernel).
         symmetric: symmetric activation range (``scheme="sym"``).
+        qat_config: the :class:`~inc_core.QATConfig` of ``prepare_qat`` as ``to_dict()`` gives it.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class FakeQuant(keras.layers.Layer):
         per_channel: bool = True,
         symmetric: bool = False,
         quantize_input: bool = False,
+        qat_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(name=kwargs.pop("name", layer.name), **kwargs)
@@ -65,6 +67,9 @@ class FakeQuant(keras.layers.Layer):
         self.per_channel = per_channel
         self.symmetric = symmetric
         self.quantize_input = quantize_input
+        # the QATConfig prepare_qat was given (its dict form), saved with the layer: a QAT model Keras saved and
+        # loaded again (ModelCheckpoint) keeps it for QATCallback and convert
+        self.qat_config = qat_config
 
     def build(self, input_shape: Any) -> None:
         if not self.layer.built and self.quantize_output:  # a layer of several inputs builds on its symbolic call
@@ -217,6 +222,7 @@ class FakeQuant(keras.layers.Layer):
             per_channel=self.per_channel,
             symmetric=self.symmetric,
             quantize_input=self.quantize_input,
+            qat_config=self.qat_config,
         )
         return config
 
@@ -369,6 +375,7 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
             # float_layer_nodes): fake-quantizing them per tensor trained on rounded-away features (breast-cancer
             # behind a BatchNormalization: QAT model accuracy 0.965 -> 0.696)
             quantize_input=not several and reads_model_input(layer) and not isinstance(layer, _STANDARDISING),
+            qat_config=config.to_dict(),
         )
 
     try:
@@ -410,7 +417,7 @@ class QATCallback(keras.callbacks.Callback):
     def _config(self) -> QATConfig:
         if self.config is not None:
             return self.config
-        return getattr(self.model, "_inc_qat_config", None) or QATConfig()
+        return qat_config_of(self.model)
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         if not _wrappers(self.model):
@@ -471,13 +478,10 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
     pre_activation = {w.name: w.learned_pre_activation_range() for w in wrappers}
     if all(r is None for r in learned.values()):
         raise UnsupportedModelError("convert: the QAT model was never trained (no learned range); fit it first.")
-    config: QATConfig = getattr(model, "_inc_qat_config", None) or QATConfig()
+    config = qat_config_of(model)
     input_ranges = _learned_input_ranges(model, wrappers)
     input_range = next(iter(input_ranges.values()), None) if len(input_ranges) == 1 else None
-    source = getattr(model, "_inc_qat_source", None)
-    if source is None:
-        raise UnsupportedModelError("convert: this QAT model lost its source architecture; call prepare_qat again.")
-    fp32 = keras.models.model_from_json(source)
+    fp32 = keras.models.model_from_json(_source_architecture(model))
     for layer in model.layers:  # the trained weights, of wrapped and unwrapped layers alike
         if not isinstance(layer, keras.layers.InputLayer):
             trained = layer.layer if isinstance(layer, FakeQuant) else layer
@@ -542,6 +546,44 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
     quantized = LiteRTModel.with_layers(content, graph.layer_names, renamed=graph.renamed, input_names=graph.input_names)
     check_runs(quantized, calibration.probe, "the first batch of the conversion data")
     return quantized
+
+
+def qat_config_of(model: keras.Model) -> QATConfig:
+    """The QATConfig ``model`` was prepared with: kept on the model, or, once Keras saved and loaded it, in its
+    wrappers' configs; a model of neither kind gets the defaults."""
+    config = getattr(model, "_inc_qat_config", None)
+    if isinstance(config, QATConfig):
+        return config
+    for wrapper in _wrappers(model):
+        if wrapper.qat_config:
+            return QATConfig.from_dict(wrapper.qat_config)
+    return QATConfig()
+
+
+def _source_architecture(model: keras.Model) -> str:
+    """The user's architecture (Keras JSON) of a QAT model: kept by prepare_qat, or, once Keras saved and loaded the
+    model (which keeps no such attribute), rebuilt by taking each wrapped layer out of its FakeQuant."""
+    source = getattr(model, "_inc_qat_source", None)
+    if isinstance(source, str):
+        return source
+
+    def unwrap(layer: keras.layers.Layer) -> keras.layers.Layer:
+        inner = layer.layer if isinstance(layer, FakeQuant) else layer
+        return type(inner).from_config(inner.get_config())
+
+    def call(layer: keras.layers.Layer, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("mask", False) is None:  # FakeQuant.call's own keyword, recorded with each call
+            del kwargs["mask"]
+        return layer(*args, **kwargs)
+
+    try:
+        return str(keras.models.clone_model(model, clone_function=unwrap, call_function=call).to_json())
+    except Exception as exc:  # Keras raises TypeError, ValueError... from a layer's own __init__ or call
+        raise UnsupportedModelError(
+            f"convert: the architecture of QAT model {model.name!r} could not be rebuilt without its fake quant "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); convert the model "
+            "prepare_qat returned, or call prepare_qat again on the user's model."
+        ) from exc
 
 
 def _output_layers(graph: Any) -> set[int | None]:
