@@ -123,7 +123,7 @@ class FakeQuant(keras.layers.Layer):
     def call(self, inputs: Any, *args: Any, training: bool | None = None, mask: Any = None, **kwargs: Any) -> Any:
         if self.quantize_input:
             inputs = self._quantize_model_input(inputs, training)
-        if self.quantize_kernel and self.separate_activation:
+        if self.separate_activation:  # it quantizes the kernel too
             activation = self.layer.activation
             self.layer.activation = keras.activations.linear  # the kernel's output, as LiteRT's kernel op writes it
             try:
@@ -586,11 +586,11 @@ def _source_architecture(model: keras.Model) -> str:
         ) from exc
 
 
-def _output_layers(graph: Any) -> set[int | None]:
+def _output_layers(graph: Any) -> set[int]:
     """The indices (in ``graph.layer_names``) of the layers that compute the model's outputs."""
     from inc_tf._keras_model import layer_index
 
-    found: set[int | None] = set()
+    found: set[int] = set()
     for tensor in graph.model.outputs:
         layer = getattr(getattr(tensor, "_keras_history", None), "operation", None)
         if layer is None:
@@ -599,8 +599,9 @@ def _output_layers(graph: Any) -> set[int | None]:
         index = layer_index(layer.name)
         if index is None and layer.name in graph.layer_names:
             index = graph.layer_names.index(layer.name)
-        found.add(index)
-    return found - {None}
+        if index is not None:
+            found.add(index)
+    return found
 
 
 def _convert_savedmodel(
