@@ -189,6 +189,44 @@ def test_qat_of_a_model_ending_in_a_softmax_dense_converts_to_the_same_probabili
     assert models.accuracy(int8, x_test, y_test) >= models.accuracy(qat, x_test, y_test) - 0.01
 
 
+def _softmax_head_model(x_train, y_train) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv")(inputs)
+    h = keras.layers.Flatten(name="flatten")(h)
+    h = keras.layers.Dense(64, activation="relu", name="fc")(h)
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="probabilities")(h))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x_train, y_train, epochs=2, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("flow", ["ptq", "qat"])
+def test_an_excluded_softmax_dense_keeps_its_softmax_in_float_too(digits, flow):
+    """Excluding ``Dense(10, activation="softmax")`` kept its matmul in float, but the softmax LiteRT runs after it
+    (an op named after the model's signature, not the layer) was quantized again for an int8 SOFTMAX: the
+    probabilities came back in steps of 1/256."""
+    from inc_tf._flatbuffer import op_records
+
+    x_train, x_test, y_train, _ = digits
+    model = _softmax_head_model(x_train, y_train)
+    exclude = inc.LayerFilter(names=("probabilities",))
+    if flow == "ptq":
+        int8 = inc.quantize(model, inc.QuantConfig(exclude=exclude), dataset=inc.Dataset(x_train[:256], batch_size=32))
+    else:
+        qat = inc_tf.prepare_qat(model, inc.QATConfig(freeze_observer_step=20, exclude=exclude))
+        qat.compile(keras.optimizers.Adam(5e-4), "sparse_categorical_crossentropy")
+        qat.fit(x_train[:640], y_train[:640], epochs=1, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
+        int8 = inc_tf.convert(qat)
+    records = op_records(int8.content)
+    softmax = [record for record in records if record.op == "SOFTMAX"]
+    assert len(softmax) == 1 and softmax[0].input_dtypes == ("float32",), softmax
+    assert "conv" in int8.int8_layers() and "probabilities" not in int8.int8_layers()
+    probabilities = np.asarray(int8(x_test))
+    steps = np.unique(np.round(probabilities.ravel() * 256, 6) % 1)
+    assert len(steps) > 2, "the probabilities are multiples of 1/256: an int8 softmax"
+
+
 def test_a_qat_model_saved_by_keras_and_loaded_again_converts_as_before(digits, tmp_path):
     """``ModelCheckpoint`` saves the QAT model during ``fit``; loaded again, it had lost what convert and the
     callback read (the user's architecture, the QATConfig): "this QAT model lost its source architecture"."""

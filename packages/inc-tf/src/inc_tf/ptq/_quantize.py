@@ -86,6 +86,48 @@ def layers_of_op(graph: KerasGraph, record: OpRecord) -> set[int]:
     return graph.layers_in((*record.output_names, *record.constant_inputs))
 
 
+def op_owners(graph: KerasGraph, records: list[OpRecord]) -> list[int | None]:
+    """The layer each op of ``records`` (in execution order) computes: :func:`layer_of_op`, and the last step of an
+    output layer, whose op carries no layer name.
+
+    The converter names the tensor an op writes to a model output after the signature, not after its layer. Reading
+    only tensors of one output layer, that op is the layer's last step: the softmax that LiteRT runs after a
+    ``Dense(activation="softmax")`` (keras.applications' head). Unowned, it took the default settings, was left
+    int8 when the layer was excluded, and QAT gave the logits the probabilities' range.
+    """
+    read = {tensor for record in records for tensor in record.inputs}
+    outputs = output_layers(graph)
+    owner_of_tensor: dict[int, int | None] = {}
+    owners: list[int | None] = []
+    for record in records:  # an op's inputs are written before it: their owners are known
+        owner = layer_of_op(graph, record)
+        if owner is None and not read.intersection(record.outputs):
+            found = {owner_of_tensor[t] for t in record.inputs if t in owner_of_tensor}
+            if len(found) == 1 and found <= outputs:
+                owner = found.pop()
+        owner_of_tensor.update(dict.fromkeys(record.outputs, owner))
+        owners.append(owner)
+    return owners
+
+
+def output_layers(graph: KerasGraph) -> set[int]:
+    """The indices (in ``graph.layer_names``) of the layers that compute the model's outputs."""
+    from inc_tf._keras_model import layer_index
+
+    found: set[int] = set()
+    for tensor in graph.model.outputs:
+        layer = getattr(getattr(tensor, "_keras_history", None), "operation", None)
+        if layer is None:
+            continue
+        # the graph's model names its layers by index (layer_tokens), so that the converter's names can be read
+        index = layer_index(layer.name)
+        if index is None and layer.name in graph.layer_names:
+            index = graph.layer_names.index(layer.name)
+        if index is not None:
+            found.add(index)
+    return found
+
+
 # Layers every INT8 LiteRT model keeps in float. Normalization standardises raw features whose scales differ by orders
 # of magnitude (breast-cancer's 30 run from 0.001 to 4,000): one per-tensor int8 scale on its input rounds the small
 # ones to zero (output cosine 0.69 on that model). Its output, standardised, quantizes well; the layer itself is an
@@ -156,11 +198,11 @@ def quantize_static(graph: KerasGraph, config: QuantConfig, calibration: TfCalib
     """Write inc's ranges into the calibrated flatbuffer and run the LiteRT int8 quantizer."""
     from inc_tf._flatbuffer import op_records, split_inputs_as_slices, with_ranges
 
-    producer = {out: record for record in calibration.records for out in record.outputs}
+    owners = op_owners(graph, calibration.records)
+    owner_of_tensor = {out: owner for record, owner in zip(calibration.records, owners) for out in record.outputs}
     ranges: dict[int, tuple[float, float]] = {}
     for tensor in calibration.observers:
-        record = producer.get(tensor)
-        owner = layer_of_op(graph, record) if record is not None else None
+        owner = owner_of_tensor.get(tensor)
         if owner is None:
             method, scheme = config.calibration, config.scheme
         else:
@@ -173,8 +215,8 @@ def quantize_static(graph: KerasGraph, config: QuantConfig, calibration: TfCalib
     excluded = _excluded(graph, config)
     denylist = [
         name
-        for record in calibration.records
-        if layers_of_op(graph, record) & excluded
+        for record, owner in zip(calibration.records, owners)
+        if (layers_of_op(graph, record) | {owner}) & excluded
         for name in record.output_names
     ] + float_layer_nodes(graph, calibration.records)
     calibrated = split_inputs_as_slices(calibration.calibrated)

@@ -467,7 +467,7 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
     from inc_tf._litert import LiteRTModel, check_runs
     from inc_tf.ptq._calibrate import collect
     from inc_tf.ptq._convert import quantize_flatbuffer
-    from inc_tf.ptq._quantize import describe_graph, float_layer_nodes, layer_of_op, layers_of_op
+    from inc_tf.ptq._quantize import describe_graph, float_layer_nodes, layers_of_op, op_owners
 
     wrappers = _wrappers(model) if isinstance(model, keras.Model) else []
     if not wrappers:
@@ -494,21 +494,10 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         return _convert_savedmodel(graph, dataset, config, learned, input_ranges)
     calibration = collect(graph, dataset, samples=64)
     producer = {out: record for record in calibration.records for out in record.outputs}
-    read = {tensor for record in calibration.records for tensor in record.inputs}
-    output_layers = _output_layers(graph)
-    owners: dict[int, int | None] = {}
+    owner_list = op_owners(graph, calibration.records)
+    owners = {out: owner for record, owner in zip(calibration.records, owner_list) for out in record.outputs}
     readers: dict[int, set[int | None]] = {}
-    for record in calibration.records:  # in execution order: an op's inputs have their owners already
-        owner = layer_of_op(graph, record)
-        if owner is None and not read.intersection(record.outputs):
-            # The op writing a model output carries no layer name (the converter names that tensor after the
-            # signature). Reading only an output layer's tensors, it is that layer's last step: the softmax that
-            # LiteRT runs after a Dense(activation="softmax"), whose learned range (the probabilities') must not
-            # go to the logits before it.
-            found = {owners.get(tensor) for tensor in record.inputs if tensor in producer}
-            if len(found) == 1 and found <= output_layers:
-                owner = found.pop()
-        owners.update(dict.fromkeys(record.outputs, owner))
+    for record, owner in zip(calibration.records, owner_list):
         for tensor in record.inputs:
             readers.setdefault(tensor, set()).add(owner)
 
@@ -536,7 +525,10 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         graph.layer_names.index(op.name) for op in describe_graph(graph).ops if config.exclude.matches(op.name, op.op_type)
     }
     excluded_nodes = [
-        name for record in calibration.records if layers_of_op(graph, record) & excluded for name in record.output_names
+        name
+        for record, owner in zip(calibration.records, owner_list)
+        if (layers_of_op(graph, record) | {owner}) & excluded
+        for name in record.output_names
     ] + float_layer_nodes(graph, calibration.records)
     content = quantize_flatbuffer(
         with_ranges(calibration.calibrated, ranges),
@@ -584,24 +576,6 @@ def _source_architecture(model: keras.Model) -> str:
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); convert the model "
             "prepare_qat returned, or call prepare_qat again on the user's model."
         ) from exc
-
-
-def _output_layers(graph: Any) -> set[int]:
-    """The indices (in ``graph.layer_names``) of the layers that compute the model's outputs."""
-    from inc_tf._keras_model import layer_index
-
-    found: set[int] = set()
-    for tensor in graph.model.outputs:
-        layer = getattr(getattr(tensor, "_keras_history", None), "operation", None)
-        if layer is None:
-            continue
-        # the graph's model names its layers by index (layer_tokens), so that the converter's names can be read
-        index = layer_index(layer.name)
-        if index is None and layer.name in graph.layer_names:
-            index = graph.layer_names.index(layer.name)
-        if index is not None:
-            found.add(index)
-    return found
 
 
 def _convert_savedmodel(
