@@ -115,7 +115,7 @@ def output_layers(graph: KerasGraph) -> set[int]:
     from inc_tf._keras_model import layer_index
 
     found: set[int] = set()
-    for tensor in graph.model.outputs:
+    for tensor in getattr(graph.model, "outputs", None) or ():  # a subclassed model has no symbolic outputs
         layer = getattr(getattr(tensor, "_keras_history", None), "operation", None)
         if layer is None:
             continue
