@@ -5,9 +5,11 @@ quantize (Dense, EinsumDense, every convolution, recurrent cells; inside a user'
 per-output-channel symmetric int8 fake quantization, and each layer's output through an
 activation fake quant whose range follows an exponential moving average of the batch min/max (what
 LiteRT's int8 kernels will see); a kernel layer whose activation LiteRT runs as an op of its own (softmax,
-sigmoid, swish...) learns the range of its kernel's output before that activation as well. ``convert`` puts the trained weights back into the user's
-architecture, has the TF converter fold batch norm as usual, and writes the *learned* ranges into the
-calibrated flatbuffer before the int8 quantizer runs; ``format="savedmodel"`` gives them to the
+sigmoid, swish...) learns the range of its kernel's output before that activation as well. A tensor the int8
+model does not have is not rounded: a convolution's output that LiteRT folds a BatchNormalization into, and a
+linear kernel's (or such a BatchNormalization's) output that a ReLU after it is fused with. ``convert`` puts the
+trained weights back into the user's architecture, has the TF converter fold batch norm as usual, and writes the
+*learned* ranges into the calibrated flatbuffer before the int8 quantizer runs; ``format="savedmodel"`` gives them to the
 SavedModel target's graph rewrite in place of calibration observers.
 """
 
@@ -153,6 +155,8 @@ class FakeQuant(keras.layers.Layer):
         else:
             y = self.layer(inputs, *args, training=training, **kwargs)
         if not self.quantize_output or not isinstance(y, tf.Tensor) or not y.dtype.is_floating:
+            if training and self.quantize_input:  # a model input's range was learned (a conv BN is folded into)
+                self.range_seen.assign(1.0)
             return y
         if training:
             self._update_range(y, self.range_min, self.range_max)
@@ -306,6 +310,39 @@ def _takes_several_arguments(layer: keras.layers.Layer) -> bool:
     return False
 
 
+def _is_fused_relu(layer: keras.layers.Layer) -> bool:
+    """A ReLU or ReLU6 layer, which LiteRT runs as the fused activation of the kernel op before it."""
+    if isinstance(layer, keras.layers.ReLU):
+        return not layer.negative_slope and not layer.threshold and layer.max_value in (None, 6.0)
+    if isinstance(layer, keras.layers.Activation):
+        return getattr(layer.activation, "__name__", "") in ("relu", "relu6")
+    return False
+
+
+def _linear(layer: keras.layers.Layer) -> bool:
+    return getattr(getattr(layer, "activation", None), "__name__", "linear") == "linear"
+
+
+def _folded_into_reader(layer: keras.layers.Layer, model_outputs: set[int]) -> bool:
+    """Whether LiteRT computes ``layer``'s output inside the op of the one layer reading it, so that the tensor does
+    not exist in the int8 model: a convolution's output, when a BatchNormalization after it is folded into its
+    kernel; a linear kernel's or such a BatchNormalization's output, when the ReLU after it is fused into the kernel
+    op. Fake-quantizing it trained the model on rounding its int8 form never does."""
+    if len(layer._inbound_nodes) != 1 or len(layer._outbound_nodes) != 1:
+        return False
+    if any(id(t) in model_outputs for t in keras.tree.flatten(layer._inbound_nodes[0].output_tensors)):
+        return False
+    reader = layer._outbound_nodes[0].operation
+    if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) and _linear(layer):
+        return isinstance(reader, keras.layers.BatchNormalization) or _is_fused_relu(reader)
+    if isinstance(layer, keras.layers.Dense) and _linear(layer):
+        return _is_fused_relu(reader)
+    if isinstance(layer, keras.layers.BatchNormalization) and _is_fused_relu(reader):
+        producers = layer._inbound_nodes[0].parent_nodes
+        return len(producers) == 1 and _folded_into_reader(producers[0].operation, model_outputs)
+    return False
+
+
 def _wrappers(model: keras.Model) -> list[FakeQuant]:
     return [layer for layer in model.layers if isinstance(layer, FakeQuant)]
 
@@ -345,6 +382,7 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
 
     # Float inputs only: an integer input (an Embedding's codes) is not quantized, and LiteRT feeds it as it is.
     input_ids = {id(t) for t in model.inputs if "float" in str(getattr(t, "dtype", "float32"))}
+    output_ids = {id(t) for t in keras.tree.flatten(model.outputs)}
 
     def reads_model_input(layer: keras.layers.Layer) -> bool:
         # One tensor argument only: a layer fed a list ([query, value] to Attention, [x, skip] to Add) passes it
@@ -375,7 +413,7 @@ def prepare_qat(model: keras.Model, config: QATConfig | None = None) -> keras.Mo
             quantize_kernel=layer.name not in excluded,
             # MultiHeadAttention(query, value), a transformer block given its padding mask: kernels fake-quantized,
             # the output range taken from calibration at convert (one range for a layer of several inputs)
-            quantize_output=not several,
+            quantize_output=not several and not _folded_into_reader(layer, output_ids),
             per_channel=per_channel,
             symmetric=symmetric,
             # a layer standardising raw features reads them in float in the INT8 model (ptq._quantize's
