@@ -137,7 +137,7 @@ def _vocab_size(model: nn.Module) -> int | None:
     return int(embedding.num_embeddings) if isinstance(embedding, nn.Embedding) else None
 
 
-def _label_parameters(model: nn.Module) -> set[str]:
+def label_parameters(model: nn.Module) -> set[str]:
     """The forward parameters of a transformers model that take labels (as ``transformers.utils.find_labels``
     reads them: names holding "label", and a QA head's answer positions)."""
     try:
@@ -157,7 +157,7 @@ def drop_label_inputs(model: nn.Module, inputs: Inputs, where: str | None = None
     args, kwargs = inputs
     if not kwargs or not is_hf_model(model):
         return inputs
-    labels = sorted(_label_parameters(model) & set(kwargs))
+    labels = sorted(label_parameters(model) & set(kwargs))
     if not labels:
         return inputs
     kept = {k: v for k, v in kwargs.items() if k not in labels}

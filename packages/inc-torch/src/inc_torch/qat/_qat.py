@@ -37,6 +37,7 @@ from inc_torch.ptq._pt2e import float_only_quantizer_class
 from inc_torch.ptq._pt2e_tables import quantize_tables
 from inc_torch.ptq._settings import OpSettings
 from inc_torch.qat._fold_bn import folding_only_qat_conv_bn_pairs
+from inc_torch.qat._labels import check_label_inputs, drop_label_inputs, label_inputs, without_labels
 
 log = logging.getLogger("inc")
 
@@ -62,6 +63,7 @@ class _QatState:
     bn_frozen: bool = False
     hook_id: int | None = None
     tables: frozenset[str] = frozenset()  # PT2E: the Embedding modules whose tables convert stores in 8 bits
+    labels: tuple[str, ...] = ()  # PT2E: the label inputs of a transformers model, left out of the INT8 model
 
 
 def _check(model: Any, config: Any) -> str:
@@ -245,7 +247,10 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
         model: the FP32 model (left unchanged unless ``inplace``).
         config: the QAT recipe; ``format`` ``"default"``/``"pt2e"`` (torch.export graph, converts to an
             inductor INT8 model) or ``"fx"`` (torch.ao FX, converts to x86 quantized modules).
-        example_inputs: one batch: a tensor/array, a tuple of them, or a mapping of keyword inputs.
+        example_inputs: one batch: a tensor/array, a tuple of them, or a mapping of keyword inputs. A
+            transformers model's batch may hold its ``labels``: the QAT model then takes them and returns the
+            head's loss (``model(**batch).loss``, as in a Hugging Face loop); the INT8 model of :func:`convert`
+            takes the other inputs alone (PT2E).
         inplace: allow FX preparation to reuse ``model``'s modules instead of copying them.
 
     Returns:
@@ -300,7 +305,12 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
         prepared = fx_prepare(work, mapping, positional(work, example), qat=True, leaves=(KeptFloat,))
         _reduce_depthwise_fake_quant(prepared, config)
     tables = frozenset(op.name for op in ops if op.op_type in LOOKUP_NAMES and op.name not in excluded)
-    state = _QatState(format=fmt, config=config, example=example, tables=tables if fmt == "pt2e" else frozenset())
+    labels = label_inputs(model, example) if fmt == "pt2e" else ()
+    if labels:  # the INT8 model will take the inputs alone: refused now, not after training, if it cannot
+        check_label_inputs(prepared, labels)
+    state = _QatState(
+        format=fmt, config=config, example=example, tables=tables if fmt == "pt2e" else frozenset(), labels=labels
+    )
     setattr(prepared, _STATE, state)
     handle = prepared.register_forward_pre_hook(_step_hook)
     state.hook_id = handle.id
@@ -337,7 +347,9 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 converted.__dict__.pop(attr, None)
             # tables train in float (no fake quantization): stored 8 bits per row as post-training PT2E does
             quantize_tables(converted, state.tables)
-            return CompiledQuantizedModule(converted, state.example)
+            if state.labels:  # trained on the head's loss; the INT8 model takes the inputs alone
+                drop_label_inputs(converted, state.labels)
+            return CompiledQuantizedModule(converted, without_labels(state.example, state.labels))
         from torch.ao.quantization.quantize_fx import convert_fx
 
         from inc_torch.ptq._fx import EXAMPLE_ATTR

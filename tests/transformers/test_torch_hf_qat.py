@@ -1,0 +1,98 @@
+"""QAT of a transformers model in a Hugging Face style loop: ``model(**batch).loss`` with the labels in the batch,
+then an INT8 model that takes the inputs alone."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import transformers as tf
+
+import inc_core as inc
+import inc_torch
+from inc_core.errors import UnsupportedModelError
+
+MARK = 7  # a sequence is positive when it holds this token
+
+
+def _task(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Batches of 32 padded sequences, with labels: does the sequence hold token MARK?"""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(10, 200, (32, 16), generator=g)
+        mask = torch.ones_like(ids)
+        lengths = torch.randint(8, 17, (32,), generator=g)
+        labels = (torch.rand(32, generator=g) < 0.5).long()
+        for row in range(32):
+            if labels[row]:
+                ids[row, torch.randint(1, int(lengths[row]), (1,), generator=g)] = MARK
+            ids[row, lengths[row]:], mask[row, lengths[row]:] = 0, 0
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def _classifier() -> tf.BertForSequenceClassification:
+    torch.manual_seed(0)
+    return tf.BertForSequenceClassification(tf.BertConfig(
+        vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=32, num_labels=2,
+    ))
+
+
+def _train(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], lr: float) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr)
+    model.train()
+    for batch in batches:
+        loss = model(**batch).loss  # the head's own loss, as in a Hugging Face loop
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def _accuracy(logits: torch.Tensor, batches: list[dict[str, torch.Tensor]]) -> float:
+    labels = torch.cat([b["labels"] for b in batches])
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def test_a_transformers_model_trains_on_its_own_loss_and_its_int8_model_takes_the_inputs_alone():
+    """Before, labels in ``example_inputs`` were captured with the model: the QAT model trained on its loss, but the
+    INT8 model computed it too and could only be called with labels ("forward() missing 1 required positional
+    argument: 'labels'")."""
+    train, test = _task(30, seed=0), _task(4, seed=1)
+    model = _classifier()
+    _train(model, train * 2, 1e-3)
+    qat = inc_torch.prepare_qat(model, inc.QATConfig(freeze_observer_step=20), train[0])
+    _train(qat, train, 1e-4)
+    inputs = [{k: v for k, v in b.items() if k != "labels"} for b in test]
+    with torch.no_grad():
+        qat_logits = torch.cat([qat(**b, labels=b2["labels"]).logits for b, b2 in zip(inputs, test)])
+    int8 = inc_torch.convert(qat)
+    assert list(inspect.signature(int8.graph_module.forward).parameters) == ["input_ids", "attention_mask"]
+    outputs = [int8(**b) for b in inputs]
+    assert all(o.loss is None for o in outputs)
+    int8_logits = torch.cat([o.logits for o in outputs])
+    assert inc.resolve_backend(int8).int8_op_counts(int8) == {"linear": 14, "embedding": 3}
+    assert torch.nn.functional.cosine_similarity(int8_logits.flatten(), qat_logits.flatten(), dim=0) > 0.99
+    assert _accuracy(int8_logits, test) >= _accuracy(qat_logits, test) - 0.02 >= 0.9
+    assert qat(**train[0]).loss is not None  # the user's QAT model still takes its labels
+
+
+def test_a_seq2seq_model_whose_decoder_reads_the_labels_is_refused_before_training():
+    torch.manual_seed(0)
+    model = tf.T5ForConditionalGeneration(tf.T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0, use_cache=False,
+    )).eval()
+    ids = torch.randint(2, 128, (4, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(2, 128, (4, 6))}
+    with pytest.raises(UnsupportedModelError, match=r"output\(s\) \['logits'\] from its labels.*decoder_input_ids"):
+        inc_torch.prepare_qat(model, inc.QATConfig(), batch)
+    # the way out the message names: the decoder's inputs in the batch, the labels for the loss alone
+    batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    qat = inc_torch.prepare_qat(model, inc.QATConfig(), batch)
+    qat(**batch).loss.backward()
+    int8 = inc_torch.convert(qat.eval())
+    output = int8(**{k: v for k, v in batch.items() if k != "labels"})
+    assert output.loss is None and output.logits.shape == (4, 6, 128)
