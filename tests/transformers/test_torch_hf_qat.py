@@ -80,6 +80,26 @@ def test_a_transformers_model_trains_on_its_own_loss_and_its_int8_model_takes_th
     assert qat(**train[0]).loss is not None  # the user's QAT model still takes its labels
 
 
+def test_the_hugging_face_trainer_trains_the_qat_model(tmp_path):
+    """``transformers.Trainer`` calls ``model(**batch)`` with the labels and reads ``.loss``; it drops the dataset
+    columns ``forward`` does not name, so the QAT model's signature must name them."""
+    train, test = _task(30, seed=0), _task(4, seed=1)
+    model = _classifier()
+    _train(model, train * 2, 1e-3)
+    qat = inc_torch.prepare_qat(model, inc.QATConfig(freeze_observer_step=20), train[0])
+    rows = [{key: value[row] for key, value in batch.items()} for batch in train for row in range(32)]
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=32, num_train_epochs=1, learning_rate=1e-4,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    result = tf.Trainer(model=qat, args=args, train_dataset=rows).train()
+    assert result.global_step == 30 and result.training_loss < 0.1
+    assert qat._inc_qat_state.steps == 30 and qat._inc_qat_state.observers_frozen  # the freeze step counted
+    int8 = inc_torch.convert(qat)
+    logits = torch.cat([int8(**{k: v for k, v in b.items() if k != "labels"}).logits for b in test])
+    assert _accuracy(logits, test) >= 0.9
+
+
 def test_a_seq2seq_model_whose_decoder_reads_the_labels_is_refused_before_training():
     torch.manual_seed(0)
     model = tf.T5ForConditionalGeneration(tf.T5Config(
