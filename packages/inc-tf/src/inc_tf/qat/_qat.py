@@ -155,7 +155,7 @@ class FakeQuant(keras.layers.Layer):
         else:
             y = self.layer(inputs, *args, training=training, **kwargs)
         if not self.quantize_output or not isinstance(y, tf.Tensor) or not y.dtype.is_floating:
-            if training and self.quantize_input:  # a model input's range was learned (a conv BN is folded into)
+            if training and self.quantize_input:  # the input's range was learned, though this output is not rounded
                 self.range_seen.assign(1.0)
             return y
         if training:

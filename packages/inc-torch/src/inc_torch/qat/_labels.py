@@ -47,6 +47,12 @@ def _label_use(graph_module: torch.fx.GraphModule, labels: tuple[str, ...]) -> _
     graph = graph_module.graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder" and node.target in labels]
     inputs = [node for node in graph.nodes if node.op == "placeholder" and node.target not in labels]
+    if len(placeholders) != len(labels):
+        raise UnsupportedModelError(
+            f"QAT: the captured graph's inputs ({[node.target for node in graph.nodes if node.op == 'placeholder']}) "
+            f"do not name the label inputs {list(labels)} of example_inputs; leave the labels out of example_inputs "
+            "and compute the loss from the model's outputs in the training loop."
+        )
     guards = [node for node in graph.nodes if node.op == "call_module" and str(node.target) == "_guards_fn"]
     # the export may take the batch size from the labels (equal to the inputs': a guard said so): from an input
     sizes = {}
