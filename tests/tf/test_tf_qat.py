@@ -227,9 +227,11 @@ def test_an_excluded_softmax_dense_keeps_its_softmax_in_float_too(digits, flow):
     assert len(steps) > 2, "the probabilities are multiples of 1/256: an int8 softmax"
 
 
-def test_convert_without_data_says_which_ranges_it_calibrated_on_synthetic_inputs(digits):
+@pytest.mark.parametrize("fmt", ["tflite", "savedmodel"])
+def test_convert_without_data_says_which_ranges_it_calibrated_on_synthetic_inputs(digits, fmt):
     """A LayerNormalization runs in LiteRT as several int8 ops (mean, variance, rsqrt) whose ranges QAT cannot
-    learn; without ``dataset=`` convert calibrated them on noise, silently (ConvNeXtTiny: 0.90 of the int8 model's
+    learn, and a Dense on a 4-D tensor (ConvNeXt's pointwise convolutions) computes inner tensors on both targets;
+    without ``dataset=`` convert calibrated them on noise, silently (ConvNeXtTiny: 0.90 of the int8 model's
     predictions equal to the QAT model's, 0.9975 with 256 training images)."""
     import warnings
 
@@ -238,22 +240,23 @@ def test_convert_without_data_says_which_ranges_it_calibrated_on_synthetic_input
     inputs = keras.Input((8, 8, 1))
     h = keras.layers.Conv2D(16, 3, padding="same", name="conv")(inputs)
     h = keras.layers.LayerNormalization(name="norm")(h)
-    h = keras.layers.Flatten(name="flatten")(keras.layers.ReLU(name="relu")(h))
-    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(h))
+    h = keras.layers.Dense(16, activation="relu", name="pointwise")(h)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(keras.layers.Flatten(name="flatten")(h)))
     qat = inc_tf.prepare_qat(model, inc.QATConfig(freeze_observer_step=20))
     qat.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     qat.fit(x_train[:640], y_train[:640], epochs=1, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
-    with pytest.warns(UserWarning, match=r"in LayerNormalization layers\).*synthetic inputs.*dataset=") as caught:
-        inc_tf.convert(qat)
+    inside = "LayerNormalization" if fmt == "tflite" else "Dense"  # the SavedModel target keeps LayerNorm float
+    with pytest.warns(UserWarning, match=rf"in {inside} layers.*\).*synthetic inputs.*dataset=") as caught:
+        inc_tf.convert(qat, format=fmt)
     assert len(caught) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        inc_tf.convert(qat, dataset=x_train[:128])
+        inc_tf.convert(qat, dataset=x_train[:128], format=fmt)
         # every int8 range of a plain CNN was learned: nothing to say
         plain = inc_tf.prepare_qat(models.cnn(), inc.QATConfig(freeze_observer_step=20))
         plain.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         plain.fit(x_train[:320], y_train[:320], epochs=1, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
-        inc_tf.convert(plain)
+        inc_tf.convert(plain, format=fmt)
 
 
 def test_qat_rounds_only_the_tensors_the_int8_model_has(digits):

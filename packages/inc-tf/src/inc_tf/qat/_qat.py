@@ -538,7 +538,7 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
         dataset = Dataset(_synthetic_inputs(graph, input_range or (0.0, 1.0)), batch_size=4)
     dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     if format == "savedmodel":
-        return _convert_savedmodel(graph, dataset, config, learned, input_ranges)
+        return _convert_savedmodel(graph, dataset, config, learned, input_ranges, synthetic=synthetic)
     calibration = collect(graph, dataset, samples=64)
     producer = {out: record for record in calibration.records for out in record.outputs}
     owner_list = op_owners(graph, calibration.records)
@@ -660,6 +660,8 @@ def _convert_savedmodel(
     config: QATConfig,
     learned: dict[str, tuple[float, float] | None],
     input_ranges: dict[str, tuple[float, float]],
+    *,
+    synthetic: bool,
 ) -> Any:
     """The SavedModel int8 target: PTQ's graph rewrite (batch norm folded) fed the learned ranges.
 
@@ -684,6 +686,7 @@ def _convert_savedmodel(
         if node.name in layer_of_node and layer_of_node.get(ref.lstrip("^").split(":")[0]) == layer_of_node[node.name]
     }
     ranges: dict[str, tuple[float, float]] = {}
+    unlearned: dict[str, int | None] = {}  # tensor -> its layer, for the tensors observed on ``dataset``
     for unit in plan.units:
         for tensor in (unit.input, unit.output, unit.core_output, unit.summand):
             if tensor is None:
@@ -697,6 +700,10 @@ def _convert_savedmodel(
                 found = None
             if found is not None:
                 ranges[tensor] = found
+            else:
+                unlearned[tensor] = layer_of_node.get(node)
+    if synthetic and unlearned.keys() - ranges.keys():
+        _warn_synthetic_calibration(graph, [unlearned[t] for t in unlearned.keys() - ranges.keys()])
     ptq = QuantConfig(
         format="savedmodel", calibration="minmax", granularity=config.granularity, scheme=config.scheme,
         exclude=config.exclude,
