@@ -295,6 +295,28 @@ def test_qat_rounds_only_the_tensors_the_int8_model_has(digits):
     assert gap < 0.05, f"QAT model and its int8 model differ by {gap:.3f} per logit"
 
 
+@pytest.mark.parametrize("kind", ["conv1d", "separable", "transposed", "dense"])
+def test_each_kernel_the_converter_folds_batch_norm_into_has_its_output_unrounded(kind):
+    """The rule of the test above for every kernel layer the converter folds BN into and fuses a ReLU with; the
+    converter's op list is checked too, so a converter that stops fusing them fails here."""
+    keras.utils.set_random_seed(0)
+    shape, layer = {
+        "conv1d": ((16, 4), keras.layers.Conv1D(8, 3, padding="same", name="kernel")),
+        "separable": ((8, 8, 4), keras.layers.SeparableConv2D(8, 3, padding="same", name="kernel")),
+        "transposed": ((8, 8, 4), keras.layers.Conv2DTranspose(8, 3, padding="same", name="kernel")),
+        "dense": ((16,), keras.layers.Dense(8, name="kernel")),
+    }[kind]
+    inputs = keras.Input(shape)
+    h = keras.layers.ReLU(name="relu")(keras.layers.BatchNormalization(name="bn")(layer(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(keras.layers.Flatten(name="flatten")(h)))
+    qat = inc_tf.prepare_qat(model)
+    rounded = {w.name for w in qat.layers if isinstance(w, inc_tf.FakeQuant) and w.quantize_output}
+    assert rounded == {"relu", "flatten", "head"}, rounded
+    x = np.random.default_rng(0).normal(size=(32, *shape)).astype(np.float32)
+    int8 = inc.quantize(model, inc.QuantConfig(), dataset=inc.Dataset(x, batch_size=8))
+    assert not {"MUL", "ADD", "SUB", "RELU"} & set(int8.op_names()), int8.op_names()  # BN folded, ReLU fused
+
+
 def test_a_qat_model_saved_by_keras_and_loaded_again_converts_as_before(digits, tmp_path):
     """``ModelCheckpoint`` saves the QAT model during ``fit``; loaded again, it had lost what convert and the
     callback read (the user's architecture, the QATConfig): "this QAT model lost its source architecture"."""

@@ -310,6 +310,14 @@ def _takes_several_arguments(layer: keras.layers.Layer) -> bool:
     return False
 
 
+# Kernel layers the TF converter folds a following BatchNormalization into (checked op by op: Conv1D runs as an
+# EXPAND_DIMS -> CONV_2D, SeparableConv2D as DEPTHWISE_CONV_2D -> CONV_2D, Conv2DTranspose as TRANSPOSE_CONV).
+_BN_FOLDING = (
+    keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
+    keras.layers.Conv2DTranspose,
+)
+
+
 def _is_fused_relu(layer: keras.layers.Layer) -> bool:
     """A ReLU or ReLU6 layer, which LiteRT runs as the fused activation of the kernel op before it."""
     if isinstance(layer, keras.layers.ReLU):
@@ -325,18 +333,19 @@ def _linear(layer: keras.layers.Layer) -> bool:
 
 def _folded_into_reader(layer: keras.layers.Layer, model_outputs: set[int]) -> bool:
     """Whether LiteRT computes ``layer``'s output inside the op of the one layer reading it, so that the tensor does
-    not exist in the int8 model: a convolution's output, when a BatchNormalization after it is folded into its
-    kernel; a linear kernel's or such a BatchNormalization's output, when the ReLU after it is fused into the kernel
-    op. Fake-quantizing it trained the model on rounding its int8 form never does."""
+    not exist in the int8 model: a convolution's (or a 2-D Dense's) output, when a BatchNormalization after it is
+    folded into its kernel; a linear kernel's or such a BatchNormalization's output, when the ReLU after it is fused
+    into the kernel op. Fake-quantizing it trained the model on rounding its int8 form never does."""
     if len(layer._inbound_nodes) != 1 or len(layer._outbound_nodes) != 1:
         return False
     if any(id(t) in model_outputs for t in keras.tree.flatten(layer._inbound_nodes[0].output_tensors)):
         return False
     reader = layer._outbound_nodes[0].operation
-    if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) and _linear(layer):
+    if isinstance(layer, _BN_FOLDING) and _linear(layer):
         return isinstance(reader, keras.layers.BatchNormalization) or _is_fused_relu(reader)
     if isinstance(layer, keras.layers.Dense) and _linear(layer):
-        return _is_fused_relu(reader)
+        matrix = len(layer._inbound_nodes[0].output_tensors[0].shape) == 2  # BN folds into a 2-D FULLY_CONNECTED
+        return (matrix and isinstance(reader, keras.layers.BatchNormalization)) or _is_fused_relu(reader)
     if isinstance(layer, keras.layers.BatchNormalization) and _is_fused_relu(reader):
         producers = layer._inbound_nodes[0].parent_nodes
         return len(producers) == 1 and _folded_into_reader(producers[0].operation, model_outputs)
