@@ -100,6 +100,35 @@ def test_the_hugging_face_trainer_trains_the_qat_model(tmp_path):
     assert _accuracy(logits, test) >= 0.9
 
 
+def test_qat_and_int8_models_of_a_transformer_attend_without_dropout_at_inference():
+    """The training-mode export writes a transformers model's attention dropout into each
+    ``scaled_dot_product_attention`` as a constant (0.1); torchao's eval switch rewrites ``aten.dropout`` only, so
+    the QAT model in eval mode and its INT8 model dropped attention weights at random: two calls on one batch
+    differed by up to 1.26, and BERT's hidden states were at cosine 0.98 to FP32 (PTQ: 0.9998)."""
+    from torch_hf_helpers import small_model, token_batches
+
+    model = small_model("bert")
+    batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in token_batches(8, seed=0)]
+    with torch.no_grad():
+        reference = [model(**b).last_hidden_state for b in batches]
+    qat = inc_torch.prepare_qat(model, inc.QATConfig(freeze_observer_step=8), batches[0])
+    for batch in batches + batches[:1]:  # training steps (observing; the ninth freezes the ranges)
+        qat(**batch).last_hidden_state.sum().backward()
+    attention = [n for n in qat.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert attention and all(n.args[4] == 0.1 for n in attention)  # trains with the model's dropout
+    qat.eval()
+    with torch.no_grad():
+        first, again = (qat(**batches[0]).last_hidden_state for _ in range(2))
+    assert torch.equal(first, again)
+    int8 = inc_torch.convert(qat)
+    outputs = [int8(**b).last_hidden_state for b in batches]
+    assert torch.equal(outputs[0], int8(**batches[0]).last_hidden_state)
+    cosine = min(torch.nn.functional.cosine_similarity(o.flatten(), r.flatten(), dim=0) for o, r in zip(outputs, reference))
+    assert cosine > 0.999, cosine
+    qat.train()
+    assert all(n.args[4] == 0.1 for n in attention)
+
+
 def test_a_seq2seq_model_whose_decoder_reads_the_labels_is_refused_before_training():
     torch.manual_seed(0)
     model = tf.T5ForConditionalGeneration(tf.T5Config(
