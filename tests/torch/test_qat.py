@@ -365,3 +365,61 @@ def test_an_untraceable_model_names_only_the_ways_that_apply(qat: bool, dynamic_
     message = str(caught.value)
     assert "torch.fx could not trace _DataDependentBranch" in message and "format='pt2e'" in message
     assert ("approach='dynamic'" in message) == dynamic_named  # QAT has no dynamic counterpart
+
+
+class _DropPath(nn.Module):
+    """Stochastic depth as torchvision's ``stochastic_depth`` and timm's ``DropPath`` write it."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        noise = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+        return x * noise
+
+
+class _ResidualNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()) for _ in range(3))
+        self.drop = nn.ModuleList(_DropPath(0.3) for _ in range(3))
+        self.head = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        for block, drop in zip(self.blocks, self.drop):
+            x = x + drop(block(x))
+        return self.head(x.flatten(1))
+
+
+def test_stochastic_depth_is_off_in_the_evaluated_and_the_int8_qat_model() -> None:
+    """The training-mode export records stochastic depth's random mask as graph ops (a Bernoulli draw divided by
+    the survival rate); no train/eval switch knew them, so the QAT model in eval mode and its INT8 model dropped
+    residual branches at random (torchvision EfficientNet-B0: INT8 different on every call, cosine 0.26 to FP32)."""
+    torch.manual_seed(0)
+    model = _ResidualNet().eval()
+    x = _example()
+    with torch.no_grad():
+        reference = model(x)
+    qat = inc_torch.prepare_qat(model, inc.QATConfig(freeze_observer_step=2), x)
+    for _ in range(3):
+        qat(x).sum().backward()
+    with torch.no_grad():
+        assert not torch.equal(qat(x), qat(x))  # training: branches dropped at random
+        qat.eval()
+        first = qat(x)
+        assert torch.equal(first, qat(x))
+    assert F.cosine_similarity(first.flatten(), reference.flatten(), dim=0) > 0.99
+    int8 = inc_torch.convert(qat)
+    assert not [n for n in int8.graph_module.graph.nodes if "bernoulli" in str(n.target)]
+    outputs = int8(x)
+    assert torch.equal(outputs, int8(x))
+    assert F.cosine_similarity(outputs.flatten(), reference.flatten(), dim=0) > 0.99
+    qat.train()
+    with torch.no_grad():
+        assert not torch.equal(qat(x), qat(x))  # the masks are back for training

@@ -196,6 +196,7 @@ def _pt2e_train_eval(model: torch.fx.GraphModule) -> None:
         else:
             export_utils._move_exported_model_to_eval(self)
         _switch_attention_dropout(self, train=mode)
+        _switch_drop_path(self, train=mode)
         self.training = mode
         return self
 
@@ -233,6 +234,78 @@ def _switch_attention_dropout(graph_module: torch.fx.GraphModule, *, train: bool
             changed = True
     if changed:
         graph_module.recompile()
+
+
+_BERNOULLI = ("aten.bernoulli_.float", "aten.bernoulli.p", "aten.bernoulli.default")
+_DIVIDE = ("aten.div_.Scalar", "aten.div.Scalar", "aten.div_.Tensor", "aten.div.Tensor")
+
+
+def _drop_path_masks(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, list[torch.fx.Node]]]:
+    """The random masks of stochastic depth (torchvision's ``StochasticDepth``, timm's ``DropPath``): a Bernoulli
+    draw, divided by the survival rate, multiplying a branch. Each with the nodes drawing it (last first)."""
+    masks = []
+    for node in graph_module.graph.nodes:
+        if str(node.target) not in _BERNOULLI:
+            continue
+        mask, drawing = node, [node]
+        users = list(node.users)
+        if len(users) == 1 and str(users[0].target) in _DIVIDE and users[0].args[0] is node:
+            mask = users[0]
+            drawing.insert(0, mask)
+        if mask.users and all(str(user.target) == "aten.mul.Tensor" for user in mask.users):
+            masks.append((mask, drawing))
+    return masks
+
+
+def _switch_drop_path(graph_module: torch.fx.GraphModule, *, train: bool) -> None:
+    """Stochastic depth off for evaluation (each branch multiplied by 1), on again for training.
+
+    The training-mode export records the random mask as graph ops, which no train/eval switch knows: the QAT
+    model in eval mode and its INT8 model dropped residual branches at random (torchvision EfficientNet-B0: INT8
+    outputs different on every call, cosine 0.26 to FP32 against PTQ's 0.93)."""
+    changed = False
+    if train:
+        for node in graph_module.graph.nodes:
+            saved = node.meta.pop("inc_drop_path", None)
+            if saved is not None:
+                node.args, changed = saved, True
+    else:
+        for mask, _ in _drop_path_masks(graph_module):
+            for user in list(mask.users):
+                user.meta["inc_drop_path"] = user.args
+                user.args, changed = tuple(1.0 if arg is mask else arg for arg in user.args), True
+    if changed:
+        graph_module.recompile()
+
+
+def _erase_drop_path(graph_module: torch.fx.GraphModule) -> None:
+    """Take the masks an evaluation graph (the INT8 model's, after :func:`_switch_drop_path`) no longer reads out of
+    it: an in-place Bernoulli draw survives dead-code elimination, and would run on every call."""
+    graph = graph_module.graph
+    for node in graph.nodes:
+        node.meta.pop("inc_drop_path", None)
+    for _, drawing in _unread_masks(graph_module):
+        for node in drawing:
+            graph.erase_node(node)
+    graph_module.recompile()
+
+
+def _unread_masks(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, list[torch.fx.Node]]]:
+    found = []
+    for node in graph_module.graph.nodes:
+        if str(node.target) not in _BERNOULLI:
+            continue
+        mask, drawing = node, [node]
+        users = list(node.users)
+        if len(users) == 1 and str(users[0].target) in _DIVIDE and users[0].args[0] is node:
+            mask = users[0]
+            drawing.insert(0, mask)
+        drawn = node.args[0] if node.args else None
+        if isinstance(drawn, torch.fx.Node) and len(drawn.users) == 1 and "empty" in str(drawn.target):
+            drawing.append(drawn)  # the uninitialised tensor drawn into
+        if not mask.users:
+            found.append((mask, drawing))
+    return found
 
 
 def _step_hook(module: nn.Module, args: Any) -> None:
@@ -371,6 +444,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     work.eval()
     with quiet():
         if state.format == "pt2e":
+            _erase_drop_path(work)  # off since work.eval(); the INT8 model draws no mask
             with folding_only_qat_conv_bn_pairs():
                 converted = torchao_pt2e().convert_pt2e(work)
             for attr in ("train", "eval", _STATE):
