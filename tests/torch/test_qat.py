@@ -423,3 +423,36 @@ def test_stochastic_depth_is_off_in_the_evaluated_and_the_int8_qat_model() -> No
     qat.train()
     with torch.no_grad():
         assert not torch.equal(qat(x), qat(x))  # the masks are back for training
+
+
+def test_a_batch_norm_keeps_its_eps_and_momentum_through_qat_and_convert() -> None:
+    """torchao writes the batch norms of its QAT graphs with eps 1e-5 and momentum 0.1, and folds them into the INT8
+    convs with eps 1e-5 (torchvision's MobileNetV3 has eps 1e-3: INT8 cosine 0.54 to FP32, PTQ 0.96)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16, eps=0.1, momentum=0.3), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16, eps=0.1, momentum=0.3), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+    )
+    x = _example()
+    with torch.no_grad():
+        for bn in (model[1], model[4]):  # statistics where eps matters: variances near it
+            bn.running_var.uniform_(0.02, 0.2)
+            bn.running_mean.normal_(0.0, 0.1)
+    model.eval()
+    qat = inc_torch.prepare_qat(model, inc.QATConfig(freeze_observer_step=2, freeze_bn_step=0), x)
+
+    def settings() -> set[tuple[float, float]]:
+        return {(n.args[6], n.args[7]) for n in qat.graph.nodes if n.target is torch.ops.aten.batch_norm.default}
+
+    assert settings() == {(0.3, 0.1)}
+    for _ in range(3):
+        qat(x).sum().backward()
+    qat.eval()
+    assert settings() == {(0.3, 0.1)}
+    with torch.no_grad():
+        evaluated = qat(x)  # batch norm stepped once (the freeze takes effect from the next call)
+    int8 = inc_torch.convert(qat)  # each batch norm folded with its own eps (with 1e-5: cosine far below)
+    assert F.cosine_similarity(int8(x).flatten(), evaluated.flatten(), dim=0) > 0.999
+    qat.train()
+    assert settings() == {(0.3, 0.1)}

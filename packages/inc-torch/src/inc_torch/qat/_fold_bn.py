@@ -21,8 +21,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["folding_only_qat_conv_bn_pairs"]
+__all__ = [
+    "batch_norm_settings", "folding_only_qat_conv_bn_pairs", "folding_with_batch_norm_settings",
+    "restore_batch_norm_settings",
+]
 
 
 def _aten_packets() -> dict[Callable[..., Any], Any]:
@@ -82,3 +86,74 @@ def folding_only_qat_conv_bn_pairs() -> Iterator[None]:
         yield
     finally:
         qat_utils._fold_conv_bn_qat_helper = original
+
+
+# Batch-norm settings. torchao writes every batch norm of a QAT graph with the defaults (eps 1e-5, momentum 0.1):
+# its QAT conv-bn rewrite, its train/eval switch, and the plain conv-bn pattern its convert folds from (its own
+# "TODO: allow setting eps"). torchvision's MobileNetV3 (eps 1e-3) drifted layer by layer: cosine 0.46 to FP32 with
+# fake quantization off, and its INT8 weights were folded with the wrong eps. inc gives each batch norm its
+# module's settings again, found by the module path of the running mean it reads.
+
+Settings = dict[str, tuple[float | None, float]]
+
+# (momentum, eps) positions of the batch-norm ops in a training-mode export
+_BATCH_NORM_ARGS = {"aten.batch_norm.default": (6, 7), "aten._native_batch_norm_legit.default": (6, 7)}
+
+
+def batch_norm_settings(model: nn.Module) -> Settings:
+    """Each batch norm's (momentum, eps), by module path."""
+    return {
+        name: (module.momentum, module.eps)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    }
+
+
+def _set(node: torch.fx.Node, settings: Settings) -> bool:
+    positions = _BATCH_NORM_ARGS.get(str(node.target))
+    if positions is None or len(node.args) <= positions[1]:
+        return False
+    running_mean = node.args[3]
+    if not isinstance(running_mean, torch.fx.Node) or running_mean.op != "get_attr":
+        return False
+    found = settings.get(str(running_mean.target).rpartition(".")[0])
+    if found is None:
+        return False
+    args = list(node.args)
+    momentum, eps = found
+    if momentum is not None:  # None (a cumulative average) has no graph form: left as torchao writes it
+        args[positions[0]] = momentum
+    args[positions[1]] = eps
+    if tuple(args) == node.args:
+        return False
+    node.args = tuple(args)
+    return True
+
+
+def restore_batch_norm_settings(graph_module: torch.fx.GraphModule, settings: Settings) -> None:
+    """Give each batch norm of a QAT graph its module's ``eps`` and ``momentum`` again (in place)."""
+    changed = [_set(node, settings) for node in graph_module.graph.nodes]
+    if any(changed):
+        graph_module.recompile()
+
+
+@contextlib.contextmanager
+def folding_with_batch_norm_settings(settings: Settings) -> Iterator[None]:
+    """Within the block, torchao's convert folds each batch norm into its conv with the module's ``eps``."""
+    try:
+        from torchao.quantization.pt2e import qat_utils
+
+        original = qat_utils.fold_bn_weights_into_conv_node
+    except (ImportError, AttributeError):  # another torchao: folded as it ships
+        yield
+        return
+
+    def fold(conv_node: Any, conv_weight_node: Any, conv_bias_node: Any, bn_node: Any, m: Any, *args: Any, **kwargs: Any) -> Any:
+        _set(bn_node, settings)
+        return original(conv_node, conv_weight_node, conv_bias_node, bn_node, m, *args, **kwargs)
+
+    qat_utils.fold_bn_weights_into_conv_node = fold
+    try:
+        yield
+    finally:
+        qat_utils.fold_bn_weights_into_conv_node = original
