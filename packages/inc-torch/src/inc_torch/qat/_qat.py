@@ -352,7 +352,11 @@ def _step_hook(module: nn.Module, args: Any) -> None:
     config = state.config
     if config.freeze_observer_step is not None and not state.observers_frozen and state.steps > config.freeze_observer_step:
         _freeze_observers(module, state)
-    if config.freeze_bn_step is not None and not state.bn_frozen and state.steps > config.freeze_bn_step:
+    # PT2E freezes batch norm by rewriting the graph, which takes effect from the next call (nn.Module binds
+    # forward before it runs the pre-hooks): rewritten one step ahead, so that both paths update the statistics
+    # in exactly freeze_bn_step steps
+    ahead = 1 if state.format == "pt2e" else 0
+    if config.freeze_bn_step is not None and not state.bn_frozen and state.steps + ahead > config.freeze_bn_step:
         _freeze_bn(module, state)
 
 
@@ -456,6 +460,8 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
     handle = prepared.register_forward_pre_hook(_step_hook)
     state.hook_id = handle.id
     prepared.train()
+    if config.freeze_bn_step == 0:  # statistics never updated
+        _freeze_bn(prepared, state)
     return prepared
 
 
