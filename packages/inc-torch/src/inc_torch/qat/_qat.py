@@ -43,6 +43,7 @@ from inc_torch.qat._fold_bn import (
     restore_batch_norm_settings,
 )
 from inc_torch.qat._labels import check_label_inputs, drop_label_inputs, label_inputs, without_labels
+from inc_torch.qat._train_eval import erase_drop_path, switch_attention_dropout, switch_drop_path
 
 log = logging.getLogger("inc")
 
@@ -202,9 +203,8 @@ def _pt2e_train_eval(model: torch.fx.GraphModule) -> None:
                 export_utils._replace_batchnorm(self, train_to_eval=True)
         else:
             export_utils._move_exported_model_to_eval(self)
-        _switch_attention_dropout(self, train=mode)
-        _switch_drop_path(self, train=mode)
-        _switch_dropout_flags(self, train=mode)
+        switch_attention_dropout(self, train=mode)
+        switch_drop_path(self, train=mode)
         restore_batch_norm_settings(self, getattr(self, _STATE).batch_norms)
         self.training = mode
         return self
@@ -214,134 +214,6 @@ def _pt2e_train_eval(model: torch.fx.GraphModule) -> None:
 
     model.train = types.MethodType(train, model)  # type: ignore[method-assign]
     model.eval = types.MethodType(eval_, model)  # type: ignore[method-assign]
-
-
-_SDPA_DROPOUT = 4  # scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, ...)
-
-
-def _switch_attention_dropout(graph_module: torch.fx.GraphModule, *, train: bool) -> None:
-    """Set the attention dropout the training-mode export wrote into each ``scaled_dot_product_attention`` as a
-    constant (a transformers model passes ``dropout_p=0.1 if self.training else 0.0``) to 0 for evaluation, and
-    back for training. torchao's train/eval switch rewrites ``aten.dropout`` only: the QAT model and its INT8
-    model dropped a tenth of the attention weights at inference, different on every call (BERT hidden states
-    cosine 0.985 to FP32 with fake quantization off)."""
-    changed = False
-    for node in graph_module.graph.nodes:
-        if node.target is not torch.ops.aten.scaled_dot_product_attention.default:
-            continue
-        args, kwargs = list(node.args), dict(node.kwargs)
-        trained = node.meta.setdefault("inc_dropout_p", kwargs.get("dropout_p", args[_SDPA_DROPOUT] if len(args) > _SDPA_DROPOUT else 0.0))
-        wanted = trained if train else 0.0
-        if "dropout_p" in kwargs:
-            kwargs["dropout_p"] = wanted
-        elif len(args) > _SDPA_DROPOUT:
-            args[_SDPA_DROPOUT] = wanted
-        else:
-            continue
-        if (tuple(args), kwargs) != (node.args, dict(node.kwargs)):
-            node.args, node.kwargs = tuple(args), kwargs
-            changed = True
-    if changed:
-        graph_module.recompile()
-
-
-# Dropout ops taking (input, p, train) that torchao's train/eval switch does not rewrite (it matches aten.dropout).
-_DROPOUTS = frozenset({
-    "aten.dropout_.default", "aten.feature_dropout.default", "aten.feature_dropout_.default",
-    "aten.alpha_dropout.default", "aten.alpha_dropout_.default", "aten.feature_alpha_dropout.default",
-    "aten.feature_alpha_dropout_.default",
-})
-
-
-def _switch_dropout_flags(graph_module: torch.fx.GraphModule, *, train: bool) -> None:
-    """Turn the ``train`` flag of in-place and feature dropouts off for evaluation and back for training.
-
-    ``nn.Dropout(inplace=True)`` (torchvision's MobileNetV3 and EfficientNet classifiers) exports as
-    ``aten.dropout_``, which torchao's switch leaves on: the QAT model in eval mode and its INT8 model dropped a
-    fifth of the classifier's features at random (MobileNetV3-Small: cosine 0.46 to FP32 with fake quant off)."""
-    changed = False
-    for node in graph_module.graph.nodes:
-        if str(node.target) not in _DROPOUTS or len(node.args) < 3:
-            continue
-        trained = node.meta.setdefault("inc_dropout_train", node.args[2])
-        wanted = bool(trained) if train else False
-        if node.args[2] != wanted:
-            node.args = (*node.args[:2], wanted, *node.args[3:])
-            changed = True
-    if changed:
-        graph_module.recompile()
-
-
-_BERNOULLI = ("aten.bernoulli_.float", "aten.bernoulli.p", "aten.bernoulli.default")
-_DIVIDE = ("aten.div_.Scalar", "aten.div.Scalar", "aten.div_.Tensor", "aten.div.Tensor")
-
-
-def _drop_path_masks(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, list[torch.fx.Node]]]:
-    """The random masks of stochastic depth (torchvision's ``StochasticDepth``, timm's ``DropPath``): a Bernoulli
-    draw, divided by the survival rate, multiplying a branch. Each with the nodes drawing it (last first)."""
-    masks = []
-    for node in graph_module.graph.nodes:
-        if str(node.target) not in _BERNOULLI:
-            continue
-        mask, drawing = node, [node]
-        users = list(node.users)
-        if len(users) == 1 and str(users[0].target) in _DIVIDE and users[0].args[0] is node:
-            mask = users[0]
-            drawing.insert(0, mask)
-        if mask.users and all(str(user.target) == "aten.mul.Tensor" for user in mask.users):
-            masks.append((mask, drawing))
-    return masks
-
-
-def _switch_drop_path(graph_module: torch.fx.GraphModule, *, train: bool) -> None:
-    """Stochastic depth off for evaluation (each branch multiplied by 1), on again for training.
-
-    The training-mode export records the random mask as graph ops, which no train/eval switch knows: the QAT
-    model in eval mode and its INT8 model dropped residual branches at random (torchvision EfficientNet-B0: INT8
-    outputs different on every call, cosine 0.26 to FP32 against PTQ's 0.93)."""
-    changed = False
-    if train:
-        for node in graph_module.graph.nodes:
-            saved = node.meta.pop("inc_drop_path", None)
-            if saved is not None:
-                node.args, changed = saved, True
-    else:
-        for mask, _ in _drop_path_masks(graph_module):
-            for user in list(mask.users):
-                user.meta["inc_drop_path"] = user.args
-                user.args, changed = tuple(1.0 if arg is mask else arg for arg in user.args), True
-    if changed:
-        graph_module.recompile()
-
-
-def _erase_drop_path(graph_module: torch.fx.GraphModule) -> None:
-    """Take the masks an evaluation graph (the INT8 model's, after :func:`_switch_drop_path`) no longer reads out of
-    it: an in-place Bernoulli draw survives dead-code elimination, and would run on every call."""
-    graph = graph_module.graph
-    for node in graph.nodes:
-        node.meta.pop("inc_drop_path", None)
-    for _, drawing in _unread_masks(graph_module):
-        for node in drawing:
-            graph.erase_node(node)
-    graph_module.recompile()
-
-
-def _unread_masks(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, list[torch.fx.Node]]]:
-    found = []
-    for node in graph_module.graph.nodes:
-        if str(node.target) not in _BERNOULLI:
-            continue
-        mask, drawing = node, [node]
-        users = list(node.users)
-        if len(users) == 1 and str(users[0].target) in _DIVIDE and users[0].args[0] is node:
-            mask = users[0]
-            drawing.insert(0, mask)
-        drawn = node.args[0] if node.args else None
-        if isinstance(drawn, torch.fx.Node) and len(drawn.users) == 1 and "empty" in str(drawn.target):
-            drawing.append(drawn)  # the uninitialised tensor drawn into
-        if not mask.users:
-            found.append((mask, drawing))
-    return found
 
 
 def _step_hook(module: nn.Module, args: Any) -> None:
@@ -488,7 +360,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     work.eval()
     with quiet():
         if state.format == "pt2e":
-            _erase_drop_path(work)  # off since work.eval(); the INT8 model draws no mask
+            erase_drop_path(work)  # off since work.eval(); the INT8 model draws no mask
             with folding_only_qat_conv_bn_pairs(), folding_with_batch_norm_settings(state.batch_norms):
                 converted = torchao_pt2e().convert_pt2e(work)
             for attr in ("train", "eval", _STATE):
