@@ -92,7 +92,7 @@ def test_qat_of_a_model_with_attention_keeps_its_trained_weights(digits, fmt):
     qat = inc_tf.prepare_qat(model, inc.QATConfig())
     mha = qat.get_layer("mha")  # its query/key/value/output kernels train fake-quantized; its output range is calibrated
     assert type(mha.layer).__name__ == "MultiHeadAttention" and not mha.quantize_output
-    assert len(inc_tf.qat._qat.kernel_slots(mha.layer)) == 4
+    assert len(inc_tf.qat._fake_quant.kernel_slots(mha.layer)) == 4
     qat.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     qat.fit(x_train, digits[2], epochs=2, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
     q = inc_tf.convert(qat, format=fmt)

@@ -21,7 +21,9 @@ from inc_tf._savedmodel import TFSavedModel
 from inc_tf.distill import Distiller
 from inc_tf.prune import PruningCallback, sparsity_report, strip
 from inc_tf.ptq._calibrate import TfCalibration
-from inc_tf.qat._qat import FakeQuant, QATCallback, convert, prepare_qat
+from inc_tf.qat._convert import convert
+from inc_tf.qat._fake_quant import FakeQuant
+from inc_tf.qat._qat import QATCallback, prepare_qat
 
 __version__ = "0.1.0"
 
