@@ -164,13 +164,7 @@ def test_qat_of_a_recurrent_token_model_converts_without_a_dataset():
     assert accuracy(inc_tf.convert(qat)) >= accuracy(qat) - 0.05
 
 
-@pytest.mark.parametrize("fmt", ["tflite", "savedmodel"])
-def test_qat_of_a_model_ending_in_a_softmax_dense_converts_to_the_same_probabilities(digits, fmt):
-    """``Dense(10, activation="softmax")`` (the head of every keras.applications model): LiteRT runs the softmax as
-    an op of its own after the Dense, and the layer's learned range, that of its probabilities (0 to 1), was given
-    to the logits before the softmax: every logit clipped to [0, 1] (EfficientNetV2B0 trained on digits: QAT model
-    0.86, converted 0.40)."""
-    x_train, x_test, y_train, y_test = digits
+def _softmax_head_model(x_train, y_train, *, epochs: int = 2) -> keras.Model:
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 1))
     h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv")(inputs)
@@ -178,7 +172,18 @@ def test_qat_of_a_model_ending_in_a_softmax_dense_converts_to_the_same_probabili
     h = keras.layers.Dense(64, activation="relu", name="fc")(h)
     model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="probabilities")(h))
     model.compile("adam", "sparse_categorical_crossentropy")
-    model.fit(x_train, y_train, epochs=3, batch_size=32, verbose=0)
+    model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "savedmodel"])
+def test_qat_of_a_model_ending_in_a_softmax_dense_converts_to_the_same_probabilities(digits, fmt):
+    """``Dense(10, activation="softmax")`` (the head of every keras.applications model): LiteRT runs the softmax as
+    an op of its own after the Dense, and the layer's learned range, that of its probabilities (0 to 1), was given
+    to the logits before the softmax: every logit clipped to [0, 1] (EfficientNetV2B0 trained on digits: QAT model
+    0.86, converted 0.40)."""
+    x_train, x_test, y_train, y_test = digits
+    model = _softmax_head_model(x_train, y_train, epochs=3)
     qat = inc_tf.prepare_qat(model, inc.QATConfig(freeze_observer_step=60))
     qat.compile(keras.optimizers.Adam(5e-4), "sparse_categorical_crossentropy")
     qat.fit(x_train, y_train, epochs=1, batch_size=32, verbose=0, callbacks=[inc_tf.QATCallback()])
@@ -187,18 +192,6 @@ def test_qat_of_a_model_ending_in_a_softmax_dense_converts_to_the_same_probabili
     probabilities = np.asarray(int8(x_test))
     assert np.abs(probabilities - expected).max() < 0.1, np.abs(probabilities - expected).max()
     assert models.accuracy(int8, x_test, y_test) >= models.accuracy(qat, x_test, y_test) - 0.01
-
-
-def _softmax_head_model(x_train, y_train) -> keras.Model:
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv")(inputs)
-    h = keras.layers.Flatten(name="flatten")(h)
-    h = keras.layers.Dense(64, activation="relu", name="fc")(h)
-    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="probabilities")(h))
-    model.compile("adam", "sparse_categorical_crossentropy")
-    model.fit(x_train, y_train, epochs=2, batch_size=32, verbose=0)
-    return model
 
 
 @pytest.mark.parametrize("flow", ["ptq", "qat"])

@@ -146,6 +146,15 @@ def float_layer_nodes(graph: KerasGraph, records: list[OpRecord]) -> list[str]:
     return [name for record in records if layer_of_op(graph, record) in kept for name in record.output_names]
 
 
+def float_nodes(graph: KerasGraph, records: list[OpRecord], owners: list[int | None], excluded: set[int]) -> list[str]:
+    """Output names of the ops kept float (the quantizer's denylist): those of the ``excluded`` layers (their last
+    step too, by ``owners`` of :func:`op_owners`) and :func:`float_layer_nodes`."""
+    return [
+        name for record, owner in zip(records, owners) if (layers_of_op(graph, record) | {owner}) & excluded
+        for name in record.output_names
+    ] + float_layer_nodes(graph, records)
+
+
 #: Ops that hand on a part of their input unchanged: the quantizer gives their outputs their input's scale.
 SELECTORS = ("STRIDED_SLICE", "SLICE", "SPLIT", "SPLIT_V", "GATHER", "GATHER_ND", "UNPACK")
 
@@ -212,13 +221,7 @@ def quantize_static(graph: KerasGraph, config: QuantConfig, calibration: TfCalib
         ranges[tensor] = symmetric_if(scheme, calibration.range(
             tensor, method, percentile=float(config.percentile), dtype=config.activation_dtype, scheme=scheme
         ))
-    excluded = _excluded(graph, config)
-    denylist = [
-        name
-        for record, owner in zip(calibration.records, owners)
-        if (layers_of_op(graph, record) | {owner}) & excluded
-        for name in record.output_names
-    ] + float_layer_nodes(graph, calibration.records)
+    denylist = float_nodes(graph, calibration.records, owners, _excluded(graph, config))
     calibrated = split_inputs_as_slices(calibration.calibrated)
     records = calibration.records if calibrated is calibration.calibrated else op_records(calibrated)
     content = quantize_flatbuffer(

@@ -57,7 +57,7 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
     from inc_tf._litert import LiteRTModel, check_runs
     from inc_tf.ptq._calibrate import collect
     from inc_tf.ptq._convert import quantize_flatbuffer
-    from inc_tf.ptq._quantize import describe_graph, float_layer_nodes, layers_of_op, op_owners
+    from inc_tf.ptq._quantize import describe_graph, float_nodes, op_owners
 
     wrappers = _wrappers(model) if isinstance(model, keras.Model) else []
     if not wrappers:
@@ -118,12 +118,7 @@ def convert(model: keras.Model, *, dataset: Any = None, format: str = "tflite") 
     excluded = {
         graph.layer_names.index(op.name) for op in describe_graph(graph).ops if config.exclude.matches(op.name, op.op_type)
     }
-    excluded_nodes = [
-        name
-        for record, owner in zip(calibration.records, owner_list)
-        if (layers_of_op(graph, record) | {owner}) & excluded
-        for name in record.output_names
-    ] + float_layer_nodes(graph, calibration.records)
+    excluded_nodes = float_nodes(graph, calibration.records, owner_list, excluded)
     if synthetic:  # what stays float (excluded, a Normalization) uses no range
         float_ops = set(excluded_nodes)
         calibrated = [owner for owner, names in unlearned if float_ops.isdisjoint(names)]
