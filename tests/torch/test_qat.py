@@ -444,16 +444,26 @@ def test_a_batch_norm_keeps_its_eps_and_momentum_through_qat_and_convert() -> No
     qat = inc_torch.prepare_qat(model, inc.QATConfig(freeze_observer_step=2, freeze_bn_step=0), x)
 
     def settings() -> set[tuple[float, float]]:
-        return {(n.args[6], n.args[7]) for n in qat.graph.nodes if n.target is torch.ops.aten.batch_norm.default}
+        bn = {(n.args[6], n.args[7]) for n in qat.graph.nodes if n.target is torch.ops.aten.batch_norm.default}
+        # the scale factor bn.weight / sqrt(running_var + eps) the conv's weight is fake-quantized with
+        scale = {n.args[1] for n in qat.graph.nodes if n.target is torch.ops.aten.add.Tensor
+                 and str(getattr(n.args[0], "target", "")).endswith("running_var")}
+        return {(*pair, eps) for pair in bn for eps in scale}
 
-    assert settings() == {(0.3, 0.1)}
+    assert settings() == {(0.3, 0.1, 0.1)}
     for _ in range(3):
         qat(x).sum().backward()
     qat.eval()
-    assert settings() == {(0.3, 0.1)}
+    assert settings() == {(0.3, 0.1, 0.1)}
     with torch.no_grad():
         evaluated = qat(x)  # batch norm stepped once (the freeze takes effect from the next call)
     int8 = inc_torch.convert(qat)  # each batch norm folded with its own eps (with 1e-5: cosine far below)
     assert F.cosine_similarity(int8(x).flatten(), evaluated.flatten(), dim=0) > 0.999
+    # The folded weights fill the int8 range their QAT ranges were learned for: each output channel reaches
+    # +-127. With the scale factor at eps 1e-5 and the fold at 0.1, some reached 55.
+    weights = [t for t in int8.graph_module.state_dict().values() if t.dtype == torch.int8 and t.dim() == 4]
+    assert len(weights) == 2
+    for weight in weights:
+        assert weight.flatten(1).to(torch.int16).abs().amax(dim=1).min() >= 126
     qat.train()
-    assert settings() == {(0.3, 0.1)}
+    assert settings() == {(0.3, 0.1, 0.1)}
