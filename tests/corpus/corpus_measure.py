@@ -6,7 +6,10 @@
   oneDNN kernels (its weight-prepack pattern counters). FX and dynamic: the torch.ao quantized modules and
   quantized ops in the graph. ONNX: the integer kernels left in the graph ONNX Runtime optimises and runs.
 * References: the framework's own flow on the same model and data (plain torch.ao FX, torchao PT2E with
-  X86InductorQuantizer, torch.ao dynamic, onnxruntime's quantize_static/quantize_dynamic).
+  X86InductorQuantizer, torch.ao dynamic, onnxruntime's quantize_static/quantize_dynamic; for QAT torchao's
+  prepare_qat_pt2e with X86InductorQuantizer(is_qat=True), trained by the same loop).
+* QAT: a user's loop (``qat_train``) on the calibration crops; the INT8 model is scored against the QAT model
+  it was converted from, in eval mode (what the user validated before converting).
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ from torch import nn
 __all__ = [
     "cosines",
     "counting_inductor_kernels",
+    "fake_quant_off",
     "onnx_int8_kernels",
     "onnx_outputs",
+    "qat_train",
     "reference_onnx",
+    "reference_qat",
     "reference_torch",
     "torch_int8_kernels",
     "torch_outputs",
@@ -200,6 +206,73 @@ def reference_torch(path: str, model: nn.Module, calib: np.ndarray) -> Callable[
         # the fidelity torchao's flow gives, without an inductor compile per case.
         return convert_pt2e(prepared)
     raise ValueError(path)
+
+
+QAT_STEPS = 8
+QAT_FREEZE_STEP = 6  # observers (and inc's batch-norm statistics) stop moving for the last steps, as in a schedule
+
+
+def qat_train(model: nn.Module, calib: np.ndarray, teacher: np.ndarray, on_step: Callable[[int], None] | None = None) -> None:
+    """A user's QAT loop (model in training mode): SGD towards the FP32 logits (no labels), gradients clipped.
+
+    The corpus models have random weights: a plain step size diverges on some (EfficientNet's FP32 training
+    alone gives NaN at lr 1e-4), so each step is bounded by the clipped gradient norm.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    starts = range(0, len(calib), BATCH)
+    for step in range(QAT_STEPS):
+        if on_step is not None:
+            on_step(step)
+        start = starts[step % len(starts)]
+        x = torch.from_numpy(calib[start : start + BATCH])
+        loss = nn.functional.mse_loss(model(x), torch.from_numpy(teacher[start : start + BATCH]))
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+        optimizer.step()
+
+
+@contextlib.contextmanager
+def fake_quant_off(model: nn.Module) -> Iterator[None]:
+    """Fake quantization and observers off in the block (torch.ao's and torchao's fake-quant modules alike)."""
+    saved = []
+    for module in model.modules():
+        for flag in ("fake_quant_enabled", "observer_enabled"):
+            value = getattr(module, flag, None)
+            if isinstance(value, torch.Tensor):
+                saved.append((value, value.clone()))
+                value.fill_(0)
+    try:
+        yield
+    finally:
+        for value, old in saved:
+            value.copy_(old)
+
+
+def reference_qat(model: nn.Module, calib: np.ndarray, teacher: np.ndarray, held: np.ndarray) -> dict[str, Any]:
+    """torchao's own PT2E QAT flow, trained by ``qat_train``: its QAT model's outputs (twice) and its INT8 model's.
+
+    Observers are disabled at QAT_FREEZE_STEP as inc's schedule does; torchao has no batch-norm freeze for PT2E.
+    """
+    import torchao.quantization.pt2e as ao
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+
+    example = (torch.from_numpy(calib[:BATCH]),)
+    exported = torch.export.export(copy.deepcopy(model).train(), example, strict=True).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+    prepared = prepare_qat_pt2e(exported, quantizer)
+
+    def on_step(step: int) -> None:
+        if step == QAT_FREEZE_STEP:
+            prepared.apply(ao.disable_observer)
+
+    ao.move_exported_model_to_train(prepared)
+    qat_train(prepared, calib, teacher, on_step)
+    ao.move_exported_model_to_eval(prepared)
+    qat = (torch_outputs(prepared, held), torch_outputs(prepared, held))
+    converted = convert_pt2e(prepared)
+    return {"qat": qat, "int8": torch_outputs(converted, held), "int8_ops": torch_int8_kernels(converted)}
 
 
 class _Reader:
