@@ -34,7 +34,10 @@ from inc_torch.ptq._conv_transpose import conv_transpose_as_conv2d
 from inc_torch.ptq._kept_float import KeptFloat, keep_float, keyword_weight_scopes, warn_kept_float
 from inc_torch.ptq._observers import HISTOGRAM_BINS, is_activation_observer
 
-__all__ = ["TorchCalibration", "calibrate", "integer_tensors", "load_statistics", "model_signature", "op_nodes"]
+__all__ = [
+    "TorchCalibration", "calibrate", "integer_nodes", "integer_tensors", "load_statistics", "model_signature",
+    "op_nodes", "propagated_fx_graph", "python_value_nodes",
+]
 
 _CONV_LINEAR = ("conv1d", "conv2d", "conv3d", "linear")
 
@@ -179,21 +182,46 @@ def _instrument(
     graph_module.recompile()
 
 
-def integer_tensors(model: nn.Module, example: Inputs) -> frozenset[str]:
-    """FX: the nodes of ``model``'s traced graph whose tensors hold integers or booleans on ``example`` (what a
-    calibration pass records as :attr:`TorchCalibration.integer`, from one batch, for QAT's preparation)."""
+def propagated_fx_graph(model: nn.Module, example: Inputs, *, train: bool = False) -> torch.fx.GraphModule:
+    """``model``'s FX graph (as traced in ``train`` mode) run once on ``example``, each node's value recorded."""
+    from torch.ao.quantization import QConfigMapping
     from torch.fx.passes.shape_prop import ShapeProp
 
     work = eval_copy(model)
-    base, _ = _base_graph(work, example, "fx")
+    work.train(train)  # a copy: its batch-norm statistics may move
+    base = fx_prepare(work, QConfigMapping(), positional(work, example), qat=train, leaves=(KeptFloat,))
     with torch.no_grad():
         ShapeProp(base).propagate(*positional(work, example))
+    return base
+
+
+def integer_nodes(graph: torch.fx.GraphModule) -> frozenset[str]:
+    """The nodes of a :func:`propagated_fx_graph` whose tensors hold integers or booleans."""
     found = set()
-    for node in base.graph.nodes:
+    for node in graph.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "dtype") and not meta.dtype.is_floating_point:
             found.add(node.name)
     return frozenset(found)
+
+
+def integer_tensors(model: nn.Module, example: Inputs) -> frozenset[str]:
+    """FX: the nodes of ``model``'s traced graph whose tensors hold integers or booleans on ``example`` (what a
+    calibration pass records as :attr:`TorchCalibration.integer`, from one batch)."""
+    return integer_nodes(propagated_fx_graph(model, example))
+
+
+def python_value_nodes(graph: torch.fx.GraphModule) -> frozenset[str]:
+    """The calls of a :func:`propagated_fx_graph` that compute Python values, not tensors. Traced in training mode,
+    timm's ``DropPath`` builds its mask's shape as ``(x.shape[0],) + (1,) * (x.ndim - 1)``: torch.ao takes that
+    ``operator.mul`` and ``add`` for tensor arithmetic, and their fake quantization failed on a tuple in the first
+    training step (``fused_moving_avg_obs_fake_quant(): argument 'input' must be Tensor, not tuple``)."""
+    return frozenset(
+        node.name
+        for node in graph.graph.nodes
+        if node.op in ("call_function", "call_method") and "type" in node.meta
+        and not issubclass(node.meta["type"], torch.Tensor)
+    )
 
 
 def calibrate(model: nn.Module, dataset: Dataset, config: QuantConfig, fmt: str) -> TorchCalibration:

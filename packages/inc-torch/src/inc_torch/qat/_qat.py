@@ -43,7 +43,13 @@ from inc_torch.qat._fold_bn import (
     restore_batch_norm_settings,
 )
 from inc_torch.qat._labels import check_label_inputs, drop_label_inputs, label_inputs, without_labels
-from inc_torch.qat._train_eval import erase_drop_path, switch_attention_dropout, switch_drop_path
+from inc_torch.qat._train_eval import (
+    drop_path_masks,
+    erase_drop_path,
+    switch_attention_dropout,
+    switch_drop_path,
+    switch_training_arguments,
+)
 
 log = logging.getLogger("inc")
 
@@ -216,6 +222,23 @@ def _pt2e_train_eval(model: torch.fx.GraphModule) -> None:
     model.eval = types.MethodType(eval_, model)  # type: ignore[method-assign]
 
 
+def _fx_train_eval(model: torch.fx.GraphModule) -> None:
+    """Make ``train()``/``eval()`` switch what the trace recorded for training mode as constants and ops."""
+
+    def train(self: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModule:
+        nn.Module.train(self, mode)  # the modules the graph calls (dropout, the QAT conv-bn modules)
+        switch_training_arguments(self, train=mode)
+        switch_attention_dropout(self, train=mode)
+        switch_drop_path(self, train=mode)
+        return self
+
+    def eval_(self: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return train(self, False)
+
+    model.train = types.MethodType(train, model)  # type: ignore[method-assign]
+    model.eval = types.MethodType(eval_, model)  # type: ignore[method-assign]
+
+
 def _step_hook(module: nn.Module, args: Any) -> None:
     state: _QatState = getattr(module, _STATE)
     if not (module.training and torch.is_grad_enabled()):
@@ -305,13 +328,22 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
             prepared = ao.prepare_qat_pt2e(graph, quantizer)
         _pt2e_train_eval(prepared)
     else:
-        from inc_torch.ptq._calibration import integer_tensors
+        from inc_torch.ptq._calibration import integer_nodes, propagated_fx_graph, python_value_nodes
         from inc_torch.ptq._fx import integer_ops, onednn_depthwise_conv1d
 
+        trace = propagated_fx_graph(work, example, train=True)  # the graph as the training loop runs it
         # ops computing on integers (index arithmetic) would get fake quantization of a Long tensor
-        integer = integer_ops(fx_table, integer_tensors(work, example))
+        integer = integer_ops(fx_table, integer_nodes(trace))
         if integer:
             log.info("%d op(s) compute on integer tensors and stay FP32: %s", len(integer), ", ".join(integer[:5]))
+        # ops on Python values (shape arithmetic) would get fake quantization of a tuple; a multiply by a drop
+        # path's mask stays float, so that evaluation multiplies by 1 (see switch_drop_path) and nothing rounds it
+        python_values = python_value_nodes(trace)
+        masks = {mask.name for mask, _ in drop_path_masks(trace)}
+        integer += [
+            name for name, entry in fx_table.items()
+            if entry.node in python_values or masks.intersection(entry.reads)
+        ]
         stalling = onednn_depthwise_conv1d(work, fx_table)  # trained in float: their INT8 kernel can stall
         mapping = apply_fx_settings(_fx_qat_mapping(config), fx_table, dict.fromkeys([*excluded, *integer, *stalling]))
         if hidden:  # trained in float as opaque calls: convert_fx could not quantize them (see keyword_weight_scopes)
@@ -320,6 +352,7 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
                 keep_float(work, scope)
         prepared = fx_prepare(work, mapping, positional(work, example), qat=True, leaves=(KeptFloat,))
         _reduce_depthwise_fake_quant(prepared, config)
+        _fx_train_eval(prepared)
     tables = frozenset(op.name for op in ops if op.op_type in LOOKUP_NAMES and op.name not in excluded)
     labels = label_inputs(model, example) if fmt == "pt2e" else ()
     if labels:  # the INT8 model will take the inputs alone: refused now, not after training, if it cannot
@@ -375,6 +408,9 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         from inc_torch.ptq._fx import EXAMPLE_ATTR
 
         converted = convert_fx(work)  # type: ignore[arg-type]  # prepare_qat_fx returned a GraphModule
+        erase_drop_path(converted)  # off since work.eval(); the INT8 model draws no mask
+        for attr in ("train", "eval"):  # its traced training flags stay False: an inference model
+            converted.__dict__.pop(attr, None)
     converted.__dict__.pop(_STATE, None)
     setattr(converted, EXAMPLE_ATTR, state.example)
     return converted

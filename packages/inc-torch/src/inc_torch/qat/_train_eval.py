@@ -1,16 +1,23 @@
-"""What a training-mode export records that a QAT model must not do in evaluation, nor its INT8 model.
+"""What a training-mode capture records that a QAT model must not do in evaluation, nor its INT8 model.
 
-``prepare_qat`` exports the model in training mode; torchao's train/eval switch then rewrites ``aten.dropout`` and
-batch norm only. Two more training-only behaviours are graph constants or ops of their own: a transformers
-model's attention dropout (``dropout_p`` of ``scaled_dot_product_attention``) and stochastic depth's random mask.
-Left on, the evaluated QAT model and its INT8 model were random: different outputs on every call.
+``prepare_qat`` captures the model in training mode (PT2E: exported; FX: symbolically traced). torchao's train/eval
+switch then rewrites ``aten.dropout`` and batch norm only, and an FX graph has no switch at all but for the modules
+it calls. Training-only behaviours recorded as graph constants or ops of their own: a transformers model's
+attention dropout (``dropout_p`` of ``scaled_dot_product_attention``), stochastic depth's random mask, and on FX
+every function traced with ``training=self.training`` as the constant True (``F.dropout``, torchvision's
+``stochastic_depth``). Left on, the evaluated QAT model and its INT8 model were random: different outputs on every
+call.
 """
 
 from __future__ import annotations
 
-import torch
+import inspect
+import operator
 
-__all__ = ["erase_drop_path", "switch_attention_dropout", "switch_drop_path"]
+import torch
+import torch.nn.functional as F
+
+__all__ = ["drop_path_masks", "erase_drop_path", "switch_attention_dropout", "switch_drop_path", "switch_training_arguments"]
 
 _SDPA_DROPOUT = 4  # scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, ...)
 
@@ -23,7 +30,7 @@ def switch_attention_dropout(graph_module: torch.fx.GraphModule, *, train: bool)
     cosine 0.98 to FP32 where post-training INT8 is at 0.9998)."""
     changed = False
     for node in graph_module.graph.nodes:
-        if node.target is not torch.ops.aten.scaled_dot_product_attention.default:
+        if node.target not in (torch.ops.aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention):
             continue
         args, kwargs = list(node.args), dict(node.kwargs)
         trained = node.meta.setdefault("inc_dropout_p", kwargs.get("dropout_p", args[_SDPA_DROPOUT] if len(args) > _SDPA_DROPOUT else 0.0))
@@ -41,11 +48,54 @@ def switch_attention_dropout(graph_module: torch.fx.GraphModule, *, train: bool)
         graph_module.recompile()
 
 
-_BERNOULLI = ("aten.bernoulli_.float", "aten.bernoulli.p", "aten.bernoulli.default")
-_DIVIDE = ("aten.div_.Scalar", "aten.div.Scalar", "aten.div_.Tensor", "aten.div.Tensor")
+def _training_argument(node: torch.fx.Node) -> str | int | None:
+    """Where a traced function call takes ``training`` as a constant flag: its keyword, or its position."""
+    if node.op != "call_function":
+        return None
+    if isinstance(node.kwargs.get("training"), bool):
+        return "training"
+    try:
+        names = list(inspect.signature(node.target).parameters)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    position = names.index("training") if "training" in names else len(node.args)
+    return position if position < len(node.args) and isinstance(node.args[position], bool) else None
 
 
-def _drop_path_masks(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, list[torch.fx.Node]]]:
+def switch_training_arguments(graph_module: torch.fx.GraphModule, *, train: bool) -> None:
+    """The ``training`` flag a symbolic trace wrote as a constant into each function call (``F.dropout(x, p,
+    training=self.training)``, torchvision's ``stochastic_depth(x, p, mode, self.training)``, traced in training
+    mode: True) set False for evaluation and back to its traced value for training. The FX QAT model of
+    torchvision's EfficientNet-B0 in eval mode, and its INT8 model, dropped residual branches at random: cosine 0.53
+    to the QAT model, its graph at 0.35 to FP32 with fake quantization off."""
+    changed = False
+    for node in graph_module.graph.nodes:
+        where = _training_argument(node)
+        if where is None:
+            continue
+        traced = node.meta.setdefault("inc_training", node.kwargs[where] if isinstance(where, str) else node.args[where])
+        wanted = traced and train
+        if isinstance(where, str):
+            if node.kwargs[where] != wanted:
+                node.kwargs = {**node.kwargs, where: wanted}
+                changed = True
+        elif node.args[where] != wanted:
+            node.args = (*node.args[:where], wanted, *node.args[where + 1 :])
+            changed = True
+    if changed:
+        graph_module.recompile()
+
+
+# Stochastic depth's mask as an export (aten ops) or a symbolic trace (tensor methods, operators) writes it
+_BERNOULLI = ("aten.bernoulli_.float", "aten.bernoulli.p", "aten.bernoulli.default", "bernoulli_", "bernoulli")
+_DIVIDE = (
+    "aten.div_.Scalar", "aten.div.Scalar", "aten.div_.Tensor", "aten.div.Tensor", "div_", "div",
+    str(operator.truediv), str(torch.div),
+)
+_MULTIPLY = ("aten.mul.Tensor", "mul", str(operator.mul), str(torch.mul))
+
+
+def drop_path_masks(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, list[torch.fx.Node]]]:
     """The random masks of stochastic depth (torchvision's ``StochasticDepth``, timm's ``DropPath``): a Bernoulli
     draw into an empty tensor, divided by the survival rate. Each mask with the nodes computing it (last first)."""
     masks = []
@@ -77,8 +127,11 @@ def switch_drop_path(graph_module: torch.fx.GraphModule, *, train: bool) -> None
             if saved is not None:
                 node.args, changed = saved, True
     else:
-        for mask, _ in _drop_path_masks(graph_module):
-            if not mask.users or any(str(user.target) != "aten.mul.Tensor" for user in mask.users):
+        for mask, _ in drop_path_masks(graph_module):
+            if not mask.users or any(
+                str(user.target) not in _MULTIPLY or (user.op == "call_method" and user.args[0] is mask)
+                for user in mask.users
+            ):
                 continue  # not a mask multiplying a branch
             for user in list(mask.users):
                 user.meta["inc_drop_path"] = user.args
@@ -93,7 +146,7 @@ def erase_drop_path(graph_module: torch.fx.GraphModule) -> None:
     graph = graph_module.graph
     for node in graph.nodes:
         node.meta.pop("inc_drop_path", None)
-    for mask, drawing in _drop_path_masks(graph_module):
+    for mask, drawing in drop_path_masks(graph_module):
         if not mask.users:
             for node in drawing:
                 graph.erase_node(node)
