@@ -7,7 +7,7 @@
   quantized ops in the graph. ONNX: the integer kernels left in the graph ONNX Runtime optimises and runs.
 * References: the framework's own flow on the same model and data (plain torch.ao FX, torchao PT2E with
   X86InductorQuantizer, torch.ao dynamic, onnxruntime's quantize_static/quantize_dynamic; for QAT torchao's
-  prepare_qat_pt2e with X86InductorQuantizer(is_qat=True), trained by the same loop).
+  prepare_qat_pt2e with X86InductorQuantizer(is_qat=True) and torch.ao's prepare_qat_fx, trained by the same loop).
 * QAT: a user's loop (``qat_train``) on the calibration crops; the INT8 model is scored against the QAT model
   it was converted from, in eval mode (what the user validated before converting).
 """
@@ -249,29 +249,47 @@ def fake_quant_off(model: nn.Module) -> Iterator[None]:
             value.copy_(old)
 
 
-def reference_qat(model: nn.Module, calib: np.ndarray, teacher: np.ndarray, held: np.ndarray) -> dict[str, Any]:
-    """torchao's own PT2E QAT flow, trained by ``qat_train``: its QAT model's outputs (twice) and its INT8 model's.
-
-    Observers are disabled at QAT_FREEZE_STEP as inc's schedule does; torchao has no batch-norm freeze for PT2E.
-    """
-    import torchao.quantization.pt2e as ao
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
-
+def reference_qat(
+    fmt: str, model: nn.Module, calib: np.ndarray, teacher: np.ndarray, held: np.ndarray
+) -> dict[str, Any]:
+    """The framework's own QAT flow for ``fmt`` (torchao's prepare_qat_pt2e with X86InductorQuantizer, or torch.ao's
+    prepare_qat_fx with the x86 QAT defaults), trained by ``qat_train``: its QAT model's outputs (twice, in eval
+    mode) and its INT8 model's. Observers are disabled at QAT_FREEZE_STEP as inc's schedule does, and FX's batch-norm
+    statistics frozen there too (torchao has no batch-norm freeze for PT2E)."""
     example = (torch.from_numpy(calib[:BATCH]),)
-    exported = torch.export.export(copy.deepcopy(model).train(), example, strict=True).module()
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
-    prepared = prepare_qat_pt2e(exported, quantizer)
+    if fmt == "pt2e":
+        import torchao.quantization.pt2e as ao
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
-    def on_step(step: int) -> None:
-        if step == QAT_FREEZE_STEP:
-            prepared.apply(ao.disable_observer)
+        exported = torch.export.export(copy.deepcopy(model).train(), example, strict=True).module()
+        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+        prepared = prepare_qat_pt2e(exported, quantizer)
 
-    ao.move_exported_model_to_train(prepared)
-    qat_train(prepared, calib, teacher, on_step)
-    ao.move_exported_model_to_eval(prepared)
+        def on_step(step: int) -> None:
+            if step == QAT_FREEZE_STEP:
+                prepared.apply(ao.disable_observer)
+
+        ao.move_exported_model_to_train(prepared)
+        qat_train(prepared, calib, teacher, on_step)
+        ao.move_exported_model_to_eval(prepared)
+        convert: Callable[[Any], Any] = convert_pt2e
+    else:
+        from torch.ao.quantization import get_default_qat_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+        prepared = prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), example)
+
+        def on_step(step: int) -> None:
+            if step == QAT_FREEZE_STEP:
+                prepared.apply(torch.ao.quantization.disable_observer)
+                prepared.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+
+        qat_train(prepared, calib, teacher, on_step)
+        prepared.eval()
+        convert = convert_fx
     qat = (torch_outputs(prepared, held), torch_outputs(prepared, held))
-    converted = convert_pt2e(prepared)
+    converted = convert(prepared)
     return {"qat": qat, "int8": torch_outputs(converted, held), "int8_ops": torch_int8_kernels(converted)}
 
 
