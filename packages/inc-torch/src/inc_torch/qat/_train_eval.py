@@ -48,17 +48,25 @@ def switch_attention_dropout(graph_module: torch.fx.GraphModule, *, train: bool)
         graph_module.recompile()
 
 
+# The probability parameter that makes a function with a ``training`` flag a random drop (F.dropout and its kin,
+# torchvision's stochastic_depth, timm's drop_path): only those are switched. ``F.batch_norm(..., training=True)``
+# written as a constant normalises by batch statistics in eval mode too; switched off, it would need running ones.
+_DROP_PROBABILITY = ("p", "drop_prob", "dropout_p", "drop_rate")
+
+
 def _training_argument(node: torch.fx.Node) -> str | int | None:
-    """Where a traced function call takes ``training`` as a constant flag: its keyword, or its position."""
+    """Where a traced random-drop call takes ``training`` as a constant flag: its keyword, or its position."""
     if node.op != "call_function":
         return None
-    if isinstance(node.kwargs.get("training"), bool):
-        return "training"
     try:
         names = list(inspect.signature(node.target).parameters)  # type: ignore[arg-type]
     except (TypeError, ValueError):  # a builtin without a signature
         return None
-    position = names.index("training") if "training" in names else len(node.args)
+    if "training" not in names or not any(name in names for name in _DROP_PROBABILITY):
+        return None
+    if isinstance(node.kwargs.get("training"), bool):
+        return "training"
+    position = names.index("training")
     return position if position < len(node.args) and isinstance(node.args[position], bool) else None
 
 
