@@ -35,7 +35,7 @@ from inc_torch.ptq._kept_float import KeptFloat, keep_float, keyword_weight_scop
 from inc_torch.ptq._observers import HISTOGRAM_BINS, is_activation_observer
 
 __all__ = [
-    "TorchCalibration", "calibrate", "integer_nodes", "integer_tensors", "load_statistics", "model_signature",
+    "TorchCalibration", "calibrate", "integer_nodes", "load_statistics", "model_signature",
     "op_nodes", "propagated_fx_graph", "python_value_nodes",
 ]
 
@@ -196,19 +196,14 @@ def propagated_fx_graph(model: nn.Module, example: Inputs, *, train: bool = Fals
 
 
 def integer_nodes(graph: torch.fx.GraphModule) -> frozenset[str]:
-    """The nodes of a :func:`propagated_fx_graph` whose tensors hold integers or booleans."""
+    """The nodes of a :func:`propagated_fx_graph` whose tensors hold integers or booleans (for QAT's preparation
+    what a calibration pass records as :attr:`TorchCalibration.integer`, from one batch)."""
     found = set()
     for node in graph.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "dtype") and not meta.dtype.is_floating_point:
             found.add(node.name)
     return frozenset(found)
-
-
-def integer_tensors(model: nn.Module, example: Inputs) -> frozenset[str]:
-    """FX: the nodes of ``model``'s traced graph whose tensors hold integers or booleans on ``example`` (what a
-    calibration pass records as :attr:`TorchCalibration.integer`, from one batch)."""
-    return integer_nodes(propagated_fx_graph(model, example))
 
 
 def python_value_nodes(graph: torch.fx.GraphModule) -> frozenset[str]:
