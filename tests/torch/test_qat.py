@@ -203,6 +203,16 @@ def test_fx_qat_freezes_linear_batch_norm_statistics() -> None:
     torch.testing.assert_close(fused[0].bn.running_mean, frozen, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fmt", ["pt2e", "fx"])
+def test_qat_prepares_from_a_one_sample_example_of_a_linear_batch_norm_model(fmt: str) -> None:
+    """FX QAT runs its training-mode trace once on the example to find what it must keep float; a batch norm in
+    training mode refuses a batch of one sample, which example inputs often are, so the trace runs in eval mode."""
+    torch.manual_seed(0)
+    qat_model = inc_torch.prepare_qat(_LinearBnMLP(), inc.QATConfig(format=fmt), _example()[:1])
+    qat_model(_example()).sum().backward()
+    assert inc_torch.quantized_ops(inc_torch.convert(qat_model)) == ["fc1", "fc2"]
+
+
 
 def test_pt2e_qat_fold_for_a_conv_kind_the_graph_lacks_leaves_the_graph_as_torchao_would(
     monkeypatch: pytest.MonkeyPatch,

@@ -188,8 +188,11 @@ def propagated_fx_graph(model: nn.Module, example: Inputs, *, train: bool = Fals
     from torch.fx.passes.shape_prop import ShapeProp
 
     work = eval_copy(model)
-    work.train(train)  # a copy: its batch-norm statistics may move
+    work.train(train)
     base = fx_prepare(work, QConfigMapping(), positional(work, example), qat=train, leaves=(KeptFloat,))
+    # The trace holds the training-mode graph; its modules run in eval mode: a batch norm in training mode cannot
+    # take a batch of one sample (an example input often is), and nothing here needs batch statistics.
+    base.eval()
     with torch.no_grad():
         ShapeProp(base).propagate(*positional(work, example))
     return base
