@@ -14,9 +14,10 @@ recipe). Every case is recorded in the table conftest.py prints and writes.
 
 QAT (``torch_qat_pt2e``, ``torch_qat_fx``): ``inc_torch.prepare_qat``, a short training loop, ``inc_torch.convert``.
 Its fidelity is the INT8 model's against the QAT model in eval mode (what the user validated), its reference the
-framework's own QAT flow (torchao's prepare_qat_pt2e, torch.ao's prepare_qat_fx) trained by the same loop; the case also fails when the prepared model with fake quantization off departs
-from FP32 (the QAT graph must compute the model it was made from), or when the QAT or the INT8 model gives
-different outputs on the same inputs in eval mode (training-mode randomness left in).
+framework's own QAT flow (torchao's prepare_qat_pt2e, torch.ao's prepare_qat_fx) trained by the same loop. The case
+also fails when the prepared model with fake quantization off departs from FP32 (the QAT graph must compute the
+model it was made from), or when the QAT or the INT8 model gives different outputs on the same inputs in eval mode
+(training-mode randomness left in).
 """
 
 from __future__ import annotations
