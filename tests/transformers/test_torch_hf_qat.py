@@ -129,6 +129,37 @@ def test_qat_and_int8_models_of_a_transformer_attend_without_dropout_at_inferenc
     assert all(n.args[4] == 0.1 for n in attention)
 
 
+def test_a_transformers_drop_path_is_off_in_the_evaluated_and_the_int8_qat_model():
+    """transformers writes stochastic depth (Swin, BEiT, ConvNeXt; Swin's default ``drop_path_rate`` is 0.1) as
+    ``input.div(keep) * floor(keep + rand(shape))``, not as a Bernoulli draw: the PT2E QAT model in eval mode and its
+    INT8 model dropped blocks at random. Evaluation multiplies by ``keep`` (the input itself); the INT8 graph keeps
+    neither the draw nor the division."""
+    torch.manual_seed(0)
+    config = tf.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, drop_path_rate=0.5,
+    )
+    model = tf.SwinModel(config).eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(pixel_values=x).last_hidden_state
+    qat = inc_torch.prepare_qat(model, inc.QATConfig(freeze_observer_step=1), {"pixel_values": x})
+    for _ in range(2):
+        qat(pixel_values=x).last_hidden_state.sum().backward()
+    with torch.no_grad():
+        assert not torch.equal(*(qat(pixel_values=x).last_hidden_state for _ in range(2)))  # training: dropped
+        qat.eval()
+        evaluated = [qat(pixel_values=x).last_hidden_state for _ in range(3)]
+    assert all(torch.equal(evaluated[0], other) for other in evaluated[1:])
+    int8 = inc_torch.convert(qat)
+    assert not [n for n in int8.graph_module.graph.nodes if str(n.target) in ("aten.rand.default", "aten.floor.default")]
+    outputs = [int8(pixel_values=x).last_hidden_state for _ in range(3)]
+    assert all(torch.equal(outputs[0], other) for other in outputs[1:])
+    assert torch.nn.functional.cosine_similarity(outputs[0].flatten(), reference.flatten(), dim=0) > 0.999
+    qat.train()
+    with torch.no_grad():
+        assert not torch.equal(*(qat(pixel_values=x).last_hidden_state for _ in range(2)))  # the masks are back
+
+
 def test_a_seq2seq_model_whose_decoder_reads_the_labels_is_refused_before_training():
     torch.manual_seed(0)
     model = tf.T5ForConditionalGeneration(tf.T5Config(

@@ -103,31 +103,97 @@ _DIVIDE = (
 _MULTIPLY = ("aten.mul.Tensor", "mul", str(operator.mul), str(torch.mul))
 
 
+_RAND = ("aten.rand.default", str(torch.rand))
+_ADD = ("aten.add.Tensor", "add", str(operator.add), str(torch.add))
+_FLOOR = ("aten.floor.default", "aten.floor_.default", "floor", "floor_", str(torch.floor))
+
+
+def _bernoulli_mask(node: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+    """torchvision's ``stochastic_depth``, timm's ``drop_path``: a Bernoulli draw into an empty tensor, divided by
+    the survival rate (timm's unscaled form: not divided)."""
+    mask, drawing = node, [node]
+    users = list(node.users)
+    if len(users) == 1 and str(users[0].target) in _DIVIDE and users[0].args[0] is node:
+        mask = users[0]
+        drawing.insert(0, mask)
+    drawn = node.args[0] if node.args else None
+    if isinstance(drawn, torch.fx.Node) and len(drawn.users) == 1 and "empty" in str(drawn.target):
+        drawing.append(drawn)  # the uninitialised tensor drawn into
+    return mask, drawing
+
+
+def _rounded_mask(node: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    """transformers' ``drop_path`` (Swin, BEiT, ConvNeXt...): ``floor(keep + rand(shape))``, a 0/1 mask that
+    multiplies ``input.div(keep)``."""
+    users = list(node.users)
+    if len(users) != 1 or str(users[0].target) not in _ADD or not any(isinstance(a, float) for a in users[0].args):
+        return None
+    add = users[0]
+    rounded = list(add.users)
+    if len(rounded) != 1 or str(rounded[0].target) not in _FLOOR:
+        return None
+    return rounded[0], [rounded[0], add, node]
+
+
 def drop_path_masks(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, list[torch.fx.Node]]]:
-    """The random masks of stochastic depth (torchvision's ``StochasticDepth``, timm's ``DropPath``): a Bernoulli
-    draw into an empty tensor, divided by the survival rate. Each mask with the nodes computing it (last first)."""
+    """The random masks of stochastic depth, as torchvision, timm and transformers write it. Each mask with the
+    nodes computing it (last first)."""
     masks = []
     for node in graph_module.graph.nodes:
-        if str(node.target) not in _BERNOULLI:
-            continue
-        mask, drawing = node, [node]
-        users = list(node.users)
-        if len(users) == 1 and str(users[0].target) in _DIVIDE and users[0].args[0] is node:
-            mask = users[0]
-            drawing.insert(0, mask)
-        drawn = node.args[0] if node.args else None
-        if isinstance(drawn, torch.fx.Node) and len(drawn.users) == 1 and "empty" in str(drawn.target):
-            drawing.append(drawn)  # the uninitialised tensor drawn into
-        masks.append((mask, drawing))
+        if str(node.target) in _BERNOULLI:
+            masks.append(_bernoulli_mask(node))
+        elif str(node.target) in _RAND and (found := _rounded_mask(node)) is not None:
+            masks.append(found)
     return masks
 
 
+def _set_arg(node: torch.fx.Node, index: int, value: float) -> bool:
+    """Set a float argument for evaluation, keeping the traced arguments in the node's meta for training."""
+    if index >= len(node.args) or not isinstance(node.args[index], float) or node.args[index] == value:
+        return False
+    node.meta.setdefault("inc_drop_path", node.args)
+    node.args = (*node.args[:index], value, *node.args[index + 1 :])
+    return True
+
+
+def _constants_for_evaluation(mask: torch.fx.Node, drawing: list[torch.fx.Node]) -> bool:
+    """Make the mask all ones, and undo a division of the branch by the survival rate.
+
+    The graph keeps every node and edge, only float arguments change: a dead-code pass (torchao's train/eval switch
+    runs one) would otherwise remove mask nodes evaluation leaves unread, and training could not have them back.
+    A draw whose probability is a tensor (``torch.bernoulli(probs)``) has no such argument: its mask is replaced by
+    1 in the multiplications instead."""
+    changed = False
+    if str(drawing[-1].target) in _RAND:  # transformers: input.div(keep) * floor(keep + rand)
+        add = drawing[1]
+        index = next(i for i, a in enumerate(add.args) if isinstance(a, float))
+        keep = add.meta.get("inc_drop_path", add.args)[index]
+        changed |= _set_arg(add, index, 1.0)
+        for user in mask.users:
+            branch = next((a for a in user.args if a is not mask), None)
+            if isinstance(branch, torch.fx.Node) and str(branch.target) in _DIVIDE and len(branch.users) == 1:
+                if branch.meta.get("inc_drop_path", branch.args)[1:2] == (keep,):
+                    changed |= _set_arg(branch, 1, 1.0)
+        return changed
+    bernoulli = next(n for n in drawing if str(n.target) in _BERNOULLI)  # torchvision, timm: bernoulli(keep) / keep
+    if not (len(bernoulli.args) > 1 and isinstance(bernoulli.args[1], float)):
+        for user in list(mask.users):
+            user.meta.setdefault("inc_drop_path", user.args)
+            user.args, changed = tuple(1.0 if arg is mask else arg for arg in user.args), True
+        return changed
+    changed |= _set_arg(bernoulli, 1, 1.0)
+    if mask is not bernoulli:
+        changed |= _set_arg(mask, 1, 1.0)
+    return changed
+
+
 def switch_drop_path(graph_module: torch.fx.GraphModule, *, train: bool) -> None:
-    """Stochastic depth off for evaluation (each branch multiplied by 1), on again for training.
+    """Stochastic depth off for evaluation (each mask all ones), on again for training.
 
     The training-mode export records the random mask as graph ops, which no train/eval switch knows: the QAT
     model in eval mode and its INT8 model dropped residual branches at random (torchvision EfficientNet-B0: INT8
-    outputs different on every call, cosine 0.26 to FP32 against PTQ's 0.93)."""
+    outputs different on every call, cosine 0.26 to FP32 against PTQ's 0.93; transformers' Swin, whose default
+    ``drop_path_rate`` is 0.1, the same)."""
     changed = False
     if train:
         for node in graph_module.graph.nodes:
@@ -135,27 +201,36 @@ def switch_drop_path(graph_module: torch.fx.GraphModule, *, train: bool) -> None
             if saved is not None:
                 node.args, changed = saved, True
     else:
-        for mask, _ in drop_path_masks(graph_module):
-            if not mask.users or any(
-                str(user.target) not in _MULTIPLY or (user.op == "call_method" and user.args[0] is mask)
+        for mask, drawing in drop_path_masks(graph_module):
+            if mask.users and all(
+                str(user.target) in _MULTIPLY and not (user.op == "call_method" and user.args[0] is mask)
                 for user in mask.users
-            ):
-                continue  # not a mask multiplying a branch
-            for user in list(mask.users):
-                user.meta["inc_drop_path"] = user.args
-                user.args, changed = tuple(1.0 if arg is mask else arg for arg in user.args), True
+            ):  # a mask multiplying a branch
+                changed |= _constants_for_evaluation(mask, drawing)
     if changed:
         graph_module.recompile()
 
 
 def erase_drop_path(graph_module: torch.fx.GraphModule) -> None:
-    """Take the masks an evaluation graph (the INT8 model's, after :func:`switch_drop_path`) no longer reads out of
-    it: an in-place Bernoulli draw survives dead-code elimination, and would run on every call."""
+    """Take the masks out of an evaluation graph (the INT8 model's, after :func:`switch_drop_path`): each branch
+    multiplied by its all-ones mask is the branch itself, and an in-place Bernoulli draw would run on every call."""
     graph = graph_module.graph
-    for node in graph.nodes:
-        node.meta.pop("inc_drop_path", None)
     for mask, drawing in drop_path_masks(graph_module):
+        ones = any("inc_drop_path" in node.meta for node in drawing)  # made all ones for evaluation
+        for user in list(mask.users) if ones else ():
+            branch = next((a for a in user.args if a is not mask), None)
+            if not isinstance(branch, torch.fx.Node):
+                continue
+            divided = branch if str(branch.target) in _DIVIDE and branch.args[1:2] == (1.0,) else None
+            if divided is not None and len(divided.users) == 1:  # input.div(1.0): transformers' form, evaluated
+                branch = divided.args[0]
+            user.replace_all_uses_with(branch)
+            graph.erase_node(user)
+            if divided is not None and not divided.users:
+                graph.erase_node(divided)
         if not mask.users:
             for node in drawing:
                 graph.erase_node(node)
+    for node in graph.nodes:
+        node.meta.pop("inc_drop_path", None)
     graph_module.recompile()
