@@ -215,8 +215,14 @@ def _pt2e_train_eval(model: torch.fx.GraphModule) -> None:
         self.training = mode
         return self
 
+    _set_train_eval(model, train)
+
+
+def _set_train_eval(model: torch.fx.GraphModule, train: Any) -> None:
+    """``model.train(mode)`` and ``model.eval()`` both run ``train``."""
+
     def eval_(self: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        return train(self, False)
+        return train(self, False)  # type: ignore[no-any-return]
 
     model.train = types.MethodType(train, model)  # type: ignore[method-assign]
     model.eval = types.MethodType(eval_, model)  # type: ignore[method-assign]
@@ -232,11 +238,7 @@ def _fx_train_eval(model: torch.fx.GraphModule) -> None:
         switch_drop_path(self, train=mode)
         return self
 
-    def eval_(self: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        return train(self, False)
-
-    model.train = types.MethodType(train, model)  # type: ignore[method-assign]
-    model.eval = types.MethodType(eval_, model)  # type: ignore[method-assign]
+    _set_train_eval(model, train)
 
 
 def _step_hook(module: nn.Module, args: Any) -> None:
