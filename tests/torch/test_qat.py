@@ -450,6 +450,65 @@ def test_stochastic_depth_is_off_in_the_evaluated_and_the_int8_qat_model(fmt: st
         assert not torch.equal(qat(x), qat(x))  # the masks are back for training
 
 
+class _FunctionalNormNet(nn.Module):
+    """A batch norm written as a function over the module's own statistics (``training=self.training``, keyword
+    and positional), and a Monte Carlo dropout whose ``training=True`` is the model's code, in eval mode too."""
+
+    def __init__(self, *, mc_dropout: bool = False) -> None:
+        super().__init__()
+        self.mc_dropout = mc_dropout
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        for name in ("norm", "norm2"):
+            self.register_buffer(f"{name}_mean", torch.zeros(16))
+            self.register_buffer(f"{name}_var", torch.ones(16))
+        self.norm_weight = nn.Parameter(torch.ones(16))
+        self.head = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(self.conv(x), self.norm_mean, self.norm_var, self.norm_weight, None, training=self.training)
+        x = F.relu(x)
+        x = F.batch_norm(self.conv2(x), self.norm2_mean, self.norm2_var, None, None, self.training, 0.1, 1e-5)
+        x = F.relu(x).flatten(1)
+        if self.mc_dropout:
+            x = F.dropout(x, 0.5, training=True)
+        return self.head(x)
+
+
+def test_a_functional_batch_norm_uses_running_statistics_in_the_evaluated_and_the_int8_fx_qat_model() -> None:
+    """A symbolic trace in training mode writes ``F.batch_norm(..., training=self.training)`` as the constant True:
+    the FX QAT model in eval mode, and its INT8 model, normalised every batch by its own statistics (a sample's
+    output depended on the batch around it). The flags that follow the model's mode are found by tracing it in both
+    modes; a flag the model's code sets (a Monte Carlo dropout's ``training=True``) is left as written."""
+    torch.manual_seed(0)
+    model = _FunctionalNormNet()
+    x = torch.cat([_example(), _example() * 3.0 + 1.0])
+    for _ in range(20):  # running statistics away from batch ones
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        reference = model(x)
+    qat = inc_torch.prepare_qat(model, inc.QATConfig(format="fx", freeze_observer_step=2), x)
+    for _ in range(3):
+        qat(x).sum().backward()
+    qat.eval()
+    with torch.no_grad():
+        evaluated = qat(x)
+        torch.testing.assert_close(qat(x[:2]), evaluated[:2])  # each sample by the running statistics, not its batch's
+    assert F.cosine_similarity(evaluated.flatten(), reference.flatten(), dim=0) > 0.99
+    int8 = inc_torch.convert(qat)
+    with torch.no_grad():
+        outputs = int8(x)
+        torch.testing.assert_close(int8(x[:2]), outputs[:2])
+    assert F.cosine_similarity(outputs.flatten(), reference.flatten(), dim=0) > 0.99
+
+    mc = inc_torch.prepare_qat(_FunctionalNormNet(mc_dropout=True).eval(), inc.QATConfig(format="fx"), x).eval()
+    dropout = [n for n in mc.graph.nodes if n.target is F.dropout]
+    assert len(dropout) == 1 and dropout[0].kwargs["training"] is True  # as the model runs in eval mode
+    with torch.no_grad():
+        assert not torch.equal(mc(x), mc(x))
+
+
 def test_a_batch_norm_keeps_its_eps_and_momentum_through_qat_and_convert() -> None:
     """torchao writes the batch norms of its QAT graphs with eps 1e-5 and momentum 0.1, and folds them into the INT8
     convs with eps 1e-5 (torchvision's MobileNetV3 has eps 1e-3: INT8 cosine 0.54 to FP32, PTQ 0.96)."""

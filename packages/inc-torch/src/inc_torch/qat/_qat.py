@@ -46,9 +46,11 @@ from inc_torch.qat._labels import check_label_inputs, drop_label_inputs, label_i
 from inc_torch.qat._train_eval import (
     drop_path_masks,
     erase_drop_path,
+    mark_training_flags,
     switch_attention_dropout,
     switch_drop_path,
     switch_training_arguments,
+    training_flag_calls,
 )
 
 log = logging.getLogger("inc")
@@ -352,7 +354,9 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
             warn_kept_float(hidden)
             for scope in hidden:
                 keep_float(work, scope)
+        flags = training_flag_calls(work, leaves=(KeptFloat,))  # before prepare_qat_fx swaps work's modules
         prepared = fx_prepare(work, mapping, positional(work, example), qat=True, leaves=(KeptFloat,))
+        mark_training_flags(prepared, flags)
         _reduce_depthwise_fake_quant(prepared, config)
         _fx_train_eval(prepared)
     tables = frozenset(op.name for op in ops if op.op_type in LOOKUP_NAMES and op.name not in excluded)

@@ -5,19 +5,26 @@ switch then rewrites ``aten.dropout`` and batch norm only, and an FX graph has n
 it calls. Training-only behaviours recorded as graph constants or ops of their own: a transformers model's
 attention dropout (``dropout_p`` of ``scaled_dot_product_attention``), stochastic depth's random mask, and on FX
 every function traced with ``training=self.training`` as the constant True (``F.dropout``, torchvision's
-``stochastic_depth``). Left on, the evaluated QAT model and its INT8 model were random: different outputs on every
-call.
+``stochastic_depth``, ``F.batch_norm``). Left on, the evaluated QAT model and its INT8 model were random (different
+outputs on every call) or normalised each batch by its own statistics.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import operator
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["drop_path_masks", "erase_drop_path", "switch_attention_dropout", "switch_drop_path", "switch_training_arguments"]
+__all__ = [
+    "drop_path_masks", "erase_drop_path", "mark_training_flags", "switch_attention_dropout", "switch_drop_path",
+    "switch_training_arguments", "training_flag_calls",
+]
+
+log = logging.getLogger("inc")
 
 _SDPA_DROPOUT = 4  # scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, ...)
 
@@ -49,20 +56,25 @@ def switch_attention_dropout(graph_module: torch.fx.GraphModule, *, train: bool)
 
 
 # The probability parameter that makes a function with a ``training`` flag a random drop (F.dropout and its kin,
-# torchvision's stochastic_depth, timm's drop_path): only those are switched. ``F.batch_norm(..., training=True)``
-# written as a constant normalises by batch statistics in eval mode too; switched off, it would need running ones.
+# torchvision's stochastic_depth, timm's drop_path): where a model's two traces cannot say which calls pass
+# ``self.training`` (see :func:`mark_training_flags`), those calls are the ones switched.
 _DROP_PROBABILITY = ("p", "drop_prob", "dropout_p", "drop_rate")
+_FOLLOWS = "inc_follows_training"  # node meta: the call's ``training`` flag is the model's mode (from the two traces)
 
 
-def _training_argument(node: torch.fx.Node) -> str | int | None:
-    """Where a traced random-drop call takes ``training`` as a constant flag: its keyword, or its position."""
+def _parameter_names(node: torch.fx.Node) -> list[str]:
     if node.op != "call_function":
-        return None
+        return []
     try:
-        names = list(inspect.signature(node.target).parameters)  # type: ignore[arg-type]
+        return list(inspect.signature(node.target).parameters)  # type: ignore[arg-type]
     except (TypeError, ValueError):  # a builtin without a signature
-        return None
-    if "training" not in names or not any(name in names for name in _DROP_PROBABILITY):
+        return []
+
+
+def _flag_argument(node: torch.fx.Node) -> str | int | None:
+    """Where a traced call takes ``training`` as a constant flag: its keyword, or its position."""
+    names = _parameter_names(node)
+    if "training" not in names:
         return None
     if isinstance(node.kwargs.get("training"), bool):
         return "training"
@@ -70,18 +82,87 @@ def _training_argument(node: torch.fx.Node) -> str | int | None:
     return position if position < len(node.args) and isinstance(node.args[position], bool) else None
 
 
+def _flag(node: torch.fx.Node, where: str | int) -> bool:
+    return bool(node.kwargs[where] if isinstance(where, str) else node.args[where])
+
+
+def _training_argument(node: torch.fx.Node) -> str | int | None:
+    """Where a call's constant ``training`` flag is the model's mode: known from the two traces, else guessed for
+    random drops only (the flag of a call whose every trace passes True, a Monte Carlo dropout, stays True)."""
+    where = _flag_argument(node)
+    if where is None:
+        return None
+    follows = node.meta.get(_FOLLOWS)
+    if follows is None:
+        follows = any(name in _parameter_names(node) for name in _DROP_PROBABILITY)
+    return where if follows else None
+
+
+def _flags_by_function(model: torch.nn.Module, leaves: tuple[type, ...]) -> dict[object, list[bool]]:
+    """Each function's ``training`` flags in one symbolic trace of ``model`` in its current mode, in call order."""
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+            return isinstance(module, leaves) or super().is_leaf_module(module, qualified_name)
+
+    flags: dict[object, list[bool]] = defaultdict(list)
+    for node in _Tracer().trace(model).nodes:
+        where = _flag_argument(node)
+        if where is not None:
+            flags[node.target].append(_flag(node, where))
+    return flags
+
+
+def training_flag_calls(model: torch.nn.Module, *, leaves: tuple[type, ...] = ()) -> dict[object, list[bool]]:
+    """Which calls of each function pass ``training=self.training``: a trace in training mode and one in eval
+    mode, compared call by call (True then False). A flag that is a constant in the model's code (``training=True``)
+    is the same in both. A function called a different number of times in the two modes (under ``if
+    self.training``) is left out: its calls cannot be paired. ``model`` is traced in both modes and left in its own."""
+    mode = model.training
+    try:
+        model.train(True)
+        trained = _flags_by_function(model, leaves)  # traced in this mode before (propagated_fx_graph)
+        model.train(False)
+        try:
+            evaluated = _flags_by_function(model, leaves)
+        except Exception as exc:  # QAT needs the training-mode trace only: the mode's flags are then guessed
+            log.info("The model does not trace in eval mode (%s): only random-drop calls switch with train()/eval().", exc)
+            return {}
+    finally:
+        model.train(mode)
+    return {
+        target: [t and not e for t, e in zip(flags, evaluated[target])]
+        for target, flags in trained.items()
+        if len(flags) == len(evaluated.get(target, ()))
+    }
+
+
+def mark_training_flags(graph_module: torch.fx.GraphModule, calls: dict[object, list[bool]]) -> None:
+    """Record on each call of ``graph_module`` (traced in training mode) whether its ``training`` flag follows the
+    model's mode, from :func:`training_flag_calls`; :func:`switch_training_arguments` switches exactly those."""
+    seen: dict[object, int] = defaultdict(int)
+    for node in graph_module.graph.nodes:
+        if _flag_argument(node) is None or node.target not in calls:
+            continue
+        index = seen[node.target]
+        seen[node.target] += 1
+        if index < len(calls[node.target]):
+            node.meta[_FOLLOWS] = calls[node.target][index]
+
+
 def switch_training_arguments(graph_module: torch.fx.GraphModule, *, train: bool) -> None:
     """The ``training`` flag a symbolic trace wrote as a constant into each function call (``F.dropout(x, p,
-    training=self.training)``, torchvision's ``stochastic_depth(x, p, mode, self.training)``, traced in training
-    mode: True) set False for evaluation and back to its traced value for training. The FX QAT model of
-    torchvision's EfficientNet-B0 in eval mode, and its INT8 model, dropped residual branches at random: cosine 0.53
-    to the QAT model, its graph at 0.35 to FP32 with fake quantization off."""
+    training=self.training)``, torchvision's ``stochastic_depth(x, p, mode, self.training)``, ``F.batch_norm(...,
+    training=self.training)``, traced in training mode: True) set False for evaluation and back to its traced
+    value for training. The FX QAT model of torchvision's EfficientNet-B0 in eval mode, and its INT8 model, dropped
+    residual branches at random: cosine 0.53 to the QAT model, its graph at 0.35 to FP32 with fake quantization
+    off; a functional batch norm normalised by the statistics of each evaluated batch."""
     changed = False
     for node in graph_module.graph.nodes:
         where = _training_argument(node)
         if where is None:
             continue
-        traced = node.meta.setdefault("inc_training", node.kwargs[where] if isinstance(where, str) else node.args[where])
+        traced = node.meta.setdefault("inc_training", _flag(node, where))
         wanted = traced and train
         if isinstance(where, str):
             if node.kwargs[where] != wanted:
