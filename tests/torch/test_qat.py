@@ -475,11 +475,13 @@ class _FunctionalNormNet(nn.Module):
         return self.head(x)
 
 
-def test_a_functional_batch_norm_uses_running_statistics_in_the_evaluated_and_the_int8_fx_qat_model() -> None:
+@pytest.mark.parametrize("fmt", ["pt2e", "fx"])
+def test_a_functional_batch_norm_uses_running_statistics_in_the_evaluated_and_the_int8_qat_model(fmt: str) -> None:
     """A symbolic trace in training mode writes ``F.batch_norm(..., training=self.training)`` as the constant True:
     the FX QAT model in eval mode, and its INT8 model, normalised every batch by its own statistics (a sample's
     output depended on the batch around it). The flags that follow the model's mode are found by tracing it in both
-    modes; a flag the model's code sets (a Monte Carlo dropout's ``training=True``) is left as written."""
+    modes; a flag the model's code sets (a Monte Carlo dropout's ``training=True``) is left as written. On PT2E,
+    the batch norm without a weight failed the first training step (torchao's conv-bn rewrite divided None)."""
     torch.manual_seed(0)
     model = _FunctionalNormNet()
     x = torch.cat([_example(), _example() * 3.0 + 1.0])
@@ -488,7 +490,7 @@ def test_a_functional_batch_norm_uses_running_statistics_in_the_evaluated_and_th
     model.eval()
     with torch.no_grad():
         reference = model(x)
-    qat = inc_torch.prepare_qat(model, inc.QATConfig(format="fx", freeze_observer_step=2), x)
+    qat = inc_torch.prepare_qat(model, inc.QATConfig(format=fmt, freeze_observer_step=2), x)
     for _ in range(3):
         qat(x).sum().backward()
     qat.eval()
@@ -501,12 +503,70 @@ def test_a_functional_batch_norm_uses_running_statistics_in_the_evaluated_and_th
         outputs = int8(x)
         torch.testing.assert_close(int8(x[:2]), outputs[:2])
     assert F.cosine_similarity(outputs.flatten(), reference.flatten(), dim=0) > 0.99
-
+    if fmt == "pt2e":  # torchao's train/eval switch turns every aten.dropout off in eval, a written True too
+        return
     mc = inc_torch.prepare_qat(_FunctionalNormNet(mc_dropout=True).eval(), inc.QATConfig(format="fx"), x).eval()
     dropout = [n for n in mc.graph.nodes if n.target is F.dropout]
     assert len(dropout) == 1 and dropout[0].kwargs["training"] is True  # as the model runs in eval mode
     with torch.no_grad():
         assert not torch.equal(mc(x), mc(x))
+
+
+@pytest.mark.parametrize("fmt", ["pt2e", "fx"])
+def test_qat_trains_and_converts_batch_norms_without_affine_parameters(fmt: str) -> None:
+    """``BatchNorm2d(affine=False)`` after a conv: PT2E's first training step failed with a bare RuntimeError
+    (torchao's conv-bn rewrite divided a None weight), FX refused it ("Only support fusing BatchNorm2d with affine
+    set to True"). The QAT model normalises with a fixed unit scale, and the user's model stays as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16, affine=False), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16, affine=False), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+    )
+    x = torch.cat([_example(), _example() * 3.0 + 1.0])
+    for _ in range(20):
+        model(x)
+    model.eval()
+    before = state(model)
+    with torch.no_grad():
+        reference = model(x)
+    qat = inc_torch.prepare_qat(model, inc.QATConfig(format=fmt, freeze_observer_step=2), x)
+    optimizer = torch.optim.SGD([p for p in qat.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.mse_loss(qat(x), reference).backward()
+        optimizer.step()
+    assert same_state(state(model), before) and not model[1].affine
+    qat.eval()
+    with torch.no_grad():
+        evaluated = qat(x)
+        torch.testing.assert_close(qat(x[:2]), evaluated[:2])  # running statistics in eval
+    assert F.cosine_similarity(evaluated.flatten(), reference.flatten(), dim=0) > 0.99  # three small steps apart
+    int8 = inc_torch.convert(qat)
+    with torch.no_grad():
+        outputs = int8(x)
+        torch.testing.assert_close(int8(x[:2]), outputs[:2])
+    assert F.cosine_similarity(outputs.flatten(), evaluated.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("fmt", ["pt2e", "fx"])
+@pytest.mark.parametrize("qat", [False, True], ids=["ptq", "qat"])
+def test_a_batch_norm_without_running_statistics_after_a_conv_is_refused_naming_it(fmt: str, qat: bool) -> None:
+    """``track_running_stats=False``: the batch norm normalises by each batch's statistics in eval mode too and
+    cannot fold into its conv. PT2E QAT failed at the first training step with a bare RuntimeError, PT2E post-training
+    advised excluding the conv (which does not help), FX said it could not trace the model."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16, track_running_stats=False), nn.ReLU(), nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 10),
+    ).eval()
+    x = _example()
+    with pytest.raises(UnsupportedModelError, match="track_running_stats=False") as caught:
+        if qat:
+            inc_torch.prepare_qat(model, inc.QATConfig(format=fmt), x)
+        else:
+            inc.quantize(model, inc.QuantConfig(format=fmt), dataset=inc.Dataset(x.numpy(), batch_size=2))
+    if fmt == "pt2e":
+        assert "The batch norm '1' after the convolution '0'" in str(caught.value)
+    assert "track_running_stats=True" in str(caught.value)
 
 
 def test_a_batch_norm_keeps_its_eps_and_momentum_through_qat_and_convert() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import traceback
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from inc_torch._exported import hf_conv1d_as_linear, is_exported_graph, restore_
 from inc_torch._inputs import Inputs, describe_inputs, dynamic_shapes, widened
 from inc_torch._parametrized import fold_parametrizations
 
-__all__ = ["eval_copy", "check_runs", "export_graph", "positional", "fx_prepare"]
+__all__ = ["eval_copy", "check_foldable_batch_norms", "check_runs", "export_graph", "positional", "fx_prepare"]
 
 
 def eval_copy(model: nn.Module) -> nn.Module:
@@ -70,6 +71,19 @@ def export_graph(model: nn.Module, inputs: Inputs, *, train: bool = False) -> to
 
     Raises:
         UnsupportedModelError: export failed (data-dependent control flow, unsupported Python); the
+            message points at the FX path and at dynamic quantization, which need no export. Or the graph holds
+            what no PT2E flow can quantize (:func:`check_foldable_batch_norms`).
+    """
+    graph_module = _exported_graph(model, inputs, train=train)
+    check_foldable_batch_norms(graph_module)
+    return graph_module
+
+
+def _exported_graph(model: nn.Module, inputs: Inputs, *, train: bool = False) -> torch.fx.GraphModule:
+    """``torch.export`` the model with dynamic batch (and token-sequence) dimensions; return its graph module.
+
+    Raises:
+        UnsupportedModelError: export failed (data-dependent control flow, unsupported Python); the
             message points at the FX path and at dynamic quantization, which need no export.
     """
     if is_exported_graph(model):
@@ -104,6 +118,41 @@ def export_graph(model: nn.Module, inputs: Inputs, *, train: bool = False) -> to
         "Use the FX path with format='fx', quantize with approach='dynamic' (no graph capture), or rewrite "
         "the branch with torch.cond."
     ) from failure
+
+
+_BATCH_NORMS = ("batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training")
+_CONVS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution")
+
+
+def _packet(node: Any) -> str:
+    return str(getattr(getattr(node, "target", None), "overloadpacket", "")).rpartition(".")[2]
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    return str(list(stack.values())[-1][0]) if stack else node.name
+
+
+def check_foldable_batch_norms(graph_module: torch.fx.GraphModule) -> None:
+    """Refuse a batch norm without running statistics after a convolution, which torchao folds into the
+    convolution when it prepares a graph (post-training and QAT alike) and failed on with a bare TypeError or, in
+    QAT, at the first training step.
+
+    Raises:
+        UnsupportedModelError: naming the batch norm and the convolution.
+    """
+    for node in graph_module.graph.nodes:
+        if _packet(node) not in _BATCH_NORMS or not node.args or _packet(node.args[0]) not in _CONVS:
+            continue
+        no_stats = "no_stats" in str(node.target) or len(node.args) < 4 or node.args[3] is None
+        if no_stats:
+            raise UnsupportedModelError(
+                f"The batch norm {_module_path(node)!r} after the convolution {_module_path(node.args[0])!r} keeps no "
+                "running statistics (track_running_stats=False): it normalises every batch by that batch's "
+                "statistics, in eval mode too, so it cannot be folded into the convolution, which INT8 needs. Give "
+                "it running statistics (track_running_stats=True, then train or run batches through the model to "
+                "fill them)."
+            )
 
 
 def positional(model: nn.Module, inputs: Inputs) -> tuple[Any, ...]:
@@ -141,6 +190,14 @@ def fx_prepare(
             prepare = prepare_qat_fx if qat else prepare_fx
             return prepare(model, qconfig_mapping, example, prepare_custom_config=custom)
     except Exception as exc:
+        if any("fuser_method" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(exc.__traceback__)):
+            raise UnsupportedModelError(
+                f"torch.ao's FX path fuses each convolution or linear layer of {type(model).__name__} with the batch "
+                f"norm that follows it, and could not ({_first_line(exc)}). A batch norm without running statistics "
+                "(track_running_stats=False) normalises every batch by its own statistics, in eval mode too, and "
+                "cannot be fused: give it running statistics (track_running_stats=True, then train or run batches "
+                "through the model to fill them)."
+            ) from exc
         # QAT has no dynamic counterpart: name only the ways that train with fake quantization.
         other_ways = "" if qat else ", quantize with approach='dynamic' (no tracing),"
         raise UnsupportedModelError(

@@ -16,6 +16,7 @@ pattern exports do not, and the folded graph is the one torchao builds.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 
 __all__ = [
     "batch_norm_settings", "folding_only_qat_conv_bn_pairs", "folding_with_batch_norm_settings",
-    "restore_batch_norm_settings",
+    "qat_ready_batch_norms", "restore_batch_norm_settings", "with_affine_batch_norms",
 ]
 
 
@@ -179,3 +180,47 @@ def folding_with_batch_norm_settings(settings: Settings) -> Iterator[None]:
         yield
     finally:
         qat_utils.fold_bn_weights_into_conv_node = original
+
+
+# A batch norm without affine parameters (affine=False, or F.batch_norm without a weight) gives torchao's QAT
+# conv-bn rewrite no weight: its scale factor ``bn.weight / sqrt(running_var + eps)`` divided None, and the
+# first training step failed in the user's loop with a bare RuntimeError, after prepare_qat had succeeded.
+def qat_ready_batch_norms(graph_module: torch.fx.GraphModule) -> None:
+    """Before ``prepare_qat_pt2e``: give each batch norm after a conv without a weight a constant weight of ones
+    (what ``affine=False`` computes; a buffer, so training leaves it at one, and convert folds it as such)."""
+    graph = graph_module.graph
+    added = 0
+    for node in list(graph.nodes):
+        if str(node.target) not in _BATCH_NORM_ARGS or len(node.args) < 4 or node.args[1] is not None:
+            continue
+        source, running_mean = node.args[0], node.args[3]
+        if not (isinstance(source, torch.fx.Node) and getattr(source.target, "overloadpacket", None) in _CONVS):
+            continue  # torchao's QAT rewrite takes conv + batch norm pairs only
+        if not isinstance(running_mean, torch.fx.Node) or running_mean.op != "get_attr":
+            continue  # no running statistics: refused when captured (check_foldable_batch_norms)
+        name = f"_inc_batch_norm_weight_{added}"
+        added += 1
+        graph_module.register_buffer(name, torch.ones_like(graph_module.get_buffer(str(running_mean.target))))
+        with graph.inserting_before(node):
+            weight = graph.get_attr(name)
+        node.args = (node.args[0], weight, *node.args[2:])
+    if added:
+        graph_module.recompile()
+
+
+_CONVS = frozenset(_aten_packets().values())
+
+
+def with_affine_batch_norms(model: nn.Module) -> nn.Module:
+    """``model``, or a copy whose ``affine=False`` batch norms have a weight of ones and a bias of zeros that do not
+    train (the same computation). torch.ao's FX QAT fuses each conv with its batch norm into one module and
+    refused one without affine parameters ("Only support fusing BatchNorm2d with affine set to True")."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.affine for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.affine:
+            module.affine = True
+            module.weight = nn.Parameter(torch.ones(module.num_features), requires_grad=False)
+            module.bias = nn.Parameter(torch.zeros(module.num_features), requires_grad=False)
+    return model

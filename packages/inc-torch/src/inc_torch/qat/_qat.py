@@ -40,7 +40,9 @@ from inc_torch.qat._fold_bn import (
     batch_norm_settings,
     folding_only_qat_conv_bn_pairs,
     folding_with_batch_norm_settings,
+    qat_ready_batch_norms,
     restore_batch_norm_settings,
+    with_affine_batch_norms,
 )
 from inc_torch.qat._labels import check_label_inputs, drop_label_inputs, label_inputs, without_labels
 from inc_torch.qat._train_eval import (
@@ -308,6 +310,7 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
     fx_table: dict[str, Any] = {}
     hidden: tuple[str, ...] = ()
     if fmt == "fx":
+        model = with_affine_batch_norms(model)  # a copy where it changes one: the user's model stays as it is
         entries, hidden = traced_fx_ops(model, _fx_qat_mapping(config), qat=True)
         fx_table = {entry.op.name: entry for entry in entries}
         ops = tuple(entry.op for entry in fx_table.values())
@@ -321,6 +324,7 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
     if fmt == "pt2e":
         ao = torchao_pt2e()
         graph = export_graph(work, example, train=True)
+        qat_ready_batch_norms(graph)
         conv1d_as_conv2d(graph).log()  # trained and converted as conv2d (conv-bn folding included)
         conv_transpose_as_conv2d(graph).log()  # trained and converted as the conv2d of its phases
         restore_conv_transpose(graph, frozenset(excluded))  # those kept FP32 as they were
