@@ -569,6 +569,47 @@ def test_a_batch_norm_without_running_statistics_after_a_conv_is_refused_naming_
     assert "track_running_stats=True" in str(caught.value)
 
 
+@pytest.mark.parametrize("fmt", ["pt2e", "fx"])
+def test_a_run_resumed_from_a_checkpoint_trains_as_the_uninterrupted_run(fmt: str) -> None:
+    """A QAT checkpoint (model and optimizer state dicts) loaded into a new ``prepare_qat`` model: the resumed
+    model had counted no steps, so its batch norms, frozen in the checkpointed run, updated their statistics again
+    (the freeze is a graph rewrite on PT2E, a module attribute on FX: neither in a state dict)."""
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    images, labels, _, _ = split()
+    x, y = torch.from_numpy(images[:64]), torch.from_numpy(labels[:64]).long()
+    config = inc.QATConfig(format=fmt, freeze_observer_step=2, freeze_bn_step=3)
+
+    def step(qat: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(qat(x), y).backward()
+        optimizer.step()
+
+    qat = inc_torch.prepare_qat(model, config, x[:4])
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(4):
+        step(qat, optimizer)
+    checkpoint = copy.deepcopy({"model": qat.state_dict(), "optimizer": optimizer.state_dict()})
+    assert int(checkpoint["model"]["inc_qat_steps"]) == 4
+
+    resumed = inc_torch.prepare_qat(model, config, x[:4])
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    for _ in range(2):
+        step(qat, optimizer)
+        step(resumed, resumed_optimizer)
+    assert same_state(state(resumed), state(qat))
+    qat.eval()
+    resumed.eval()
+    with torch.no_grad():
+        assert torch.equal(resumed(x), qat(x))
+
+    if fmt == "fx":  # a state dict without the step count (saved before it was kept) loads as before
+        legacy = {k: v for k, v in checkpoint["model"].items() if k != "inc_qat_steps"}
+        inc_torch.prepare_qat(model, config, x[:4]).load_state_dict(legacy)
+
+
 def test_a_batch_norm_keeps_its_eps_and_momentum_through_qat_and_convert() -> None:
     """torchao writes the batch norms of its QAT graphs with eps 1e-5 and momentum 0.1, and folds them into the INT8
     convs with eps 1e-5 (torchvision's MobileNetV3 has eps 1e-3: INT8 cosine 0.54 to FP32, PTQ 0.96)."""

@@ -65,6 +65,8 @@ QAT_FORMATS = ("pt2e", "fx")
 # training, so they are clipped in the forward and quantized with another scale at convert.
 WEIGHT_AVERAGING = 1.0
 _STATE = "_inc_qat_state"
+# The training steps taken, as a buffer: a checkpoint's state dict carries it (see _resume)
+_STEPS = "inc_qat_steps"
 # The FX QAT modules that carry a batch norm (conv-bn(-relu) of every rank, linear-bn1d).
 _FUSED_BN_QAT = (torch.ao.nn.intrinsic.qat.modules.conv_fused._ConvBnNd, torch.ao.nn.intrinsic.qat.LinearBn1d)
 
@@ -78,6 +80,7 @@ class _QatState:
     observers_frozen: bool = False
     bn_frozen: bool = False
     hook_id: int | None = None
+    load_hook_ids: tuple[int | None, int | None] = (None, None)
     tables: frozenset[str] = frozenset()  # PT2E: the Embedding modules whose tables convert stores in 8 bits
     labels: tuple[str, ...] = ()  # PT2E: the label inputs of a transformers model, left out of the INT8 model
     # PT2E: each batch norm's (momentum, eps) by module path, which torchao's QAT graphs replace by the defaults
@@ -250,6 +253,26 @@ def _step_hook(module: nn.Module, args: Any) -> None:
     if not (module.training and torch.is_grad_enabled()):
         return
     state.steps += 1
+    getattr(module, _STEPS).fill_(state.steps)
+    _follow_schedule(module, state)
+
+
+def _resume(module: nn.Module, incompatible_keys: Any) -> None:
+    """After ``load_state_dict``: the step count of the checkpoint, and the freezes it had reached. The fake
+    quantizers' own switches are in the state dict; the frozen batch norms are not (a graph rewrite on PT2E, a
+    module attribute on FX), so a run resumed from a checkpoint kept updating their statistics."""
+    state: _QatState = getattr(module, _STATE)
+    state.steps = int(getattr(module, _STEPS))
+    _follow_schedule(module, state)
+
+
+def _without_steps(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """A state dict saved before the step count was kept (or by hand without it) loads as it did: steps as they are."""
+    state_dict.setdefault(prefix + _STEPS, getattr(module, _STEPS).clone())
+
+
+def _follow_schedule(module: nn.Module, state: _QatState) -> None:
+    """Freeze observers and batch norms once ``state.steps`` training steps have passed their configured steps."""
     config = state.config
     if config.freeze_observer_step is not None and not state.observers_frozen and state.steps > config.freeze_observer_step:
         _freeze_observers(module, state)
@@ -372,8 +395,12 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
         batch_norms=batch_norm_settings(model) if fmt == "pt2e" else {},
     )
     setattr(prepared, _STATE, state)
-    handle = prepared.register_forward_pre_hook(_step_hook)
-    state.hook_id = handle.id
+    prepared.register_buffer(_STEPS, torch.zeros((), dtype=torch.long))
+    state.hook_id = prepared.register_forward_pre_hook(_step_hook).id
+    state.load_hook_ids = (
+        prepared.register_load_state_dict_pre_hook(_without_steps).id,
+        prepared.register_load_state_dict_post_hook(_resume).id,
+    )
     prepared.train()
     if config.freeze_bn_step == 0:  # statistics never updated
         _freeze_bn(prepared, state)
@@ -400,6 +427,10 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         work = model if inplace else copy.deepcopy(model)
     if state.hook_id is not None:
         work._forward_pre_hooks.pop(state.hook_id, None)
+    pre, post = state.load_hook_ids
+    work._load_state_dict_pre_hooks.pop(pre, None)
+    work._load_state_dict_post_hooks.pop(post, None)
+    work._buffers.pop(_STEPS, None)
     work.eval()
     with quiet():
         if state.format == "pt2e":
