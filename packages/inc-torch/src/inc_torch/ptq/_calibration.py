@@ -186,6 +186,7 @@ def propagated_fx_graph(model: nn.Module, example: Inputs, *, train: bool = Fals
     """``model``'s FX graph (as traced in ``train`` mode) run once on ``example``, each node's value recorded."""
     from torch.ao.quantization import QConfigMapping
     from torch.fx.passes.shape_prop import ShapeProp
+    from torch.utils._pytree import tree_structure
 
     work = eval_copy(model)
     work.train(train)
@@ -194,7 +195,8 @@ def propagated_fx_graph(model: nn.Module, example: Inputs, *, train: bool = Fals
     # take a batch of one sample (an example input often is), and nothing here needs batch statistics.
     base.eval()
     with torch.no_grad():
-        ShapeProp(base).propagate(*positional(work, example))
+        outputs = ShapeProp(base).propagate(*positional(work, example))
+    base.meta["inc_output_spec"] = tree_structure(outputs)  # what forward returns in the traced (training) mode
     return base
 
 

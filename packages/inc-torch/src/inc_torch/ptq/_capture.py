@@ -39,8 +39,8 @@ def _first_line(exc: BaseException) -> str:
 _UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
-def check_runs(model: nn.Module, inputs: Inputs, what: str) -> None:
-    """Run ``model`` once on ``inputs``.
+def check_runs(model: nn.Module, inputs: Inputs, what: str) -> Any:
+    """Run ``model`` once on ``inputs``; return its outputs.
 
     Raises:
         DatasetError: the forward raised, so the inputs do not fit the model (shape, dtype, names).
@@ -48,7 +48,7 @@ def check_runs(model: nn.Module, inputs: Inputs, what: str) -> None:
     args, kwargs = inputs
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            return model(*args, **kwargs)
     except Exception as exc:
         hint = ""
         if isinstance(exc, TypeError) and len(args) > 1 and not kwargs and "positional argument" in str(exc):

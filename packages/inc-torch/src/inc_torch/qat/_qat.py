@@ -53,6 +53,7 @@ from inc_torch.qat._train_eval import (
     switch_drop_path,
     switch_training_arguments,
     training_flag_calls,
+    warn_mode_dependent_outputs,
 )
 
 log = logging.getLogger("inc")
@@ -341,7 +342,7 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
         ops = quantizable_ops(model, QuantConfig(format=fmt), fmt)
     excluded = _excluded(model, config, ops)
     example = to_inputs(example_inputs, float_dtype(model))
-    check_runs(eval_copy(model), example, "example_inputs")
+    eval_outputs = check_runs(eval_copy(model), example, "example_inputs")
     work = fold_parametrizations((model if inplace and fmt == "fx" else copy.deepcopy(model)).eval())
     work.train()
     if fmt == "pt2e":
@@ -358,11 +359,13 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
         with quiet():
             prepared = ao.prepare_qat_pt2e(graph, quantizer)
         _pt2e_train_eval(prepared)
+        warn_mode_dependent_outputs(model, getattr(graph, "_out_spec", None), eval_outputs)
     else:
         from inc_torch.ptq._calibration import integer_nodes, propagated_fx_graph, python_value_nodes
         from inc_torch.ptq._fx import integer_ops, onednn_depthwise_conv1d
 
         trace = propagated_fx_graph(work, example, train=True)  # the graph as the training loop runs it
+        warn_mode_dependent_outputs(model, trace.meta["inc_output_spec"], eval_outputs)
         # ops computing on integers (index arithmetic) would get fake quantization of a Long tensor
         integer = integer_ops(fx_table, integer_nodes(trace))
         if integer:

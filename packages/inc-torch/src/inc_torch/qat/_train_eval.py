@@ -15,13 +15,14 @@ import inspect
 import logging
 import operator
 from collections import defaultdict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "drop_path_masks", "erase_drop_path", "mark_training_flags", "switch_attention_dropout", "switch_drop_path",
-    "switch_training_arguments", "training_flag_calls",
+    "switch_training_arguments", "training_flag_calls", "warn_mode_dependent_outputs",
 ]
 
 log = logging.getLogger("inc")
@@ -315,3 +316,30 @@ def erase_drop_path(graph_module: torch.fx.GraphModule) -> None:
     for node in graph.nodes:
         node.meta.pop("inc_drop_path", None)
     graph_module.recompile()
+
+
+def _described(spec: Any) -> str:
+    if spec.is_leaf():
+        return "one value"
+    container = spec.context if isinstance(spec.context, type) else spec.type  # a namedtuple's class is its context
+    kind = getattr(container, "__name__", str(container))
+    return f"a {kind} of {spec.num_leaves} value{'s' if spec.num_leaves != 1 else ''}"
+
+
+def warn_mode_dependent_outputs(model: torch.nn.Module, trained: Any, evaluated: Any) -> None:
+    """Say so where ``model`` returns other outputs in training mode than in eval mode (``trained``: the tree
+    spec of the training-mode capture's outputs; ``evaluated``: the outputs of one eval-mode call): an auxiliary
+    head under ``if self.training``, as torchvision's GoogLeNet and Inception v3 have. The QAT model is captured in
+    training mode, so it returns the training-mode outputs in eval mode too, and so does its INT8 model."""
+    from torch.utils._pytree import tree_structure
+
+    spec = tree_structure(evaluated)
+    if trained is None or trained == spec:
+        return
+    log.warning(
+        "%s returns %s in training mode and %s in eval mode. prepare_qat captures the training-mode forward, so the "
+        "QAT model returns the training-mode outputs in eval mode too, and so does the INT8 model of convert (any "
+        "auxiliary head then runs in every inference). For the eval-mode outputs, prepare a model whose forward "
+        "returns them in training mode as well (torchvision's GoogLeNet and Inception v3: aux_logits=False).",
+        type(model).__name__, _described(trained), _described(spec),
+    )
