@@ -206,6 +206,33 @@ def _fx_qat_mapping(config: QATConfig) -> Any:
     return base_mapping(OpSettings.of(QuantConfig(format="fx")), qat_qconfig=_fx_qat_qconfig(config))
 
 
+def _size_weight_fake_quants(prepared: torch.fx.GraphModule) -> None:
+    """Give each per-channel weight fake quant its channel count before the first call.
+
+    Its scale starts with one element and its range empty, resized by the first call: ``torch.compile`` of the QAT
+    model failed there, in the user's first training step (inductor's functional fused observer asserts sizes:
+    "expected size 8==1"). Sized from the weight's shape (node metadata); the values are placeholders the first
+    step overwrites exactly: weight ranges follow the current weights (averaging constant 1)."""
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        fake_quant = prepared.get_submodule(str(node.target))
+        observer = getattr(fake_quant, "activation_post_process", None)
+        if fake_quant.__dict__.get("qscheme") not in (torch.per_channel_symmetric, torch.per_channel_affine):
+            continue
+        if getattr(observer, "averaging_constant", None) != WEIGHT_AVERAGING or observer.min_val.numel() != 0:
+            continue  # an activation's moving average, or already sized
+        value = node.args[0].meta.get("val")
+        channels = value.shape[fake_quant.ch_axis] if isinstance(value, torch.Tensor) else None
+        if not isinstance(channels, int) or fake_quant.scale.numel() != 1:
+            continue
+        with torch.no_grad():
+            fake_quant.scale.resize_(channels).fill_(1.0)
+            fake_quant.zero_point.resize_(channels).zero_()
+            observer.min_val.resize_(channels).zero_()
+            observer.max_val.resize_(channels).zero_()
+
+
 def _pt2e_train_eval(model: torch.fx.GraphModule) -> None:
     """Make ``train()``/``eval()`` switch the exported graph's dropout and batch norm, keeping frozen BN frozen."""
     from torchao.quantization.pt2e import export_utils
@@ -359,6 +386,7 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
         with quiet():
             prepared = ao.prepare_qat_pt2e(graph, quantizer)
         _pt2e_train_eval(prepared)
+        _size_weight_fake_quants(prepared)
         warn_mode_dependent_outputs(model, getattr(graph, "_out_spec", None), eval_outputs)
     else:
         from inc_torch.ptq._calibration import integer_nodes, propagated_fx_graph, python_value_nodes
