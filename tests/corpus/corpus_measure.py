@@ -216,8 +216,10 @@ def qat_train(model: nn.Module, calib: np.ndarray, teacher: np.ndarray, on_step:
     """A user's QAT loop (model in training mode): SGD towards the FP32 logits (no labels), gradients clipped.
 
     The corpus models have random weights: a plain step size diverges on some (EfficientNet's FP32 training
-    alone gives NaN at lr 1e-4), so each step is bounded by the clipped gradient norm.
+    alone gives NaN at lr 1e-4), so each step is bounded by the clipped gradient norm. Seeded: dropout and
+    stochastic depth draw the same masks whichever cases a pytest worker ran before, so the table is reproducible.
     """
+    torch.manual_seed(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     starts = range(0, len(calib), BATCH)
     for step in range(QAT_STEPS):
