@@ -10,6 +10,7 @@ import copy
 import inspect
 import re
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,9 +21,10 @@ from inc_core.errors import DatasetError, UnsupportedModelError
 from inc_torch._compat import quiet
 from inc_torch._exported import hf_conv1d_as_linear, is_exported_graph, restore_source_partitions, shape_hint
 from inc_torch._inputs import Inputs, describe_inputs, dynamic_shapes, widened
+from inc_torch._module_stack import module_path
 from inc_torch._parametrized import fold_parametrizations
 
-__all__ = ["eval_copy", "check_foldable_batch_norms", "check_runs", "export_graph", "positional", "fx_prepare"]
+__all__ = ["eval_copy", "check_foldable_batch_norms", "conv_batch_norms", "check_runs", "export_graph", "positional", "fx_prepare"]
 
 
 def eval_copy(model: nn.Module) -> nn.Module:
@@ -128,9 +130,13 @@ def _packet(node: Any) -> str:
     return str(getattr(getattr(node, "target", None), "overloadpacket", "")).rpartition(".")[2]
 
 
-def _module_path(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    return str(list(stack.values())[-1][0]) if stack else node.name
+def conv_batch_norms(graph_module: torch.fx.GraphModule) -> Iterator[tuple[torch.fx.Node, torch.fx.Node]]:
+    """Each (convolution, batch norm) pair of an exported graph where the batch norm reads the convolution's output:
+    the pairs torchao folds when it prepares a graph, post-training and QAT alike."""
+    for node in list(graph_module.graph.nodes):
+        if _packet(node) in _BATCH_NORMS and node.args and isinstance(node.args[0], torch.fx.Node):
+            if _packet(node.args[0]) in _CONVS:
+                yield node.args[0], node
 
 
 def check_foldable_batch_norms(graph_module: torch.fx.GraphModule) -> None:
@@ -141,17 +147,14 @@ def check_foldable_batch_norms(graph_module: torch.fx.GraphModule) -> None:
     Raises:
         UnsupportedModelError: naming the batch norm and the convolution.
     """
-    for node in graph_module.graph.nodes:
-        if _packet(node) not in _BATCH_NORMS or not node.args or _packet(node.args[0]) not in _CONVS:
-            continue
-        no_stats = "no_stats" in str(node.target) or len(node.args) < 4 or node.args[3] is None
-        if no_stats:
+    for conv, node in conv_batch_norms(graph_module):
+        if "no_stats" in str(node.target) or len(node.args) < 4 or node.args[3] is None:
             raise UnsupportedModelError(
-                f"The batch norm {_module_path(node)!r} after the convolution {_module_path(node.args[0])!r} keeps no "
-                "running statistics (track_running_stats=False): it normalises every batch by that batch's "
-                "statistics, in eval mode too, so it cannot be folded into the convolution, which INT8 needs. Give "
-                "it running statistics (track_running_stats=True, then train or run batches through the model to "
-                "fill them)."
+                f"The batch norm {module_path(node) or node.name!r} after the convolution "
+                f"{module_path(conv) or conv.name!r} keeps no running statistics (track_running_stats=False): it "
+                "normalises every batch by that batch's statistics, in eval mode too, so it cannot be folded into the "
+                "convolution, which INT8 needs. Give it running statistics (track_running_stats=True, then train or run "
+                "batches through the model to fill them)."
             )
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inc_torch.ptq._capture import conv_batch_norms
+
 __all__ = [
     "batch_norm_settings", "folding_only_qat_conv_bn_pairs", "folding_with_batch_norm_settings",
     "qat_ready_batch_norms", "restore_batch_norm_settings", "with_affine_batch_norms",
@@ -188,27 +190,19 @@ def folding_with_batch_norm_settings(settings: Settings) -> Iterator[None]:
 def qat_ready_batch_norms(graph_module: torch.fx.GraphModule) -> None:
     """Before ``prepare_qat_pt2e``: give each batch norm after a conv without a weight a constant weight of ones
     (what ``affine=False`` computes; a buffer, so training leaves it at one, and convert folds it as such)."""
-    graph = graph_module.graph
     added = 0
-    for node in list(graph.nodes):
-        if str(node.target) not in _BATCH_NORM_ARGS or len(node.args) < 4 or node.args[1] is not None:
-            continue
-        source, running_mean = node.args[0], node.args[3]
-        if not (isinstance(source, torch.fx.Node) and getattr(source.target, "overloadpacket", None) in _CONVS):
-            continue  # torchao's QAT rewrite takes conv + batch norm pairs only
-        if not isinstance(running_mean, torch.fx.Node) or running_mean.op != "get_attr":
-            continue  # no running statistics: refused when captured (check_foldable_batch_norms)
+    for _, node in conv_batch_norms(graph_module):
+        running_mean = node.args[3] if len(node.args) > 3 else None
+        if node.args[1] is not None or not isinstance(running_mean, torch.fx.Node) or running_mean.op != "get_attr":
+            continue  # a weight already, or no running statistics (refused when captured: check_foldable_batch_norms)
         name = f"_inc_batch_norm_weight_{added}"
         added += 1
         graph_module.register_buffer(name, torch.ones_like(graph_module.get_buffer(str(running_mean.target))))
-        with graph.inserting_before(node):
-            weight = graph.get_attr(name)
+        with graph_module.graph.inserting_before(node):
+            weight = graph_module.graph.get_attr(name)
         node.args = (node.args[0], weight, *node.args[2:])
     if added:
         graph_module.recompile()
-
-
-_CONVS = frozenset(_aten_packets().values())
 
 
 def with_affine_batch_norms(model: nn.Module) -> nn.Module:
