@@ -207,12 +207,14 @@ def test_a_functional_batch_norm_uses_running_statistics_in_the_evaluated_and_th
     qat.eval()
     with torch.no_grad():
         evaluated = qat(x)
-        torch.testing.assert_close(qat(x[:2]), evaluated[:2])  # each sample by the running statistics, not its batch's
+        # each sample by the running statistics, not its batch's (batch statistics moved outputs by 0.74 of ~1.5); the
+        # tolerance takes a fake-quant rounding step flipped by another kernel choice for another batch size on another CPU
+        torch.testing.assert_close(qat(x[:2]), evaluated[:2], atol=0.05, rtol=0)
     assert F.cosine_similarity(evaluated.flatten(), reference.flatten(), dim=0) > 0.99
     int8 = inc_torch.convert(qat)
     with torch.no_grad():
         outputs = int8(x)
-        torch.testing.assert_close(int8(x[:2]), outputs[:2])
+        torch.testing.assert_close(int8(x[:2]), outputs[:2], atol=0.05, rtol=0)
     assert F.cosine_similarity(outputs.flatten(), reference.flatten(), dim=0) > 0.99
     if fmt == "pt2e":  # torchao's train/eval switch turns every aten.dropout off in eval, a written True too
         return
@@ -250,12 +252,12 @@ def test_qat_trains_and_converts_batch_norms_without_affine_parameters(fmt: str)
     qat.eval()
     with torch.no_grad():
         evaluated = qat(x)
-        torch.testing.assert_close(qat(x[:2]), evaluated[:2])  # running statistics in eval
+        torch.testing.assert_close(qat(x[:2]), evaluated[:2], atol=0.05, rtol=0)  # running statistics in eval
     assert F.cosine_similarity(evaluated.flatten(), reference.flatten(), dim=0) > 0.99  # three small steps apart
     int8 = inc_torch.convert(qat)
     with torch.no_grad():
         outputs = int8(x)
-        torch.testing.assert_close(int8(x[:2]), outputs[:2])
+        torch.testing.assert_close(int8(x[:2]), outputs[:2], atol=0.05, rtol=0)
     assert F.cosine_similarity(outputs.flatten(), evaluated.flatten(), dim=0) > 0.99
 
 
