@@ -14,6 +14,7 @@ import transformers
 
 import inc_core as inc
 import inc_torch
+from inc_torch.ptq._grouped_conv import miscomputed_grouped_convs
 
 
 def _wav2vec2() -> tuple[torch.nn.Module, int]:
@@ -43,13 +44,19 @@ def _inputs(kind: str, batch: int, seed: int) -> np.ndarray:
 def test_speech_encoder_conv1d_layers_run_int8(kind: str) -> None:
     torch.manual_seed(0)
     model, convs = _wav2vec2() if kind == "wav2vec2" else _whisper()
+    # wav2vec2's positional conv (64 channels in 4 groups, kernel 16) stays FP32 where the CPU's INT8 kernel computes
+    # it wrongly (Intel Xeon with AMX; see inc_torch.ptq._grouped_conv), and runs INT8 elsewhere (AMD EPYC)
+    wrong = miscomputed_grouped_convs(model)
+    assert set(wrong) <= {"encoder.pos_conv_embed.conv"}
+    conv1d_layers = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv1d)]
+    assert len(conv1d_layers) == convs
     listed = [op.name for op in inc.describe(model, inc.QuantConfig()).ops if op.op_type == "Conv1d"]
-    assert len(listed) == convs
+    assert listed == [name for name in conv1d_layers if name not in wrong]
     calibration = inc.Dataset([_inputs(kind, 2, seed) for seed in range(4)])
     quantized = inc.quantize(model, inc.QuantConfig(), dataset=calibration)
     assert set(listed) <= set(inc_torch.quantized_ops(quantized))
     counts = inc.get_backend("torch").int8_op_counts(quantized)
-    assert counts["conv2d"] == convs, counts
+    assert counts["conv2d"] == len(listed), counts
     for batch in (3, 1):  # compiled once for a dynamic batch
         x = torch.from_numpy(_inputs(kind, batch, 10 + batch))
         with torch.no_grad():

@@ -20,6 +20,7 @@ from inc_torch.ptq._capture import fx_prepare, positional
 from inc_torch.ptq._conv1d import FBGEMM_DEPTHWISE_GROUPS, is_depthwise_conv1d
 from inc_torch.ptq._dynamic import lookup_qconfig, tied_lookups
 from inc_torch.ptq._fx_ops import FxOp, apply_fx_settings, fx_ops
+from inc_torch.ptq._grouped_conv import miscomputed_grouped_convs
 from inc_torch.ptq._kept_float import KeptFloat, keep_float
 from inc_torch.ptq._lookups import contiguous_lookups
 from inc_torch.ptq._observers import FxActivationObserver, FxWeightObserver
@@ -189,7 +190,7 @@ def quantize_fx(
     integer = tuple(integer_ops(table, calibration.integer))
     if integer:
         log.info("%d op(s) compute on integer tensors and stay FP32: %s", len(integer), ", ".join(integer[:5]))
-    float_only = (*integer, *onednn_depthwise_conv1d(work, table))
+    float_only = (*integer, *onednn_depthwise_conv1d(work, table), *miscomputed_grouped_convs(work, table))
     mapping = qconfig_mapping(config, ops, table, float_only=float_only)
     default, per_op = plan(config, ops)
     per_op.update({name: None for name in float_only})

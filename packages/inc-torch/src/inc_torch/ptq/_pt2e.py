@@ -17,6 +17,7 @@ from inc_torch._compat import quiet, torchao_pt2e
 from inc_torch.ptq._calibration import TorchCalibration, load_statistics
 from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._conv_transpose import restore_conv_transpose
+from inc_torch.ptq._grouped_conv import is_miscomputed_conv_node
 from inc_torch.ptq._observers import pt2e_observer_classes
 from inc_torch.ptq._ops import LOOKUP_NAMES
 from inc_torch.ptq._pt2e_tables import quantize_tables
@@ -83,8 +84,10 @@ def float_only_quantizer_class() -> type:
             # A conv1d left in the graph stays FP32 (torchao annotates it only before an nn.ReLU): inductor's INT8
             # conv1d lowering gives a buffer of the wrong length when a group_norm reads it (wav2vec2's feature
             # encoder fails at its first call). Those inc could rewrite are conv2d by now (see _conv1d).
+            # A grouped conv whose shape this CPU's oneDNN INT8 kernel computes wrongly stays FP32 alike (see
+            # _grouped_conv; quantizable_ops does not list its layer).
             for node in model.graph.nodes:
-                if node.op == "call_function" and node.target == conv1d:
+                if node.op == "call_function" and (node.target == conv1d or is_miscomputed_conv_node(node)):
                     xiq._annotate_nodes_not_quantize(node)
                     for user in node.users:  # the ReLU of torchao's pattern no longer ends a quantized pattern
                         if getattr(user.meta.get(xiq.QUANT_ANNOTATION_KEY), "_is_output_of_quantized_pattern", False):

@@ -31,6 +31,7 @@ from inc_torch.ptq._compiled import CompiledQuantizedModule
 from inc_torch.ptq._conv1d import conv1d_as_conv2d
 from inc_torch.ptq._conv_transpose import conv_transpose_as_conv2d, restore_conv_transpose
 from inc_torch.ptq._fx_ops import apply_fx_settings, traced_fx_ops
+from inc_torch.ptq._grouped_conv import miscomputed_grouped_convs
 from inc_torch.ptq._kept_float import KeptFloat, keep_float, warn_kept_float
 from inc_torch.ptq._ops import ACTIVATION_DTYPES, LOOKUP_NAMES, quantizable_ops
 from inc_torch.ptq._pt2e import float_only_quantizer_class
@@ -40,6 +41,7 @@ from inc_torch.qat._fold_bn import (
     batch_norm_settings,
     folding_only_qat_conv_bn_pairs,
     folding_with_batch_norm_settings,
+    fusing_only_present_conv_bn_pairs,
     qat_ready_batch_norms,
     restore_batch_norm_settings,
     with_affine_batch_norms,
@@ -383,7 +385,7 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
         quantizer = float_only_quantizer_class()().set_global(_pt2e_qat_config(config))
         for name in excluded:
             quantizer.set_module_name_qconfig(name, None)
-        with quiet():
+        with quiet(), fusing_only_present_conv_bn_pairs():
             prepared = ao.prepare_qat_pt2e(graph, quantizer)
         _pt2e_train_eval(prepared)
         _size_weight_fake_quants(prepared)
@@ -406,7 +408,8 @@ def prepare_qat(model: nn.Module, config: QATConfig, example_inputs: Any, *, inp
             name for name, entry in fx_table.items()
             if entry.node in python_values or masks.intersection(entry.reads)
         ]
-        stalling = onednn_depthwise_conv1d(work, fx_table)  # trained in float: their INT8 kernel can stall
+        # trained in float: their INT8 kernel can stall, or computes wrongly on this CPU (see ptq._grouped_conv)
+        stalling = [*onednn_depthwise_conv1d(work, fx_table), *miscomputed_grouped_convs(work, fx_table)]
         mapping = apply_fx_settings(_fx_qat_mapping(config), fx_table, dict.fromkeys([*excluded, *integer, *stalling]))
         if hidden:  # trained in float as opaque calls: convert_fx could not quantize them (see keyword_weight_scopes)
             warn_kept_float(hidden)
