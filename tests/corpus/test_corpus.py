@@ -52,14 +52,16 @@ CONFIGS = {
     "onnx_qoperator": inc.QuantConfig(format="qoperator"),
     "onnx_dynamic": inc.QuantConfig(approach="dynamic"),
 }
-# QAT on the constructs it changes: batch norms with eps 1e-3, Hardswish and SE (MobileNetV3), stochastic depth
-# and SiLU (EfficientNet), attention and LayerNorm (ViT). ResNet-18 and ConvNeXt-Tiny passed both paths with nothing
-# more to show (ConvNeXt's stochastic depth is EfficientNet's); left out for CI time. GoogLeNet is left out because
+# QAT on the constructs it changes: batch norms with eps 1e-3, Hardswish and SE (MobileNetV3), attention and
+# LayerNorm (ViT). Left out for CI time: ResNet-18 and ConvNeXt-Tiny passed both paths with nothing more to show;
+# EfficientNet-B0 (stochastic depth, SiLU; its four QAT runs took ~4 CPU minutes, the slowest rows) found the
+# stochastic-depth and dropout defects tests/torch/test_qat.py now reproduces on both paths (its last rows: 0.9267
+# PT2E, 0.8626 FX, each above its reference by 0.28-0.36). GoogLeNet is left out because
 # its PT2E reference scores another model: torchao's QAT flow computes every batch norm with eps 1e-5 where
 # GoogLeNet's have 1e-3, and that model converts with less rounding drift (inc on GoogLeNet with its eps set to 1e-5:
 # 0.963, above torchao's 0.955; with 1e-3, 0.936-0.955 over data seeds, 0.004-0.019 below it: too close to the
 # margin to fail only on defects). tests/torch/test_qat.py checks the batch-norm eps of QAT exactly.
-QAT_MODELS = ("mobilenet_v3_small", "efficientnet_b0", "vit_2layer_64px")
+QAT_MODELS = ("mobilenet_v3_small", "vit_2layer_64px")
 QAT_PATHS = ("torch_qat_pt2e", "torch_qat_fx")
 for _path in QAT_PATHS:
     CONFIGS[_path] = inc.QATConfig(
