@@ -96,6 +96,9 @@ def quantizable_ops(model: nn.Module, config: QuantConfig, fmt: str) -> tuple[Op
     if fmt == "torchscript":
         # IPEX's flows keep embedding tables FP32 (its INT8 DLRM graph holds no quantized lookup).
         ops = [op for op in ops if op.op_type not in LOOKUP_NAMES]
+        if config.approach == "static":  # IPEX's oneDNN shares the grouped-conv defect (see _grouped_conv)
+            wrong = miscomputed_grouped_convs(model, [op.name for op in ops])
+            ops = [op for op in ops if op.name not in wrong]
     elif config.approach == "dynamic":
         kept = kept_in_float(model, tuple(op.name for op in ops))
         ops = [op for op in ops if op.name not in kept]
