@@ -1,4 +1,4 @@
-"""inc PT2E on upstream torch vs IPEX on the ResNet-18-shaped convnet, interleaved across the two venvs.
+"""inc PT2E on upstream torch vs IPEX on the ResNet-18-shaped convnet (or `--model`), interleaved across the two venvs.
 
 IPEX needs its own torch (2.8), so the two sides cannot share a process. ``torch_bench.py`` runs them
 as two processes one after the other, and on a shared machine the load changes in between. Here one
@@ -44,8 +44,10 @@ def _worker() -> None:
         have,
         minilm,
         minilm_inputs,
+        mobilenet_v2,
         paths,
         resnet18,
+        resnet50,
         with_aoti_row,
     )
 
@@ -58,7 +60,7 @@ def _worker() -> None:
             minilm_inputs(tokenizer, CALIBRATION_SENTENCES[i : i + 4]) for i in range(0, len(CALIBRATION_SENTENCES), 4)
         ]
     else:
-        model = resnet18()
+        model = {"convnet": resnet18, "resnet50": resnet50, "mobilenetv2": mobilenet_v2}[which]()
         calib = [rng.standard_normal((4, 3, 224, 224)).astype(np.float32) for _ in range(4)]
     built: dict[str, Any] = {"fp32 eager": model}
     for name, build in paths(include_fx=False).items():
@@ -136,8 +138,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
-        "--model", choices=("convnet", "minilm"), default="convnet",
-        help="the ResNet-18-shaped convnet at 224, or all-MiniLM-L6-v2 at sequence 128 (results torch_vs_ipex_minilm.*)",
+        "--model", choices=("convnet", "resnet50", "mobilenetv2", "minilm"), default="convnet",
+        help="the ResNet-18-shaped convnet at 224 (results torch_vs_ipex.*), the ResNet-50- or MobileNetV2-shaped one "
+        "(torch_vs_ipex_<model>.*), or all-MiniLM-L6-v2 at sequence 128 (torch_vs_ipex_minilm.*)",
     )
     parser.add_argument("--output", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -210,13 +213,21 @@ def _drive(args: argparse.Namespace) -> None:
     print(markdown(out))
 
 
+_TITLES = {
+    "convnet": "ResNet-18-shaped convnet, 224x224",
+    "resnet50": "ResNet-50-shaped convnet, 224x224",
+    "mobilenetv2": "MobileNetV2-shaped convnet, 224x224",
+    "minilm": "all-MiniLM-L6-v2, sequence 128",
+}
+
+
 def markdown(out: dict[str, Any]) -> str:
     meta = out["meta"]
     med, low, first = out["median_samples_per_s"], out["min_latency_ms"], out["first_call_s"]
     reference = "ipex: inc ipex"
     lines = [
         "# inc PT2E (upstream torch) vs IPEX, interleaved: "
-        + ("all-MiniLM-L6-v2, sequence 128" if meta.get("model") == "minilm" else "ResNet-18-shaped convnet, 224x224"),
+        + _TITLES.get(meta.get("model", "convnet"), "ResNet-18-shaped convnet, 224x224"),
         "",
         f"CPU: {meta['cpu']} ({meta['cpus']} logical CPUs; INT8 flags: {', '.join(meta['cpu_flags']) or 'n/a'}); torch "
         f"{meta['torch'].get('torch')} and torch {meta['torch'].get('ipex')} + IPEX, one worker process each; {meta['date']}; "
